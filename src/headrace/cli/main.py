@@ -1,0 +1,29 @@
+"""The ``headrace`` command line: one sub-command per task, each with ``--help``."""
+
+from __future__ import annotations
+
+import typer
+
+from headrace import __version__
+
+app = typer.Typer(
+    name="headrace",
+    help="Real-time analytics on PostgreSQL: every committed change, live, exact.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"headrace {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Real-time analytics on PostgreSQL: every committed change, live, exact."""

@@ -1,0 +1,185 @@
+"""The change model: what a source hands to the engine.
+
+A :class:`ChangeBatch` holds whole transactions (it never ends inside one),
+grouped per table and schema version into :class:`TableChanges`, each an
+Arrow table with one row per change. Columns of a ``TableChanges.data``:
+
+========================  ==================================================
+``_hr_seq``               int64, order of the change in the batch (global
+                          across tables, so cross-table order is kept)
+``_hr_op``                string, ``I`` insert, ``U`` update, ``D`` delete,
+                          ``T`` truncate (one row per truncated table)
+``_hr_lsn``               uint64, commit LSN of the change's transaction
+``_hr_commit_ts``         timestamp[us, UTC], commit time of the transaction
+``_hr_xid``               int64, transaction id
+``<column>``              the new value of each table column (NULL for D/T)
+``_hr_old_kind``          string, ``K`` old key only, ``O`` whole old row,
+                          NULL when the publication sent no old values
+``_hr_old_<column>``      the old value, when ``_hr_old_kind`` is set
+``_hr_toast``             list<string>, names of columns whose new value is
+                          an unchanged TOAST value PostgreSQL did not send
+                          (their new-value cell is NULL and must be filled
+                          from the mirror); NULL when there are none
+========================  ==================================================
+
+Positions: ``ChangeBatch.position`` is the end LSN of the last transaction
+(or heartbeat) in the batch. It is the resume point: after storing it, a
+restart skips every transaction whose commit LSN is below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+import pyarrow as pa
+
+SEQ = "_hr_seq"
+OP = "_hr_op"
+LSN = "_hr_lsn"
+COMMIT_TS = "_hr_commit_ts"
+XID = "_hr_xid"
+OLD_KIND = "_hr_old_kind"
+OLD_PREFIX = "_hr_old_"
+TOAST = "_hr_toast"
+
+META_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(SEQ, pa.int64(), nullable=False),
+    pa.field(OP, pa.string(), nullable=False),
+    pa.field(LSN, pa.uint64(), nullable=False),
+    pa.field(COMMIT_TS, pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field(XID, pa.int64(), nullable=False),
+)
+
+
+class Op(StrEnum):
+    INSERT = "I"
+    UPDATE = "U"
+    DELETE = "D"
+    TRUNCATE = "T"
+
+
+class OldKind(StrEnum):
+    KEY = "K"
+    ROW = "O"
+
+
+def old_name(column: str) -> str:
+    """Name of the column holding ``column``'s old value."""
+    return OLD_PREFIX + column
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A source table, schema-qualified."""
+
+    schema: str
+    name: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @classmethod
+    def parse(cls, text: str) -> TableRef:
+        """``"public.t"`` or ``"t"`` (schema ``public``)."""
+        schema, _, name = text.rpartition(".")
+        return cls(schema or "public", name)
+
+    def __str__(self) -> str:
+        return self.qualified
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a source table as the source knows it."""
+
+    name: str
+    type_oid: int
+    type_modifier: int
+    type_name: str
+    arrow_type: pa.DataType
+    is_key: bool = False
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """A table's columns at one schema version."""
+
+    table: TableRef
+    version: int
+    columns: tuple[Column, ...]
+    relation_oid: int = 0
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.is_key)
+
+    def arrow_schema(self) -> pa.Schema:
+        """Schema of the table's rows alone (no change metadata)."""
+        return pa.schema([pa.field(c.name, c.arrow_type) for c in self.columns])
+
+    def change_schema(self) -> pa.Schema:
+        """Schema of :attr:`TableChanges.data` for this table version."""
+        fields = list(META_FIELDS)
+        fields.extend(pa.field(c.name, c.arrow_type) for c in self.columns)
+        fields.append(pa.field(OLD_KIND, pa.string()))
+        fields.extend(pa.field(old_name(c.name), c.arrow_type) for c in self.columns)
+        fields.append(pa.field(TOAST, pa.list_(pa.string())))
+        return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class TableChanges:
+    """Changes of one table at one schema version, in commit order."""
+
+    schema: TableSchema
+    data: pa.Table
+
+    @property
+    def table(self) -> TableRef:
+        return self.schema.table
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.data.num_rows)
+
+
+@dataclass(frozen=True)
+class LogicalMessage:
+    """A ``pg_logical_emit_message`` seen in the stream (heartbeats among them)."""
+
+    lsn: int
+    prefix: str
+    content: bytes
+    transactional: bool
+
+
+@dataclass(frozen=True)
+class ChangeBatch:
+    """Whole transactions' changes, and the position they bring the source to."""
+
+    tables: tuple[TableChanges, ...]
+    position: int
+    transactions: int = 0
+    first_commit_lsn: int | None = None
+    last_commit_ts: datetime | None = None
+    messages: tuple[LogicalMessage, ...] = field(default=())
+
+    @property
+    def num_changes(self) -> int:
+        return sum(t.num_rows for t in self.tables)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.tables
+
+
+@dataclass(frozen=True)
+class SnapshotChunk:
+    """A slice of a table's rows copied under the exported snapshot."""
+
+    schema: TableSchema
+    rows: pa.Table
+    consistent_point: int
