@@ -1,0 +1,495 @@
+"""A PostgreSQL logical replication connection (the transport under the source).
+
+psycopg 3 has no replication API, but a ``replication=database`` connection
+accepts replication commands through ``execute()``, and after
+``START_REPLICATION`` the libpq connection is in COPY BOTH mode, where
+``pgconn.get_copy_data()`` / ``put_copy_data()`` carry the streaming
+protocol. This module speaks that protocol:
+
+* server → client: ``XLogData`` (``w``: WAL start, WAL end, send time,
+  payload: one pgoutput message) and primary keepalives (``k``);
+* client → server: standby status updates (``r``) whose write, flush and
+  apply positions are the position the caller declared durable with
+  :meth:`ReplicationConnection.confirm`, never ahead of it, never backwards.
+
+The receive loop (:meth:`ReplicationConnection.drain`) is the hot path of the
+whole source: it hands each payload to a callback without copying it and
+without building an object per message, and it returns when no data arrives
+within a timeout, so an idle stream never blocks the caller.
+"""
+
+from __future__ import annotations
+
+import select
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from headrace.errors import SourceError, format_lsn
+
+# Session settings the decoder's text converter relies on: pgoutput renders
+# values with the walsender's output functions, so these fix the text forms.
+SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3"
+)
+
+# PostgreSQL timestamps count microseconds since 2000-01-01 00:00:00 UTC.
+_PG_EPOCH_UNIX_US = 946_684_800_000_000
+
+_XLOG_DATA = 0x77  # 'w'
+_KEEPALIVE = 0x6B  # 'k'
+_XLOG_HEADER = 25  # 'w' + wal_start(8) + wal_end(8) + send_time(8)
+
+_unpack_start_end = struct.Struct(">QQ").unpack_from
+_unpack_keepalive = struct.Struct(">QQB").unpack_from
+_pack_status = struct.Struct(">cQQQqB").pack
+
+# What the drain callback receives: the XLogData's WAL start and its payload.
+# The payload is a memoryview over libpq's buffer; keep ``bytes(payload)`` if
+# it must outlive the call.
+DataHandler = Callable[[int, memoryview], object]
+
+
+class ConnectionLostError(SourceError):
+    """The replication connection broke (network, server restart, termination).
+
+    The source reconnects after this error; every other :class:`SourceError`
+    is final.
+    """
+
+
+@dataclass(frozen=True)
+class SystemIdentity:
+    """The answer to ``IDENTIFY_SYSTEM``."""
+
+    system_id: str
+    timeline: int
+    wal_position: int
+    dbname: str | None
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """pgoutput options of ``START_REPLICATION``.
+
+    ``proto_version`` 2 is the newest on PostgreSQL 15 that supports
+    ``streaming`` (large in-progress transactions sent before their commit).
+    """
+
+    publications: tuple[str, ...]
+    proto_version: int = 2
+    messages: bool = True
+    streaming: bool = True
+    binary: bool = False
+
+    def render(self) -> str:
+        """The option list, e.g. ``(proto_version '2', publication_names '"p"')``."""
+        names = ",".join(quote_ident(p) for p in self.publications)
+        options = [
+            f"proto_version '{self.proto_version}'",
+            f"publication_names {quote_literal(names)}",
+        ]
+        if self.messages:
+            options.append("messages 'true'")
+        if self.streaming:
+            options.append("streaming 'true'")
+        if self.binary:
+            options.append("binary 'true'")
+        return "(" + ", ".join(options) + ")"
+
+
+def quote_ident(name: str) -> str:
+    """Quote an SQL identifier (always, so case and odd characters survive)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """Quote an SQL string literal (replication commands take no parameters)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def replication_conninfo(dsn: str, *, application_name: str = "headrace") -> str:
+    """``dsn`` turned into a logical replication connection string.
+
+    Adds ``replication=database`` and :data:`SESSION_OPTIONS` (after any
+    ``options`` the DSN already has, so ours win where they overlap).
+    """
+    params = conninfo_to_dict(dsn)
+    existing = str(params.get("options") or "")
+    params["options"] = f"{existing} {SESSION_OPTIONS}".strip()
+    params["replication"] = "database"
+    params.setdefault("application_name", application_name)
+    return make_conninfo("", **params)
+
+
+def now_pg_us() -> int:
+    """Now as a PostgreSQL timestamp (microseconds since 2000-01-01 UTC)."""
+    return time.time_ns() // 1000 - _PG_EPOCH_UNIX_US
+
+
+def pg_us_to_unix(value: int) -> float:
+    """A PostgreSQL timestamp (µs since 2000) as UNIX seconds."""
+    return (value + _PG_EPOCH_UNIX_US) / 1_000_000
+
+
+class ReplicationConnection:
+    """One logical replication connection: commands, then the COPY BOTH stream.
+
+    Not thread-safe, except :meth:`confirm`, which any thread may call: it
+    records the position and sends it right away only when no other thread is
+    inside the connection.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        status_interval_s: float = 1.0,
+        connect_timeout_s: float = 10.0,
+        application_name: str = "headrace",
+    ) -> None:
+        self.status_interval_s = status_interval_s
+        try:
+            self._conn: psycopg.Connection[tuple[object, ...]] = psycopg.connect(
+                replication_conninfo(dsn, application_name=application_name),
+                autocommit=True,
+                connect_timeout=max(1, round(connect_timeout_s)),
+            )
+        except psycopg.OperationalError as exc:
+            raise connect_error(exc) from exc
+        self._pgconn = self._conn.pgconn
+        self._lock = threading.Lock()
+        self._streaming = False
+        self._confirmed = 0
+        self._sent_confirmed = -1
+        self._last_status = 0.0
+        self._received = 0
+        self._server_wal_end = 0
+        self._last_server_time = 0
+
+    # -- commands ---------------------------------------------------------
+
+    @property
+    def backend_pid(self) -> int:
+        """PID of the walsender serving this connection."""
+        return int(self._pgconn.backend_pid)
+
+    def command(self, sql: str) -> list[tuple[object, ...]]:
+        """Run one replication command (or SQL) and return its rows."""
+        if self._streaming:
+            raise SourceError(
+                "replication command sent while streaming", "this is a bug in headrace"
+            )
+        try:
+            cursor = self._conn.execute(sql.encode())
+            return cursor.fetchall() if cursor.description else []
+        except psycopg.Error as exc:
+            if self._conn.closed or self._pgconn.status != pq.ConnStatus.OK:
+                verb = sql.split(maxsplit=1)[0]
+                raise ConnectionLostError(
+                    f"replication connection lost during {verb}: {_first_line(exc)}",
+                    "headrace reconnects by itself; if it keeps failing, check the server",
+                ) from exc
+            raise  # the server refused the command; the caller explains it
+
+    def identify_system(self) -> SystemIdentity:
+        """``IDENTIFY_SYSTEM``: system id, timeline, current WAL flush position."""
+        (row,) = self.command("IDENTIFY_SYSTEM")
+        system_id, timeline, position, dbname = row
+        return SystemIdentity(
+            system_id=str(system_id),
+            timeline=int(str(timeline)),
+            wal_position=parse_pg_lsn(str(position)),
+            dbname=None if dbname is None else str(dbname),
+        )
+
+    def create_slot(self, name: str, *, temporary: bool = False) -> int:
+        """Create a pgoutput slot; returns its consistent point (first LSN it streams)."""
+        temp = " TEMPORARY" if temporary else ""
+        (row,) = self.command(
+            f"CREATE_REPLICATION_SLOT {quote_ident(name)}{temp} LOGICAL pgoutput "
+            "(SNAPSHOT 'nothing')"
+        )
+        return parse_pg_lsn(str(row[1]))
+
+    def create_slot_with_snapshot(self, name: str) -> tuple[int, str]:
+        """Create a pgoutput slot exporting its snapshot.
+
+        Returns ``(consistent_point, snapshot_name)``. The snapshot lives only
+        while this connection stays idle: run nothing else on it until every
+        reader has done ``SET TRANSACTION SNAPSHOT``-and-copy, then
+        :meth:`close` it (or start streaming, which also ends the snapshot).
+        """
+        (row,) = self.command(
+            f"CREATE_REPLICATION_SLOT {quote_ident(name)} LOGICAL pgoutput (SNAPSHOT 'export')"
+        )
+        return parse_pg_lsn(str(row[1])), str(row[2])
+
+    def drop_slot(self, name: str) -> None:
+        """Drop a replication slot (it must not be active)."""
+        self.command(f"DROP_REPLICATION_SLOT {quote_ident(name)}")
+
+    # -- streaming --------------------------------------------------------
+
+    def start(self, slot: str, position: int, options: StreamOptions) -> None:
+        """``START_REPLICATION SLOT slot LOGICAL position (options)``.
+
+        ``position`` is also the first durable position reported back (the
+        caller's durable position: resuming there confirms it).
+        """
+        sql = (
+            f"START_REPLICATION SLOT {quote_ident(slot)} LOGICAL {format_lsn(position)} "
+            f"{options.render()}"
+        )
+        self.command(sql)
+        status = self._pgconn.transaction_status
+        if status != pq.TransactionStatus.ACTIVE:
+            state = pq.TransactionStatus(status).name
+            raise SourceError(
+                f"START_REPLICATION did not enter the streaming mode (status {state})",
+                "this is a bug in headrace; report it with the server version",
+            )
+        self._streaming = True
+        self._confirmed = max(self._confirmed, position)
+        self._received = max(self._received, position)
+        self._last_status = time.monotonic()
+
+    @property
+    def confirmed(self) -> int:
+        """The durable position last declared by :meth:`confirm`."""
+        return self._confirmed
+
+    @property
+    def received(self) -> int:
+        """The end of the WAL received so far (XLogData or keepalive)."""
+        return self._received
+
+    @property
+    def server_wal_end(self) -> int:
+        """The server's WAL end, as its last message reported it."""
+        return self._server_wal_end
+
+    @property
+    def last_server_time(self) -> float:
+        """Send time (UNIX seconds) of the last message from the server, 0 if none."""
+        return pg_us_to_unix(self._last_server_time) if self._last_server_time else 0.0
+
+    def confirm(self, position: int) -> None:
+        """Declare ``position`` durable: the slot may move up to it, not beyond.
+
+        Lower positions than one already confirmed are ignored (the slot never
+        moves backwards). The position reaches the server with the next
+        status update, within ``status_interval_s``.
+        """
+        if position <= self._confirmed:
+            return
+        self._confirmed = position
+        if self._streaming and self._lock.acquire(blocking=False):
+            try:
+                self._send_status_if_due(time.monotonic())
+            finally:
+                self._lock.release()
+
+    def send_status(self, *, reply_requested: bool = False) -> None:
+        """Send a standby status update now (write = flush = apply = confirmed)."""
+        with self._lock:
+            self._send_status(reply_requested=reply_requested)
+
+    def drain(self, on_data: DataHandler, timeout: float, max_messages: int = 8192) -> int:
+        """Hand available XLogData payloads to ``on_data(wal_start, payload)``.
+
+        Waits up to ``timeout`` seconds for the first message; returns as soon
+        as the connection has no complete message buffered, or after
+        ``max_messages``, so the caller can act on time. Answers keepalives
+        and sends due status updates. Returns the number of payloads handled.
+
+        Raises :class:`ConnectionLostError` when the stream breaks or ends.
+        """
+        with self._lock:
+            return self._drain(on_data, timeout, max_messages)
+
+    def _drain(self, on_data: DataHandler, timeout: float, max_messages: int) -> int:
+        pgconn = self._pgconn
+        get = pgconn.get_copy_data
+        handled = 0
+        waited = False
+        socket_read = False  # consume_input() ran since the last complete message
+        last_end = 0
+        try:
+            while handled < max_messages:
+                nbytes, data = get(1)
+                if nbytes > 0:
+                    socket_read = False
+                    kind = data[0]
+                    if kind == _XLOG_DATA:
+                        start, last_end = _unpack_start_end(data, 1)
+                        on_data(start, data[_XLOG_HEADER:])
+                        handled += 1
+                    elif kind == _KEEPALIVE:
+                        self._on_keepalive(data)
+                    else:
+                        raise SourceError(
+                            f"unexpected replication message type {bytes(data[:1])!r}",
+                            "this is a bug in headrace or an unsupported server version",
+                        )
+                    continue
+                if nbytes < 0:
+                    self._stream_ended()
+                if socket_read:
+                    # Nothing buffered and nothing more on the socket: return
+                    # what came, or wait (once) when nothing came yet.
+                    if handled or waited:
+                        break
+                    waited = True
+                    if not self._wait_readable(timeout):
+                        break
+                pgconn.consume_input()
+                socket_read = True
+        except psycopg.OperationalError as exc:
+            self._streaming = False
+            raise ConnectionLostError(
+                f"replication connection lost: {_first_line(exc)}",
+                "headrace reconnects by itself; if it keeps failing, check the server",
+            ) from exc
+        self._received = max(self._received, last_end)
+        self._send_status_if_due(time.monotonic())
+        return handled
+
+    def _on_keepalive(self, data: memoryview) -> None:
+        wal_end, send_time, reply = _unpack_keepalive(data, 1)
+        self._server_wal_end = wal_end
+        self._last_server_time = send_time
+        if reply:
+            self._send_status()
+
+    def _stream_ended(self) -> None:
+        """The server ended COPY BOTH (shutdown, termination): report why."""
+        self._streaming = False
+        message = ""
+        while (result := self._pgconn.get_result()) is not None:
+            if result.status == pq.ExecStatus.FATAL_ERROR:
+                message = (result.error_message or b"").decode(errors="replace").strip()
+        raise ConnectionLostError(
+            f"the server ended the replication stream{': ' + message if message else ''}",
+            "headrace reconnects by itself; if it keeps failing, check the server log",
+        )
+
+    def _wait_readable(self, timeout: float) -> bool:
+        if timeout <= 0:
+            return False
+        readable, _, _ = select.select([self._pgconn.socket], [], [], timeout)
+        return bool(readable)
+
+    def _send_status_if_due(self, now: float) -> None:
+        if now - self._last_status >= self.status_interval_s or (
+            self._sent_confirmed != self._confirmed and now - self._last_status >= 0.1
+        ):
+            self._send_status()
+
+    def _send_status(self, *, reply_requested: bool = False) -> None:
+        if not self._streaming:
+            return
+        position = self._confirmed
+        message = _pack_status(
+            b"r", position, position, position, now_pg_us(), 1 if reply_requested else 0
+        )
+        pgconn = self._pgconn
+        try:
+            while pgconn.put_copy_data(message) == 0:
+                self._wait_writable()
+            while pgconn.flush() == 1:
+                self._wait_writable()
+        except psycopg.OperationalError as exc:
+            self._streaming = False
+            raise ConnectionLostError(
+                f"replication connection lost while sending status: {_first_line(exc)}",
+                "headrace reconnects by itself; if it keeps failing, check the server",
+            ) from exc
+        self._sent_confirmed = position
+        self._last_status = time.monotonic()
+
+    def _wait_writable(self) -> None:
+        select.select([], [self._pgconn.socket], [], 1.0)
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Send the last durable position (when streaming) and close."""
+        if self._conn.closed:
+            return
+        try:
+            if self._streaming:
+                self._send_status()
+        except SourceError:
+            pass
+        finally:
+            self._streaming = False
+            self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._conn.closed)
+
+    def __enter__(self) -> ReplicationConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def parse_pg_lsn(text: str) -> int:
+    """Parse a ``pg_lsn`` text value (``16/B374D848``)."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+# Connection failures no retry can fix (the others: server down, restarting,
+# out of walsenders for a moment... are worth retrying).
+_FINAL_CONNECT_ERRORS = {
+    "must be superuser or replication role": (
+        "the user has no REPLICATION privilege",
+        "as a superuser run: ALTER ROLE <user> WITH REPLICATION;",
+    ),
+    "no pg_hba.conf entry": (
+        "pg_hba.conf does not allow this replication connection",
+        "add a line such as 'host replication <user> <client address>/32 scram-sha-256' to "
+        "pg_hba.conf and reload PostgreSQL",
+    ),
+    "password authentication failed": (
+        "password authentication failed",
+        "fix the user or password in the DSN",
+    ),
+    "does not exist": (
+        "the database or user of the DSN does not exist",
+        "fix the DSN (dbname=..., user=...)",
+    ),
+}
+
+
+def connect_error(exc: psycopg.OperationalError) -> SourceError:
+    """The error for a failed replication connection: final or worth a retry."""
+    text = str(exc)
+    for needle, (what, fix) in _FINAL_CONNECT_ERRORS.items():
+        if needle in text:
+            return SourceError(f"{what}: {_first_line(exc)}", fix)
+    return ConnectionLostError(
+        f"could not open a replication connection: {_first_line(exc)}",
+        "check that the server is up and the DSN is right; headrace retries by itself",
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
