@@ -236,12 +236,17 @@ def slots_exhausted(limit: int | None = None) -> SourceError:
     )
 
 
-def slot_in_use(slot: str, pid: int | None) -> SlotInUseError:
-    """The error for a slot another process streams from."""
-    holder = f"PID {pid}" if pid is not None else "another connection"
-    end_it = f" (or end it: SELECT pg_terminate_backend({pid});)" if pid is not None else ""
+def slot_in_use(slot: str, holder: int | str | None) -> SlotInUseError:
+    """The error for a slot another process streams from.
+
+    ``holder`` is the PID of the process holding it, or a description of it.
+    """
+    if isinstance(holder, int):
+        who, end_it = f"PID {holder}", f" (or end it: SELECT pg_terminate_backend({holder});)"
+    else:
+        who, end_it = holder or "another connection", ""
     return SlotInUseError(
-        f"the replication slot {slot} is in use by another process ({holder})",
+        f"the replication slot {slot} is in use by another process ({who})",
         f"stop the other consumer of this slot{end_it}, or configure another slot name",
     )
 
