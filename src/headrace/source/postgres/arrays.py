@@ -52,7 +52,9 @@ def parse_array(text: str, delimiter: str = ",") -> ParsedArray:
     return ParsedArray(elements, dimensions, has_bounds)
 
 
-def _parse_general(text: str, delimiter: str) -> tuple[list[str | None], int]:
+def _parse_general(  # noqa: PLR0912 (a character-level scanner reads best as one loop)
+    text: str, delimiter: str
+) -> tuple[list[str | None], int]:
     elements: list[str | None] = []
     depth = 0
     max_depth = 0

@@ -37,9 +37,10 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -102,25 +103,23 @@ def convert_column(
     kind = pg_type.kind
     if kind in _STRING_KINDS or (kind is TypeKind.NUMERIC and pa.types.is_string(arrow_type)):
         return _utf8(values, pg_type)
-    if kind in _INTEGER_TYPES or kind in (TypeKind.FLOAT4, TypeKind.FLOAT8):
-        return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_number)
-    if kind is TypeKind.NUMERIC:
-        return _decimal(values, arrow_type, pg_type)
-    if kind is TypeKind.BOOL:
-        return pc.equal(values.view(pa.binary()), pa.scalar(b"t"))
-    if kind is TypeKind.DATE:
-        return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_date)
-    if kind is TypeKind.TIMESTAMP or kind is TypeKind.TIMESTAMPTZ:
-        return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_timestamp)
-    if kind is TypeKind.TIME:
-        return _time(values, pg_type)
-    if kind is TypeKind.INTERVAL:
-        return _interval(values, pg_type)
-    if kind is TypeKind.BYTEA:
-        return _bytea(values, pg_type)
-    if kind is TypeKind.ARRAY:
-        return _array(values, arrow_type, pg_type)
-    raise AssertionError(f"unhandled type kind {kind}")  # pragma: no cover
+    return _TEXT_CONVERTERS[kind](values, arrow_type, pg_type)
+
+
+def _numbers(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
+    return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_number)
+
+
+def _bools(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
+    return pc.equal(values.view(pa.binary()), pa.scalar(b"t"))
+
+
+def _dates(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
+    return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_date)
+
+
+def _timestamps(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
+    return _vectorized_or_per_value(values, arrow_type, pg_type, _parse_timestamp)
 
 
 def _utf8(values: pa.Array, pg_type: PgType) -> pa.Array:
@@ -295,7 +294,7 @@ def _parse_timestamp(text: str, pg_type: PgType) -> int | None:
     return micros
 
 
-def _time(values: pa.Array, pg_type: PgType) -> pa.Array:
+def _time(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
     text = values.view(pa.binary())
     try:
         stamps = pc.binary_join_element_wise(pa.scalar(b"1970-01-01 "), text, b"")
@@ -308,7 +307,7 @@ def _time(values: pa.Array, pg_type: PgType) -> pa.Array:
         match = _TIME_RE.fullmatch(item)
         return None if match is None else _time_micros(match)
 
-    return _vectorized_or_per_value(values, pa.time64("us"), pg_type, parse)
+    return _vectorized_or_per_value(values, arrow_type, pg_type, parse)
 
 
 _INTERVAL_RE: Final = re.compile(
@@ -332,7 +331,7 @@ def parse_interval(text: str) -> tuple[int, int, int] | None:
     return total_months, int(days or 0), nanos
 
 
-def _interval(values: pa.Array, pg_type: PgType) -> pa.Array:
+def _interval(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
     parsed: list[tuple[int, int, int] | None] = []
     bad = 0
     for text in _texts(values):
@@ -358,7 +357,7 @@ for _digit, _char in enumerate(b"ABCDEF", start=10):
     _HEX_VALUES[_char] = _digit
 
 
-def _bytea(values: pa.Array, pg_type: PgType) -> pa.Array:
+def _bytea(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
     """``\\x0a1b`` hex text to bytes, vectorized over the whole column."""
     binary = values.view(pa.binary())
     count = len(binary)
@@ -456,7 +455,8 @@ def parse_bytea(text: str) -> bytes | None:
 
 def _array(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
     element = pg_type.element
-    assert element is not None, "an array type has an element type"
+    if element is None:  # pragma: no cover - the registry always sets it
+        raise TypeError(f"array type {pg_type.name} without an element type")
     element_type = arrow_type.value_type
     flat: list[str | None] = []
     offsets = [0]
@@ -501,9 +501,26 @@ def _note_kept(type_name: str, issue: str, count: int) -> None:
         log.warning("type %s: %s", *key)
 
 
+_TEXT_CONVERTERS: Final[dict[TypeKind, Callable[[pa.Array, pa.DataType, PgType], pa.Array]]] = {
+    TypeKind.INT2: _numbers,
+    TypeKind.INT4: _numbers,
+    TypeKind.INT8: _numbers,
+    TypeKind.FLOAT4: _numbers,
+    TypeKind.FLOAT8: _numbers,
+    TypeKind.NUMERIC: _decimal,
+    TypeKind.BOOL: _bools,
+    TypeKind.DATE: _dates,
+    TypeKind.TIMESTAMP: _timestamps,
+    TypeKind.TIMESTAMPTZ: _timestamps,
+    TypeKind.TIME: _time,
+    TypeKind.INTERVAL: _interval,
+    TypeKind.BYTEA: _bytea,
+    TypeKind.ARRAY: _array,
+}
+
 # ---------------------------------------------------------------- binary form
 
-_BINARY_FIXED: Final = {
+_BINARY_FIXED: Final[dict[TypeKind, np.dtype[Any]]] = {
     TypeKind.BOOL: np.dtype("u1"),
     TypeKind.INT2: np.dtype(">i2"),
     TypeKind.INT4: np.dtype(">i4"),
@@ -556,7 +573,9 @@ def _from_binary(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> 
     return storage.view(arrow_type) if storage.type != arrow_type else storage
 
 
-def _shift_finite(values: np.ndarray, shift: int, infinity: int) -> np.ndarray:
+def _shift_finite(
+    values: npt.NDArray[np.int64], shift: int, infinity: int
+) -> npt.NDArray[np.int64]:
     """Move PostgreSQL-epoch values to the Unix epoch, keeping the infinities."""
     int64_max = np.iinfo(np.int64).max
     pos_inf = values == (int64_max if infinity == TIMESTAMP_INFINITY else 2**31 - 1)
@@ -567,15 +586,18 @@ def _shift_finite(values: np.ndarray, shift: int, infinity: int) -> np.ndarray:
     return shifted
 
 
-def _storage_numpy(kind: TypeKind) -> np.dtype:
-    return {
-        TypeKind.BOOL: np.dtype("u1"),
-        TypeKind.INT2: np.dtype("i2"),
-        TypeKind.INT4: np.dtype("i4"),
-        TypeKind.FLOAT4: np.dtype("f4"),
-        TypeKind.FLOAT8: np.dtype("f8"),
-        TypeKind.DATE: np.dtype("i4"),
-    }.get(kind, np.dtype("i8"))
+def _storage_numpy(kind: TypeKind) -> np.dtype[Any]:
+    return _STORAGE_NUMPY.get(kind, np.dtype("i8"))
+
+
+_STORAGE_NUMPY: Final[dict[TypeKind, np.dtype[Any]]] = {
+    TypeKind.BOOL: np.dtype("u1"),
+    TypeKind.INT2: np.dtype("i2"),
+    TypeKind.INT4: np.dtype("i4"),
+    TypeKind.FLOAT4: np.dtype("f4"),
+    TypeKind.FLOAT8: np.dtype("f8"),
+    TypeKind.DATE: np.dtype("i4"),
+}
 
 
 def _uuid_text(raw: bytes) -> str:

@@ -351,7 +351,7 @@ PgOutputMessage = (
 )
 
 
-class _Malformed(Exception):
+class _MalformedError(Exception):
     """Internal: a decoding step failed at ``offset``."""
 
     def __init__(self, what: str, offset: int) -> None:
@@ -363,16 +363,18 @@ class _Malformed(Exception):
 def _string(data: bytes, pos: int) -> tuple[str, int]:
     end = data.find(b"\0", pos)
     if end < 0:
-        raise _Malformed("string without its terminating NUL byte", pos)
+        raise _MalformedError("string without its terminating NUL byte", pos)
     try:
         return data[pos:end].decode("utf-8"), end + 1
     except UnicodeDecodeError as exc:
-        raise _Malformed(f"string is not UTF-8 ({exc.reason})", pos + exc.start) from None
+        raise _MalformedError(f"string is not UTF-8 ({exc.reason})", pos + exc.start) from None
 
 
 def _need(data: bytes, pos: int, size: int, what: str) -> None:
     if pos + size > len(data):
-        raise _Malformed(f"message ends inside {what} ({len(data) - pos} of {size} bytes)", pos)
+        raise _MalformedError(
+            f"message ends inside {what} ({len(data) - pos} of {size} bytes)", pos
+        )
 
 
 def decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
@@ -380,7 +382,7 @@ def decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     _need(data, pos, 2, "the column count")
     (count,) = _I16.unpack_from(data, pos)
     if count < 0:
-        raise _Malformed(f"negative column count {count}", pos)
+        raise _MalformedError(f"negative column count {count}", pos)
     pos += 2
     kinds = bytearray(count)
     values: list[RawValue] = []
@@ -388,17 +390,19 @@ def decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
     size = len(data)
     for index in range(count):
         if pos >= size:
-            raise _Malformed(f"message ends before column {index + 1} of {count}", pos)
+            raise _MalformedError(f"message ends before column {index + 1} of {count}", pos)
         kind = data[pos]
         kinds[index] = kind
-        if kind == KIND_TEXT or kind == KIND_BINARY:  # noqa: PLR1714 (hot path: two int compares)
+        if kind in (KIND_TEXT, KIND_BINARY):
             if pos + 5 > size:
-                raise _Malformed(f"message ends inside the length of column {index + 1}", pos + 1)
+                raise _MalformedError(
+                    f"message ends inside the length of column {index + 1}", pos + 1
+                )
             (length,) = _I32.unpack_from(data, pos + 1)
             start = pos + 5
             pos = start + length
             if length < 0 or pos > size:
-                raise _Malformed(
+                raise _MalformedError(
                     f"column {index + 1} claims {length} bytes, {size - start} remain", start - 4
                 )
             append(data[start:pos])
@@ -409,7 +413,7 @@ def decode_tuple(data: bytes, pos: int) -> tuple[TupleData, int]:
             append(UNCHANGED)
             pos += 1
         else:
-            raise _Malformed(f"unknown tuple column kind {_byte_repr(kind)}", pos)
+            raise _MalformedError(f"unknown tuple column kind {_byte_repr(kind)}", pos)
     return TupleData(bytes(kinds), tuple(values)), pos
 
 
@@ -476,10 +480,12 @@ def _decode_type(data: bytes, pos: int, in_stream: bool) -> tuple[PgOutputMessag
 
 def _expect(data: bytes, pos: int, allowed: bytes, what: str) -> int:
     if pos >= len(data):
-        raise _Malformed(f"message ends before {what}", pos)
+        raise _MalformedError(f"message ends before {what}", pos)
     marker = data[pos]
     if marker not in allowed:
-        raise _Malformed(f"expected {what} ({allowed.decode()}), got {_byte_repr(marker)}", pos)
+        raise _MalformedError(
+            f"expected {what} ({allowed.decode()}), got {_byte_repr(marker)}", pos
+        )
     return marker
 
 
@@ -524,7 +530,7 @@ def _decode_truncate(data: bytes, pos: int, in_stream: bool) -> tuple[PgOutputMe
     options = data[pos + 4]
     pos += 5
     if count < 0:
-        raise _Malformed(f"negative relation count {count}", pos - 5)
+        raise _MalformedError(f"negative relation count {count}", pos - 5)
     _need(data, pos, 4 * count, "the relation OIDs")
     oids = struct.unpack_from(f"!{count}I", data, pos)
     return Truncate(xid, options, oids), pos + 4 * count
@@ -540,7 +546,7 @@ def _decode_message(data: bytes, pos: int, in_stream: bool) -> tuple[PgOutputMes
     (length,) = _I32.unpack_from(data, pos)
     pos += 4
     if length < 0:
-        raise _Malformed(f"negative message length {length}", pos - 4)
+        raise _MalformedError(f"negative message length {length}", pos - 4)
     _need(data, pos, length, "the message content")
     return Message(xid, bool(flags & 1), lsn, prefix, data[pos : pos + length]), pos + length
 
@@ -661,7 +667,7 @@ def decode_message(payload: bytes, lsn: int = 0, *, in_stream: bool = False) -> 
         raise ProtocolError(f"unknown message type {_byte_repr(payload[0])}", lsn=lsn, offset=0)
     try:
         message, end = decoder(payload, 1, in_stream)
-    except _Malformed as exc:
+    except _MalformedError as exc:
         raise ProtocolError(
             f"{chr(payload[0])!r} message: {exc.what}", lsn=lsn, offset=exc.offset
         ) from None

@@ -62,6 +62,14 @@ log = logging.getLogger(__name__)
 
 _VARHDRSZ: Final = 4
 
+# pg_type.typtype of user types that are neither domains nor arrays.
+_KIND_OF_TYPTYPE: Final = {
+    "e": TypeKind.ENUM,
+    "c": TypeKind.COMPOSITE,
+    "r": TypeKind.TEXTUAL,  # range
+    "m": TypeKind.TEXTUAL,  # multirange
+}
+
 _CATALOG_QUERY: Final = """
 SELECT t.oid::int8, n.nspname, t.typname, t.typtype, t.typelem::int8, t.typbasetype::int8,
        t.typtypmod, t.typdelim,
@@ -213,8 +221,6 @@ class TypeRegistry:
             name = self._message_names.get(oid, f"oid {oid}")
             return PgType(oid, name, TypeKind.UNKNOWN)
         name = row.qualified
-        if row.typtype == "e":
-            return PgType(oid, name, TypeKind.ENUM)
         if row.typtype == "d":
             base = self._resolve(row.base_oid, depth + 1)
             modifier = row.base_modifier if row.base_modifier != -1 else base.base_modifier
@@ -227,11 +233,7 @@ class TypeRegistry:
             else:
                 delimiter = ";" if row.element_oid == BOX_OID else ","
             return PgType(oid, name, TypeKind.ARRAY, element, delimiter=delimiter)
-        if row.typtype == "c":
-            return PgType(oid, name, TypeKind.COMPOSITE)
-        if row.typtype in ("r", "m"):
-            return PgType(oid, name, TypeKind.TEXTUAL)
-        return PgType(oid, name, TypeKind.UNKNOWN)
+        return PgType(oid, name, _KIND_OF_TYPTYPE.get(row.typtype, TypeKind.UNKNOWN))
 
     def arrow_type(self, type_oid: int, type_modifier: int) -> pa.DataType:
         """Shorthand for :func:`arrow_type_for` with this registry."""
@@ -300,7 +302,8 @@ def arrow_type_of(pg_type: PgType, type_modifier: int = -1) -> pa.DataType:
                 return pa.decimal256(precision, scale)
         return pa.string()
     if kind is TypeKind.ARRAY:
-        assert pg_type.element is not None, "an array type has an element type"
+        if pg_type.element is None:  # pragma: no cover - the registry always sets it
+            raise TypeError(f"array type {pg_type.name} without an element type")
         return pa.list_(arrow_type_of(pg_type.element, modifier))
     return pa.string()
 
