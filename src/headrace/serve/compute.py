@@ -1,0 +1,183 @@
+"""Computing dashboard views: every tile of one (dashboard, range, filters, masks) at once.
+
+Runs on a small pool of threads, each with its own DuckDB cursor. All tiles of
+a view are read in one transaction, so they show the same store snapshot and
+share one "as of" (the newest source commit in ``headrace.position``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import duckdb
+import pyarrow as pa
+
+from headrace.serve.catalog import Catalog, MaskPolicy, load_catalog
+from headrace.serve.metrics import ServeMetrics
+from headrace.serve.results import table_to_json
+from headrace.serve.settings import LiveSettings
+from headrace.serve.sql import SqlRejected, mask_trusted_sql
+from headrace.serve.store import ServedStore, read_position
+from headrace.serve.tiles import Dashboard, TimeRange, render_tile_query
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What a live view shows: one dashboard, one range, one filter set, one mask policy."""
+
+    dashboard: Dashboard
+    range: TimeRange
+    filters: tuple[tuple[str, str], ...]
+    policy: MaskPolicy
+
+    @property
+    def key(self) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
+        """Viewers with equal keys share every computation."""
+        return (self.dashboard.name, self.range.key, self.filters, self.policy.key)
+
+
+class ReadFailed(Exception):
+    """A server-built read query failed; the message is for the user."""
+
+
+class StoreReader:
+    """Thread pool of read cursors over a served store, with a catalog cache."""
+
+    def __init__(self, store: ServedStore, settings: LiveSettings, metrics: ServeMetrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._executor = ThreadPoolExecutor(settings.compute_workers, thread_name_prefix="hr-read")
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+        self._catalog: tuple[int, float, Catalog] | None = None
+
+    # threads and cursors ---------------------------------------------------
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur: duckdb.DuckDBPyConnection | None = getattr(self._local, "cursor", None)
+        if cur is None:
+            cur = self.store.cursor()
+            self._local.cursor = cur
+            with self._lock:
+                self._cursors.append(cur)
+        return cur
+
+    async def call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run ``fn(cursor)`` on a read thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(self._cursor()))
+
+    def close(self) -> None:
+        """Stop the threads and close their cursors."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            for cur in self._cursors:
+                cur.close()
+            self._cursors.clear()
+
+    # catalog ---------------------------------------------------------------
+
+    def catalog(self, cur: duckdb.DuckDBPyConnection) -> Catalog:
+        """Visible relations, reloaded at most once a second when the version moved."""
+        cached = self._catalog
+        version = self.store.version
+        now = time.monotonic()
+        if cached is not None and (cached[0] == version or now - cached[1] < 1.0):
+            return cached[2]
+        catalog = load_catalog(cur)
+        self._catalog = (version, now, catalog)
+        return catalog
+
+    # reads -----------------------------------------------------------------
+
+    def read(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        sql: str,
+        params: dict[str, Any] | list[Any] | None,
+        policy: MaskPolicy,
+    ) -> pa.Table:
+        """Run a trusted query with masks applied and a timeout; result fully read."""
+        masked = mask_trusted_sql(sql, self.catalog(cur), policy)
+        timer = threading.Timer(self.settings.tile_timeout_s, cur.interrupt)
+        timer.start()
+        try:
+            self.metrics.tile_queries.inc()
+            return cur.sql(masked, params=params or None).to_arrow_table()
+        except duckdb.InterruptException:
+            raise ReadFailed(
+                f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
+            ) from None
+        finally:
+            timer.cancel()
+
+    def compute_view(self, cur: duckdb.DuckDBPyConnection, spec: ViewSpec, seq: int) -> dict[str, Any]:
+        """Every tile of ``spec`` in one read transaction (blocking; on a read thread)."""
+        started = time.perf_counter()
+        version = self.store.version
+        lo, hi = spec.range.bounds()
+        filters = dict(spec.filters)
+        tiles: list[dict[str, Any]] = []
+        cur.execute("BEGIN TRANSACTION")
+        in_tx = True
+        try:
+            position = read_position(cur)
+            for tile in spec.dashboard.tiles:
+                tile_started = time.perf_counter()
+                sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, (lo, hi))
+                entry: dict[str, Any] = {
+                    "name": tile.name,
+                    "chart": tile.chart.value,
+                    "ignored_filters": ignored,
+                }
+                try:
+                    if not in_tx:
+                        cur.execute("BEGIN TRANSACTION")
+                        in_tx = True
+                    table = self.read(cur, sql, params, spec.policy)
+                    limit = self.settings.tile_row_limit
+                    entry["truncated"] = table.num_rows > limit
+                    entry.update(table_to_json(table.slice(0, limit)))
+                except (duckdb.Error, ReadFailed, SqlRejected) as exc:
+                    self.metrics.errors.labels("tile").inc()
+                    entry["error"] = _tile_error(exc)
+                    entry["columns"], entry["rows"] = [], []
+                    cur.execute("ROLLBACK")
+                    in_tx = False
+                entry["elapsed_ms"] = round((time.perf_counter() - tile_started) * 1000, 1)
+                tiles.append(entry)
+        finally:
+            if in_tx:
+                cur.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+        self.metrics.view_computations.inc()
+        self.metrics.view_seconds.observe(elapsed)
+        return {
+            "dashboard": spec.dashboard.name,
+            "version": version,
+            "seq": seq,
+            "as_of": position.commit_ts.isoformat() if position.commit_ts else None,
+            "computed_at": datetime.now(UTC).isoformat(),
+            "range": {"spec": spec.range.spec, "from": lo.isoformat(), "to": hi.isoformat()},
+            "filters": filters,
+            "elapsed_ms": round(elapsed * 1000, 1),
+            "tiles": tiles,
+        }
+
+
+def _tile_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, duckdb.CatalogException) and "does not exist" in text:
+        return f"not in the store yet: {text}"
+    return text
