@@ -17,12 +17,12 @@ from starlette.responses import Response, StreamingResponse
 
 from headrace.serve.auth import Principal
 from headrace.serve.catalog import Catalog, MaskPolicy, Relation
-from headrace.serve.compute import ReadFailed, ViewSpec
+from headrace.serve.compute import ReadError, ViewSpec
 from headrace.serve.http import ApiError, JsonBytes, int_param, json_response
-from headrace.serve.live import ViewFailed
+from headrace.serve.live import ViewError
 from headrace.serve.openapi import ApiRoute, Param
 from headrace.serve.results import table_to_json
-from headrace.serve.sql import SqlRejected
+from headrace.serve.sql import SqlRejectedError
 from headrace.serve.state import ServeState, state
 from headrace.serve.tiles import (
     IDENTIFIER,
@@ -71,7 +71,9 @@ def _filters(request: Request, known: set[str] | None) -> dict[str, str]:
     return filters
 
 
-def view_spec(st: ServeState, principal: Principal, dashboard: Dashboard, request: Request) -> ViewSpec:
+def view_spec(
+    st: ServeState, principal: Principal, dashboard: Dashboard, request: Request
+) -> ViewSpec:
     """The view a request asks for."""
     filters = _filters(request, {d.name for d in dashboard.dimensions})
     return ViewSpec(
@@ -87,7 +89,7 @@ async def _read(
 
     try:
         return await st.reader.call(run)
-    except (ReadFailed, SqlRejected) as exc:
+    except (ReadError, SqlRejectedError) as exc:
         raise ApiError(400, str(exc)) from None
     except duckdb.ConversionException as exc:
         raise ApiError(400, f"a parameter does not fit its column: {_line(exc)}") from None
@@ -133,10 +135,7 @@ async def list_dashboards(request: Request) -> Response:
     st = state(request)
     st.auth.require(request)
     return json_response(
-        [
-            {"name": d.name, "title": d.title, "tiles": len(d.tiles)}
-            for d in st.settings.dashboards
-        ]
+        [{"name": d.name, "title": d.title, "tiles": len(d.tiles)} for d in st.settings.dashboards]
     )
 
 
@@ -158,7 +157,7 @@ async def dashboard_data(request: Request) -> Response:
     spec = view_spec(st, principal, _dashboard(st, request.path_params["name"]), request)
     try:
         return JsonBytes(await st.hub.snapshot(spec))
-    except ViewFailed as exc:
+    except ViewError as exc:
         raise ApiError(500, str(exc)) from None
 
 
@@ -182,7 +181,9 @@ async def dimension_values(request: Request) -> Response:
     dashboard = _dashboard(st, request.path_params["name"])
     dim = dashboard.dimension(request.path_params["dim"])
     if dim is None:
-        raise ApiError(404, f"dashboard {dashboard.name!r} has no dimension {request.path_params['dim']!r}")
+        raise ApiError(
+            404, f"dashboard {dashboard.name!r} has no dimension {request.path_params['dim']!r}"
+        )
     if not dashboard.dimension_source:
         return json_response({"dimension": dim.name, "values": []})
     sql = (
@@ -214,7 +215,10 @@ async def drill(request: Request) -> Response:
         raise ApiError(404, f"{spec.table} is not in the store")
     columns = dict(relation.columns)
     params: dict[str, Any] = {"lo": start, "hi": start + timedelta(seconds=spec.grain_s)}
-    conditions = [f"{quote_ident(spec.time_column)} >= $lo", f"{quote_ident(spec.time_column)} < $hi"]
+    conditions = [
+        f"{quote_ident(spec.time_column)} >= $lo",
+        f"{quote_ident(spec.time_column)} < $hi",
+    ]
     ignored: list[str] = []
     accepted = set(tile.dimensions) if tile.dimensions is not None else None
     for i, (name, value) in enumerate(sorted(filters.items())):
@@ -261,8 +265,10 @@ async def tables(request: Request) -> Response:
         result["tables"] = table.to_pylist()
     if catalog.has("headrace.rollups"):
         table = await _read(
-            st, "SELECT name, state, reason, updated_at FROM headrace.rollups ORDER BY name",
-            None, MaskPolicy(),
+            st,
+            "SELECT name, state, reason, updated_at FROM headrace.rollups ORDER BY name",
+            None,
+            MaskPolicy(),
         )
         result["rollups"] = table.to_pylist()
     return json_response(_jsonable(result))
@@ -340,8 +346,11 @@ async def row_by_key(request: Request) -> Response:
         raise ApiError(400, f"{relation.qualified} has no primary key; search with filters")
     values = request.path_params["key"].split(",")
     if len(values) != len(keys):
-        raise ApiError(400, f"the key of {relation.qualified} is ({', '.join(keys)}): give "
-                       f"{len(keys)} comma-separated values")
+        raise ApiError(
+            400,
+            f"the key of {relation.qualified} is ({', '.join(keys)}): give "
+            f"{len(keys)} comma-separated values",
+        )
     params: dict[str, Any] = {}
     conditions = _typed_filters(relation, policy, dict(zip(keys, values, strict=True)), params)
     sql = f"SELECT * FROM {quote_qualified(relation.qualified)} WHERE {' AND '.join(conditions)}"
@@ -370,7 +379,9 @@ async def rollup_rows(request: Request) -> Response:
     catalog = await _catalog(st)
     relation = catalog.get("rollup", request.path_params["view"])
     if relation is None:
-        raise ApiError(404, f"no rollup view {request.path_params['view']!r}", "see GET /api/rollups")
+        raise ApiError(
+            404, f"no rollup view {request.path_params['view']!r}", "see GET /api/rollups"
+        )
     columns = dict(relation.columns)
     q = request.query_params
     time_range = _time_range(request)
@@ -417,7 +428,9 @@ async def alerts(request: Request) -> Response:
     principal = st.auth.require(request)
     catalog = await _catalog(st)
     if not catalog.has("headrace.alerts"):
-        return json_response({"columns": [], "rows": [], "note": "no alerts table in the store yet"})
+        return json_response(
+            {"columns": [], "rows": [], "note": "no alerts table in the store yet"}
+        )
     q = request.query_params
     limit = int_param(request, "limit", 100, 1, 5000)
     params: dict[str, Any] = {}
@@ -446,7 +459,9 @@ async def health_scores(request: Request) -> Response:
     principal = st.auth.require(request)
     catalog = await _catalog(st)
     if not catalog.has("headrace.health_scores"):
-        return json_response({"columns": [], "rows": [], "note": "no health scores in the store yet"})
+        return json_response(
+            {"columns": [], "rows": [], "note": "no health scores in the store yet"}
+        )
     q = request.query_params
     if q.get("account_id"):
         limit = int_param(request, "limit", 500, 1, 10_000)
@@ -515,47 +530,124 @@ def routes() -> list[ApiRoute]:
     )
     name = Param("name", "path", description="dashboard name")
     return [
-        ApiRoute("GET", "/api/dashboards", list_dashboards, "List dashboards", tags=("dashboards",)),
-        ApiRoute("GET", "/api/dashboards/{name}", get_dashboard, "A dashboard's definition",
-                 params=(name,), tags=("dashboards",)),
-        ApiRoute("GET", "/api/dashboards/{name}/data", dashboard_data,
-                 "Every tile of a dashboard, computed once per store version and filter set",
-                 params=(name, *range_params), tags=("dashboards",)),
-        ApiRoute("GET", "/api/live/{name}", live,
-                 "Server-sent events: the dashboard's tiles after each new store version",
-                 params=(name, *range_params), produces=("text/event-stream",), tags=("dashboards",)),
-        ApiRoute("GET", "/api/dashboards/{name}/dimensions/{dim}/values", dimension_values,
-                 "Values of a dimension for the filter pickers",
-                 params=(name, Param("dim", "path")), tags=("dashboards",)),
-        ApiRoute("GET", "/api/dashboards/{name}/tiles/{tile}/drill", drill,
-                 "Rows behind one bucket of a chart",
-                 params=(name, Param("tile", "path"), Param("bucket", required=True,
-                         description="bucket start, ISO 8601"), range_params[3]),
-                 tags=("dashboards",)),
-        ApiRoute("GET", "/api/tables", tables, "Per-table freshness and rollup status",
-                 tags=("store",)),
-        ApiRoute("GET", "/api/tables/{table}/rows", rows,
-                 "Mirror rows by column equality (?column=value) and text search (?q=)",
-                 params=(Param("table", "path"), Param("q"), Param("limit", type="integer"),
-                         Param("order", description="column, '-column' for descending")),
-                 tags=("store",)),
-        ApiRoute("GET", "/api/tables/{table}/rows/{key}", row_by_key,
-                 "One mirror row by primary key (comma-separated for composite keys)",
-                 params=(Param("table", "path"), Param("key", "path")), tags=("store",)),
+        ApiRoute(
+            "GET", "/api/dashboards", list_dashboards, "List dashboards", tags=("dashboards",)
+        ),
+        ApiRoute(
+            "GET",
+            "/api/dashboards/{name}",
+            get_dashboard,
+            "A dashboard's definition",
+            params=(name,),
+            tags=("dashboards",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/dashboards/{name}/data",
+            dashboard_data,
+            "Every tile of a dashboard, computed once per store version and filter set",
+            params=(name, *range_params),
+            tags=("dashboards",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/live/{name}",
+            live,
+            "Server-sent events: the dashboard's tiles after each new store version",
+            params=(name, *range_params),
+            produces=("text/event-stream",),
+            tags=("dashboards",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/dashboards/{name}/dimensions/{dim}/values",
+            dimension_values,
+            "Values of a dimension for the filter pickers",
+            params=(name, Param("dim", "path")),
+            tags=("dashboards",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/dashboards/{name}/tiles/{tile}/drill",
+            drill,
+            "Rows behind one bucket of a chart",
+            params=(
+                name,
+                Param("tile", "path"),
+                Param("bucket", required=True, description="bucket start, ISO 8601"),
+                range_params[3],
+            ),
+            tags=("dashboards",),
+        ),
+        ApiRoute(
+            "GET", "/api/tables", tables, "Per-table freshness and rollup status", tags=("store",)
+        ),
+        ApiRoute(
+            "GET",
+            "/api/tables/{table}/rows",
+            rows,
+            "Mirror rows by column equality (?column=value) and text search (?q=)",
+            params=(
+                Param("table", "path"),
+                Param("q"),
+                Param("limit", type="integer"),
+                Param("order", description="column, '-column' for descending"),
+            ),
+            tags=("store",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/tables/{table}/rows/{key}",
+            row_by_key,
+            "One mirror row by primary key (comma-separated for composite keys)",
+            params=(Param("table", "path"), Param("key", "path")),
+            tags=("store",),
+        ),
         ApiRoute("GET", "/api/rollups", rollups, "Rollup views and their columns", tags=("store",)),
-        ApiRoute("GET", "/api/rollups/{view}", rollup_rows,
-                 "Rollup rows in a time range, filtered (f.<column>=value) and optionally "
-                 "grouped (group_by=a,b&measures=sum:col,max:col)",
-                 params=(Param("view", "path"), *range_params[:3], range_params[3],
-                         Param("group_by"), Param("measures"), Param("limit", type="integer")),
-                 tags=("store",)),
-        ApiRoute("GET", "/api/alerts", alerts, "Alerts, newest first",
-                 params=(Param("since"), Param("severity"), Param("rule"), Param("account_id"),
-                         Param("limit", type="integer")), tags=("store",)),
-        ApiRoute("GET", "/api/health-scores", health_scores,
-                 "Health score history of an account, or the worst accounts now",
-                 params=(Param("account_id"), Param("worst", type="integer")), tags=("store",)),
-        ApiRoute("GET", "/api/accounts/{id}", account,
-                 "An account: its row, recent transactions, alerts and health history",
-                 params=(Param("id", "path"),), tags=("store",)),
+        ApiRoute(
+            "GET",
+            "/api/rollups/{view}",
+            rollup_rows,
+            "Rollup rows in a time range, filtered (f.<column>=value) and optionally "
+            "grouped (group_by=a,b&measures=sum:col,max:col)",
+            params=(
+                Param("view", "path"),
+                *range_params[:3],
+                range_params[3],
+                Param("group_by"),
+                Param("measures"),
+                Param("limit", type="integer"),
+            ),
+            tags=("store",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/alerts",
+            alerts,
+            "Alerts, newest first",
+            params=(
+                Param("since"),
+                Param("severity"),
+                Param("rule"),
+                Param("account_id"),
+                Param("limit", type="integer"),
+            ),
+            tags=("store",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/health-scores",
+            health_scores,
+            "Health score history of an account, or the worst accounts now",
+            params=(Param("account_id"), Param("worst", type="integer")),
+            tags=("store",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/accounts/{id}",
+            account,
+            "An account: its row, recent transactions, alerts and health history",
+            params=(Param("id", "path"),),
+            tags=("store",),
+        ),
     ]

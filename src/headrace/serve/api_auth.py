@@ -34,7 +34,7 @@ class NewUser(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     role: Literal["viewer", "analyst", "admin"]
-    password: str | None = Field(None, min_length=8, max_length=1024)
+    password: str | None = Field(default=None, min_length=8, max_length=1024)
 
 
 class NewToken(BaseModel):
@@ -42,12 +42,14 @@ class NewToken(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    label: str = Field("", max_length=100)
+    label: str = Field(default="", max_length=100)
 
 
 def _users(st: ServeState) -> UserStore:
     if st.users is None:
-        raise ApiError(409, "authentication is disabled on this server", "enable auth to manage users")
+        raise ApiError(
+            409, "authentication is disabled on this server", "enable auth to manage users"
+        )
     return st.users
 
 
@@ -109,7 +111,10 @@ async def list_users(request: Request) -> Response:
     st = state(request)
     st.auth.require(request, Role.ADMIN)
     return json_response(
-        [{"name": u.name, "role": u.role.label, "created_at": u.created_at} for u in _users(st).list()]
+        [
+            {"name": u.name, "role": u.role.label, "created_at": u.created_at}
+            for u in _users(st).list()
+        ]
     )
 
 
@@ -173,21 +178,66 @@ async def config(request: Request) -> Response:
 def routes() -> list[ApiRoute]:
     """Authentication and administration routes."""
     return [
-        ApiRoute("POST", "/api/login", login, "Log in; sets the session cookie, returns the CSRF token",
-                 role="public", body=LoginRequest, tags=("auth",)),
+        ApiRoute(
+            "POST",
+            "/api/login",
+            login,
+            "Log in; sets the session cookie, returns the CSRF token",
+            role="public",
+            body=LoginRequest,
+            tags=("auth",),
+        ),
         ApiRoute("POST", "/api/logout", logout, "Log out", tags=("auth",)),
         ApiRoute("GET", "/api/me", me, "The current user, role and CSRF token", tags=("auth",)),
-        ApiRoute("GET", "/api/tokens", list_tokens, "Your API tokens (admins: ?all=1)",
-                 params=(Param("all"),), tags=("auth",)),
-        ApiRoute("POST", "/api/tokens", create_token, "Create an API token (shown once)",
-                 body=NewToken, tags=("auth",)),
-        ApiRoute("DELETE", "/api/tokens/{id}", revoke_token, "Revoke an API token",
-                 params=(Param("id", "path"),), tags=("auth",)),
+        ApiRoute(
+            "GET",
+            "/api/tokens",
+            list_tokens,
+            "Your API tokens (admins: ?all=1)",
+            params=(Param("all"),),
+            tags=("auth",),
+        ),
+        ApiRoute(
+            "POST",
+            "/api/tokens",
+            create_token,
+            "Create an API token (shown once)",
+            body=NewToken,
+            tags=("auth",),
+        ),
+        ApiRoute(
+            "DELETE",
+            "/api/tokens/{id}",
+            revoke_token,
+            "Revoke an API token",
+            params=(Param("id", "path"),),
+            tags=("auth",),
+        ),
         ApiRoute("GET", "/api/users", list_users, "List users", role="admin", tags=("admin",)),
-        ApiRoute("POST", "/api/users", add_user, "Create a user (password generated if omitted)",
-                 role="admin", body=NewUser, tags=("admin",)),
-        ApiRoute("DELETE", "/api/users/{name}", remove_user, "Remove a user",
-                 role="admin", params=(Param("name", "path"),), tags=("admin",)),
-        ApiRoute("GET", "/api/config", config, "The effective serve settings", role="admin",
-                 tags=("admin",)),
+        ApiRoute(
+            "POST",
+            "/api/users",
+            add_user,
+            "Create a user (password generated if omitted)",
+            role="admin",
+            body=NewUser,
+            tags=("admin",),
+        ),
+        ApiRoute(
+            "DELETE",
+            "/api/users/{name}",
+            remove_user,
+            "Remove a user",
+            role="admin",
+            params=(Param("name", "path"),),
+            tags=("admin",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/config",
+            config,
+            "The effective serve settings",
+            role="admin",
+            tags=("admin",),
+        ),
     ]

@@ -11,8 +11,8 @@ from starlette.responses import Response
 from headrace.serve.http import ApiError, json_response, parse_body
 from headrace.serve.openapi import ApiRoute
 from headrace.serve.results import table_to_csv, table_to_json, table_to_parquet
-from headrace.serve.sql import SqlRejected, prepare_sql
-from headrace.serve.sqlrun import QueryFailed, describe
+from headrace.serve.sql import SqlRejectedError, prepare_sql
+from headrace.serve.sqlrun import QueryError, describe
 from headrace.serve.state import state
 from headrace.serve.users import Role
 
@@ -23,9 +23,11 @@ class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sql: str = Field(description="One SELECT, WITH ... SELECT or EXPLAIN statement.")
-    format: Literal["json", "csv", "parquet"] = Field("json", description="Result format.")
+    format: Literal["json", "csv", "parquet"] = Field(default="json", description="Result format.")
     query_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Client id, to cancel the query."
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Client id, to cancel the query.",
     )
 
 
@@ -50,13 +52,13 @@ async def run_sql(request: Request) -> Response:
             row_limit=st.settings.sql.row_limit,
             max_chars=st.settings.sql.max_query_chars,
         )
-    except SqlRejected as exc:
+    except SqlRejectedError as exc:
         st.metrics.sql_queries.labels("rejected").inc()
         raise ApiError(400, f"query rejected: {exc}") from None
     try:
         with st.metrics.sql_seconds.time():
             result = await st.sql.run(prepared, body.query_id)
-    except QueryFailed as exc:
+    except QueryError as exc:
         st.metrics.sql_queries.labels("failed").inc()
         raise ApiError(exc.status, str(exc)) from None
     st.metrics.sql_queries.labels("ok").inc()
@@ -110,14 +112,31 @@ async def schema(request: Request) -> Response:
 def routes() -> list[ApiRoute]:
     """The SQL routes."""
     return [
-        ApiRoute("POST", "/api/sql", run_sql,
-                 "Run read-only SQL (JSON table, CSV or Parquet); rejected queries say why",
-                 role="analyst", body=SqlRequest,
-                 produces=("application/json", "text/csv", "application/vnd.apache.parquet"),
-                 tags=("sql",)),
-        ApiRoute("POST", "/api/sql/cancel", cancel_sql, "Cancel a running query by its id",
-                 role="analyst", body=CancelRequest, tags=("sql",)),
-        ApiRoute("GET", "/api/schema", schema,
-                 "Schema browser: mirror, history, rollup and headrace relations and columns",
-                 role="analyst", tags=("sql",)),
+        ApiRoute(
+            "POST",
+            "/api/sql",
+            run_sql,
+            "Run read-only SQL (JSON table, CSV or Parquet); rejected queries say why",
+            role="analyst",
+            body=SqlRequest,
+            produces=("application/json", "text/csv", "application/vnd.apache.parquet"),
+            tags=("sql",),
+        ),
+        ApiRoute(
+            "POST",
+            "/api/sql/cancel",
+            cancel_sql,
+            "Cancel a running query by its id",
+            role="analyst",
+            body=CancelRequest,
+            tags=("sql",),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/schema",
+            schema,
+            "Schema browser: mirror, history, rollup and headrace relations and columns",
+            role="analyst",
+            tags=("sql",),
+        ),
     ]

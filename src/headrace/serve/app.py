@@ -163,10 +163,13 @@ def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def api_not_found(request: Request) -> Response:
-        raise ApiError(404, f"no API route {request.method} {request.url.path}", "see /api/openapi.json")
+        raise ApiError(
+            404, f"no API route {request.method} {request.url.path}", "see /api/openapi.json"
+        )
 
     routes: list[BaseRoute] = [
-        Route(r.path, r.endpoint, methods=[r.method], name=f"{r.method} {r.path}") for r in api_routes
+        Route(r.path, r.endpoint, methods=[r.method], name=f"{r.method} {r.path}")
+        for r in api_routes
     ]
     routes += [
         Route("/api/openapi.json", openapi),

@@ -23,7 +23,7 @@ from headrace.serve.catalog import Catalog, MaskPolicy, load_catalog
 from headrace.serve.metrics import ServeMetrics
 from headrace.serve.results import table_to_json
 from headrace.serve.settings import LiveSettings
-from headrace.serve.sql import SqlRejected, mask_trusted_sql
+from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
 from headrace.serve.store import ServedStore, read_position
 from headrace.serve.tiles import Dashboard, TimeRange, render_tile_query
 
@@ -45,7 +45,7 @@ class ViewSpec:
         return (self.dashboard.name, self.range.key, self.filters, self.policy.key)
 
 
-class ReadFailed(Exception):
+class ReadError(Exception):
     """A server-built read query failed; the message is for the user."""
 
 
@@ -116,13 +116,15 @@ class StoreReader:
             self.metrics.tile_queries.inc()
             return cur.sql(masked, params=params or None).to_arrow_table()
         except duckdb.InterruptException:
-            raise ReadFailed(
+            raise ReadError(
                 f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
             ) from None
         finally:
             timer.cancel()
 
-    def compute_view(self, cur: duckdb.DuckDBPyConnection, spec: ViewSpec, seq: int) -> dict[str, Any]:
+    def compute_view(
+        self, cur: duckdb.DuckDBPyConnection, spec: ViewSpec, seq: int
+    ) -> dict[str, Any]:
         """Every tile of ``spec`` in one read transaction (blocking; on a read thread)."""
         started = time.perf_counter()
         version = self.store.version
@@ -149,7 +151,7 @@ class StoreReader:
                     limit = self.settings.tile_row_limit
                     entry["truncated"] = table.num_rows > limit
                     entry.update(table_to_json(table.slice(0, limit)))
-                except (duckdb.Error, ReadFailed, SqlRejected) as exc:
+                except (duckdb.Error, ReadError, SqlRejectedError) as exc:
                     self.metrics.errors.labels("tile").inc()
                     entry["error"] = _tile_error(exc)
                     entry["columns"], entry["rows"] = [], []

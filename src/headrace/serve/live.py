@@ -31,7 +31,7 @@ from headrace.serve.settings import LiveSettings
 _log = logging.getLogger(__name__)
 
 
-class ViewFailed(Exception):
+class ViewError(Exception):
     """A view could not be computed (details in the server log)."""
 
 
@@ -188,7 +188,7 @@ class LiveHub:
         finally:
             view.waiters -= 1
         if view.snapshot is None:
-            raise ViewFailed(f"dashboard {spec.dashboard.name!r} could not be computed")
+            raise ViewError(f"dashboard {spec.dashboard.name!r} could not be computed")
         return view.snapshot
 
     # scheduling ------------------------------------------------------------
@@ -229,12 +229,16 @@ class LiveHub:
         try:
             view.seq += 1
             seq = view.seq
-            result = await self.reader.call(lambda cur: self.reader.compute_view(cur, view.spec, seq))
+            result = await self.reader.call(
+                lambda cur: self.reader.compute_view(cur, view.spec, seq)
+            )
             payload = dumps(result)
             view.computed_version = int(result["version"])
             view.event_id = f"{result['version']}-{seq}"
             view.snapshot = payload
-            view.event = b"id: " + view.event_id.encode() + b"\nevent: tiles\ndata: " + payload + b"\n\n"
+            view.event = (
+                b"id: " + view.event_id.encode() + b"\nevent: tiles\ndata: " + payload + b"\n\n"
+            )
             for viewer in view.viewers:
                 viewer.offer(view.event)
             if result["as_of"] and view.viewers:

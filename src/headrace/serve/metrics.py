@@ -66,7 +66,9 @@ class ServeMetrics:
         r = self.registry
         self.viewers = Gauge("headrace_serve_viewers", "Open live (SSE) connections.", registry=r)
         self.views = Gauge(
-            "headrace_serve_live_views", "Distinct live views (dashboard, range, filters).", registry=r
+            "headrace_serve_live_views",
+            "Distinct live views (dashboard, range, filters).",
+            registry=r,
         )
         self.store_version = Gauge(
             "headrace_store_version", "Store version (committed batches seen).", registry=r
@@ -78,10 +80,16 @@ class ServeMetrics:
             "headrace_serve_requests", "HTTP requests.", ["route", "status"], registry=r
         )
         self.errors = Counter(
-            "headrace_serve_errors", "Requests answered 5xx, and tile failures.", ["kind"], registry=r
+            "headrace_serve_errors",
+            "Requests answered 5xx, and tile failures.",
+            ["kind"],
+            registry=r,
         )
         self.sql_queries = Counter(
-            "headrace_serve_sql_queries", "SQL endpoint queries by outcome.", ["outcome"], registry=r
+            "headrace_serve_sql_queries",
+            "SQL endpoint queries by outcome.",
+            ["outcome"],
+            registry=r,
         )
         self.sql_seconds = Histogram(
             "headrace_serve_sql_seconds", "SQL endpoint query time.", registry=r

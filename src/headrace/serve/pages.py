@@ -32,8 +32,8 @@ def _page(file: str, role: Role = Role.VIEWER) -> Route:
             return HTMLResponse(body, status_code=403)
         return FileResponse(STATIC / file, headers={"Cache-Control": "no-store"})
 
-    endpoint.__name__ = f"page_{file.split('.')[0]}"
-    return Route("/" + file.split(".")[0], endpoint)
+    endpoint.__name__ = f"page_{file.split('.', maxsplit=1)[0]}"
+    return Route("/" + file.split(".", maxsplit=1)[0], endpoint)
 
 
 async def home(request: Request) -> Response:

@@ -165,7 +165,9 @@ class SampleWriter:
             try:
                 con.execute("BEGIN TRANSACTION")
                 cols = ", ".join(_TX_COLUMNS)
-                con.execute(f"INSERT INTO mirror.transactions SELECT {cols}, _hr_lsn FROM _hr_batch")
+                con.execute(
+                    f"INSERT INTO mirror.transactions SELECT {cols}, _hr_lsn FROM _hr_batch"
+                )
                 con.execute(
                     "INSERT INTO history.transactions SELECT _hr_lsn, $ts, 1, "
                     f"row_number() OVER (), 'I', {cols} FROM _hr_batch",

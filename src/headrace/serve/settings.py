@@ -23,24 +23,36 @@ class SqlSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    timeout_s: float = Field(10.0, gt=0, description="A query running longer is interrupted.")
-    row_limit: int = Field(10_000, gt=0, description="Rows returned at most; the rest is cut.")
+    timeout_s: float = Field(
+        default=10.0, gt=0, description="A query running longer is interrupted."
+    )
+    row_limit: int = Field(
+        default=10_000, gt=0, description="Rows returned at most; the rest is cut."
+    )
     memory_limit: str | None = Field(
-        None,
+        default=None,
         description="DuckDB memory_limit for the store instance (e.g. '2GB'). DuckDB's limit is "
         "per database instance, so in embedded mode it also bounds the engine; None keeps "
         "DuckDB's default.",
     )
     threads: int | None = Field(
-        None, gt=0, description="DuckDB threads for the store instance; None keeps the default."
+        default=None,
+        gt=0,
+        description="DuckDB threads for the store instance; None keeps the default.",
     )
     max_concurrent: int = Field(
-        2, gt=0, description="SQL queries running at once; more wait for a free slot."
+        default=2, gt=0, description="SQL queries running at once; more wait for a free slot."
     )
     queue_timeout_s: float = Field(
-        5.0, gt=0, description="How long a query waits for a free slot before a 503."
+        default=5.0, gt=0, description="How long a query waits for a free slot before a 503."
     )
-    max_query_chars: int = Field(20_000, gt=0, description="Longer SQL texts are refused.")
+    max_result_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="A result larger than this in memory (Arrow bytes) is refused; it is "
+        "read in small batches, so a huge result is stopped early.",
+    )
+    max_query_chars: int = Field(default=20_000, gt=0, description="Longer SQL texts are refused.")
 
 
 class LiveSettings(BaseModel):
@@ -49,34 +61,40 @@ class LiveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_interval_s: float = Field(
-        0.2,
+        default=0.2,
         ge=0,
         description="At most one recomputation of a view per this interval; store versions "
         "committed meanwhile are coalesced into the next one.",
     )
     idle_refresh_s: float = Field(
-        30.0,
+        default=30.0,
         gt=0,
         description="Recompute views even without a new store version this often, so that "
         "relative time ranges (last hour) slide forward.",
     )
-    heartbeat_s: float = Field(15.0, gt=0, description="SSE comment sent when nothing else is.")
+    heartbeat_s: float = Field(
+        default=15.0, gt=0, description="SSE comment sent when nothing else is."
+    )
     poll_s: float = Field(
-        0.5,
+        default=0.5,
         gt=0,
         description="Standalone (read-only) mode: how often headrace.position is polled for a "
         "new version.",
     )
-    max_viewers: int = Field(5_000, gt=0, description="Concurrent SSE connections at most.")
+    max_viewers: int = Field(default=5_000, gt=0, description="Concurrent SSE connections at most.")
     compute_workers: int = Field(
-        2, gt=0, description="Threads that run tile queries (each with its own DuckDB cursor)."
+        default=2,
+        gt=0,
+        description="Threads that run tile queries (each with its own DuckDB cursor).",
     )
     tile_timeout_s: float = Field(
-        10.0, gt=0, description="A tile query running longer is interrupted and shows an error."
+        default=10.0,
+        gt=0,
+        description="A tile query running longer is interrupted and shows an error.",
     )
-    tile_row_limit: int = Field(5_000, gt=0, description="Rows a tile returns at most.")
+    tile_row_limit: int = Field(default=5_000, gt=0, description="Rows a tile returns at most.")
     view_grace_s: float = Field(
-        60.0,
+        default=60.0,
         ge=0,
         description="A view nobody watches is kept (with its last result) this long, so "
         "reconnecting viewers and repeated loads reuse it.",
@@ -89,18 +107,20 @@ class AuthSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
-        True,
+        default=True,
         description="Require a login / API token. When False every request acts as an admin, "
         "which is only allowed on a loopback address.",
     )
     users_file: Path | None = Field(
-        None,
+        default=None,
         description="SQLite file holding users, API tokens and sessions; default: "
         "'<store>.users.sqlite' beside the store file.",
     )
-    session_ttl_s: int = Field(12 * 3600, gt=0, description="A login session lasts this long.")
+    session_ttl_s: int = Field(
+        default=12 * 3600, gt=0, description="A login session lasts this long."
+    )
     cookie_secure: bool = Field(
-        False, description="Mark cookies Secure (set it when served over HTTPS)."
+        default=False, description="Mark cookies Secure (set it when served over HTTPS)."
     )
 
 
@@ -109,14 +129,18 @@ class AccountSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    table: str = Field("mirror.accounts", description="schema.table of accounts.")
-    key: str = Field("id", description="The account id column of that table.")
+    table: str = Field(default="mirror.accounts", description="schema.table of accounts.")
+    key: str = Field(default="id", description="The account id column of that table.")
     transactions_table: str = Field(
-        "mirror.transactions", description="schema.table of the account's transactions."
+        default="mirror.transactions", description="schema.table of the account's transactions."
     )
-    account_column: str = Field("account_id", description="Account id column of transactions.")
-    time_column: str = Field("created_at", description="Time column to order transactions by.")
-    limit: int = Field(50, gt=0, le=1000, description="Recent transactions shown.")
+    account_column: str = Field(
+        default="account_id", description="Account id column of transactions."
+    )
+    time_column: str = Field(
+        default="created_at", description="Time column to order transactions by."
+    )
+    limit: int = Field(default=50, gt=0, le=1000, description="Recent transactions shown.")
 
 
 class ServeSettings(BaseModel):
@@ -125,9 +149,11 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     store: Path = Field(Path("headrace.duckdb"), description="The DuckDB store file.")
-    host: str = Field("127.0.0.1", description="Address to listen on.")
-    port: int = Field(8321, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    max_body_bytes: int = Field(256 * 1024, gt=0, description="Larger request bodies get a 413.")
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8321, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    max_body_bytes: int = Field(
+        default=256 * 1024, gt=0, description="Larger request bodies get a 413."
+    )
     masked_columns: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Per role, glob patterns 'schema.table.column' of columns that role sees "
@@ -141,7 +167,7 @@ class ServeSettings(BaseModel):
     )
     account: AccountSettings = Field(default_factory=AccountSettings)
     metrics_public: bool = Field(
-        True,
+        default=True,
         description="Serve /metrics without authentication (it shows counts and table names, "
         "no data); set False to require a token.",
     )
@@ -182,4 +208,6 @@ def load_serve_settings(path: Path, **overrides: Any) -> ServeSettings:
     try:
         return ServeSettings.model_validate(data)
     except ValueError as exc:
-        raise ConfigError(f"invalid serve settings in {path}: {exc}", "fix the fields named") from exc
+        raise ConfigError(
+            f"invalid serve settings in {path}: {exc}", "fix the fields named"
+        ) from exc

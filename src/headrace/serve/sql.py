@@ -114,7 +114,7 @@ _FORBIDDEN_FUNCTION_PREFIXES: tuple[str, ...] = (
 )
 
 
-class SqlRejected(ValueError):
+class SqlRejectedError(ValueError):
     """The query is not allowed; the message says why (shown to the user)."""
 
 
@@ -176,25 +176,25 @@ def _check_relations(
             continue
         if not isinstance(target, exp.Identifier):
             label = target.sql(dialect="duckdb")[:60] if isinstance(target, exp.Expr) else "?"
-            raise SqlRejected(
+            raise SqlRejectedError(
                 f"table functions are not allowed ({label}): query the store's relations "
                 "(see the schema browser); file, network and catalog functions are blocked"
             )
         if table.catalog:
-            raise SqlRejected(
+            raise SqlRejectedError(
                 f"{table.sql(dialect='duckdb')}: only this store's schemas can be queried "
                 "(mirror, history, rollup, headrace)"
             )
         if not table.db:
             if table.name.lower() in ctes:
                 continue
-            raise SqlRejected(
+            raise SqlRejectedError(
                 f"unknown table {table.name!r}: name store relations with their schema, "
                 "e.g. mirror.<table>, history.<table>, rollup.<name>_5m, headrace.tables"
             )
         relation = catalog.get(table.db, table.name)
         if relation is None:
-            raise SqlRejected(
+            raise SqlRejectedError(
                 f"unknown relation {table.db}.{table.name}: see GET /api/schema for what "
                 "the store holds"
             )
@@ -211,14 +211,14 @@ def _check_nodes(tree: exp.Expr) -> None:
     for node in tree.walk():
         for kind, label in _FORBIDDEN_NODES:
             if isinstance(node, kind):
-                raise SqlRejected(
+                raise SqlRejectedError(
                     f"{label} is not allowed: the SQL endpoint is read-only "
                     "(only SELECT, WITH ... SELECT and EXPLAIN run)"
                 )
         if isinstance(node, exp.Func) and not isinstance(node, _ALLOWED_TABLE_FUNCTIONS):
             name = _function_name(node)
             if name.startswith(_FORBIDDEN_FUNCTION_PREFIXES):
-                raise SqlRejected(
+                raise SqlRejectedError(
                     f"function {name}() is not allowed: it reads files, settings or "
                     "DuckDB internals"
                 )
@@ -246,11 +246,11 @@ def prepare_sql(
     row_limit: int | None,
     max_chars: int = 20_000,
 ) -> PreparedSql:
-    """Check ``text`` against the policy and return the SQL to execute (or raise SqlRejected)."""
+    """Check ``text`` against the policy and return the SQL to execute (or raise SqlRejectedError)."""
     if not text or not text.strip():
-        raise SqlRejected("the query is empty")
+        raise SqlRejectedError("the query is empty")
     if len(text) > max_chars:
-        raise SqlRejected(f"the query is {len(text)} characters long; at most {max_chars} allowed")
+        raise SqlRejectedError(f"the query is {len(text)} characters long; at most {max_chars} allowed")
     body = _LEADING_COMMENTS.sub("", text, count=1)
     explain_match = _EXPLAIN.match(body)
     prefix = ""
@@ -261,9 +261,9 @@ def prepare_sql(
         statements = [s for s in sqlglot.parse(body, read="duckdb") if s is not None]
     except (ParseError, TokenError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-        raise SqlRejected(f"the query does not parse: {first}") from exc
+        raise SqlRejectedError(f"the query does not parse: {first}") from exc
     if len(statements) != 1:
-        raise SqlRejected(
+        raise SqlRejectedError(
             f"exactly one statement is allowed, found {len(statements)}: "
             "remove the extra statements"
         )
@@ -271,7 +271,7 @@ def prepare_sql(
     if not isinstance(tree, exp.Query):
         kind = type(tree).__name__.upper()
         label = next((lbl for k, lbl in _FORBIDDEN_NODES if isinstance(tree, k)), kind)
-        raise SqlRejected(
+        raise SqlRejectedError(
             f"{label} is not allowed: the SQL endpoint is read-only "
             "(only SELECT, WITH ... SELECT and EXPLAIN run)"
         )
@@ -297,9 +297,9 @@ def mask_trusted_sql(text: str, catalog: Catalog, policy: MaskPolicy) -> str:
     try:
         tree = sqlglot.parse_one(text, read="duckdb")
     except (ParseError, TokenError) as exc:
-        raise SqlRejected(f"cannot apply column masking to this query: {exc}") from exc
+        raise SqlRejectedError(f"cannot apply column masking to this query: {exc}") from exc
     if tree is None:
-        raise SqlRejected("cannot apply column masking to an empty query")
+        raise SqlRejectedError("cannot apply column masking to an empty query")
     for table in list(tree.find_all(exp.Table)):
         if not isinstance(table.this, exp.Identifier) or not table.db:
             continue

@@ -18,7 +18,7 @@ from headrace.serve.settings import SqlSettings
 from headrace.serve.sql import PreparedSql
 
 
-class QueryFailed(Exception):
+class QueryError(Exception):
     """The query ran and DuckDB refused or failed it; the message is for the user."""
 
     def __init__(self, message: str, *, status: int = 400) -> None:
@@ -39,7 +39,9 @@ class QueryResult:
 class SqlRunner:
     """Runs prepared SQL on its own threads, bounded in count, time and rows."""
 
-    def __init__(self, cursor_factory: Callable[[], duckdb.DuckDBPyConnection], settings: SqlSettings):
+    def __init__(
+        self, cursor_factory: Callable[[], duckdb.DuckDBPyConnection], settings: SqlSettings
+    ):
         self._cursor_factory = cursor_factory
         self._settings = settings
         self._executor = ThreadPoolExecutor(settings.max_concurrent, thread_name_prefix="hr-sql")
@@ -65,18 +67,20 @@ class SqlRunner:
         return len(self._running)
 
     async def run(self, prepared: PreparedSql, query_id: str | None = None) -> QueryResult:
-        """Run ``prepared``; raise QueryFailed with a user-facing reason on any failure."""
+        """Run ``prepared``; raise QueryError with a user-facing reason on any failure."""
         query_id = query_id or secrets.token_hex(8)
         try:
             await asyncio.wait_for(self._slots.acquire(), self._settings.queue_timeout_s)
         except TimeoutError:
-            raise QueryFailed(
+            raise QueryError(
                 f"all {self._settings.max_concurrent} query slots are busy; retry shortly",
                 status=503,
             ) from None
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._run_blocking, prepared, query_id)
+            return await loop.run_in_executor(
+                self._executor, self._run_blocking, prepared, query_id
+            )
         finally:
             self._slots.release()
 
@@ -94,21 +98,23 @@ class SqlRunner:
         started = time.perf_counter()
         timer.start()
         try:
-            table = cur.sql(prepared.sql).to_arrow_table()
+            table = self._read_bounded(cur, prepared)
         except duckdb.InterruptException:
             if timed_out.is_set():
-                raise QueryFailed(
+                raise QueryError(
                     f"the query ran longer than {self._settings.timeout_s:g} s and was "
                     "cancelled: narrow it (time range, LIMIT, fewer joins)",
                     status=408,
                 ) from None
-            raise QueryFailed("the query was cancelled", status=409) from None
+            raise QueryError("the query was cancelled", status=409) from None
         except duckdb.OutOfMemoryException as exc:
-            raise QueryFailed(f"the query needs more memory than allowed: {_first_line(exc)}") from None
+            raise QueryError(
+                f"the query needs more memory than allowed: {_first_line(exc)}"
+            ) from None
         except duckdb.PermissionException as exc:
-            raise QueryFailed(f"not allowed: {_first_line(exc)}", status=403) from None
+            raise QueryError(f"not allowed: {_first_line(exc)}", status=403) from None
         except duckdb.Error as exc:
-            raise QueryFailed(f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise QueryError(f"{type(exc).__name__}: {_first_line(exc)}") from None
         finally:
             timer.cancel()
             with self._lock:
@@ -120,6 +126,26 @@ class SqlRunner:
             table = table.slice(0, prepared.row_limit)
             truncated = True
         return QueryResult(query_id, table, truncated, time.perf_counter() - started)
+
+    def _read_bounded(self, cur: duckdb.DuckDBPyConnection, prepared: PreparedSql) -> pa.Table:
+        # Small batches, so that a result too large for memory is stopped early; the
+        # cursor is closed right after, which ends the unfinished result.
+        reader = cur.sql(prepared.sql).to_arrow_reader(2048)
+        batches: list[pa.RecordBatch] = []
+        size = 0
+        try:
+            for batch in reader:
+                size += batch.nbytes
+                if size > self._settings.max_result_bytes:
+                    raise QueryError(
+                        f"the result is larger than {self._settings.max_result_bytes // 2**20} MiB:"
+                        " select fewer or narrower columns, aggregate, or add a LIMIT",
+                        status=413,
+                    )
+                batches.append(batch)
+        finally:
+            reader.close()
+        return pa.Table.from_batches(batches, schema=reader.schema)
 
     def close(self) -> None:
         """Interrupt running queries and stop the threads."""

@@ -77,8 +77,8 @@ class Dimension(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Identifier used in URLs and as the filter's key.")
-    label: str = Field("", description="Shown in the UI; default: the name.")
-    column: str = Field("", description="Column the filter compares; default: the name.")
+    label: str = Field(default="", description="Shown in the UI; default: the name.")
+    column: str = Field(default="", description="Column the filter compares; default: the name.")
 
     @model_validator(mode="after")
     def _defaults(self) -> Dimension:
@@ -99,9 +99,9 @@ class Drill(BaseModel):
 
     table: str = Field(description="schema.table holding the rows, e.g. mirror.transactions.")
     time_column: str = Field(description="Event-time column bucketed by the chart.")
-    grain_s: int = Field(300, gt=0, description="Bucket width in seconds (5 minutes).")
-    limit: int = Field(500, gt=0, le=10_000, description="Rows shown at most.")
-    order_by: str = Field("", description="Column to sort by (descending); default: time.")
+    grain_s: int = Field(default=300, gt=0, description="Bucket width in seconds (5 minutes).")
+    limit: int = Field(default=500, gt=0, le=10_000, description="Rows shown at most.")
+    order_by: str = Field(default="", description="Column to sort by (descending); default: time.")
     dimension_columns: dict[str, str] = Field(
         default_factory=dict,
         description="Column of the drill table for each dimension, when it differs from the "
@@ -137,15 +137,16 @@ class Tile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Identifier, unique in its dashboard.")
-    title: str = Field("", description="Shown above the tile; default: the name.")
-    chart: ChartType = Field(ChartType.TABLE, description="How the rows are drawn.")
+    title: str = Field(default="", description="Shown above the tile; default: the name.")
+    chart: ChartType = Field(default=ChartType.TABLE, description="How the rows are drawn.")
     query: str = Field(description="DuckDB SQL with $from, $to and {filters} holes.")
     dimensions: list[str] | None = Field(
-        None, description="Dimension filters this tile accepts; None: all of the dashboard's."
+        default=None,
+        description="Dimension filters this tile accepts; None: all of the dashboard's.",
     )
-    drill: Drill | None = Field(None, description="Drill-down from a point to its rows.")
-    unit: str = Field("", description="Unit shown next to values.")
-    width: int = Field(1, ge=1, le=4, description="Grid columns the tile spans.")
+    drill: Drill | None = Field(default=None, description="Drill-down from a point to its rows.")
+    unit: str = Field(default="", description="Unit shown next to values.")
+    width: int = Field(default=1, ge=1, le=4, description="Grid columns the tile spans.")
 
     @model_validator(mode="after")
     def _check(self) -> Tile:
@@ -162,14 +163,15 @@ class Dashboard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Identifier used in URLs.")
-    title: str = Field("", description="Shown as the page title.")
+    title: str = Field(default="", description="Shown as the page title.")
     dimensions: list[Dimension] = Field(default_factory=list, description="Filterable dims.")
     dimension_source: str = Field(
-        "", description="schema.table/view listing dimension values for the filter pickers."
+        default="", description="schema.table/view listing dimension values for the filter pickers."
     )
     tiles: list[Tile] = Field(default_factory=list, description="The tiles, in order.")
     account_table: str = Field(
-        "", description="Optional mirror table of accounts (enables the account page links)."
+        default="",
+        description="Optional mirror table of accounts (enables the account page links).",
     )
 
     @model_validator(mode="after")
@@ -250,7 +252,9 @@ def render_tile_query(
 ) -> tuple[str, dict[str, Any], list[str]]:
     """Fill a tile's holes; returns (sql, named parameters, filters not applied)."""
     accepted = (
-        set(tile.dimensions) if tile.dimensions is not None else {d.name for d in dashboard.dimensions}
+        set(tile.dimensions)
+        if tile.dimensions is not None
+        else {d.name for d in dashboard.dimensions}
     )
     params: dict[str, Any] = {}
     applied: list[tuple[str, str]] = []

@@ -119,7 +119,11 @@ class UserStore:
 
     def add(self, name: str, role: Role, password: str | None = None) -> str:
         """Create a user; returns the password (generated when not given)."""
-        if not name or len(name) > 64 or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        if (
+            not name
+            or len(name) > 64
+            or not name.replace("_", "").replace("-", "").replace(".", "").isalnum()
+        ):
             raise ConfigError(
                 f"invalid user name {name!r}", "use letters, digits, '.', '-' or '_' (≤ 64)"
             )
@@ -143,7 +147,9 @@ class UserStore:
         """Replace a user's password and end their sessions."""
         hashed = self._hasher.hash(password)
         with self._lock:
-            cur = self._con.execute("UPDATE users SET password_hash = ? WHERE name = ?", (hashed, name))
+            cur = self._con.execute(
+                "UPDATE users SET password_hash = ? WHERE name = ?", (hashed, name)
+            )
             self._con.execute("DELETE FROM sessions WHERE user_name = ?", (name,))
             self._con.commit()
         if cur.rowcount == 0:
@@ -159,7 +165,9 @@ class UserStore:
     def list(self) -> list[User]:
         """All users by name."""
         with self._lock:
-            rows = self._con.execute("SELECT name, role, created_at FROM users ORDER BY name").fetchall()
+            rows = self._con.execute(
+                "SELECT name, role, created_at FROM users ORDER BY name"
+            ).fetchall()
         return [User(n, Role.parse(r), c) for n, r, c in rows]
 
     def get(self, name: str) -> User | None:
