@@ -22,9 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
-from tests.conftest import PgDatabase
 
-from headrace.errors import SourceError
+from headrace.errors import ConfigError, SourceError
 from headrace.source.changes import SnapshotChunk, TableRef
 from headrace.source.postgres.snapshot import (
     ExportedSnapshot,
@@ -33,6 +32,7 @@ from headrace.source.postgres.snapshot import (
     same_columns,
 )
 from headrace.source.postgres.snapshot_progress import RichSnapshotProgress, TableProgress
+from tests.conftest import PgDatabase
 
 
 @contextlib.contextmanager
@@ -414,6 +414,10 @@ def test_progress_estimates_rows() -> None:
 
 
 def test_settings_out_of_range_are_refused() -> None:
-    settings = SnapshotSettings(dsn="", tables=(), slot="s", workers=0)
-    with pytest.raises(SourceError, match="workers"):
-        Snapshotter(settings)
+    table = TableRef("public", "t")
+    with pytest.raises(ConfigError, match="workers"):
+        Snapshotter(SnapshotSettings(dsn="", tables=(table,), slot="s", workers=0))
+    with pytest.raises(ConfigError, match="each named once"):
+        Snapshotter(SnapshotSettings(dsn="", tables=(table, table), slot="s"))
+    with pytest.raises(ConfigError, match="at least one table"):
+        Snapshotter(SnapshotSettings(dsn="", tables=(), slot="s"))

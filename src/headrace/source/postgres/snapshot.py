@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import psycopg
 from psycopg import sql
 
-from headrace.errors import SourceError, format_lsn
+from headrace.errors import ConfigError, SourceError, format_lsn
 from headrace.source.changes import SnapshotChunk, TableRef, TableSchema
 from headrace.source.postgres.preflight import (
     check_server,
@@ -151,9 +151,14 @@ class Snapshotter:
         self, settings: SnapshotSettings, progress: ProgressCallback | None = None
     ) -> None:
         if settings.workers < 1 or settings.chunk_rows < 1 or settings.queue_chunks < 1:
-            raise SourceError(
+            raise ConfigError(
                 "snapshot settings out of range: workers, chunk_rows and queue_chunks must be >= 1",
                 "fix the snapshot settings",
+            )
+        if not settings.tables or len(set(settings.tables)) != len(settings.tables):
+            raise ConfigError(
+                "the snapshot needs at least one table, each named once",
+                "list every table to copy once (schema.table)",
             )
         self.settings = settings
         self.progress = progress
@@ -166,7 +171,7 @@ class Snapshotter:
             raise SourceError("the snapshot has not finished", "consume every chunk first")
         return self._result
 
-    def chunks(self) -> Iterator[SnapshotChunk]:
+    def chunks(self) -> Generator[SnapshotChunk, None, None]:
         """Create the slot, copy every table, yield the rows in chunks.
 
         Every table yields at least one chunk (an empty one when it has no
@@ -192,7 +197,7 @@ class Snapshotter:
                 with contextlib.suppress(SourceError, psycopg.Error):
                     drop_slot(settings.dsn, settings.slot, settings.slot_release_timeout_s)
 
-    def copy_exported(self, exported: ExportedSnapshot) -> Iterator[SnapshotChunk]:
+    def copy_exported(self, exported: ExportedSnapshot) -> Generator[SnapshotChunk, None, None]:
         """Copy every table under a snapshot exported elsewhere (no slot handling).
 
         For a caller that created the slot on its own replication connection
@@ -278,6 +283,12 @@ class Snapshotter:
             if state is None:
                 check_slot_capacity(conn)
                 return
+            if state.slot_type != "logical" or state.database != conn.info.dbname:
+                raise SourceError(
+                    f"the replication slot {settings.slot} exists and belongs to something else "
+                    f"(a {state.slot_type} slot of database {state.database})",
+                    "pick another slot name for this pipeline",
+                )
         if settings.if_slot_exists != "replace":
             raise SourceError(
                 f"the replication slot {settings.slot} already exists, so no snapshot can be "
