@@ -302,14 +302,19 @@ def _column(
     column: Column,
 ) -> pa.Array:
     kinds = tuples.kinds[:, column_index]
-    starts = row_starts.copy()
-    lengths = np.zeros(count, dtype=np.int64)
-    valid = np.zeros(count, dtype=bool)
-    starts[local] = tuples.starts[:, column_index]
-    lengths[local] = tuples.lengths[:, column_index]
     text = kinds == KIND_TEXT
     binary = kinds == KIND_BINARY
-    valid[local] = text | binary
+    if len(local) == count:  # every row has this tuple (e.g. only inserts)
+        starts = tuples.starts[:, column_index]
+        lengths = tuples.lengths[:, column_index]
+        valid = text | binary
+    else:
+        starts = row_starts.copy()
+        lengths = np.zeros(count, dtype=np.int64)
+        valid = np.zeros(count, dtype=bool)
+        starts[local] = tuples.starts[:, column_index]
+        lengths[local] = tuples.lengths[:, column_index]
+        valid[local] = text | binary
     is_binary = bool(binary.any())
     if is_binary and text.any():
         raise ProtocolError(

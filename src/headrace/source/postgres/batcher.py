@@ -176,8 +176,13 @@ class Batcher:
 
     # ------------------------------------------------------------ feeding
 
-    def feed(self, wal_start: int, payload: bytes) -> None:
-        """Take the next pgoutput message (``wal_start`` is its XLogData start LSN)."""
+    def feed(self, wal_start: int, payload: bytes | memoryview) -> None:
+        """Take the next pgoutput message (``wal_start`` is its XLogData start LSN).
+
+        A ``memoryview`` payload (e.g. over libpq's buffer) is copied: the
+        batcher keeps row messages until :meth:`take`."""
+        if type(payload) is not bytes:
+            payload = bytes(payload)
         if payload and payload[0] in _ROW_MESSAGES:
             if self._in_stream:
                 self._feed_stream_row(wal_start, payload)

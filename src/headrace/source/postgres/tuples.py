@@ -43,6 +43,7 @@ _N: Final = ord("N")
 _K: Final = ord("K")
 _O: Final = ord("O")
 _INT32_LIMIT: Final = 2**31 - 1
+_PADDING: Final = bytes(8)
 
 
 @dataclass
@@ -65,8 +66,11 @@ class MessageBlock:
     @classmethod
     def build(cls, payloads: list[bytes], lsns: list[int], headers: Int64Array) -> MessageBlock:
         """Concatenate ``payloads`` (one ``header`` entry per payload)."""
-        joined = b"".join(payloads)
         lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
+        # Padding lets the vectorized reads look a few bytes past the last
+        # message without an index error; every value read is checked
+        # against its message's end before it is used.
+        joined = b"".join(payloads) + _PADDING
         ends = np.cumsum(lengths)
         return cls(
             data=np.frombuffer(joined, dtype=np.uint8),
@@ -89,18 +93,16 @@ class MessageBlock:
         return self.data[positions].astype(np.int64)
 
     def be16(self, positions: Int64Array) -> Int64Array:
-        data = self.data
-        value = (data[positions].astype(np.int64) << 8) | data[positions + 1]
-        return np.where(value >= 1 << 15, value - (1 << 16), value)
+        """Big-endian signed 16-bit integers at ``positions``."""
+        return _windows(self.data, 2)[positions].view(">i2").reshape(-1).astype(np.int64)
 
     def be32(self, positions: Int64Array) -> Int64Array:
-        data = self.data
-        top = len(data) - 1
-        value = data[np.minimum(positions, top)].astype(np.int64) << 24
-        value |= data[np.minimum(positions + 1, top)].astype(np.int64) << 16
-        value |= data[np.minimum(positions + 2, top)].astype(np.int64) << 8
-        value |= data[np.minimum(positions + 3, top)]
-        return value
+        """Big-endian signed 32-bit integers at ``positions``."""
+        return _windows(self.data, 4)[positions].view(">i4").reshape(-1).astype(np.int64)
+
+
+def _windows(data: UInt8Array, size: int) -> npt.NDArray[np.uint8]:
+    return np.lib.stride_tricks.sliding_window_view(data, size)
 
 
 @dataclass
@@ -185,6 +187,32 @@ def read_tuples(
                 f"message ends before column {column + 1} of {column_count}",
             )
         kind = block.data[position]
+        kinds[:, column] = kind
+        value_start, length = _read_values(
+            block, rows=rows, position=position, ends=ends, kind=kind, column=column
+        )
+        starts[:, column] = value_start
+        lengths[:, column] = length
+        position = value_start + length
+    return TupleColumns(kinds, starts, lengths, position)
+
+
+def _read_values(
+    block: MessageBlock,
+    *,
+    rows: Int64Array,
+    position: Int64Array,
+    ends: Int64Array,
+    kind: npt.NDArray[np.uint8],
+    column: int,
+) -> tuple[Int64Array, Int64Array]:
+    """Start and length of one column's value in every row (length 0 without one)."""
+    if (kind == KIND_TEXT).all():
+        # The common case: every row has a text value here.
+        length = block.be32(position + 1)
+        value_start = position + 5
+        valued: BoolArray | None = None
+    else:
         valued = (kind == KIND_TEXT) | (kind == KIND_BINARY)
         known = valued | (kind == KIND_NULL) | (kind == KIND_UNCHANGED)
         if not known.all():
@@ -194,35 +222,42 @@ def read_tuples(
                 int(position[index]),
                 f"unknown tuple column kind {_byte_repr(int(kind[index]))}",
             )
-        kinds[:, column] = kind
-        value_start = position + 1
-        if valued.any():
-            short = valued & (position + 5 > ends)
-            if short.any():
-                index = int(np.argmax(short))
-                raise block.fail(
-                    int(rows[index]),
-                    int(position[index]) + 1,
-                    f"message ends inside the length of column {column + 1}",
-                )
-            length = np.where(valued, block.be32(position + 1), 0)
-            value_start = np.where(valued, position + 5, value_start)
-            next_position = value_start + length
-            overrun = valued & ((length > _INT32_LIMIT) | (next_position > ends))
-            if overrun.any():
-                index = int(np.argmax(overrun))
-                raise block.fail(
-                    int(rows[index]),
-                    int(position[index]) + 1,
-                    f"column {column + 1} claims {length[index]} bytes, "
-                    f"{ends[index] - value_start[index]} remain",
-                )
-            lengths[:, column] = length
-            position = next_position
-        else:
-            position = value_start
-        starts[:, column] = value_start
-    return TupleColumns(kinds, starts, lengths, position)
+        if not valued.any():
+            return position + 1, np.zeros(len(position), dtype=np.int64)
+        length = np.where(valued, block.be32(position + 1), 0)
+        value_start = np.where(valued, position + 5, position + 1)
+    overrun = (value_start + length > ends) | (length < 0)
+    if valued is not None:
+        overrun &= valued
+    if overrun.any():
+        index = int(np.argmax(overrun))
+        raise _overrun(
+            block=block,
+            row=int(rows[index]),
+            position=int(position[index]),
+            value_start=int(value_start[index]),
+            length=int(length[index]),
+            end=int(ends[index]),
+            column=column,
+        )
+    return value_start, length
+
+
+def _overrun(
+    *,
+    block: MessageBlock,
+    row: int,
+    position: int,
+    value_start: int,
+    length: int,
+    end: int,
+    column: int,
+) -> ProtocolError:
+    if value_start > end:
+        what = f"message ends inside the length of column {column + 1}"
+    else:
+        what = f"column {column + 1} claims {length} bytes, {end - value_start} remain"
+    return block.fail(row, position + 1, what)
 
 
 def _byte_repr(value: int) -> str:
