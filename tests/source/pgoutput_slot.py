@@ -27,7 +27,12 @@ class LogicalSlot:
     publication: str = "p"
 
     def create(self, publication_target: str = "ALL TABLES") -> LogicalSlot:
+        """Create the publication and the slot."""
         self.db.execute(f"CREATE PUBLICATION {self.publication} FOR {publication_target}")
+        return self.create_slot()
+
+    def create_slot(self) -> LogicalSlot:
+        """Create only the slot (its publication exists already)."""
         self.db.execute(f"SELECT pg_create_logical_replication_slot('{self.slot}', 'pgoutput')")
         return self
 

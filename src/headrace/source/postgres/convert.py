@@ -146,8 +146,9 @@ def _vectorized_or_per_value(
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
     storage = _storage_type(arrow_type)
+    limit = _STORAGE_LIMITS.get(storage)
     parsed: list[int | float | None] = []
-    bad = 0
+    bad = outside = 0
     for text in _texts(values):
         if text is None:
             parsed.append(None)
@@ -155,11 +156,22 @@ def _vectorized_or_per_value(
         value = parse(text, pg_type)
         if value is None:
             bad += 1
+        elif limit is not None and not -limit <= value <= limit:
+            # PostgreSQL's latest timestamps (year 294276) lie past what
+            # int64 microseconds since 1970 can hold.
+            outside += 1
+            value = None
         parsed.append(value)
     if bad:
         note_issue(pg_type.name, "value that does not parse")
         conversion_issues[(pg_type.name, "value that does not parse")] += bad - 1
+    if outside:
+        note_issue(pg_type.name, "value outside the Arrow type's range")
+        conversion_issues[(pg_type.name, "value outside the Arrow type's range")] += outside - 1
     return pa.array(parsed, type=storage).view(arrow_type)
+
+
+_STORAGE_LIMITS: Final = {pa.int32(): 2**31 - 1, pa.int64(): 2**63 - 1}
 
 
 def _storage_type(arrow_type: pa.DataType) -> pa.DataType:
@@ -566,7 +578,7 @@ def _from_binary(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> 
         parsed = _shift_finite(parsed, _PG_EPOCH_US, TIMESTAMP_INFINITY)
     full = np.zeros(len(binary), dtype=_storage_numpy(kind))
     full[valid] = parsed
-    mask = pa.array(~valid) if not valid.all() else None
+    mask = None if valid.all() else ~valid
     storage = pa.array(full, mask=mask)
     if kind is TypeKind.BOOL:
         return storage.cast(pa.bool_())
