@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import psycopg
@@ -131,7 +131,7 @@ class _TableState:
     ranges_left: int
     rows: int = 0
     pages_done: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float | None = None
 
 
 class Snapshotter:
@@ -206,6 +206,7 @@ class Snapshotter:
         settings = self.settings
         started = time.monotonic()
         catalog = open_snapshot_connection(settings.dsn, exported.name)
+        events: Generator[TableRows | RangeCopied, None, None] | None = None
         try:
             registry = TypeRegistry.load(catalog)
             plans = read_table_plans(
@@ -235,8 +236,11 @@ class Snapshotter:
                 chunk_bytes=settings.chunk_bytes,
                 queue_chunks=settings.queue_chunks,
             )
-            for event in workers.run():
+            events = workers.run()
+            for event in events:
                 state = states[event.plan.schema.table]
+                if state.started is None:
+                    state.started = time.monotonic()
                 if isinstance(event, TableRows):
                     state.rows += event.rows.num_rows
                     self._report(state, finished=False)
@@ -250,6 +254,9 @@ class Snapshotter:
                         empty = state.plan.schema.arrow_schema().empty_table()
                         yield SnapshotChunk(state.plan.schema, empty, exported.consistent_point)
         finally:
+            # Stop the workers before the catalog transaction lets go of the locks.
+            if events is not None:
+                events.close()
             catalog.close()
         self._result = SnapshotResult(
             exported=exported,
@@ -269,7 +276,7 @@ class Snapshotter:
                 estimated_rows=plan.estimated_rows,
                 pages_done=state.pages_done,
                 pages=plan.pages,
-                started=state.started,
+                started=state.started or time.monotonic(),
                 finished=finished,
             )
         )

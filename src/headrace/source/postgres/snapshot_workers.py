@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import psycopg
@@ -99,7 +99,7 @@ class CopyWorkers:
         self._events: queue.Queue[_Event] = queue.Queue(maxsize=queue_chunks)
         self._stop = threading.Event()
 
-    def run(self) -> Iterator[TableRows | RangeCopied]:
+    def run(self) -> Generator[TableRows | RangeCopied, None, None]:
         """Start the workers and yield their output until every range is copied."""
         threads = [
             threading.Thread(target=self._worker, name=f"headrace-snapshot-{i}", daemon=True)
