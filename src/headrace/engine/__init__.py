@@ -1,0 +1,1 @@
+"""The incremental engine: mirrors, history and rollups maintained from change batches."""

@@ -1,0 +1,105 @@
+"""Looked-up dimensions: a value of another mirrored table recorded with each row version.
+
+Semantics: when a row version of the fact table is applied (insert or
+update), each looked-up dimension is resolved against the looked-up table
+*as of that change in commit order* — changes of the looked-up table earlier
+in the same batch are visible, later ones are not — and recorded in the
+fact's mirror row (hidden column ``_hr_lk_…``). A retraction subtracts
+exactly the value that was added. A later change of the looked-up row
+(the account's tier) does not move fact rows already counted; the fact
+row's next update picks up the value current at that update. A missing
+looked-up row gives NULL.
+
+Implementation: the looked-up table's versions relevant to the batch — its
+mirror rows before the batch (at ``_hr_seq = -1``), every insert/update in
+the batch, every delete / key move away (absent), and every truncate
+(absent for every key) — joined to the fact's end rows with an ASOF join on
+the key and ``_hr_seq``.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from headrace.engine.resolve import TableWork, old_key
+from headrace.engine.tables import LookupColumn, TableModel
+from headrace.pipeline.model import quote_ident
+from headrace.source.changes import OP, SEQ
+
+
+def resolve_lookups(
+    con: duckdb.DuckDBPyConnection,
+    fact: TableWork,
+    targets: dict[str, tuple[TableModel, TableWork | None]],
+) -> None:
+    """Fill the lookup columns of ``fact``'s end rows.
+
+    ``targets`` maps each lookup column name to the looked-up table's model
+    and its work in this batch (``None`` when it has no changes in it).
+    """
+    if not fact.end_rows:
+        return
+    for name, lookup in fact.model.lookups.items():
+        target, work = targets[name]
+        _resolve_one(con, fact, lookup, target, work)
+
+
+def _resolve_one(
+    con: duckdb.DuckDBPyConnection,
+    fact: TableWork,
+    lookup: LookupColumn,
+    target: TableModel,
+    work: TableWork | None,
+) -> None:
+    column = quote_ident(lookup.name)
+    value = quote_ident(lookup.spec.column)
+    on = [quote_ident(c) for c in lookup.spec.on]
+    keys = [quote_ident(k) for k in target.key]
+    end = fact.end
+    if work is None or work.num_changes == 0:
+        match = " AND ".join(f"t.{k} = {end}.{o}" for k, o in zip(keys, on, strict=True))
+        con.execute(f"UPDATE {end} SET {column} = t.{value} FROM {target.mirror} t WHERE {match}")
+        return
+    wanted = f"(SELECT DISTINCT {', '.join(on)} FROM {end})"
+    semi = " AND ".join(f"t.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
+    as_key = ", ".join(f"e.{o} AS {k}" for o, k in zip(on, keys, strict=True))
+    old_as_key = ", ".join(f"{old_key(j)} AS {k}" for j, k in enumerate(keys))
+    moved = " OR ".join(f"{old_key(j)} <> {k}" for j, k in enumerate(keys))
+    c = work.changes
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _hr_lv AS
+        SELECT {", ".join(f"t.{k}" for k in keys)}, CAST(-1 AS BIGINT) AS {SEQ},
+               true AS _hr_present, t.{value} AS _hr_value
+        FROM {target.mirror} t SEMI JOIN {wanted} e ON {semi}
+        UNION ALL
+        SELECT {", ".join(keys)}, {SEQ}, true, {value} FROM {c} WHERE {OP} IN ('I', 'U')
+        UNION ALL
+        SELECT {old_as_key}, {SEQ}, false, NULL FROM {c}
+        WHERE {OP} = 'D' OR ({OP} = 'U' AND ({moved}))
+        UNION ALL
+        SELECT {as_key}, t.{SEQ}, false, NULL
+        FROM {wanted} e CROSS JOIN (SELECT {SEQ} FROM {c} WHERE {OP} = 'T') t"""
+    )
+    match = " AND ".join(f"v.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
+    con.execute(
+        f"""UPDATE {end} SET {column} = r.v FROM (
+            SELECT e.{SEQ}, CASE WHEN v._hr_present THEN v._hr_value END AS v
+            FROM {end} e ASOF LEFT JOIN _hr_lv v ON {match} AND e.{SEQ} > v.{SEQ}
+        ) r WHERE {end}.{SEQ} = r.{SEQ}"""
+    )
+    con.execute("DROP TABLE IF EXISTS _hr_lv")
+
+
+def fill_lookup_column(
+    con: duckdb.DuckDBPyConnection, fact: TableModel, lookup: LookupColumn, target: TableModel
+) -> None:
+    """Set a (new) lookup column of every fact mirror row from the looked-up mirror as it is now."""
+    column = quote_ident(lookup.name)
+    value = quote_ident(lookup.spec.column)
+    match = " AND ".join(
+        f"t.{quote_ident(k)} = {fact.mirror}.{quote_ident(o)}"
+        for k, o in zip(target.key, lookup.spec.on, strict=True)
+    )
+    con.execute(
+        f"UPDATE {fact.mirror} SET {column} = t.{value} FROM {target.mirror} t WHERE {match}"
+    )

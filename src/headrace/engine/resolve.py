@@ -1,0 +1,329 @@
+"""One table's changes in a batch → full row versions, and the batch's net effect.
+
+Everything runs as DuckDB SQL over the batch's Arrow table (no per-row
+Python). For table number ``i`` of a batch:
+
+``_hr_c_i`` (changes)
+    one row per change in batch order: meta columns, the old key
+    (``_hr_ok_<j>``: the key the change removes or modifies), every known
+    column (for deletes: the old values the source sent), and the engine's
+    hidden columns. Unchanged TOAST values and the commit-time event time
+    are *inherited* from the row's previous version: the previous change of
+    the same row in this batch (found with an ASOF join on the key; key
+    moves are followed) or, at the start of the chain, the mirror row. The
+    chain is resolved by pointer jumping: O(log n) statements for a row
+    changed n times in one batch.
+
+``_hr_k_i`` (touched keys)
+    every key a change inserted, modified or removed after the batch's last
+    truncate, with its last touch.
+
+``_hr_s_i`` / ``_hr_e_i`` (start / end rows)
+    the mirror rows of the touched keys before the batch (all rows when the
+    batch truncates the table), and the row versions alive at the end of the
+    batch. Every aggregate is a function of the table's current rows, so
+    ``end - start`` is exactly the batch's effect, however many times a key
+    changed in between (insert → update → delete, key-moving updates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from headrace.engine.tables import TableModel
+from headrace.engine.types import duckdb_type, storable_table
+from headrace.pipeline.model import quote_ident
+from headrace.source.changes import (
+    COMMIT_TS,
+    LSN,
+    OLD_KIND,
+    OP,
+    SEQ,
+    TOAST,
+    XID,
+    old_name,
+)
+from headrace.store.duckdb.schema import EVENT_TS
+
+TX_TABLE = "_hr_tx"
+"""Temp table (commit LSN → first ``_hr_seq`` of the transaction in the batch)."""
+
+
+@dataclass
+class TableWork:
+    """The temp tables and figures of one table in one batch (segment)."""
+
+    model: TableModel
+    index: int
+    num_changes: int = 0
+    last_lsn: int = 0
+    last_commit_ts: datetime | None = None
+    truncated_at: int | None = None
+    updates: int = 0
+    deletes: int = 0
+    toasted: int = 0
+    start_rows: int = 0
+    end_rows: int = 0
+    has_prev: bool = False
+
+    @property
+    def changes(self) -> str:
+        return f"_hr_c_{self.index}"
+
+    @property
+    def prev(self) -> str:
+        return f"_hr_p_{self.index}"
+
+    @property
+    def keys(self) -> str:
+        return f"_hr_k_{self.index}"
+
+    @property
+    def start(self) -> str:
+        return f"_hr_s_{self.index}"
+
+    @property
+    def end(self) -> str:
+        return f"_hr_e_{self.index}"
+
+    @property
+    def rows_delta(self) -> int:
+        return self.end_rows - self.start_rows
+
+    def temp_tables(self) -> list[str]:
+        return [self.changes, self.prev, self.keys, self.start, self.end]
+
+
+def old_key(j: int) -> str:
+    """Name of the ``j``-th old-key column in ``_hr_c_i``."""
+    return f"_hr_ok_{j}"
+
+
+def register_transactions(con: duckdb.DuckDBPyConnection, tables: list[pa.Table]) -> None:
+    """Create :data:`TX_TABLE`: each transaction's first change, for per-transaction ordinals."""
+    parts = [t.select([LSN, SEQ]) for t in tables if t.num_rows]
+    if parts:
+        grouped = pa.concat_tables(parts).group_by(LSN).aggregate([(SEQ, "min")])
+        both = pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
+    else:
+        both = pa.table({LSN: pa.array([], pa.uint64()), "_hr_first": pa.array([], pa.int64())})
+    con.register("_hr_tx_in", both)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {TX_TABLE} AS SELECT * FROM _hr_tx_in")
+    finally:
+        con.unregister("_hr_tx_in")
+
+
+def load_changes(
+    con: duckdb.DuckDBPyConnection, model: TableModel, data: pa.Table, index: int
+) -> TableWork:
+    """Create ``_hr_c_<index>`` from a table's Arrow changes and measure the batch."""
+    work = TableWork(model, index)
+    data = storable_table(data)
+    present = set(data.column_names)
+    arrow_types = {f.name: duckdb_type(f.type) for f in data.schema}
+    parts = [
+        f"c.{SEQ}",
+        f"c.{OP}",
+        f"c.{LSN}",
+        f"c.{COMMIT_TS}",
+        f"c.{XID}",
+        f"CAST(c.{SEQ} - tx._hr_first AS INTEGER) AS _hr_txseq",
+    ]
+    for j, key in enumerate(model.key):
+        old, new = quote_ident(old_name(key)), quote_ident(key)
+        if key in present:
+            parts.append(
+                f"CASE WHEN c.{OP} IN ('U', 'D') THEN CASE WHEN c.{OLD_KIND} IS NOT NULL "
+                f"THEN c.{old} ELSE c.{new} END END AS {old_key(j)}"
+            )
+        else:
+            key_column = model.column(key)
+            key_type = key_column.duck_type if key_column is not None else "VARCHAR"
+            parts.append(f"CAST(NULL AS {key_type}) AS {old_key(j)}")
+    for column in model.columns:
+        name, target = column.name, column.duck_type
+        if name not in present:
+            parts.append(f"CAST(NULL AS {target}) AS {quote_ident(name)}")
+            continue
+        new, old = f"c.{quote_ident(name)}", f"c.{quote_ident(old_name(name))}"
+        if arrow_types.get(name) != target:
+            new, old = f"CAST({new} AS {target})", f"CAST({old} AS {target})"
+        if not model.config.mirror:
+            # Without a mirror, an unchanged TOAST value can only come from a
+            # whole old row (REPLICA IDENTITY FULL); otherwise it stays NULL.
+            new = (
+                f"CASE WHEN c.{OLD_KIND} = 'O' AND list_contains(c.{TOAST}, {_literal(name)}) "
+                f"THEN {old} ELSE {new} END"
+            )
+        parts.append(f"CASE WHEN c.{OP} = 'D' THEN {old} ELSE {new} END AS {quote_ident(name)}")
+    parts.append(f"c.{TOAST}")
+    if model.commit_time:
+        parts.append(f"CASE WHEN c.{OP} = 'I' THEN c.{COMMIT_TS} END AS {EVENT_TS}")
+    for name in model.lookups:
+        parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
+    source = f"_hr_in_{index}"
+    con.register(source, data)
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {work.changes} AS SELECT {', '.join(parts)} "
+            f"FROM {source} c JOIN {TX_TABLE} tx ON tx.{LSN} = c.{LSN} ORDER BY c.{SEQ}"
+        )
+    finally:
+        con.unregister(source)
+    row = con.execute(
+        f"""SELECT count(*), max({LSN}), max({COMMIT_TS}),
+                   max({SEQ}) FILTER (WHERE {OP} = 'T'),
+                   count(*) FILTER (WHERE {OP} = 'U'),
+                   count(*) FILTER (WHERE {OP} = 'D'),
+                   count(*) FILTER (WHERE len({TOAST}) > 0)
+            FROM {work.changes}"""
+    ).fetchall()[0]
+    work.num_changes = int(row[0])  # type: ignore[call-overload]
+    work.last_lsn = int(row[1] or 0)  # type: ignore[call-overload]
+    work.last_commit_ts = row[2]  # type: ignore[assignment]
+    work.truncated_at = None if row[3] is None else int(row[3])  # type: ignore[call-overload]
+    work.updates, work.deletes, work.toasted = int(row[4]), int(row[5]), int(row[6])  # type: ignore[call-overload]
+    return work
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _key_match(model: TableModel, left: str, left_cols: list[str], right: str) -> str:
+    return " AND ".join(
+        f"{left}.{lc} = {right}.{quote_ident(k)}"
+        for lc, k in zip(left_cols, model.key, strict=True)
+    )
+
+
+def compute_prev(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """``_hr_p_i``: for each update/delete, the batch's previous version of its row (or NULL)."""
+    model, c = work.model, work.changes
+    old = [old_key(j) for j in range(len(model.key))]
+    new = [quote_ident(k) for k in model.key]
+    condition = " AND ".join(f"p.{n} = u.{o}" for n, o in zip(new, old, strict=True))
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {work.prev} AS
+        SELECT u.{SEQ}, p.{SEQ} AS _hr_prev
+        FROM (SELECT {SEQ}, {", ".join(old)} FROM {c} WHERE {OP} IN ('U', 'D')) u
+        ASOF LEFT JOIN (SELECT {SEQ}, {", ".join(new)} FROM {c} WHERE {OP} IN ('I', 'U')) p
+          ON {condition} AND u.{SEQ} > p.{SEQ}"""
+    )
+    work.has_prev = True
+
+
+def needs_prev(work: TableWork) -> bool:
+    model = work.model
+    return (
+        work.toasted > 0
+        or (model.commit_time and work.updates > 0)
+        or (model.config.history and model.config.mirror and work.deletes > 0)
+    )
+
+
+def fill_inherited(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """Fill unchanged TOAST values and inherited event times from each row's previous version."""
+    model = work.model
+    if not model.config.mirror:
+        return
+    if needs_prev(work) and not work.has_prev:
+        compute_prev(con, work)
+    if work.toasted:
+        rows = con.execute(
+            f"SELECT DISTINCT unnest({TOAST}) FROM {work.changes} WHERE len({TOAST}) > 0"
+        ).fetchall()
+        for (name,) in rows:
+            if model.column(str(name)) is None:
+                continue
+            provides = (
+                f"({{a}}.{OP} = 'I' OR {{a}}.{TOAST} IS NULL "
+                f"OR NOT list_contains({{a}}.{TOAST}, {_literal(str(name))}))"
+            )
+            _inherit(con, work, quote_ident(str(name)), provides)
+    if model.commit_time and work.updates:
+        _inherit(con, work, EVENT_TS, f"({{a}}.{OP} = 'I')")
+
+
+def _inherit(con: duckdb.DuckDBPyConnection, work: TableWork, column: str, provides: str) -> None:
+    """Set ``column`` of every non-providing version to the value of its chain's provider.
+
+    ``provides`` is SQL with ``{a}`` standing for the change's alias: true
+    when the change carries its own value of ``column``.
+    """
+    model, c = work.model, work.changes
+    own = provides.format(a="c")
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _hr_fa AS
+        SELECT c.{SEQ} AS seq,
+               CASE WHEN {own} OR p._hr_prev IS NULL THEN c.{SEQ} ELSE p._hr_prev END AS ptr,
+               ({own} OR p._hr_prev IS NULL) AS done
+        FROM {c} c LEFT JOIN {work.prev} p ON p.{SEQ} = c.{SEQ}
+        WHERE c.{OP} IN ('I', 'U')"""
+    )
+    current, other = "_hr_fa", "_hr_fb"
+    while con.execute(f"SELECT count(*) FROM {current} WHERE NOT done").fetchall()[0][0]:
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE {other} AS
+            SELECT a.seq, CASE WHEN a.done THEN a.ptr ELSE b.ptr END AS ptr,
+                   CASE WHEN a.done THEN true ELSE b.done END AS done
+            FROM {current} a LEFT JOIN {current} b ON b.seq = a.ptr"""
+        )
+        current, other = other, current
+    olds = [old_key(j) for j in range(len(model.key))]
+    con.execute(
+        f"""UPDATE {c} SET {column} = s.v FROM (
+            SELECT f.seq, CASE WHEN {provides.format(a="t")} THEN t.{column} ELSE m.{column} END AS v
+            FROM {current} f
+            JOIN {c} self ON self.{SEQ} = f.seq
+            JOIN {c} t ON t.{SEQ} = f.ptr
+            LEFT JOIN {model.mirror} m ON {_key_match(model, "t", olds, "m")}
+            WHERE NOT {provides.format(a="self")}
+        ) s WHERE {c}.{SEQ} = s.seq"""
+    )
+    con.execute(f"DROP TABLE IF EXISTS {other}")
+    con.execute(f"DROP TABLE IF EXISTS {current}")
+
+
+def compute_net(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """Create the touched keys, start rows and end rows of a mirrored table."""
+    model, c = work.model, work.changes
+    keys = [quote_ident(k) for k in model.key]
+    olds = [old_key(j) for j in range(len(model.key))]
+    after = f" AND {SEQ} > {work.truncated_at}" if work.truncated_at is not None else ""
+    old_as_key = ", ".join(f"{o} AS {k}" for o, k in zip(olds, keys, strict=True))
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {work.keys} AS
+        SELECT {", ".join(keys)}, max({SEQ} * 2 + _hr_side) AS _hr_last FROM (
+            SELECT {old_as_key}, {SEQ}, 0 AS _hr_side FROM {c} WHERE {OP} IN ('U', 'D'){after}
+            UNION ALL
+            SELECT {", ".join(keys)}, {SEQ}, 1 AS _hr_side FROM {c} WHERE {OP} IN ('I', 'U'){after}
+        ) WHERE {" AND ".join(f"{k} IS NOT NULL" for k in keys)}
+        GROUP BY {", ".join(keys)}"""
+    )
+    columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
+        SELECT {columns}, {SEQ} FROM {c}
+        WHERE {OP} IN ('I', 'U') AND {SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})"""
+    )
+    if work.truncated_at is not None:
+        source = f"SELECT * FROM {model.mirror}"
+    else:
+        on = " AND ".join(f"m.{k} = k.{k}" for k in keys)
+        source = f"SELECT m.* FROM {model.mirror} m SEMI JOIN {work.keys} k ON {on}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
+    counts = con.execute(
+        f"SELECT (SELECT count(*) FROM {work.start}), (SELECT count(*) FROM {work.end})"
+    ).fetchall()[0]
+    work.start_rows, work.end_rows = int(counts[0]), int(counts[1])  # type: ignore[call-overload]
+
+
+def drop_temp(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    for table in work.temp_tables():
+        con.execute(f"DROP TABLE IF EXISTS {table}")

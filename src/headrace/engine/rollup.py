@@ -1,0 +1,431 @@
+"""A rollup compiled against its table: the SQL that builds, maintains and serves it.
+
+Everything a rollup does is one of these statements, run by the engine in
+the batch's transaction:
+
+- :meth:`RollupPlan.projection`: rows of the table (mirror, or a batch's
+  old/new row versions) → (bucket, dimension values, measure inputs);
+- :meth:`RollupPlan.net_sql`: old versions weighted -1 and new ones +1,
+  identical projections cancelled (an update that does not touch the
+  rollup's columns contributes nothing);
+- :meth:`RollupPlan.delta_sql` / :meth:`RollupPlan.merge_sql`: the per-group
+  delta merged into ``rollup.<name>__state`` (groups reaching 0 rows are
+  deleted), side tables likewise;
+- :meth:`RollupPlan.recompute_sql`: min/max of groups whose extreme was
+  retracted, recomputed from the mirror;
+- :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
+  GROUP BY), for creation, rebuild and the snapshot;
+- :meth:`RollupPlan.view_sql`: ``rollup.<name>_<grain>`` for each grain.
+
+Buckets are epoch-aligned in UTC: ``floor(epoch_us(t) / grain) * grain``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+
+import duckdb
+
+from headrace.engine.measures import (
+    HLL_PRECISION,
+    ApproxCountDistinct,
+    CountDistinct,
+    Extreme,
+    Measure,
+    MeasureInputs,
+    make_measure,
+    output_name,
+)
+from headrace.engine.tables import LookupColumn, TableModel
+from headrace.engine.types import is_integer
+from headrace.errors import ConfigError
+from headrace.pipeline.expressions import expression_columns
+from headrace.pipeline.model import COMMIT_TIME, MeasureFn, RollupConfig, quote_ident
+from headrace.source.changes import TableRef
+from headrace.store.duckdb.schema import (
+    EVENT_TS,
+    ROLLUP,
+    ROWS,
+    grain_label,
+    rollup_state,
+    rollup_view,
+)
+
+BUCKET = "bucket"
+
+
+def _us(grain: timedelta) -> int:
+    return int(grain.total_seconds()) * 1_000_000
+
+
+def bucket_sql(epoch_us: str, grain: timedelta) -> str:
+    """SQL flooring an epoch-microseconds expression to a bucket start (TIMESTAMPTZ, UTC)."""
+    g = _us(grain)
+    return f"make_timestamptz(({epoch_us}) - ((({epoch_us}) % {g}) + {g}) % {g})"
+
+
+def time_to_epoch_us(column_sql: str, duck_type: str) -> str:
+    """Epoch microseconds of a timestamp / timestamptz / date column (naive times are UTC)."""
+    if duck_type == "DATE":
+        return f"epoch_us(CAST({column_sql} AS TIMESTAMP))"
+    return f"epoch_us({column_sql})"
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """A dimension: its output name, its SQL over a row, its state column."""
+
+    name: str
+    sql: str
+    column: str
+
+
+def definition_json(config: RollupConfig, time_column: str) -> str:
+    """What identifies a rollup's state: a change means the state must be rebuilt."""
+    return json.dumps(
+        {"rollup": config.model_dump(mode="json"), "time": time_column}, sort_keys=True
+    )
+
+
+class RollupPlan:
+    """A :class:`RollupConfig` bound to its table's columns (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RollupConfig,
+        table: TableModel,
+        lookups: dict[str, LookupColumn],
+        con: duckdb.DuckDBPyConnection,
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.name = config.name
+        self.state = rollup_state(config.name)
+        time = config.time or table.config.event_time
+        if time == COMMIT_TIME:
+            self.time_column, time_type = EVENT_TS, "TIMESTAMPTZ"
+        else:
+            column = table.column(time)
+            if column is None or column.dropped:
+                raise ConfigError(
+                    f"rollup {self.name}: {table.name} has no column {time!r} for its time",
+                    "fix `time` (or the table's `event_time`) in the pipeline file",
+                )
+            self.time_column, time_type = time, column.duck_type
+        self.time_type = time_type
+        self.epoch_us = time_to_epoch_us(quote_ident(self.time_column), time_type)
+        self.definition = definition_json(config, self.time_column)
+
+        self.dimensions: list[Dimension] = []
+        self.lookup_deps: set[tuple[TableRef, str]] = set()
+        self.lookup_columns: list[str] = []
+        columns: set[str] = {time} if time != COMMIT_TIME else set()
+        for index, dim in enumerate(config.dimensions):
+            if dim.column is not None:
+                sql = quote_ident(dim.column)
+                columns.add(dim.column)
+            elif dim.expr is not None:
+                sql = f"({dim.expr})"
+                columns |= expression_columns(dim.expr)
+            else:
+                assert dim.lookup is not None
+                hidden = LookupColumn.column_name(dim.lookup)
+                if hidden not in lookups:
+                    raise ConfigError(
+                        f"rollup {self.name}: the looked-up table {dim.lookup.table} is unknown",
+                        "capture it under source.tables",
+                    )
+                sql = quote_ident(hidden)
+                columns |= set(dim.lookup.on)
+                self.lookup_deps.add((TableRef.parse(dim.lookup.table), dim.lookup.column))
+                self.lookup_columns.append(hidden)
+            self.dimensions.append(Dimension(dim.name, sql, f"_hr_d{index}"))
+
+        # Measure inputs, shared between measures reading the same value/filter.
+        self.input_sql: dict[str, str] = {}
+        inputs: list[MeasureInputs] = []
+        for measure in config.measures:
+            value = measure.value_sql
+            if measure.expr is not None:
+                columns |= expression_columns(measure.expr)
+            if measure.column is not None:
+                columns.add(measure.column)
+            if measure.where is not None:
+                columns |= expression_columns(measure.where)
+            value_name = self._input(value) if value is not None else None
+            where = f"coalesce(({measure.where}), false)" if measure.where is not None else None
+            filter_name = self._input(where) if where is not None else None
+            inputs.append(MeasureInputs(value_name, filter_name))
+        self.columns = columns
+        missing = sorted(c for c in columns if (col := table.column(c)) is None or col.dropped)
+        if missing:
+            raise ConfigError(
+                f"rollup {self.name}: {table.name} has no column(s) {', '.join(missing)}",
+                "fix the rollup's columns and expressions in the pipeline file",
+            )
+        types = self._bind(con)
+        self.dimension_types = [types[d.column] for d in self.dimensions]
+        self.measures: list[Measure] = []
+        for index, (measure, measure_inputs) in enumerate(
+            zip(config.measures, inputs, strict=True)
+        ):
+            value_type = types.get(measure_inputs.value) if measure_inputs.value else None
+            sum_type = None
+            if measure.fn in (MeasureFn.SUM, MeasureFn.AVG):
+                sum_type = self._sum_type(con, str(value_type), measure.name)
+            self.measures.append(make_measure(measure, index, measure_inputs, value_type, sum_type))
+
+    # ----------------------------------------------------------------- binding
+
+    def _input(self, sql: str) -> str:
+        for name, existing in self.input_sql.items():
+            if existing == sql:
+                return name
+        name = f"_hr_i{len(self.input_sql)}"
+        self.input_sql[name] = sql
+        return name
+
+    def _bind(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+        """Let DuckDB bind every expression against the mirror: types, or a ConfigError."""
+        try:
+            rows = con.execute(f"DESCRIBE {self.projection(self.table.mirror)}").fetchall()
+        except duckdb.Error as exc:
+            raise ConfigError(
+                f"rollup {self.name}: DuckDB rejects an expression: {str(exc).splitlines()[0]}",
+                "fix the rollup's expressions (DuckDB SQL over the table's columns)",
+            ) from exc
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def _sum_type(self, con: duckdb.DuckDBPyConnection, value_type: str, measure: str) -> str:
+        if is_integer(value_type):
+            return "HUGEINT"
+        try:
+            rows = con.execute(f"SELECT typeof(sum(CAST(NULL AS {value_type})))").fetchall()
+        except duckdb.Error as exc:
+            raise ConfigError(
+                f"rollup {self.name}: measure {measure} sums a {value_type}, which has no sum",
+                "sum a numeric column or expression",
+            ) from exc
+        return str(rows[0][0])
+
+    # -------------------------------------------------------------- structure
+
+    @property
+    def group_columns(self) -> list[str]:
+        return [BUCKET, *(d.column for d in self.dimensions)]
+
+    def match(self, left: str, right: str) -> str:
+        """Join condition on the group columns (NULL matches NULL)."""
+        return " AND ".join(
+            f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in self.group_columns
+        )
+
+    def side_tables(self) -> list[CountDistinct]:
+        return [m for m in self.measures if isinstance(m, CountDistinct)]
+
+    def extremes(self) -> list[Extreme]:
+        return [m for m in self.measures if isinstance(m, Extreme)]
+
+    def side_table(self, measure: CountDistinct) -> str:
+        assert measure.side_table is not None
+        return rollup_state(self.name, measure.side_table)
+
+    def owned_tables(self) -> list[str]:
+        return [self.state, *(self.side_table(m) for m in self.side_tables())]
+
+    def views(self) -> list[str]:
+        return [rollup_view(self.name, g) for g in self.config.grains]
+
+    def view_names(self) -> list[str]:
+        return [f"{ROLLUP}.{self.name}_{grain_label(g)}" for g in self.config.grains]
+
+    # -------------------------------------------------------------- projection
+
+    def projection(self, source: str, where: str | None = None) -> str:
+        """Rows of ``source`` (mirror-shaped) → bucket, dimension values, measure inputs."""
+        parts = [f"{bucket_sql(self.epoch_us, self.config.grain)} AS {BUCKET}"]
+        parts += [f"{d.sql} AS {d.column}" for d in self.dimensions]
+        parts += [f"{sql} AS {name}" for name, sql in self.input_sql.items()]
+        clause = f" WHERE {where}" if where else ""
+        return f"SELECT {', '.join(parts)} FROM {source}{clause}"
+
+    @staticmethod
+    def horizon_filter(horizon_param: bool) -> str | None:
+        return f"({BUCKET} >= ? OR {BUCKET} IS NULL)" if horizon_param else None
+
+    def net_sql(self, start: str, end: str, with_horizon: bool) -> str:
+        """Weighted, netted rows of a batch: ``-1`` per old version, ``+1`` per new one."""
+        keep = self.horizon_filter(with_horizon)
+        columns = ", ".join([*self.group_columns, *self.input_sql])
+        body = (
+            f"SELECT -1 AS _hr_w, * FROM ({self.projection(start)}) "
+            f"UNION ALL SELECT 1 AS _hr_w, * FROM ({self.projection(end)})"
+        )
+        where = f" WHERE {keep}" if keep else ""
+        return (
+            f"SELECT {columns}, sum(_hr_w) AS _hr_w FROM ({body}){where} "
+            f"GROUP BY ALL HAVING sum(_hr_w) <> 0"
+        )
+
+    def delta_sql(self, net: str) -> str:
+        """Per-group delta of the state table from netted rows."""
+        parts = [*self.group_columns, f"CAST(sum(_hr_w) AS BIGINT) AS {ROWS}"]
+        for measure in self.measures:
+            parts += [f"{expr} AS {name}" for name, expr in measure.delta()]
+        return f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
+
+    def flags_sql(self, delta: str) -> str | None:
+        """Groups whose min/max must be recomputed (their extreme was retracted)."""
+        conditions = [
+            c for m in self.extremes() if (c := m.recompute_condition("s", "d")) is not None
+        ]
+        if not conditions:
+            return None
+        groups = ", ".join(f"d.{c}" for c in self.group_columns)
+        return (
+            f"SELECT {groups} FROM {delta} d JOIN {self.state} s ON {self.match('s', 'd')} "
+            f"WHERE {' OR '.join(conditions)}"
+        )
+
+    def merge_sql(self, delta: str) -> str:
+        """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups."""
+        sets = [f"{ROWS} = s.{ROWS} + d.{ROWS}"]
+        for measure in self.measures:
+            sets += measure.merge("s", "d")
+        names = [*self.group_columns, ROWS]
+        values = [f"d.{c}" for c in names]
+        for measure in self.measures:
+            names += measure.state_parts()
+            values += measure.insert("d")
+        return (
+            f"MERGE INTO {self.state} s USING {delta} d ON {self.match('s', 'd')} "
+            f"WHEN MATCHED AND s.{ROWS} + d.{ROWS} = 0 THEN DELETE "
+            f"WHEN MATCHED THEN UPDATE SET {', '.join(sets)} "
+            f"WHEN NOT MATCHED AND d.{ROWS} > 0 THEN INSERT ({', '.join(names)}) "
+            f"VALUES ({', '.join(values)})"
+        )
+
+    def recompute_sql(self, flags: str, time_range: bool) -> str:
+        """Recompute min/max of flagged groups from the (already updated) mirror."""
+        where = None
+        if time_range:
+            column = quote_ident(self.time_column)
+            where = f"{column} >= CAST(? AS {self.time_type}) AND {column} < CAST(? AS {self.time_type})"
+        groups = ", ".join(f"p.{c}" for c in self.group_columns)
+        aggregates = []
+        sets = []
+        for measure in self.extremes():
+            for part, build in zip(measure.state_parts(), measure.build(), strict=True):
+                aggregates.append(f"{build} AS {part}")
+                sets.append(f"{part} = r.{part}")
+        source = (
+            f"SELECT {groups}, {', '.join(aggregates)} FROM ({self.projection(self.table.mirror, where)}) p "
+            f"SEMI JOIN {flags} f ON {self.match('p', 'f')} GROUP BY {groups}"
+        )
+        return (
+            f"UPDATE {self.state} AS t SET {', '.join(sets)} FROM ({source}) r "
+            f"WHERE {self.match('t', 'r')}"
+        )
+
+    def side_delta_sql(self, measure: CountDistinct, net: str) -> str:
+        keys = measure.side_keys()
+        columns = [*self.group_columns, *(f"{sql} AS {name}" for name, sql in keys)]
+        condition = measure.condition()
+        where = f" WHERE {condition}" if condition else ""
+        return (
+            f"SELECT {', '.join(columns)}, CAST(sum(_hr_w) AS BIGINT) AS _hr_n FROM {net}{where} "
+            f"GROUP BY ALL HAVING sum(_hr_w) <> 0"
+        )
+
+    def side_merge_sql(self, measure: CountDistinct, delta: str) -> str:
+        table = self.side_table(measure)
+        keys = [name for name, _ in measure.side_keys()]
+        on = self.match("s", "d") + "".join(f" AND s.{k} = d.{k}" for k in keys)
+        names = [*self.group_columns, *keys, "_hr_n"]
+        return (
+            f"MERGE INTO {table} s USING {delta} d ON {on} "
+            f"WHEN MATCHED AND s._hr_n + d._hr_n = 0 THEN DELETE "
+            f"WHEN MATCHED THEN UPDATE SET _hr_n = s._hr_n + d._hr_n "
+            f"WHEN NOT MATCHED AND d._hr_n > 0 THEN INSERT ({', '.join(names)}) "
+            f"VALUES ({', '.join(f'd.{n}' for n in names)})"
+        )
+
+    # ------------------------------------------------------------------- build
+
+    def build_sql(self, with_horizon: bool) -> str:
+        """``CREATE TABLE`` of the whole state from the mirror."""
+        keep = self.horizon_filter(with_horizon)
+        parts = [*self.group_columns, f"CAST(count(*) AS BIGINT) AS {ROWS}"]
+        for measure in self.measures:
+            parts += [
+                f"{b} AS {p}" for p, b in zip(measure.state_parts(), measure.build(), strict=True)
+            ]
+        where = f" WHERE {keep}" if keep else ""
+        return (
+            f"CREATE TABLE {self.state} AS SELECT {', '.join(parts)} "
+            f"FROM ({self.projection(self.table.mirror)}){where} "
+            f"GROUP BY {', '.join(self.group_columns)}"
+        )
+
+    def side_build_sql(self, measure: CountDistinct, with_horizon: bool) -> str:
+        keys = measure.side_keys()
+        columns = [*self.group_columns, *(f"{sql} AS {name}" for name, sql in keys)]
+        conditions = [c for c in (measure.condition(), self.horizon_filter(with_horizon)) if c]
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return (
+            f"CREATE TABLE {self.side_table(measure)} AS SELECT {', '.join(columns)}, "
+            f"CAST(count(*) AS BIGINT) AS _hr_n FROM ({self.projection(self.table.mirror)}){where} "
+            f"GROUP BY ALL"
+        )
+
+    # ------------------------------------------------------------------- views
+
+    def view_sql(self, grain: timedelta) -> str:
+        """``CREATE OR REPLACE VIEW rollup.<name>_<grain>``: final values per bucket and dims."""
+        base = grain == self.config.grain
+        dims = [d.column for d in self.dimensions]
+        bucket = BUCKET if base else bucket_sql(f"epoch_us({BUCKET})", grain)
+        ctes = []
+        if base:
+            ctes.append(f"s AS (SELECT * FROM {self.state})")
+        else:
+            parts = [f"{bucket} AS {BUCKET}", *dims, f"sum({ROWS}) AS {ROWS}"]
+            for measure in self.measures:
+                parts += [
+                    f"{agg} AS {part}"
+                    for part, agg in zip(measure.state_parts(), measure.coarse(), strict=True)
+                ]
+            ctes.append(f"s AS (SELECT {', '.join(parts)} FROM {self.state} GROUP BY ALL)")
+        joins = []
+        for measure in self.side_tables():
+            alias = f"x{measure.index}"
+            group = [f"{bucket} AS {BUCKET}", *dims]
+            table = self.side_table(measure)
+            if isinstance(measure, ApproxCountDistinct):
+                registers = (
+                    f"SELECT {', '.join(group)}, _hr_reg, max(_hr_rank) AS _hr_rank "
+                    f"FROM {table} GROUP BY ALL"
+                )
+                zeros = f"({1 << HLL_PRECISION} - count(*))"
+                estimate = measure.estimate("sum(pow(2.0, -_hr_rank))", zeros)
+                ctes.append(
+                    f"{alias} AS (SELECT {', '.join([BUCKET, *dims])}, {estimate} AS {measure.part('d')} "
+                    f"FROM ({registers}) GROUP BY ALL)"
+                )
+            else:
+                ctes.append(
+                    f"{alias} AS (SELECT {', '.join(group)}, {measure.side_result()} "
+                    f"FROM {table} GROUP BY ALL)"
+                )
+            joins.append(f"LEFT JOIN {alias} ON {self.match('s', alias)}")
+        outputs = [f"s.{BUCKET} AS {BUCKET}"]
+        outputs += [f"s.{d.column} AS {output_name(d.name)}" for d in self.dimensions]
+        for measure in self.measures:
+            state = f"x{measure.index}" if isinstance(measure, CountDistinct) else "s"
+            outputs.append(f"{measure.final(state)} AS {output_name(measure.name)}")
+        return (
+            f"CREATE OR REPLACE VIEW {rollup_view(self.name, grain)} AS "
+            f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM s {' '.join(joins)}"
+        )

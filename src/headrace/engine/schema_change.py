@@ -1,0 +1,145 @@
+"""Schema changes of a source table while running: what changed and how the store follows.
+
+=========================  ===============================================
+change in PostgreSQL       what the store does
+=========================  ===============================================
+column added               ``ALTER TABLE … ADD COLUMN`` in mirror and
+                           history (NULL for older rows)
+column dropped             kept, NULL from then on; rollups that need it
+                           are paused (the others continue)
+column widened             ``ALTER COLUMN … TYPE`` in place (larger
+                           integer, float4 → float8, numeric with more
+                           precision and the same scale, varchar(n) → text);
+                           rollups that read it are rebuilt
+anything else (a type      the table's changes go to
+narrowed or changed, a     ``headrace.dead_letters`` (with LSN and reason)
+new primary key)           from that change on; its rollups are paused
+=========================  ===============================================
+
+Every change is recorded as a new version in ``headrace.schema_versions``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+
+from headrace.engine.tables import KnownColumn, TableModel
+from headrace.engine.types import duckdb_type, is_widening
+from headrace.pipeline.model import quote_ident
+from headrace.source.changes import Column, TableSchema
+
+
+@dataclass
+class SchemaChange:
+    """The difference between what the store holds for a table and a new source schema."""
+
+    added: list[Column] = field(default_factory=list)
+    revived: list[Column] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    widened: list[tuple[str, str, str]] = field(default_factory=list)
+    relabelled: list[tuple[str, str, str]] = field(default_factory=list)
+    incompatible: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (
+            self.added
+            or self.revived
+            or self.dropped
+            or self.widened
+            or self.relabelled
+            or self.incompatible
+        )
+
+    def describe(self) -> str:
+        parts = []
+        parts += [f"added {c.name} {c.type_name}" for c in self.added]
+        parts += [f"re-added {c.name} {c.type_name}" for c in self.revived]
+        parts += [f"dropped {name}" for name in self.dropped]
+        parts += [f"widened {n} {old} -> {new}" for n, old, new in self.widened]
+        parts += [f"retyped {n} {old} -> {new} (same storage)" for n, old, new in self.relabelled]
+        parts += self.incompatible
+        return "; ".join(parts)
+
+
+def same_schema(model: TableModel, schema: TableSchema) -> bool:
+    """Fast check: the source sends exactly the columns last seen."""
+    return model.source_columns == schema.columns
+
+
+def diff_schema(model: TableModel, schema: TableSchema) -> SchemaChange:
+    """Classify how ``schema`` differs from the table's known columns."""
+    change = SchemaChange()
+    incoming = {c.name: c for c in schema.columns}
+    new_key = tuple(model.config.primary_key) if model.config.primary_key else schema.key_columns
+    if new_key != model.key:
+        change.incompatible.append(
+            f"the key changed from ({', '.join(model.key)}) to ({', '.join(new_key)})"
+        )
+    for column in schema.columns:
+        known = model.column(column.name)
+        new_type = duckdb_type(column.arrow_type)
+        if known is None:
+            change.added.append(column)
+            continue
+        if known.duck_type != new_type:
+            if is_widening(known.duck_type, new_type):
+                change.widened.append((column.name, known.duck_type, new_type))
+            else:
+                change.incompatible.append(
+                    f"column {column.name} changed type from {known.type_name} "
+                    f"({known.duck_type}) to {column.type_name} ({new_type}), which is not a "
+                    f"widening"
+                )
+                continue
+        elif known.type_name != column.type_name and not known.dropped:
+            change.relabelled.append((column.name, known.type_name, column.type_name))
+        if known.dropped:
+            change.revived.append(column)
+    for known in model.live_columns:
+        if known.name not in incoming:
+            if known.name in model.key:
+                change.incompatible.append(f"key column {known.name} was dropped")
+            else:
+                change.dropped.append(known.name)
+    return change
+
+
+def apply_schema_change(
+    con: duckdb.DuckDBPyConnection,
+    model: TableModel,
+    schema: TableSchema,
+    change: SchemaChange,
+    lsn: int | None,
+) -> None:
+    """Alter mirror and history to follow a compatible change, and record the new version."""
+    tables = []
+    if model.config.mirror:
+        tables.append(model.mirror)
+    if model.config.history:
+        tables.append(model.history)
+    for column in change.added:
+        duck_type = duckdb_type(column.arrow_type)
+        for table in tables:
+            con.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(column.name)} {duck_type}")
+        model.columns.append(
+            KnownColumn(column.name, duck_type, column.type_name, is_key=column.name in model.key)
+        )
+    for name, _old, new in change.widened:
+        for table in tables:
+            con.execute(f"ALTER TABLE {table} ALTER COLUMN {quote_ident(name)} TYPE {new}")
+        known = model.column(name)
+        assert known is not None
+        known.duck_type = new
+    incoming = {c.name: c for c in schema.columns}
+    for known in model.columns:
+        if known.name in incoming:
+            known.dropped = False
+            known.type_name = incoming[known.name].type_name
+        elif known.name in change.dropped:
+            known.dropped = True
+    model.source_columns = schema.columns
+    model.version += 1
+    model.record_version(con, lsn, change.describe())

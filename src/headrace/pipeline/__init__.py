@@ -1,0 +1,1 @@
+"""The pipeline definition: ``headrace.yaml`` as typed models, loading and validation."""

@@ -1,0 +1,304 @@
+"""The pipeline definition users write in ``headrace.yaml``, as typed models.
+
+Every field carries its documentation (``Field(description=...)``); the
+models forbid unknown keys so a typo is an error, not a silently ignored
+setting. Loading and the checks that span several fields live in
+:mod:`headrace.pipeline.load`.
+
+A minimal file::
+
+    source:
+      dsn_env: HEADRACE_DSN
+      tables:
+        accounts: {}
+        transactions:
+          event_time: created_at
+    rollups:
+      - name: tx_volume
+        table: transactions
+        grain: 5m
+        coarser: [1h, 1d]
+        dimensions:
+          - status
+          - name: tier
+            lookup: {table: accounts, on: account_id, column: tier}
+        measures:
+          - {name: tx_count, fn: count}
+          - {name: volume, fn: sum, column: amount}
+          - {name: declined, fn: count, where: "status = 'declined'"}
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from enum import StrEnum
+from functools import cached_property
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from headrace.pipeline.durations import Duration
+from headrace.source.changes import TableRef
+
+COMMIT_TIME = "commit"
+"""``event_time: commit`` (the default): a row's event time is its insert's commit time."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TableConfig(_Model):
+    """What headrace keeps for one source table."""
+
+    primary_key: list[str] | None = Field(
+        default=None,
+        description=(
+            "Columns identifying a row. When absent, read from the PostgreSQL catalog "
+            "(the table's primary key / replica identity)."
+        ),
+    )
+    event_time: str = Field(
+        default=COMMIT_TIME,
+        description=(
+            "Column holding the row's event time (timestamp, timestamptz or date), used by "
+            "rollups that do not name their own time column. `commit` (the default) uses the "
+            "commit time of the transaction that inserted the row, kept through updates; rows "
+            "copied by the initial snapshot take the snapshot's time."
+        ),
+    )
+    mirror: bool = Field(
+        default=True,
+        description=(
+            "Keep the table's current rows in `mirror.<table>`. Rollups and looked-up "
+            "dimensions need it (updates and deletes retract the old row read from the mirror)."
+        ),
+    )
+    history: bool = Field(
+        default=False,
+        description="Append every change (insert, update, delete, truncate) to `history.<table>`.",
+    )
+    retention: Duration | None = Field(
+        default=None,
+        description="Drop history rows whose commit time is older than this (e.g. `90d`).",
+    )
+
+
+def _plain_column(value: object) -> object:
+    """A dimension written as a bare string is a column of the rollup's table."""
+    if isinstance(value, str):
+        return {"name": value, "column": value}
+    return value
+
+
+class LookupConfig(_Model):
+    """A dimension read from another mirrored table (e.g. the account's tier).
+
+    The value is resolved when a row version of the rollup's table is applied
+    (insert or update), against the looked-up table as of that change in
+    commit order, and recorded with the row: later changes of the looked-up
+    row do not move rows already counted; the row's next update picks up the
+    new value.
+    """
+
+    table: str = Field(description="The looked-up table (must be a mirrored source table).")
+    on: list[str] = Field(
+        description=(
+            "Columns of the rollup's table matched, in order, to the looked-up table's "
+            "primary key (one name or a list)."
+        ),
+    )
+    column: str = Field(description="Column of the looked-up table whose value is the dimension.")
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _on_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class DimensionConfig(_Model):
+    """One dimension of a rollup: exactly one of `column`, `expr`, `lookup`."""
+
+    name: str = Field(description="Name of the dimension column in the rollup views.")
+    column: str | None = Field(default=None, description="A column of the rollup's table.")
+    expr: str | None = Field(
+        default=None,
+        description=(
+            "A DuckDB SQL expression over the row's columns, e.g. `date_part('hour', created_at)`."
+        ),
+    )
+    lookup: LookupConfig | None = Field(
+        default=None, description="A value looked up in another mirrored table."
+    )
+
+
+Dimension = Annotated[DimensionConfig, BeforeValidator(_plain_column)]
+
+
+class MeasureFn(StrEnum):
+    """The aggregate functions a rollup measure can use."""
+
+    COUNT = "count"
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+    AVG = "avg"
+    COUNT_DISTINCT = "count_distinct"
+    APPROX_COUNT_DISTINCT = "approx_count_distinct"
+
+
+class MeasureConfig(_Model):
+    """One measure of a rollup, e.g. ``{name: declined, fn: sum, column: amount, where: ...}``."""
+
+    name: str = Field(description="Name of the measure column in the rollup views.")
+    fn: MeasureFn = Field(
+        description=(
+            "count (rows, or non-NULL values of `column`/`expr`), sum, min, max, avg, "
+            "count_distinct (exact), approx_count_distinct (HyperLogLog, ~1.6% error)."
+        ),
+    )
+    column: str | None = Field(
+        default=None, description="The column aggregated (not needed for a row count)."
+    )
+    expr: str | None = Field(
+        default=None,
+        description="Instead of `column`: a DuckDB SQL expression over the row's columns.",
+    )
+    where: str | None = Field(
+        default=None,
+        description=(
+            "Only rows where this DuckDB SQL condition is true count, e.g. `status = 'declined'`."
+        ),
+    )
+
+    @property
+    def value_sql(self) -> str | None:
+        """The aggregated value as SQL (quoted column or the expression), if any."""
+        if self.column is not None:
+            return quote_ident(self.column)
+        return self.expr
+
+
+class RollupConfig(_Model):
+    """A time-bucketed aggregate over one table, maintained incrementally."""
+
+    name: str = Field(
+        description=(
+            "Identifier (lowercase letters, digits, _): the views are `rollup.<name>_<grain>`."
+        ),
+    )
+    table: str = Field(description="The source table aggregated (a key of `source.tables`).")
+    time: str | None = Field(
+        default=None,
+        description=(
+            "Column whose value places a row in a bucket (timestamp, timestamptz or date), or "
+            "`commit` when the table's `event_time` is `commit`. Default: the table's `event_time`."
+        ),
+    )
+    grain: Duration = Field(description="Bucket width of the maintained state, e.g. `5m`.")
+    coarser: list[Duration] = Field(
+        default_factory=list,
+        description=(
+            "Coarser grains served from the same state at query time, e.g. `[1h, 1d]`; "
+            "each a multiple of `grain`."
+        ),
+    )
+    dimensions: list[Dimension] = Field(
+        default_factory=list, description="Group-by dimensions besides the time bucket."
+    )
+    measures: list[MeasureConfig] = Field(
+        min_length=1, description="The aggregates computed per bucket and dimension values."
+    )
+    retention: Duration | None = Field(
+        default=None,
+        description=(
+            "Drop buckets older than this (aligned to the coarsest grain); changes to rows in "
+            "dropped buckets are ignored from then on."
+        ),
+    )
+
+    @property
+    def grains(self) -> list[Duration]:
+        """The base grain followed by the coarser ones."""
+        return [self.grain, *self.coarser]
+
+
+class SourceConfig(_Model):
+    """The PostgreSQL database changes come from."""
+
+    name: str = Field(
+        default="postgres",
+        description="Name of this source in the store (`headrace.position.source`).",
+    )
+    dsn: str | None = Field(
+        default=None,
+        description="libpq connection string or URI, e.g. `postgresql://user@host/db`.",
+    )
+    dsn_env: str | None = Field(
+        default=None, description="Name of an environment variable holding the DSN."
+    )
+    publication: str = Field(default="headrace", description="Publication to create or use.")
+    slot: str = Field(default="headrace", description="Logical replication slot to create or use.")
+    tables: dict[str, TableConfig] = Field(
+        min_length=1,
+        description="Tables to capture, keyed by `schema.table` (or `table` for schema public).",
+    )
+
+    def resolved_dsn(self) -> str | None:
+        """The DSN, read from the environment when `dsn_env` is set."""
+        if self.dsn is not None:
+            return self.dsn
+        if self.dsn_env is not None:
+            return os.environ.get(self.dsn_env)
+        return None
+
+
+class StoreConfig(_Model):
+    """Where the analytical store lives."""
+
+    path: str = Field(
+        default="headrace.duckdb",
+        description="DuckDB database file (relative paths are relative to the config file).",
+    )
+    checkpoint_interval: Duration = Field(
+        default=timedelta(seconds=60),
+        description="Run CHECKPOINT at least this often while batches are applied.",
+    )
+    checkpoint_wal_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Run CHECKPOINT as soon as the write-ahead log grows beyond this many bytes.",
+    )
+
+
+class PipelineConfig(_Model):
+    """The whole ``headrace.yaml``."""
+
+    source: SourceConfig = Field(description="The PostgreSQL source.")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="The analytical store.")
+    rollups: list[RollupConfig] = Field(
+        default_factory=list, description="Time-bucketed aggregates maintained incrementally."
+    )
+
+    @cached_property
+    def table_refs(self) -> dict[TableRef, TableConfig]:
+        """The configured tables by reference (``public`` schema when none is written)."""
+        return {TableRef.parse(name): config for name, config in self.source.tables.items()}
+
+    def table(self, name: str) -> tuple[TableRef, TableConfig]:
+        """The configured table named ``name`` (``t`` or ``schema.t``)."""
+        ref = TableRef.parse(name)
+        return ref, self.table_refs[ref]
+
+    def rollup(self, name: str) -> RollupConfig:
+        """The rollup named ``name``."""
+        for rollup in self.rollups:
+            if rollup.name == name:
+                return rollup
+        raise KeyError(name)
+
+
+def quote_ident(name: str) -> str:
+    """Quote an SQL identifier for DuckDB (and PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,1 @@
+"""Analytical stores: the contract (:mod:`headrace.store.base`) and its backends."""

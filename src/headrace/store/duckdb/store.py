@@ -1,0 +1,278 @@
+"""The DuckDB store: one database file, one writer connection, cursors for readers.
+
+DuckDB rules this class follows (see NOTES.md): one read-write process per
+file; the writer thread owns :attr:`DuckDBStore.writer`; every other thread
+reads through its own :meth:`DuckDBStore.cursor`; every result is consumed
+(``.to_arrow_table()`` / ``.fetchall()``); CHECKPOINT runs periodically and
+as soon as the write-ahead log grows past a limit, so a long reader cannot
+let it grow without bound unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from headrace.errors import StoreError
+from headrace.store.base import DeadLetter, RollupStatus, Store, StoredPosition, TableStatus
+from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL
+
+log = logging.getLogger(__name__)
+
+
+class DuckDBStore(Store):
+    """A headrace store in one DuckDB file.
+
+    ``read_only`` opens an existing store for serving only (no other process
+    may have it open for writing).
+    """
+
+    format_version = FORMAT_VERSION
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        checkpoint_interval: timedelta = timedelta(seconds=60),
+        checkpoint_wal_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.read_only = read_only
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_wal_bytes = checkpoint_wal_bytes
+        self._lock = threading.Lock()
+        self._last_checkpoint = time.monotonic()
+        self._in_transaction = False
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as exc:
+            raise StoreError(
+                f"cannot open the DuckDB store {self.path}: {exc}",
+                "only one process may write a store: stop the other headrace process, "
+                "or check the path and its permissions",
+            ) from exc
+        self._con.execute("SET TimeZone = 'UTC'")
+        if not read_only:
+            self._create_layout()
+        self._check_format()
+
+    # ------------------------------------------------------------------ setup
+
+    def _create_layout(self) -> None:
+        with self.transaction() as con:
+            for statement in METADATA_DDL:
+                con.execute(statement)
+            con.execute(
+                f"INSERT INTO {META}.store_info VALUES ('format_version', ?) ON CONFLICT DO NOTHING",
+                [str(FORMAT_VERSION)],
+            )
+            con.execute(
+                f"INSERT INTO {META}.store_info VALUES ('created_at', ?) ON CONFLICT DO NOTHING",
+                [datetime.now().astimezone().isoformat()],
+            )
+
+    def _check_format(self) -> None:
+        try:
+            rows = self._con.sql(
+                f"SELECT value FROM {META}.store_info WHERE key = 'format_version'"
+            ).fetchall()
+        except duckdb.CatalogException as exc:
+            raise StoreError(
+                f"{self.path} is not a headrace store (no {META}.store_info table)",
+                "point --store at a file written by `headrace run`, or at a new path",
+            ) from exc
+        found = int(rows[0][0]) if rows else None
+        if found != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path} has store format version {found}, this headrace writes "
+                f"{FORMAT_VERSION}",
+                "use the headrace version that wrote it, or start a new store and re-snapshot",
+            )
+
+    # ------------------------------------------------------------- connections
+
+    @property
+    def writer(self) -> duckdb.DuckDBPyConnection:
+        """The writer connection: only the engine's thread uses it."""
+        return self._con
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new reader connection (cursor) for another thread; close it when done."""
+        cursor = self._con.cursor()
+        cursor.execute("SET TimeZone = 'UTC'")
+        return cursor
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """BEGIN … COMMIT on the writer; ROLLBACK (and re-raise) on any exception."""
+        if self.read_only:
+            raise StoreError(f"{self.path} is open read-only", "open it without read_only to write")
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        self._in_transaction = True
+        try:
+            yield con
+        except BaseException:
+            self._in_transaction = False
+            try:
+                con.execute("ROLLBACK")
+            except duckdb.Error:
+                log.exception("ROLLBACK failed")
+            raise
+        else:
+            self._in_transaction = False
+            con.execute("COMMIT")
+
+    # ---------------------------------------------------------------- position
+
+    @staticmethod
+    def write_position(
+        con: duckdb.DuckDBPyConnection, source: str, lsn: int, commit_ts: datetime | None
+    ) -> None:
+        """Record the source position (inside the batch's transaction)."""
+        con.execute(
+            f"""INSERT INTO {META}.position VALUES (?, ?, ?, now())
+            ON CONFLICT (source) DO UPDATE SET lsn = excluded.lsn,
+                commit_ts = coalesce(excluded.commit_ts, position.commit_ts),
+                updated_at = excluded.updated_at""",
+            [source, lsn, commit_ts],
+        )
+
+    def read_position(self, source: str) -> StoredPosition | None:
+        rows = self._reader_rows(
+            f"SELECT source, lsn, commit_ts, updated_at FROM {META}.position WHERE source = ?",
+            [source],
+        )
+        if not rows:
+            return None
+        src, lsn, commit_ts, updated_at = rows[0]
+        return StoredPosition(str(src), int(lsn), commit_ts, updated_at)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ status
+
+    def table_status(self) -> list[TableStatus]:
+        rows = self._reader_rows(
+            f"""SELECT table_name, mirror_table, rows, last_commit_ts, last_lsn, applied_at,
+                       schema_version, state, reason
+                FROM {META}.tables ORDER BY table_name"""
+        )
+        return [
+            TableStatus(
+                table_name=str(r[0]),
+                mirror_table=None if r[1] is None else str(r[1]),
+                rows=int(r[2]),  # type: ignore[call-overload]
+                last_commit_ts=r[3],  # type: ignore[arg-type]
+                last_lsn=None if r[4] is None else int(r[4]),  # type: ignore[call-overload]
+                applied_at=r[5],  # type: ignore[arg-type]
+                schema_version=int(r[6]),  # type: ignore[call-overload]
+                state=str(r[7]),
+                reason=None if r[8] is None else str(r[8]),
+            )
+            for r in rows
+        ]
+
+    def rollup_status(self) -> list[RollupStatus]:
+        rows = self._reader_rows(
+            f"""SELECT name, table_name, state, reason, updated_at, retained_from, views
+                FROM {META}.rollups ORDER BY name"""
+        )
+        return [
+            RollupStatus(
+                name=str(r[0]),
+                table_name=str(r[1]),
+                state=str(r[2]),
+                reason=None if r[3] is None else str(r[3]),
+                updated_at=r[4],  # type: ignore[arg-type]
+                retained_from=r[5],  # type: ignore[arg-type]
+                views=tuple(json.loads(str(r[6]))) if r[6] is not None else (),
+            )
+            for r in rows
+        ]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self._reader_rows(
+            f"""SELECT id, lsn, table_name, reason, payload, "at" FROM {META}.dead_letters
+                ORDER BY id DESC LIMIT ?""",
+            [limit],
+        )
+        return [
+            DeadLetter(
+                id=int(r[0]),  # type: ignore[call-overload]
+                lsn=int(r[1]) if r[1] is not None else 0,  # type: ignore[call-overload]
+                table_name=str(r[2]),
+                reason=str(r[3]),
+                payload=str(r[4]),
+                at=r[5],  # type: ignore[arg-type]
+            )
+            for r in rows
+        ]
+
+    def query(self, sql: str, params: Sequence[object] | None = None) -> pa.Table:
+        cursor = self.cursor()
+        try:
+            return cursor.sql(
+                sql, params=list(params) if params is not None else None
+            ).to_arrow_table()
+        finally:
+            cursor.close()
+
+    def _reader_rows(
+        self, sql: str, params: Sequence[object] | None = None
+    ) -> list[tuple[object, ...]]:
+        cursor = self.cursor()
+        try:
+            return cursor.execute(sql, list(params) if params is not None else None).fetchall()
+        finally:
+            cursor.close()
+
+    # -------------------------------------------------------------- checkpoint
+
+    def wal_bytes(self) -> int:
+        """Current size of the write-ahead log file (0 when there is none)."""
+        try:
+            return os.path.getsize(f"{self.path}.wal")
+        except OSError:
+            return 0
+
+    def maybe_checkpoint(self) -> bool:
+        """CHECKPOINT when the interval passed or the WAL is too big; True if it ran."""
+        due = time.monotonic() - self._last_checkpoint >= self.checkpoint_interval.total_seconds()
+        if due or self.wal_bytes() >= self.checkpoint_wal_bytes:
+            self.checkpoint()
+            return True
+        return False
+
+    def checkpoint(self) -> None:
+        if self.read_only:
+            return
+        started = time.monotonic()
+        wal = self.wal_bytes()
+        try:
+            self._con.execute("CHECKPOINT")
+        except duckdb.Error as exc:
+            # A checkpoint can be refused while another transaction holds
+            # changes; it is retried at the next opportunity.
+            log.warning("CHECKPOINT deferred: %s", exc)
+            return
+        self._last_checkpoint = time.monotonic()
+        log.debug("CHECKPOINT of %d WAL bytes took %.3f s", wal, self._last_checkpoint - started)
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                if not self.read_only:
+                    self.checkpoint()
+            finally:
+                self._con.close()

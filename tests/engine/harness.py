@@ -1,0 +1,227 @@
+"""A real pipeline for engine tests: PostgreSQL → pgoutput slot → batcher → engine → DuckDB.
+
+Changes are read from a logical slot with ``pg_logical_slot_get_binary_changes``
+(the bytes a walsender would send), fed to the real :class:`Batcher`, cut
+into batches at chosen transaction boundaries and applied by the engine.
+The expected results are computed by PostgreSQL itself, from the same data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from headrace.engine.engine import Engine
+from headrace.engine.results import AppliedBatch
+from headrace.pipeline.load import parse_pipeline
+from headrace.pipeline.model import MeasureFn, PipelineConfig, RollupConfig
+from headrace.source.changes import ChangeBatch
+from headrace.source.postgres.batcher import Batcher
+from headrace.store.duckdb.schema import grain_label
+from headrace.store.duckdb.store import DuckDBStore
+from tests.conftest import PgDatabase
+from tests.source.pgoutput_slot import LogicalSlot, select
+
+COMMIT = ord("C")
+
+
+@dataclass
+class Harness:
+    """One pipeline under test."""
+
+    db: PgDatabase
+    config: PipelineConfig
+    store_path: Path
+    slot: LogicalSlot
+    batcher: Batcher
+    store: DuckDBStore = field(init=False)
+    engine: Engine = field(init=False)
+    applied: list[AppliedBatch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.open()
+
+    def open(self) -> None:
+        self.store = DuckDBStore(self.store_path)
+        self.engine = Engine(self.config, self.store)
+
+    def reopen(self) -> None:
+        self.store.close()
+        self.open()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def execute(self, *statements: str) -> None:
+        """Run statements in PostgreSQL, each in its own transaction."""
+        for statement in statements:
+            self.db.execute(statement)
+
+    def transaction(self, *statements: str) -> None:
+        """Run statements in PostgreSQL in one transaction."""
+        with self.db.connect(autocommit=False) as conn:
+            for statement in statements:
+                conn.execute(statement.encode())
+            conn.commit()
+
+    def batches(self, cut: Callable[[], bool] | None = None) -> list[ChangeBatch]:
+        """Drain the slot into batches, cutting after a commit whenever ``cut()`` says so."""
+        out: list[ChangeBatch] = []
+        for lsn, payload in self.slot.changes():
+            self.batcher.feed(lsn, payload)
+            if payload[:1] == bytes([COMMIT]) and cut is not None and cut():
+                batch = self.batcher.take()
+                if batch is not None:
+                    out.append(batch)
+        batch = self.batcher.take()
+        if batch is not None:
+            out.append(batch)
+        return out
+
+    def sync(self, cut: Callable[[], bool] | None = None) -> list[AppliedBatch]:
+        """Apply everything committed in PostgreSQL so far."""
+        applied = [self.engine.apply(batch) for batch in self.batches(cut)]
+        self.applied.extend(applied)
+        return applied
+
+    # ---------------------------------------------------------- comparisons
+
+    def pg(self, query: str) -> list[tuple[object, ...]]:
+        return select(self.db, query)
+
+    def duck(self, query: str) -> list[tuple[object, ...]]:
+        cursor = self.store.cursor()
+        try:
+            return cursor.execute(query).fetchall()
+        finally:
+            cursor.close()
+
+    def assert_mirror(self, table: str, columns: Sequence[str]) -> None:
+        cols = ", ".join(f'"{c}"' for c in columns)
+        expected = normalized(self.pg(f"SELECT {cols} FROM {table}"))
+        got = normalized(self.duck(f"SELECT {cols} FROM mirror.{table}"))
+        assert got == expected, diff_message(f"mirror.{table}", expected, got)
+
+    def assert_rollup(
+        self, name: str, source: str | None = None, lookups: dict[str, str] | None = None
+    ) -> None:
+        """Every grain of rollup ``name`` equals the same GROUP BY on PostgreSQL.
+
+        ``source`` is the PostgreSQL FROM clause (default: the rollup's table);
+        ``lookups`` maps looked-up dimension names to SQL over it.
+        """
+        rollup = self.config.rollup(name)
+        for grain in rollup.grains:
+            view = f"rollup.{name}_{grain_label(grain)}"
+            pg_sql, approx = reference_sql(rollup, grain.total_seconds(), source, lookups or {})
+            expected = normalized(self.pg(pg_sql), approx)
+            got = normalized(self.duck(f"SELECT * FROM {view}"), approx)
+            assert_rows_close(view, expected, got, approx)
+
+
+def make_harness(
+    db: PgDatabase, tmp_path: Path, yaml_text: str, *, publication: str = "p"
+) -> Harness:
+    """A pipeline on an already created schema: publication + slot + store + engine."""
+    config = parse_pipeline(yaml_text.replace("DSN", db.dsn))
+    slot = LogicalSlot(db, slot=f"s_{publication}", publication=publication)
+    tables = ", ".join(config.source.tables)
+    slot.create(f"TABLE {tables}")
+    batcher = Batcher(slot.registry())
+    return Harness(db, config, tmp_path / "store.duckdb", slot, batcher)
+
+
+# ------------------------------------------------------------------ reference
+
+
+def reference_sql(
+    rollup: RollupConfig, grain_seconds: float, source: str | None, lookups: dict[str, str]
+) -> tuple[str, set[int]]:
+    """PostgreSQL SQL computing a rollup view from scratch; indexes of approximate columns."""
+    time = rollup.time or "ts"
+    g = int(grain_seconds)
+    bucket = f"to_timestamp(floor(extract(epoch from {time}) / {g}) * {g})"
+    dims = []
+    for dim in rollup.dimensions:
+        if dim.column is not None:
+            dims.append(f'"{dim.column}"')
+        elif dim.expr is not None:
+            dims.append(f"({dim.expr})")
+        else:
+            dims.append(lookups[dim.name])
+    measures = []
+    approx: set[int] = set()
+    for index, measure in enumerate(rollup.measures):
+        value = measure.value_sql
+        where = f" FILTER (WHERE {measure.where})" if measure.where else ""
+        fn = measure.fn
+        if fn is MeasureFn.COUNT:
+            measures.append(f"count({value or '*'}){where}")
+        elif fn is MeasureFn.COUNT_DISTINCT or fn is MeasureFn.APPROX_COUNT_DISTINCT:
+            measures.append(f"count(DISTINCT {value}){where}")
+            if fn is MeasureFn.APPROX_COUNT_DISTINCT:
+                approx.add(1 + len(dims) + index)
+        else:
+            measures.append(f"{fn.value}({value}){where}")
+    groups = ", ".join(str(i) for i in range(1, len(dims) + 2))
+    select_list = ", ".join([bucket, *dims, *measures])
+    return f"SELECT {select_list} FROM {source or rollup.table} GROUP BY {groups}", approx
+
+
+def _norm(value: object) -> object:
+    if isinstance(value, Decimal):
+        return value.normalize() if value == value.to_integral_value() else value.normalize()
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return value
+
+
+def normalized(
+    rows: Sequence[Sequence[object]], approx: set[int] | None = None
+) -> list[tuple[Any, ...]]:
+    """Rows with comparable values (exact decimals, rounded floats), sorted."""
+    out = []
+    for row in rows:
+        values = []
+        for index, value in enumerate(row):
+            if isinstance(value, Decimal) and approx is not None and index >= 0:
+                value = float(value) if _is_avg_like(value) else value
+            values.append(_norm(value))
+        out.append(tuple(values))
+    return sorted(out, key=lambda r: tuple((v is None, str(type(v)), str(v)) for v in r))
+
+
+def _is_avg_like(value: Decimal) -> bool:
+    exponent = value.as_tuple().exponent
+    return isinstance(exponent, int) and exponent < -2
+
+
+def assert_rows_close(
+    what: str, expected: list[tuple[Any, ...]], got: list[tuple[Any, ...]], approx: set[int]
+) -> None:
+    assert len(got) == len(expected), diff_message(what, expected, got)
+    for want, have in zip(expected, got, strict=True):
+        for index, (a, b) in enumerate(zip(want, have, strict=True)):
+            if index in approx:
+                assert isinstance(a, int) and isinstance(b, int), (what, want, have)
+                assert abs(a - b) <= max(2, math.ceil(0.05 * a)), diff_message(what, expected, got)
+            elif isinstance(a, float | Decimal) or isinstance(b, float | Decimal):
+                assert a is not None and b is not None, diff_message(what, expected, got)
+                assert math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9), diff_message(
+                    what, expected, got
+                )
+            else:
+                assert a == b, diff_message(what, expected, got)
+
+
+def diff_message(what: str, expected: Sequence[object], got: Sequence[object]) -> str:
+    missing = [r for r in expected if r not in got]
+    extra = [r for r in got if r not in expected]
+    return f"{what} differs from PostgreSQL:\n  missing: {missing[:10]}\n  extra: {extra[:10]}"
