@@ -42,6 +42,7 @@ class Served:
         Closed when the test ends.
         """
         headers = {"Authorization": f"Bearer {self.tokens[role]}"} if role else {}
+        headers.update(kwargs.pop("headers", {}))
         client = httpx.Client(base_url=self.url, headers=headers, timeout=30, **kwargs)
         self.clients.append(client)
         return client
@@ -82,14 +83,37 @@ def add_users(settings: ServeSettings) -> dict[str, str]:
     return tokens
 
 
-@pytest.fixture
-def sample_store(tmp_path: Path) -> Iterator[tuple[EmbeddedStore, SampleWriter]]:
-    """A sample store with one committed batch and one alert."""
-    con = duckdb.connect(str(tmp_path / "store.duckdb"))
+def open_sample_store(path: Path) -> tuple[duckdb.DuckDBPyConnection, EmbeddedStore, SampleWriter]:
+    """A sample store with one committed batch of 40 transactions and one alert."""
+    con = duckdb.connect(str(path))
     create_sample_store(con)
     store = EmbeddedStore(con)
     writer = SampleWriter(store)
     writer.write(40, alert=True)
+    return con, store, writer
+
+
+def start_server(
+    store: EmbeddedStore, writer: SampleWriter, path: Path, **overrides: Any
+) -> Served:
+    """Create users (when auth is on) and start a server."""
+    settings = make_settings(path, **overrides)
+    tokens = add_users(settings) if settings.auth.enabled else {}
+    server = ServerThread(create_app(settings, store), settings).start()
+    return Served(server.url, store, writer, settings, server, tokens)
+
+
+def stop_server(served: Served) -> None:
+    """Close the test's clients, then stop the server."""
+    for client in served.clients:
+        client.close()
+    served.server.stop()
+
+
+@pytest.fixture
+def sample_store(tmp_path: Path) -> Iterator[tuple[EmbeddedStore, SampleWriter]]:
+    """A fresh sample store for one test."""
+    con, store, writer = open_sample_store(tmp_path / "store.duckdb")
     try:
         yield store, writer
     finally:
@@ -101,15 +125,11 @@ def sample_store(tmp_path: Path) -> Iterator[tuple[EmbeddedStore, SampleWriter]]
 def serve(
     tmp_path: Path, sample_store: tuple[EmbeddedStore, SampleWriter]
 ) -> Iterator[Callable[..., Served]]:
-    """Start a server over the sample store (settings overridable); stopped after the test."""
+    """Start a server over the test's own sample store (settings overridable)."""
     started: list[Served] = []
 
     def start(**overrides: Any) -> Served:
-        store, writer = sample_store
-        settings = make_settings(tmp_path / "store.duckdb", **overrides)
-        tokens = add_users(settings) if settings.auth.enabled else {}
-        server = ServerThread(create_app(settings, store), settings).start()
-        served = Served(server.url, store, writer, settings, server, tokens)
+        served = start_server(*sample_store, tmp_path / "store.duckdb", **overrides)
         started.append(served)
         return served
 
@@ -117,12 +137,29 @@ def serve(
         yield start
     finally:
         for served in started:
-            for client in served.clients:
-                client.close()
-            served.server.stop()
+            stop_server(served)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One server per test module (tests sharing it must tolerate each other's writes)."""
+    path = tmp_path_factory.mktemp("shared") / "store.duckdb"
+    con, store, writer = open_sample_store(path)
+    served = start_server(store, writer, path)
+    try:
+        yield served
+    finally:
+        stop_server(served)
+        writer.close()
+        con.close()
 
 
 @pytest.fixture
-def served(serve: Callable[..., Served]) -> Served:
-    """A server with default test settings."""
-    return serve()
+def served(shared_server: Served) -> Iterator[Served]:
+    """The module's shared server; the test's clients are closed after it."""
+    try:
+        yield shared_server
+    finally:
+        for client in shared_server.clients:
+            client.close()
+        shared_server.clients.clear()

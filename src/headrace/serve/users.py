@@ -107,8 +107,15 @@ class UserStore:
         self._con.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._hasher = PasswordHasher()
-        # Verifying against a dummy hash for unknown users keeps login timing even.
-        self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        self._dummy: str | None = None
+
+    @property
+    def _dummy_hash(self) -> str:
+        # Verifying unknown users against a dummy hash keeps login timing even; made
+        # on first use because hashing is slow on purpose.
+        if self._dummy is None:
+            self._dummy = self._hasher.hash(secrets.token_hex(16))
+        return self._dummy
 
     def close(self) -> None:
         """Close the file."""
