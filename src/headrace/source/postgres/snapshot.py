@@ -75,18 +75,21 @@ class SnapshotSettings:
     """When set, copy only the columns and rows the publication publishes
     (its column lists and row filters, PostgreSQL 15+), so snapshot rows look
     like streamed ones; every table must be in it."""
-    workers: int = 4
-    """Parallel copy connections (threads). Above the server's spare cores
-    it stops helping; 2-4 is right for small machines."""
-    chunk_rows: int = 65_536
+    workers: int = 2
+    """Parallel copy connections (threads). One thread receives at most
+    ~1.5-2M rows/s (the per-row receive holds the GIL) while parsing and
+    converting run outside it, so 2-3 keep both the client and a server
+    busy; more only add contention."""
+    chunk_rows: int = 131_072
     """Rows per :class:`SnapshotChunk` (at most; a chunk also closes at
     ``chunk_bytes``, and the last chunk of a range is smaller)."""
     chunk_bytes: int = 32 << 20
     """Bytes of COPY output per chunk at most, bounding memory for wide rows."""
-    range_pages: int = 4096
+    range_pages: int = 1024
     """Heap pages (8 kB) per CTID range; a larger table is split into ranges
-    copied in parallel. 0 copies every table whole."""
-    queue_chunks: int = 8
+    copied in parallel (small enough that the workers finish together).
+    0 copies every table whole."""
+    queue_chunks: int = 4
     """Converted chunks waiting for the consumer at most (backpressure)."""
     if_slot_exists: Literal["error", "replace"] = "error"
     """What to do when the slot already exists: ``error`` (the safe default:

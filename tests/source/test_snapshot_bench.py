@@ -1,0 +1,23 @@
+"""``headrace bench snapshot`` runs end to end (tiny size; timings are not checked)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from headrace.bench.snapshot import run
+
+
+def test_bench_snapshot_prints_rates_and_a_json_line() -> None:
+    out = io.StringIO()
+    result = run(3000, 2, unix=True, console=Console(file=out, width=200, highlight=False))
+    lines = out.getvalue().strip().splitlines()
+    last = json.loads(lines[-1])
+    assert last["rows"] == 3000
+    assert last["workers"] == 2
+    assert last["snapshot_rows_per_s"] > 0
+    assert last["ratio_vs_raw_parallel"] == result.ratio_vs_raw_parallel
+    assert {"raw_copy_one_rows_per_s", "raw_copy_parallel_rows_per_s", "meets_target"} <= set(last)
+    assert any("raw binary COPY, 1 connection" in line for line in lines)
