@@ -20,6 +20,7 @@ from decimal import Decimal
 import psycopg
 import pyarrow as pa
 
+from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, ChangeBatch, TableRef, old_name
 from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter, same_columns
@@ -249,3 +250,27 @@ def test_chunks_carry_the_slots_consistent_point(pg_db: PgDatabase) -> None:
     assert {c.consistent_point for c in chunks} == {(int(high, 16) << 32) | int(low, 16)}
     assert snapshotter.result.consistent_point == chunks[0].consistent_point
     assert pa.concat_tables(c.rows for c in chunks).num_rows == 2
+
+
+def test_exported_snapshot_outlives_wal_sender_timeout() -> None:
+    # The idle exporting walsender is in command mode: no timeout ends it,
+    # so a slow consumer (longer than wal_sender_timeout) still copies it all.
+    with ThrowawayPostgres(settings={"wal_sender_timeout": "1s"}) as cluster:
+        dsn = cluster.dsn("postgres", unix=True)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int8 PRIMARY KEY)")
+            conn.execute("INSERT INTO t SELECT generate_series(1, 3000)")
+        settings = SnapshotSettings(
+            dsn=dsn, tables=(TableRef.parse("t"),), slot="slow", chunk_rows=1000, queue_chunks=1
+        )
+        snapshotter = Snapshotter(settings)
+        ids = []
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            for chunk in snapshotter.chunks():
+                ids.extend(chunk.rows.column("id").to_pylist())
+                time.sleep(1.5)
+                (senders,) = watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
+                ).fetchall()
+                assert senders == (1,)  # the exporting connection is still there
+        assert sorted(ids) == list(range(1, 3001))
