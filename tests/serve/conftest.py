@@ -7,15 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 
 from headrace.serve.app import ServerThread, create_app
 from headrace.serve.sample import SampleWriter, create_sample_store, sample_dashboard
 from headrace.serve.settings import AuthSettings, LiveSettings, ServeSettings, SqlSettings
-from headrace.serve.store import EmbeddedStore
 from headrace.serve.users import Role, UserStore
+from headrace.store.duckdb.store import DuckDBStore
 
 PASSWORDS = {"admin": "admin-pass-1", "analyst": "analyst-pass-1", "viewer": "viewer-pass-1"}
 MASKS = {
@@ -29,7 +28,7 @@ class Served:
     """A running server over a sample store, with a user and token per role."""
 
     url: str
-    store: EmbeddedStore
+    store: DuckDBStore
     writer: SampleWriter
     settings: ServeSettings
     server: ServerThread
@@ -83,18 +82,17 @@ def add_users(settings: ServeSettings) -> dict[str, str]:
     return tokens
 
 
-def open_sample_store(path: Path) -> tuple[duckdb.DuckDBPyConnection, EmbeddedStore, SampleWriter]:
+def open_sample_store(path: Path) -> tuple[DuckDBStore, SampleWriter]:
     """A sample store with one committed batch of 40 transactions and one alert."""
-    con = duckdb.connect(str(path))
-    create_sample_store(con)
-    store = EmbeddedStore(con)
+    store = DuckDBStore(path)
+    create_sample_store(store)
     writer = SampleWriter(store)
     writer.write(40, alert=True)
-    return con, store, writer
+    return store, writer
 
 
 def start_server(
-    store: EmbeddedStore, writer: SampleWriter, path: Path, **overrides: Any
+    store: DuckDBStore, writer: SampleWriter, path: Path, **overrides: Any
 ) -> Served:
     """Create users (when auth is on) and start a server."""
     settings = make_settings(path, **overrides)
@@ -111,19 +109,18 @@ def stop_server(served: Served) -> None:
 
 
 @pytest.fixture
-def sample_store(tmp_path: Path) -> Iterator[tuple[EmbeddedStore, SampleWriter]]:
+def sample_store(tmp_path: Path) -> Iterator[tuple[DuckDBStore, SampleWriter]]:
     """A fresh sample store for one test."""
-    con, store, writer = open_sample_store(tmp_path / "store.duckdb")
+    store, writer = open_sample_store(tmp_path / "store.duckdb")
     try:
         yield store, writer
     finally:
-        writer.close()
-        con.close()
+        store.close()
 
 
 @pytest.fixture
 def serve(
-    tmp_path: Path, sample_store: tuple[EmbeddedStore, SampleWriter]
+    tmp_path: Path, sample_store: tuple[DuckDBStore, SampleWriter]
 ) -> Iterator[Callable[..., Served]]:
     """Start a server over the test's own sample store (settings overridable)."""
     started: list[Served] = []
@@ -144,14 +141,13 @@ def serve(
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One server per test module (tests sharing it must tolerate each other's writes)."""
     path = tmp_path_factory.mktemp("shared") / "store.duckdb"
-    con, store, writer = open_sample_store(path)
+    store, writer = open_sample_store(path)
     served = start_server(store, writer, path)
     try:
         yield served
     finally:
         stop_server(served)
-        writer.close()
-        con.close()
+        store.close()
 
 
 @pytest.fixture

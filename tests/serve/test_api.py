@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import httpx
 import pytest
 
@@ -17,6 +16,7 @@ from headrace.serve.app import ServerThread, create_app
 from headrace.serve.sample import create_sample_store
 from headrace.serve.settings import AuthSettings
 from headrace.serve.store import ReadOnlyStore
+from headrace.store.duckdb.store import DuckDBStore
 from tests.serve.conftest import PASSWORDS, Served, make_settings
 
 DUMMY = {"name": "payments", "dim": "currency", "tile": "volume_5m", "table": "transactions",
@@ -339,9 +339,9 @@ def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path, sample_s
 
 def test_serves_a_store_file_read_only(tmp_path: Path, serve: Callable[..., Served]) -> None:
     path = tmp_path / "ro.duckdb"
-    con = duckdb.connect(str(path))
-    create_sample_store(con)
-    con.close()
+    writable = DuckDBStore(path)
+    create_sample_store(writable)
+    writable.close()
     store = ReadOnlyStore(path, poll_s=0.1)
     settings = make_settings(path, auth=AuthSettings(enabled=False))
     server = ServerThread(create_app(settings, store), settings).start()

@@ -2,10 +2,10 @@
 
 Embedded mode (``headrace run --serve``)::
 
-    store = EmbeddedStore(engine_connection)       # engine calls store.committed() per batch
+    store = DuckDBStore(path)                      # the engine's store; publishes each commit
     server = ServerThread(create_app(settings, store), settings)
     server.start()                                 # uvicorn on its own thread and event loop
-    ...
+    ...                                            # engine.apply(batch) ... (writer thread)
     server.stop()
 
 Standalone (``headrace serve``): ``create_app(settings, ReadOnlyStore(path))``.
@@ -43,6 +43,7 @@ from headrace.serve.sqlrun import SqlRunner
 from headrace.serve.state import ServeState, state
 from headrace.serve.store import ServedStore, harden
 from headrace.serve.users import UserStore
+from headrace.store.duckdb.store import DuckDBStore
 
 _log = logging.getLogger(__name__)
 
@@ -122,11 +123,16 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": str(detail)}, status_code=status)
 
 
+def _harden(store: ServedStore, settings: ServeSettings) -> None:
+    # ReadOnlyStore is hardened (and locked) when it opens. The engine's DuckDBStore
+    # is hardened here, unlocked: its cursors SET TimeZone, which a lock would refuse.
+    if isinstance(store, DuckDBStore):
+        harden(store.writer, settings.sql.memory_limit, settings.sql.threads, lock=False)
+
+
 def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
     """The whole HTTP app over ``store`` (live or read-only)."""
-    connection = getattr(store, "connection", None)
-    if connection is not None:
-        harden(connection, settings.sql.memory_limit, settings.sql.threads)
+    _harden(store, settings)
     users = UserStore(settings.users_path) if settings.auth.enabled else None
     check_exposure(settings, users)
     metrics = ServeMetrics(store.cursor)

@@ -1,15 +1,17 @@
 """A small fintech-shaped store that follows STORE_LAYOUT.md, and a dashboard for it.
 
 Used by the serving tests, by ``headrace bench serve`` (which drives store
-versions by writing here at a given rate while the real pipeline is not
-wired in), and by ``headrace serve --sample`` to look at the UI. The writer
-commits one batch per call — mirror rows, history, an incrementally
-maintained rollup state table, position and per-table freshness in one DuckDB
-transaction, the way the engine does — then bumps the store's version.
+versions by writing here at a given rate while the PostgreSQL pipeline is not
+wired in), and by ``headrace serve --sample`` to look at the UI. It writes
+through the engine's :class:`DuckDBStore`: one batch per call — mirror rows,
+history, an incrementally maintained rollup state table, position and
+per-table freshness in one transaction, the way the engine does — then
+publishes the commit (version bump + listeners).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from datetime import UTC, datetime, timedelta
@@ -19,7 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from headrace.serve.store import EmbeddedStore
+from headrace.store.duckdb.store import DuckDBStore
 from headrace.serve.tiles import ChartType, Dashboard, Dimension, Drill, Tile
 
 DIMENSIONS: dict[str, tuple[str, ...]] = {
@@ -33,18 +35,6 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 }
 
 _DDL = """
-CREATE SCHEMA IF NOT EXISTS mirror;
-CREATE SCHEMA IF NOT EXISTS history;
-CREATE SCHEMA IF NOT EXISTS rollup;
-CREATE SCHEMA IF NOT EXISTS headrace;
-CREATE TABLE IF NOT EXISTS headrace.store_info (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS headrace.position (
-    source TEXT PRIMARY KEY, lsn UBIGINT, commit_ts TIMESTAMPTZ, updated_at TIMESTAMPTZ);
-CREATE TABLE IF NOT EXISTS headrace.tables (
-    table_name TEXT PRIMARY KEY, rows BIGINT, last_commit_ts TIMESTAMPTZ, last_lsn UBIGINT,
-    applied_at TIMESTAMPTZ, schema_version INTEGER);
-CREATE TABLE IF NOT EXISTS headrace.rollups (
-    name TEXT PRIMARY KEY, state TEXT, reason TEXT, definition JSON, updated_at TIMESTAMPTZ);
 CREATE TABLE IF NOT EXISTS headrace.alerts (
     id BIGINT PRIMARY KEY, rule TEXT, severity TEXT, account_id BIGINT, key TEXT,
     started_at TIMESTAMPTZ, detected_at TIMESTAMPTZ, payload JSON);
@@ -73,9 +63,9 @@ CREATE OR REPLACE VIEW rollup.tx_volume_5m AS
            tx_type, status, tx_count, volume, max_amount,
            CAST(volume / tx_count AS DECIMAL(18,2)) AS avg_amount
     FROM rollup.tx_volume__state;
-INSERT OR IGNORE INTO headrace.store_info VALUES ('format_version', '1');
-INSERT OR IGNORE INTO headrace.rollups VALUES
-    ('tx_volume', 'active', NULL, '{}', now());
+INSERT OR IGNORE INTO headrace.rollups (name, table_name, state, reason, definition, updated_at,
+    views) VALUES ('tx_volume', 'public.transactions', 'active', NULL, '{}', now(),
+    '["rollup.tx_volume_5m"]');
 """
 
 _TX_COLUMNS = (
@@ -86,8 +76,13 @@ _TX_COLUMNS = (
 _DIMS = ", ".join(DIMENSIONS)
 
 
-def create_sample_store(con: duckdb.DuckDBPyConnection, accounts: int = 50) -> None:
-    """Create the layout's tables and a few accounts (idempotent)."""
+def create_sample_store(store: DuckDBStore, accounts: int = 50) -> None:
+    """Create the sample tables and a few accounts in a store (idempotent)."""
+    with store.transaction() as con:
+        _fill(con, accounts)
+
+
+def _fill(con: duckdb.DuckDBPyConnection, accounts: int) -> None:
     con.execute(_DDL)
     rng = random.Random(7)
     now = datetime.now(UTC)
@@ -108,9 +103,9 @@ def create_sample_store(con: duckdb.DuckDBPyConnection, accounts: int = 50) -> N
 class SampleWriter:
     """Commits batches of synthetic transactions, as the engine would."""
 
-    def __init__(self, store: EmbeddedStore, *, seed: int = 1, accounts: int = 50) -> None:
+    def __init__(self, store: DuckDBStore, *, seed: int = 1, accounts: int = 50) -> None:
         self.store = store
-        self._con = store.connection.cursor()
+        self._con = store.writer
         self._rng = random.Random(seed)
         self._accounts = accounts
         row = self._con.execute(
@@ -163,58 +158,58 @@ class SampleWriter:
             con = self._con
             con.register("_hr_batch", data)
             try:
-                con.execute("BEGIN TRANSACTION")
-                cols = ", ".join(_TX_COLUMNS)
-                con.execute(
-                    f"INSERT INTO mirror.transactions SELECT {cols}, _hr_lsn FROM _hr_batch"
-                )
-                con.execute(
-                    "INSERT INTO history.transactions SELECT _hr_lsn, $ts, 1, "
-                    f"row_number() OVER (), 'I', {cols} FROM _hr_batch",
-                    {"ts": commit_ts},
-                )
-                con.execute(
-                    f"INSERT INTO rollup.tx_volume__state SELECT "
-                    f"time_bucket(INTERVAL 5 MINUTE, created_at) AS bucket, {_DIMS}, "
-                    "count(*), sum(amount), max(amount) FROM _hr_batch GROUP BY ALL "
-                    "ON CONFLICT DO UPDATE SET tx_count = tx_count + excluded.tx_count, "
-                    "volume = volume + excluded.volume, "
-                    "max_amount = greatest(max_amount, excluded.max_amount)"
-                )
-                if alert:
-                    con.execute(
-                        "INSERT INTO headrace.alerts VALUES ($id, 'velocity_burst', 'high', "
-                        "$account, $key, $ts, $ts, $payload)",
-                        {
-                            "id": self.next_alert,
-                            "account": rows[0]["account_id"],
-                            "key": f"acct-{rows[0]['account_id']}",
-                            "ts": commit_ts,
-                            "payload": '{"count": %d}' % count,
-                        },
-                    )
-                    self.next_alert += 1
-                con.execute(
-                    "INSERT OR REPLACE INTO headrace.position VALUES ('postgres', $lsn, $ts, now())",
-                    {"lsn": self.lsn, "ts": commit_ts},
-                )
-                con.execute(
-                    "INSERT OR REPLACE INTO headrace.tables SELECT 'public.transactions', "
-                    "(SELECT count(*) FROM mirror.transactions), $ts, $lsn, now(), 1",
-                    {"lsn": self.lsn, "ts": commit_ts},
-                )
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+                with self.store.transaction():
+                    self._apply(con, rows, commit_ts, alert)
             finally:
                 con.unregister("_hr_batch")
-        self.store.committed()
+        self.store.publish(self.lsn, commit_ts, ["public.transactions"], count)
         return rows
 
-    def close(self) -> None:
-        """Close the writer's cursor."""
-        self._con.close()
+    def _apply(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        rows: list[dict[str, Any]],
+        commit_ts: datetime,
+        alert: bool,
+    ) -> None:
+        cols = ", ".join(_TX_COLUMNS)
+        con.execute(f"INSERT INTO mirror.transactions SELECT {cols}, _hr_lsn FROM _hr_batch")
+        con.execute(
+            "INSERT INTO history.transactions SELECT _hr_lsn, $ts, 1, "
+            f"row_number() OVER (), 'I', {cols} FROM _hr_batch",
+            {"ts": commit_ts},
+        )
+        con.execute(
+            "INSERT INTO rollup.tx_volume__state SELECT "
+            f"time_bucket(INTERVAL 5 MINUTE, created_at) AS bucket, {_DIMS}, "
+            "count(*), sum(amount), max(amount) FROM _hr_batch GROUP BY ALL "
+            "ON CONFLICT DO UPDATE SET tx_count = tx_count + excluded.tx_count, "
+            "volume = volume + excluded.volume, "
+            "max_amount = greatest(max_amount, excluded.max_amount)"
+        )
+        if alert:
+            con.execute(
+                "INSERT INTO headrace.alerts VALUES ($id, 'velocity_burst', 'high', "
+                "$account, $key, $ts, $ts, $payload)",
+                {
+                    "id": self.next_alert,
+                    "account": rows[0]["account_id"],
+                    "key": f"acct-{rows[0]['account_id']}",
+                    "ts": commit_ts,
+                    "payload": json.dumps({"count": len(rows)}),
+                },
+            )
+            self.next_alert += 1
+        DuckDBStore.write_position(con, "postgres", self.lsn, commit_ts)
+        con.execute(
+            "INSERT INTO headrace.tables (table_name, mirror_table, rows, last_commit_ts, "
+            "last_lsn, applied_at, schema_version) SELECT 'public.transactions', "
+            "'mirror.transactions', (SELECT count(*) FROM mirror.transactions), $ts, $lsn, "
+            "now(), 1 ON CONFLICT (table_name) DO UPDATE SET rows = excluded.rows, "
+            "last_commit_ts = excluded.last_commit_ts, last_lsn = excluded.last_lsn, "
+            "applied_at = excluded.applied_at",
+            {"lsn": self.lsn, "ts": commit_ts},
+        )
 
 
 def sample_dashboard() -> Dashboard:

@@ -5,10 +5,9 @@ Two ways to get one:
 - :class:`ReadOnlyStore` (``headrace serve``): opens a store file read-only,
   hardened (no file/network/extension access, locked configuration), and polls
   ``headrace.position`` for a new version.
-- :class:`EmbeddedStore` (``headrace run --serve``): wraps the DuckDB
-  connection the engine writes through; the engine calls
-  :meth:`EmbeddedStore.committed` after each batch commit (or wire its own
-  listener API to it), which wakes the live broadcaster.
+- :class:`headrace.store.duckdb.store.DuckDBStore` (``headrace run --serve``):
+  the engine's live store; its ``subscribe`` fires after every committed batch
+  (a :class:`~headrace.store.base.CommitEvent`), which wakes the live broadcaster.
 
 Either way, readers take their own ``cursor()`` per thread and always consume
 results fully (DuckDB 2.0 streams them, and an open result owns its cursor).
@@ -21,13 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import duckdb
 
 from headrace.errors import StoreError
 
-Listener = Callable[[int], None]
+# Called with the new version (ReadOnlyStore) or a CommitEvent (DuckDBStore): the
+# serving layer only needs to know that something was committed.
+Listener = Callable[[Any], None]
 
 
 class ServedStore(Protocol):
@@ -43,7 +44,7 @@ class ServedStore(Protocol):
         ...
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener(version)`` (from any thread) after each new version; returns unsubscribe."""
+        """Call ``listener`` (from any thread) after each new version; returns unsubscribe."""
         ...
 
 
@@ -64,8 +65,10 @@ def read_position(cur: duckdb.DuckDBPyConnection) -> Position:
     return Position(rows[0][0], rows[0][1])
 
 
-def hardening_statements(memory_limit: str | None, threads: int | None) -> list[str]:
-    """SET statements that close a DuckDB instance to files, network and extensions, then lock it."""
+def hardening_statements(
+    memory_limit: str | None, threads: int | None, *, lock: bool = True
+) -> list[str]:
+    """SET statements closing a DuckDB instance to files, network and extensions (and locking)."""
     statements = [
         "SET enable_external_access = false",
         "SET autoinstall_known_extensions = false",
@@ -76,22 +79,31 @@ def hardening_statements(memory_limit: str | None, threads: int | None) -> list[
         statements.append(f"SET memory_limit = '{memory_limit.replace(chr(39), '')}'")
     if threads:
         statements.append(f"SET threads = {int(threads)}")
-    statements.append("SET lock_configuration = true")
+    if lock:
+        statements.append("SET lock_configuration = true")
     return statements
 
 
-def harden(con: duckdb.DuckDBPyConnection, memory_limit: str | None, threads: int | None) -> None:
-    """Harden a (shared) DuckDB instance; idempotent once locked.
+def harden(
+    con: duckdb.DuckDBPyConnection,
+    memory_limit: str | None,
+    threads: int | None,
+    *,
+    lock: bool = True,
+) -> None:
+    """Harden a (shared) DuckDB instance; a no-op once its configuration is locked.
 
     DuckDB settings are per instance, so in embedded mode this also applies to
     the engine: it must feed Arrow data through ``con.register()`` (replacement
-    scans of Python variables count as external access) and set its own
-    options before serving starts.
+    scans of Python variables count as external access). ``lock=False`` leaves
+    the configuration unlocked for stores whose cursors still SET session
+    options (DuckDBStore sets TimeZone per cursor); the SQL policy refuses SET
+    statements anyway, the lock is a second wall.
     """
     locked = con.execute("SELECT current_setting('lock_configuration')").fetchall()
     if locked and bool(locked[0][0]):
         return
-    for statement in hardening_statements(memory_limit, threads):
+    for statement in hardening_statements(memory_limit, threads, lock=lock):
         con.execute(statement)
 
 
@@ -118,42 +130,6 @@ class _Listeners:
             listener(version)
 
 
-class EmbeddedStore:
-    """A live store written in this process; the writer calls :meth:`committed`."""
-
-    def __init__(self, connection: duckdb.DuckDBPyConnection, version: int = 0) -> None:
-        self._con = connection
-        self._version = version
-        self._listeners = _Listeners()
-        self._lock = threading.Lock()
-
-    @property
-    def version(self) -> int:
-        """Count of committed batches seen."""
-        return self._version
-
-    @property
-    def connection(self) -> duckdb.DuckDBPyConnection:
-        """The underlying instance's connection (hardened by the app)."""
-        return self._con
-
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        """A new cursor on the shared instance."""
-        return self._con.cursor()
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        """Be told of every new version."""
-        return self._listeners.add(listener)
-
-    def committed(self, version: int | None = None) -> int:
-        """Record that a batch committed (call after COMMIT returns); wakes listeners."""
-        with self._lock:
-            self._version = self._version + 1 if version is None else max(version, self._version)
-            current = self._version
-        self._listeners.fire(current)
-        return current
-
-
 class ReadOnlyStore:
     """A store file opened read-only and hardened; polls for a new position."""
 
@@ -170,12 +146,11 @@ class ReadOnlyStore:
                 f"store file {path} does not exist",
                 "pass the DuckDB file written by 'headrace run' with --store",
             )
-        config: dict[str, str | bool | int] = {
+        config: dict[str, str | bool | int | float | list[str]] = {
             "enable_external_access": False,
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "allow_community_extensions": False,
-            "lock_configuration": True,
         }
         if memory_limit:
             config["memory_limit"] = memory_limit
@@ -183,6 +158,10 @@ class ReadOnlyStore:
             config["threads"] = threads
         try:
             self._con = duckdb.connect(str(path), read_only=True, config=config)
+            # Timestamps render in UTC in every cursor, as with the engine's store; then
+            # nothing may change the configuration any more.
+            self._con.execute("SET GLOBAL TimeZone = 'UTC'")
+            self._con.execute("SET lock_configuration = true")
         except duckdb.Error as exc:
             raise StoreError(
                 f"cannot open store {path} read-only: {exc}",
