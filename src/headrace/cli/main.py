@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from headrace import __version__
+from headrace.cli.serve import serve, user_app
 
 app = typer.Typer(
     name="headrace",
@@ -27,3 +28,7 @@ def main(
     ),
 ) -> None:
     """Real-time analytics on PostgreSQL: every committed change, live, exact."""
+
+
+app.command("serve")(serve)
+app.add_typer(user_app, name="user")
