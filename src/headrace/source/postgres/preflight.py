@@ -174,11 +174,14 @@ def slot_state(conn: Connection, slot: str) -> SlotState | None:
     )
 
 
-def check_slot(conn: Connection, slot: str, *, start_position: int) -> SlotState | None:
+def check_slot(
+    conn: Connection, slot: str, *, start_position: int, allow_ahead: bool = False
+) -> SlotState | None:
     """The slot can be streamed from ``start_position`` (0: wherever it stands).
 
     Returns the slot's state, or None when it does not exist and may be
-    created (``start_position`` 0: nothing was streamed from it yet).
+    created (``start_position`` 0: nothing was streamed from it yet). A slot
+    already past ``start_position`` is an error unless ``allow_ahead``.
     """
     state = slot_state(conn, slot)
     dbname = conn.info.dbname
@@ -203,7 +206,7 @@ def check_slot(conn: Connection, slot: str, *, start_position: int) -> SlotState
     if state.active_pid is not None:
         raise slot_in_use(slot, state.active_pid)
     confirmed = state.confirmed_flush_lsn or 0
-    if start_position and confirmed > start_position:
+    if start_position and confirmed > start_position and not allow_ahead:
         raise SourceError(
             f"the replication slot {slot} has already moved to {format_lsn(confirmed)}, past "
             f"the stored position {format_lsn(start_position)}: the changes in between "

@@ -171,6 +171,7 @@ class ReplicationConnection:
         self._sent_confirmed = -1
         self._last_status = 0.0
         self._received = 0
+        self._last_data_start = 0
         self._server_wal_end = 0
         self._last_server_time = 0
 
@@ -272,6 +273,11 @@ class ReplicationConnection:
         return self._received
 
     @property
+    def last_data_start(self) -> int:
+        """WAL start of the last XLogData received (for a Commit: the commit's end LSN)."""
+        return self._last_data_start
+
+    @property
     def server_wal_end(self) -> int:
         """The server's WAL end, as its last message reported it."""
         return self._server_wal_end
@@ -321,7 +327,7 @@ class ReplicationConnection:
         handled = 0
         waited = False
         socket_read = False  # consume_input() ran since the last complete message
-        last_end = 0
+        start = last_end = 0
         try:
             while handled < max_messages:
                 nbytes, data = get(1)
@@ -358,7 +364,9 @@ class ReplicationConnection:
                 f"replication connection lost: {_first_line(exc)}",
                 "headrace reconnects by itself; if it keeps failing, check the server",
             ) from exc
-        self._received = max(self._received, last_end)
+        if handled:
+            self._received = max(self._received, last_end)
+            self._last_data_start = start
         self._send_status_if_due(time.monotonic())
         return handled
 

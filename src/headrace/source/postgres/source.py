@@ -1,0 +1,538 @@
+"""The PostgreSQL change source: whole transactions as ChangeBatches, resumable exactly.
+
+:class:`PostgresSource` checks the server (see :mod:`.preflight`), creates the
+publication and slot when missing, streams pgoutput through a
+:class:`~.replication.ReplicationConnection` into the decoder's
+:class:`~.batcher.Batcher`, and hands on :class:`ChangeBatch`es that end on
+transaction boundaries.
+
+Positions: the caller stores each batch's effects with ``batch.position`` and
+then calls :meth:`PostgresSource.confirm`; that is the only thing that moves
+the slot. After a lost connection or a server restart the source reconnects
+(exponential backoff), restarts the stream at the last confirmed position and
+skips every transaction it already delivered, so nothing is lost and nothing
+is delivered twice. A new process resumes by passing its stored position to
+:meth:`PostgresSource.batches`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import cast
+
+import psycopg
+
+from headrace.errors import ConfigError, SourceError, format_lsn
+from headrace.source.changes import ChangeBatch, TableRef
+from headrace.source.postgres import preflight
+from headrace.source.postgres.batcher import Batcher
+from headrace.source.postgres.replication import (
+    SESSION_OPTIONS,
+    ConnectionLostError,
+    DataHandler,
+    ReplicationConnection,
+    StreamOptions,
+)
+from headrace.source.postgres.types import TypeRegistry
+
+log = logging.getLogger("headrace.source")
+
+HEARTBEAT_PREFIX = "headrace.heartbeat"
+"""Prefix of the logical decoding messages the source writes when idle."""
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """How :class:`PostgresSource` reaches and reads PostgreSQL."""
+
+    dsn: str
+    """libpq connection string or URI of the source database. The user needs the
+    REPLICATION privilege (or superuser), and pg_hba.conf must allow it
+    'replication' connections."""
+
+    tables: tuple[TableRef, ...]
+    """The tables to capture; each must exist. The publication decides what is
+    streamed, so give each pipeline a publication of its own."""
+
+    publication: str = "headrace"
+    """Publication that selects the tables; created for exactly :attr:`tables`
+    when missing and :attr:`create_publication` is set."""
+
+    slot: str = "headrace"
+    """Logical replication slot (plugin pgoutput), created when missing. It
+    holds the stream's position on the server: give each pipeline its own."""
+
+    temporary_slot: bool = False
+    """Use a temporary slot, dropped by the server when the connection closes
+    (handy for ``headrace capture``). Such a stream cannot resume after a lost
+    connection, so the source then fails instead of reconnecting."""
+
+    create_publication: bool = True
+    """Create the publication when it is missing (needs ownership of the tables)."""
+
+    allow_slot_ahead: bool = False
+    """When the slot's confirmed position is past the caller's start position,
+    stream from the slot's position instead of failing. Off by default: the
+    changes in between are gone, which a pipeline's store must not miss
+    silently (``headrace capture``, which has no store, allows it)."""
+
+    batch_max_changes: int = 50_000
+    """Hand a batch on once it holds this many changes (it still ends on a
+    transaction boundary: one large transaction makes one large batch)."""
+
+    batch_max_wait_s: float = 0.1
+    """...or once this many seconds passed since its first transaction was
+    complete, whichever comes first: the latency the source adds."""
+
+    heartbeat_interval_s: float = 10.0
+    """After this many seconds without any change, write a heartbeat
+    (``pg_logical_emit_message(false, 'headrace.heartbeat', ...)``) so the slot
+    can advance on an idle or filtered database instead of pinning WAL; it
+    arrives as a batch with no changes whose position the caller confirms.
+    0 turns heartbeats off."""
+
+    status_interval_s: float = 1.0
+    """Seconds between standby status updates (the confirmed position sent to
+    the server); keepalive requests are answered at once."""
+
+    reconnect_initial_s: float = 0.2
+    """First wait before reconnecting after a lost connection; doubles after
+    each failed attempt up to :attr:`reconnect_max_s`."""
+
+    reconnect_max_s: float = 10.0
+    """Longest wait between two reconnection attempts."""
+
+    reconnect_timeout_s: float | None = None
+    """Give up (raise :class:`SourceError`) after this many seconds without a
+    working connection; None retries forever."""
+
+    slot_busy_wait_s: float = 10.0
+    """How long to wait for a slot another process still holds (often the server
+    has not yet noticed that the previous consumer died) before failing."""
+
+    streaming: bool = True
+    """Let the server stream large in-progress transactions (pgoutput
+    ``streaming``) instead of spilling them to its disk until they commit."""
+
+    connect_timeout_s: float = 10.0
+    """Timeout for opening each connection."""
+
+    application_name: str = "headrace"
+    """``application_name`` of the connections (shown in pg_stat_replication)."""
+
+    def __post_init__(self) -> None:
+        if not self.tables:
+            raise ConfigError("no table to capture", "configure at least one table")
+        if self.batch_max_changes < 1 or self.batch_max_wait_s < 0:
+            raise ConfigError(
+                "batch_max_changes must be >= 1 and batch_max_wait_s >= 0",
+                "fix the source settings",
+            )
+        if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
+            raise ConfigError(
+                "reconnect_initial_s must be > 0 and reconnect_max_s >= reconnect_initial_s",
+                "fix the source settings",
+            )
+
+
+@dataclass(frozen=True)
+class SlotLag:
+    """How far the server's WAL is ahead of the slot."""
+
+    retained_bytes: int
+    """WAL the server keeps for the slot (current WAL position - restart_lsn)."""
+
+    unconfirmed_bytes: int
+    """WAL written since the last confirmed position (current - confirmed_flush_lsn)."""
+
+    wal_status: str | None
+    """``reserved``, ``extended``, ``unreserved`` or ``lost`` (pg_replication_slots)."""
+
+
+_ROW_MESSAGES = frozenset(b"IUD")
+_DRAIN_MAX_MESSAGES = 8192  # messages per drain call at most: check batch limits this often
+
+
+def _payload_feeder(batcher: Batcher) -> DataHandler:
+    """``batcher.feed`` for the receive loop's payloads (memoryviews into libpq buffers).
+
+    Row changes, nearly all the traffic, go in uncopied (the batcher only
+    appends them and joins them later); the few other messages are copied to
+    bytes, which the message decoder needs.
+    """
+    feed = batcher.feed
+    rows = _ROW_MESSAGES
+    views = cast(Callable[[int, memoryview], None], feed)
+
+    def feed_payload(wal_start: int, payload: memoryview) -> None:
+        if payload[0] in rows:
+            views(wal_start, payload)
+        else:
+            feed(wal_start, payload.tobytes())
+
+    return feed_payload
+
+
+class PostgresSource:
+    """Stream a PostgreSQL database's committed changes as :class:`ChangeBatch`es.
+
+    Use as a context manager; iterate :meth:`batches`; call :meth:`confirm`
+    with a batch's position once its effects are durable. :meth:`confirm`,
+    :meth:`stop`, :meth:`slot_lag` may be called from other threads.
+    """
+
+    def __init__(self, settings: SourceSettings) -> None:
+        self.settings = settings
+        self.batcher = Batcher(TypeRegistry(catalog_dsn=settings.dsn))
+        """The decoder state (schemas and their versions survive reconnections)."""
+        self.reconnects = 0
+        """How many times the stream was lost and resumed."""
+        self.heartbeats = 0
+        """How many heartbeats this source wrote."""
+        self._confirmed = 0
+        self._delivered = 0
+        self._replication: ReplicationConnection | None = None
+        self._sql: psycopg.Connection[tuple[object, ...]] | None = None
+        self._sql_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._streamed_once = False
+        self._types_loaded = False
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def confirmed_position(self) -> int:
+        """The last position declared durable by :meth:`confirm`."""
+        return self._confirmed
+
+    @property
+    def delivered_position(self) -> int:
+        """The position of the last batch handed on."""
+        return self._delivered
+
+    @property
+    def backend_pid(self) -> int | None:
+        """PID of the walsender currently streaming to this source."""
+        conn = self._replication
+        return None if conn is None or conn.closed else conn.backend_pid
+
+    def prepare(self, start_position: int = 0) -> preflight.SlotState | None:
+        """Run the checks; create the publication and the slot when missing.
+
+        Changes committed after this call are streamed. Returns the slot's
+        state (None for a temporary slot: it is created when streaming
+        starts). Raises :class:`SourceError` saying what to do when something
+        is wrong.
+        """
+        s = self.settings
+        with self._sql_lock:
+            conn = self._sql_connection()
+            preflight.check_server(conn)
+            preflight.ensure_publication(conn, s.publication, s.tables, create=s.create_publication)
+            self._load_types(conn)
+            if s.temporary_slot:
+                return None
+            state = preflight.check_slot(
+                conn, s.slot, start_position=start_position, allow_ahead=s.allow_slot_ahead
+            )
+            if state is not None:
+                return state
+            try:
+                conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s.slot,))
+            except psycopg.errors.DuplicateObject:
+                pass  # created by a concurrent process: checked below
+            except psycopg.errors.ConfigurationLimitExceeded as exc:
+                raise preflight.slots_exhausted() from exc
+            log.info("created the replication slot %s", s.slot)
+            return preflight.check_slot(
+                conn, s.slot, start_position=start_position, allow_ahead=s.allow_slot_ahead
+            )
+
+    def batches(self, start_position: int = 0) -> Iterator[ChangeBatch]:
+        """Yield batches of the transactions committed after ``start_position``.
+
+        ``start_position`` is the caller's last durable position (0: wherever
+        the slot stands). Runs until :meth:`stop` is called or the caller
+        stops iterating (the stream then closes, sending the confirmed
+        position; a later call resumes after the last batch delivered).
+        Reconnects by itself; raises :class:`SourceError` for what no retry
+        can fix.
+        """
+        self._stop.clear()
+        self._confirmed = max(self._confirmed, start_position)
+        self._delivered = max(self._delivered, start_position)
+        self.batcher.skip_before(self._delivered)
+        try:
+            yield from self._batches_with_reconnects()
+        finally:
+            self._close_replication()
+            # Forget what was received but not delivered: the server sends it again.
+            self.batcher.discard_incomplete()
+            if self.batcher.has_pending:
+                self.batcher.take()
+            self.batcher.skip_before(self._delivered)
+
+    def _batches_with_reconnects(self) -> Iterator[ChangeBatch]:
+        s = self.settings
+        backoff = s.reconnect_initial_s
+        failing_since: float | None = None
+        while not self._stop.is_set():
+            lost: ConnectionLostError | None = None
+            try:
+                self._open_stream()
+                failing_since = None
+                backoff = s.reconnect_initial_s
+                yield from self._stream()
+            except ConnectionLostError as exc:
+                lost = exc
+            if lost is None:
+                continue  # stopped
+            self._close_replication()
+            # Hand on what is complete; the server sends the rest again.
+            yield from self._take()
+            self.batcher.discard_incomplete()
+            self.batcher.skip_before(self._delivered)
+            if s.temporary_slot and self._streamed_once:
+                raise SourceError(
+                    f"the connection was lost and the temporary slot {s.slot} with it "
+                    f"({lost.what}); changes after {format_lsn(self._delivered)} may be missing",
+                    "use a named, permanent slot (--slot NAME) to resume after connection losses",
+                ) from lost
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+                self.reconnects += 1
+            elif s.reconnect_timeout_s is not None and now - failing_since > s.reconnect_timeout_s:
+                raise SourceError(
+                    f"could not reconnect for {now - failing_since:.0f} s: {lost.what}",
+                    "check that the server is up and reachable, then start again; "
+                    "headrace resumes from the last confirmed position",
+                ) from lost
+            log.warning("%s; reconnecting in %.1f s", lost.what, backoff)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, s.reconnect_max_s)
+
+    def confirm(self, position: int) -> None:
+        """Declare everything up to ``position`` durable: the slot may advance to it.
+
+        Never moves backwards; reaches the server within ``status_interval_s``.
+        """
+        if position <= self._confirmed:
+            return
+        self._confirmed = position
+        conn = self._replication
+        if conn is not None and not conn.closed:
+            # On failure the stream notices too; the position is resent on reconnect.
+            with contextlib.suppress(ConnectionLostError):
+                conn.confirm(position)
+
+    def stop(self) -> None:
+        """Ask :meth:`batches` to return (within about half a second)."""
+        self._stop.set()
+
+    def slot_lag(self) -> SlotLag | None:
+        """WAL the server retains for the slot; None when the slot does not exist."""
+        with self._sql_lock:
+            row = (
+                self._sql_connection()
+                .execute(
+                    "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, "
+                    "pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, wal_status "
+                    "FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.settings.slot,),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        return SlotLag(
+            retained_bytes=int(str(row[0] or 0)),
+            unconfirmed_bytes=int(str(row[1] or 0)),
+            wal_status=None if row[2] is None else str(row[2]),
+        )
+
+    def retained_wal_bytes(self) -> int | None:
+        """Bytes of WAL the server keeps because of the slot (None: no slot)."""
+        lag = self.slot_lag()
+        return None if lag is None else lag.retained_bytes
+
+    def emit_heartbeat(self) -> None:
+        """Write a heartbeat message into the WAL now (it arrives as an empty batch)."""
+        with self._sql_lock:
+            self._sql_connection().execute(
+                "SELECT pg_logical_emit_message(false, %s, %s)",
+                (HEARTBEAT_PREFIX, self.settings.slot),
+            )
+        self.heartbeats += 1
+
+    def close(self) -> None:
+        """Send the confirmed position to the server and close every connection."""
+        self._close_replication()
+        with self._sql_lock:
+            if self._sql is not None:
+                self._sql.close()
+                self._sql = None
+
+    def __enter__(self) -> PostgresSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- connection handling ----------------------------------------------
+
+    def _sql_connection(self) -> psycopg.Connection[tuple[object, ...]]:
+        """The ordinary connection for checks, heartbeats, slot lag (caller holds the lock)."""
+        if self._sql is not None and not self._sql.broken and not self._sql.closed:
+            return self._sql
+        s = self.settings
+        try:
+            self._sql = psycopg.connect(
+                s.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(s.connect_timeout_s)),
+                application_name=s.application_name,
+                options=SESSION_OPTIONS,
+            )
+        except psycopg.OperationalError as exc:
+            raise ConnectionLostError(
+                f"could not connect to the source database: {str(exc).strip()}",
+                "check that the server is up and the DSN is right; headrace retries by itself",
+            ) from exc
+        return self._sql
+
+    def _open_stream(self) -> None:
+        """Check, create the slot if needed, and START_REPLICATION at the confirmed position."""
+        s = self.settings
+        deadline = time.monotonic() + s.slot_busy_wait_s
+        while True:
+            try:
+                self._try_open_stream()
+                return
+            except preflight.SlotInUseError:
+                self._close_replication()
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise
+                self._stop.wait(0.2)
+
+    def _try_open_stream(self) -> None:
+        s = self.settings
+        try:
+            state = self.prepare(self._confirmed)
+        except psycopg.OperationalError as exc:
+            self._drop_sql()
+            raise ConnectionLostError(
+                f"lost the connection during the checks: {str(exc).strip()}",
+                "headrace retries by itself",
+            ) from exc
+        conn = ReplicationConnection(
+            s.dsn,
+            status_interval_s=s.status_interval_s,
+            connect_timeout_s=s.connect_timeout_s,
+            application_name=s.application_name,
+        )
+        self._replication = conn
+        start = self._confirmed
+        try:
+            if state is None:  # a temporary slot lives on its streaming connection
+                start = max(start, conn.create_slot(s.slot, temporary=True))
+            else:
+                start = max(start, state.confirmed_flush_lsn or 0)
+            conn.start(
+                s.slot,
+                start,
+                StreamOptions(publications=(s.publication,), streaming=s.streaming),
+            )
+        except psycopg.Error as exc:
+            if isinstance(exc, psycopg.errors.DuplicateObject):
+                raise ConnectionLostError(
+                    f"the slot {s.slot} was created by another process meanwhile",
+                    "headrace retries by itself",
+                ) from exc
+            explained = preflight.explain_slot_error(s.slot, self._confirmed, exc)
+            if explained is None:
+                raise
+            raise explained from exc
+        self._streamed_once = True
+        log.info("streaming slot %s from %s", s.slot, format_lsn(start))
+
+    def _stream(self) -> Iterator[ChangeBatch]:
+        """Receive, decode and hand on batches until stopped or the connection breaks."""
+        conn = self._replication
+        if conn is None:  # pragma: no cover - _open_stream sets it
+            raise ConnectionLostError("no replication connection", "headrace retries by itself")
+        s = self.settings
+        batcher = self.batcher
+        feed = _payload_feeder(batcher)
+        max_changes = s.batch_max_changes
+        max_wait = s.batch_max_wait_s
+        heartbeat_every = s.heartbeat_interval_s
+        idle_poll = min(0.5, s.status_interval_s)
+        flush_at: float | None = None
+        last_data = last_heartbeat = time.monotonic()
+        stop = self._stop
+        while not stop.is_set():
+            now = time.monotonic()
+            timeout = idle_poll if flush_at is None else max(0.0, flush_at - now)
+            # Read no more than the batch still has room for (about: only whole
+            # transactions count), so a backlog is cut near batch_max_changes.
+            room = max(1, min(_DRAIN_MAX_MESSAGES, max_changes - batcher.pending_changes))
+            if conn.drain(feed, timeout, room):
+                last_data = time.monotonic()
+            if batcher.has_pending:
+                now = time.monotonic()
+                if flush_at is None:
+                    flush_at = now + max_wait
+                if batcher.pending_changes >= max_changes or now >= flush_at:
+                    flush_at = None
+                    yield from self._take()
+                continue
+            if heartbeat_every > 0:
+                now = time.monotonic()
+                if now - last_data >= heartbeat_every and now - last_heartbeat >= heartbeat_every:
+                    last_heartbeat = now
+                    self._heartbeat_quietly()
+
+    def _take(self) -> Iterator[ChangeBatch]:
+        batch = self.batcher.take()
+        if batch is not None:
+            self._delivered = max(self._delivered, batch.position)
+            yield batch
+
+    def _load_types(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        """Let the decoder know the database's types (enums, domains) once."""
+        if not self._types_loaded:
+            self.batcher.registry.load_catalog(conn)
+            self._types_loaded = True
+
+    def _heartbeat_quietly(self) -> None:
+        try:
+            self.emit_heartbeat()
+        except (psycopg.Error, ConnectionLostError) as exc:
+            # The stream reports real connection trouble; a failed heartbeat
+            # only delays the slot's advance.
+            log.warning("could not write a heartbeat: %s", str(exc).strip())
+            self._drop_sql()
+
+    def _drop_sql(self) -> None:
+        with self._sql_lock:
+            if self._sql is not None:
+                self._sql.close()
+                self._sql = None
+
+    def _close_replication(self) -> None:
+        conn, self._replication = self._replication, None
+        if conn is not None:
+            conn.confirm(self._confirmed)
+            conn.close()
