@@ -67,7 +67,7 @@ def serve(
     """
     import uvicorn  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    from headrace.serve.app import create_app  # noqa: PLC0415
+    from headrace.serve.app import HeadraceServer, create_app  # noqa: PLC0415
     from headrace.serve.settings import AuthSettings  # noqa: PLC0415
     from headrace.serve.store import ReadOnlyStore, ServedStore  # noqa: PLC0415
 
@@ -98,8 +98,14 @@ def serve(
             err=True,
         )
     typer.echo(f"serving {settings.store} on http://{settings.host}:{settings.port}/", err=True)
+    server = HeadraceServer(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        server.run()
     finally:
         stop.set()
 

@@ -211,6 +211,21 @@ def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
     return app
 
 
+class HeadraceServer(uvicorn.Server):
+    """uvicorn, ending the live streams first when asked to stop.
+
+    uvicorn waits for open responses before shutting down; server-sent event
+    streams never finish by themselves, so the hub is closed first.
+    """
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        app = self.config.app
+        hr: ServeState | None = getattr(getattr(app, "state", None), "hr", None)
+        if hr is not None:
+            await hr.hub.close()
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """uvicorn serving an app on its own thread (embedded mode, tests, benchmarks)."""
 
@@ -224,7 +239,7 @@ class ServerThread:
             "access_log": False,
             **uvicorn_options,
         }
-        self.server = uvicorn.Server(uvicorn.Config(app, **options))
+        self.server = HeadraceServer(uvicorn.Config(app, **options))
         self._thread = threading.Thread(target=self.server.run, name="headrace-serve", daemon=True)
 
     def start(self, timeout: float = 20.0) -> ServerThread:

@@ -100,7 +100,9 @@ class LiveHub:
         self._task = asyncio.create_task(self._schedule(), name="headrace-live")
 
     async def close(self) -> None:
-        """Stop scheduling and end every stream."""
+        """Stop scheduling and end every stream (idempotent)."""
+        if self._closed.is_set() and self._task is None:
+            return
         self._closed.set()
         self._kick.set()
         if self._unsubscribe is not None:
@@ -110,6 +112,7 @@ class LiveHub:
                 viewer.wake.set()
         if self._task is not None:
             await self._task
+            self._task = None
         tasks = [v.task for v in self.views.values() if v.task is not None]
         for task in tasks:
             with contextlib.suppress(Exception):
@@ -119,16 +122,16 @@ class LiveHub:
     def closed(self) -> bool:
         return self._closed.is_set()
 
-    def _on_version(self, version: int) -> None:
-        # Called from the store's writer or poll thread.
+    def _on_version(self, event: Any) -> None:
+        # Called from the store's writer or poll thread with a CommitEvent or a version.
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._version_arrived, version)
+            loop.call_soon_threadsafe(self._version_arrived, event)
 
-    def _version_arrived(self, version: int) -> None:
-        self.metrics.store_version.set(version)
+    def _version_arrived(self, event: Any) -> None:
+        self.metrics.store_version.set(self.reader.store.version)
         self.metrics.commits.inc()
         self._kick.set()
 

@@ -33,20 +33,34 @@ function renderStat(tile, data) {
   node.dataset.value = v === null ? "" : String(v);
 }
 
+// Buckets without rows are gaps (null), not lines drawn across them.
+function fillBuckets(rows, step) {
+  if (rows.length < 2) return rows.map(r => [Date.parse(r[0]) / 1000, ...r.slice(1)]);
+  const byTime = new Map(rows.map(r => [Date.parse(r[0]) / 1000, r.slice(1)]));
+  const times = [...byTime.keys()];
+  const first = Math.min(...times), last = Math.max(...times);
+  if ((last - first) / step > 20000) return rows.map(r => [Date.parse(r[0]) / 1000, ...r.slice(1)]);
+  const width = rows[0].length - 1, out = [];
+  for (let t = first; t <= last; t += step) out.push([t, ...(byTime.get(t) || new Array(width).fill(null))]);
+  return out;
+}
+
 function renderTimeseries(tile, data) {
   const names = data.columns.map(c => c.name);
-  const xs = data.rows.map(r => Date.parse(r[0]) / 1000);
-  const series = names.slice(1).map((_, i) => data.rows.map(r => r[i + 1]));
+  const filled = fillBuckets(data.rows, tile.def.drill ? tile.def.drill.grain_s : 300);
+  const xs = filled.map(r => r[0]);
+  const series = names.slice(1).map((_, i) => filled.map(r => r[i + 1]));
   const key = names.join("|");
   tile.body.dataset.points = String(xs.length);
   tile.body.dataset.sum = String(series.length ? series[0].reduce((a, b) => a + (b || 0), 0) : 0);
+  const yValues = (u, vals) => vals.map(v => HR.fmt(v));
   if (tile.plot && tile.seriesKey === key) { tile.plot.setData([xs, ...series]); return; }
   if (tile.plot) tile.plot.destroy();
   const colors = ["#4aa3ff", "#f7b955", "#3fb950", "#ff6b6b", "#c792ea"];
   const width = Math.max(200, tile.body.clientWidth - 4);
   tile.plot = new uPlot({
     width, height: 200, series: [{}, ...names.slice(1).map((n, i) => ({ label: n, stroke: colors[i % colors.length], width: 2, points: { show: true, size: 4 } }))],
-    axes: [{ stroke: "#8b98a5", grid: { stroke: "#2a3440" } }, { stroke: "#8b98a5", grid: { stroke: "#2a3440" } }],
+    axes: [{ stroke: "#8b98a5", grid: { stroke: "#2a3440" } }, { stroke: "#8b98a5", grid: { stroke: "#2a3440" }, size: 70, values: yValues }],
     cursor: { drag: { x: false, y: false } },
   }, [xs, ...series], tile.body);
   tile.seriesKey = key;
