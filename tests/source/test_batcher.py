@@ -349,9 +349,10 @@ def test_origin_and_type_messages(slot: LogicalSlot, caplog: pytest.LogCaptureFi
     db = slot.db
     db.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
     db.execute("CREATE TABLE feel (id int PRIMARY KEY, m mood, ms mood[])")
-    db.execute("SELECT pg_replication_origin_create('upstream')")
+    origin = f"upstream_{db.name}"  # origins are cluster-wide
+    db.execute("SELECT pg_replication_origin_create(%s)", (origin,))
     with db.connect() as conn:
-        conn.execute("SELECT pg_replication_origin_session_setup('upstream')")
+        conn.execute("SELECT pg_replication_origin_session_setup(%s)", (origin,))
         with conn.transaction():
             conn.execute("SELECT pg_replication_origin_xact_setup('0/1234', now())")
             conn.execute("INSERT INTO feel VALUES (1, 'happy', '{sad,ok}')")

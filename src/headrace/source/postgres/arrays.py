@@ -8,7 +8,13 @@ come out in row-major order.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+# What array_in/array_out call whitespace (array_isspace), much less than
+# Python's str.isspace (which includes \x1c-\x1f and Unicode spaces).
+_PG_WHITESPACE = " \t\n\r\v\f"
+_NEEDS_FULL_PARSE = re.compile(r'["\\{ \t\n\r\v\f]')
 
 
 class ArraySyntaxError(ValueError):
@@ -39,15 +45,14 @@ def parse_array(text: str, delimiter: str = ",") -> ParsedArray:
     inner = text[1:-1]
     if not inner:
         return ParsedArray([], 0, has_bounds)
-    if '"' not in inner and "\\" not in inner and "{" not in inner:
+    if _NEEDS_FULL_PARSE.search(inner) is None:
         # Fast path: a one-dimensional array of plain elements (array_out
         # quotes every element holding a delimiter, quote, brace, backslash,
         # whitespace, or the word NULL).
-        return ParsedArray(
-            [None if item == "NULL" else item for item in inner.split(delimiter)],
-            1,
-            has_bounds,
-        )
+        items = inner.split(delimiter)
+        if "" in items:
+            raise ArraySyntaxError(f"empty unquoted element in {text[:40]!r}")
+        return ParsedArray([None if item == "NULL" else item for item in items], 1, has_bounds)
     elements, dimensions = _parse_general(text, delimiter)
     return ParsedArray(elements, dimensions, has_bounds)
 
@@ -85,7 +90,7 @@ def _parse_general(  # noqa: PLR0912 (a character-level scanner reads best as on
             expect_element = True
             position += 1
             continue
-        if char.isspace():
+        if char in _PG_WHITESPACE:
             position += 1
             continue
         if not expect_element:
@@ -144,4 +149,4 @@ def _unquoted(text: str, position: int, delimiter: str) -> tuple[str, int]:
             position += 1
     parts.append(text[start:position])
     # array_in trims unquoted whitespace; array_out never writes any.
-    return "".join(parts).strip(), position
+    return "".join(parts).strip(_PG_WHITESPACE), position

@@ -60,6 +60,7 @@ TIMESTAMP_INFINITY: Final = 2**63 - 1
 _DAYS_1970_TO_2000: Final = 10957
 _PG_EPOCH_US: Final = 946_684_800_000_000
 _US_PER_DAY: Final = 86_400_000_000
+_NANOS_LIMIT: Final = 2**63 - 1
 
 _INTEGER_TYPES: Final = {
     TypeKind.INT2: pa.int16(),
@@ -345,7 +346,7 @@ def parse_interval(text: str) -> tuple[int, int, int] | None:
 
 def _interval(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
     parsed: list[tuple[int, int, int] | None] = []
-    bad = 0
+    bad = outside = 0
     for text in _texts(values):
         if text is None:
             parsed.append(None)
@@ -353,7 +354,15 @@ def _interval(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.
         value = parse_interval(text)
         if value is None:
             bad += 1
+        elif not -_NANOS_LIMIT <= value[2] <= _NANOS_LIMIT:
+            # PostgreSQL keeps microseconds in an int64: past about 2.5
+            # million hours they do not fit Arrow's int64 nanoseconds.
+            outside += 1
+            value = None
         parsed.append(value)
+    if outside:
+        note_issue(pg_type.name, "value outside the Arrow type's range")
+        conversion_issues[(pg_type.name, "value outside the Arrow type's range")] += outside - 1
     if bad:
         note_issue(pg_type.name, "interval text not in IntervalStyle postgres")
         conversion_issues[(pg_type.name, "interval text not in IntervalStyle postgres")] += bad - 1
