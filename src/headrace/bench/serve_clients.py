@@ -1,0 +1,188 @@
+"""Load generator of ``headrace bench serve``, run as a separate process.
+
+``python -m headrace.bench.serve_clients CONFIG_JSON`` opens N server-sent
+event streams (raw asyncio sockets: cheap enough for 1,000 of them in one
+process), loads the dashboard repeatedly to time it, sends SQL queries at a
+rate, and prints one JSON object with what it measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import resource
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+_AS_OF = re.compile(rb'"as_of":"([^"]+)"')
+_VERSION = re.compile(rb'"version":(\d+)')
+
+
+async def _request(
+    host: str, port: int, method: str, path: str, token: str, body: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: */*\r\n"
+    )
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"Connection: close\r\n\r\n" + body)
+    await writer.drain()
+    status_line = await reader.readline()
+    status = int(status_line.split()[1]) if status_line else 0
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    return reader, writer, status
+
+
+class Viewer:
+    """One live viewer: counts events, records commit-to-receipt latency per new version."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.errors = 0
+        self.connected = False
+        self.latencies: list[float] = []
+        self.last_version = -1
+
+    async def run(self, host: str, port: int, path: str, token: str, stop: asyncio.Event) -> None:
+        try:
+            reader, writer, status = await _request(host, port, "GET", path, token)
+        except OSError:
+            self.errors += 1
+            return
+        if status != 200:
+            self.errors += 1
+            writer.close()
+            return
+        self.connected = True
+        try:
+            while not stop.is_set():
+                line = await reader.readline()
+                if not line:
+                    self.errors += 1  # the server closed the stream early
+                    break
+                if not line.startswith(b"data: "):
+                    continue
+                now = time.time()
+                self.events += 1
+                version = _VERSION.search(line)
+                as_of = _AS_OF.search(line)
+                if version and as_of and int(version.group(1)) > self.last_version:
+                    self.last_version = int(version.group(1))
+                    committed = datetime.fromisoformat(as_of.group(1).decode()).timestamp()
+                    self.latencies.append(now - committed)
+        except (OSError, asyncio.IncompleteReadError):
+            self.errors += 1
+        finally:
+            writer.close()
+
+
+async def _read_body(reader: asyncio.StreamReader) -> bytes:
+    return await reader.read()
+
+
+async def load_dashboard(host: str, port: int, token: str, dims: dict[str, list[str]]) -> float:
+    """Page, definition and the first tiles of a (random) filter set: seconds."""
+    started = time.perf_counter()
+    for path in ("/dashboard/payments", "/api/dashboards/payments"):
+        reader, writer, _ = await _request(host, port, "GET", path, token)
+        await _read_body(reader)
+        writer.close()
+    dim = random.choice(sorted(dims))
+    path = f"/api/live/payments?range=1h&f.{dim}={random.choice(dims[dim])}"
+    reader, writer, status = await _request(host, port, "GET", path, token)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise OSError(f"stream ended, status {status}")
+            if line.startswith(b"data: "):
+                return time.perf_counter() - started
+    finally:
+        writer.close()
+
+
+async def main(config: dict[str, Any]) -> dict[str, Any]:
+    host, port, token = config["host"], config["port"], config["token"]
+    views: list[str] = config["views"]
+    stop = asyncio.Event()
+    viewers = [Viewer() for _ in range(config["viewers"])]
+    tasks = []
+    for i, viewer in enumerate(viewers):
+        tasks.append(asyncio.create_task(viewer.run(host, port, views[i % len(views)], token, stop)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # ramp up
+    ramp_deadline = time.monotonic() + 30
+    while sum(v.connected or v.errors > 0 for v in viewers) < len(viewers):
+        if time.monotonic() > ramp_deadline:
+            break
+        await asyncio.sleep(0.1)
+    print("ready", flush=True, file=sys.stderr)
+    started = time.monotonic()
+    loads: list[float] = []
+    load_errors = 0
+    sql_latencies: list[float] = []
+    sql_errors = 0
+
+    async def loader() -> None:
+        nonlocal load_errors
+        while not stop.is_set():
+            try:
+                loads.append(await load_dashboard(host, port, token, config["dims"]))
+            except OSError:
+                load_errors += 1
+            await asyncio.sleep(config["load_interval_s"])
+
+    async def sql() -> None:
+        nonlocal sql_errors
+        interval = 1.0 / config["sql_rate"]
+        body = json.dumps({"sql": config["sql"]}).encode()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                reader, writer, status = await _request(host, port, "POST", "/api/sql", token, body)
+                await _read_body(reader)
+                writer.close()
+                if status != 200:
+                    sql_errors += 1
+                else:
+                    sql_latencies.append(time.perf_counter() - t0)
+            except OSError:
+                sql_errors += 1
+            await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
+
+    helpers = [asyncio.create_task(loader())]
+    if config["sql_rate"] > 0:
+        helpers.append(asyncio.create_task(sql()))
+    await asyncio.sleep(config["duration_s"])
+    stop.set()
+    held = sum(1 for v in viewers if v.connected and v.errors == 0)
+    for task in [*helpers, *tasks]:
+        task.cancel()
+    await asyncio.gather(*helpers, *tasks, return_exceptions=True)
+    latencies = sorted(x for v in viewers for x in v.latencies)
+    return {
+        "duration_s": round(time.monotonic() - started, 2),
+        "viewers_held": held,
+        "viewer_errors": sum(v.errors for v in viewers),
+        "events": sum(v.events for v in viewers),
+        "update_latencies": latencies,
+        "loads": sorted(loads),
+        "load_errors": load_errors,
+        "sql_latencies": sorted(sql_latencies),
+        "sql_errors": sql_errors,
+    }
+
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = asyncio.run(main(json.loads(sys.argv[1])))
+    sys.stdout.write(json.dumps(result) + "\n")
