@@ -445,3 +445,19 @@ def test_concurrent_writers_every_row_once(slot: LogicalSlot) -> None:
 
 def _schema_of(batch: ChangeBatch) -> TableSchema:
     return batch.tables[0].schema
+
+
+def test_memoryview_payloads_give_the_same_batch(slot: LogicalSlot) -> None:
+    db = slot.db
+    db.execute("INSERT INTO acct SELECT g, 'a', g, NULL, true FROM generate_series(1, 2000) g")
+    db.execute("UPDATE acct SET owner = 'b' WHERE id < 10")
+    changes = slot.changes(work_mem="64kB")
+    assert MSG_STREAM_START in _op_kinds(changes)
+    from_bytes = slot_batch_from(slot, changes)
+    batcher = Batcher(slot.registry())
+    for lsn, payload in changes:
+        # As the replication connection hands them over: views of a bigger buffer.
+        batcher.feed(lsn, memoryview(b"w" + payload)[1:])
+    from_views = batcher.take()
+    assert from_views is not None
+    assert [t.data for t in from_views.tables] == [t.data for t in from_bytes.tables]

@@ -65,7 +65,7 @@ class Run:
 
     header: int  # bytes before the relation OID: 1, or 5 inside a streamed transaction
     subxid: int | None = None  # streamed transactions: the (sub)transaction they belong to
-    payloads: list[bytes] = field(default_factory=list)
+    payloads: list[bytes | memoryview] = field(default_factory=list)
     lsns: list[int] = field(default_factory=list)
 
 

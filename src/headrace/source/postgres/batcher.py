@@ -179,10 +179,9 @@ class Batcher:
     def feed(self, wal_start: int, payload: bytes | memoryview) -> None:
         """Take the next pgoutput message (``wal_start`` is its XLogData start LSN).
 
-        A ``memoryview`` payload (e.g. over libpq's buffer) is copied: the
-        batcher keeps row messages until :meth:`take`."""
-        if type(payload) is not bytes:
-            payload = bytes(payload)
+        Row messages are kept as given until :meth:`take`: a ``memoryview``
+        must stay valid that long (psycopg's ``get_copy_data`` views own
+        their libpq buffer, so they do). Other messages are decoded at once."""
         if payload and payload[0] in _ROW_MESSAGES:
             if self._in_stream:
                 self._feed_stream_row(wal_start, payload)
@@ -195,7 +194,7 @@ class Batcher:
             return
         self._feed_other(wal_start, payload)
 
-    def _feed_stream_row(self, wal_start: int, payload: bytes) -> None:
+    def _feed_stream_row(self, wal_start: int, payload: bytes | memoryview) -> None:
         xid_bytes = payload[1:5]
         run = self._stream_run
         if run is None or xid_bytes != self._stream_run_xid:
@@ -205,13 +204,15 @@ class Batcher:
             run = Run(header=5, subxid=int.from_bytes(xid_bytes, "big"))
             stream.events.append(run)
             self._stream_run = run
-            self._stream_run_xid = xid_bytes
+            self._stream_run_xid = bytes(xid_bytes)
         run.payloads.append(payload)
         run.lsns.append(wal_start)
         if self._stream is not None:
             self._stream.rows += 1
 
-    def _feed_other(self, lsn: int, payload: bytes) -> None:
+    def _feed_other(self, lsn: int, payload: bytes | memoryview) -> None:
+        if not isinstance(payload, bytes):
+            payload = bytes(payload)
         message = decode_message(payload, lsn, in_stream=self._in_stream)
         if isinstance(message, (Relation, Type, Truncate, Message)):
             self._feed_event(lsn, message)

@@ -64,7 +64,9 @@ class MessageBlock:
     lsns: Int64Array
 
     @classmethod
-    def build(cls, payloads: list[bytes], lsns: list[int], headers: Int64Array) -> MessageBlock:
+    def build(
+        cls, payloads: list[bytes | memoryview], lsns: list[int], headers: Int64Array
+    ) -> MessageBlock:
         """Concatenate ``payloads`` (one ``header`` entry per payload)."""
         lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=len(payloads))
         # Padding lets the vectorized reads look a few bytes past the last
