@@ -223,16 +223,12 @@ class Batcher:
         elif isinstance(message, Commit):
             self._commit_open(lsn, message.commit_lsn, message.end_lsn, message.commit_ts)
         elif isinstance(message, Origin):
-            if self._open is not None:
+            if self._open is not None:  # kept for logging; the change model has no origin
                 self._open.origin = message.name
         elif isinstance(message, StreamStart):
             self._stream_start(lsn, message)
         elif isinstance(message, StreamStop):
-            if not self._in_stream:
-                raise ProtocolError("Stream Stop without Stream Start", lsn=lsn, offset=0)
-            self._in_stream = False
-            self._stream = None
-            self._stream_run = None
+            self._stream_stop(lsn)
         elif isinstance(message, StreamCommit):
             self._stream_commit(lsn, message)
         elif isinstance(message, StreamAbort):
@@ -299,6 +295,13 @@ class Batcher:
             self._streams[message.xid] = stream
         self._in_stream = True
         self._stream = stream
+        self._stream_run = None
+
+    def _stream_stop(self, lsn: int) -> None:
+        if not self._in_stream:
+            raise ProtocolError("Stream Stop without Stream Start", lsn=lsn, offset=0)
+        self._in_stream = False
+        self._stream = None
         self._stream_run = None
 
     def _stream_commit(self, lsn: int, message: StreamCommit) -> None:
