@@ -173,6 +173,7 @@ class ReplicationConnection:
         self._received = 0
         self._last_data_start = 0
         self._server_wal_end = 0
+        self._server_waiting = False
         self._last_server_time = 0
 
     # -- commands ---------------------------------------------------------
@@ -279,8 +280,14 @@ class ReplicationConnection:
 
     @property
     def server_wal_end(self) -> int:
-        """The server's WAL end, as its last message reported it."""
+        """Where the server's decoding stands (its last keepalive's WAL end): it sent
+        every change committed before this position."""
         return self._server_wal_end
+
+    @property
+    def server_waiting(self) -> bool:
+        """The server asked for a reply and has not yet seen a newer confirmed position."""
+        return self._server_waiting
 
     @property
     def last_server_time(self) -> float:
@@ -376,6 +383,9 @@ class ReplicationConnection:
         self._last_server_time = send_time
         if reply:
             self._send_status()
+            # The server waits for a newer flush position (e.g. to shut down):
+            # send the next confirmed position without the usual delay.
+            self._server_waiting = True
 
     def _stream_ended(self) -> None:
         """The server ended COPY BOTH (shutdown, termination): report why."""
@@ -397,7 +407,8 @@ class ReplicationConnection:
 
     def _send_status_if_due(self, now: float) -> None:
         if now - self._last_status >= self.status_interval_s or (
-            self._sent_confirmed != self._confirmed and now - self._last_status >= 0.1
+            self._sent_confirmed != self._confirmed
+            and (self._server_waiting or now - self._last_status >= 0.1)
         ):
             self._send_status()
 
@@ -420,6 +431,8 @@ class ReplicationConnection:
                 f"replication connection lost while sending status: {_first_line(exc)}",
                 "headrace reconnects by itself; if it keeps failing, check the server",
             ) from exc
+        if position != self._sent_confirmed:
+            self._server_waiting = False
         self._sent_confirmed = position
         self._last_status = time.monotonic()
 

@@ -480,7 +480,7 @@ class PostgresSource:
         heartbeat_every = s.heartbeat_interval_s
         idle_poll = min(0.5, s.status_interval_s)
         flush_at: float | None = None
-        last_data = last_heartbeat = time.monotonic()
+        last_data = last_heartbeat = last_position_only = time.monotonic()
         stop = self._stop
         while not stop.is_set():
             now = time.monotonic()
@@ -498,11 +498,29 @@ class PostgresSource:
                     flush_at = None
                     yield from self._take()
                 continue
-            if heartbeat_every > 0:
-                now = time.monotonic()
-                if now - last_data >= heartbeat_every and now - last_heartbeat >= heartbeat_every:
-                    last_heartbeat = now
-                    self._heartbeat_quietly()
+            now = time.monotonic()
+            caught_up = conn.server_wal_end
+            if (
+                caught_up > self._delivered
+                and not batcher.in_transaction
+                and (conn.server_waiting or now - last_position_only >= s.status_interval_s)
+            ):
+                # The server decoded up to here and sent nothing more for our
+                # tables: hand on the position alone, so that once the caller
+                # confirms it the slot advances (and a shutting-down server,
+                # which waits for that, can stop).
+                last_position_only = now
+                batcher.skip_before(caught_up)
+                self._delivered = caught_up
+                yield ChangeBatch(tables=(), position=caught_up)
+                continue
+            if (
+                heartbeat_every > 0
+                and now - last_data >= heartbeat_every
+                and now - last_heartbeat >= heartbeat_every
+            ):
+                last_heartbeat = now
+                self._heartbeat_quietly()
 
     def _take(self) -> Iterator[ChangeBatch]:
         batch = self.batcher.take()
