@@ -91,9 +91,7 @@ def open_sample_store(path: Path) -> tuple[DuckDBStore, SampleWriter]:
     return store, writer
 
 
-def start_server(
-    store: DuckDBStore, writer: SampleWriter, path: Path, **overrides: Any
-) -> Served:
+def start_server(store: DuckDBStore, writer: SampleWriter, path: Path, **overrides: Any) -> Served:
     """Create users (when auth is on) and start a server."""
     settings = make_settings(path, **overrides)
     tokens = add_users(settings) if settings.auth.enabled else {}

@@ -39,8 +39,16 @@ def operations(served: Served) -> list[tuple[str, str, str]]:
 def test_openapi_lists_the_api(served: Served) -> None:
     spec = served.client().get("/api/openapi.json").json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/api/sql", "/api/live/{name}", "/api/rollups/{view}", "/api/alerts",
-                 "/api/health-scores", "/api/tables", "/api/accounts/{id}", "/api/login"):
+    for path in (
+        "/api/sql",
+        "/api/live/{name}",
+        "/api/rollups/{view}",
+        "/api/alerts",
+        "/api/health-scores",
+        "/api/tables",
+        "/api/accounts/{id}",
+        "/api/login",
+    ):
         assert path in spec["paths"], path
     assert "SqlRequest" in spec["components"]["schemas"]
 
@@ -155,7 +163,8 @@ def test_oversized_bodies_get_413(served: Served) -> None:
     assert reply.status_code == 413
     long_sql = "SELECT 1 -- " + "x" * 30_000
     reply = analyst.post("/api/sql", json={"sql": long_sql})
-    assert reply.status_code == 400 and "characters" in reply.json()["error"]
+    assert reply.status_code == 400
+    assert "characters" in reply.json()["error"]
 
 
 def test_session_login_csrf_logout(served: Served) -> None:
@@ -164,11 +173,13 @@ def test_session_login_csrf_logout(served: Served) -> None:
     cookie = client.cookies.get("hr_session")
     assert cookie
     no_csrf = client.post("/api/sql", json={"sql": "SELECT 1 AS one"})
-    assert no_csrf.status_code == 403 and "CSRF" in no_csrf.json()["error"]
+    assert no_csrf.status_code == 403
+    assert "CSRF" in no_csrf.json()["error"]
     wrong = client.post("/api/sql", json={"sql": "SELECT 1"}, headers={"X-CSRF-Token": "x"})
     assert wrong.status_code == 403
     ok = client.post("/api/sql", json={"sql": "SELECT 1 AS one"}, headers={"X-CSRF-Token": csrf})
-    assert ok.status_code == 200 and ok.json()["rows"] == [[1]]
+    assert ok.status_code == 200
+    assert ok.json()["rows"] == [[1]]
     assert client.post("/api/logout", headers={"X-CSRF-Token": csrf}).status_code == 200
     again = httpx.Client(base_url=served.url, cookies={"hr_session": cookie})
     try:
@@ -202,7 +213,8 @@ def test_tokens_and_users_admin(served: Served) -> None:
 
     admin = served.client("admin")
     reply = admin.post("/api/users", json={"name": "carol", "role": "viewer"})
-    assert reply.status_code == 201 and len(reply.json()["password"]) >= 12
+    assert reply.status_code == 201
+    assert len(reply.json()["password"]) >= 12
     assert admin.post("/api/users", json={"name": "carol", "role": "viewer"}).status_code == 409
     assert "carol" in [u["name"] for u in admin.get("/api/users").json()]
     assert admin.delete("/api/users/carol").status_code == 200
@@ -217,11 +229,15 @@ def test_masked_columns_in_api_dashboards_and_sql(served: Served) -> None:
         return dict(zip([c["name"] for c in body["columns"]], body["rows"][0], strict=True))
 
     viewer, analyst, admin = first_row("viewer"), first_row("analyst"), first_row("admin")
-    assert viewer["card_number"] == "****" and viewer["ip"] == "****"
-    assert analyst["card_number"] == "****" and analyst["ip"].startswith("10.")
+    assert viewer["card_number"] == "****"
+    assert viewer["ip"] == "****"
+    assert analyst["card_number"] == "****"
+    assert analyst["ip"].startswith("10.")
     assert admin["card_number"].startswith("4111")
 
-    reply = served.client("viewer").get(f"/api/tables/transactions/rows?card_number={admin['card_number']}")
+    reply = served.client("viewer").get(
+        f"/api/tables/transactions/rows?card_number={admin['card_number']}"
+    )
     assert reply.status_code == 403
     search = served.client("viewer").get("/api/tables/transactions/rows?q=4111").json()
     assert search["rows"] == []
@@ -240,8 +256,12 @@ def test_masked_columns_in_api_dashboards_and_sql(served: Served) -> None:
     assert {row[0] for row in body["rows"]} == {"****"}
     assert body["masked"] == ["mirror.transactions.card_number"]
     schema = served.client("analyst").get("/api/schema").json()
-    columns = {c["name"]: c for c in next(r for r in schema["mirror"] if r["name"] == "transactions")["columns"]}
-    assert columns["card_number"]["masked"] and not columns["ip"]["masked"]
+    columns = {
+        c["name"]: c
+        for c in next(r for r in schema["mirror"] if r["name"] == "transactions")["columns"]
+    }
+    assert columns["card_number"]["masked"]
+    assert not columns["ip"]["masked"]
 
 
 def test_rows_rollups_alerts_accounts(served: Served) -> None:
@@ -250,7 +270,8 @@ def test_rows_rollups_alerts_accounts(served: Served) -> None:
     assert row["rows"][0][0] == 1
     eur = admin.get("/api/tables/transactions/rows?currency=EUR&limit=1000&order=-amount").json()
     currency = [c["name"] for c in eur["columns"]].index("currency")
-    assert eur["rows"] and {r[currency] for r in eur["rows"]} == {"EUR"}
+    assert eur["rows"]
+    assert {r[currency] for r in eur["rows"]} == {"EUR"}
     grouped = admin.get(
         "/api/rollups/tx_volume_5m?range=30d&group_by=currency&measures=sum:tx_count"
     ).json()
@@ -268,7 +289,8 @@ def test_rows_rollups_alerts_accounts(served: Served) -> None:
     assert tables["rollups"][0]["state"] == "active"
     account_id = alerts["rows"][0][[c["name"] for c in alerts["columns"]].index("account_id")]
     account = admin.get(f"/api/accounts/{account_id}").json()
-    assert account["account"]["rows"] and account["alerts"]["rows"]
+    assert account["account"]["rows"]
+    assert account["alerts"]["rows"]
     assert "health" in account
     assert admin.get("/api/health-scores").json()["rows"] == []
 
@@ -283,7 +305,8 @@ def test_drill_down_returns_the_rows_of_the_bucket(served: Served) -> None:
     both = admin.get(path, params={"bucket": bucket.isoformat()}).json()
     assert len(both["rows"]) == 8
     gbp = admin.get(path, params={"bucket": bucket.isoformat(), "f.currency": "GBP"}).json()
-    assert len(gbp["rows"]) == 5 and gbp["ignored_filters"] == []
+    assert len(gbp["rows"]) == 5
+    assert gbp["ignored_filters"] == []
     data = admin.get("/api/dashboards/payments/data", params={"range": "6h", "f.currency": "GBP"})
     series = next(t for t in data.json()["tiles"] if t["name"] == "count_5m")
     point = next(r for r in series["rows"] if r[0].startswith(bucket.isoformat()[:16]))
@@ -307,16 +330,22 @@ def test_health_and_metrics(served: Served) -> None:
     assert served.client().get("/health").json()["status"] == "ok"
     served.client("viewer").get("/api/dashboards/payments/data")
     text = served.client().get("/metrics").text
-    for name in ("headrace_serve_viewers", "headrace_table_freshness_seconds{table=\"public.transactions\"}",
-                 "headrace_serve_view_computations_total", "headrace_serve_requests_total",
-                 "headrace_serve_sql_queries_total", "headrace_store_version"):
+    for name in (
+        "headrace_serve_viewers",
+        'headrace_table_freshness_seconds{table="public.transactions"}',
+        "headrace_serve_view_computations_total",
+        "headrace_serve_requests_total",
+        "headrace_serve_sql_queries_total",
+        "headrace_store_version",
+    ):
         assert name in text, name
 
 
 def test_pages_redirect_and_gate_by_role(served: Served) -> None:
     anonymous = served.client()
     reply = anonymous.get("/sql")
-    assert reply.status_code == 303 and reply.headers["location"].startswith("/login")
+    assert reply.status_code == 303
+    assert reply.headers["location"].startswith("/login")
     viewer, _ = served.login("viewer")
     assert viewer.get("/sql").status_code == 403
     assert viewer.get("/admin").status_code == 403
@@ -329,10 +358,12 @@ def test_pages_redirect_and_gate_by_role(served: Served) -> None:
 
 def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path, sample_store: Any) -> None:
     store, _ = sample_store
-    open_settings = make_settings(tmp_path / "store.duckdb", host="0.0.0.0", auth=AuthSettings(enabled=False))
+    everywhere = "0.0.0.0"  # noqa: S104 - checking that this is refused
+    path = tmp_path / "store.duckdb"
+    open_settings = make_settings(path, host=everywhere, auth=AuthSettings(enabled=False))
     with pytest.raises(ConfigError, match="authentication disabled"):
         create_app(open_settings, store)
-    no_users = make_settings(tmp_path / "store.duckdb", host="0.0.0.0")
+    no_users = make_settings(path, host=everywhere)
     with pytest.raises(ConfigError, match="no user exists"):
         create_app(no_users, store)
 

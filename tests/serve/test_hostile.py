@@ -10,9 +10,11 @@ from pathlib import Path
 
 import httpx
 
+from headrace.serve.settings import SqlSettings
 from tests.serve.conftest import Served
 
-TRAPS = [Path("/tmp/hr_pwn.csv"), Path("/tmp/hr_pwn.parquet"), Path("/tmp/hr_export")]
+# Files the COPY/EXPORT attempts below would create if they ran.
+TRAPS = [Path("/tmp/hr_pwn.csv"), Path("/tmp/hr_pwn.parquet"), Path("/tmp/hr_export")]  # noqa: S108
 
 HOSTILE: list[str] = [
     # file and network reads
@@ -108,12 +110,8 @@ def test_corpus_is_large_enough() -> None:
 def test_hostile_sql_never_succeeds_and_the_server_keeps_answering(
     serve: Callable[..., Served],
 ) -> None:
-    from headrace.serve.settings import SqlSettings
-
     served = serve(
-        sql=SqlSettings(
-            timeout_s=1.5, row_limit=1000, max_concurrent=2, max_result_bytes=8 * 2**20
-        )
+        sql=SqlSettings(timeout_s=1.5, row_limit=1000, max_concurrent=2, max_result_bytes=8 * 2**20)
     )
     before = served.client("admin").post(
         "/api/sql", json={"sql": "SELECT count(*) AS n FROM mirror.transactions"}
@@ -155,7 +153,8 @@ def test_hostile_sql_never_succeeds_and_the_server_keeps_answering(
     for sql, reply in runaway.items():
         assert reply.status_code in (408, 413), (sql, reply.text)
         assert "cancelled" in reply.text or "larger than" in reply.text
-    assert latencies and max(latencies) < 2.0, latencies
+    assert latencies
+    assert max(latencies) < 2.0, latencies
 
     after = served.client("admin").post(
         "/api/sql", json={"sql": "SELECT count(*) AS n FROM mirror.transactions"}
@@ -172,7 +171,8 @@ def test_huge_result_is_cut_at_the_row_limit(served: Served) -> None:
     reply = served.client("analyst").post("/api/sql", json={"sql": "SELECT * FROM range(10000000)"})
     assert reply.status_code == 200
     body = reply.json()
-    assert body["truncated"] is True and len(body["rows"]) == served.settings.sql.row_limit
+    assert body["truncated"] is True
+    assert len(body["rows"]) == served.settings.sql.row_limit
 
 
 def test_cancel_a_running_query(served: Served) -> None:
@@ -189,4 +189,5 @@ def test_cancel_a_running_query(served: Served) -> None:
             cancelled = client.post("/api/sql/cancel", json={"query_id": "longone"}).json()
         reply = future.result()
     assert cancelled == {"cancelled": True}
-    assert reply.status_code == 409 and "cancelled" in reply.json()["error"]
+    assert reply.status_code == 409
+    assert "cancelled" in reply.json()["error"]

@@ -20,7 +20,10 @@ def metric(served: Served, name: str) -> float:
 
 
 async def read_events(
-    client: httpx.AsyncClient, path: str, count: int, headers: dict[str, str] | None = None,
+    client: httpx.AsyncClient,
+    path: str,
+    count: int,
+    headers: dict[str, str] | None = None,
     timeout: float = 10.0,
 ) -> list[dict[str, Any]]:
     """The first ``count`` tile events of a stream (id and data)."""
@@ -50,7 +53,9 @@ def test_every_viewer_gets_each_version_from_one_computation(served: Served) -> 
 
     async def scenario() -> tuple[list[list[dict[str, Any]]], float, float]:
         async with httpx.AsyncClient(
-            base_url=served.url, headers=headers, timeout=30,
+            base_url=served.url,
+            headers=headers,
+            timeout=30,
             limits=httpx.Limits(max_connections=viewers + 5),
         ) as client:
             tasks = [asyncio.create_task(read_events(client, path, 2)) for _ in range(viewers)]
@@ -94,7 +99,9 @@ def test_a_reconnecting_viewer_resumes_with_last_event_id(served: Served) -> Non
             assert update["id"] != first["id"]
             assert update["data"]["version"] > first["data"]["version"]
             # Resuming with an old id: the current state at once.
-            (again,) = await read_events(client, path, 1, headers={"Last-Event-ID": "0-0"}, timeout=3)
+            (again,) = await read_events(
+                client, path, 1, headers={"Last-Event-ID": "0-0"}, timeout=3
+            )
             assert again["data"]["version"] >= update["data"]["version"]
 
     asyncio.run(scenario())
@@ -104,6 +111,9 @@ def test_snapshot_and_stream_share_computations(served: Served) -> None:
     viewer = served.client("viewer")
     before = metric(served, "headrace_serve_view_computations_total")
     for _ in range(10):
-        assert viewer.get("/api/dashboards/payments/data?range=24h&f.status=settled").status_code == 200
+        assert (
+            viewer.get("/api/dashboards/payments/data?range=24h&f.status=settled").status_code
+            == 200
+        )
     after = metric(served, "headrace_serve_view_computations_total")
     assert after - before == 1

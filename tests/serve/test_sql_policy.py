@@ -10,7 +10,7 @@ import pytest
 from headrace.serve.catalog import Catalog, MaskPolicy, load_catalog
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql, prepare_sql
 
-SECRET = "4111000011112222"
+SECRET = "4111000011112222"  # noqa: S105 - a fake card number, not a credential
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def run(con: duckdb.DuckDBPyConnection, catalog: Catalog, sql: str) -> list[tupl
 def test_catalog_hides_engine_state(catalog: Catalog) -> None:
     assert catalog.has("rollup.x_5m")
     assert not catalog.has("rollup.x__state")
-    assert catalog.has("mirror.cards") and catalog.has("history.cards")
+    assert catalog.has("mirror.cards")
+    assert catalog.has("history.cards")
 
 
 @pytest.mark.parametrize(
@@ -70,10 +71,13 @@ def test_catalog_hides_engine_state(catalog: Catalog) -> None:
         "SELECT * FROM mirror.cards, LATERAL (SELECT number AS n2) l",
     ],
 )
-def test_masked_column_never_leaks(con: duckdb.DuckDBPyConnection, catalog: Catalog, sql: str) -> None:
+def test_masked_column_never_leaks(
+    con: duckdb.DuckDBPyConnection, catalog: Catalog, sql: str
+) -> None:
     rows = run(con, catalog, sql)
     assert rows, sql
-    assert SECRET not in repr(rows) and "123" not in repr(rows).replace("'ann'", ""), rows
+    assert SECRET not in repr(rows), rows
+    assert "123" not in repr(rows), rows
 
 
 def test_masked_column_is_not_an_oracle(con: duckdb.DuckDBPyConnection, catalog: Catalog) -> None:
@@ -100,7 +104,9 @@ def test_row_limit_is_applied(con: duckdb.DuckDBPyConnection, catalog: Catalog) 
     assert len(con.sql(prepared.sql).fetchall()) == 11  # one more, to detect truncation
     prepared = prepare_sql("SELECT * FROM range(100) LIMIT 3", catalog, POLICY, row_limit=10)
     assert len(con.sql(prepared.sql).fetchall()) == 3
-    prepared = prepare_sql("SELECT * FROM range(100) LIMIT 50 OFFSET 5", catalog, POLICY, row_limit=10)
+    prepared = prepare_sql(
+        "SELECT * FROM range(100) LIMIT 50 OFFSET 5", catalog, POLICY, row_limit=10
+    )
     assert len(con.sql(prepared.sql).fetchall()) == 11
 
 

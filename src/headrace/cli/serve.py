@@ -43,6 +43,7 @@ def _settings(store: Path, config: Path | None, **overrides: Any) -> Any:
 
 
 def serve(
+    *,
     store: StoreOption = Path("headrace.duckdb"),
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option("--port", help="TCP port.")] = None,
@@ -100,7 +101,10 @@ def serve(
     typer.echo(f"serving {settings.store} on http://{settings.host}:{settings.port}/", err=True)
     server = HeadraceServer(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level="warning",
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
             timeout_graceful_shutdown=5,
         )
     )
@@ -194,7 +198,7 @@ def user_list(
     """List users and their roles."""
     users = _users(store, config)
     try:
-        for user in users.list():
+        for user in users.all():
             typer.echo(f"{user.name}\t{user.role.label}")
     finally:
         users.close()

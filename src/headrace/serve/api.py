@@ -21,7 +21,7 @@ from headrace.serve.compute import ReadError, ViewSpec
 from headrace.serve.http import ApiError, JsonBytes, int_param, json_response
 from headrace.serve.live import ViewError
 from headrace.serve.openapi import ApiRoute, Param
-from headrace.serve.results import table_to_json
+from headrace.serve.results import json_value, table_to_json
 from headrace.serve.sql import SqlRejectedError
 from headrace.serve.state import ServeState, state
 from headrace.serve.tiles import (
@@ -271,13 +271,7 @@ async def tables(request: Request) -> Response:
             MaskPolicy(),
         )
         result["rollups"] = table.to_pylist()
-    return json_response(_jsonable(result))
-
-
-def _jsonable(value: Any) -> Any:
-    from headrace.serve.results import json_value
-
-    return json_value(value)
+    return json_response(json_value(result))
 
 
 async def rows(request: Request) -> Response:
@@ -418,7 +412,8 @@ async def rollup_rows(request: Request) -> Response:
         )
     else:
         order = ' ORDER BY "bucket"' if "bucket" in columns else ""
-        sql = f"SELECT * FROM {quote_qualified(relation.qualified)} WHERE {where}{order} LIMIT {limit}"
+        source = quote_qualified(relation.qualified)
+        sql = f"SELECT * FROM {source} WHERE {where}{order} LIMIT {limit}"
     table = await _read(st, sql, params, policy)
     return json_response({"view": relation.qualified, **table_to_json(table)})
 

@@ -113,7 +113,7 @@ async def list_users(request: Request) -> Response:
     return json_response(
         [
             {"name": u.name, "role": u.role.label, "created_at": u.created_at}
-            for u in _users(st).list()
+            for u in _users(st).all()
         ]
     )
 

@@ -113,7 +113,8 @@ class _Observe:
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    if not isinstance(exc, ApiError):  # registered for ApiError only
+        raise exc
     return exc.response()
 
 

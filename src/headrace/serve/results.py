@@ -14,27 +14,26 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+_CONVERTERS: tuple[tuple[type | tuple[type, ...], Any], ...] = (
+    ((bool, int, str), lambda v: v),
+    (float, lambda v: v if math.isfinite(v) else None),
+    (Decimal, float),
+    ((datetime, date, time), lambda v: v.isoformat()),
+    (timedelta, lambda v: v.total_seconds()),
+    (bytes, lambda v: base64.b64encode(v).decode()),
+    (uuid.UUID, str),
+    (dict, lambda v: {str(k): json_value(x) for k, x in v.items()}),
+    ((list, tuple), lambda v: [json_value(x) for x in v]),
+)
+
 
 def json_value(value: Any) -> Any:
-    """A JSON-safe rendering of one cell."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Decimal):
-        return float(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_value(v) for v in value]
+    """A JSON-safe rendering of one cell (floats that are not finite become null)."""
+    if value is None:
+        return None
+    for kinds, convert in _CONVERTERS:
+        if isinstance(value, kinds):
+            return convert(value)
     return str(value)
 
 

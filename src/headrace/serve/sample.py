@@ -21,8 +21,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from headrace.store.duckdb.store import DuckDBStore
 from headrace.serve.tiles import ChartType, Dashboard, Dimension, Drill, Tile
+from headrace.store.duckdb.store import DuckDBStore
 
 DIMENSIONS: dict[str, tuple[str, ...]] = {
     "merchant_category": ("grocery", "travel", "electronics", "fuel", "restaurants"),
@@ -84,7 +84,7 @@ def create_sample_store(store: DuckDBStore, accounts: int = 50) -> None:
 
 def _fill(con: duckdb.DuckDBPyConnection, accounts: int) -> None:
     con.execute(_DDL)
-    rng = random.Random(7)
+    rng = random.Random(7)  # noqa: S311 - synthetic data, not security
     now = datetime.now(UTC)
     rows = [
         (
@@ -106,7 +106,7 @@ class SampleWriter:
     def __init__(self, store: DuckDBStore, *, seed: int = 1, accounts: int = 50) -> None:
         self.store = store
         self._con = store.writer
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # noqa: S311 - synthetic data, not security
         self._accounts = accounts
         row = self._con.execute(
             "SELECT coalesce(max(id), 0), coalesce(max(_hr_lsn), 0) FROM mirror.transactions"
@@ -215,6 +215,7 @@ class SampleWriter:
 def sample_dashboard() -> Dashboard:
     """The payments dashboard over the sample store (and the fintech rollup's shape)."""
     where = "bucket >= $from AND bucket < $to AND {filters}"
+    view = "rollup.tx_volume_5m"
     drill = Drill(table="mirror.transactions", time_column="created_at")
     return Dashboard(
         name="payments",
@@ -227,27 +228,28 @@ def sample_dashboard() -> Dashboard:
                 name="tx_count",
                 title="Transactions",
                 chart=ChartType.STAT,
-                query=f"SELECT coalesce(sum(tx_count), 0) AS transactions FROM rollup.tx_volume_5m WHERE {where}",
+                query=f"SELECT coalesce(sum(tx_count), 0) AS transactions "
+                f"FROM {view} WHERE {where}",
             ),
             Tile(
                 name="volume",
                 title="Volume",
                 chart=ChartType.STAT,
-                query=f"SELECT coalesce(sum(volume), 0) AS volume FROM rollup.tx_volume_5m WHERE {where}",
+                query=f"SELECT coalesce(sum(volume), 0) AS volume FROM {view} WHERE {where}",
             ),
             Tile(
                 name="avg_amount",
                 title="Average amount",
                 chart=ChartType.STAT,
                 query="SELECT round(sum(volume) / nullif(sum(tx_count), 0), 2) AS avg_amount "
-                f"FROM rollup.tx_volume_5m WHERE {where}",
+                f"FROM {view} WHERE {where}",
             ),
             Tile(
                 name="volume_5m",
                 title="Volume per 5 minutes",
                 chart=ChartType.TIMESERIES,
                 width=2,
-                query=f"SELECT bucket, sum(volume) AS volume FROM rollup.tx_volume_5m WHERE {where} "
+                query=f"SELECT bucket, sum(volume) AS volume FROM {view} WHERE {where} "
                 "GROUP BY bucket ORDER BY bucket",
                 drill=drill,
             ),
@@ -258,14 +260,14 @@ def sample_dashboard() -> Dashboard:
                 width=2,
                 query="SELECT bucket, sum(tx_count) AS transactions, "
                 "sum(tx_count) FILTER (WHERE status = 'declined') AS declined "
-                f"FROM rollup.tx_volume_5m WHERE {where} GROUP BY bucket ORDER BY bucket",
+                f"FROM {view} WHERE {where} GROUP BY bucket ORDER BY bucket",
                 drill=drill,
             ),
             Tile(
                 name="by_channel",
                 title="Volume by channel",
                 chart=ChartType.BAR,
-                query=f"SELECT channel, sum(volume) AS volume FROM rollup.tx_volume_5m WHERE {where} "
+                query=f"SELECT channel, sum(volume) AS volume FROM {view} WHERE {where} "
                 "GROUP BY channel ORDER BY volume DESC",
             ),
             Tile(

@@ -230,12 +230,16 @@ def _apply_limit(tree: exp.Query, limit: int) -> exp.Query:
         tree.set("limit", exp.Limit(expression=exp.Literal.number(limit)))
         return tree
     value = existing.expression if isinstance(existing, exp.Limit) else None
-    if isinstance(value, exp.Literal) and value.is_int and tree.args.get("offset") is None:
+    if (
+        isinstance(existing, exp.Limit)
+        and isinstance(value, exp.Literal)
+        and value.is_int
+        and tree.args.get("offset") is None
+    ):
         if int(value.name) > limit:
             existing.set("expression", exp.Literal.number(limit))
         return tree
-    wrapped = exp.select("*").from_(tree.subquery("_hr_q")).limit(limit)
-    return wrapped
+    return exp.select("*").from_(tree.subquery("_hr_q")).limit(limit)
 
 
 def prepare_sql(
@@ -246,11 +250,13 @@ def prepare_sql(
     row_limit: int | None,
     max_chars: int = 20_000,
 ) -> PreparedSql:
-    """Check ``text`` against the policy and return the SQL to execute (or raise SqlRejectedError)."""
+    """Check ``text`` against the policy; the SQL to execute, or SqlRejectedError saying why."""
     if not text or not text.strip():
         raise SqlRejectedError("the query is empty")
     if len(text) > max_chars:
-        raise SqlRejectedError(f"the query is {len(text)} characters long; at most {max_chars} allowed")
+        raise SqlRejectedError(
+            f"the query is {len(text)} characters long; at most {max_chars} allowed"
+        )
     body = _LEADING_COMMENTS.sub("", text, count=1)
     explain_match = _EXPLAIN.match(body)
     prefix = ""

@@ -1,4 +1,4 @@
-"""Running checked SQL: a few slots, one fresh cursor per query, a timeout that really interrupts."""
+"""Running checked SQL: a few slots, a fresh cursor per query, a timeout that interrupts it."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 
 from headrace.errors import ConfigError
 
-TOKEN_PREFIX = "hr_"
+TOKEN_PREFIX = "hr_"  # noqa: S105 - the public prefix of API tokens, not a secret
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -169,7 +169,7 @@ class UserStore:
             self._con.commit()
         return cur.rowcount > 0
 
-    def list(self) -> list[User]:
+    def all(self) -> list[User]:
         """All users by name."""
         with self._lock:
             rows = self._con.execute(
