@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
+from headrace.errors import parse_lsn
+from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, TOAST, ChangeBatch, TableSchema
 from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.protocol import (
@@ -17,6 +20,7 @@ from headrace.source.postgres.protocol import (
     MSG_STREAM_COMMIT,
     MSG_STREAM_START,
 )
+from headrace.source.postgres.types import TypeRegistry
 from tests.conftest import PgDatabase
 from tests.source.pgoutput_slot import LogicalSlot, rows_of, select, table_changes
 
@@ -461,3 +465,52 @@ def test_memoryview_payloads_give_the_same_batch(slot: LogicalSlot) -> None:
     from_views = batcher.take()
     assert from_views is not None
     assert [t.data for t in from_views.tables] == [t.data for t in from_bytes.tables]
+
+
+@pytest.fixture(scope="module")
+def two_phase_cluster() -> Iterator[ThrowawayPostgres]:
+    """A cluster that allows prepared transactions (a restart-only setting)."""
+    cluster = ThrowawayPostgres(settings={"max_prepared_transactions": "10"})
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_two_phase_transactions_emit_at_commit_prepared(
+    two_phase_cluster: ThrowawayPostgres,
+) -> None:
+    dsn = two_phase_cluster.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE tp (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE PUBLICATION tp_pub FOR TABLE tp")
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot('tp_slot', 'pgoutput', false, true)"
+        )
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO tp VALUES (1, 'committed later')")
+        conn.execute("PREPARE TRANSACTION 'g1'")
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO tp VALUES (2, 'rolled back')")
+        conn.execute("PREPARE TRANSACTION 'g2'")
+        conn.execute("INSERT INTO tp VALUES (3, 'plain')")
+        conn.execute("ROLLBACK PREPARED 'g2'")
+        conn.execute("COMMIT PREPARED 'g1'")
+        rows = conn.execute(
+            "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes('tp_slot', NULL, NULL, "
+            "'proto_version', '3', 'publication_names', 'tp_pub', 'two_phase', 'on')"
+        ).fetchall()
+        changes = [(parse_lsn(str(lsn)), bytes(data)) for lsn, data in rows]
+        registry = TypeRegistry.load(conn)
+    assert {chr(p[0]) for _, p in changes} >= {"b", "P", "K", "r"}
+    batcher = Batcher(registry)
+    for lsn, payload in changes:
+        batcher.feed(lsn, payload)
+    batch = batcher.take()
+    assert batch is not None
+    assert [(r["id"], r["v"]) for r in rows_of(batch, "tp")] == [
+        (3, "plain"),
+        (1, "committed later"),
+    ]
+    assert batch.transactions == 2

@@ -65,6 +65,9 @@ class Run:
 
     header: int  # bytes before the relation OID: 1, or 5 inside a streamed transaction
     subxid: int | None = None  # streamed transactions: the (sub)transaction they belong to
+    # Relation OID -> schema for these rows, when known on arrival (None inside
+    # a stream: the schemas as of the transaction's commit then).
+    relations: Mapping[int, TableSchema] | None = None
     payloads: list[bytes | memoryview] = field(default_factory=list)
     lsns: list[int] = field(default_factory=list)
 

@@ -20,15 +20,16 @@ converts them column by column for all pending transactions at once
 (:mod:`headrace.source.postgres.assemble`). That keeps the per-row cost of
 :meth:`feed` to an append.
 
-Relation messages are applied when their transaction commits, in commit
-order, as PostgreSQL's own subscriber does: a streamed transaction's schema
-(it may have altered the table) is not the schema of transactions that commit
-before it.
+Relation messages apply as they arrive, except inside a streamed transaction:
+there they apply when it commits, in commit order, as PostgreSQL's own
+subscriber does (a streamed transaction's schema, which may have altered the
+table, is not the schema of transactions that commit before it).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -70,7 +71,15 @@ log = logging.getLogger(__name__)
 
 _ROW_MESSAGES: Final = frozenset({MSG_INSERT, MSG_UPDATE, MSG_DELETE})
 
-_Event = Run | Relation | Truncate | Message
+
+@dataclass(frozen=True)
+class _ResolvedTruncate:
+    """A TRUNCATE whose tables' schemas were looked up when it arrived."""
+
+    schemas: tuple[TableSchema, ...]
+
+
+_Event = Run | Relation | Truncate | _ResolvedTruncate | Message
 
 
 @dataclass
@@ -239,7 +248,7 @@ class Batcher:
     def _begin(self, transaction: _Transaction) -> None:
         transaction.skip = transaction.final_lsn < self._skip_before
         self._open = transaction
-        self._run = Run(header=1)
+        self._run = Run(header=1, relations=self._relations)
         transaction.events.append(self._run)
 
     def _feed_event(self, lsn: int, message: Relation | Type | Truncate | Message) -> None:
@@ -266,8 +275,18 @@ class Batcher:
             raise ProtocolError(
                 f"{type(message).__name__} message outside a transaction", lsn=lsn, offset=0
             )
-        transaction.events.append(message)
-        self._run = Run(header=1)
+        # Outside a stream, schemas apply as they arrive: pgoutput sends a
+        # Relation once per session, so a prepared (two-phase) transaction's
+        # Relation serves the transactions that commit before it too.
+        if isinstance(message, Relation):
+            self._apply_relation(message)
+        elif isinstance(message, Truncate):
+            transaction.events.append(
+                _ResolvedTruncate(self._truncate_schemas(message, self._relations, lsn))
+            )
+        else:
+            transaction.events.append(message)
+        self._run = Run(header=1, relations=self._relations)
         transaction.events.append(self._run)
 
     def _commit_open(self, lsn: int, commit_lsn: int, end_lsn: int, commit_ts: int) -> None:
@@ -380,14 +399,20 @@ class Batcher:
         for event in transaction.events:
             if isinstance(event, Run):
                 if keep and event.payloads:
-                    self._runs.append(CommittedRun(event, index, self._next_seq, self._relations))
+                    relations = event.relations if event.relations is not None else self._relations
+                    self._runs.append(CommittedRun(event, index, self._next_seq, relations))
                     self._next_seq += len(event.payloads)
                     self._pending_rows += len(event.payloads)
             elif isinstance(event, Relation):
-                self._apply_relation(event)
-            elif isinstance(event, Truncate):
+                self._apply_relation(event)  # from a stream: applies at its commit
+            elif isinstance(event, (Truncate, _ResolvedTruncate)):
                 if keep:
-                    self._queue_truncate(event, index, commit_lsn)
+                    schemas = (
+                        self._truncate_schemas(event, self._relations, commit_lsn)
+                        if isinstance(event, Truncate)
+                        else event.schemas
+                    )
+                    self._queue_truncate(schemas, index)
             elif keep:
                 self._messages.append(LogicalMessage(event.lsn, event.prefix, event.content, True))
         if keep:
@@ -396,14 +421,22 @@ class Batcher:
             self._meta.xids.append(transaction.xid)
         self._position = max(self._position, end_lsn)
 
-    def _queue_truncate(self, message: Truncate, index: int, commit_lsn: int) -> None:
+    @staticmethod
+    def _truncate_schemas(
+        message: Truncate, relations: Mapping[int, TableSchema], lsn: int
+    ) -> tuple[TableSchema, ...]:
+        schemas = []
         for oid in message.relation_oids:
-            schema = self._relations.get(oid)
+            schema = relations.get(oid)
             if schema is None:
                 raise ProtocolError(
-                    f"TRUNCATE of relation OID {oid} before any Relation message for it",
-                    lsn=commit_lsn,
+                    f"TRUNCATE of relation OID {oid} before any Relation message for it", lsn=lsn
                 )
+            schemas.append(schema)
+        return tuple(schemas)
+
+    def _queue_truncate(self, schemas: tuple[TableSchema, ...], index: int) -> None:
+        for schema in schemas:
             self._truncates.append(TruncateRow(self._next_seq, index, schema))
             self._next_seq += 1
             self._pending_rows += 1
