@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from headrace import __version__
+from headrace.cli.bench import bench_app
+from headrace.cli.capture import capture
 from headrace.cli.serve import serve, user_app
 
 app = typer.Typer(
@@ -30,5 +32,7 @@ def main(
     """Real-time analytics on PostgreSQL: every committed change, live, exact."""
 
 
+app.command("capture")(capture)
+app.add_typer(bench_app, name="bench")
 app.command("serve")(serve)
 app.add_typer(user_app, name="user")

@@ -21,10 +21,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import cast
 
 import psycopg
 
@@ -35,7 +34,6 @@ from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.replication import (
     SESSION_OPTIONS,
     ConnectionLostError,
-    DataHandler,
     ReplicationConnection,
     StreamOptions,
 )
@@ -155,28 +153,7 @@ class SlotLag:
     """``reserved``, ``extended``, ``unreserved`` or ``lost`` (pg_replication_slots)."""
 
 
-_ROW_MESSAGES = frozenset(b"IUD")
 _DRAIN_MAX_MESSAGES = 8192  # messages per drain call at most: check batch limits this often
-
-
-def _payload_feeder(batcher: Batcher) -> DataHandler:
-    """``batcher.feed`` for the receive loop's payloads (memoryviews into libpq buffers).
-
-    Row changes, nearly all the traffic, go in uncopied (the batcher only
-    appends them and joins them later); the few other messages are copied to
-    bytes, which the message decoder needs.
-    """
-    feed = batcher.feed
-    rows = _ROW_MESSAGES
-    views = cast(Callable[[int, memoryview], None], feed)
-
-    def feed_payload(wal_start: int, payload: memoryview) -> None:
-        if payload[0] in rows:
-            views(wal_start, payload)
-        else:
-            feed(wal_start, payload.tobytes())
-
-    return feed_payload
 
 
 class PostgresSource:
@@ -222,13 +199,16 @@ class PostgresSource:
         conn = self._replication
         return None if conn is None or conn.closed else conn.backend_pid
 
-    def prepare(self, start_position: int = 0) -> preflight.SlotState | None:
+    def prepare(
+        self, start_position: int = 0, *, create_slot: bool = True
+    ) -> preflight.SlotState | None:
         """Run the checks; create the publication and the slot when missing.
 
         Changes committed after this call are streamed. Returns the slot's
-        state (None for a temporary slot: it is created when streaming
-        starts). Raises :class:`SourceError` saying what to do when something
-        is wrong.
+        state (None for a temporary slot, created when streaming starts, and
+        for a missing one when ``create_slot`` is off, e.g. because a snapshot
+        will create it). Raises :class:`SourceError` saying what to do when
+        something is wrong.
         """
         s = self.settings
         with self._sql_lock:
@@ -241,7 +221,7 @@ class PostgresSource:
             state = preflight.check_slot(
                 conn, s.slot, start_position=start_position, allow_ahead=s.allow_slot_ahead
             )
-            if state is not None:
+            if state is not None or not create_slot:
                 return state
             try:
                 conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (s.slot,))
@@ -264,13 +244,13 @@ class PostgresSource:
         Reconnects by itself; raises :class:`SourceError` for what no retry
         can fix.
         """
-        self._stop.clear()
         self._confirmed = max(self._confirmed, start_position)
         self._delivered = max(self._delivered, start_position)
         self.batcher.skip_before(self._delivered)
         try:
             yield from self._batches_with_reconnects()
         finally:
+            self._stop.clear()  # a later call streams again
             self._close_replication()
             # Forget what was received but not delivered: the server sends it again.
             self.batcher.discard_incomplete()
@@ -333,7 +313,8 @@ class PostgresSource:
                 conn.confirm(position)
 
     def stop(self) -> None:
-        """Ask :meth:`batches` to return (within about half a second)."""
+        """Ask :meth:`batches` to return (within about half a second; at once if
+        it has not started yet)."""
         self._stop.set()
 
     def slot_lag(self) -> SlotLag | None:
@@ -474,7 +455,7 @@ class PostgresSource:
             raise ConnectionLostError("no replication connection", "headrace retries by itself")
         s = self.settings
         batcher = self.batcher
-        feed = _payload_feeder(batcher)
+        feed = batcher.feed  # takes libpq's memoryviews as they are, uncopied
         max_changes = s.batch_max_changes
         max_wait = s.batch_max_wait_s
         heartbeat_every = s.heartbeat_interval_s

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``headrace bench``: each prints rates, ratios against peers, and a JSON line."""

@@ -1,0 +1,80 @@
+"""``headrace bench ...``: benchmarks that print ratios against peers and limits.
+
+One command per benchmark. To add one: write ``headrace/bench/<name>.py``
+with a ``run(...)`` function that prints its lines and a last JSON line, then
+add a command below that imports it lazily (so ``headrace --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import typer
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Benchmarks on a throwaway PostgreSQL: each prints rates, ratios against its peers, "
+    "and one JSON line last.",
+    no_args_is_help=True,
+)
+
+
+@bench_app.command("cdc")
+def cdc(
+    rows: int = typer.Option(
+        1_000_000, "--rows", min=100, help="Rows to insert (in 100 transactions) and stream."
+    ),
+    unix: bool = typer.Option(
+        True,
+        "--unix/--tcp",
+        help="Connect through the Unix socket (default) or TCP on 127.0.0.1.",
+    ),
+) -> None:
+    """Stream N inserted rows: pg_recvlogical, a do-nothing consumer, headrace decoding.
+
+    Prints each one's seconds and rows/s, then one JSON line with them and the
+    ratios decode_vs_noop (target >= 0.9) and decode_vs_pg_recvlogical.
+    """
+    from headrace.bench.cdc import run  # noqa: PLC0415 - keeps `headrace --help` fast
+
+    run(rows, unix=unix)
+
+
+@bench_app.command("snapshot")
+def snapshot(
+    rows: int = typer.Option(1_000_000, "--rows", min=100, help="Rows in the table to snapshot."),
+    workers: int = typer.Option(
+        2, "--workers", min=1, help="Parallel copy connections (the raw COPY uses as many)."
+    ),
+    unix: bool = typer.Option(
+        True,
+        "--unix/--tcp",
+        help="Connect through the Unix socket (default) or TCP on 127.0.0.1.",
+    ),
+) -> None:
+    """Snapshot N rows into Arrow, against a raw binary COPY to a null sink.
+
+    Prints each one's seconds and rows/s, then one JSON line with them and the
+    ratios against the raw COPY (same parallelism, and one connection).
+    Target: >= 1M rows/s.
+    """
+    from headrace.bench.snapshot import run  # noqa: PLC0415 - keeps `headrace --help` fast
+
+    run(rows, workers, unix=unix)
+
+
+@bench_app.command("serve")
+def serve(
+    viewers: int = typer.Option(1000, "--viewers", min=1, help="Concurrent live (SSE) viewers."),
+    rate: int = typer.Option(2000, "--rate", min=10, help="Changes/s written to the store."),
+    sql_rate: float = typer.Option(2.0, "--sql-rate", min=0, help="SQL queries/s."),
+    duration: float = typer.Option(30.0, "--duration", min=5, help="Seconds measured."),
+    history: int = typer.Option(20_000, "--history", min=12, help="Rows written beforehand."),
+) -> None:
+    """Live viewers, dashboard loads and SQL against a store written at RATE changes/s.
+
+    Prints dashboard load p50/p99 (target < 300 ms), commit-to-viewer update p99
+    (target < 1 s), viewers held (target 1,000 on 2 cores), server RSS, and the
+    store queries/s against per-viewer polling as a ratio; one JSON line last.
+    """
+    from headrace.bench.serve import run  # noqa: PLC0415 - keeps `headrace --help` fast
+
+    run(viewers, rate, sql_rate, duration, history)
