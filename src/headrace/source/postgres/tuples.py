@@ -96,15 +96,19 @@ class MessageBlock:
 
     def be16(self, positions: Int64Array) -> Int64Array:
         """Big-endian signed 16-bit integers at ``positions``."""
-        return _windows(self.data, 2)[positions].view(">i2").reshape(-1).astype(np.int64)
+        return _unaligned(self.data, ">i2")[positions].astype(np.int64)
 
     def be32(self, positions: Int64Array) -> Int64Array:
         """Big-endian signed 32-bit integers at ``positions``."""
-        return _windows(self.data, 4)[positions].view(">i4").reshape(-1).astype(np.int64)
+        return _unaligned(self.data, ">i4")[positions].astype(np.int64)
 
 
-def _windows(data: UInt8Array, size: int) -> npt.NDArray[np.uint8]:
-    return np.lib.stride_tricks.sliding_window_view(data, size)
+def _unaligned(data: UInt8Array, dtype: str) -> npt.NDArray[np.int32]:
+    """A view of ``data`` as ``dtype`` starting at every byte: element ``i`` is
+    the value stored at bytes ``i .. i+size-1`` (one gather reads many)."""
+    size = np.dtype(dtype).itemsize
+    base = np.frombuffer(data, dtype=dtype, count=len(data) // size)
+    return np.lib.stride_tricks.as_strided(base, shape=(len(data) - size + 1,), strides=(1,))
 
 
 @dataclass
