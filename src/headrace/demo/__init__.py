@@ -1,0 +1,1 @@
+"""The reference fintech deployment: schema, workload generator, history loader."""

@@ -1,0 +1,604 @@
+"""The live workload generator behind ``headrace demo generate``.
+
+Time is simulated: the clock starts at an *anchor* (the wall clock when the
+run begins, unless given) and advances in ticks of ``tick_ms``; each tick is
+one database transaction holding every change whose simulated time falls in
+it. :meth:`Workload.run` paces ticks against the wall clock (``speed``
+simulated seconds per second, a token bucket that catches up after a slow
+tick); :meth:`Workload.step` runs the next tick at once.
+
+Determinism: every draw comes from generators seeded by ``seed`` and the
+settings, and nothing reads the wall clock except the anchor. Given the same
+seed, settings, anchor and starting database, two runs write the same
+statements in the same order (the anchor shifts every timestamp and, with a
+daily rhythm, decides which hour of the day the run starts at). Pass an
+anchor (``--anchor``) to reproduce a run exactly.
+
+The generator assumes it is the only writer of the demo tables while it
+runs: it keeps balances and id counters in memory.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+
+import psycopg
+
+from headrace.demo.actions import (
+    Action,
+    Insert,
+    Login,
+    NewCustomer,
+    NormalLogin,
+    NormalTransaction,
+    Resolve,
+    Reverse,
+    Truth,
+    TxnSpec,
+)
+from headrace.demo.batch import TickBatch
+from headrace.demo.bulk import copy_table
+from headrace.demo.clock import SECOND_US, from_us, to_us
+from headrace.demo.config import TIERS, FraudFamily, WorkloadSettings
+from headrace.demo.population import build_population, opening_ledger, write_population
+from headrace.demo.scenarios import INJECTORS, ScenarioKit
+from headrace.demo.schema import apply_schema, sync_id_sequences
+from headrace.demo.state import Account, load_population
+from headrace.demo.traffic import AccountSampler, NormalTraffic, diurnal_factor
+from headrace.demo.traits import device_count, spend_scale_cents
+from headrace.errors import ConfigError, SourceError
+
+_NORMAL_TRANSACTION = NormalTransaction()
+_NORMAL_LOGIN = NormalLogin()
+_NEW_CUSTOMER = NewCustomer()
+_INSUFFICIENT_FUNDS_DELAY_US = 300_000
+
+
+@dataclass
+class WorkloadStats:
+    """Running totals of what the generator wrote."""
+
+    ticks: int = 0  # ticks run (simulated time = ticks * tick_ms)
+    commits: int = 0  # database transactions committed (empty ticks write nothing)
+    transactions: int = 0  # rows inserted into transactions
+    status_changes: int = 0  # transactions rows updated (settled, declined, reversed)
+    ledger_entries: int = 0  # balance changes
+    logins: int = 0  # login attempts
+    customers: int = 0  # customers opened while running
+    changes: int = 0  # every row inserted or updated
+    scenarios: Counter[str] = field(default_factory=Counter)  # injected, per family
+    skipped: Counter[str] = field(default_factory=Counter)  # no eligible victim, per family
+    envelope_breaches: int = 0  # normal transactions that had to exceed the per-account cap
+    behind_s: float = 0.0  # how far the last paced tick ran behind its wall-clock slot
+
+
+class Workload:
+    """A deterministic fintech workload writing into a PostgreSQL database.
+
+    >>> with Workload(WorkloadSettings(dsn=...)) as workload:  # doctest: +SKIP
+    ...     workload.run(stop_event, duration=10.0)
+    """
+
+    def __init__(self, settings: WorkloadSettings) -> None:
+        if settings.rate < 0 or settings.tick_ms <= 0 or settings.speed <= 0:
+            raise ConfigError(
+                "rate must be >= 0, tick_ms and speed > 0",
+                f"got rate={settings.rate}, tick_ms={settings.tick_ms}, speed={settings.speed}",
+            )
+        self.settings = settings
+        self.stats = WorkloadStats()
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._rng = random.Random(f"{settings.seed}:traffic")  # noqa: S311 - a seeded simulation
+        self._tick_us = settings.tick_ms * 1000
+        self._tick = 0
+        self._anchor_us = 0
+        self._floor_us = 0  # nothing may be scheduled before this (the next tick's start)
+        self._heap: list[tuple[int, int, Action]] = []
+        self._seq = 0
+        self._accumulated: dict[str, float] = {"txn": 0.0, "login": 0.0, "customer": 0.0}
+        self._pending: dict[int, TxnSpec] = {}
+        self._reversible: dict[int, TxnSpec] = {}
+        self._next_id: dict[str, int] = {}
+        self._since_fraud = 0
+        self._family_queue: list[FraudFamily] = []
+        self._family_round = 0
+        self._draining = False
+        self._batch = TickBatch()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> Workload:
+        """Connect, apply the schema, create a population if the database has none."""
+        try:
+            self._conn = psycopg.connect(self.settings.dsn, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise SourceError(
+                f"cannot connect to the demo database: {exc}".strip(),
+                "check --dsn (a libpq connection string) and that PostgreSQL is running",
+            ) from exc
+        anchor = self.settings.anchor or datetime.now(UTC)
+        if anchor.tzinfo is None:
+            raise ConfigError("the anchor needs a time zone", "write it like 2026-01-01T00:00Z")
+        self._anchor_us = to_us(anchor)
+        self._floor_us = self._anchor_us
+        conn = self._conn
+        apply_schema(conn)
+        self._bootstrap(conn, anchor)
+        population = load_population(conn)
+        if not population.accounts:
+            raise ConfigError("the demo database has no accounts", "load the history first")
+        self.population = population
+        self._next_id = {table: value + 1 for table, value in population.max_ids.items()}
+        self.sampler = AccountSampler(
+            population.accounts,
+            self.settings.seed,
+            self.settings.zipf_exponent,
+            self.settings.envelope,
+        )
+        self.traffic = NormalTraffic(population, self.settings.envelope, self.sampler)
+        self.kit = ScenarioKit(population, self.traffic, self.settings.shapes)
+        self._adopt_pending(conn)
+        return self
+
+    def _bootstrap(self, conn: psycopg.Connection[tuple[object, ...]], anchor: datetime) -> None:
+        row = conn.execute("SELECT EXISTS (SELECT 1 FROM accounts)").fetchone()
+        if row is not None and row[0]:
+            return
+        tables = build_population(
+            self.settings.population, self.settings.seed, anchor - timedelta(days=1)
+        )
+        with conn.transaction():
+            write_population(conn, tables)
+            copy_table(conn, "ledger_entries", opening_ledger(tables))
+        sync_id_sequences(conn)
+
+    def _adopt_pending(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        """Settle transactions an earlier run left pending, in the first tick."""
+        by_id = {a.id: a for a in self.population.accounts}
+        rows = conn.execute(
+            "SELECT id, account_id, type, channel, (amount * 100)::bigint, country "
+            "FROM transactions WHERE status = 'pending' ORDER BY id"
+        ).fetchall()
+        for txn_id, account_id, kind, channel, cents, country in rows:
+            spec = TxnSpec(
+                account=by_id[int(str(account_id))],
+                type=str(kind),
+                channel=str(channel),
+                amount=int(str(cents)),
+                country=str(country),
+                normal=False,
+            )
+            if spec.outflow:
+                spec.account.held += spec.amount
+            self._pending[int(str(txn_id))] = spec
+            self._schedule(self._floor_us, Resolve(int(str(txn_id))))
+
+    def close(self) -> None:
+        """Move the id sequences past the generated ids and disconnect."""
+        if self._conn is None:
+            return
+        try:
+            if not self._conn.closed:
+                sync_id_sequences(self._conn)
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Workload:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the clock -----------------------------------------------------------------
+
+    @property
+    def now(self) -> datetime:
+        """The simulated time the next tick starts at."""
+        return from_us(self._anchor_us + self._tick * self._tick_us)
+
+    @property
+    def simulated_seconds(self) -> float:
+        """Simulated time elapsed since the anchor."""
+        return self._tick * self._tick_us / SECOND_US
+
+    def _schedule(self, due_us: int, action: Action) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (max(due_us, self._floor_us), self._seq, action))
+
+    def _draw_count(self, kind: str, expected: float) -> int:
+        self._accumulated[kind] += expected
+        count = int(self._accumulated[kind])
+        self._accumulated[kind] -= count
+        return count
+
+    def _take_id(self, table: str) -> int:
+        value = self._next_id[table]
+        self._next_id[table] = value + 1
+        return value
+
+    # -- one tick ------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Run the next tick now: build its changes, commit them. Returns the row changes."""
+        conn = self._connection()
+        batch = self._build_tick()
+        if not batch.empty():
+            batch.write(conn)
+        return batch.changes()
+
+    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None:
+            raise ConfigError("the workload is not open", "call open() or use it as a context")
+        return self._conn
+
+    def _build_tick(self) -> TickBatch:
+        """Draw the next tick's changes (and count them); the caller writes them."""
+        start = self._anchor_us + self._tick * self._tick_us
+        end = start + self._tick_us
+        self._floor_us = end
+        events: list[tuple[int, int, Action]] = []
+        while self._heap and self._heap[0][0] < end:
+            events.append(heapq.heappop(self._heap))
+        if not self._draining:
+            s = self.settings
+            expected = s.rate * diurnal_factor(start, s.diurnal_amplitude) * self._tick_us / 1e6
+            for kind, ratio, placeholder in (
+                ("txn", 1.0, _NORMAL_TRANSACTION),
+                ("login", s.login_ratio, _NORMAL_LOGIN),
+                ("customer", s.new_account_ratio, _NEW_CUSTOMER),
+            ):
+                for _ in range(self._draw_count(kind, expected * ratio)):
+                    self._seq += 1
+                    events.append(
+                        (start + self._rng.randrange(self._tick_us), self._seq, placeholder)
+                    )
+        events.sort(key=lambda event: (event[0], event[1]))
+        self._batch = TickBatch()
+        for at, _, action in events:
+            self._apply(at, action)
+        batch = self._batch
+        if not batch.empty():
+            self.stats.commits += 1
+        self._tick += 1
+        self.stats.ticks += 1
+        self.stats.changes += batch.changes()
+        self.stats.envelope_breaches = self.sampler.breaches
+        return batch
+
+    def _apply(self, at: int, action: Action) -> None:
+        match action:
+            case NormalTransaction():
+                self._insert(at, self.traffic.transaction(self._rng, at))
+                self._count_towards_fraud(at)
+            case Insert(spec):
+                self._insert(at, spec)
+            case Resolve(txn_id):
+                self._resolve(at, txn_id)
+            case Reverse(txn_id):
+                self._reverse(at, txn_id)
+            case Login():
+                self._login(at, action)
+            case NormalLogin():
+                for when, login in self.traffic.login(self._rng, at):
+                    if when == at:
+                        self._login(at, login)
+                    else:
+                        self._schedule(when, login)
+            case NewCustomer():
+                self._new_customer(at)
+            case Truth():
+                self._batch.add_truth(action, at)
+
+    # -- transactions and money ----------------------------------------------------
+
+    def _insert(self, at: int, spec: TxnSpec) -> None:
+        account = spec.account
+        if spec.outflow_share is not None:
+            spec.amount = max(100, int(account.available * spec.outflow_share))
+        txn_id = self._take_id("transactions")
+        status = "settled" if spec.outcome == "now" else "pending"
+        if spec.outflow and spec.outcome in ("settle", "void") and account.available < spec.amount:
+            spec.outcome = "decline"
+            spec.decline_reason = "insufficient_funds"
+            spec.delay_us = _INSUFFICIENT_FUNDS_DELAY_US
+        self._batch.add(
+            "transactions",
+            (
+                txn_id,
+                account.id,
+                spec.card_id,
+                spec.merchant_id,
+                spec.parent_id,
+                spec.amount,
+                account.currency,
+                spec.channel,
+                spec.type,
+                status,
+                spec.country,
+                spec.device,
+                spec.ip,
+                at,
+            ),
+        )
+        self.stats.transactions += 1
+        if status == "settled":
+            self._book(at, account, txn_id, "settlement", self._delta(spec))
+            return
+        if spec.outflow and spec.outcome != "decline":
+            account.held += spec.amount
+        self._pending[txn_id] = spec
+        self._schedule(at + spec.delay_us, Resolve(txn_id))
+
+    @staticmethod
+    def _delta(spec: TxnSpec) -> int:
+        return -spec.amount if spec.outflow else spec.amount
+
+    def _book(self, at: int, account: Account, txn_id: int | None, kind: str, delta: int) -> None:
+        """A ledger entry and the account's new balance."""
+        account.balance += delta
+        self._batch.add(
+            "ledger",
+            (self._take_id("ledger_entries"), account.id, txn_id, kind, delta, account.balance, at),
+        )
+        self._batch.balances[account.id] = (account.balance, at)
+        self.stats.ledger_entries += 1
+
+    def _set_status(self, at: int, txn_id: int, status: str, reason: str | None = None) -> None:
+        self._batch.status[txn_id] = (status, reason, at)
+        self.stats.status_changes += 1
+
+    def _resolve(self, at: int, txn_id: int) -> None:
+        spec = self._pending.pop(txn_id)
+        account = spec.account
+        if spec.outflow and spec.outcome != "decline":
+            account.held -= spec.amount
+        if spec.outcome == "decline":
+            self._set_status(at, txn_id, "declined", spec.decline_reason)
+            return
+        if spec.outcome == "void":
+            self._set_status(at, txn_id, "reversed")
+            return
+        self._set_status(at, txn_id, "settled")
+        self._book(at, account, txn_id, "settlement", self._delta(spec))
+        if spec.type == "purchase":
+            account.purchases += 1
+            account.purchase_sum += spec.amount
+            self.traffic.remember_settled(txn_id, spec)
+        if spec.reverse_after_us is not None:
+            self._reversible[txn_id] = spec
+            self._schedule(at + spec.reverse_after_us, Reverse(txn_id))
+        if spec.fee_cents:
+            fee = TxnSpec(
+                account=account,
+                type="fee",
+                channel=spec.channel,
+                amount=spec.fee_cents,
+                country=spec.country,
+                card_id=spec.card_id,
+                merchant_id=spec.merchant_id,
+                parent_id=txn_id,
+                device=spec.device,
+                outcome="now",
+                normal=spec.normal,
+            )
+            self._insert(at, fee)
+
+    def _reverse(self, at: int, txn_id: int) -> None:
+        spec = self._reversible.pop(txn_id)
+        self._set_status(at, txn_id, "reversed")
+        self._book(at, spec.account, txn_id, "reversal", -self._delta(spec))
+        if spec.type == "purchase":
+            spec.account.purchases -= 1
+            spec.account.purchase_sum -= spec.amount
+
+    # -- logins and new customers ----------------------------------------------------
+
+    def _login(self, at: int, login: Login) -> None:
+        self._batch.add(
+            "logins",
+            (
+                self._take_id("logins"),
+                login.customer_id,
+                login.success,
+                login.failure_reason,
+                login.device,
+                login.ip,
+                login.country,
+                at,
+            ),
+        )
+        self.stats.logins += 1
+
+    def _new_customer(self, at: int) -> None:
+        rng = self._rng
+        population = self.population
+        template = population.accounts[rng.randrange(len(population.accounts))]
+        country = template.country
+        customer_id = self._take_id("customers")
+        account_id = self._take_id("accounts")
+        card_id = self._take_id("cards")
+        tier = rng.choices([t.name for t in TIERS], weights=[t.weight for t in TIERS])[0]
+        currency = template.currency
+        name = f"New Customer {customer_id}"
+        self._batch.add(
+            "customers",
+            (customer_id, name, f"customer.{customer_id}@example.com", country, "low", at),
+        )
+        self._batch.add("accounts", (account_id, customer_id, tier, 0, currency, at))
+        self._batch.add("cards", (card_id, account_id, f"{rng.randrange(10_000):04d}", at))
+        account = Account(
+            id=account_id,
+            customer_id=customer_id,
+            country=country,
+            tier=tier,
+            currency=currency,
+            active=True,
+            balance=0,
+            scale=spend_scale_cents(account_id, tier, currency),
+            physical_cards=[card_id],
+            online_cards=[card_id],
+            quiet_until_us=at + int(self.settings.shapes.quiet_seconds * SECOND_US),
+        )
+        population.accounts.append(account)
+        population.customer_devices[customer_id] = device_count(customer_id)
+        self.sampler.add(account)
+        self._book(at, account, None, "opening", max(100, round(account.scale * 40)))
+        self.stats.customers += 1
+
+    # -- fraud scenarios ---------------------------------------------------------------
+
+    def _count_towards_fraud(self, at: int) -> None:
+        every = self.settings.fraud_every
+        if every <= 0:
+            return
+        self._since_fraud += 1
+        if self._since_fraud >= every:
+            self._since_fraud = 0
+            self.inject(self._next_family())
+
+    def _next_family(self) -> FraudFamily:
+        if not self._family_queue:
+            order = list(FraudFamily)
+            rng = random.Random(f"{self.settings.seed}:families:{self._family_round}")  # noqa: S311
+            rng.shuffle(order)
+            self._family_round += 1
+            self._family_queue = order
+        return self._family_queue.pop(0)
+
+    def inject(self, family: FraudFamily) -> int | None:
+        """Schedule one incident of ``family`` starting at the next tick.
+
+        Returns its scenario id, or None when no account is eligible (counted
+        in ``stats.skipped``). Its ground-truth row is written with its last
+        change.
+        """
+        scenario_id = self._next_id["fraud_ground_truth"]
+        rng = random.Random(f"{self.settings.seed}:scenario:{scenario_id}")  # noqa: S311
+        scenario = INJECTORS[family](self.kit, rng, self._floor_us)
+        if scenario is None:
+            self.stats.skipped[family] += 1
+            return None
+        self._take_id("fraud_ground_truth")
+        for when, action in scenario.events:
+            self._schedule(when, action)
+        quiet = int(self.settings.shapes.quiet_seconds * SECOND_US)
+        scenario.account.quiet_until_us = scenario.ended_us + quiet
+        self._schedule(
+            scenario.ended_us,
+            Truth(
+                scenario_id,
+                family,
+                scenario.account,
+                scenario.card_id,
+                scenario.started_us,
+                scenario.detail,
+            ),
+        )
+        self.stats.scenarios[family] += 1
+        return scenario_id
+
+    # -- running -------------------------------------------------------------------------
+
+    def drain(self, max_ticks: int = 1_000_000) -> None:
+        """Stop new traffic and run ticks until every scheduled change is written.
+
+        Leaves no pending transaction and no half-written scenario behind.
+        """
+        self._draining = True
+        try:
+            ticks = 0
+            while self._heap and ticks < max_ticks:
+                self.step()
+                ticks += 1
+        finally:
+            self._draining = False
+
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        duration: float | None = None,
+        on_tick: Callable[[Workload], None] | None = None,
+    ) -> WorkloadStats:
+        """Run ticks paced to the wall clock until ``stop`` is set or ``duration`` passes.
+
+        ``duration`` is wall-clock seconds. A tick that runs late is followed
+        at once by the next (the bucket catches up); ``stats.behind_s`` says by
+        how much the last one was late. ``on_tick`` is called after each tick.
+        """
+        stop = stop or threading.Event()
+        tick_s = self._tick_us / SECOND_US / self.settings.speed
+        wall0 = time.monotonic()
+        first_tick = self._tick
+        deadline = wall0 + duration if duration is not None else None
+        writer = _Writer(self._connection())
+        try:
+            while not stop.is_set():
+                slot = wall0 + (self._tick - first_tick + 1) * tick_s
+                wait = slot - time.monotonic()
+                if deadline is not None and slot > deadline:
+                    break
+                if wait > 0 and stop.wait(wait):
+                    break
+                batch = self._build_tick()
+                if not batch.empty():
+                    writer.submit(batch)
+                self.stats.behind_s = max(0.0, time.monotonic() - slot)
+                if on_tick is not None:
+                    on_tick(self)
+        finally:
+            writer.close()
+        return self.stats
+
+
+class _Writer:
+    """Commits tick batches in order on a thread of its own.
+
+    Building the next tick overlaps the database round trip of the last
+    one; the bounded queue pushes back when the database is the slower side.
+    """
+
+    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], depth: int = 4) -> None:
+        self._conn = conn
+        self._queue: queue.Queue[TickBatch | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="headrace-demo-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain after a failure; submit() reports it
+            try:
+                batch.write(self._conn)
+            except BaseException as exc:  # handed to the submitting thread
+                self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, batch: TickBatch) -> None:
+        """Queue a batch (blocks while the queue is full); re-raises a write failure."""
+        self._raise()
+        self._queue.put(batch)
+
+    def close(self) -> None:
+        """Wait until every queued batch is committed; re-raise a write failure."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
