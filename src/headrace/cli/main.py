@@ -7,6 +7,7 @@ import typer
 from headrace import __version__
 from headrace.cli.bench import bench_app
 from headrace.cli.capture import capture
+from headrace.cli.demo import demo_app
 from headrace.cli.serve import serve, user_app
 
 app = typer.Typer(
@@ -34,5 +35,6 @@ def main(
 
 app.command("capture")(capture)
 app.add_typer(bench_app, name="bench")
+app.add_typer(demo_app, name="demo")
 app.command("serve")(serve)
 app.add_typer(user_app, name="user")
