@@ -8,6 +8,7 @@ from headrace import __version__
 from headrace.cli.bench import bench_app
 from headrace.cli.capture import capture
 from headrace.cli.demo import demo_app
+from headrace.cli.run import rebuild, run, status
 from headrace.cli.serve import serve, user_app
 
 app = typer.Typer(
@@ -38,3 +39,6 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(demo_app, name="demo")
 app.command("serve")(serve)
 app.add_typer(user_app, name="user")
+app.command("run")(run)
+app.command("status")(status)
+app.command("rebuild")(rebuild)

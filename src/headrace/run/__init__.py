@@ -1,0 +1,1 @@
+"""``headrace run``: the loop that snapshots, streams, applies and confirms."""

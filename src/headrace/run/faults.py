@@ -1,0 +1,88 @@
+"""Test-only fault hooks: kill the run loop at an exact point, as ``kill -9`` would.
+
+**For crash tests only.** Set ``HEADRACE_FAULT`` to ``POINT:N`` (several
+separated by commas) and the process sends itself SIGKILL the N-th time it
+reaches POINT (counted from 1 in that process). Points:
+
+``snapshot_chunk``
+    a snapshot chunk was handed to the store, inside the snapshot's
+    still-open transaction (mid-snapshot);
+``after_snapshot``
+    the snapshot is committed, streaming has not started;
+``before_apply``
+    a batch was received, nothing of it stored;
+``during_apply``
+    a few milliseconds into applying a batch (inside its store transaction);
+``after_commit``
+    a batch is committed in the store, the slot is not yet confirmed;
+``after_confirm``
+    the slot was just confirmed.
+
+Unset (the normal case), every hook is a no-op costing one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from headrace.errors import ConfigError
+
+ENVIRONMENT_VARIABLE = "HEADRACE_FAULT"
+POINTS = frozenset(
+    {
+        "snapshot_chunk",
+        "after_snapshot",
+        "before_apply",
+        "during_apply",
+        "after_commit",
+        "after_confirm",
+    }
+)
+DURING_APPLY_DELAY_S = 0.003
+
+
+def _parse(text: str) -> dict[str, int]:
+    faults: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        point, _, count = item.partition(":")
+        if point not in POINTS or not count.isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"{ENVIRONMENT_VARIABLE}={text!r}: {item!r} is not POINT:N",
+                f"use one of {', '.join(sorted(POINTS))} with N >= 1, or unset it",
+            )
+        faults[point] = int(count)
+    return faults
+
+
+class Faults:
+    """The armed fault points of this process (from ``HEADRACE_FAULT``)."""
+
+    def __init__(self, spec: str | None = None) -> None:
+        text = os.environ.get(ENVIRONMENT_VARIABLE, "") if spec is None else spec
+        self._armed = _parse(text)
+        self._seen: dict[str, int] = {}
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._armed)
+
+    def reached(self, point: str) -> None:
+        """Count a visit of ``point``; die on the armed visit."""
+        if not self._armed or point not in self._armed:
+            return
+        seen = self._seen.get(point, 0) + 1
+        self._seen[point] = seen
+        if seen != self._armed[point]:
+            return
+        if point == "during_apply":
+            timer = threading.Timer(DURING_APPLY_DELAY_S, _die)
+            timer.daemon = True
+            timer.start()
+        else:
+            _die()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)

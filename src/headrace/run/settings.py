@@ -1,0 +1,72 @@
+"""How ``headrace run`` runs: batching, buffering, status, snapshot parallelism.
+
+The pipeline file says *what* to maintain; these settings say *how fast and
+how much at once*. Defaults suit a 2-core machine; the CLI exposes the ones
+worth changing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from headrace.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Knobs of the run loop (every field has a sensible default)."""
+
+    batch_max_changes: int = 50_000
+    """A micro-batch is handed to the store once it holds this many changes
+    (it still ends on a transaction boundary)..."""
+
+    batch_max_wait_s: float = 0.1
+    """...or once this many seconds passed since its first complete
+    transaction, whichever comes first: the latency batching adds."""
+
+    queue_batches: int = 4
+    """Decoded batches waiting for the store at most. When the store is
+    slower than the source, the source waits here (backpressure) and the
+    replication slot keeps the rest on the server, so memory stays bounded
+    by about ``queue_batches + 2`` batches."""
+
+    merge_max_changes: int = 200_000
+    """When several batches wait, the writer applies them as one store
+    transaction of up to this many changes (fewer, larger transactions catch
+    up faster). 0 applies every batch on its own."""
+
+    heartbeat_interval_s: float = 10.0
+    """Seconds without any change after which the source writes a heartbeat
+    into the WAL, so the stored position (and the slot) advance on an idle
+    database. 0 turns heartbeats off."""
+
+    status_interval_s: float = 1.0
+    """How often the status file beside the store is rewritten, and the
+    terminal summary refreshed."""
+
+    maintain_interval_s: float = 1.0
+    """How often, between batches, rebuild requests are picked up, retention
+    is enforced and a checkpoint is considered."""
+
+    snapshot_workers: int = 2
+    """Parallel COPY connections of the initial snapshot."""
+
+    slot_lag_interval_s: float = 2.0
+    """How often the slot's WAL lag is read from the server for the status."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_max_changes < 1:
+            problems.append("batch_max_changes must be >= 1")
+        if self.batch_max_wait_s < 0:
+            problems.append("batch_max_wait_s must be >= 0")
+        if self.queue_batches < 1:
+            problems.append("queue_batches must be >= 1")
+        if self.merge_max_changes < 0:
+            problems.append("merge_max_changes must be >= 0")
+        if self.status_interval_s <= 0 or self.maintain_interval_s <= 0:
+            problems.append("status_interval_s and maintain_interval_s must be > 0")
+        if self.snapshot_workers < 1:
+            problems.append("snapshot_workers must be >= 1")
+        if problems:
+            raise ConfigError("; ".join(problems), "fix the run settings (see headrace run --help)")

@@ -1,0 +1,351 @@
+"""The status of a pipeline: built by the runner about once a second, shown by ``headrace status``.
+
+The running process writes it to ``<store>.status.json`` (atomically); when
+no process runs, ``headrace status`` builds the same document from the store
+itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
+
+``phase``          starting, snapshot, streaming, stopping, stopped, failed
+``position``       the durable source position (LSN as an integer and ``position_lsn`` text)
+``lag_ms``         now - commit time of the oldest change received and not yet
+                   visible in the store (0 when nothing waits)
+``lag_bytes``      WAL the slot holds that is not confirmed yet (server's current
+                   WAL position - the slot's confirmed position); includes WAL
+                   records of no interest (they are passed with the next change
+                   or heartbeat)
+``freshness_ms``   p50 / p99 / max of (visible in the store - commit time) over
+                   the changes applied in the last ``window_s`` seconds
+``tables[]``       per table: rows, last applied commit time, ``lag_ms`` (as above,
+                   for that table), ``lag_bytes`` (server WAL - LSN of its oldest
+                   waiting change, 0 when none), changes/s, batches/s
+``freshness_histogram``  cumulative counts per bucket of :data:`~.metrics.EDGES_MS`
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from headrace.errors import format_lsn
+from headrace.run.control import RunFiles, write_json_atomic
+from headrace.run.metrics import FreshnessHistogram, RateWindow
+from headrace.run.state import STOPPED, RunState
+from headrace.source.postgres.source import SlotLag
+from headrace.store.base import RollupStatus, TableStatus
+from headrace.store.duckdb.store import DuckDBStore
+
+STATUS_FORMAT = 1
+WINDOW_S = 5.0
+
+
+def _iso(value: datetime | float | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float | int):
+        value = datetime.fromtimestamp(value, UTC)
+    return value.astimezone(UTC).isoformat()
+
+
+def _freshness(histogram: FreshnessHistogram) -> dict[str, float | None]:
+    return {
+        "p50": histogram.percentile(0.5),
+        "p99": histogram.percentile(0.99),
+        "max": histogram.percentile(1.0),
+        "changes": histogram.total,
+    }
+
+
+def _table_rows(
+    tables: list[TableStatus],
+    state: RunState | None,
+    window: RateWindow | None,
+    wal_head: int | None,
+    now: float,
+) -> list[dict[str, Any]]:
+    waiting = state.waiting() if state is not None else {}
+    out = []
+    for table in tables:
+        name = table.table_name
+        oldest = waiting.get(name)
+        lag_ms = max(0.0, (now - oldest.commit_unix) * 1000) if oldest is not None else 0.0
+        lag_bytes = max(0, wal_head - oldest.lsn) if oldest is not None and wal_head else 0
+        out.append(
+            {
+                "name": name,
+                "rows": table.rows,
+                "last_commit_ts": _iso(table.last_commit_ts),
+                "last_lsn": table.last_lsn,
+                "applied_at": _iso(table.applied_at),
+                "lag_ms": round(lag_ms, 1),
+                "lag_bytes": lag_bytes,
+                "changes_per_s": round(window.rate(f"changes:{name}"), 1) if window else 0.0,
+                "batches_per_s": round(window.rate(f"batches:{name}"), 2) if window else 0.0,
+                "state": table.state,
+                "reason": table.reason,
+                "schema_version": table.schema_version,
+            }
+        )
+    return out
+
+
+def _rollup_rows(rollups: list[RollupStatus]) -> list[dict[str, Any]]:
+    return [{"name": r.name, "state": r.state, "reason": r.reason} for r in rollups]
+
+
+class StatusReporter:
+    """Builds the status document of a running pipeline and writes it beside the store."""
+
+    def __init__(
+        self,
+        state: RunState,
+        store: DuckDBStore,
+        files: RunFiles,
+        *,
+        config_path: Path | None,
+        queue_capacity: int,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.files = files
+        self.config_path = config_path
+        self.queue_capacity = queue_capacity
+        self.window = RateWindow(WINDOW_S)
+        self.slot_lag: Callable[[], SlotLag | None] | None = None
+        """Set once streaming starts: reads the slot's lag from the server."""
+        self.slot_name: str | None = None
+        self.source_info: Callable[[], dict[str, Any]] | None = None
+        self._lag: SlotLag | None = None
+        self._lag_at = 0.0
+        self.last: dict[str, Any] = {}
+
+    def _sample(self) -> None:
+        state = self.state
+        with state.lock:
+            counters: dict[str, float] = {"changes": state.changes, "batches": state.batches}
+            for name, count in state.table_changes.items():
+                counters[f"changes:{name}"] = count
+            for name, count in state.table_batches.items():
+                counters[f"batches:{name}"] = count
+            freshness = state.freshness.copy()
+        self.window.sample(counters, freshness)
+
+    def _slot(self, interval_s: float) -> SlotLag | None:
+        if self.slot_lag is None:
+            return None
+        now = time.monotonic()
+        if now - self._lag_at >= interval_s:
+            self._lag_at = now
+            try:
+                self._lag = self.slot_lag()
+            except Exception:  # status must not kill the run: shown as unknown
+                self._lag = None
+        return self._lag
+
+    def build(self, slot_lag_interval_s: float = 2.0) -> dict[str, Any]:
+        """The status document now (reads the store through a reader cursor)."""
+        self._sample()
+        state = self.state
+        now = time.time()
+        lag = self._slot(slot_lag_interval_s)
+        wal_head = None
+        if lag is not None and state.position is not None:
+            wal_head = (self.source_confirmed() or state.position) + lag.unconfirmed_bytes
+        tables = self.store.table_status()
+        waiting = state.waiting()
+        oldest = min((w.commit_unix for w in waiting.values()), default=None)
+        with state.lock:
+            snapshot = state.snapshot
+            document: dict[str, Any] = {
+                "format": STATUS_FORMAT,
+                "pid": os.getpid(),
+                "running": state.phase != STOPPED,
+                "phase": state.phase,
+                "error": state.error,
+                "config": str(self.config_path) if self.config_path else None,
+                "store": str(self.store.path),
+                "started_at": _iso(state.started_at),
+                "updated_at": _iso(now),
+                "updated_unix": now,
+                "position": state.position,
+                "position_lsn": format_lsn(state.position) if state.position is not None else None,
+                "position_commit_ts": _iso(state.position_commit_ts),
+                "totals": {
+                    "changes": state.changes,
+                    "batches": state.batches,
+                    "store_transactions": state.applies,
+                    "source_transactions": state.transactions,
+                    "empty_batches": state.empty_batches,
+                    "skipped_changes": state.skipped,
+                    "dead_letters": state.dead_letters,
+                    "apply_seconds": round(state.apply_seconds, 3),
+                },
+                "freshness_histogram": state.freshness.to_list(),
+            }
+        document["lag_ms"] = round(max(0.0, (now - oldest) * 1000), 1) if oldest else 0.0
+        document["lag_bytes"] = lag.unconfirmed_bytes if lag is not None else None
+        document["slot"] = (
+            {
+                "name": self.slot_name,
+                "retained_bytes": lag.retained_bytes,
+                "unconfirmed_bytes": lag.unconfirmed_bytes,
+                "wal_status": lag.wal_status,
+            }
+            if lag is not None
+            else None
+        )
+        if self.source_info is not None:
+            document["source"] = self.source_info()
+        document["changes_per_s"] = round(self.window.rate("changes"), 1)
+        document["batches_per_s"] = round(self.window.rate("batches"), 2)
+        document["freshness_ms"] = _freshness(self.window.freshness())
+        document["window_s"] = WINDOW_S
+        document["queue"] = {"batches": state.waiting_batches, "capacity": self.queue_capacity}
+        document["store_wal_bytes"] = self.store.wal_bytes()
+        if snapshot is not None:
+            copied = snapshot.rows or snapshot.copied_rows
+            seconds = snapshot.seconds
+            document["snapshot"] = {
+                "finished": snapshot.finished_at is not None,
+                "rows": copied,
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(copied / seconds) if seconds > 0 else 0,
+                "tables": {
+                    name: {"rows": p.rows, "expected": p.expected_rows, "finished": p.finished}
+                    for name, p in snapshot.tables.items()
+                },
+            }
+        document["tables"] = _table_rows(tables, state, self.window, wal_head, now)
+        document["rollups"] = _rollup_rows(self.store.rollup_status())
+        self.last = document
+        return document
+
+    def source_confirmed(self) -> int | None:
+        info = self.source_info() if self.source_info is not None else {}
+        value = info.get("confirmed_position")
+        return int(value) if isinstance(value, int) else None
+
+    def write(self, slot_lag_interval_s: float = 2.0) -> dict[str, Any]:
+        document = self.build(slot_lag_interval_s)
+        write_json_atomic(self.files.status, document)
+        return document
+
+
+def status_from_store(store: DuckDBStore, source: str) -> dict[str, Any]:
+    """The status of a store no process is running (read-only)."""
+    stored = store.read_position(source)
+    return {
+        "format": STATUS_FORMAT,
+        "running": False,
+        "phase": "idle" if stored is not None else "empty",
+        "store": str(store.path),
+        "position": stored.lsn if stored else None,
+        "position_lsn": format_lsn(stored.lsn) if stored else None,
+        "position_commit_ts": _iso(stored.commit_ts) if stored else None,
+        "updated_at": _iso(stored.updated_at) if stored else None,
+        "tables": _table_rows(store.table_status(), None, None, None, time.time()),
+        "rollups": _rollup_rows(store.rollup_status()),
+    }
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _bytes(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    size = float(value)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(size) < 1024 or unit == "GB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"  # pragma: no cover - loop always returns
+
+
+def _ms(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    if value == float("inf"):
+        return "> 10 min"
+    return f"{value:,.0f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
+
+
+def _when(text: object) -> str:
+    if not isinstance(text, str):
+        return "-"
+    return text.replace("T", " ").split(".")[0].removesuffix("+00:00")
+
+
+def render_status(document: dict[str, Any], console: Console) -> None:
+    """Print a status document as a header and a table per table and rollup."""
+    running = document.get("running")
+    phase = document.get("phase", "?")
+    head = f"[bold]{document.get('store')}[/bold]  phase [bold]{phase}[/bold]"
+    if running and document.get("pid"):
+        head += f"  (pid {document['pid']})"
+    console.print(head)
+    line = [
+        f"position {document.get('position_lsn') or '-'}",
+        f"last commit {_when(document.get('position_commit_ts'))}",
+    ]
+    if running:
+        freshness = document.get("freshness_ms") or {}
+        line += [
+            f"lag {_ms(document.get('lag_ms'))} / {_bytes(document.get('lag_bytes'))}",
+            f"{document.get('changes_per_s', 0):,.0f} changes/s",
+            f"{document.get('batches_per_s', 0):,.1f} batches/s",
+            f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}",
+        ]
+    console.print("  ".join(line))
+    if document.get("error"):
+        console.print(f"[red]error: {document['error']}[/red]")
+    snapshot = document.get("snapshot")
+    if snapshot and not snapshot.get("finished"):
+        console.print(
+            f"snapshot: {snapshot['rows']:,} rows in {snapshot['seconds']:.1f} s "
+            f"({snapshot['rows_per_s']:,} rows/s)"
+        )
+    table = Table(title="tables", title_justify="left")
+    for column in ("table", "rows", "last commit", "lag ms", "lag WAL", "changes/s", "batches/s"):
+        table.add_column(column, justify="left" if column in ("table", "last commit") else "right")
+    for row in document.get("tables", []):
+        state = row.get("state", "active")
+        name = row["name"] + ("" if state == "active" else f" ({state})")
+        table.add_row(
+            name,
+            f"{row['rows']:,}",
+            _when(row.get("last_commit_ts")),
+            f"{row.get('lag_ms', 0):,.0f}" if running else "-",
+            _bytes(row.get("lag_bytes")) if running else "-",
+            f"{row.get('changes_per_s', 0):,.0f}" if running else "-",
+            f"{row.get('batches_per_s', 0):,.1f}" if running else "-",
+        )
+    console.print(table)
+    rollups = document.get("rollups", [])
+    if rollups:
+        listing = Table(title="rollups", title_justify="left")
+        listing.add_column("rollup")
+        listing.add_column("state")
+        listing.add_column("reason")
+        for rollup in rollups:
+            listing.add_row(rollup["name"], rollup["state"], rollup.get("reason") or "")
+        console.print(listing)
+
+
+def summary_line(document: dict[str, Any]) -> str:
+    """The one-line live summary shown on a terminal while streaming."""
+    freshness = document.get("freshness_ms") or {}
+    queue = document.get("queue") or {}
+    return (
+        f"{document.get('phase')}  {document.get('changes_per_s', 0):>9,.0f} changes/s  "
+        f"{document.get('batches_per_s', 0):5.1f} batches/s  "
+        f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}  "
+        f"lag {_ms(document.get('lag_ms'))} / {_bytes(document.get('lag_bytes'))}  "
+        f"queue {queue.get('batches', 0)}/{queue.get('capacity', 0)}  "
+        f"at {document.get('position_lsn') or '-'}"
+    )
