@@ -167,3 +167,13 @@ def test_numeric_modifiers() -> None:
     assert str(arrow_type_for(1700, ((5 << 16) | (-3 & 0x7FF)) + 4, registry)) == "string"
     assert str(arrow_type_for(1700, ((80 << 16) | 2) + 4, registry)) == "string"
     assert str(arrow_type_for(1700, ((39 << 16) | 2) + 4, registry)) == "decimal256(39, 2)"
+
+
+def test_chunked_and_large_string_input() -> None:
+    registry = TypeRegistry()
+    pg_type = registry.lookup(20)
+    chunked = pa.chunked_array([pa.array(["1", None]), pa.array(["-3"])])
+    converted = text_column_to_arrow(chunked, pa.int64(), pg_type)
+    assert converted.to_pylist() == [1, None, -3]
+    large = pa.array(["7", None], pa.large_string())
+    assert text_column_to_arrow(large, pa.int64(), pg_type).to_pylist() == [7, None]

@@ -37,16 +37,26 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from headrace.errors import SourceError
 from headrace.source.postgres.arrays import ArraySyntaxError, parse_array
-from headrace.source.postgres.pgtypes import PgType, TypeKind
+from headrace.source.postgres.convert_binary import binary_column_to_arrow
+from headrace.source.postgres.pgtypes import DATE_INFINITY, TIMESTAMP_INFINITY, PgType, TypeKind
+
+__all__ = [
+    "DATE_INFINITY",
+    "TIMESTAMP_INFINITY",
+    "conversion_issues",
+    "convert_column",
+    "note_issue",
+    "parse_bytea",
+    "parse_interval",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +65,6 @@ conversion_issues: Counter[tuple[str, str]] = Counter()
 
 _logged_issues: set[tuple[str, str]] = set()
 
-DATE_INFINITY: Final = 2**31 - 1
-TIMESTAMP_INFINITY: Final = 2**63 - 1
-_DAYS_1970_TO_2000: Final = 10957
-_PG_EPOCH_US: Final = 946_684_800_000_000
 _US_PER_DAY: Final = 86_400_000_000
 _NANOS_LIMIT: Final = 2**63 - 1
 
@@ -95,12 +101,16 @@ def convert_column(
     """Convert one column of raw PostgreSQL values into ``arrow_type``.
 
     ``values`` is a string or binary Arrow array holding each value's text form
-    (or, with ``binary=True``, its binary send form), NULL for SQL NULL.
+    (or, with ``binary=True``, its binary send form), NULL for SQL NULL. A
+    ``ChunkedArray`` is converted chunk by chunk.
     """
+    if isinstance(values, pa.ChunkedArray):
+        chunks = [convert_column(c, arrow_type, pg_type, binary=binary) for c in values.chunks]
+        return pa.chunked_array(chunks, type=arrow_type)
     if values.type not in (pa.string(), pa.binary()):
         values = values.cast(pa.binary())
     if binary:
-        return _from_binary(values, arrow_type, pg_type)
+        return binary_column_to_arrow(values, arrow_type, pg_type)
     kind = pg_type.kind
     if kind in _STRING_KINDS or (kind is TypeKind.NUMERIC and pa.types.is_string(arrow_type)):
         return _utf8(values, pg_type)
@@ -538,89 +548,3 @@ _TEXT_CONVERTERS: Final[dict[TypeKind, Callable[[pa.Array, pa.DataType, PgType],
     TypeKind.BYTEA: _bytea,
     TypeKind.ARRAY: _array,
 }
-
-# ---------------------------------------------------------------- binary form
-
-_BINARY_FIXED: Final[dict[TypeKind, np.dtype[Any]]] = {
-    TypeKind.BOOL: np.dtype("u1"),
-    TypeKind.INT2: np.dtype(">i2"),
-    TypeKind.INT4: np.dtype(">i4"),
-    TypeKind.INT8: np.dtype(">i8"),
-    TypeKind.FLOAT4: np.dtype(">f4"),
-    TypeKind.FLOAT8: np.dtype(">f8"),
-    TypeKind.DATE: np.dtype(">i4"),
-    TypeKind.TIME: np.dtype(">i8"),
-    TypeKind.TIMESTAMP: np.dtype(">i8"),
-    TypeKind.TIMESTAMPTZ: np.dtype(">i8"),
-}
-
-
-def _from_binary(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
-    """Binary send form (pgoutput ``binary`` option) for fixed-width types."""
-    kind = pg_type.kind
-    binary = values.view(pa.binary())
-    if kind in (TypeKind.TEXT, TypeKind.ENUM, TypeKind.JSON) and pg_type.name != "jsonb":
-        return _utf8(binary, pg_type)
-    if kind is TypeKind.BYTEA:
-        return binary
-    if kind is TypeKind.UUID:
-        texts = [None if raw is None else _uuid_text(raw) for raw in binary.to_pylist()]
-        return pa.array(texts, pa.string())
-    dtype = _BINARY_FIXED.get(kind)
-    if dtype is None:
-        raise SourceError(
-            f"binary-format values of type {pg_type.name} are not supported",
-            "drop the pgoutput 'binary' option: headrace decodes text format fastest",
-        )
-    valid = np.asarray(binary.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    lengths = np.asarray(pc.binary_length(binary).fill_null(0).to_numpy(), dtype=np.int64)
-    if np.any(lengths[valid] != dtype.itemsize):
-        raise SourceError(
-            f"a binary {pg_type.name} value is not {dtype.itemsize} bytes long",
-            "report this with the server version",
-        )
-    raw = b"".join(item for item in binary.to_pylist() if item is not None)
-    parsed = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
-    if kind is TypeKind.DATE:
-        parsed = _shift_finite(parsed.astype(np.int64), _DAYS_1970_TO_2000, DATE_INFINITY)
-    elif kind in (TypeKind.TIMESTAMP, TypeKind.TIMESTAMPTZ):
-        parsed = _shift_finite(parsed, _PG_EPOCH_US, TIMESTAMP_INFINITY)
-    full = np.zeros(len(binary), dtype=_storage_numpy(kind))
-    full[valid] = parsed
-    mask = None if valid.all() else ~valid
-    storage = pa.array(full, mask=mask)
-    if kind is TypeKind.BOOL:
-        return storage.cast(pa.bool_())
-    return storage.view(arrow_type) if storage.type != arrow_type else storage
-
-
-def _shift_finite(
-    values: npt.NDArray[np.int64], shift: int, infinity: int
-) -> npt.NDArray[np.int64]:
-    """Move PostgreSQL-epoch values to the Unix epoch, keeping the infinities."""
-    int64_max = np.iinfo(np.int64).max
-    pos_inf = values == (int64_max if infinity == TIMESTAMP_INFINITY else 2**31 - 1)
-    neg_inf = values == (np.iinfo(np.int64).min if infinity == TIMESTAMP_INFINITY else -(2**31))
-    shifted = np.where(pos_inf | neg_inf, 0, values) + shift
-    shifted[pos_inf] = infinity
-    shifted[neg_inf] = -infinity
-    return shifted
-
-
-def _storage_numpy(kind: TypeKind) -> np.dtype[Any]:
-    return _STORAGE_NUMPY.get(kind, np.dtype("i8"))
-
-
-_STORAGE_NUMPY: Final[dict[TypeKind, np.dtype[Any]]] = {
-    TypeKind.BOOL: np.dtype("u1"),
-    TypeKind.INT2: np.dtype("i2"),
-    TypeKind.INT4: np.dtype("i4"),
-    TypeKind.FLOAT4: np.dtype("f4"),
-    TypeKind.FLOAT8: np.dtype("f8"),
-    TypeKind.DATE: np.dtype("i4"),
-}
-
-
-def _uuid_text(raw: bytes) -> str:
-    text = raw.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

@@ -173,6 +173,11 @@ BUILTIN_ARRAYS: Final[dict[int, int]] = {
 
 BOX_OID: Final = 603
 
+# PostgreSQL's infinite dates and timestamps in Arrow: DuckDB's sentinels
+# (date32 days, int64 microseconds), which DuckDB reads back as infinity.
+DATE_INFINITY: Final = 2**31 - 1
+TIMESTAMP_INFINITY: Final = 2**63 - 1
+
 # Objects created by initdb have OIDs below this; user objects at or above it.
 FIRST_NON_BUILTIN_OID: Final = 10000
 
