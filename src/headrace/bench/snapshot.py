@@ -2,7 +2,7 @@
 
 A throwaway cluster gets N rows in a typical table (int8 key, numeric(18,2),
 text, timestamptz, bool). Then, on the same data, over the same connection
-kind (TCP loopback unless ``--unix``):
+kind (the Unix socket unless ``--tcp``):
 
 1. raw binary COPY to a null sink, one connection (psycopg 3 raw copy
    blocks: ``for block in cursor.copy(...)``, bytes dropped);
@@ -12,17 +12,24 @@ kind (TCP loopback unless ``--unix``):
    parsed and converted into Arrow (every value decoded).
 
 The headline ratio is (3) against (2), same parallelism; (3) against (1) is
-printed too. The last line is one JSON object. Target: >= 1M rows/s.
+printed too. Each run also reports the CPU seconds it cost the client (this
+process) and the server (the cluster's processes): on a shared machine they
+are steadier than wall time, and their sum bounds the rate on an idle one
+(rows / (client + server CPU) x cores). The last line is one JSON object.
+Target: >= 1M rows/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import psutil
 import psycopg
 from rich.console import Console
 
@@ -59,18 +66,38 @@ FROM generate_series(1, %s) AS g
 
 
 @dataclass(frozen=True)
+class Measured:
+    """One timed run: wall seconds and the CPU seconds it cost on each side."""
+
+    seconds: float
+    client_cpu_s: float
+    server_cpu_s: float
+
+
+@dataclass(frozen=True)
 class SnapshotBenchResult:
-    """Timings of one ``bench snapshot`` run."""
+    """Timings of one ``bench snapshot`` run.
+
+    CPU seconds are measured next to wall time because the machine may be
+    shared: ``rows_per_cpu_s`` (rows per CPU-second, client and server
+    together) hardly depends on neighbours, wall-clock rates do.
+    """
 
     rows: int
     workers: int
     connection: str
+    load_average: float
     snapshot_s: float
     snapshot_rows_per_s: float
+    snapshot_client_cpu_s: float
+    snapshot_server_cpu_s: float
+    snapshot_rows_per_cpu_s: float
     raw_copy_one_s: float
     raw_copy_one_rows_per_s: float
     raw_copy_parallel_s: float
     raw_copy_parallel_rows_per_s: float
+    raw_copy_parallel_client_cpu_s: float
+    raw_copy_parallel_server_cpu_s: float
     ratio_vs_raw_parallel: float
     ratio_vs_raw_one: float
     target_rows_per_s: int
@@ -78,10 +105,11 @@ class SnapshotBenchResult:
 
 
 def run(
-    rows: int = 1_000_000, workers: int = 4, *, unix: bool = False, console: Console | None = None
+    rows: int = 1_000_000, workers: int = 2, *, unix: bool = True, console: Console | None = None
 ) -> SnapshotBenchResult:
     """Run the benchmark on a fresh throwaway cluster and print its lines."""
     out = console or Console(highlight=False)
+    load = os.getloadavg()[0]
     with ThrowawayPostgres() as cluster:
         dsn = cluster.dsn("postgres", unix=unix)
         out.print(f"loading {rows:,} rows into {TABLE} ...")
@@ -90,32 +118,47 @@ def run(
             conn.execute(_LOAD.encode(), (rows,))
             # Set hint bits and the visibility map now, so no timed run pays for it.
             conn.execute(b"VACUUM (FREEZE, ANALYZE) bench_snapshot")
+        server = _postmaster(cluster)
         settings = SnapshotSettings(dsn=dsn, tables=(TABLE,), slot=SLOT, workers=workers)
         ranges = _ranges(dsn, settings)
         _raw_copy(dsn, ranges[:1])  # warm the cache
-        raw_one = _timed(lambda: _raw_copy(dsn, [_whole(ranges)]))
+        raw_one = _measure(server, lambda: _raw_copy(dsn, [_whole(ranges)]))
         out.print(_line("raw binary COPY, 1 connection", rows, raw_one))
-        raw_parallel = _timed(lambda: _raw_copy_parallel(dsn, ranges, workers))
+        raw_parallel = _measure(server, lambda: _raw_copy_parallel(dsn, ranges, workers))
         out.print(_line(f"raw binary COPY, {workers} threads", rows, raw_parallel))
-        snapshot = _timed(lambda: _snapshot(settings))
+        snapshot = _measure(server, lambda: _snapshot(settings))
         out.print(_line(f"headrace snapshot into Arrow, {workers} workers", rows, snapshot))
         drop_slot(dsn, SLOT)
-    rate = rows / snapshot
+    rate = rows / snapshot.seconds
     result = SnapshotBenchResult(
         rows=rows,
         workers=workers,
         connection="unix" if unix else "tcp",
-        snapshot_s=round(snapshot, 3),
+        load_average=round(load, 2),
+        snapshot_s=round(snapshot.seconds, 3),
         snapshot_rows_per_s=round(rate),
-        raw_copy_one_s=round(raw_one, 3),
-        raw_copy_one_rows_per_s=round(rows / raw_one),
-        raw_copy_parallel_s=round(raw_parallel, 3),
-        raw_copy_parallel_rows_per_s=round(rows / raw_parallel),
-        ratio_vs_raw_parallel=round(raw_parallel / snapshot, 3),
-        ratio_vs_raw_one=round(raw_one / snapshot, 3),
+        snapshot_client_cpu_s=round(snapshot.client_cpu_s, 3),
+        snapshot_server_cpu_s=round(snapshot.server_cpu_s, 3),
+        snapshot_rows_per_cpu_s=round(
+            rows / max(snapshot.client_cpu_s + snapshot.server_cpu_s, 1e-9)
+        ),
+        raw_copy_one_s=round(raw_one.seconds, 3),
+        raw_copy_one_rows_per_s=round(rows / raw_one.seconds),
+        raw_copy_parallel_s=round(raw_parallel.seconds, 3),
+        raw_copy_parallel_rows_per_s=round(rows / raw_parallel.seconds),
+        raw_copy_parallel_client_cpu_s=round(raw_parallel.client_cpu_s, 3),
+        raw_copy_parallel_server_cpu_s=round(raw_parallel.server_cpu_s, 3),
+        ratio_vs_raw_parallel=round(raw_parallel.seconds / snapshot.seconds, 3),
+        ratio_vs_raw_one=round(raw_one.seconds / snapshot.seconds, 3),
         target_rows_per_s=TARGET_ROWS_PER_S,
         meets_target=rate >= TARGET_ROWS_PER_S,
     )
+    cores = os.cpu_count() or 1
+    if load > cores / 2:
+        out.print(
+            f"note: the machine was busy (load average {load:.1f} on {cores} cores); "
+            "wall-clock rates are low, the CPU seconds are the steadier measure"
+        )
     out.print(
         f"snapshot vs raw COPY: {result.ratio_vs_raw_parallel:.2f}x (same parallelism), "
         f"{result.ratio_vs_raw_one:.2f}x (one connection); target {TARGET_ROWS_PER_S:,} rows/s "
@@ -123,6 +166,38 @@ def run(
     )
     out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
     return result
+
+
+def _postmaster(cluster: ThrowawayPostgres) -> psutil.Process:
+    pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    return psutil.Process(pid)
+
+
+def _server_cpu(postmaster: psutil.Process) -> float:
+    """CPU seconds of the server: the postmaster, its exited and its live children."""
+    times = postmaster.cpu_times()
+    total = float(times.user + times.system + times.children_user + times.children_system)
+    for child in postmaster.children():
+        with contextlib.suppress(psutil.Error):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return total
+
+
+def _measure(postmaster: psutil.Process, action: Callable[[], object]) -> Measured:
+    me = psutil.Process()
+    client_before = sum(me.cpu_times()[:2])
+    server_before = _server_cpu(postmaster)
+    started = time.perf_counter()
+    action()
+    seconds = time.perf_counter() - started
+    # Let the postmaster reap the copy backends, so their CPU time is counted.
+    time.sleep(0.3)
+    return Measured(
+        seconds=seconds,
+        client_cpu_s=sum(me.cpu_times()[:2]) - client_before,
+        server_cpu_s=_server_cpu(postmaster) - server_before,
+    )
 
 
 def _ranges(dsn: str, settings: SnapshotSettings) -> list[tuple[TablePlan, CopyRange]]:
@@ -181,11 +256,8 @@ def _snapshot(settings: SnapshotSettings) -> None:
         raise AssertionError(f"copied {copied} rows, result says {snapshotter.result.total_rows}")
 
 
-def _timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
-def _line(what: str, rows: int, seconds: float) -> str:
-    return f"{what:<48} {seconds:7.3f} s  {rows / seconds:>12,.0f} rows/s"
+def _line(what: str, rows: int, measured: Measured) -> str:
+    return (
+        f"{what:<48} {measured.seconds:7.3f} s {rows / measured.seconds:>12,.0f} rows/s   "
+        f"CPU client {measured.client_cpu_s:.2f} s + server {measured.server_cpu_s:.2f} s"
+    )
