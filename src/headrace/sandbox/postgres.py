@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+import psycopg
+
 from headrace.errors import HeadraceError
 
 SUPERUSER = "postgres"
@@ -46,7 +48,7 @@ SERVER_SETTINGS: dict[str, str] = {
 }
 
 
-class PostgresNotFound(HeadraceError):
+class PostgresNotFoundError(HeadraceError):
     """No PostgreSQL server binaries on this machine."""
 
 
@@ -77,7 +79,7 @@ def find_bindir() -> Path:
     for directory in candidates:
         if all((directory / tool).exists() for tool in ("initdb", "pg_ctl", "postgres")):
             return directory
-    raise PostgresNotFound(
+    raise PostgresNotFoundError(
         "no PostgreSQL server binaries found (initdb, pg_ctl, postgres)",
         "install them: apt-get install postgresql (or put their bin directory on PATH)",
     )
@@ -185,6 +187,7 @@ class ThrowawayPostgres:
                 "--locale=C",
                 "--no-sync",
             ),
+            check=False,
             capture_output=True,
             text=True,
         )
@@ -247,8 +250,6 @@ class ThrowawayPostgres:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the server accepts connections."""
-        import psycopg
-
         deadline = time.monotonic() + timeout
         while True:
             try:
