@@ -421,3 +421,17 @@ def test_settings_out_of_range_are_refused() -> None:
         Snapshotter(SnapshotSettings(dsn="", tables=(table, table), slot="s"))
     with pytest.raises(ConfigError, match="at least one table"):
         Snapshotter(SnapshotSettings(dsn="", tables=(), slot="s"))
+
+
+def test_partitioned_table_is_copied_through_its_parent(pg_db: PgDatabase) -> None:
+    pg_db.execute(
+        "CREATE TABLE ev (id int8, day date, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);"
+        "CREATE TABLE ev_1 PARTITION OF ev FOR VALUES FROM ('2024-01-01') TO ('2024-02-01');"
+        "CREATE TABLE ev_2 PARTITION OF ev FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');"
+        "INSERT INTO ev SELECT g, date '2024-01-01' + (g % 59) FROM generate_series(1, 2000) g;"
+        "CREATE PUBLICATION p FOR TABLE ev WITH (publish_via_partition_root = true)"
+    )
+    chunks = copy_tables(pg_db, "ev", publication="p", range_pages=1)
+    ids = rows_of(chunks, "ev").column("id").to_pylist()
+    assert sorted(ids) == list(range(1, 2001))
+    assert {c.schema.table for c in chunks} == {TableRef("public", "ev")}
