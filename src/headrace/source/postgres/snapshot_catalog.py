@@ -12,6 +12,11 @@ message, so a snapshot row and a streamed row of the same table line up:
 * key columns are the replica identity: the primary key (``DEFAULT``), the
   chosen index (``USING INDEX``), every column (``FULL``), none (``NOTHING``,
   or ``DEFAULT`` without a primary key).
+
+A partitioned table is copied through its parent, in one piece (no CTID
+ranges across partitions); that matches a publication with
+``publish_via_partition_root = true``. Without it the stream names the
+partitions, so configure those instead.
 """
 
 from __future__ import annotations
