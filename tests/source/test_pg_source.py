@@ -258,15 +258,15 @@ def test_heartbeat_advances_an_idle_slot(pg_db: PgDatabase) -> None:
         source.prepare()
         started = time.monotonic()
         heartbeats: list[ChangeBatch] = []
-        with _deadline(source, 20):
+        written_up_to: int | None = None
+        with _deadline(source, 30):
             for batch in source.batches():
                 assert batch.is_empty
-                if any(m.prefix == HEARTBEAT_PREFIX for m in batch.messages):
-                    heartbeats.append(batch)
-                    source.confirm(batch.position)
-                if not heartbeats:
-                    continue
-                if len(heartbeats) == 1:
+                if not any(m.prefix == HEARTBEAT_PREFIX for m in batch.messages):
+                    continue  # position-only batches: not confirmed, to test heartbeats alone
+                heartbeats.append(batch)
+                source.confirm(batch.position)
+                if written_up_to is None:
                     pg_db.execute(
                         "INSERT INTO elsewhere "
                         "SELECT repeat('x', 500) FROM generate_series(1, 2000)"
@@ -274,6 +274,7 @@ def test_heartbeat_advances_an_idle_slot(pg_db: PgDatabase) -> None:
                     written_up_to = _current_lsn(pg_db)
                 elif batch.position > written_up_to:
                     break
+        assert written_up_to is not None
         assert time.monotonic() - started >= 0.3
         assert source.heartbeats >= 2
         assert _eventually(lambda: _slot_confirmed(pg_db) > written_up_to)

@@ -21,11 +21,14 @@ line printed is one JSON object with every figure.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import resource
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psycopg
 from rich.console import Console
@@ -62,22 +65,42 @@ _COMMIT = 0x43  # 'C', a pgoutput Commit message
 
 @dataclass(frozen=True)
 class CdcBenchResult:
-    """Timings of one ``bench cdc`` run (rates are rows/s)."""
+    """Timings of one ``bench cdc`` run: the best of ``repeat`` runs per consumer.
+
+    ``*_cpu_s`` is the CPU time of the consumer process; ``*_walsender_cpu_s``
+    that of the walsender serving it (Linux, else None): a walsender busy for
+    nearly the whole run is the limit; a consumer busy for it is.
+    """
 
     rows: int
     transactions: int
     connection: str
+    repeat: int
     stream_bytes: int
     pg_recvlogical_s: float
     pg_recvlogical_rows_per_s: float
+    pg_recvlogical_cpu_s: float
     noop_s: float
     noop_rows_per_s: float
+    noop_cpu_s: float
+    noop_walsender_cpu_s: float | None
     decode_s: float
     decode_rows_per_s: float
+    decode_cpu_s: float
+    decode_walsender_cpu_s: float | None
     decode_vs_noop: float
     decode_vs_pg_recvlogical: float
     target_decode_vs_noop: float
     meets_target: bool
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One timed drain."""
+
+    seconds: float
+    cpu_s: float
+    walsender_cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,11 @@ class _Stream:
 
 
 def run(
-    rows: int = 1_000_000, *, unix: bool = True, console: Console | None = None
+    rows: int = 1_000_000,
+    *,
+    unix: bool = True,
+    repeat: int = 1,
+    console: Console | None = None,
 ) -> CdcBenchResult:
     """Run the benchmark on a fresh throwaway cluster and print its lines."""
     if rows < TRANSACTIONS:
@@ -98,6 +125,7 @@ def run(
             f"--rows {rows} is too small", f"use at least {TRANSACTIONS} (one per transaction)"
         )
     out = console or Console(highlight=False)
+    runs: dict[str, list[_Run]] = {"pg_recvlogical": [], "noop": [], "decode": []}
     with ThrowawayPostgres() as cluster:
         dsn = cluster.dsn("postgres", unix=unix)
         out.print(f"loading {rows:,} rows into {TABLE} in {TRANSACTIONS} transactions ...")
@@ -107,42 +135,46 @@ def run(
             f"stream: {stream.messages:,} messages, {stream.payload_bytes / 1e6:,.1f} MB of "
             f"pgoutput, ends at {format_lsn(stream.end_lsn)}"
         )
-        recvlogical = _timed(lambda: _pg_recvlogical(cluster, dsn, stream.end_lsn))
-        out.print(_line("pg_recvlogical to /dev/null", rows, recvlogical))
-        noop = _timed(lambda: _noop(dsn, stream.end_lsn))
-        out.print(_line("replication consumer doing nothing", rows, noop))
-        decoded_rows = 0
-
-        def decode() -> None:
-            nonlocal decoded_rows
-            decoded_rows = _decode(dsn, stream.end_lsn)
-
-        decode_s = _timed(decode)
-        out.print(_line("headrace source, ChangeBatches decoded", rows, decode_s))
-    if decoded_rows != rows:
-        raise HeadraceError(
-            f"the source delivered {decoded_rows:,} changes, expected {rows:,}",
-            "this is a bug in headrace; report it",
-        )
-    decode_vs_noop = noop / decode_s
+        for _ in range(repeat):  # rounds interleave the consumers: noise hits all alike
+            runs["pg_recvlogical"].append(_pg_recvlogical(cluster, dsn, stream.end_lsn))
+            out.print(_line("pg_recvlogical to /dev/null", rows, runs["pg_recvlogical"][-1]))
+            runs["noop"].append(_noop(dsn, stream.end_lsn))
+            out.print(_line("replication consumer doing nothing", rows, runs["noop"][-1]))
+            decoded, decode_run = _decode(dsn, stream.end_lsn)
+            runs["decode"].append(decode_run)
+            out.print(_line("headrace source, ChangeBatches decoded", rows, decode_run))
+            if decoded != rows:
+                raise HeadraceError(
+                    f"the source delivered {decoded:,} changes, expected {rows:,}",
+                    "this is a bug in headrace; report it",
+                )
+    recvlogical, noop, decode = (min(runs[k], key=lambda r: r.seconds) for k in runs)
+    decode_vs_noop = noop.seconds / decode.seconds
     result = CdcBenchResult(
         rows=rows,
         transactions=TRANSACTIONS,
         connection="unix" if unix else "tcp",
+        repeat=repeat,
         stream_bytes=stream.payload_bytes,
-        pg_recvlogical_s=round(recvlogical, 3),
-        pg_recvlogical_rows_per_s=round(rows / recvlogical),
-        noop_s=round(noop, 3),
-        noop_rows_per_s=round(rows / noop),
-        decode_s=round(decode_s, 3),
-        decode_rows_per_s=round(rows / decode_s),
+        pg_recvlogical_s=round(recvlogical.seconds, 3),
+        pg_recvlogical_rows_per_s=round(rows / recvlogical.seconds),
+        pg_recvlogical_cpu_s=round(recvlogical.cpu_s, 3),
+        noop_s=round(noop.seconds, 3),
+        noop_rows_per_s=round(rows / noop.seconds),
+        noop_cpu_s=round(noop.cpu_s, 3),
+        noop_walsender_cpu_s=_rounded(noop.walsender_cpu_s),
+        decode_s=round(decode.seconds, 3),
+        decode_rows_per_s=round(rows / decode.seconds),
+        decode_cpu_s=round(decode.cpu_s, 3),
+        decode_walsender_cpu_s=_rounded(decode.walsender_cpu_s),
         decode_vs_noop=round(decode_vs_noop, 3),
-        decode_vs_pg_recvlogical=round(recvlogical / decode_s, 3),
+        decode_vs_pg_recvlogical=round(recvlogical.seconds / decode.seconds, 3),
         target_decode_vs_noop=TARGET_DECODE_VS_NOOP,
         meets_target=decode_vs_noop >= TARGET_DECODE_VS_NOOP,
     )
+    best = f"best of {repeat}: " if repeat > 1 else ""
     out.print(
-        f"decode vs noop: {result.decode_vs_noop:.2f}, decode vs pg_recvlogical: "
+        f"{best}decode vs noop: {result.decode_vs_noop:.2f}, decode vs pg_recvlogical: "
         f"{result.decode_vs_pg_recvlogical:.2f}; target decode_vs_noop >= "
         f"{TARGET_DECODE_VS_NOOP} " + ("met" if result.meets_target else "NOT met")
     )
@@ -164,10 +196,21 @@ def _load(dsn: str, rows: int) -> None:
             first = last + 1
 
 
+_copies = itertools.count(1)
+
+
 def _copy_slot(dsn: str, name: str) -> str:
+    """A fresh copy of the origin slot (same position), named ``name_<n>``."""
+    copy = f"{name}_{next(_copies)}"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (ORIGIN_SLOT, name))
-    return name
+        # Copies already drained hold WAL for nothing: drop them first.
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name <> %s AND NOT active",
+            (ORIGIN_SLOT,),
+        )
+        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (ORIGIN_SLOT, copy))
+    return copy
 
 
 def _options() -> StreamOptions:
@@ -198,7 +241,7 @@ def _warm_up(dsn: str) -> _Stream:
     return _Stream(end_lsn=end_lsn, messages=messages, payload_bytes=size)
 
 
-def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> None:
+def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> _Run:
     slot = _copy_slot(dsn, "headrace_bench_recvlogical")
     options = ("proto_version=2", f"publication_names={PUBLICATION}", "messages=true")
     command = [
@@ -207,10 +250,13 @@ def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> None:
         *("--endpos", format_lsn(end_lsn), "--file", "/dev/null"),
         *(arg for option in (*options, "streaming=true") for arg in ("--option", option)),
     ]
+    before = _children_cpu()
+    started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
+    return _Run(time.perf_counter() - started, _children_cpu() - before)
 
 
-def _noop(dsn: str, end_lsn: int) -> None:
+def _noop(dsn: str, end_lsn: int) -> _Run:
     slot = _copy_slot(dsn, "headrace_bench_noop")
 
     def nothing(start: int, payload: memoryview) -> None:
@@ -218,11 +264,19 @@ def _noop(dsn: str, end_lsn: int) -> None:
 
     with ReplicationConnection(dsn) as conn:
         conn.start(slot, 0, _options())
+        walsender = _process_cpu(conn.backend_pid)
+        cpu = time.process_time()
+        started = time.perf_counter()
         while conn.last_data_start < end_lsn:
             conn.drain(nothing, 1.0)
+        seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        walsender_after = _process_cpu(conn.backend_pid)
+    return _Run(seconds, cpu, _difference(walsender_after, walsender))
 
 
-def _decode(dsn: str, end_lsn: int) -> int:
+def _decode(dsn: str, end_lsn: int) -> tuple[int, _Run]:
+    """Drain with PostgresSource; returns the changes delivered and the timing."""
     slot = _copy_slot(dsn, "headrace_bench_decode")
     settings = SourceSettings(
         dsn=dsn,
@@ -233,19 +287,52 @@ def _decode(dsn: str, end_lsn: int) -> int:
         heartbeat_interval_s=0,
     )
     changes = 0
+    walsender_after: float | None = None
     with PostgresSource(settings) as source:
+        source.prepare()
+        cpu = time.process_time()
+        started = time.perf_counter()
         for batch in source.batches():
             changes += batch.num_changes
             if batch.position >= end_lsn:
+                walsender_after = _process_cpu(source.backend_pid)
                 break
-    return changes
+        seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+    # The walsender started with the stream: its whole CPU time is this drain's.
+    return changes, _Run(seconds, cpu, walsender_after)
 
 
-def _timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def _line(what: str, rows: int, seconds: float) -> str:
-    return f"{what:<44} {seconds:7.3f} s  {rows / seconds:>12,.0f} rows/s"
+def _process_cpu(pid: int | None) -> float | None:
+    """CPU seconds of a process so far (from /proc; None where there is no /proc)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of stat, 12 and 13 after "pid (comm) ".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _difference(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _line(what: str, rows: int, run: _Run) -> str:
+    walsender = (
+        f", walsender {run.walsender_cpu_s:.2f} s" if run.walsender_cpu_s is not None else ""
+    )
+    return (
+        f"{what:<40} {run.seconds:7.3f} s {rows / run.seconds:>10,.0f} rows/s  "
+        f"(CPU: consumer {run.cpu_s:.2f} s{walsender})"
+    )

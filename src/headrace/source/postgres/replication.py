@@ -20,6 +20,7 @@ within a timeout, so an idle stream never blocks the caller.
 
 from __future__ import annotations
 
+import math
 import select
 import struct
 import threading
@@ -165,6 +166,10 @@ class ReplicationConnection:
         except psycopg.OperationalError as exc:
             raise connect_error(exc) from exc
         self._pgconn = self._conn.pgconn
+        self._read_poller = None
+        if hasattr(select, "poll"):
+            self._read_poller = select.poll()
+            self._read_poller.register(self._pgconn.socket, select.POLLIN)
         self._lock = threading.Lock()
         self._streaming = False
         self._confirmed = 0
@@ -402,8 +407,10 @@ class ReplicationConnection:
     def _wait_readable(self, timeout: float) -> bool:
         if timeout <= 0:
             return False
-        readable, _, _ = select.select([self._pgconn.socket], [], [], timeout)
-        return bool(readable)
+        poller = self._read_poller
+        if poller is None:  # pragma: no cover - Windows
+            return wait_socket(self._pgconn.socket, timeout)
+        return bool(poller.poll(math.ceil(timeout * 1000)))
 
     def _send_status_if_due(self, now: float) -> None:
         if now - self._last_status >= self.status_interval_s or (
@@ -437,7 +444,7 @@ class ReplicationConnection:
         self._last_status = time.monotonic()
 
     def _wait_writable(self) -> None:
-        select.select([], [self._pgconn.socket], [], 1.0)
+        wait_socket(self._pgconn.socket, 1.0, write=True)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -468,6 +475,22 @@ class ReplicationConnection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def wait_socket(fd: int, timeout: float, *, write: bool = False) -> bool:
+    """Wait until ``fd`` is readable (or writable); False on timeout.
+
+    ``poll`` rather than ``select``: a process serving many clients (the
+    embedded pipeline with its HTTP server) has descriptors above 1024.
+    """
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        readable, writable, _ = select.select(
+            [] if write else [fd], [fd] if write else [], [], timeout
+        )
+        return bool(writable if write else readable)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
 
 
 def parse_pg_lsn(text: str) -> int:

@@ -494,7 +494,6 @@ class PostgresSource:
                 batcher.skip_before(caught_up)
                 self._delivered = caught_up
                 yield ChangeBatch(tables=(), position=caught_up)
-                continue
             if (
                 heartbeat_every > 0
                 and now - last_data >= heartbeat_every
