@@ -3,8 +3,9 @@
 A writer thread inserts, updates and deletes (also changing keys, also in
 multi-statement transactions) before, during and after the copy. The copy
 is slowed down by its consumer so that many transactions commit while it
-runs. Then the slot's changes (``pg_logical_slot_get_binary_changes``, fed
-to the batcher) are applied on top of the snapshot rows, strictly: an insert
+runs. Then the slot's changes (``pg_logical_slot_get_binary_changes`` fed
+to the batcher, or the change source streaming from the consistent point)
+are applied on top of the snapshot rows, strictly: an insert
 of a key the snapshot already has is a duplicate, an update or delete of a
 key it lacks is a gap. The result must equal a final SELECT.
 """
@@ -19,11 +20,14 @@ from decimal import Decimal
 
 import psycopg
 import pyarrow as pa
+import pytest
 
+from headrace.errors import parse_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, ChangeBatch, TableRef, old_name
 from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter, same_columns
+from headrace.source.postgres.source import PostgresSource, SourceSettings
 from headrace.source.postgres.types import TypeRegistry
 from tests.conftest import PgDatabase
 
@@ -170,7 +174,55 @@ def select_rows(pg_db: PgDatabase, table: str, keys: tuple[str, ...]) -> dict[Ke
         return result
 
 
-def test_snapshot_then_stream_equals_source_under_concurrent_writes(pg_db: PgDatabase) -> None:
+def changes_by_sql(pg_db: PgDatabase, consistent_point: int) -> list[ChangeBatch]:
+    """The slot's changes through ``pg_logical_slot_get_binary_changes``, batched."""
+    with pg_db.connect() as conn:
+        registry = TypeRegistry.load(conn)
+    batcher = Batcher(registry)
+    batcher.skip_before(consistent_point)
+    changes = pg_db.fetchall(
+        "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes("
+        "'handover', NULL, NULL, 'proto_version', '2', 'publication_names', 'p')"
+    )
+    for lsn_text, data in changes:
+        assert isinstance(data, bytes)
+        batcher.feed(parse_lsn(str(lsn_text)), data)
+    batch = batcher.take()
+    assert batch is not None
+    return [batch]
+
+
+def changes_by_source(
+    pg_db: PgDatabase, settings: SnapshotSettings, consistent_point: int
+) -> list[ChangeBatch]:
+    """The slot's changes streamed by the change source from the consistent point."""
+    (row,) = pg_db.fetchall("SELECT pg_current_wal_lsn()::text")
+    end = parse_lsn(str(row[0]))
+    source_settings = SourceSettings(
+        dsn=settings.dsn,
+        tables=settings.tables,
+        publication="p",
+        slot=settings.slot,
+        create_publication=False,
+        heartbeat_interval_s=0,
+    )
+    batches = []
+    deadline = time.monotonic() + 30
+    with PostgresSource(source_settings) as source:
+        source.prepare(consistent_point)
+        for batch in source.batches(consistent_point):
+            batches.append(batch)
+            source.confirm(batch.position)
+            if batch.position >= end:
+                break
+            assert time.monotonic() < deadline, "the stream did not reach the end"
+    return batches
+
+
+@pytest.mark.parametrize("stream_with", ["sql", "source"])
+def test_snapshot_then_stream_equals_source_under_concurrent_writes(
+    pg_db: PgDatabase, stream_with: str
+) -> None:
     pg_db.execute(SCHEMA)
     writer = Writer(pg_db.dsn, seed=7)
     writer.start()
@@ -210,25 +262,15 @@ def test_snapshot_then_stream_equals_source_under_concurrent_writes(pg_db: PgDat
     assert result.rows[TableRef.parse("account")] > 5000
 
     # Stream from the consistent point: the slot's changes, all of them.
-    with pg_db.connect() as conn:
-        registry = TypeRegistry.load(conn)
-    batcher = Batcher(registry)
-    batcher.skip_before(result.consistent_point)
-    changes = pg_db.fetchall(
-        "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes("
-        "'handover', NULL, NULL, 'proto_version', '2', 'publication_names', 'p')"
-    )
-    for lsn_text, data in changes:
-        high, _, low = str(lsn_text).partition("/")
-        assert isinstance(data, bytes)
-        batcher.feed((int(high, 16) << 32) | int(low, 16), data)
-    batch = batcher.take()
-    assert batch is not None
-    applied = apply_batch(state, batch)
+    if stream_with == "sql":
+        batches = changes_by_sql(pg_db, result.consistent_point)
+    else:
+        batches = changes_by_source(pg_db, settings, result.consistent_point)
+    applied = sum(apply_batch(state, batch) for batch in batches)
     assert applied > 20
 
     # The stream's schemas are the snapshot's.
-    for table_changes in batch.tables:
+    for table_changes in (t for batch in batches for t in batch.tables):
         assert same_columns(table_changes.schema, snapshot_schemas[table_changes.table])
         assert table_changes.schema.relation_oid == (
             snapshot_schemas[table_changes.table].relation_oid
@@ -246,8 +288,7 @@ def test_chunks_carry_the_slots_consistent_point(pg_db: PgDatabase) -> None:
     (row,) = pg_db.fetchall(
         "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'cp'"
     )
-    high, _, low = str(row[0]).partition("/")
-    assert {c.consistent_point for c in chunks} == {(int(high, 16) << 32) | int(low, 16)}
+    assert {c.consistent_point for c in chunks} == {parse_lsn(str(row[0]))}
     assert snapshotter.result.consistent_point == chunks[0].consistent_point
     assert pa.concat_tables(c.rows for c in chunks).num_rows == 2
 
