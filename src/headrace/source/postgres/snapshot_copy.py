@@ -16,7 +16,7 @@ set up so that only the first becomes null.
 
 from __future__ import annotations
 
-import select
+import selectors
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,27 +110,32 @@ def read_copy_blocks(
     get_copy_data = pgconn.get_copy_data
     buffer = bytearray()
     rows = 0
-    while True:
-        nbytes, data = get_copy_data(1)
-        if nbytes > 0:
-            buffer += data
-            rows += 1
-            if rows >= block_rows or len(buffer) >= block_bytes:
-                yield CsvBlock(pa.py_buffer(buffer), rows)
-                buffer = bytearray()
-                rows = 0
-        elif nbytes == 0:
-            _wait_for_data(pgconn, stop)
-        else:
-            break
+    # A selector, not select(): socket numbers may exceed FD_SETSIZE.
+    with selectors.DefaultSelector() as readable:
+        readable.register(pgconn.socket, selectors.EVENT_READ)
+        while True:
+            nbytes, data = get_copy_data(1)
+            if nbytes > 0:
+                buffer += data
+                rows += 1
+                if rows >= block_rows or len(buffer) >= block_bytes:
+                    yield CsvBlock(pa.py_buffer(buffer), rows)
+                    buffer = bytearray()
+                    rows = 0
+            elif nbytes == 0:
+                _wait_for_data(pgconn, readable, stop)
+            else:
+                break
     if rows:
         yield CsvBlock(pa.py_buffer(buffer), rows)
     _finish_copy(pgconn)
 
 
-def _wait_for_data(pgconn: pq.abc.PGconn, stop: threading.Event) -> None:
+def _wait_for_data(
+    pgconn: pq.abc.PGconn, readable: selectors.BaseSelector, stop: threading.Event
+) -> None:
     """Block (without the GIL) until the server sent more; honour ``stop``."""
-    while not select.select([pgconn.socket], [], [], _POLL_SECONDS)[0]:
+    while not readable.select(_POLL_SECONDS):
         if stop.is_set():
             raise CopyCancelled
     pgconn.consume_input()
