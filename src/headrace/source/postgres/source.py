@@ -27,7 +27,7 @@ from types import TracebackType
 
 import psycopg
 
-from headrace.errors import ConfigError, SourceError, format_lsn
+from headrace.errors import ConfigError, HeadraceError, SourceError, format_lsn
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.source.postgres import preflight
 from headrace.source.postgres.batcher import Batcher
@@ -255,7 +255,10 @@ class PostgresSource:
             # Forget what was received but not delivered: the server sends it again.
             self.batcher.discard_incomplete()
             if self.batcher.has_pending:
-                self.batcher.take()
+                # Decoding what is dropped anyway may fail too: that must not
+                # hide the error that ended the stream.
+                with contextlib.suppress(HeadraceError):
+                    self.batcher.take()
             self.batcher.skip_before(self._delivered)
 
     def _batches_with_reconnects(self) -> Iterator[ChangeBatch]:
