@@ -300,7 +300,7 @@ def test_exported_snapshot_outlives_wal_sender_timeout() -> None:
         dsn = cluster.dsn("postgres", unix=True)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE TABLE t (id int8 PRIMARY KEY)")
-            conn.execute("INSERT INTO t SELECT generate_series(1, 3000)")
+            conn.execute("INSERT INTO t SELECT generate_series(1, 2000)")
         settings = SnapshotSettings(
             dsn=dsn, tables=(TableRef.parse("t"),), slot="slow", chunk_rows=1000, queue_chunks=1
         )
@@ -309,9 +309,9 @@ def test_exported_snapshot_outlives_wal_sender_timeout() -> None:
         with psycopg.connect(dsn, autocommit=True) as watcher:
             for chunk in snapshotter.chunks():
                 ids.extend(chunk.rows.column("id").to_pylist())
-                time.sleep(1.5)
+                time.sleep(1.2)
                 (senders,) = watcher.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender'"
                 ).fetchall()
                 assert senders == (1,)  # the exporting connection is still there
-        assert sorted(ids) == list(range(1, 3001))
+        assert sorted(ids) == list(range(1, 2001))
