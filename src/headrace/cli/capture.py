@@ -16,7 +16,6 @@ strings (exact), bytea as hex, times in ISO 8601, NaN/Infinity as strings.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from types import FrameType
@@ -88,7 +87,7 @@ def capture(
         typer.Option(
             "--publication",
             help="Publication to stream; created for the given tables when missing. "
-            "Default: headrace_capture_<hash of the table list>.",
+            "Default: headrace.",
         ),
     ] = None,
     from_lsn: Annotated[
@@ -133,7 +132,7 @@ def capture(
             dsn=dsn,
             tables=refs,
             slot=slot,
-            publication=publication or default_publication(refs),
+            publication=publication or "headrace",
             start_position=start,
             snapshot=snapshot,
             out=sys.stdout,
@@ -141,12 +140,6 @@ def capture(
     except HeadraceError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-
-
-def default_publication(tables: Sequence[TableRef]) -> str:
-    """A publication name per table set, so captures of other tables do not clash."""
-    digest = hashlib.sha256(",".join(sorted(str(t) for t in tables)).encode()).hexdigest()
-    return f"headrace_capture_{digest[:10]}"
 
 
 def run_capture(
