@@ -26,6 +26,12 @@ comparable. A consumer reconciling a snapshot with a stream compares column
 lists (names, type OIDs and modifiers, key flags: :func:`same_columns`), not
 version numbers.
 
+Cost (measured on 2 cores, 1M rows of int8, numeric(18,2), text,
+timestamptz, bool): about 0.9-1.0 CPU-second in this process (receiving
+~0.45, CSV parsing ~0.2, converting ~0.1-0.25) plus 0.75-1.0 in the server
+(CSV output), so an idle 2-core machine copies about 1M rows/s; psycopg 3's
+own raw binary COPY loop, converting nothing, is no faster.
+
 Interrupted snapshots: when the copy fails or the consumer stops early (the
 chunk iterator is closed), the half-made slot is dropped. After a crash that
 left the slot behind, run the snapshot again with
