@@ -1,112 +1,158 @@
 """One tick's rows, written as one database transaction in one round trip.
 
-Rows accumulate as columns; :meth:`TickBatch.write` sends one statement per
+Rows accumulate per table; :meth:`TickBatch.write` sends one statement per
 table (``INSERT ... SELECT FROM unnest(arrays)`` or ``UPDATE ... FROM
 unnest(arrays)``) in pipeline mode, in foreign-key order, and commits.
-Times are integer microseconds until they are written.
+
+Each column travels as one array literal in text (``{1,2,3}``), built with
+``str.join``: several times cheaper in Python than adapting every element.
+Times stay integer microseconds until PostgreSQL turns them into
+timestamps (``'epoch' + n * 1 us``, exact for any realistic date).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, LiteralString
 
 import psycopg
 
 from headrace.demo.actions import Truth
-from headrace.demo.clock import from_us
 
 _INSERT_CUSTOMERS = """
 INSERT INTO customers (id, full_name, email, country, risk_band, created_at)
-SELECT * FROM unnest(%b::int8[], %b::text[], %b::text[], %b::text[], %b::text[],
-                     %b::timestamptz[])
+SELECT u.id, u.full_name, u.email, u.country, u.risk_band,
+       timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int8[])
+     AS u(id, full_name, email, country, risk_band, at)
 """
 _INSERT_ACCOUNTS = """
 INSERT INTO accounts (id, customer_id, tier, status, balance, currency, opened_at, updated_at)
-SELECT u.id, u.customer_id, u.tier, 'active', u.balance::numeric / 100, u.currency, u.at, u.at
-FROM unnest(%b::int8[], %b::int8[], %b::text[], %b::int8[], %b::text[], %b::timestamptz[])
+SELECT u.id, u.customer_id, u.tier, 'active', u.balance::numeric / 100, u.currency,
+       timestamptz 'epoch' + u.at * interval '1 microsecond',
+       timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::int8[], %s::text[], %s::int8[])
      AS u(id, customer_id, tier, balance, currency, at)
 """
 _INSERT_CARDS = """
 INSERT INTO cards (id, account_id, kind, card_present, online, status, last4, issued_at,
                    expires_on)
-SELECT u.id, u.account_id, 'physical', true, true, 'active', u.last4, u.at,
-       (date_trunc('month', u.at) + interval '4 years')::date
-FROM unnest(%b::int8[], %b::int8[], %b::text[], %b::timestamptz[]) AS u(id, account_id, last4, at)
+SELECT u.id, u.account_id, 'physical', true, true, 'active', u.last4,
+       timestamptz 'epoch' + u.at * interval '1 microsecond',
+       (date_trunc('month', timestamptz 'epoch' + u.at * interval '1 microsecond')
+        + interval '4 years')::date
+FROM unnest(%s::int8[], %s::int8[], %s::text[], %s::int8[]) AS u(id, account_id, last4, at)
 """
 _INSERT_LOGINS = """
 INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, country, at)
-SELECT u.id, u.customer_id, u.success, u.reason, u.device, u.ip::inet, u.country, u.at
-FROM unnest(%b::int8[], %b::int8[], %b::bool[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::timestamptz[]) AS u(id, customer_id, success, reason, device, ip, country, at)
+SELECT u.id, u.customer_id, u.success, u.reason, u.device, u.ip::inet, u.country,
+       timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::int8[], %s::bool[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::int8[]) AS u(id, customer_id, success, reason, device, ip, country, at)
 """
 _INSERT_TRANSACTIONS = """
 INSERT INTO transactions (id, account_id, card_id, merchant_id, parent_id, amount, currency,
                           channel, type, status, decline_reason, country, device, ip,
                           created_at, updated_at)
 SELECT u.id, u.account_id, u.card_id, u.merchant_id, u.parent_id, u.amount::numeric / 100,
-       u.currency, u.channel, u.type, u.status, NULL, u.country, u.device, u.ip::inet, u.at, u.at
-FROM unnest(%b::int8[], %b::int8[], %b::int8[], %b::int8[], %b::int8[], %b::int8[], %b::text[],
-            %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::timestamptz[])
+       u.currency, u.channel, u.type, u.status, NULL, u.country, u.device, u.ip::inet,
+       timestamptz 'epoch' + u.at * interval '1 microsecond',
+       timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::text[],
+            %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int8[])
      AS u(id, account_id, card_id, merchant_id, parent_id, amount, currency, channel, type,
           status, country, device, ip, at)
 """
 _UPDATE_TRANSACTIONS = """
-UPDATE transactions AS t SET status = u.status, decline_reason = u.reason, updated_at = u.at
-FROM unnest(%b::int8[], %b::text[], %b::text[], %b::timestamptz[]) AS u(id, status, reason, at)
+UPDATE transactions AS t
+SET status = u.status, decline_reason = u.reason,
+    updated_at = timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::text[], %s::text[], %s::int8[]) AS u(id, status, reason, at)
 WHERE t.id = u.id
 """
 _INSERT_LEDGER = """
 INSERT INTO ledger_entries (id, account_id, transaction_id, kind, delta, balance_after, at)
 SELECT u.id, u.account_id, u.transaction_id, u.kind, u.delta::numeric / 100,
-       u.balance_after::numeric / 100, u.at
-FROM unnest(%b::int8[], %b::int8[], %b::int8[], %b::text[], %b::int8[], %b::int8[],
-            %b::timestamptz[]) AS u(id, account_id, transaction_id, kind, delta, balance_after, at)
+       u.balance_after::numeric / 100, timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::int8[], %s::int8[], %s::text[], %s::int8[], %s::int8[], %s::int8[])
+     AS u(id, account_id, transaction_id, kind, delta, balance_after, at)
 """
 _UPDATE_ACCOUNTS = """
-UPDATE accounts AS a SET balance = u.balance::numeric / 100, updated_at = u.at
-FROM unnest(%b::int8[], %b::int8[], %b::timestamptz[]) AS u(id, balance, at)
+UPDATE accounts AS a
+SET balance = u.balance::numeric / 100,
+    updated_at = timestamptz 'epoch' + u.at * interval '1 microsecond'
+FROM unnest(%s::int8[], %s::int8[], %s::int8[]) AS u(id, balance, at)
 WHERE a.id = u.id
 """
 _INSERT_TRUTH = """
 INSERT INTO fraud_ground_truth (scenario_id, family, account_id, customer_id, card_id,
                                 started_at, ended_at, expected_rule, detail)
-SELECT u.scenario_id, u.family, u.account_id, u.customer_id, u.card_id, u.started_at,
-       u.ended_at, u.family, u.detail::jsonb
-FROM unnest(%b::int8[], %b::text[], %b::int8[], %b::int8[], %b::int8[], %b::timestamptz[],
-            %b::timestamptz[], %b::text[])
-     AS u(scenario_id, family, account_id, customer_id, card_id, started_at, ended_at, detail)
+SELECT u.scenario_id, u.family, u.account_id, u.customer_id, u.card_id,
+       timestamptz 'epoch' + u.started * interval '1 microsecond',
+       timestamptz 'epoch' + u.ended * interval '1 microsecond', u.family, u.detail::jsonb
+FROM unnest(%s::int8[], %s::text[], %s::int8[], %s::int8[], %s::int8[], %s::int8[], %s::int8[],
+            %s::text[])
+     AS u(scenario_id, family, account_id, customer_id, card_id, started, ended, detail)
 """
 
-# Column positions whose values are microsecond times (converted on write).
-_TIME_COLUMNS: dict[str, tuple[int, ...]] = {
-    "customers": (5,),
-    "accounts": (5,),
-    "cards": (3,),
-    "logins": (7,),
-    "transactions": (13,),
-    "ledger": (6,),
-    "truth": (5, 6),
+
+def int_array(values: Sequence[int | None]) -> str:
+    """A PostgreSQL array literal of integers (None as NULL)."""
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _quoted(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def text_array(values: Sequence[str | None]) -> str:
+    """A PostgreSQL array literal of strings, each quoted (None as NULL)."""
+    if not values:
+        return "{}"
+    if None not in values:
+        joined = '","'.join(values)  # type: ignore[arg-type]  # no None, checked above
+        if '"' not in joined and "\\" not in joined:
+            return '{"' + joined + '"}'
+    return "{" + ",".join(map(_quoted, values)) + "}"
+
+
+def bool_array(values: Sequence[bool]) -> str:
+    """A PostgreSQL array literal of booleans."""
+    return "{" + ",".join("t" if v else "f" for v in values) + "}"
+
+
+_Encoder = Callable[[Any], str]
+_I, _T, _B = int_array, text_array, bool_array
+
+# (statement, how each column is written) per insert, in column order
+_INSERTS: dict[str, tuple[LiteralString, tuple[_Encoder, ...]]] = {
+    "customers": (_INSERT_CUSTOMERS, (_I, _T, _T, _T, _T, _I)),
+    "accounts": (_INSERT_ACCOUNTS, (_I, _I, _T, _I, _T, _I)),
+    "cards": (_INSERT_CARDS, (_I, _I, _T, _I)),
+    "logins": (_INSERT_LOGINS, (_I, _I, _B, _T, _T, _T, _T, _I)),
+    "transactions": (_INSERT_TRANSACTIONS, (_I, _I, _I, _I, _I, _I, *(_T,) * 7, _I)),
+    "ledger": (_INSERT_LEDGER, (_I, _I, _I, _T, _I, _I, _I)),
+    "truth": (_INSERT_TRUTH, (_I, _T, _I, _I, _I, _I, _I, _T)),
 }
-_SQL: dict[str, LiteralString] = {
-    "customers": _INSERT_CUSTOMERS,
-    "accounts": _INSERT_ACCOUNTS,
-    "cards": _INSERT_CARDS,
-    "logins": _INSERT_LOGINS,
-    "transactions": _INSERT_TRANSACTIONS,
-    "ledger": _INSERT_LEDGER,
-    "truth": _INSERT_TRUTH,
-}
+
+
+def _encode(rows: Sequence[tuple[Any, ...]], encoders: tuple[_Encoder, ...]) -> list[str]:
+    columns = zip(*rows, strict=True)
+    return [encode(column) for encode, column in zip(encoders, columns, strict=True)]
 
 
 @dataclass
 class TickBatch:
-    """The rows of one tick, in write order."""
+    """The rows of one tick, in write order (times in microseconds)."""
 
     rows: dict[str, list[tuple[Any, ...]]] = field(
-        default_factory=lambda: {name: [] for name in _SQL}
+        default_factory=lambda: {name: [] for name in _INSERTS}
     )
     # last status change per transaction in this tick: id -> (status, reason, at)
     status: dict[int, tuple[str, str | None, int]] = field(default_factory=dict)
@@ -140,48 +186,44 @@ class TickBatch:
         """Whether there is nothing to write."""
         return not self.status and not self.balances and not any(self.rows.values())
 
-    def statements(self) -> list[tuple[LiteralString, list[list[Any]]]]:
+    def statements(self) -> list[tuple[LiteralString, list[str]]]:
         """The statements and their array parameters, in foreign-key order."""
-        out: list[tuple[LiteralString, list[list[Any]]]] = []
-
-        def columns(name: str) -> list[list[Any]]:
-            cols = [list(c) for c in zip(*self.rows[name], strict=True)]
-            for index in _TIME_COLUMNS[name]:
-                cols[index] = [from_us(v) for v in cols[index]]
-            return cols
-
+        out: list[tuple[LiteralString, list[str]]] = []
         for name in ("customers", "accounts", "cards", "logins", "transactions"):
             if self.rows[name]:
-                out.append((_SQL[name], columns(name)))
+                sql, encoders = _INSERTS[name]
+                out.append((sql, _encode(self.rows[name], encoders)))
         if self.status:
             changes = list(self.status.values())
             out.append(
                 (
                     _UPDATE_TRANSACTIONS,
                     [
-                        list(self.status),
-                        [status for status, _, _ in changes],
-                        [reason for _, reason, _ in changes],
-                        [from_us(at) for _, _, at in changes],
+                        int_array(list(self.status)),
+                        text_array([status for status, _, _ in changes]),
+                        text_array([reason for _, reason, _ in changes]),
+                        int_array([at for _, _, at in changes]),
                     ],
                 )
             )
         if self.rows["ledger"]:
-            out.append((_SQL["ledger"], columns("ledger")))
+            sql, encoders = _INSERTS["ledger"]
+            out.append((sql, _encode(self.rows["ledger"], encoders)))
         if self.balances:
             balances = list(self.balances.values())
             out.append(
                 (
                     _UPDATE_ACCOUNTS,
                     [
-                        list(self.balances),
-                        [cents for cents, _ in balances],
-                        [from_us(at) for _, at in balances],
+                        int_array(list(self.balances)),
+                        int_array([cents for cents, _ in balances]),
+                        int_array([at for _, at in balances]),
                     ],
                 )
             )
         if self.rows["truth"]:
-            out.append((_SQL["truth"], columns("truth")))
+            sql, encoders = _INSERTS["truth"]
+            out.append((sql, _encode(self.rows["truth"], encoders)))
         return out
 
     def write(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:

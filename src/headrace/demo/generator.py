@@ -550,7 +550,7 @@ class Workload:
             while not stop.is_set():
                 slot = wall0 + (self._tick - first_tick + 1) * tick_s
                 wait = slot - time.monotonic()
-                if deadline is not None and slot > deadline:
+                if deadline is not None and (slot > deadline or time.monotonic() >= deadline):
                     break
                 if wait > 0 and stop.wait(wait):
                     break

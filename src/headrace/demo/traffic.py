@@ -125,8 +125,9 @@ class NormalTraffic:
         self.population = population
         self.envelope = envelope
         self.sampler = sampler
-        # settled purchases that may still be refunded: (txn id, account, amount, spec)
-        self.refundable: list[tuple[int, TxnSpec]] = []
+        # the latest settled purchase of each account that may still be
+        # refunded: account id -> (txn id, its spec)
+        self.refundable: dict[int, tuple[int, TxnSpec]] = {}
 
     # -- amounts -----------------------------------------------------------------
 
@@ -149,8 +150,8 @@ class NormalTraffic:
         """One normal transaction of a Zipf-drawn account."""
         account = self.sampler.pick(rng, now_us)
         roll = rng.random() * 100.0
-        if roll < 1.5 and self.refundable:
-            return self._refund(rng)
+        if roll < 1.5 and account.id in self.refundable:
+            return self._refund(rng, account)
         if roll < 46.5 and account.physical_cards:
             return self._pos(rng, account)
         if roll < 74.5 and account.online_cards:
@@ -266,10 +267,8 @@ class NormalTraffic:
             delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
         )
 
-    def _refund(self, rng: random.Random) -> TxnSpec:
-        index = rng.randrange(len(self.refundable))
-        self.refundable[index], self.refundable[-1] = self.refundable[-1], self.refundable[index]
-        parent_id, parent = self.refundable.pop()
+    def _refund(self, rng: random.Random, account: Account) -> TxnSpec:
+        parent_id, parent = self.refundable.pop(account.id)
         full = rng.random() < 0.6
         cents = parent.amount if full else max(1, int(parent.amount * rng.uniform(0.3, 0.9)))
         cents = avoid_band(cents, self.envelope)
@@ -288,9 +287,9 @@ class NormalTraffic:
         )
 
     def remember_settled(self, txn_id: int, spec: TxnSpec) -> None:
-        """Offer a settled normal purchase for a later refund (a bounded pool)."""
-        if spec.normal and spec.reverse_after_us is None and len(self.refundable) < 5_000:
-            self.refundable.append((txn_id, spec))
+        """Offer a settled normal purchase for a later refund (the latest per account)."""
+        if spec.normal and spec.reverse_after_us is None:
+            self.refundable[spec.account.id] = (txn_id, spec)
 
     # -- logins ------------------------------------------------------------------
 
