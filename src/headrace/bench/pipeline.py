@@ -1,0 +1,361 @@
+"""``headrace bench pipeline``: the whole pipeline under a live write load, checked exactly.
+
+On a throwaway cluster:
+
+1. ``accounts`` and ``transactions`` (``--base-rows`` rows) are created, and
+   the pipeline file gets several rollups (bucketed counts and sums with a
+   filtered measure, min/max/avg per merchant, exact and approximate
+   distinct counts per looked-up account tier).
+2. ``headrace run`` starts as its own process: it snapshots (its end-to-end
+   snapshot rate is reported) and streams.
+3. A generator *process* writes the mixed workload of
+   :mod:`.pipeline_workload` at ``--rate`` changes/s (0: as fast as it can)
+   for ``--seconds``.
+4. When the generator stops, the benchmark waits until the store's position
+   reaches the generator's last commit, then stops headrace (SIGTERM).
+   Reported: sustained changes/s (changes written / time until the store
+   held all of them), the rate headrace applied while the load ran,
+   freshness p50/p99 of every change (commit → visible in the store, from
+   the runner's histogram), CPU (cores) and peak RSS of the headrace
+   process, and ``mismatches``: rollup views differing from the same GROUP BY
+   on PostgreSQL at the same LSN (the source is quiet and fully applied).
+5. The old way: ``REFRESH MATERIALIZED VIEW`` of an equivalent view per
+   rollup on PostgreSQL, timed on the same final data; the ratio is the
+   refresh time over headrace's freshness p99 (time to a fresh result).
+
+The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psutil
+import psycopg
+from rich.console import Console
+
+from headrace.bench.pipeline_workload import create_schema, tx_rows_for
+from headrace.pipeline.load import load_pipeline
+from headrace.pipeline.model import PipelineConfig
+from headrace.run.control import RunFiles, read_json
+from headrace.run.metrics import FreshnessHistogram
+from headrace.run.verify import compare_store, reference_sql
+from headrace.sandbox.postgres import ThrowawayPostgres
+
+TARGET_HIGH_RATE = 100_000
+TARGET_HIGH_P99_MS = 1_000.0
+TARGET_LOW_RATE = 10_000
+TARGET_LOW_P99_MS = 300.0
+
+PIPELINE_YAML = """
+source:
+  dsn: "{dsn}"
+  slot: headrace_bench
+  publication: headrace_bench
+  tables:
+    accounts: {{}}
+    transactions:
+      event_time: created_at
+store:
+  path: "{store}"
+rollups:
+  - name: tx_volume
+    table: transactions
+    grain: 5m
+    coarser: [1h, 1d]
+    dimensions: [status]
+    measures:
+      - {{name: tx_count, fn: count}}
+      - {{name: volume, fn: sum, column: amount}}
+      - {{name: declined, fn: count, where: "status = 'declined'"}}
+  - name: tx_merchant
+    table: transactions
+    grain: 1h
+    dimensions: [merchant]
+    measures:
+      - {{name: n, fn: count}}
+      - {{name: smallest, fn: min, column: amount}}
+      - {{name: largest, fn: max, column: amount}}
+      - {{name: mean, fn: avg, column: amount}}
+  - name: tx_tier
+    table: transactions
+    grain: 1h
+    dimensions:
+      - name: tier
+        lookup: {{table: accounts, on: account_id, column: tier}}
+    measures:
+      - {{name: accounts, fn: count_distinct, column: account_id}}
+      - {{name: approx_accounts, fn: approx_count_distinct, column: account_id}}
+      - {{name: total, fn: sum, column: amount}}
+"""
+
+
+@dataclass
+class PipelineBenchResult:
+    """Figures of one ``bench pipeline`` run (the last JSON line)."""
+
+    rate_target: float
+    seconds: float
+    base_rows: int
+    snapshot_rows_per_s: float | None = None
+    written_changes: int = 0
+    written_rate: float = 0.0
+    applied_rate_under_load: float = 0.0
+    sustained_changes_per_s: float = 0.0
+    catch_up_s: float = 0.0
+    freshness_p50_ms: float | None = None
+    freshness_p99_ms: float | None = None
+    freshness_max_ms: float | None = None
+    headrace_cpu_cores: float = 0.0
+    headrace_peak_rss_mb: float = 0.0
+    headrace_streaming_rss_mb: float = 0.0
+    store_transactions: int = 0
+    mismatches: int = 0
+    mismatch_detail: str = ""
+    checked_views: int = 0
+    refresh_seconds: dict[str, float] = field(default_factory=dict)
+    refresh_total_s: float = 0.0
+    ratio_time_to_fresh: float | None = None
+    meets_target: bool | None = None
+
+
+class _Headrace:
+    """``headrace run`` as a child process, observed through its status file and /proc."""
+
+    def __init__(self, config_path: Path, config: PipelineConfig, log_path: Path) -> None:
+        self.files = RunFiles(Path(config.store.path))
+        self.log = log_path.open("w")
+        command = [
+            sys.executable,
+            "-c",
+            "from headrace.cli.main import app; app()",
+            "run",
+            "--config",
+            str(config_path),
+            "--heartbeat-s",
+            "1",
+        ]
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.ps = psutil.Process(self.process.pid)
+        self.max_rss = 0
+
+    def status(self) -> dict[str, Any]:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"headrace run exited with {self.process.returncode}")
+        with_rss = self.ps.memory_info().rss
+        self.max_rss = max(self.max_rss, with_rss)
+        return read_json(self.files.status) or {}
+
+    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            document = self.status()
+            if document and predicate(document):
+                return document
+            time.sleep(0.1)
+        raise RuntimeError(f"timed out waiting for {what}")
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def peak_rss(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        finally:
+            self.log.close()
+
+
+def run(
+    rate: float = 10_000,
+    seconds: float = 20.0,
+    base_rows: int = 1_000_000,
+    *,
+    console: Console | None = None,
+) -> PipelineBenchResult:
+    """Run the benchmark (see module docstring) and print its lines."""
+    out = console or Console(highlight=False)
+    result = PipelineBenchResult(rate_target=rate, seconds=seconds, base_rows=base_rows)
+    with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
+        dsn = cluster.dsn("postgres", unix=True)
+        out.print(f"loading {base_rows:,} transactions ...")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            create_schema(conn, base_rows)
+            conn.execute(b"VACUUM (FREEZE, ANALYZE)")
+        config_path = Path(tmp) / "headrace.yaml"
+        config_path.write_text(PIPELINE_YAML.format(dsn=dsn, store=Path(tmp) / "bench.duckdb"))
+        config = load_pipeline(config_path)
+        headrace = _Headrace(config_path, config, Path(tmp) / "headrace.log")
+        try:
+            _measure(
+                result, headrace, dsn=dsn, rate=rate, seconds=seconds, base_rows=base_rows, out=out
+            )
+        except BaseException:
+            out.print((Path(tmp) / "headrace.log").read_text()[-3000:], markup=False)
+            raise
+        finally:
+            if headrace.process.poll() is None:
+                headrace.stop()
+        _verify(result, config, dsn, out)
+        _old_way(result, config, dsn, out)
+    _judge(result)
+    out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
+    return result
+
+
+def _measure(
+    result: PipelineBenchResult,
+    headrace: _Headrace,
+    *,
+    dsn: str,
+    rate: float,
+    seconds: float,
+    base_rows: int,
+    out: Console,
+) -> None:
+    streaming = headrace.wait_for(
+        lambda d: d.get("phase") == "streaming", 600, "the snapshot to finish"
+    )
+    snapshot = streaming.get("snapshot") or {}
+    result.snapshot_rows_per_s = snapshot.get("rows_per_s")
+    out.print(
+        f"snapshot: {snapshot.get('rows', 0):,} rows in {snapshot.get('seconds', 0):.2f} s "
+        f"= {snapshot.get('rows_per_s', 0):,} rows/s end to end (copy + load + rollup builds)"
+    )
+    time.sleep(1.5)  # let the first status of the streaming phase settle
+    before = headrace.status()
+    before_hist = FreshnessHistogram(before.get("freshness_histogram"))
+    cpu_before = headrace.cpu_seconds()
+    headrace.max_rss = 0
+    options = {
+        "dsn": dsn,
+        "rate": rate,
+        "seconds": seconds,
+        "first_id": base_rows + 1,
+        "tx_rows": tx_rows_for(rate),
+    }
+    mode = f"{rate:,.0f} changes/s" if rate > 0 else "as fast as possible"
+    out.print(f"writing {mode} for {seconds:.0f} s ({options['tx_rows']} rows per transaction)")
+    started = time.monotonic()
+    generator = subprocess.Popen(
+        [sys.executable, "-m", "headrace.bench.pipeline_workload", json.dumps(options)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while generator.poll() is None:
+        headrace.status()
+        time.sleep(0.25)
+    load_end = time.monotonic()
+    at_load_end = headrace.status()
+    output = (generator.stdout.read() if generator.stdout else "").strip().splitlines()
+    if generator.returncode != 0 or not output:
+        raise RuntimeError(f"the workload generator failed ({generator.returncode})")
+    written = json.loads(output[-1])
+    result.written_changes = int(written["changes"])
+    result.written_rate = round(float(written["rate"]))
+    end_lsn = int(written["end_lsn"])
+    done = headrace.wait_for(
+        lambda d: (d.get("position") or 0) >= end_lsn, 600, "the store to catch up"
+    )
+    caught_up = time.monotonic()
+    cpu_after = headrace.cpu_seconds()
+    applied_under_load = int(at_load_end["totals"]["changes"]) - int(before["totals"]["changes"])
+    result.applied_rate_under_load = round(applied_under_load / (load_end - started))
+    result.catch_up_s = round(caught_up - load_end, 3)
+    result.sustained_changes_per_s = round(result.written_changes / (caught_up - started))
+    freshness = FreshnessHistogram(done.get("freshness_histogram")).since(before_hist)
+    result.freshness_p50_ms = freshness.percentile(0.5)
+    result.freshness_p99_ms = freshness.percentile(0.99)
+    result.freshness_max_ms = freshness.percentile(1.0)
+    result.headrace_cpu_cores = round((cpu_after - cpu_before) / (caught_up - started), 2)
+    result.headrace_streaming_rss_mb = round(headrace.max_rss / 2**20, 1)
+    result.headrace_peak_rss_mb = round(headrace.peak_rss() / 2**20, 1)
+    result.store_transactions = int(done["totals"]["store_transactions"]) - int(
+        before["totals"]["store_transactions"]
+    )
+    code = headrace.stop()
+    if code != 0:
+        raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
+    out.print(
+        f"written {result.written_changes:,} changes at {result.written_rate:,.0f}/s; "
+        f"headrace applied {result.applied_rate_under_load:,.0f}/s under load, caught up "
+        f"{result.catch_up_s:.2f} s after the load ended: sustained "
+        f"{result.sustained_changes_per_s:,.0f} changes/s in {result.store_transactions:,} "
+        "store transactions"
+    )
+    out.print(
+        f"freshness (commit -> visible): p50 {result.freshness_p50_ms} ms, "
+        f"p99 {result.freshness_p99_ms} ms, max {result.freshness_max_ms} ms; "
+        f"headrace CPU {result.headrace_cpu_cores} cores, RSS peak "
+        f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
+    )
+
+
+def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
+    """Every rollup view against the same GROUP BY on PostgreSQL (the source is quiet)."""
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        duck = duckdb.connect(config.store.path, read_only=True)
+        try:
+            comparison = compare_store(config, pg, duck, mirrors=False)
+            pg_rows = pg.execute(b"SELECT count(*) FROM transactions").fetchone()
+            duck_rows = duck.execute("SELECT count(*) FROM mirror.transactions").fetchone()
+        finally:
+            duck.close()
+    result.checked_views = len(comparison.checked)
+    result.mismatches = len(comparison.mismatches) + (0 if pg_rows == duck_rows else 1)
+    result.mismatch_detail = comparison.describe()[:500]
+    out.print(
+        f"exactness: {result.checked_views} rollup views vs PostgreSQL GROUP BY, "
+        f"mirror {duck_rows[0] if duck_rows else '?':,} rows: {result.mismatches} mismatches"
+    )
+
+
+def _old_way(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
+    """REFRESH MATERIALIZED VIEW of the same aggregates on PostgreSQL, on the same data."""
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        for rollup in config.rollups:
+            sql, _ = reference_sql(config, rollup, int(rollup.grain.total_seconds()), pg)
+            view = f"mv_{rollup.name}"
+            pg.execute(f"CREATE MATERIALIZED VIEW {view} AS {sql} WITH NO DATA".encode())
+            started = time.perf_counter()
+            pg.execute(f"REFRESH MATERIALIZED VIEW {view}".encode())
+            result.refresh_seconds[rollup.name] = round(time.perf_counter() - started, 3)
+    result.refresh_total_s = round(sum(result.refresh_seconds.values()), 3)
+    p99 = result.freshness_p99_ms
+    if p99:
+        result.ratio_time_to_fresh = round(result.refresh_total_s * 1000 / p99, 1)
+    out.print(
+        f"old way: REFRESH MATERIALIZED VIEW of the {len(result.refresh_seconds)} rollups takes "
+        f"{result.refresh_total_s:.2f} s on PostgreSQL ({result.refresh_seconds}); "
+        f"headrace's p99 time to a fresh result is {result.ratio_time_to_fresh}x shorter"
+    )
+
+
+def _judge(result: PipelineBenchResult) -> None:
+    p99 = result.freshness_p99_ms
+    if p99 is None:
+        return
+    if result.rate_target >= TARGET_HIGH_RATE or result.rate_target <= 0:
+        result.meets_target = (
+            result.sustained_changes_per_s >= TARGET_HIGH_RATE and p99 < TARGET_HIGH_P99_MS
+        )
+    elif result.rate_target >= TARGET_LOW_RATE:
+        result.meets_target = p99 < TARGET_LOW_P99_MS and result.mismatches == 0
+    result.meets_target = bool(result.meets_target) and result.mismatches == 0

@@ -1,0 +1,193 @@
+"""The write workload of ``headrace bench pipeline`` (and the crash tests): a mixed OLTP stream.
+
+Tables (:data:`SCHEMA`): ``accounts`` (static: looked-up dimension values do
+not change, so a join on PostgreSQL is a valid reference) and
+``transactions``, the fact table every rollup reads.
+
+Each step is one transaction running one set-based statement, so the
+generator's own CPU stays small and the rate is set by PostgreSQL:
+
+- inserts (50% of the changes): ``INSERT ... SELECT ... FROM generate_series``;
+- updates (35%): random existing ids get a new status, a new amount and a
+  ``created_at`` moved by minutes (rows move between buckets and between
+  dimension values, retracting their old contribution);
+- deletes (15%): random existing ids.
+
+Run as a process: ``python -m headrace.bench.pipeline_workload '{"dsn": ..., "rate": ...}'``;
+it prints one JSON line with what it wrote, including the WAL position after
+its last commit (``end_lsn``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+SCHEMA = """
+CREATE TABLE accounts (
+    id     int8 PRIMARY KEY,
+    tier   text NOT NULL,
+    region text NOT NULL
+);
+CREATE TABLE transactions (
+    id         int8 PRIMARY KEY,
+    account_id int8 NOT NULL,
+    amount     numeric(12,2) NOT NULL,
+    status     text NOT NULL,
+    merchant   text NOT NULL,
+    created_at timestamptz NOT NULL
+);
+"""
+
+ACCOUNTS = 10_000
+STATUSES = "(ARRAY['approved','declined','pending','refunded'])"
+
+_INSERT_ACCOUNTS = f"""
+INSERT INTO accounts
+SELECT g, (ARRAY['basic','gold','platinum'])[1 + g % 3],
+       (ARRAY['eu','us','apac','latam'])[1 + g % 4]
+FROM generate_series(1, {ACCOUNTS}) g
+"""
+_INSERT = f"""
+INSERT INTO transactions
+SELECT g, 1 + (hashint8(g) & 2147483647) %% {ACCOUNTS},
+       round((random() * 1000)::numeric, 2),
+       {STATUSES}[1 + floor(random() * 4)::int],
+       'm' || (hashint8(g + 7) & 2147483647) %% 200,
+       now() - random() * interval '6 hours'
+FROM generate_series(%s::int8, %s::int8) g
+"""
+_UPDATE = f"""
+UPDATE transactions
+SET status = {STATUSES}[1 + floor(random() * 4)::int],
+    amount = round((random() * 1000)::numeric, 2),
+    created_at = created_at + (random() * 20 - 10) * interval '1 minute'
+WHERE id = ANY(%s)
+"""
+_DELETE = "DELETE FROM transactions WHERE id = ANY(%s)"
+
+
+def next_free_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """An id above every transaction's."""
+    row = conn.execute(b"SELECT coalesce(max(id), 0) + 1 FROM transactions").fetchone()
+    return int(row[0]) if row is not None else 1
+
+
+def create_schema(conn: psycopg.Connection[tuple[Any, ...]], base_rows: int) -> None:
+    """Create the tables with ``base_rows`` transactions (ids 1..base_rows)."""
+    conn.execute(SCHEMA.encode())
+    conn.execute(_INSERT_ACCOUNTS.encode())
+    if base_rows:
+        conn.execute(_INSERT.encode(), (1, base_rows))
+
+
+@dataclass
+class WorkloadResult:
+    """What one generator run wrote."""
+
+    changes: int = 0
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    transactions: int = 0
+    seconds: float = 0.0
+    rate: float = 0.0
+    end_lsn: int = 0
+
+
+class Workload:
+    """Issues the mixed statements on one connection (ids above ``first_id`` are new)."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        *,
+        first_id: int,
+        tx_rows: int,
+        seed: int = 1,
+    ) -> None:
+        self.conn = conn
+        self.next_id = first_id
+        self.low_id = 1
+        self.tx_rows = max(1, tx_rows)
+        self.random = random.Random(seed)  # noqa: S311 - a workload, not a secret
+        self.result = WorkloadResult()
+
+    def _ids(self, count: int) -> list[int]:
+        high = max(self.low_id + 1, self.next_id)
+        return [self.random.randrange(self.low_id, high) for _ in range(count)]
+
+    def step(self) -> int:
+        """One transaction; returns the rows it changed."""
+        draw = self.random.random()
+        rows = self.tx_rows
+        result = self.result
+        if draw < 0.5 or self.next_id <= self.low_id + rows:
+            first = self.next_id
+            self.next_id += rows
+            changed = self.conn.execute(_INSERT.encode(), (first, first + rows - 1)).rowcount
+            result.inserts += changed
+        elif draw < 0.85:
+            changed = self.conn.execute(_UPDATE.encode(), (self._ids(rows),)).rowcount
+            result.updates += changed
+        else:
+            changed = self.conn.execute(_DELETE.encode(), (self._ids(rows),)).rowcount
+            result.deletes += changed
+        result.changes += changed
+        result.transactions += 1
+        return changed
+
+    def run(self, rate: float, seconds: float, stop_at: float | None = None) -> WorkloadResult:
+        """Write at ``rate`` changes/s (0: as fast as possible) for ``seconds``; may be
+        called again (the result adds up)."""
+        started = time.monotonic()
+        deadline = started + seconds if stop_at is None else stop_at
+        already = self.result.changes
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if rate > 0:
+                due = started + (self.result.changes - already) / rate
+                if due > now:
+                    time.sleep(min(due - now, deadline - now))
+                    continue
+            self.step()
+        self.result.seconds += time.monotonic() - started
+        self.result.rate = self.result.changes / self.result.seconds if self.result.seconds else 0
+        row = self.conn.execute(b"SELECT pg_current_wal_lsn()::text").fetchone()
+        if row is not None:
+            high, _, low = str(row[0]).partition("/")
+            self.result.end_lsn = (int(high, 16) << 32) + int(low, 16)
+        return self.result
+
+
+def tx_rows_for(rate: float) -> int:
+    """Rows per transaction: ~1,000 transactions/s at the target rate, 1,000 rows at most."""
+    if rate <= 0:
+        return 1000
+    return max(1, min(1000, round(rate / 1000)))
+
+
+def main(argv: list[str]) -> None:
+    """Process entry point (see module docstring)."""
+    options = json.loads(argv[0])
+    with psycopg.connect(options["dsn"], autocommit=True) as conn:
+        workload = Workload(
+            conn,
+            first_id=int(options["first_id"]),
+            tx_rows=int(options.get("tx_rows") or tx_rows_for(float(options["rate"]))),
+            seed=int(options.get("seed", 1)),
+        )
+        result = workload.run(float(options["rate"]), float(options["seconds"]))
+    print(json.dumps(asdict(result)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
