@@ -223,3 +223,15 @@ def test_refuses_bad_settings(pg_db: PgDatabase) -> None:
         Workload(workload_settings(pg_db.dsn, tick_ms=0))
     with pytest.raises(ConfigError, match="not open"):
         Workload(workload_settings(pg_db.dsn)).step()
+
+
+def test_a_failed_write_surfaces_and_nothing_hangs(pg_db: PgDatabase) -> None:
+    with Workload(workload_settings(pg_db.dsn, rate=200.0)) as workload:
+        pg_db.execute(
+            "ALTER TABLE transactions ADD CONSTRAINT refuse_all CHECK (amount < 0) NOT VALID"
+        )
+        began = time.monotonic()
+        with pytest.raises(psycopg.errors.CheckViolation):
+            workload.run(duration=5.0)
+        assert time.monotonic() - began < 4.0, "the failure stopped the run early"
+    assert pg_db.fetchall("SELECT count(*) FROM transactions") == [(0,)]

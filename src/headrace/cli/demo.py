@@ -65,8 +65,17 @@ T = TypeVar("T")
 
 def _run(action: Callable[[], T]) -> T:
     """Run a command body; a HeadraceError becomes a message and exit code 1."""
+    import psycopg  # noqa: PLC0415 - keeps --help fast
+
     try:
-        return action()
+        try:
+            return action()
+        except psycopg.Error as exc:
+            raise SourceError(
+                f"the database refused the demo's work: {exc}".strip(),
+                "see the PostgreSQL server log; the generator can simply be started again "
+                "(it settles what an interrupted run left pending)",
+            ) from exc
     except HeadraceError as exc:
         errors.print(f"[red]error:[/red] {exc.what}", highlight=False)
         if exc.fix:
@@ -161,7 +170,7 @@ def generate(
             population=PopulationSettings(customers=customers),
         )
         stop = threading.Event()
-        with Workload(settings) as workload, _stop_on_signals(stop):
+        with _stop_on_signals(stop), Workload(settings) as workload:
             console.print(
                 f"generating from {workload.now:%Y-%m-%d %H:%M:%S} UTC (simulated), "
                 f"{len(workload.population.accounts):,} accounts, rate {rate:,.0f} txn/s, "

@@ -51,7 +51,7 @@ from headrace.demo.clock import SECOND_US, from_us, to_us
 from headrace.demo.config import TIERS, FraudFamily, WorkloadSettings
 from headrace.demo.population import build_population, opening_ledger, write_population
 from headrace.demo.scenarios import INJECTORS, ScenarioKit
-from headrace.demo.schema import apply_schema, sync_id_sequences
+from headrace.demo.schema import apply_schema, bulk_load_mode, sync_id_sequences
 from headrace.demo.state import Account, load_population
 from headrace.demo.traffic import AccountSampler, NormalTraffic, diurnal_factor
 from headrace.demo.traits import device_count, spend_scale_cents
@@ -125,12 +125,20 @@ class Workload:
                 f"cannot connect to the demo database: {exc}".strip(),
                 "check --dsn (a libpq connection string) and that PostgreSQL is running",
             ) from exc
+        try:
+            self._prepare(self._conn)
+        except BaseException:
+            self._conn.close()
+            self._conn = None
+            raise
+        return self
+
+    def _prepare(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         anchor = self.settings.anchor or datetime.now(UTC)
         if anchor.tzinfo is None:
             raise ConfigError("the anchor needs a time zone", "write it like 2026-01-01T00:00Z")
         self._anchor_us = to_us(anchor)
         self._floor_us = self._anchor_us
-        conn = self._conn
         apply_schema(conn)
         self._bootstrap(conn, anchor)
         population = load_population(conn)
@@ -147,7 +155,6 @@ class Workload:
         self.traffic = NormalTraffic(population, self.settings.envelope, self.sampler)
         self.kit = ScenarioKit(population, self.traffic, self.settings.shapes)
         self._adopt_pending(conn)
-        return self
 
     def _bootstrap(self, conn: psycopg.Connection[tuple[object, ...]], anchor: datetime) -> None:
         row = conn.execute("SELECT EXISTS (SELECT 1 FROM accounts)").fetchone()
@@ -156,7 +163,7 @@ class Workload:
         tables = build_population(
             self.settings.population, self.settings.seed, anchor - timedelta(days=1)
         )
-        with conn.transaction():
+        with conn.transaction(), bulk_load_mode(conn):
             write_population(conn, tables)
             copy_table(conn, "ledger_entries", opening_ledger(tables))
         sync_id_sequences(conn)
@@ -187,7 +194,8 @@ class Workload:
         if self._conn is None:
             return
         try:
-            if not self._conn.closed:
+            idle = self._conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if idle and not self._conn.broken:
                 sync_id_sequences(self._conn)
         finally:
             self._conn.close()
