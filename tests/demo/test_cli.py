@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -102,3 +106,34 @@ def test_unreachable_database_is_explained() -> None:
     )
     assert result.exit_code == 1
     assert "cannot connect" in result.output
+
+
+def test_ctrl_c_stops_cleanly(pg_db: PgDatabase) -> None:
+    command = [
+        sys.executable,
+        "-c",
+        "from headrace.cli.demo import demo_app; demo_app()",
+        "generate",
+        "--dsn",
+        pg_db.dsn,
+        "--rate",
+        "100",
+        "--customers",
+        "200",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline()
+        assert "generating from" in first, first
+        assert "txn/s" in process.stdout.readline()  # a rate line: it is writing
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "stopped after" in output
+    assert "Traceback" not in output
+    assert ledger_mismatches(pg_db.dsn) == []
