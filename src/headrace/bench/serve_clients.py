@@ -129,6 +129,8 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
             break
         await asyncio.sleep(0.1)
     print("ready", flush=True, file=sys.stderr)
+    connected = sum(v.connected for v in viewers)
+    print(f"{connected} viewers connected", flush=True, file=sys.stderr)
     started = time.monotonic()
     loads: list[float] = []
     load_errors = 0

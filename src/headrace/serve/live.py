@@ -215,8 +215,18 @@ class LiveHub:
             self._kick.clear()
             now = time.monotonic()
             version = self.reader.store.version
-            for key, view in list(self.views.items()):
-                if self._due(view, now, version):
+            # Refreshes of views that already have a result may use all read threads
+            # but one, so a first computation (a dashboard being opened) never waits
+            # behind a queue of refreshes.
+            refreshing = sum(
+                1 for v in self.views.values() if v.task is not None and v.computed_version >= 0
+            )
+            budget = max(1, self.settings.compute_workers - 1) - refreshing
+            for key, view in sorted(self.views.items(), key=lambda kv: kv[1].last_started):
+                first = view.computed_version < 0 or view.waiters > 0
+                if self._due(view, now, version) and (first or budget > 0):
+                    if not first:
+                        budget -= 1
                     view.last_started = now
                     view.task = asyncio.create_task(self._compute(view))
                 elif (

@@ -61,7 +61,7 @@ class LiveSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_interval_s: float = Field(
-        default=0.2,
+        default=0.25,
         ge=0,
         description="At most one recomputation of a view per this interval; store versions "
         "committed meanwhile are coalesced into the next one.",
@@ -83,7 +83,7 @@ class LiveSettings(BaseModel):
     )
     max_viewers: int = Field(default=5_000, gt=0, description="Concurrent SSE connections at most.")
     compute_workers: int = Field(
-        default=2,
+        default=3,
         gt=0,
         description="Threads that run tile queries (each with its own DuckDB cursor).",
     )
