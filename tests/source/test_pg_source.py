@@ -175,6 +175,28 @@ def test_batches_end_on_transaction_boundaries(pg_db: PgDatabase) -> None:
     assert all(changes < 10 + 7 for _, changes in sizes)  # cut once 10 are pending
 
 
+def test_large_backlog_read_ahead_while_decoding(pg_db: PgDatabase) -> None:
+    """Batches big enough that the connection reads ahead during their decoding."""
+    _create_table(pg_db)
+    mirror = Mirror()
+    with PostgresSource(_settings(pg_db, batch_max_changes=3000)) as source:
+        source.prepare()
+        with pg_db.connect(autocommit=False) as conn:
+            for txn in range(20):
+                conn.execute(
+                    "INSERT INTO t SELECT g, 0, 'bulk ' || g "
+                    "FROM generate_series(%s::int8, %s::int8) g",
+                    (txn * 1000, txn * 1000 + 999),
+                )
+                conn.execute("UPDATE t SET v = v + 1 WHERE id % 1000 = 7")
+                conn.commit()
+        expected = _select(pg_db)
+        _consume_until(source, mirror, lambda: mirror.rows == expected)
+    sizes = [b.num_changes for b in mirror.batches if not b.is_empty]
+    assert max(sizes) >= 3000  # the read-ahead ran
+    assert sum(sizes) == 20 * 1000 + sum(range(1, 21))
+
+
 def test_slot_never_passes_the_confirmed_position(pg_db: PgDatabase) -> None:
     _create_table(pg_db)
     with PostgresSource(_settings(pg_db)) as source:

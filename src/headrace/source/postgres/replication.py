@@ -20,12 +20,13 @@ within a timeout, so an idle stream never blocks the caller.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -43,6 +44,12 @@ SESSION_OPTIONS = (
 
 # PostgreSQL timestamps count microseconds since 2000-01-01 00:00:00 UTC.
 _PG_EPOCH_UNIX_US = 946_684_800_000_000
+
+# Read-ahead (see ReplicationConnection.reading_ahead): wait for data this
+# long at a time, and pause this long after reading, which is well within
+# the few ms the server needs to fill a socket buffer.
+_READ_AHEAD_POLL_MS = 5
+_READ_AHEAD_PAUSE_S = 0.002
 
 _XLOG_DATA = 0x77  # 'w'
 _KEEPALIVE = 0x6B  # 'k'
@@ -319,6 +326,44 @@ class ReplicationConnection:
         """Send a standby status update now (write = flush = apply = confirmed)."""
         with self._lock:
             self._send_status(reply_requested=reply_requested)
+
+    @contextlib.contextmanager
+    def reading_ahead(self) -> Iterator[None]:
+        """While the caller is busy elsewhere (decoding a batch), keep reading.
+
+        A thread moves whatever arrives from the socket into libpq's buffer,
+        so the server keeps sending instead of blocking on a full socket: its
+        work overlaps the caller's. :meth:`drain` hands the messages on later.
+        """
+        if not self._streaming or not hasattr(select, "poll"):
+            yield
+            return
+        done = threading.Event()
+        pgconn = self._pgconn
+        poller = select.poll()  # its own: drain's may not be polled from two threads
+        poller.register(pgconn.socket, select.POLLIN)
+
+        def pump() -> None:
+            while not done.is_set():
+                if not poller.poll(_READ_AHEAD_POLL_MS):
+                    continue
+                with self._lock:
+                    if done.is_set():
+                        return
+                    try:
+                        pgconn.consume_input()
+                    except psycopg.OperationalError:
+                        return  # the next drain reports it
+                # The socket buffer takes a few ms to fill: let the caller run.
+                done.wait(_READ_AHEAD_PAUSE_S)
+
+        thread = threading.Thread(target=pump, name="headrace-read-ahead", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def drain(self, on_data: DataHandler, timeout: float, max_messages: int = 8192) -> int:
         """Hand available XLogData payloads to ``on_data(wal_start, payload)``.

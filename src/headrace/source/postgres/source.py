@@ -154,6 +154,7 @@ class SlotLag:
 
 
 _DRAIN_MAX_MESSAGES = 8192  # messages per drain call at most: check batch limits this often
+_READ_AHEAD_CHANGES = 2000  # decoding a batch this large takes long enough to read ahead
 
 
 class PostgresSource:
@@ -480,7 +481,14 @@ class PostgresSource:
                     flush_at = now + max_wait
                 if batcher.pending_changes >= max_changes or now >= flush_at:
                     flush_at = None
-                    yield from self._take()
+                    if batcher.pending_changes >= _READ_AHEAD_CHANGES:
+                        with conn.reading_ahead():  # the server keeps sending meanwhile
+                            batch = batcher.take()
+                    else:
+                        batch = batcher.take()
+                    if batch is not None:
+                        self._delivered = max(self._delivered, batch.position)
+                        yield batch
                 continue
             now = time.monotonic()
             caught_up = conn.server_wal_end
