@@ -47,6 +47,7 @@ from headrace.engine.schema_change import apply_schema_change, diff_schema
 from headrace.engine.tables import DEAD, TableModel
 from headrace.engine.types import storable_table
 from headrace.errors import HeadraceError, StoreError
+from headrace.jobs.runtime import StreamJobs
 from headrace.pipeline.model import PipelineConfig, RollupConfig, quote_ident
 from headrace.source.changes import (
     LSN,
@@ -79,6 +80,8 @@ class Engine:
         self.store = store
         self.source = config.source.name
         self.registry = Registry(config)
+        self.jobs = StreamJobs.from_config(config)
+        """Stream jobs (rules, scores, metric alerts) run inside each batch's transaction."""
         self._rebuilds: queue.Queue[tuple[str, RollupConfig | None]] = queue.Queue()
         self._load()
 
@@ -87,6 +90,7 @@ class Engine:
         with self.store.transaction():
             self.registry.load(con)
             self.registry.setup_rollups(con)
+            self.jobs.setup(con)
         stored = self.store.read_position(self.source)
         self._position = stored.lsn if stored is not None else None
 
@@ -184,6 +188,7 @@ class Engine:
                     tables = {runtime.plan.table.ref} | {t for t, _ in runtime.plan.lookup_deps}
                     if tables & set(rows):
                         self.registry.build(con, name)
+            self.jobs.after_snapshot(con, rows, self.registry.tables)
             for model in loaded:
                 self._write_snapshot_meta(con, model, position, snapshot_time)
             self.store.write_position(con, self.source, position, None)
@@ -430,6 +435,7 @@ class Engine:
             if work is None or not (work.start_rows or work.end_rows):
                 continue
             self._apply_rollup(con, runtime, runtime.plan, work, index)
+        self.jobs.apply(con, works.values(), self.registry.tables)
         for work in works.values():
             drop_temp(con, work)
         return dead, list(works.values())

@@ -38,7 +38,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from headrace.alerts.config import MetricAlertConfig, SinkConfig
 from headrace.pipeline.durations import Duration
+from headrace.rules.config import RulesConfig
+from headrace.scores.config import ScoresConfig
 from headrace.source.changes import TableRef
 
 COMMIT_TIME = "commit"
@@ -279,6 +282,18 @@ class PipelineConfig(_Model):
     store: StoreConfig = Field(default_factory=StoreConfig, description="The analytical store.")
     rollups: list[RollupConfig] = Field(
         default_factory=list, description="Time-bucketed aggregates maintained incrementally."
+    )
+    rules: RulesConfig | None = Field(
+        default=None, description="Fraud rules (headrace.rules.config): each runs when present."
+    )
+    scores: ScoresConfig | None = Field(
+        default=None, description="Per-account scores (headrace.scores.config)."
+    )
+    metric_alerts: list[MetricAlertConfig] = Field(
+        default_factory=list, description="Alerts on rollups (headrace.alerts.config)."
+    )
+    sinks: list[SinkConfig] = Field(
+        default_factory=list, description="Where alerts are delivered (headrace.alerts.config)."
     )
 
     @cached_property

@@ -1,0 +1,1 @@
+"""Alerts: the alerts table, incidents, metric alerts and delivery through sinks."""

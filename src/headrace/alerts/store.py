@@ -1,0 +1,237 @@
+"""Alerts in the store: the alerts table, incidents (dedup), and the delivery outbox.
+
+Tables (schema ``headrace``), written in the batch's transaction:
+
+``alerts``
+    one row per alert: ``id, rule, severity, account_id, key, started_at,
+    detected_at, payload`` (the columns serving relies on), then ``kind``
+    (``fraud`` | ``metric``), ``status`` (``firing``, or ``resolved`` for a
+    metric alert's all-clear), ``summary`` (one readable line), ``event_at``
+    (event time of the evidence that completed the pattern), ``commit_ts``
+    and ``lsn`` (commit of the change that completed it) and ``latency_ms``
+    (``detected_at - commit_ts``: the detection latency).
+``alert_incidents``
+    one row per (rule, dedup key): the open incident's alert and the last
+    time its condition held. A new alert is written only when the condition
+    holds again after ``rearm_after`` of quiet: one alert per incident.
+``alert_deliveries``
+    the outbox: one row per (alert, sink) the alert must go to, inserted
+    with the alert (so an alert and its pending deliveries commit together),
+    then updated by the delivery threads: ``state`` (``pending``,
+    ``delivered``, ``failed``), ``attempts``, ``last_error``, times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import duckdb
+
+from headrace.alerts.config import SEVERITY_RANK, SinkConfig
+from headrace.store.duckdb.schema import META
+
+ALERTS = f"{META}.alerts"
+INCIDENTS = f"{META}.alert_incidents"
+DELIVERIES = f"{META}.alert_deliveries"
+
+ALERT_COLUMNS: tuple[str, ...] = (
+    "id",
+    "rule",
+    "severity",
+    "account_id",
+    "key",
+    "started_at",
+    "detected_at",
+    "payload",
+    "kind",
+    "status",
+    "summary",
+    "event_at",
+    "commit_ts",
+    "lsn",
+    "latency_ms",
+)
+
+ALERTS_DDL: tuple[str, ...] = (
+    f"""CREATE TABLE IF NOT EXISTS {ALERTS} (
+        id BIGINT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        account_id BIGINT,
+        key TEXT NOT NULL,
+        started_at TIMESTAMPTZ,
+        detected_at TIMESTAMPTZ NOT NULL,
+        payload JSON,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        summary TEXT,
+        event_at TIMESTAMPTZ,
+        commit_ts TIMESTAMPTZ,
+        lsn UBIGINT,
+        latency_ms DOUBLE
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {INCIDENTS} (
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        alert_id BIGINT,
+        started_at TIMESTAMPTZ,
+        last_seen_at TIMESTAMPTZ,
+        triggers BIGINT NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (rule, key)
+    )""",
+    # No index: the delivery threads update rows while the writer appends new
+    # ones; the table is scanned by state, which stays small per sink.
+    f"""CREATE TABLE IF NOT EXISTS {DELIVERIES} (
+        alert_id BIGINT NOT NULL,
+        sink TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL,
+        next_attempt_at TIMESTAMPTZ,
+        last_attempt_at TIMESTAMPTZ,
+        delivered_at TIMESTAMPTZ,
+        last_error TEXT,
+        idempotency_key TEXT NOT NULL
+    )""",
+)
+
+CANDIDATE_COLUMNS = (
+    "account_id, dedup_key, event_at, started_at, commit_ts, lsn, severity, summary, payload"
+)
+"""Columns of a rule's candidate table (one row per evidence that crossed the threshold)."""
+
+
+def setup_alerts(con: duckdb.DuckDBPyConnection) -> None:
+    for statement in ALERTS_DDL:
+        con.execute(statement)
+
+
+def _sinks_values(sinks: Sequence[SinkConfig]) -> str:
+    """A VALUES list of (sink, min rank, rules, kinds) for the outbox insert."""
+    rows = []
+    for sink in sinks:
+        rules = "NULL" if sink.rules is None else _list_literal(sink.rules)
+        kinds = "NULL" if sink.kinds is None else _list_literal([k.value for k in sink.kinds])
+        rows.append(
+            f"({_literal(sink.name)}, {SEVERITY_RANK[sink.min_severity.value]}, "
+            f"CAST({rules} AS VARCHAR[]), CAST({kinds} AS VARCHAR[]))"
+        )
+    return ", ".join(rows)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _list_literal(items: Sequence[str]) -> str:
+    return "[" + ", ".join(_literal(i) for i in items) + "]"
+
+
+def insert_alerts(
+    con: duckdb.DuckDBPyConnection, source: str, sinks: Sequence[SinkConfig], now: datetime
+) -> int:
+    """Insert the alerts ``source`` (SQL with every column of ``alerts`` but ``id``) selects,
+    numbered after the last alert, and their pending deliveries; returns how many.
+
+    The inserted rows stay in the temp table ``_job_new_alerts`` until the next call.
+    """
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _job_new_alerts AS
+        SELECT (SELECT coalesce(max(id), 0) FROM {ALERTS})
+                   + row_number() OVER (ORDER BY s.event_at, s.rule, s.key) AS id, s.*
+        FROM ({source}) s"""
+    )
+    count = int(con.execute("SELECT count(*) FROM _job_new_alerts").fetchall()[0][0])
+    if count:
+        columns = ", ".join(ALERT_COLUMNS)
+        con.execute(f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts")
+        if sinks:
+            con.execute(
+                f"""INSERT INTO {DELIVERIES}
+                SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
+                       'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
+                                              || CAST(a.detected_at AS VARCHAR)), 1, 32)
+                FROM _job_new_alerts a
+                JOIN (VALUES {_sinks_values(sinks)}) k(sink, min_rank, rules, kinds)
+                  ON (CASE a.severity WHEN 'low' THEN 1 WHEN 'medium' THEN 2 WHEN 'high' THEN 3
+                      ELSE 4 END) >= k.min_rank
+                 AND (k.rules IS NULL OR list_contains(k.rules, a.rule))
+                 AND (k.kinds IS NULL OR list_contains(k.kinds, a.kind))""",
+                [now, now],
+            )
+    return count
+
+
+def emit_incidents(
+    con: duckdb.DuckDBPyConnection,
+    rule: str,
+    candidates: str,
+    rearm: timedelta,
+    now: datetime,
+    sinks: Sequence[SinkConfig],
+) -> int:
+    """Turn a rule's candidates into alerts, one per incident; returns the alerts written.
+
+    ``candidates`` is a table with :data:`CANDIDATE_COLUMNS`. Per dedup key,
+    candidates are taken in event-time order: one opens a new incident (and
+    an alert) when the key has no incident, or when it comes more than
+    ``rearm`` after the previous candidate of the key (stored or in this
+    batch); every other candidate extends the open incident. The alert shows
+    the first candidate of its incident.
+    """
+    seconds = rearm.total_seconds()
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _job_flagged AS
+        SELECT c.*, i.last_seen_at AS stored_last,
+               CASE WHEN lag(c.event_at) OVER w IS NULL
+                    THEN i.last_seen_at IS NULL
+                         OR c.event_at > i.last_seen_at + to_seconds({seconds})
+                    ELSE c.event_at > lag(c.event_at) OVER w + to_seconds({seconds})
+               END AS opens
+        FROM {candidates} c
+        LEFT JOIN {INCIDENTS} i ON i.rule = ? AND i.key = c.dedup_key
+        WINDOW w AS (PARTITION BY c.dedup_key ORDER BY c.event_at, c.lsn)""",
+        [rule],
+    )
+    written = _insert_opening(con, rule, now, sinks)
+    con.execute(
+        f"""INSERT INTO {INCIDENTS}
+        SELECT ?, f.dedup_key, a.id, a.started_at, max(f.event_at), count(*), ?
+        FROM _job_flagged f
+        LEFT JOIN (SELECT key, arg_max(id, event_at) AS id,
+                          arg_max(started_at, event_at) AS started_at
+                   FROM _job_new_alerts GROUP BY key) a
+          ON a.key = f.dedup_key
+        GROUP BY f.dedup_key, a.id, a.started_at
+        ON CONFLICT (rule, key) DO UPDATE SET
+            alert_id = coalesce(excluded.alert_id, {INCIDENTS}.alert_id),
+            started_at = coalesce(excluded.started_at, {INCIDENTS}.started_at),
+            last_seen_at = greatest(excluded.last_seen_at, {INCIDENTS}.last_seen_at),
+            triggers = {INCIDENTS}.triggers + excluded.triggers,
+            updated_at = excluded.updated_at""",
+        [rule, now],
+    )
+    con.execute("DROP TABLE _job_flagged")
+    con.execute("DROP TABLE _job_new_alerts")
+    return written
+
+
+def _insert_opening(
+    con: duckdb.DuckDBPyConnection, rule: str, now: datetime, sinks: Sequence[SinkConfig]
+) -> int:
+    literal_rule = _literal(rule)
+    stamp = _literal(now.isoformat())
+    return insert_alerts(
+        con,
+        f"""SELECT {literal_rule} AS rule, severity, TRY_CAST(account_id AS BIGINT) AS account_id,
+                   dedup_key AS key, started_at, CAST({stamp} AS TIMESTAMPTZ) AS detected_at,
+                   payload, 'fraud' AS kind, 'firing' AS status, summary, event_at,
+                   commit_ts, lsn,
+                   greatest(0, (epoch_us(CAST({stamp} AS TIMESTAMPTZ)) - epoch_us(commit_ts)) / 1000.0)
+                       AS latency_ms
+            FROM _job_flagged WHERE opens""",
+        sinks,
+        now,
+    )

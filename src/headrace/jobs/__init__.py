@@ -1,0 +1,1 @@
+"""Keyed stream jobs hooked into the engine (see :mod:`headrace.jobs.base`)."""

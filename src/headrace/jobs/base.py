@@ -1,0 +1,196 @@
+"""Keyed stream jobs: what a job is, and what it sees of a batch.
+
+A stream job (a fraud rule, the health score, the metric alerts) keeps its
+own state in DuckDB tables and updates it from each batch **inside the
+batch's transaction**, after the engine has written the mirrors and the
+rollups. Its state therefore commits or rolls back together with the batch
+and the source position: after a crash, the store holds the job's state as
+of the position it resumes from, and the batch is applied again, once.
+
+What a job sees of one table in one batch is a :class:`TableDelta`: the
+names of the engine's temp tables for that batch (see
+:mod:`headrace.engine.resolve`):
+
+``start``
+    the rows of every key the batch touched, as they were before the batch
+``end``
+    the same keys' rows after the batch (absent when deleted), plus ``_hr_seq``
+``changes``
+    every change in order, with ``_hr_commit_ts`` and ``_hr_lsn``
+``keys``
+    the touched keys
+
+So ``end - start`` is exactly the batch's net effect on the table, however
+many times a row changed in between: a job keeping sums adds the end rows
+and subtracts the start rows (an update that declines or reverses a
+transaction retracts its old version), and a job looking for new evidence
+compares end rows with start rows. The mirror (``TableDelta.mirror``)
+already holds the end state.
+
+Jobs evaluate with DuckDB SQL over these tables and their state; there is no
+per-row Python on the hot path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import duckdb
+
+from headrace.pipeline.model import quote_ident
+from headrace.source.changes import COMMIT_TS, SEQ, TableRef
+
+JOBS_SCHEMA = "jobs"
+"""Schema of the jobs' state tables (``jobs.<job>__<part>``), engine-owned like rollup state."""
+
+
+def state_table(job: str, part: str) -> str:
+    """Quoted ``jobs.<job>__<part>``."""
+    return f"{JOBS_SCHEMA}.{quote_ident(f'{job}__{part}')}"
+
+
+@dataclass(frozen=True)
+class TableDelta:
+    """One table's net change in one batch (segment), as temp tables of the open transaction."""
+
+    table: TableRef
+    mirror: str
+    key: tuple[str, ...]
+    start: str
+    end: str
+    changes: str
+    keys: str
+    truncated: bool = False
+    start_count: int = 0
+    end_count: int = 0
+
+    def key_match(self, left: str, right: str) -> str:
+        """SQL: ``left`` and ``right`` rows have the same key."""
+        return " AND ".join(f"{left}.{quote_ident(k)} = {right}.{quote_ident(k)}" for k in self.key)
+
+    def end_rows(self) -> str:
+        """SQL: the end rows with the commit time of the change that produced them."""
+        return (
+            f"(SELECT e.*, c.{COMMIT_TS} FROM {self.end} e "
+            f"JOIN {self.changes} c ON c.{SEQ} = e.{SEQ})"
+        )
+
+    def changed_rows(self, columns: Sequence[str]) -> str:
+        """SQL: end rows that are new, or whose ``columns`` differ from their start row.
+
+        Each row carries ``_hr_commit_ts`` and ``_hr_new`` (true when the key
+        did not exist before the batch).
+        """
+        match = self.key_match("s", "e")
+        first = quote_ident(self.key[0])
+        differs = " OR ".join(
+            f"e.{quote_ident(c)} IS DISTINCT FROM s.{quote_ident(c)}" for c in columns
+        )
+        condition = f"s.{first} IS NULL" + (f" OR {differs}" if differs else "")
+        return (
+            f"(SELECT e.*, s.{first} IS NULL AS _hr_new FROM {self.end_rows()} e "
+            f"LEFT JOIN {self.start} s ON {match} WHERE {condition})"
+        )
+
+    def before(self) -> str:
+        """SQL: the whole table as it was before the batch (mirror rows not touched + start)."""
+        if self.truncated:
+            return f"(SELECT * FROM {self.start})"
+        match = self.key_match("m", "k")
+        return (
+            f"(SELECT m.* FROM {self.mirror} m ANTI JOIN {self.keys} k ON {match} "
+            f"UNION ALL BY NAME SELECT * FROM {self.start})"
+        )
+
+
+@dataclass(frozen=True)
+class MirroredTable:
+    """A source table as jobs read it: its mirror (current rows) and key columns."""
+
+    ref: TableRef
+    mirror: str
+    key: tuple[str, ...]
+
+
+@dataclass
+class JobContext:
+    """What a job gets for one batch: the open transaction and the batch's table deltas."""
+
+    con: duckdb.DuckDBPyConnection
+    deltas: Mapping[TableRef, TableDelta]
+    now: datetime
+    """Wall-clock time the jobs started on this batch (detection time of its alerts)."""
+    tables: Mapping[TableRef, MirroredTable] = field(default_factory=dict)
+    """Every mirrored table the engine knows (a job runs only when all it reads are here)."""
+    watermarks: dict[str, tuple[datetime | None, datetime | None]] = field(default_factory=dict)
+    """Each job's (watermark, horizon) as stored; the runtime writes back the changed ones."""
+    changed: set[str] = field(default_factory=set)
+    _times: dict[tuple[TableRef, str], datetime | None] = field(default_factory=dict)
+
+    def watermark(self, job: str) -> tuple[datetime | None, datetime | None]:
+        """The job's (event-time watermark, horizon), ``(None, None)`` before its first batch."""
+        return self.watermarks.get(job, (None, None))
+
+    def set_watermark(self, job: str, watermark: datetime | None, horizon: datetime | None) -> None:
+        if self.watermarks.get(job) != (watermark, horizon):
+            self.watermarks[job] = (watermark, horizon)
+            self.changed.add(job)
+
+    def batch_time(self, ref: TableRef, time: str) -> datetime | None:
+        """Largest ``least(time, commit time)`` among the end rows of ``ref`` in this batch."""
+        cache_key = (ref, time)
+        if cache_key not in self._times:
+            delta = self.deltas.get(ref)
+            value = None
+            if delta is not None:
+                rows = self.con.execute(
+                    f"SELECT max(least(CAST({time} AS TIMESTAMPTZ), {COMMIT_TS})) "
+                    f"FROM {delta.end_rows()}"
+                ).fetchall()
+                value = rows[0][0] if rows else None
+            self._times[cache_key] = value  # type: ignore[assignment]
+        return self._times[cache_key]
+
+    def delta(self, ref: TableRef) -> TableDelta | None:
+        return self.deltas.get(ref)
+
+    def mirror(self, ref: TableRef) -> str:
+        return self.tables[ref].mirror
+
+    def key(self, ref: TableRef) -> tuple[str, ...]:
+        return self.tables[ref].key
+
+    def touched(self, refs: Sequence[TableRef]) -> bool:
+        return any(ref in self.deltas for ref in refs)
+
+
+class StreamJob(ABC):
+    """A keyed job updated from each batch inside the batch's transaction (module docstring)."""
+
+    name: str
+    """Identifier; names its state tables ``jobs.<name>__*``."""
+    ready: bool = False
+    """Its state tables exist (set by the job after creating them; the runtime clears it
+    whenever the engine reloads, e.g. after a rolled-back transaction)."""
+
+    @abstractmethod
+    def inputs(self) -> tuple[TableRef, ...]:
+        """Tables whose changes the job reads (their deltas trigger :meth:`apply`)."""
+
+    def reads(self) -> tuple[TableRef, ...]:
+        """Every table whose mirror the job reads (inputs and lookups); all must be mirrored."""
+        return self.inputs()
+
+    def setup(self, con: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
+        """Create the job's fixed tables (idempotent; runs when the engine opens the store)."""
+
+    @abstractmethod
+    def apply(self, ctx: JobContext) -> None:
+        """Update state from the batch, and emit what it detects."""
+
+    @abstractmethod
+    def rebuild(self, ctx: JobContext) -> None:
+        """Recompute the state from the mirrors (after a snapshot replaced them); no alerts."""

@@ -1,0 +1,169 @@
+"""The engine's hook for stream jobs: build them from the pipeline, run them per batch.
+
+The engine calls, from its writer thread and inside its open transaction:
+
+- :meth:`StreamJobs.setup` when it opens the store,
+- :meth:`StreamJobs.apply` after each batch segment's mirrors and rollups
+  are written (so the jobs' state commits with the batch and its position),
+- :meth:`StreamJobs.after_snapshot` after a snapshot loaded the mirrors
+  (each job rebuilds its state from them; nothing is alerted for the past).
+
+A job runs only when every table it reads is a known, mirrored table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+
+from headrace.alerts.store import setup_alerts
+from headrace.errors import ConfigError
+from headrace.jobs.base import JobContext, MirroredTable, StreamJob, TableDelta
+from headrace.jobs.state import SETUP_DDL, read_watermarks, write_watermarks
+from headrace.source.changes import TableRef
+
+if TYPE_CHECKING:
+    from headrace.engine.resolve import TableWork
+    from headrace.pipeline.model import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+class StreamJobs:
+    """The configured stream jobs of one pipeline (empty when none are configured)."""
+
+    def __init__(self, jobs: Sequence[StreamJob]) -> None:
+        self.jobs = list(jobs)
+        self.seconds: dict[str, float] = {job.name: 0.0 for job in self.jobs}
+        """Time spent in each job since the engine started (for status and benchmarks)."""
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> StreamJobs:
+        """The jobs ``config`` asks for: rules, health score, metric alerts."""
+        from headrace.alerts.metric import MetricAlerts  # noqa: PLC0415 - avoids an import cycle
+        from headrace.rules.registry import build_rules  # noqa: PLC0415
+        from headrace.scores.health import HealthScore  # noqa: PLC0415
+
+        sinks = tuple(getattr(config, "sinks", None) or ())
+        jobs: list[StreamJob] = []
+        rules = getattr(config, "rules", None)
+        if rules is not None:
+            jobs.extend(build_rules(rules, sinks))
+        scores = getattr(config, "scores", None)
+        if scores is not None and scores.health is not None:
+            jobs.append(HealthScore(scores, rules))
+        metric_alerts = list(getattr(config, "metric_alerts", None) or ())
+        if metric_alerts:
+            jobs.append(MetricAlerts(config, metric_alerts, sinks))
+        problems = check_jobs(config, jobs)
+        if problems:
+            raise ConfigError(
+                "the stream jobs cannot run: " + "; ".join(problems),
+                "list the tables they read under source.tables (with mirror: true), "
+                "or fix the names under rules.tables / scores / metric_alerts",
+            )
+        return cls(jobs)
+
+    def __bool__(self) -> bool:
+        return bool(self.jobs)
+
+    # ------------------------------------------------------------- engine hook
+
+    def setup(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create the jobs' fixed tables (inside the engine's opening transaction)."""
+        if not self.jobs:
+            return
+        for statement in SETUP_DDL:
+            con.execute(statement)
+        setup_alerts(con)
+        for job in self.jobs:
+            job.ready = False
+            job.setup(con)
+
+    def apply(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        works: Iterable[TableWork],
+        tables: Mapping[TableRef, Any],
+    ) -> None:
+        """Run every job whose input tables changed in this batch segment."""
+        if not self.jobs:
+            return
+        deltas = {}
+        for work in works:
+            model = work.model
+            if not model.config.mirror or not (work.start_rows or work.end_rows):
+                continue
+            deltas[model.ref] = TableDelta(
+                table=model.ref,
+                mirror=model.mirror,
+                key=tuple(model.key),
+                start=work.start,
+                end=work.end,
+                changes=work.changes,
+                keys=work.keys,
+                truncated=work.truncated_at is not None,
+                start_count=work.start_rows,
+                end_count=work.end_rows,
+            )
+        if not deltas:
+            return
+        ctx = JobContext(
+            con, deltas, datetime.now(UTC), mirrored(tables), watermarks=read_watermarks(con)
+        )
+        for job in self.jobs:
+            if not ctx.touched(job.inputs()) or not all(r in ctx.tables for r in job.reads()):
+                continue
+            started = time.perf_counter()
+            job.apply(ctx)
+            self.seconds[job.name] += time.perf_counter() - started
+        write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
+
+    def after_snapshot(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        loaded: Iterable[TableRef],
+        tables: Mapping[TableRef, Any],
+    ) -> None:
+        """Rebuild every job reading a table the snapshot loaded."""
+        if not self.jobs:
+            return
+        refs = set(loaded)
+        ctx = JobContext(
+            con, {}, datetime.now(UTC), mirrored(tables), watermarks=read_watermarks(con)
+        )
+        for job in self.jobs:
+            if refs.isdisjoint(job.reads()) or not all(r in ctx.tables for r in job.reads()):
+                continue
+            started = time.perf_counter()
+            job.rebuild(ctx)
+            log.info("stream job %s rebuilt in %.2f s", job.name, time.perf_counter() - started)
+        write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
+
+
+def mirrored(tables: Mapping[TableRef, Any]) -> dict[TableRef, MirroredTable]:
+    """The engine's table models reduced to what jobs read (mirrored, live tables only)."""
+    out = {}
+    for ref, model in tables.items():
+        if model.config.mirror and model.state == "active" and model.key:
+            out[ref] = MirroredTable(ref, model.mirror, tuple(model.key))
+    return out
+
+
+def check_jobs(config: PipelineConfig, jobs: Sequence[StreamJob]) -> list[str]:
+    """Problems that stop the jobs from running: tables not captured or not mirrored."""
+    problems = []
+    refs = config.table_refs
+    for job in jobs:
+        for ref in job.reads():
+            table = refs.get(ref)
+            if table is None:
+                problems.append(f"{job.name} reads {ref}, which is not under source.tables")
+            elif not table.mirror:
+                problems.append(f"{job.name} reads {ref}, which has mirror: false")
+    return problems

@@ -1,0 +1,226 @@
+"""Reusable keyed state for stream jobs: row windows, keyed sums, watermarks.
+
+:class:`RowWindow`
+    a filtered copy of a table's recent rows (a few columns, the rows whose
+    time is within a horizon of the job's watermark), keyed by the table's
+    primary key: each batch deletes the touched keys and inserts their end
+    rows, so updates and deletes (a declined or reversed transaction) show
+    up in the window as they happen.
+:class:`KeyedSums`
+    sums per group (e.g. per account, or per account and 5-minute bucket)
+    maintained by adding each batch's end rows and subtracting its start
+    rows; a group whose row count drops to zero is deleted.
+
+Both are rebuilt from the mirror with one statement after a snapshot.
+
+Watermarks: a job's event-time clock is the largest ``least(event time,
+commit time)`` it has seen (the commit time caps a row dated in the future),
+kept in ``headrace.job_watermarks`` in the batch's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import duckdb
+
+from headrace.jobs.base import JOBS_SCHEMA, TableDelta
+from headrace.pipeline.model import quote_ident
+from headrace.store.duckdb.schema import META
+
+WATERMARKS = f"{META}.job_watermarks"
+
+SETUP_DDL: tuple[str, ...] = (
+    f"CREATE SCHEMA IF NOT EXISTS {JOBS_SCHEMA}",
+    f"""CREATE TABLE IF NOT EXISTS {WATERMARKS} (
+        job TEXT PRIMARY KEY,
+        watermark TIMESTAMPTZ,
+        horizon TIMESTAMPTZ,
+        updated_at TIMESTAMPTZ NOT NULL
+    )""",
+)
+
+
+def read_watermarks(
+    con: duckdb.DuckDBPyConnection,
+) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """Every job's stored (watermark, horizon)."""
+    rows = con.execute(f"SELECT job, watermark, horizon FROM {WATERMARKS}").fetchall()
+    return {str(r[0]): (r[1], r[2]) for r in rows}  # type: ignore[misc]
+
+
+def write_watermarks(
+    con: duckdb.DuckDBPyConnection,
+    values: dict[str, tuple[datetime | None, datetime | None]],
+) -> None:
+    """Store the given jobs' (watermark, horizon)."""
+    for job, (watermark, horizon) in values.items():
+        con.execute(
+            f"""INSERT INTO {WATERMARKS} VALUES (?, ?, ?, now())
+                ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark,
+                    horizon = excluded.horizon, updated_at = excluded.updated_at""",
+            [job, watermark, horizon],
+        )
+
+
+def mirror_time(con: duckdb.DuckDBPyConnection, mirror: str, time: str) -> datetime | None:
+    """Largest ``least(time, now)`` of a mirror (the watermark a snapshot starts from)."""
+    rows = con.execute(
+        f"SELECT max(least(CAST({time} AS TIMESTAMPTZ), now())) FROM {mirror}"
+    ).fetchall()
+    return rows[0][0] if rows else None  # type: ignore[return-value]
+
+
+def latest(*times: datetime | None) -> datetime | None:
+    present = [t for t in times if t is not None]
+    return max(present) if present else None
+
+
+def create_like(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    select_sql: str,
+    primary_key: Sequence[str] = (),
+) -> None:
+    """Create ``table`` (if absent) with the columns and types ``select_sql`` returns."""
+    described = con.execute(f"DESCRIBE {select_sql}").fetchall()
+    columns = [f"{quote_ident(str(r[0]))} {r[1]}" for r in described]
+    if primary_key:
+        columns.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in primary_key)})")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)})")
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+        [schema, name],
+    ).fetchall()
+    return bool(rows[0][0])
+
+
+@dataclass(frozen=True)
+class RowWindow:
+    """Recent rows of one table that pass a filter, keyed by the table's key (module docstring).
+
+    ``columns`` are (name, SQL over the source row); ``time`` names the
+    column (among ``columns``) holding the row's event time. The table's key
+    columns are stored as ``_k0``, ``_k1``, ...
+    """
+
+    table: str
+    key: tuple[str, ...]
+    columns: tuple[tuple[str, str], ...]
+    time: str
+    where: str = "true"
+
+    def _select(self, source: str) -> str:
+        keys = [f"{quote_ident(k)} AS _k{i}" for i, k in enumerate(self.key)]
+        values = [f"{sql} AS {quote_ident(name)}" for name, sql in self.columns]
+        return f"SELECT {', '.join(keys + values)} FROM {source} WHERE ({self.where})"
+
+    def ensure(self, con: duckdb.DuckDBPyConnection, mirror: str) -> None:
+        create_like(con, self.table, self._select(mirror) + " LIMIT 0")
+
+    def update(self, con: duckdb.DuckDBPyConnection, delta: TableDelta, horizon: datetime) -> None:
+        """Drop rows older than ``horizon`` and the touched keys' rows; insert their end rows."""
+        time = quote_ident(self.time)
+        if delta.truncated:
+            con.execute(f"DELETE FROM {self.table}")
+        else:
+            match = " AND ".join(
+                f"w._k{i} = k.{quote_ident(key)}" for i, key in enumerate(self.key)
+            )
+            con.execute(
+                f"DELETE FROM {self.table} w WHERE w.{time} < ? "
+                f"OR EXISTS (SELECT 1 FROM {delta.keys} k WHERE {match})",
+                [horizon],
+            )
+        if delta.end_count:
+            con.execute(
+                f"INSERT INTO {self.table} SELECT * FROM ({self._select(delta.end)}) "
+                f"WHERE {time} >= ?",
+                [horizon],
+            )
+
+    def prune(self, con: duckdb.DuckDBPyConnection, horizon: datetime) -> None:
+        con.execute(f"DELETE FROM {self.table} WHERE {quote_ident(self.time)} < ?", [horizon])
+
+    def rebuild(
+        self, con: duckdb.DuckDBPyConnection, mirror: str, horizon: datetime | None
+    ) -> None:
+        con.execute(f"DELETE FROM {self.table}")
+        if horizon is None:
+            return
+        con.execute(
+            f"INSERT INTO {self.table} SELECT * FROM ({self._select(mirror)}) "
+            f"WHERE {quote_ident(self.time)} >= ?",
+            [horizon],
+        )
+
+
+@dataclass(frozen=True)
+class KeyedSums:
+    """Sums per group, maintained as end rows minus start rows (module docstring).
+
+    ``groups`` and ``sums`` are (name, SQL over the source row); a row count
+    ``_rows`` is kept too. ``where`` filters rows (it may use any column).
+    """
+
+    table: str
+    groups: tuple[tuple[str, str], ...]
+    sums: tuple[tuple[str, str], ...]
+    where: str = "true"
+
+    def _select(self, source: str, sign: int) -> str:
+        groups = [f"{sql} AS {quote_ident(name)}" for name, sql in self.groups]
+        sums = [f"{sign} * ({sql}) AS {quote_ident(name)}" for name, sql in self.sums]
+        return (
+            f"SELECT {', '.join([*groups, *sums, f'{sign} AS _rows'])} FROM {source} "
+            f"WHERE ({self.where})"
+        )
+
+    def _aggregate(self, inner: str) -> str:
+        columns = [quote_ident(name) for name, _ in self.groups]
+        columns += [f"sum({quote_ident(name)}) AS {quote_ident(name)}" for name, _ in self.sums]
+        columns.append("CAST(sum(_rows) AS BIGINT) AS _rows")
+        return f"SELECT {', '.join(columns)} FROM ({inner}) GROUP BY ALL"
+
+    def ensure(self, con: duckdb.DuckDBPyConnection, mirror: str) -> None:
+        create_like(
+            con,
+            self.table,
+            self._aggregate(self._select(mirror, 1)) + " LIMIT 0",
+            [name for name, _ in self.groups],
+        )
+
+    def update(
+        self, con: duckdb.DuckDBPyConnection, delta: TableDelta, extra_where: str = "true"
+    ) -> None:
+        """Add the end rows, subtract the start rows (``extra_where`` filters both)."""
+        inner = (
+            f"SELECT * FROM ({self._select(delta.end, 1)} UNION ALL "
+            f"{self._select(delta.start, -1)}) WHERE ({extra_where})"
+        )
+        names = [quote_ident(name) for name, _ in self.sums] + ["_rows"]
+        updates = ", ".join(f"{n} = {self.table}.{n} + excluded.{n}" for n in names)
+        keys = ", ".join(quote_ident(name) for name, _ in self.groups)
+        con.execute(
+            f"INSERT INTO {self.table} SELECT * FROM ({self._aggregate(inner)}) "
+            f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+        )
+        if delta.start_count:  # only retractions can bring a group to zero rows
+            con.execute(f"DELETE FROM {self.table} WHERE _rows = 0")
+
+    def rebuild(
+        self, con: duckdb.DuckDBPyConnection, source: str, extra_where: str = "true"
+    ) -> None:
+        con.execute(f"DELETE FROM {self.table}")
+        inner = f"SELECT * FROM ({self._select(source, 1)}) WHERE ({extra_where})"
+        con.execute(f"INSERT INTO {self.table} {self._aggregate(inner)}")
+
+
+def horizon_of(watermark: datetime | None, span: timedelta) -> datetime | None:
+    """Oldest event time a window of ``span`` ending at ``watermark`` still needs."""
+    return None if watermark is None else watermark - span

@@ -1,0 +1,288 @@
+"""Rule 6, account takeover: a large outflow shortly after a risky login.
+
+State:
+
+- ``jobs.account_takeover__devices``: per customer and device, the
+  successful logins seen (a login is from a *new device* when its pair was
+  never seen before it; see :mod:`headrace.jobs.first_seen`);
+- ``jobs.account_takeover__failed``: failed logins within ``failed_window``
+  (plus ``rules.lateness``) of the watermark;
+- ``jobs.account_takeover__marks``: *risky logins* within ``window`` (plus
+  lateness): a successful login from a new device (``new_device: true``),
+  or a failed login that makes ``failed_logins`` failures of the customer
+  within ``failed_window``.
+
+For each new outflow transaction (``tables.transactions.outflow``; or one
+whose amount or account changed) of an account with a positive balance:
+when a risky login of the account's customer happened in
+``[t - window, t]``, ``amount >= min_amount`` and ``amount >=
+outflow_share x balance``, it is a candidate. The balance is the account's
+balance before the batch (``tables.accounts.balance``), i.e. before the
+outflow settled. Evidence: the risky logins and the outflow; numbers: share
+of the balance, failures, minutes since the login.
+
+Logins and transactions of one batch are handled in order: logins first,
+so an outflow committed together with its login is caught. Logins are
+assumed to arrive in event-time order (a login arriving after the outflow
+it precedes in event time is not matched with it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import duckdb
+
+from headrace.alerts.config import SinkConfig
+from headrace.jobs.base import JobContext, TableDelta
+from headrace.jobs.first_seen import FirstSeen
+from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
+from headrace.rules.base import TX_FIELDS, RuleJob, evidence_json, q, tx_evidence
+from headrace.rules.config import AccountTakeoverConfig, RulesConfig
+from headrace.source.changes import TableRef
+
+
+class AccountTakeover(RuleJob):
+    """See the module docstring."""
+
+    name = "account_takeover"
+
+    def __init__(self, rules: RulesConfig, sinks: tuple[SinkConfig, ...]) -> None:
+        super().__init__(rules, sinks)
+        self.logins = rules.tables.logins
+        self.accounts = rules.tables.accounts
+        self.logins_ref = TableRef.parse(self.logins.table)
+        self.accounts_ref = TableRef.parse(self.accounts.table)
+
+    @property
+    def config(self) -> AccountTakeoverConfig:
+        config = self.rules.account_takeover
+        assert config is not None
+        return config
+
+    @property
+    def rearm(self) -> timedelta:
+        return self.config.rearm_after
+
+    def inputs(self) -> tuple[TableRef, ...]:
+        return (self.tx_ref, self.logins_ref)
+
+    def reads(self) -> tuple[TableRef, ...]:
+        return (self.tx_ref, self.logins_ref, self.accounts_ref)
+
+    # ------------------------------------------------------------------ state
+
+    def devices(self) -> FirstSeen:
+        logins = self.logins
+        return FirstSeen(
+            table=self.state("devices"),
+            owner=q(logins.customer),
+            item=q(logins.device),
+            time=q(logins.time),
+            where=logins.success,
+        )
+
+    def failed(self, key: tuple[str, ...]) -> RowWindow:
+        logins = self.logins
+        return RowWindow(
+            table=self.state("failed"),
+            key=key,
+            columns=(
+                ("customer", q(logins.customer)),
+                ("t", f"CAST({q(logins.time)} AS TIMESTAMPTZ)"),
+                ("device", q(logins.device)),
+                ("country", q(logins.country)),
+            ),
+            time="t",
+            where=f"NOT coalesce(({logins.success}), false)",
+        )
+
+    @property
+    def marks(self) -> str:
+        return self.state("marks")
+
+    def _login_columns(self) -> str:
+        logins = self.logins
+        return (
+            f"{q(logins.customer)} AS customer, CAST({q(logins.time)} AS TIMESTAMPTZ) AS t, "
+            f"{q(logins.device)} AS device, {q(logins.country)} AS country, "
+            f"coalesce(({logins.success}), false) AS success"
+        )
+
+    def _ensure(self, con: duckdb.DuckDBPyConnection, mirror: str, key: tuple[str, ...]) -> None:
+        self.devices().ensure(con, mirror)
+        self.failed(key).ensure(con, mirror)
+        logins = self.logins
+        create_like(
+            con,
+            self.marks,
+            f"""SELECT {q(logins.customer)} AS customer,
+                       CAST({q(logins.time)} AS TIMESTAMPTZ) AS t,
+                       CAST(NULL AS VARCHAR) AS reason, {q(key[0])} AS login,
+                       {q(logins.device)} AS device, {q(logins.country)} AS country,
+                       CAST(0 AS BIGINT) AS failed, CAST(NULL AS TIMESTAMPTZ) AS commit_ts
+                FROM {mirror} LIMIT 0""",
+        )
+
+    # ------------------------------------------------------------------ batch
+
+    def apply(self, ctx: JobContext) -> None:
+        con = ctx.con
+        login_delta = ctx.delta(self.logins_ref)
+        tx_delta = ctx.delta(self.tx_ref)
+        watermark = self.advance(
+            ctx, ctx.batch_time(self.logins_ref, q(self.logins.time)), self.tx_time(ctx)
+        )
+        if watermark is None:
+            return
+        if not self.ready:
+            self._ensure(con, ctx.mirror(self.logins_ref), ctx.key(self.logins_ref))
+            self.ready = True
+        config = self.config
+        if login_delta is not None:
+            self._mark(con, login_delta, watermark - config.failed_window - self.rules.lateness)
+        if tx_delta is not None:
+            self._detect(ctx, tx_delta, watermark - self.rules.lateness)
+        con.execute(
+            f"DELETE FROM {self.marks} WHERE t < ?",
+            [watermark - config.window - self.rules.lateness],
+        )
+
+    def _mark(self, con: duckdb.DuckDBPyConnection, delta: TableDelta, horizon: datetime) -> None:
+        """Record the batch's risky logins, then update the device and failure state."""
+        config = self.config
+        devices, failed = self.devices(), self.failed(delta.key)
+        failed.update(con, delta, horizon)
+        window_s = config.failed_window.total_seconds()
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _job_ato_logins AS "
+            f"SELECT * FROM {devices.new_rows(delta, self._login_columns())}"
+        )
+        new_device = "first_seen" if config.new_device else "false"
+        con.execute(
+            f"""INSERT INTO {self.marks}
+            SELECT customer, t, 'new_device', _k0, device, country, 0, commit_ts
+            FROM _job_ato_logins WHERE {new_device}
+            UNION ALL
+            SELECT f.customer, f.t, 'failed_logins', f._k0, f.device, f.country, count(*),
+                   f.commit_ts
+            FROM _job_ato_logins f
+            JOIN {failed.table} w ON w.customer = f.customer AND w.t <= f.t
+                 AND w.t > f.t - to_seconds({window_s})
+            WHERE NOT f.success
+            GROUP BY f.customer, f.t, f._k0, f.device, f.country, f.commit_ts
+            HAVING count(*) >= {config.failed_logins}"""
+        )
+        con.execute("DROP TABLE _job_ato_logins")
+        devices.update(con, delta)
+
+    def _detect(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> None:
+        con = ctx.con
+        config = self.config
+        accounts = self.accounts
+        account_delta = ctx.delta(self.accounts_ref)
+        before = (
+            account_delta.before() if account_delta is not None else ctx.mirror(self.accounts_ref)
+        )
+        triggers = self.tx_triggers(
+            delta,
+            (self.tx.account, self.tx.amount),
+            self.tx.outflow,
+            horizon,
+        )
+        window_s = config.window.total_seconds()
+        mark = (
+            "struct_pack(reason := m.reason, at := m.t, login := m.login, device := m.device, "
+            "country := m.country, failed := m.failed)"
+        )
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _job_ato AS
+            SELECT t.account AS account_id, 'account_takeover:' || t.account AS dedup_key,
+                   t.t AS event_at, min(m.t) AS started_at, t.commit_ts, t.lsn,
+                   '{config.severity.value}' AS severity,
+                   format('outflow {{}} = {{}}% of the balance {{}} of account {{}}, {{}} min after '
+                          '{{}}', t.amount, round(100 * t.amount / a.balance),
+                          a.balance, t.account, round((epoch(t.t) - epoch(max(m.t))) / 60, 1),
+                          string_agg(DISTINCT m.reason, ' and ')) AS summary,
+                   json_object(
+                       'numbers', json_object(
+                           'amount', t.amount, 'balance', a.balance,
+                           'share', round(t.amount / a.balance, 3),
+                           'outflow_share', {config.outflow_share},
+                           'failed_logins', max(m.failed),
+                           'minutes_since_login', round((epoch(t.t) - epoch(max(m.t))) / 60, 2),
+                           'reasons', list(DISTINCT m.reason)),
+                       'trigger', t._k0,
+                       'logins', to_json(list({mark} ORDER BY m.t)),
+                       'evidence', {evidence_json(f"[{tx_evidence('t')}]")}
+                   ) AS payload
+            FROM {triggers} t
+            JOIN (SELECT {q(accounts.id)} AS account, {q(accounts.customer)} AS customer,
+                         {q(accounts.balance)} AS balance FROM {before}) a
+              ON a.account = t.account
+            JOIN {self.marks} m ON m.customer = a.customer AND m.t <= t.t
+                 AND m.t >= t.t - to_seconds({window_s})
+            WHERE a.balance > 0 AND t.amount >= {config.min_amount}
+              AND t.amount >= {config.outflow_share} * a.balance
+            GROUP BY t._k0, {", ".join(f"t.{f}" for f in TX_FIELDS)}, t.commit_ts, t.lsn,
+                     a.balance"""
+        )
+        self.emit(ctx, "_job_ato")
+
+    # ---------------------------------------------------------------- rebuild
+
+    def rebuild(self, ctx: JobContext) -> None:
+        """Devices from every login; failures and risky logins of the last windows."""
+        con = ctx.con
+        mirror = ctx.mirror(self.logins_ref)
+        key = ctx.key(self.logins_ref)
+        self._ensure(con, mirror, key)
+        config = self.config
+        watermark = self.restart_watermark(
+            ctx,
+            latest(
+                mirror_time(con, mirror, q(self.logins.time)),
+                mirror_time(con, ctx.mirror(self.tx_ref), q(self.tx.time)),
+            ),
+        )
+        devices, failed = self.devices(), self.failed(key)
+        devices.rebuild(con, mirror)
+        con.execute(f"DELETE FROM {self.marks}")
+        if watermark is None:
+            failed.rebuild(con, mirror, None)
+            return
+        failed_horizon = watermark - config.failed_window - self.rules.lateness
+        failed.rebuild(con, mirror, failed_horizon)
+        marks_horizon = watermark - config.window - self.rules.lateness
+        window_s = config.failed_window.total_seconds()
+        logins = self.logins
+        if config.new_device:
+            con.execute(
+                f"""INSERT INTO {self.marks}
+                SELECT customer, t, 'new_device', login, device, country, 0, NULL FROM (
+                    SELECT {q(logins.customer)} AS customer,
+                           CAST({q(logins.time)} AS TIMESTAMPTZ) AS t, {q(key[0])} AS login,
+                           {q(logins.device)} AS device, {q(logins.country)} AS country,
+                           row_number() OVER (PARTITION BY {q(logins.customer)},
+                               {q(logins.device)} ORDER BY {q(logins.time)}, {q(key[0])}) AS n
+                    FROM {mirror} WHERE coalesce(({logins.success}), false))
+                WHERE n = 1 AND t >= ?""",
+                [marks_horizon],
+            )
+        con.execute(
+            f"""INSERT INTO {self.marks}
+            WITH failures AS (
+                SELECT {q(logins.customer)} AS customer,
+                       CAST({q(logins.time)} AS TIMESTAMPTZ) AS t, {q(key[0])} AS login,
+                       {q(logins.device)} AS device, {q(logins.country)} AS country
+                FROM {mirror}
+                WHERE NOT coalesce(({logins.success}), false)
+                  AND CAST({q(logins.time)} AS TIMESTAMPTZ) >= ?)
+            SELECT f.customer, f.t, 'failed_logins', f.login, f.device, f.country, count(*), NULL
+            FROM failures f JOIN failures w
+              ON w.customer = f.customer AND w.t <= f.t AND w.t > f.t - to_seconds({window_s})
+            WHERE f.t >= ?
+            GROUP BY f.customer, f.t, f.login, f.device, f.country
+            HAVING count(*) >= {config.failed_logins}""",
+            [marks_horizon - config.failed_window, marks_horizon],
+        )

@@ -1,0 +1,160 @@
+"""What every fraud rule shares: its job shell, the transaction row shape, evidence, alerts.
+
+A rule is a :class:`~headrace.jobs.base.StreamJob` whose ``apply`` works in
+three steps, all SQL inside the batch's transaction:
+
+1. **triggers**: the rows of this batch that can complete the pattern (new
+   rows, or rows whose relevant columns changed: an update can create a
+   pattern, e.g. a transaction that becomes declined);
+2. **evaluate**: join the triggers with the rule's keyed state (recent rows
+   of the same account, or per-account sums) and keep those crossing the
+   thresholds, as *candidates* with the numbers and evidence rows;
+3. **emit**: :func:`~headrace.alerts.store.emit_incidents` turns candidates
+   into at most one alert per incident (dedup key, re-armed after quiet).
+
+and updates its state from the batch's net change (``end - start``), so
+an update that cancels a pattern (declined, reversed, deleted) removes the
+row from the state before it can complete one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import ClassVar
+
+import duckdb
+
+from headrace.alerts.config import SinkConfig
+from headrace.alerts.store import emit_incidents
+from headrace.jobs.base import JobContext, StreamJob, TableDelta, state_table
+from headrace.jobs.state import latest
+from headrace.pipeline.model import quote_ident
+from headrace.rules.config import RulesConfig, TransactionsTable
+from headrace.source.changes import LSN, TableRef
+
+EVIDENCE_LIMIT = 50
+"""Evidence rows kept in an alert's payload (the numbers always cover every row)."""
+
+TX_FIELDS = (
+    "account",
+    "t",
+    "amount",
+    "merchant",
+    "card",
+    "country",
+    "device",
+    "status",
+    "channel",
+    "type",
+)
+"""Names of a transaction's columns in rule state and triggers (``_k0`` is its key)."""
+
+
+def q(name: str) -> str:
+    return quote_ident(name)
+
+
+def tx_columns(tx: TransactionsTable) -> tuple[tuple[str, str], ...]:
+    """(state name, SQL over the source row) of :data:`TX_FIELDS`."""
+    sources = (
+        tx.account,
+        tx.time,
+        tx.amount,
+        tx.merchant,
+        tx.card,
+        tx.country,
+        tx.device,
+        tx.status,
+        tx.channel,
+        tx.type,
+    )
+    out = []
+    for name, column in zip(TX_FIELDS, sources, strict=True):
+        sql = q(column)
+        if name == "t":
+            sql = f"CAST({sql} AS TIMESTAMPTZ)"
+        out.append((name, sql))
+    return tuple(out)
+
+
+def tx_evidence(alias: str) -> str:
+    """SQL: one evidence row (a struct) of a transaction in the rule shape."""
+    fields = ", ".join(f"{name} := {alias}.{name}" for name in TX_FIELDS if name != "t")
+    return f"struct_pack(id := {alias}._k0, at := {alias}.t, {fields})"
+
+
+def evidence_json(rows: str) -> str:
+    """SQL: a list of evidence structs, capped, as JSON."""
+    return f"to_json(list_slice({rows}, 1, {EVIDENCE_LIMIT}))"
+
+
+class RuleJob(StreamJob):
+    """Base of the six rules: configuration, watermark and alert emission."""
+
+    name: ClassVar[str]  # type: ignore[misc]
+
+    def __init__(self, rules: RulesConfig, sinks: tuple[SinkConfig, ...]) -> None:
+        self.rules = rules
+        self.sinks = sinks
+        self.tx = rules.tables.transactions
+        self.tx_ref = TableRef.parse(self.tx.table)
+
+    @property
+    def rearm(self) -> timedelta:
+        raise NotImplementedError
+
+    def inputs(self) -> tuple[TableRef, ...]:
+        return (self.tx_ref,)
+
+    def state(self, part: str) -> str:
+        return state_table(self.name, part)
+
+    def advance(self, ctx: JobContext, *times: datetime | None) -> datetime | None:
+        """Move the rule's event-time watermark forward; returns it."""
+        watermark = latest(ctx.watermark(self.name)[0], *times)
+        ctx.set_watermark(self.name, watermark, None)
+        return watermark
+
+    def restart_watermark(self, ctx: JobContext, watermark: datetime | None) -> datetime | None:
+        """Set the watermark a rebuild starts from (the newest event in the mirrors)."""
+        ctx.set_watermark(self.name, watermark, None)
+        return watermark
+
+    def tx_time(self, ctx: JobContext) -> datetime | None:
+        return ctx.batch_time(self.tx_ref, q(self.tx.time))
+
+    def tx_triggers(
+        self, delta: TableDelta, columns: tuple[str, ...], where: str, horizon: datetime
+    ) -> str:
+        """SQL: the batch's transactions in rule shape that may complete a pattern.
+
+        End rows satisfying ``where`` that are new, whose source ``columns``
+        changed, or that did not satisfy ``where`` before the batch; with
+        event time within the horizon. Columns: ``_k0``, :data:`TX_FIELDS`,
+        ``commit_ts``, ``lsn``.
+        """
+        keys = [f"{q(k)} AS _k{i}" for i, k in enumerate(delta.key)]
+        watched = [f"{q(c)} AS _w{i}" for i, c in enumerate(columns)]
+        fields = [f"{sql} AS {name}" for name, sql in tx_columns(self.tx)]
+        match = " AND ".join(f"e._k{i} = s._k{i}" for i in range(len(delta.key)))
+        differs = " OR ".join(f"e._w{i} IS DISTINCT FROM s._w{i}" for i in range(len(columns)))
+        return f"""(SELECT e.* EXCLUDE ({
+            ", ".join([f"_w{i}" for i in range(len(columns))] + ["_match"])
+        })
+            FROM (SELECT {", ".join([*keys, *fields, *watched])}, ({where}) AS _match,
+                         _hr_commit_ts AS commit_ts, {LSN} AS lsn
+                  FROM {delta.end_rows()}) e
+            LEFT JOIN (SELECT {", ".join([*keys, *watched])}, ({where}) AS _match
+                       FROM {delta.start}) s ON {match}
+            WHERE e._match
+              AND (s._k0 IS NULL OR {differs or "false"} OR NOT coalesce(s._match, false))
+              AND e.t >= '{horizon.isoformat()}')"""
+
+    def emit(self, ctx: JobContext, candidates: str) -> int:
+        """Alerts for the candidates in table ``candidates`` (one per incident); drops it."""
+        con = ctx.con
+        written = 0
+        if con.execute(f"SELECT count(*) FROM {candidates}").fetchall()[0][0]:
+            written = emit_incidents(con, self.name, candidates, self.rearm, ctx.now, self.sinks)
+        con.execute(f"DROP TABLE {candidates}")
+        return written

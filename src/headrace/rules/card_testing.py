@@ -1,0 +1,124 @@
+"""Rule 5, card testing: many small online attempts or declines across merchants in minutes.
+
+State: ``jobs.card_testing__attempts``, the account's online transactions
+(``tables.transactions.online``) that are small (``amount < small_amount``)
+or declined (``count_declines``), within ``window`` (plus
+``rules.lateness``) of the watermark, keyed by transaction.
+
+For each attempt of the batch that now qualifies (new, its amount, merchant
+or time changed, or it qualifies only now, e.g. it was just declined): the
+account's attempts with event time in ``(t - window, t]`` are counted;
+at least ``min_attempts`` attempts at at least ``min_merchants`` distinct
+merchants is a candidate. Evidence: those attempts; numbers: attempts,
+merchants, declined, small.
+
+Updates: a decline arriving later (pending -> declined) can create the
+pattern; a deleted attempt leaves the state.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from headrace.jobs.base import JobContext
+from headrace.jobs.state import RowWindow, mirror_time
+from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.config import CardTestingConfig
+
+
+class CardTesting(RuleJob):
+    """See the module docstring."""
+
+    name = "card_testing"
+
+    @property
+    def config(self) -> CardTestingConfig:
+        config = self.rules.card_testing
+        assert config is not None
+        return config
+
+    @property
+    def rearm(self) -> timedelta:
+        return self.config.rearm_after
+
+    @property
+    def span(self) -> timedelta:
+        return self.config.window + self.rules.lateness
+
+    @property
+    def qualifies(self) -> str:
+        small = f"{q(self.tx.amount)} < {self.config.small_amount}"
+        if self.config.count_declines:
+            small = f"{small} OR coalesce(({self.tx.declined}), false)"
+        return f"({self.tx.online}) AND ({small})"
+
+    def attempts(self, key: tuple[str, ...]) -> RowWindow:
+        return RowWindow(
+            table=self.state("attempts"),
+            key=key,
+            columns=(
+                *tx_columns(self.tx),
+                ("declined", f"coalesce(({self.tx.declined}), false)"),
+            ),
+            time="t",
+            where=self.qualifies,
+        )
+
+    def apply(self, ctx: JobContext) -> None:
+        delta = ctx.delta(self.tx_ref)
+        if delta is None:
+            return
+        con = ctx.con
+        watermark = self.advance(ctx, self.tx_time(ctx))
+        if watermark is None:
+            return
+        horizon = watermark - self.span
+        attempts = self.attempts(delta.key)
+        if not self.ready:
+            attempts.ensure(con, delta.mirror)
+            self.ready = True
+        attempts.update(con, delta, horizon)
+        config = self.config
+        tx = self.tx
+        triggers = self.tx_triggers(
+            delta,
+            (tx.account, tx.amount, tx.merchant, tx.time),
+            self.qualifies,
+            watermark - self.rules.lateness,
+        )
+        window_s = config.window.total_seconds()
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _job_ct AS
+            SELECT t.account AS account_id, 'card_testing:' || t.account AS dedup_key,
+                   t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
+                   '{config.severity.value}' AS severity,
+                   format('{{}} small or declined online attempts at {{}} merchants within {{}} s '
+                          'on account {{}} ({{}} declined)', count(*), count(DISTINCT w.merchant),
+                          {window_s}, t.account, count(*) FILTER (WHERE w.declined)) AS summary,
+                   json_object(
+                       'numbers', json_object(
+                           'attempts', count(*), 'merchants', count(DISTINCT w.merchant),
+                           'declined', count(*) FILTER (WHERE w.declined),
+                           'small', count(*) FILTER (WHERE w.amount < {config.small_amount}),
+                           'min_attempts', {config.min_attempts},
+                           'min_merchants', {config.min_merchants},
+                           'window_seconds', {window_s}),
+                       'trigger', t._k0,
+                       'evidence', {evidence_json(f"list({tx_evidence('w')} ORDER BY w.t, w._k0)")}
+                   ) AS payload
+            FROM {triggers} t
+            JOIN {attempts.table} w
+              ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds({window_s})
+            GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
+            HAVING count(*) >= {config.min_attempts}
+               AND count(DISTINCT w.merchant) >= {config.min_merchants}"""
+        )
+        self.emit(ctx, "_job_ct")
+
+    def rebuild(self, ctx: JobContext) -> None:
+        con = ctx.con
+        mirror = ctx.mirror(self.tx_ref)
+        attempts = self.attempts(ctx.key(self.tx_ref))
+        attempts.ensure(con, mirror)
+        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
+        attempts.rebuild(con, mirror, None if watermark is None else watermark - self.span)

@@ -1,0 +1,28 @@
+"""Every fraud rule, registered in one tuple."""
+
+from __future__ import annotations
+
+from headrace.alerts.config import SinkConfig
+from headrace.rules.account_takeover import AccountTakeover
+from headrace.rules.amount_spike import AmountSpike
+from headrace.rules.base import RuleJob
+from headrace.rules.card_testing import CardTesting
+from headrace.rules.config import RulesConfig
+from headrace.rules.impossible_travel import ImpossibleTravel
+from headrace.rules.structuring import Structuring
+from headrace.rules.velocity_burst import VelocityBurst
+
+RULES: tuple[type[RuleJob], ...] = (
+    VelocityBurst,
+    AmountSpike,
+    ImpossibleTravel,
+    Structuring,
+    CardTesting,
+    AccountTakeover,
+)
+"""Every rule, in number order; a rule's ``name`` is also its section under ``rules:``."""
+
+
+def build_rules(rules: RulesConfig, sinks: tuple[SinkConfig, ...] = ()) -> list[RuleJob]:
+    """The rules whose section is present in ``rules``."""
+    return [rule(rules, sinks) for rule in RULES if getattr(rules, rule.name) is not None]

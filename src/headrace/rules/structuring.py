@@ -1,0 +1,120 @@
+"""Rule 4, structuring: several amounts just under a reporting threshold within a window.
+
+State: ``jobs.structuring__band``, the account's transactions matching
+``where`` with ``low <= amount < threshold`` that are not cancelled
+(``tables.transactions.cancelled``: declined or reversed), within
+``window`` (plus ``rules.lateness``) of the watermark, keyed by transaction.
+
+For each transaction of the batch that is now in the band (new, its amount
+or account changed, or it was cancelled before and is not any more): the
+account's band transactions with event time in ``(t - window, t]`` are
+counted; ``n >= min_count`` is a candidate. Evidence: those transactions.
+
+Updates: a band transaction that is later declined or reversed leaves the
+state at once, so it no longer counts (the pattern is cancelled unless
+enough others remain); an amount corrected into the band can complete a
+pattern. An alert already written stays (it was true when written).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from headrace.jobs.base import JobContext
+from headrace.jobs.state import RowWindow, mirror_time
+from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.config import StructuringConfig
+
+
+class Structuring(RuleJob):
+    """See the module docstring."""
+
+    name = "structuring"
+
+    @property
+    def config(self) -> StructuringConfig:
+        config = self.rules.structuring
+        assert config is not None
+        return config
+
+    @property
+    def rearm(self) -> timedelta:
+        return self.config.rearm_after
+
+    @property
+    def span(self) -> timedelta:
+        return self.config.window + self.rules.lateness
+
+    @property
+    def in_band(self) -> str:
+        config = self.config
+        amount = q(self.tx.amount)
+        return (
+            f"({config.where}) AND {amount} >= {config.band_low} AND {amount} < "
+            f"{config.threshold} AND NOT coalesce(({self.tx.cancelled}), false)"
+        )
+
+    def band(self, key: tuple[str, ...]) -> RowWindow:
+        return RowWindow(
+            table=self.state("band"),
+            key=key,
+            columns=tx_columns(self.tx),
+            time="t",
+            where=self.in_band,
+        )
+
+    def apply(self, ctx: JobContext) -> None:
+        delta = ctx.delta(self.tx_ref)
+        if delta is None:
+            return
+        con = ctx.con
+        watermark = self.advance(ctx, self.tx_time(ctx))
+        if watermark is None:
+            return
+        horizon = watermark - self.span
+        band = self.band(delta.key)
+        if not self.ready:
+            band.ensure(con, delta.mirror)
+            self.ready = True
+        band.update(con, delta, horizon)
+        config = self.config
+        triggers = self.tx_triggers(
+            delta,
+            (self.tx.account, self.tx.amount, self.tx.time),
+            self.in_band,
+            watermark - self.rules.lateness,
+        )
+        window_s = config.window.total_seconds()
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _job_st AS
+            SELECT t.account AS account_id, 'structuring:' || t.account AS dedup_key,
+                   t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
+                   '{config.severity.value}' AS severity,
+                   format('{{}} transactions of {{}} to {{}} (total {{}}) within {{}} h on '
+                          'account {{}}', count(*), min(w.amount), max(w.amount), sum(w.amount),
+                          round({window_s} / 3600, 1), t.account) AS summary,
+                   json_object(
+                       'numbers', json_object('transactions', count(*),
+                                              'min_count', {config.min_count},
+                                              'total', sum(w.amount),
+                                              'threshold', {config.threshold},
+                                              'band_low', {config.band_low},
+                                              'window_seconds', {window_s}),
+                       'trigger', t._k0,
+                       'evidence', {evidence_json(f"list({tx_evidence('w')} ORDER BY w.t, w._k0)")}
+                   ) AS payload
+            FROM {triggers} t
+            JOIN {band.table} w
+              ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds({window_s})
+            GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
+            HAVING count(*) >= {config.min_count}"""
+        )
+        self.emit(ctx, "_job_st")
+
+    def rebuild(self, ctx: JobContext) -> None:
+        con = ctx.con
+        mirror = ctx.mirror(self.tx_ref)
+        band = self.band(ctx.key(self.tx_ref))
+        band.ensure(con, mirror)
+        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
+        band.rebuild(con, mirror, None if watermark is None else watermark - self.span)

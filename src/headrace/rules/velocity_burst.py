@@ -1,0 +1,112 @@
+"""Rule 1, velocity burst: too many transactions of one account in a sliding window.
+
+State: ``jobs.velocity_burst__events``, the account's transactions matching
+``where`` whose event time is within the longest limit window (plus
+``rules.lateness``) of the watermark, keyed by transaction.
+
+For each new (or moved) transaction ``t`` of the batch, and each limit
+``(window, count)``: the account's transactions with event time in
+``(t - window, t]`` are counted; ``n >= count`` is a candidate. Of several
+limits crossed at once, the alert names the one crossed by the largest
+factor. Evidence: the transactions in that window.
+
+Updates: every attempt counts, whatever its status, so a later decline or
+reversal neither creates nor cancels a burst; a delete removes the row from
+the window (it no longer counts towards later triggers). A transaction whose
+time or account changes is checked again at its new place.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from headrace.jobs.base import JobContext
+from headrace.jobs.state import RowWindow, mirror_time
+from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.config import VelocityBurstConfig
+
+
+class VelocityBurst(RuleJob):
+    """See the module docstring."""
+
+    name = "velocity_burst"
+
+    @property
+    def config(self) -> VelocityBurstConfig:
+        config = self.rules.velocity_burst
+        assert config is not None
+        return config
+
+    @property
+    def rearm(self) -> timedelta:
+        return self.config.rearm_after
+
+    @property
+    def span(self) -> timedelta:
+        return max(limit.window for limit in self.config.limits) + self.rules.lateness
+
+    def window(self, key: tuple[str, ...]) -> RowWindow:
+        return RowWindow(
+            table=self.state("events"),
+            key=key,
+            columns=tx_columns(self.tx),
+            time="t",
+            where=self.config.where,
+        )
+
+    def apply(self, ctx: JobContext) -> None:
+        delta = ctx.delta(self.tx_ref)
+        if delta is None:
+            return
+        con = ctx.con
+        watermark = self.advance(ctx, self.tx_time(ctx))
+        if watermark is None:
+            return
+        horizon = watermark - self.span
+        window = self.window(delta.key)
+        if not self.ready:
+            window.ensure(con, delta.mirror)
+            self.ready = True
+        window.update(con, delta, horizon)
+        triggers = self.tx_triggers(
+            delta,
+            (self.tx.account, self.tx.time),
+            self.config.where,
+            watermark - self.rules.lateness,
+        )
+        limits = ", ".join(
+            f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
+        )
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _job_vb AS
+            SELECT t.account AS account_id, 'velocity_burst:' || t.account AS dedup_key,
+                   t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
+                   '{self.config.severity.value}' AS severity,
+                   format('{{}} transactions in {{}} s on account {{}} (limit {{}})',
+                          count(*), l.seconds, t.account, l.limit_count) AS summary,
+                   json_object(
+                       'numbers', json_object('transactions', count(*),
+                                              'limit', l.limit_count,
+                                              'window_seconds', l.seconds,
+                                              'amount', sum(w.amount)),
+                       'trigger', t._k0,
+                       'evidence', {evidence_json(f"list({tx_evidence('w')} ORDER BY w.t, w._k0)")}
+                   ) AS payload,
+                   count(*) / l.limit_count AS _factor
+            FROM {triggers} t
+            CROSS JOIN (VALUES {limits}) l(seconds, limit_count)
+            JOIN {window.table} w
+              ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds(l.seconds)
+            GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn, l.seconds, l.limit_count
+            HAVING count(*) >= l.limit_count
+            QUALIFY row_number() OVER (PARTITION BY t._k0 ORDER BY _factor DESC, l.seconds) = 1"""
+        )
+        self.emit(ctx, "_job_vb")
+
+    def rebuild(self, ctx: JobContext) -> None:
+        mirror = ctx.mirror(self.tx_ref)
+        window = self.window(ctx.key(self.tx_ref))
+        con = ctx.con
+        window.ensure(con, mirror)
+        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
+        window.rebuild(con, mirror, None if watermark is None else watermark - self.span)

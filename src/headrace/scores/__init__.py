@@ -1,0 +1,1 @@
+"""Scores kept per key by stream jobs (the account health score)."""

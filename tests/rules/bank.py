@@ -1,0 +1,214 @@
+"""A small bank on the reference fintech schema, driven through the real pipeline.
+
+PostgreSQL (the demo schema) → publication → real pgoutput slot → batcher →
+engine with the stream jobs → DuckDB. Tests write rows with explicit event
+times, then :meth:`Bank.sync` applies everything committed so far.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from headrace.demo.schema import apply_schema
+from tests.conftest import PgDatabase
+from tests.engine.harness import Harness, make_harness
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+"""Event times of the tests are offsets from here (the past, so commit times cap nothing)."""
+
+TABLES = """
+source:
+  dsn: "DSN"
+  tables:
+    customers: {}
+    accounts: {}
+    merchants: {}
+    cards: {}
+    transactions: {event_time: created_at}
+    logins: {event_time: at}
+"""
+
+ALL_RULES = """
+rules:
+  velocity_burst: {}
+  amount_spike: {}
+  impossible_travel:
+    locations: {DE: [51.2, 10.4], FR: [46.6, 2.2], US: [39.8, -98.6]}
+  structuring: {}
+  card_testing: {}
+  account_takeover: {}
+scores:
+  health: {}
+"""
+
+
+def at(seconds: float) -> datetime:
+    """``T0`` plus ``seconds``."""
+    return T0 + timedelta(seconds=seconds)
+
+
+def _sql_time(value: datetime) -> str:
+    return f"'{value.isoformat()}'"
+
+
+@dataclass
+class Bank:
+    """The pipeline under test and helpers to write fintech rows."""
+
+    harness: Harness
+    next_tx: int = 1000
+    next_login: int = 1
+
+    @property
+    def store(self) -> Any:
+        return self.harness.store
+
+    def sync(self) -> None:
+        self.harness.sync()
+
+    def restart(self) -> None:
+        """Close the store and open it again with a new engine (a process restart)."""
+        self.harness.reopen()
+
+    def execute(self, *statements: str) -> None:
+        self.harness.execute(*statements)
+
+    def tx(
+        self,
+        account: int,
+        amount: float,
+        seconds: float,
+        *,
+        channel: str = "pos",
+        type: str = "purchase",  # noqa: A002 - the column's name
+        status: str = "settled",
+        country: str = "DE",
+        merchant: int | None = 1,
+        card: int | None = None,
+        device: str | None = None,
+        id: int | None = None,  # noqa: A002 - the column's name
+        commit: bool = True,
+    ) -> int:
+        """Insert one transaction (its own database transaction unless ``commit`` is False)."""
+        if id is None:
+            id = self.next_tx
+            self.next_tx += 1
+        if card is None and channel in ("pos", "atm", "online"):
+            card = account
+        if channel == "transfer":
+            merchant = None
+            card = None
+        reason = "'do_not_honor'" if status == "declined" else "NULL"
+        values = (
+            f"({id}, {account}, {_n(card)}, {_n(merchant)}, {amount}, 'EUR', '{channel}', "
+            f"'{type}', '{status}', {reason}, '{country}', {_s(device)}, "
+            f"{_sql_time(at(seconds))}, {_sql_time(at(seconds))})"
+        )
+        statement = (
+            "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, currency, "
+            "channel, type, status, decline_reason, country, device, created_at, updated_at) "
+            f"VALUES {values}"
+        )
+        if commit:
+            self.execute(statement)
+        return id
+
+    def set_status(self, tx_id: int, status: str) -> None:
+        reason = "'do_not_honor'" if status == "declined" else "NULL"
+        self.execute(
+            f"UPDATE transactions SET status = '{status}', decline_reason = {reason} "
+            f"WHERE id = {tx_id}"
+        )
+
+    def login(
+        self, customer: int, seconds: float, *, success: bool = True, device: str = "phone-1"
+    ) -> int:
+        login_id = self.next_login
+        self.next_login += 1
+        reason = "NULL" if success else "'bad_password'"
+        self.execute(
+            "INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, country, "
+            f"at) VALUES ({login_id}, {customer}, {str(success).lower()}, {reason}, '{device}', "
+            f"'10.0.0.1', 'DE', {_sql_time(at(seconds))})"
+        )
+        return login_id
+
+    def set_balance(self, account: int, balance: float) -> None:
+        self.execute(f"UPDATE accounts SET balance = {balance} WHERE id = {account}")
+
+    # ------------------------------------------------------------ reading
+
+    def duck(self, sql: str) -> list[tuple[Any, ...]]:
+        return self.harness.duck(sql)
+
+    def alerts(self, rule: str | None = None) -> list[dict[str, Any]]:
+        where = f" WHERE rule = '{rule}'" if rule else ""
+        rows = self.duck(
+            "SELECT id, rule, severity, account_id, key, started_at, detected_at, payload, kind, "
+            f"status, summary, event_at, commit_ts, lsn, latency_ms FROM headrace.alerts{where} "
+            "ORDER BY id"
+        )
+        names = (
+            "id rule severity account_id key started_at detected_at payload kind status "
+            "summary event_at commit_ts lsn latency_ms"
+        ).split()
+        out = []
+        for row in rows:
+            alert = dict(zip(names, row, strict=True))
+            alert["payload"] = json.loads(alert["payload"])
+            out.append(alert)
+        return out
+
+    def close(self) -> None:
+        self.harness.close()
+
+
+def _n(value: int | None) -> str:
+    return "NULL" if value is None else str(value)
+
+
+def _s(value: str | None) -> str:
+    return "NULL" if value is None else f"'{value}'"
+
+
+def seed(db: PgDatabase) -> None:
+    """Two customers with an account and a physical card each; merchants in DE, FR, US."""
+    with db.connect() as conn:
+        apply_schema(conn)
+    created = _sql_time(T0 - timedelta(days=400))
+    db.execute(
+        "INSERT INTO customers VALUES "
+        f"(1, 'Ada', 'ada@example.com', 'DE', 'low', {created}), "
+        f"(2, 'Bob', 'bob@example.com', 'DE', 'low', {created}), "
+        f"(3, 'Cy', 'cy@example.com', 'DE', 'low', {created})"
+    )
+    db.execute(
+        "INSERT INTO accounts VALUES "
+        f"(1, 1, 'plus', 'active', 5000, 'EUR', {created}, {created}), "
+        f"(2, 2, 'basic', 'active', 1000, 'EUR', {created}, {created}), "
+        f"(3, 3, 'basic', 'active', 1000, 'EUR', {created}, {created})"
+    )
+    db.execute(
+        "INSERT INTO cards VALUES "
+        f"(1, 1, 'physical', true, true, 'active', '1111', {created}, '2030-01-01'), "
+        f"(2, 2, 'physical', true, true, 'active', '2222', {created}, '2030-01-01'), "
+        f"(3, 3, 'physical', true, true, 'active', '3333', {created}, '2030-01-01')"
+    )
+    merchants = []
+    for merchant in range(1, 13):
+        country = "US" if merchant == 12 else ("FR" if merchant == 11 else "DE")
+        merchants.append(
+            f"({merchant}, 'shop {merchant}', '5411', 'grocery', '{country}', true, true)"
+        )
+    db.execute(f"INSERT INTO merchants VALUES {', '.join(merchants)}")
+
+
+def open_bank(db: PgDatabase, tmp_path: Path, config: str = ALL_RULES, **kwargs: Any) -> Bank:
+    """Seed the schema, snapshot it into a new store, and stream from then on."""
+    seed(db)
+    harness = make_harness(db, tmp_path, TABLES + config, **kwargs)
+    return Bank(harness)
