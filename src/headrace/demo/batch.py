@@ -115,10 +115,12 @@ def text_array(values: Sequence[str | None]) -> str:
     """A PostgreSQL array literal of strings, each quoted (None as NULL)."""
     if not values:
         return "{}"
-    if None not in values:
-        joined = '","'.join(values)  # type: ignore[arg-type]  # no None, checked above
-        if '"' not in joined and "\\" not in joined:
-            return '{"' + joined + '"}'
+    present = [v for v in values if v is not None]
+    bare = "".join(present)
+    if '"' not in bare and "\\" not in bare:  # nothing to escape: quote by joining
+        if len(present) == len(values):
+            return '{"' + '","'.join(present) + '"}'
+        return "{" + ",".join(["NULL" if v is None else '"' + v + '"' for v in values]) + "}"
     return "{" + ",".join(map(_quoted, values)) + "}"
 
 

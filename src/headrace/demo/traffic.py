@@ -93,13 +93,11 @@ class AccountSampler:
         self._accounts.append(account)
         self._cum.append(total + 1.0 / self._ranked**self._exponent)
 
-    def _draw(self, rng: random.Random) -> Account:
-        cum = self._cum
-        return self._accounts[bisect_right(cum, rng.random() * cum[-1], 0, len(cum) - 1)]
-
     def pick(self, rng: random.Random, now_us: int, *, capped: bool = True) -> Account:
         """The next active account; ``capped`` honours the per-account gap."""
-        account = self._draw(rng)
+        cum, accounts, draw = self._cum, self._accounts, rng.random
+        total, last = cum[-1], len(cum) - 1
+        account = accounts[bisect_right(cum, draw() * total, 0, last)]
         if not capped:
             return account
         tries = 1
@@ -107,7 +105,7 @@ class AccountSampler:
             if tries == self.TRIES:
                 self.breaches += 1
                 break
-            account = self._draw(rng)
+            account = accounts[bisect_right(cum, draw() * total, 0, last)]
             tries += 1
         account.next_normal_us = now_us + self._gap_us
         return account
