@@ -6,13 +6,13 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from tests.conftest import PgDatabase
 
 from headrace.errors import SourceError
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
 from headrace.source.postgres import preflight
 from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
+from tests.conftest import PgDatabase
 
 T = TableRef("public", "t")
 

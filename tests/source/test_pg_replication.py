@@ -6,7 +6,6 @@ import time
 
 import psycopg
 import pytest
-from tests.conftest import PgDatabase
 
 from headrace.errors import SourceError
 from headrace.source.postgres.replication import (
@@ -16,6 +15,7 @@ from headrace.source.postgres.replication import (
     parse_pg_lsn,
     replication_conninfo,
 )
+from tests.conftest import PgDatabase
 
 Messages = list[tuple[int, bytes]]
 

@@ -1,1 +1,1 @@
-"""Benchmarks behind ``headrace bench``: each prints rates, ratios against peers, and a JSON line."""
+"""Benchmarks behind ``headrace bench``: rates, ratios against peers, one JSON line last."""
