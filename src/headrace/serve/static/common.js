@@ -48,7 +48,8 @@ const HR = {
     const body = rows.map(r => "<tr>" + r.map((v, i) => {
       if (opts.accountLinks && names[i] === "account_id" && v !== null) return `<td><a href="/account/${encodeURIComponent(v)}">${HR.esc(v)}</a></td>`;
       const cls = names[i] === "severity" ? ` class="sev-${HR.esc(v)}"` : "";
-      return `<td${cls}>${HR.esc(HR.fmt(v))}</td>`;
+      const isId = names[i] === "id" || names[i].endsWith("_id");
+      return `<td${cls}>${HR.esc(isId && v !== null ? String(v) : HR.fmt(v))}</td>`;
     }).join("") + "</tr>").join("");
     return `<table class="rows"><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
   },
