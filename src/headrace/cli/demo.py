@@ -113,10 +113,55 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 @demo_app.callback()
-def demo(ctx: typer.Context) -> None:
-    """The reference fintech deployment: schema, live workload, history."""
-    if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help())
+def demo(
+    ctx: typer.Context,
+    *,
+    rate: Annotated[
+        float,
+        typer.Option("--rate", help="Live transactions per second at the busiest hour."),
+    ] = 100.0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seeds the history and the live workload.")
+    ] = 1,
+    port: Annotated[
+        int, typer.Option("--port", help="Dashboard port on 127.0.0.1 (0: any free one).")
+    ] = 8321,
+    months: Annotated[int, typer.Option("--months", help="Months of history to load.")] = 2,
+    customers: Annotated[
+        int, typer.Option("--customers", help="Customers of the simulated bank.")
+    ] = 10_000,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", help="Stop after this many seconds of live workload."),
+    ] = None,
+) -> None:
+    """The reference fintech deployment, end to end (`make demo`).
+
+    Without a sub-command: starts a throwaway PostgreSQL with the fintech
+    schema, loads history, starts the live workload, runs the pipeline with
+    the dashboard, and shows where to look and live figures. Ctrl-C stops
+    everything and removes every temporary file. The sub-commands run one
+    part against a database of your own.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def body() -> None:
+        from headrace.demo.run_demo import DemoSettings, run_demo  # noqa: PLC0415 - fast --help
+
+        run_demo(
+            DemoSettings(
+                rate=rate,
+                seed=seed,
+                port=port,
+                months=months,
+                customers=customers,
+                duration=duration,
+            ),
+            console,
+        )
+
+    _run(body)
 
 
 @demo_app.command("generate")
@@ -124,7 +169,10 @@ def generate(
     *,
     dsn: DsnOption,
     rate: Annotated[
-        float, typer.Option("--rate", help="New transactions per second at the busiest hour.")
+        float,
+        typer.Option(
+            "--rate", help="New transactions per (simulated) second at the busiest hour of the day."
+        ),
     ] = 500.0,
     seed: SeedOption = 1,
     duration: Annotated[
@@ -140,7 +188,11 @@ def generate(
         int, typer.Option("--tick-ms", help="Simulated milliseconds per commit.")
     ] = 50,
     speed: Annotated[
-        float, typer.Option("--speed", help="Simulated seconds per wall-clock second.")
+        float,
+        typer.Option(
+            "--speed",
+            help="Simulated seconds per wall-clock second (the write rate scales with it).",
+        ),
     ] = 1.0,
     diurnal_amplitude: Annotated[
         float,

@@ -13,10 +13,11 @@ rule's threshold fits between it and normal traffic (``NormalEnvelope``):
 family             the incident                                a threshold that separates
 =================  ==========================================  ===========================
 velocity_burst     10-14 card purchases of normal amounts on    >= 8 transactions of one
-                   one account within 25-50 s, at home          account in 60 s (normal: <= 2)
-amount_spike       one card purchase of 20-50x the account's    amount > 10x the account's
-                   mean settled purchase, >= 500.00, on an      mean purchase (normal: <= 6x
-                   account with >= 5 settled purchases          its spend scale)
+                   one account within 25-50 s, at home          account in 60 s (normal: <= 2,
+                                                                plus a withdrawal's fee)
+amount_spike       one online purchase of 30-60x the account's  amount > 15x the mean of >= 10
+                   mean settled purchase, >= 500.00, on an      earlier settled purchases
+                   account with >= 10 settled purchases         (normal: <= 5x its spend scale)
 impossible_travel  card-present purchase at home, then 1-4 min  card-present use in a country
                    later card-present use >= 3,000 km away      not seen before, or > 900 km/h
                                                                 (normal: home only)
