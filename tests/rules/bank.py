@@ -46,6 +46,11 @@ scores:
 """
 
 
+def only(rule: str, settings: str = "{}") -> str:
+    """Pipeline YAML running one rule (faster tests than :data:`ALL_RULES`)."""
+    return f"\nrules:\n  {rule}: {settings}\n"
+
+
 def at(seconds: float) -> datetime:
     """``T0`` plus ``seconds``."""
     return T0 + timedelta(seconds=seconds)
@@ -175,28 +180,32 @@ def _s(value: str | None) -> str:
     return "NULL" if value is None else f"'{value}'"
 
 
+ACCOUNTS = 8
+"""Customers n = 1..8, each with account n (balance 5000 EUR) and physical card n."""
+
+
 def seed(db: PgDatabase) -> None:
-    """Two customers with an account and a physical card each; merchants in DE, FR, US."""
+    """Customers with an account and a physical card each; merchants 1-10 in DE, 11 FR, 12 US."""
     with db.connect() as conn:
         apply_schema(conn)
     created = _sql_time(T0 - timedelta(days=400))
+    people = range(1, ACCOUNTS + 1)
     db.execute(
         "INSERT INTO customers VALUES "
-        f"(1, 'Ada', 'ada@example.com', 'DE', 'low', {created}), "
-        f"(2, 'Bob', 'bob@example.com', 'DE', 'low', {created}), "
-        f"(3, 'Cy', 'cy@example.com', 'DE', 'low', {created})"
+        + ", ".join(
+            f"({n}, 'Customer {n}', 'c{n}@example.com', 'DE', 'low', {created})" for n in people
+        )
     )
     db.execute(
         "INSERT INTO accounts VALUES "
-        f"(1, 1, 'plus', 'active', 5000, 'EUR', {created}, {created}), "
-        f"(2, 2, 'basic', 'active', 1000, 'EUR', {created}, {created}), "
-        f"(3, 3, 'basic', 'active', 1000, 'EUR', {created}, {created})"
+        + ", ".join(f"({n}, {n}, 'plus', 'active', 5000, 'EUR', {created}, {created})" for n in people)
     )
     db.execute(
         "INSERT INTO cards VALUES "
-        f"(1, 1, 'physical', true, true, 'active', '1111', {created}, '2030-01-01'), "
-        f"(2, 2, 'physical', true, true, 'active', '2222', {created}, '2030-01-01'), "
-        f"(3, 3, 'physical', true, true, 'active', '3333', {created}, '2030-01-01')"
+        + ", ".join(
+            f"({n}, {n}, 'physical', true, true, 'active', '{n:04d}', {created}, '2030-01-01')"
+            for n in people
+        )
     )
     merchants = []
     for merchant in range(1, 13):
@@ -207,8 +216,17 @@ def seed(db: PgDatabase) -> None:
     db.execute(f"INSERT INTO merchants VALUES {', '.join(merchants)}")
 
 
-def open_bank(db: PgDatabase, tmp_path: Path, config: str = ALL_RULES, **kwargs: Any) -> Bank:
-    """Seed the schema, snapshot it into a new store, and stream from then on."""
+def open_bank(
+    db: PgDatabase,
+    tmp_path: Path,
+    config: str = ALL_RULES,
+    before_snapshot: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> Bank:
+    """Seed the schema (and run ``before_snapshot``), snapshot it into a new store, and
+    stream from then on."""
     seed(db)
+    for statement in before_snapshot:
+        db.execute(statement)
     harness = make_harness(db, tmp_path, TABLES + config, **kwargs)
     return Bank(harness)

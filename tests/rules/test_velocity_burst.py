@@ -5,23 +5,59 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.conftest import PgDatabase
-from tests.rules.bank import open_bank
+from tests.rules.bank import only, open_bank
 
 
-def test_burst_raises_one_alert(pg_db: PgDatabase, tmp_path: Path) -> None:
-    bank = open_bank(pg_db, tmp_path)
+def test_burst_one_alert_per_incident_across_a_restart(pg_db: PgDatabase, tmp_path: Path) -> None:
+    bank = open_bank(pg_db, tmp_path, only("velocity_burst"))
     for n in range(7):
-        bank.tx(1, 20, n * 5)
-    bank.tx(2, 20, 1)
+        bank.tx(1, 20, n * 5)  # account 1: 7 in 35 s, under the limit of 8 per minute
+        bank.tx(2, 20, n * 30)  # account 2: 7 in 3 minutes
+    bank.tx(1, 20, 36, type="transfer_in", channel="transfer")  # money in does not count
     bank.sync()
     assert bank.alerts("velocity_burst") == []
-    for n in range(7, 12):
-        bank.tx(1, 20, n * 5)
+
+    bank.restart()  # in the middle of the incident: the window survives
+    bank.tx(1, 20, 40)
     bank.sync()
     (alert,) = bank.alerts("velocity_burst")
     assert alert["account_id"] == 1
-    assert alert["payload"]["numbers"]["transactions"] == 8
-    assert alert["payload"]["numbers"]["limit"] == 8
-    assert len(alert["payload"]["evidence"]) == 8
-    print(alert)
+    assert alert["key"] == "velocity_burst:1"
+    assert alert["severity"] == "high"
+    numbers = alert["payload"]["numbers"]
+    assert (numbers["transactions"], numbers["limit"], numbers["window_seconds"]) == (8, 8, 60)
+    assert [row["id"] for row in alert["payload"]["evidence"]] == [*range(1000, 1014, 2), 1015]
+    assert alert["latency_ms"] >= 0
+
+    for n in range(9, 14):  # the burst goes on: same incident, no new alert
+        bank.tx(1, 20, n * 5)
+    bank.sync()
+    bank.restart()
+    bank.tx(1, 20, 70)
+    bank.sync()
+    assert len(bank.alerts("velocity_burst")) == 1
+
+    for n in range(8):  # 20 minutes later (past the 10-minute re-arm): a new incident
+        bank.tx(1, 20, 1300 + n)
+    bank.sync()
+    alerts = bank.alerts("velocity_burst")
+    assert len(alerts) == 2
+    assert alerts[1]["payload"]["numbers"]["transactions"] == 8
+    bank.close()
+
+
+def test_five_minute_limit_and_deletes(pg_db: PgDatabase, tmp_path: Path) -> None:
+    bank = open_bank(pg_db, tmp_path, only("velocity_burst"))
+    ids = [bank.tx(3, 20, n * 15) for n in range(19)]  # 19 in 4.5 min, 4 per minute at most
+    bank.sync()
+    assert bank.alerts("velocity_burst") == []
+    bank.execute(f"DELETE FROM transactions WHERE id = {ids[0]}")  # a delete leaves the window
+    bank.tx(3, 20, 19 * 15)
+    bank.sync()
+    assert bank.alerts("velocity_burst") == []
+    bank.tx(3, 20, 19 * 15 + 1)
+    bank.sync()
+    (alert,) = bank.alerts("velocity_burst")
+    numbers = alert["payload"]["numbers"]
+    assert (numbers["transactions"], numbers["limit"], numbers["window_seconds"]) == (20, 20, 300)
     bank.close()

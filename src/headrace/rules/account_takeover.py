@@ -133,8 +133,6 @@ class AccountTakeover(RuleJob):
         watermark = self.advance(
             ctx, ctx.batch_time(self.logins_ref, q(self.logins.time)), self.tx_time(ctx)
         )
-        if watermark is None:
-            return
         if not self.ready:
             self._ensure(con, ctx.mirror(self.logins_ref), ctx.key(self.logins_ref))
             self.ready = True

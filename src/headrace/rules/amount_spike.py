@@ -60,8 +60,6 @@ class AmountSpike(RuleJob):
             return
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        if watermark is None:
-            return
         history = self.history()
         if not self.ready:
             history.ensure(con, delta.mirror)

@@ -19,7 +19,7 @@ row from the state before it can complete one.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
 import duckdb
@@ -31,6 +31,9 @@ from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import RulesConfig, TransactionsTable
 from headrace.source.changes import LSN, TableRef
+
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+"""The clock of a rule before its first event (nothing is late, nothing is pruned)."""
 
 EVIDENCE_LIMIT = 50
 """Evidence rows kept in an alert's payload (the numbers always cover every row)."""
@@ -109,11 +112,16 @@ class RuleJob(StreamJob):
     def state(self, part: str) -> str:
         return state_table(self.name, part)
 
-    def advance(self, ctx: JobContext, *times: datetime | None) -> datetime | None:
-        """Move the rule's event-time watermark forward; returns it."""
-        watermark = latest(ctx.watermark(self.name)[0], *times)
-        ctx.set_watermark(self.name, watermark, None)
-        return watermark
+    def advance(self, ctx: JobContext, *times: datetime | None) -> datetime:
+        """Move the rule's event-time watermark forward; return the one *before* this batch.
+
+        Horizons are measured from the watermark before the batch, so the rows
+        of one batch are never "late" against each other: a row is late when
+        it is older than that watermark minus ``rules.lateness``.
+        """
+        previous = ctx.watermark(self.name)[0]
+        ctx.set_watermark(self.name, latest(previous, *times), None)
+        return previous if previous is not None else EARLIEST
 
     def restart_watermark(self, ctx: JobContext, watermark: datetime | None) -> datetime | None:
         """Set the watermark a rebuild starts from (the newest event in the mirrors)."""

@@ -70,8 +70,6 @@ class CardTesting(RuleJob):
             return
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        if watermark is None:
-            return
         horizon = watermark - self.span
         attempts = self.attempts(delta.key)
         if not self.ready:

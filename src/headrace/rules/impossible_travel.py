@@ -93,8 +93,6 @@ class ImpossibleTravel(RuleJob):
             return
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        if watermark is None:
-            return
         horizon = watermark - self.span
         uses, countries = self.uses(delta.key), self.countries()
         if not self.ready:

@@ -69,8 +69,6 @@ class Structuring(RuleJob):
             return
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        if watermark is None:
-            return
         horizon = watermark - self.span
         band = self.band(delta.key)
         if not self.ready:

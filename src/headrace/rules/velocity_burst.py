@@ -60,8 +60,6 @@ class VelocityBurst(RuleJob):
             return
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        if watermark is None:
-            return
         horizon = watermark - self.span
         window = self.window(delta.key)
         if not self.ready:
