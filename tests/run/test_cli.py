@@ -95,17 +95,14 @@ def test_status_while_running_and_after(pg_db: PgDatabase, tmp_path: Path) -> No
         assert text.returncode == 0, text.stderr
         for word in ("streaming", "public.transactions", "tx_merchant", "changes/s"):
             assert word in text.stdout
+        # A second `headrace run` on the same store is refused while one runs.
+        second = headrace("run", "--config", config)
+        assert second.returncode == 1
+        assert "in use by headrace run" in second.stderr
     assert run.terminate() == 0
     after = headrace("status", "--config", config)
     assert after.returncode == 0, after.stderr
     assert "idle" in after.stdout
-    # A second `headrace run` on the same store is refused while one runs.
-    run = RunProcess(pipeline)
-    run.wait_streaming()
-    second = headrace("run", "--config", config)
-    assert second.returncode == 1
-    assert "in use by headrace run" in second.stderr
-    assert run.terminate() == 0
 
 
 def test_rebuild_while_streaming_and_offline(pg_db: PgDatabase, tmp_path: Path) -> None:

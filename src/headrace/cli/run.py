@@ -188,7 +188,10 @@ def status(
     if as_json:
         typer.echo(json.dumps(document, default=str))
     else:
-        render_status(document, Console())
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)  # a pipe or a file: no wrapping of table names
+        render_status(document, console)
 
 
 def rebuild(

@@ -62,7 +62,7 @@ from headrace.run.state import FAILED, STOPPED, STOPPING, STREAMING, RunState
 from headrace.run.status import StatusReporter
 from headrace.source.changes import ChangeBatch
 from headrace.source.postgres.snapshot_progress import TableProgress
-from headrace.source.postgres.source import PostgresSource
+from headrace.source.postgres.source import PostgresSource, SlotLag
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.run")
@@ -238,8 +238,16 @@ class Runner:
         items: queue.Queue[_Item] = queue.Queue(maxsize=self.settings.queue_batches)
         source_stop = threading.Event()
         reporter = self._reporter
+        lag_lock = threading.Lock()
+        source_open = [True]
+
+        def slot_lag() -> SlotLag | None:
+            # From the status thread: never reopen the source's connection once closed.
+            with lag_lock:
+                return source.slot_lag() if source_open[0] else None
+
         if reporter is not None:
-            reporter.slot_lag = source.slot_lag
+            reporter.slot_lag = slot_lag
             reporter.source_info = lambda: {
                 "confirmed_position": source.confirmed_position,
                 "delivered_position": source.delivered_position,
@@ -268,6 +276,8 @@ class Runner:
                 with contextlib.suppress(queue.Empty):
                     items.get(timeout=0.05)
             self.state.forget_waiting()
+            with lag_lock:
+                source_open[0] = False
             source.close()
         log.info(
             "stopped at %s (store and slot): %s changes in %s batches this run",

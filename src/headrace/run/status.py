@@ -312,7 +312,11 @@ def render_status(document: dict[str, Any], console: Console) -> None:
         )
     table = Table(title="tables", title_justify="left")
     for column in ("table", "rows", "last commit", "lag ms", "lag WAL", "changes/s", "batches/s"):
-        table.add_column(column, justify="left" if column in ("table", "last commit") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("table", "last commit") else "right",
+            no_wrap=column == "table",
+        )
     for row in document.get("tables", []):
         state = row.get("state", "active")
         name = row["name"] + ("" if state == "active" else f" ({state})")

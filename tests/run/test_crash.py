@@ -1,0 +1,93 @@
+"""kill -9 of ``headrace run`` at many points, with PostgreSQL changing meanwhile.
+
+Each round starts ``headrace run`` and kills it: either at an exact point
+through the test-only fault hooks (``HEADRACE_FAULT``, see
+:mod:`headrace.run.faults`: mid-snapshot, after the snapshot's commit,
+before/during a batch's store transaction, between the store's commit and
+the slot's confirmation, after the confirmation) or with SIGKILL after a
+random delay. After every kill, the slot must not be ahead of the store.
+After the last round a clean run drains the slot; then every mirror and
+rollup equals PostgreSQL and history has no duplicate change.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import duckdb
+import psycopg
+import pytest
+
+from headrace.errors import parse_lsn
+from tests.conftest import PgDatabase
+from tests.run.pipeline import BackgroundWriter, Pipeline, RunProcess, make_pipeline
+
+ROUNDS = (
+    "snapshot_chunk:1",
+    "after_snapshot:1",
+    "before_apply:3",
+    "during_apply:2",
+    "after_commit:1",
+    "kill",
+    "after_commit:3",
+    "after_confirm:2",
+    "during_apply:5",
+    "kill",
+    "after_commit:2",
+    "kill",
+)
+
+
+def store_and_slot(pipeline: Pipeline) -> tuple[int | None, int | None]:
+    """The store's durable position and the slot's confirmed position (no process runs)."""
+    duck = duckdb.connect(pipeline.config.store.path, read_only=True)
+    try:
+        row = duck.execute("SELECT lsn FROM headrace.position").fetchone()
+    finally:
+        duck.close()
+    with psycopg.connect(pipeline.db.dsn, autocommit=True) as conn:
+        slot = conn.execute(
+            b"SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 's_run'"
+        ).fetchone()
+    return (
+        int(row[0]) if row else None,
+        parse_lsn(str(slot[0])) if slot and slot[0] is not None else None,
+    )
+
+
+@pytest.mark.slow
+def test_kill_9_anywhere_then_drain_equals_postgres(pg_db: PgDatabase, tmp_path: Path) -> None:
+    seed = int(os.environ.get("HEADRACE_CRASH_SEED", "2026"))
+    rng = random.Random(seed)  # noqa: S311 - chooses kill times, not a secret
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=20_000)
+    stored_positions: list[int] = []
+    with BackgroundWriter(pipeline, rate=1500) as writer:
+        for fault in ROUNDS:
+            if fault == "kill":
+                run = RunProcess(pipeline)
+                time.sleep(rng.uniform(1.0, 4.0))
+                code = run.kill()
+            else:
+                run = RunProcess(pipeline, fault)
+                code = run.wait(120)
+            assert code == -signal.SIGKILL, f"{fault}: exited with {code}\n{run.output()}"
+            store, slot = store_and_slot(pipeline)
+            if fault.startswith("snapshot_chunk"):
+                assert store is None, "a kill mid-snapshot must leave no position"
+            if store is not None and slot is not None:
+                # Never acknowledged to the server ahead of what the store holds.
+                assert slot <= store, f"{fault}: slot {slot} ahead of the store {store}"
+                stored_positions.append(store)
+            elif fault != "snapshot_chunk:1":
+                assert store is not None, f"{fault}: no position after the snapshot round"
+    end = writer.end_lsn
+    assert stored_positions == sorted(stored_positions), "the stored position went backwards"
+    assert len(set(stored_positions)) > 3, "the rounds did not make progress"
+    run = RunProcess(pipeline)
+    run.wait_position(end, 120)
+    assert run.terminate() == 0, run.output()
+    pipeline.assert_equal_to_postgres()
