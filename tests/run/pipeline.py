@@ -115,13 +115,14 @@ def make_pipeline(db: PgDatabase, tmp_path: Path, base_rows: int = BASE_ROWS) ->
 
 @contextmanager
 def running(
-    pipeline: Pipeline, settings: RunSettings | None = None
+    pipeline: Pipeline, settings: RunSettings | None = None, serve: object = None
 ) -> Iterator[tuple[Runner, list[RunResult]]]:
     """A :class:`Runner` in a thread until the block ends (then stopped and joined)."""
     runner = Runner(
         pipeline.config,
         settings=settings or RunSettings(status_interval_s=0.2, heartbeat_interval_s=0.5),
         config_path=pipeline.path,
+        serve=serve,
     )
     results: list[RunResult] = []
     errors: list[BaseException] = []

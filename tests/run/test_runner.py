@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from headrace.run.settings import RunSettings
+from headrace.serve.settings import AuthSettings, ServeSettings
 from tests.conftest import PgDatabase
-from tests.run.pipeline import make_pipeline, running, wait_caught_up
+from tests.run.pipeline import make_pipeline, running, wait_caught_up, wait_until
 
 
 @pytest.mark.parametrize("merge", [200_000, 0], ids=["merged", "unmerged"])
@@ -33,3 +35,47 @@ def test_snapshot_stream_resume_equal_postgres(
         end = pipeline.write(rate=3000, seconds=1.0, seed=2)
         wait_caught_up(runner, end)
     pipeline.assert_equal_to_postgres()
+
+
+def test_heartbeats_advance_an_idle_pipeline(pg_db: PgDatabase, tmp_path: Path) -> None:
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=100)
+    with running(pipeline) as (runner, _):
+        start = runner.state.position or 0
+        wait_until(
+            lambda: (runner.state.position or 0) > start and runner.state.empty_batches > 0,
+            30,
+            "a heartbeat to move the stored position",
+        )
+        assert runner.state.changes == 0
+    moved = runner.state.position
+    with pg_db.connect() as conn:
+        row = conn.execute(
+            b"SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8 "
+            b"FROM pg_replication_slots WHERE slot_name = 's_run'"
+        ).fetchone()
+    assert row is not None
+    assert row[0] == moved  # the slot followed the store
+
+
+def test_serve_shows_the_live_store(pg_db: PgDatabase, tmp_path: Path) -> None:
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=100)
+    serve = ServeSettings(
+        store=Path(pipeline.config.store.path), port=0, auth=AuthSettings(enabled=False)
+    )
+    with running(pipeline, serve=serve) as (runner, _):
+        assert runner.server_url is not None
+        with httpx.Client(base_url=runner.server_url, timeout=10) as client:
+            before = client.get("/health").json()["version"]
+            end = pipeline.write(rate=2000, seconds=0.5)
+            wait_caught_up(runner, end)
+            wait_until(lambda: client.get("/health").json()["version"] > before, 10, "a version")
+            page = client.get("/", follow_redirects=True)
+            assert page.status_code == 200
+            answer = client.post(
+                "/api/sql", json={"sql": "SELECT count(*) AS n FROM mirror.transactions"}
+            )
+            assert answer.status_code == 200, answer.text
+            with pg_db.connect() as conn:
+                row = conn.execute(b"SELECT count(*) FROM transactions").fetchone()
+            assert row is not None
+            assert answer.json()["rows"] == [[row[0]]]
