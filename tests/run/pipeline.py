@@ -179,6 +179,8 @@ def headrace(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 _run_numbers = itertools.count()
+STARTED: list[subprocess.Popen[bytes]] = []
+"""Every ``headrace run`` a test started (the ``kill_leftovers`` fixture ends survivors)."""
 
 
 class RunProcess:
@@ -197,6 +199,7 @@ class RunProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+        STARTED.append(self.process)
 
     def output(self) -> str:
         return self.log.read_text()

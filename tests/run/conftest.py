@@ -1,0 +1,20 @@
+"""Fixtures of the run-loop tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.run.pipeline import STARTED
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers() -> Iterator[None]:
+    """A failed test must not leave a ``headrace run`` process behind."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
