@@ -21,7 +21,6 @@ runs: it keeps balances and id counters in memory.
 from __future__ import annotations
 
 import heapq
-import queue
 import random
 import threading
 import time
@@ -55,6 +54,7 @@ from headrace.demo.schema import apply_schema, bulk_load_mode, sync_id_sequences
 from headrace.demo.state import Account, load_population
 from headrace.demo.traffic import AccountSampler, NormalTraffic, diurnal_factor
 from headrace.demo.traits import device_count, spend_scale_cents
+from headrace.demo.writer import BatchWriter
 from headrace.errors import ConfigError, SourceError
 
 _NORMAL_TRANSACTION = NormalTransaction()
@@ -83,6 +83,9 @@ class WorkloadStats:
 
 class Workload:
     """A deterministic fintech workload writing into a PostgreSQL database.
+
+    Not thread-safe: drive it from one thread (``run`` may be that thread;
+    ``stop`` events and ``stats`` may be used from others).
 
     >>> with Workload(WorkloadSettings(dsn=...)) as workload:  # doctest: +SKIP
     ...     workload.run(stop_event, duration=10.0)
@@ -553,7 +556,7 @@ class Workload:
         wall0 = time.monotonic()
         first_tick = self._tick
         deadline = wall0 + duration if duration is not None else None
-        writer = _Writer(self._connection())
+        writer = BatchWriter(self._connection())
         try:
             while not stop.is_set():
                 slot = wall0 + (self._tick - first_tick + 1) * tick_s
@@ -571,42 +574,3 @@ class Workload:
         finally:
             writer.close()
         return self.stats
-
-
-class _Writer:
-    """Commits tick batches in order on a thread of its own.
-
-    Building the next tick overlaps the database round trip of the last
-    one; the bounded queue pushes back when the database is the slower side.
-    """
-
-    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], depth: int = 4) -> None:
-        self._conn = conn
-        self._queue: queue.Queue[TickBatch | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="headrace-demo-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain after a failure; submit() reports it
-            try:
-                batch.write(self._conn)
-            except BaseException as exc:  # handed to the submitting thread
-                self._error = exc
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def submit(self, batch: TickBatch) -> None:
-        """Queue a batch (blocks while the queue is full); re-raises a write failure."""
-        self._raise()
-        self._queue.put(batch)
-
-    def close(self) -> None:
-        """Wait until every queued batch is committed; re-raise a write failure."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
