@@ -303,9 +303,9 @@ class _RichProgress:
 def load_history_command(
     *,
     dsn: DsnOption,
-    months: Annotated[int, typer.Option("--months", help="Months (of 30 days) of history.")] = 3,
+    months: Annotated[int, typer.Option("--months", help="Months (of 30 days) of history.")] = 2,
     seed: SeedOption = 1,
-    customers: CustomersOption = 20_000,
+    customers: CustomersOption = 10_000,
     replace: Annotated[
         bool, typer.Option("--replace", help="Empty the demo tables first.")
     ] = False,
