@@ -8,6 +8,7 @@ The expected results are computed by PostgreSQL itself, from the same data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from headrace.engine.engine import Engine
-from headrace.engine.results import AppliedBatch
+from headrace.engine.results import AppliedBatch, SnapshotLoaded
 from headrace.pipeline.load import parse_pipeline
 from headrace.pipeline.model import MeasureFn, PipelineConfig, RollupConfig
 from headrace.source.changes import ChangeBatch
 from headrace.source.postgres.batcher import Batcher
+from headrace.source.postgres.snapshot import Snapshotter, SnapshotSettings
 from headrace.store.duckdb.schema import grain_label
 from headrace.store.duckdb.store import DuckDBStore
 from tests.conftest import PgDatabase
@@ -49,6 +51,20 @@ class Harness:
     def open(self) -> None:
         self.store = DuckDBStore(self.store_path)
         self.engine = Engine(self.config, self.store)
+
+    def snapshot(self, **settings: Any) -> SnapshotLoaded:
+        """Create the slot with the real exported-snapshot copy and bulk-load it."""
+        snapshotter = Snapshotter(
+            SnapshotSettings(
+                dsn=self.db.dsn,
+                tables=tuple(self.config.table_refs),
+                slot=self.slot.slot,
+                publication=self.slot.publication,
+                **settings,
+            )
+        )
+        with contextlib.closing(snapshotter.chunks()) as chunks:
+            return self.engine.load_snapshot(chunks)
 
     def reopen(self) -> None:
         self.store.close()
@@ -125,15 +141,21 @@ class Harness:
 
 
 def make_harness(
-    db: PgDatabase, tmp_path: Path, yaml_text: str, *, publication: str = "p"
+    db: PgDatabase, tmp_path: Path, yaml_text: str, *, publication: str = "p", snapshot: bool = True
 ) -> Harness:
-    """A pipeline on an already created schema: publication + slot + store + engine."""
+    """A pipeline on already created tables: publication, then the real snapshot (which
+    creates the slot) loaded by the engine, then streaming from the slot."""
     config = parse_pipeline(yaml_text.replace("DSN", db.dsn))
     slot = LogicalSlot(db, slot=f"s_{publication}", publication=publication)
     tables = ", ".join(config.source.tables)
-    slot.create(f"TABLE {tables}")
-    batcher = Batcher(slot.registry())
-    return Harness(db, config, tmp_path / "store.duckdb", slot, batcher)
+    db.execute(f"CREATE PUBLICATION {publication} FOR TABLE {tables}")
+    harness = Harness(db, config, tmp_path / "store.duckdb", slot, Batcher())
+    if snapshot:
+        harness.snapshot()
+    else:
+        db.execute(f"SELECT pg_create_logical_replication_slot('{slot.slot}', 'pgoutput')")
+    harness.batcher = Batcher(slot.registry())
+    return harness
 
 
 # ------------------------------------------------------------------ reference

@@ -36,15 +36,16 @@ from headrace.engine.registry import Registry, RollupRuntime
 from headrace.engine.resolve import (
     TableWork,
     compute_net,
-    drop_temp,
+    count_rows,
     fill_inherited,
     load_changes,
     register_transactions,
+    unregister_transactions,
 )
 from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
-from headrace.engine.rollup import BUCKET, RollupPlan
+from headrace.engine.rollup import BUCKET, RECOMPUTE, RollupPlan
 from headrace.engine.schema_change import apply_schema_change, diff_schema
-from headrace.engine.tables import DEAD, TableModel
+from headrace.engine.tables import DEAD, TableModel, signature
 from headrace.engine.types import storable_table
 from headrace.errors import HeadraceError, StoreError
 from headrace.jobs.runtime import StreamJobs
@@ -112,7 +113,6 @@ class Engine:
         self._run_rebuild_requests()
         started = time.perf_counter()
         changes, skipped = self._unapplied(batch)
-        touched: dict[TableRef, TableWork] = {}
         per_table: dict[str, int] = {}
         dead_letters = 0
         position = max(batch.position, self._position or 0)
@@ -122,22 +122,18 @@ class Engine:
             self.registry.setup_rollups(con)
             if changes:
                 register_transactions(con, [tc.data for tc in changes])
-            for segment in self._segments(changes):
-                for schema, lsn in segment.schema_changes:
-                    self._schema_change(con, schema, lsn)
-                dead, works = self._apply_segment(con, segment.items)
-                dead_letters += dead
-                for work in works:
-                    name = work.model.name
-                    per_table[name] = per_table.get(name, 0) + work.num_changes
-                    previous = touched.get(work.model.ref)
-                    if previous is not None:
-                        work.start_rows += previous.start_rows
-                        work.end_rows += previous.end_rows
-                        work.last_commit_ts = _latest(previous.last_commit_ts, work.last_commit_ts)
-                        work.last_lsn = max(previous.last_lsn, work.last_lsn)
-                    touched[work.model.ref] = work
-            self._write_table_meta(con, list(touched.values()))
+            try:
+                for segment in self._segments(changes):
+                    for schema, lsn in segment.schema_changes:
+                        self._schema_change(con, schema, lsn)
+                    dead, works = self._apply_segment(con, segment.items)
+                    dead_letters += dead
+                    for work in works:
+                        name = work.model.name
+                        per_table[name] = per_table.get(name, 0) + work.num_changes
+            finally:
+                if changes:
+                    unregister_transactions(con)
             self.store.write_position(con, self.source, position, batch.last_commit_ts)
         self._position = position
         total = sum(per_table.values())
@@ -318,13 +314,15 @@ class Engine:
     def _segments(self, changes: list[TableChanges]) -> list[_Segment]:
         """Split a batch where a table's schema changes, so each part sees one schema."""
         ordered = sorted(changes, key=lambda tc: _first_seq(tc.data))
-        current = {ref: model.source_columns for ref, model in self.registry.tables.items()}
+        current = {
+            ref: signature(model.source_columns) for ref, model in self.registry.tables.items()
+        }
         boundaries: list[tuple[int, TableSchema, int]] = []
         for table_changes in ordered:
             ref = table_changes.table
             if ref not in self.registry.tables:
                 continue
-            if current.get(ref) != table_changes.schema.columns:
+            if current.get(ref) != signature(table_changes.schema.columns):
                 boundaries.append(
                     (
                         _first_seq(table_changes.data),
@@ -332,7 +330,7 @@ class Engine:
                         _first_lsn(table_changes.data),
                     )
                 )
-                current[ref] = table_changes.schema.columns
+                current[ref] = signature(table_changes.schema.columns)
         items = [(tc.schema, tc.data) for tc in ordered if tc.table in self.registry.tables]
         if not boundaries:
             return [_Segment([], items)]
@@ -432,12 +430,15 @@ class Engine:
             if not runtime.active or runtime.plan is None:
                 continue
             work = works.get(runtime.plan.table.ref)
-            if work is None or not (work.start_rows or work.end_rows):
-                continue
-            self._apply_rollup(con, runtime, runtime.plan, work, index)
-        self.jobs.apply(con, works.values(), self.registry.tables)
+            if work is not None:
+                self._apply_rollup(con, runtime, runtime.plan, work, index)
+        if self.jobs:
+            for work in works.values():
+                if work.model.config.mirror:
+                    count_rows(con, work)
+            self.jobs.apply(con, works.values(), self.registry.tables)
         for work in works.values():
-            drop_temp(con, work)
+            self._write_table_meta(con, work)
         return dead, list(works.values())
 
     def _apply_rollup(
@@ -448,17 +449,12 @@ class Engine:
         work: TableWork,
         index: int,
     ) -> None:
-        net, delta, flags = f"_hr_n_{index}", f"_hr_d_{index}", f"_hr_rc_{index}"
+        net, delta = f"_hr_n_{index}", f"_hr_d_{index}"
         horizon = runtime.retained_from
         params = [horizon] if horizon is not None else []
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {net} AS {plan.net_sql(work.start, work.end, horizon is not None)}",
-            params,
-        )
+        netted = plan.net_sql(work.start, work.end, horizon is not None)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
         con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net)}")
-        flags_sql = plan.flags_sql(delta)
-        if flags_sql is not None:
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {flags} AS {flags_sql}")
         con.execute(plan.merge_sql(delta))
         for measure in plan.side_tables():
             side = f"_hr_x_{index}_{measure.index}"
@@ -466,18 +462,16 @@ class Engine:
                 f"CREATE OR REPLACE TEMP TABLE {side} AS {plan.side_delta_sql(measure, net)}"
             )
             con.execute(plan.side_merge_sql(measure, side))
-            con.execute(f"DROP TABLE {side}")
-        if flags_sql is not None:
+        if plan.extremes():
+            flagged = f"(SELECT * FROM {delta} WHERE {RECOMPUTE})"
             low, high, count, nulls = con.execute(
-                f"SELECT min({BUCKET}), max({BUCKET}), count(*), count(*) FILTER (WHERE {BUCKET} IS NULL) FROM {flags}"
+                f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
+                f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM {flagged}"
             ).fetchall()[0]
             if count:
                 ranged = not nulls and low is not None
-                range_params = [low, high + plan.config.grain] if ranged else []  # type: ignore[operator]
-                con.execute(plan.recompute_sql(flags, ranged), range_params)
-            con.execute(f"DROP TABLE {flags}")
-        con.execute(f"DROP TABLE {net}")
-        con.execute(f"DROP TABLE {delta}")
+                bounds = [low, high + plan.config.grain] if ranged else []  # type: ignore[operator]
+                con.execute(plan.recompute_sql(flagged, ranged), bounds)
 
     def _retain_rollup(
         self, con: duckdb.DuckDBPyConnection, name: str, runtime: RollupRuntime, now: datetime
@@ -558,15 +552,18 @@ class Engine:
         )
 
     @staticmethod
-    def _write_table_meta(con: duckdb.DuckDBPyConnection, works: list[TableWork]) -> None:
-        for work in works:
-            con.execute(
-                f"""UPDATE {META}.tables SET rows = rows + ?,
-                       last_commit_ts = greatest(last_commit_ts, ?),
-                       last_lsn = greatest(last_lsn, ?), applied_at = now()
-                    WHERE table_name = ?""",
-                [work.rows_delta, work.last_commit_ts, work.last_lsn, work.model.name],
-            )
+    def _write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+        """Row count (end rows - start rows), freshness and position of one table."""
+        delta = "0"
+        if work.model.config.mirror:
+            delta = f"(SELECT count(*) FROM {work.end}) - (SELECT count(*) FROM {work.start})"
+        con.execute(
+            f"""UPDATE {META}.tables SET rows = rows + {delta},
+                   last_commit_ts = greatest(last_commit_ts, ?),
+                   last_lsn = greatest(last_lsn, ?), applied_at = now()
+                WHERE table_name = ?""",
+            [work.last_commit_ts, work.last_lsn, work.model.name],
+        )
 
 
 class _EngineTransaction:

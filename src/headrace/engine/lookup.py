@@ -37,8 +37,6 @@ def resolve_lookups(
     ``targets`` maps each lookup column name to the looked-up table's model
     and its work in this batch (``None`` when it has no changes in it).
     """
-    if not fact.end_rows:
-        return
     for name, lookup in fact.model.lookups.items():
         target, work = targets[name]
         _resolve_one(con, fact, lookup, target, work)

@@ -55,12 +55,11 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     else:
         on = " AND ".join(f"m.{quote_ident(k)} = k.{quote_ident(k)}" for k in model.key)
         con.execute(f"DELETE FROM {model.mirror} m USING {work.keys} k WHERE {on}")
-    if work.end_rows:
-        columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
-        con.execute(
-            f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end} "
-            f"ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
-        )
+    columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
+    con.execute(
+        f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end} "
+        f"ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
+    )
 
 
 def write_dead_letters(

@@ -33,6 +33,7 @@ from datetime import datetime
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from headrace.engine.tables import TableModel
 from headrace.engine.types import duckdb_type, storable_table
@@ -66,9 +67,10 @@ class TableWork:
     updates: int = 0
     deletes: int = 0
     toasted: int = 0
-    start_rows: int = 0
-    end_rows: int = 0
     has_prev: bool = False
+    start_rows: int = 0
+    """Rows in ``start`` / ``end``: only set by :func:`count_rows` (for stream jobs)."""
+    end_rows: int = 0
 
     @property
     def changes(self) -> str:
@@ -90,10 +92,6 @@ class TableWork:
     def end(self) -> str:
         return f"_hr_e_{self.index}"
 
-    @property
-    def rows_delta(self) -> int:
-        return self.end_rows - self.start_rows
-
     def temp_tables(self) -> list[str]:
         return [self.changes, self.prev, self.keys, self.start, self.end]
 
@@ -104,18 +102,21 @@ def old_key(j: int) -> str:
 
 
 def register_transactions(con: duckdb.DuckDBPyConnection, tables: list[pa.Table]) -> None:
-    """Create :data:`TX_TABLE`: each transaction's first change, for per-transaction ordinals."""
+    """Register :data:`TX_TABLE`: each transaction's first change, for per-transaction ordinals.
+
+    Registered (an Arrow view, not copied) until :func:`unregister_transactions`.
+    """
     parts = [t.select([LSN, SEQ]) for t in tables if t.num_rows]
     if parts:
         grouped = pa.concat_tables(parts).group_by(LSN).aggregate([(SEQ, "min")])
-        both = pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
+        first = pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
     else:
-        both = pa.table({LSN: pa.array([], pa.uint64()), "_hr_first": pa.array([], pa.int64())})
-    con.register("_hr_tx_in", both)
-    try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {TX_TABLE} AS SELECT * FROM _hr_tx_in")
-    finally:
-        con.unregister("_hr_tx_in")
+        first = pa.table({LSN: pa.array([], pa.uint64()), "_hr_first": pa.array([], pa.int64())})
+    con.register(TX_TABLE, first)
+
+
+def unregister_transactions(con: duckdb.DuckDBPyConnection) -> None:
+    con.unregister(TX_TABLE)
 
 
 def load_changes(
@@ -175,20 +176,23 @@ def load_changes(
         )
     finally:
         con.unregister(source)
-    row = con.execute(
-        f"""SELECT count(*), max({LSN}), max({COMMIT_TS}),
-                   max({SEQ}) FILTER (WHERE {OP} = 'T'),
-                   count(*) FILTER (WHERE {OP} = 'U'),
-                   count(*) FILTER (WHERE {OP} = 'D'),
-                   count(*) FILTER (WHERE len({TOAST}) > 0)
-            FROM {work.changes}"""
-    ).fetchall()[0]
-    work.num_changes = int(row[0])  # type: ignore[call-overload]
-    work.last_lsn = int(row[1] or 0)  # type: ignore[call-overload]
-    work.last_commit_ts = row[2]  # type: ignore[assignment]
-    work.truncated_at = None if row[3] is None else int(row[3])  # type: ignore[call-overload]
-    work.updates, work.deletes, work.toasted = int(row[4]), int(row[5]), int(row[6])  # type: ignore[call-overload]
+    _measure(work, data)
     return work
+
+
+def _measure(work: TableWork, data: pa.Table) -> None:
+    """Counts and extremes of a table's changes, from the Arrow columns."""
+    ops = data[OP]
+    work.num_changes = data.num_rows
+    work.last_lsn = int(pc.max(data[LSN]).as_py() or 0)
+    work.last_commit_ts = pc.max(data[COMMIT_TS]).as_py()
+    truncates = pc.equal(ops, "T")
+    last_truncate = pc.max(pc.filter(data[SEQ], truncates)).as_py()
+    work.truncated_at = None if last_truncate is None else int(last_truncate)
+    work.updates = int(pc.sum(pc.equal(ops, "U")).as_py() or 0)
+    work.deletes = int(pc.sum(pc.equal(ops, "D")).as_py() or 0)
+    toast = pc.list_value_length(data[TOAST])
+    work.toasted = int(pc.sum(pc.greater(pc.fill_null(toast, 0), 0)).as_py() or 0)
 
 
 def _literal(text: str) -> str:
@@ -318,6 +322,10 @@ def compute_net(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
         on = " AND ".join(f"m.{k} = k.{k}" for k in keys)
         source = f"SELECT m.* FROM {model.mirror} m SEMI JOIN {work.keys} k ON {on}"
     con.execute(f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
+
+
+def count_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """Set :attr:`TableWork.start_rows` and :attr:`TableWork.end_rows` (one query)."""
     counts = con.execute(
         f"SELECT (SELECT count(*) FROM {work.start}), (SELECT count(*) FROM {work.end})"
     ).fetchall()[0]

@@ -54,6 +54,7 @@ from headrace.store.duckdb.schema import (
 )
 
 BUCKET = "bucket"
+RECOMPUTE = "_hr_recompute"
 
 
 def _us(grain: timedelta) -> int:
@@ -270,23 +271,23 @@ class RollupPlan:
         )
 
     def delta_sql(self, net: str) -> str:
-        """Per-group delta of the state table from netted rows."""
+        """Per-group delta of the state table from netted rows.
+
+        With min/max measures, each delta row also says (``_hr_recompute``)
+        whether its group's extreme was retracted and must be recomputed.
+        """
         parts = [*self.group_columns, f"CAST(sum(_hr_w) AS BIGINT) AS {ROWS}"]
         for measure in self.measures:
             parts += [f"{expr} AS {name}" for name, expr in measure.delta()]
-        return f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
-
-    def flags_sql(self, delta: str) -> str | None:
-        """Groups whose min/max must be recomputed (their extreme was retracted)."""
+        grouped = f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
         conditions = [
             c for m in self.extremes() if (c := m.recompute_condition("s", "d")) is not None
         ]
         if not conditions:
-            return None
-        groups = ", ".join(f"d.{c}" for c in self.group_columns)
+            return grouped
         return (
-            f"SELECT {groups} FROM {delta} d JOIN {self.state} s ON {self.match('s', 'd')} "
-            f"WHERE {' OR '.join(conditions)}"
+            f"SELECT d.*, coalesce({' OR '.join(conditions)}, false) AS {RECOMPUTE} "
+            f"FROM ({grouped}) d LEFT JOIN {self.state} s ON {self.match('s', 'd')}"
         )
 
     def merge_sql(self, delta: str) -> str:

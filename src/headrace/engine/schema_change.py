@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import duckdb
 
-from headrace.engine.tables import KnownColumn, TableModel
+from headrace.engine.tables import KnownColumn, TableModel, signature
 from headrace.engine.types import duckdb_type, is_widening
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import Column, TableSchema
@@ -66,7 +66,7 @@ class SchemaChange:
 
 def same_schema(model: TableModel, schema: TableSchema) -> bool:
     """Fast check: the source sends exactly the columns last seen."""
-    return model.source_columns == schema.columns
+    return signature(model.source_columns) == signature(schema.columns)
 
 
 def diff_schema(model: TableModel, schema: TableSchema) -> SchemaChange:
@@ -94,7 +94,7 @@ def diff_schema(model: TableModel, schema: TableSchema) -> SchemaChange:
                     f"widening"
                 )
                 continue
-        elif known.type_name != column.type_name and not known.dropped:
+        elif (known.type_oid, known.type_modifier) != (column.type_oid, column.type_modifier):
             change.relabelled.append((column.name, known.type_name, column.type_name))
         if known.dropped:
             change.revived.append(column)
@@ -125,7 +125,14 @@ def apply_schema_change(
         for table in tables:
             con.execute(f"ALTER TABLE {table} ADD COLUMN {quote_ident(column.name)} {duck_type}")
         model.columns.append(
-            KnownColumn(column.name, duck_type, column.type_name, is_key=column.name in model.key)
+            KnownColumn(
+                column.name,
+                duck_type,
+                column.type_name,
+                column.type_oid,
+                column.type_modifier,
+                is_key=column.name in model.key,
+            )
         )
     for name, _old, new in change.widened:
         for table in tables:
@@ -136,8 +143,10 @@ def apply_schema_change(
     incoming = {c.name: c for c in schema.columns}
     for known in model.columns:
         if known.name in incoming:
+            source = incoming[known.name]
             known.dropped = False
-            known.type_name = incoming[known.name].type_name
+            known.type_name = source.type_name
+            known.type_oid, known.type_modifier = source.type_oid, source.type_modifier
         elif known.name in change.dropped:
             known.dropped = True
     model.source_columns = schema.columns

@@ -42,6 +42,8 @@ class KnownColumn:
     name: str
     duck_type: str
     type_name: str
+    type_oid: int = 0
+    type_modifier: int = -1
     is_key: bool = False
     dropped: bool = False
 
@@ -49,6 +51,8 @@ class KnownColumn:
         return {
             "name": self.name,
             "type": self.type_name,
+            "type_oid": self.type_oid,
+            "type_modifier": self.type_modifier,
             "duckdb_type": self.duck_type,
             "is_key": self.is_key,
             "dropped": self.dropped,
@@ -60,8 +64,19 @@ class KnownColumn:
             name=column.name,
             duck_type=duckdb_type(column.arrow_type),
             type_name=column.type_name,
+            type_oid=column.type_oid,
+            type_modifier=column.type_modifier,
             is_key=column.is_key,
         )
+
+
+def signature(columns: tuple[Column, ...]) -> tuple[tuple[str, int, int, bool], ...]:
+    """What identifies a table's row layout: names, type OIDs and modifiers, key flags.
+
+    Type names and version numbers differ between the snapshot and the stream
+    (and between source processes), so they are not compared.
+    """
+    return tuple((c.name, c.type_oid, c.type_modifier, c.is_key) for c in columns)
 
 
 @dataclass(frozen=True)
@@ -208,6 +223,8 @@ def load_table_model(
             name=str(c["name"]),
             duck_type=str(c["duckdb_type"]),
             type_name=str(c["type"]),
+            type_oid=int(c.get("type_oid", 0)),
+            type_modifier=int(c.get("type_modifier", -1)),
             is_key=bool(c["is_key"]),
             dropped=bool(c["dropped"]),
         )

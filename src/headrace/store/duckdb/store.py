@@ -142,13 +142,15 @@ class DuckDBStore(Store):
         con: duckdb.DuckDBPyConnection, source: str, lsn: int, commit_ts: datetime | None
     ) -> None:
         """Record the source position (inside the batch's transaction)."""
-        con.execute(
-            f"""INSERT INTO {META}.position VALUES (?, ?, ?, now())
-            ON CONFLICT (source) DO UPDATE SET lsn = excluded.lsn,
-                commit_ts = coalesce(excluded.commit_ts, position.commit_ts),
-                updated_at = excluded.updated_at""",
-            [source, lsn, commit_ts],
-        )
+        updated = con.execute(
+            f"""UPDATE {META}.position SET lsn = ?, commit_ts = coalesce(?, commit_ts),
+                updated_at = now() WHERE source = ?""",
+            [lsn, commit_ts, source],
+        ).fetchall()
+        if not updated or not updated[0][0]:
+            con.execute(
+                f"INSERT INTO {META}.position VALUES (?, ?, ?, now())", [source, lsn, commit_ts]
+            )
 
     def read_position(self, source: str) -> StoredPosition | None:
         rows = self._reader_rows(
