@@ -27,6 +27,8 @@ from headrace.pipeline.model import PipelineConfig
 
 TEMPLATE = "headrace.yaml"
 """Name of the deployment's pipeline file inside the ``headrace.demo`` package."""
+RULES = "rules.yaml"
+"""The deployment's ``rules:``, ``scores:`` and ``sinks:`` sections, appended to it."""
 
 DSN_HOLE = "@DSN@"
 STORE_HOLE = "@STORE@"
@@ -38,8 +40,16 @@ PIPELINE_SECTIONS = frozenset(PipelineConfig.model_fields)
 
 
 def template_text() -> str:
-    """The deployment file as shipped, with its ``@DSN@`` and ``@STORE@`` holes."""
-    return resources.files("headrace.demo").joinpath(TEMPLATE).read_text()
+    """The deployment file as shipped, with its ``@DSN@`` and ``@STORE@`` holes.
+
+    ``headrace.yaml`` followed by ``rules.yaml`` (when the package has it).
+    """
+    package = resources.files("headrace.demo")
+    text = package.joinpath(TEMPLATE).read_text()
+    rules = package.joinpath(RULES)
+    if rules.is_file():
+        text = text.rstrip("\n") + "\n\n" + rules.read_text()
+    return text
 
 
 def deployment_text(dsn: str, store: str | Path) -> str:
