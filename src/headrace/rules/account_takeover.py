@@ -12,13 +12,14 @@ State:
   or a failed login that makes ``failed_logins`` failures of the customer
   within ``failed_window``.
 
-For each new outflow transaction (``tables.transactions.outflow``; or one
+For each new outflow (``where``, by default ``tables.transactions.outflow``; or one
 whose amount or account changed) of an account with a positive balance:
 when a risky login of the account's customer happened in
 ``[t - window, t]``, ``amount >= min_amount`` and ``amount >=
 outflow_share x balance``, it is a candidate. The balance is the account's
-balance before the batch (``tables.accounts.balance``), i.e. before the
-outflow settled. Evidence: the risky logins and the outflow; numbers: share
+balance when the outflow was made: its last version before the outflow's
+first change in commit order (so before the outflow settled), or the
+balance before the batch when the batch did not change it earlier. Evidence: the risky logins and the outflow; numbers: share
 of the balance, failures, minutes since the login.
 
 Logins and transactions of one batch are handled in order: logins first,
@@ -185,7 +186,7 @@ class AccountTakeover(RuleJob):
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount),
-            self.tx.outflow,
+            config.where or self.tx.outflow,
             horizon,
         )
         window_s = config.window.total_seconds()
@@ -193,19 +194,47 @@ class AccountTakeover(RuleJob):
             "struct_pack(reason := m.reason, at := m.t, login := m.login, device := m.device, "
             "country := m.country, failed := m.failed)"
         )
+        # The balance when the outflow was made: the account's last version before the
+        # outflow's first change in commit order (this batch), else before the batch.
+        first_change = (
+            f"SELECT {q(delta.key[0])} AS _k0, min(_hr_seq) AS seq FROM {delta.changes} "
+            "GROUP BY 1"
+        )
+        if account_delta is not None:
+            versions = (
+                f"SELECT {q(accounts.id)} AS account, {q(accounts.balance)} AS balance, "
+                f"_hr_seq AS seq FROM {account_delta.changes} WHERE _hr_op IN ('I', 'U')"
+            )
+            priced = (
+                f"SELECT t.*, v.balance AS then_balance FROM timed t "
+                f"ASOF LEFT JOIN ({versions}) v ON v.account = t.account AND t.seq > v.seq"
+            )
+        else:
+            priced = "SELECT t.*, NULL AS then_balance FROM timed t"
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _job_ato AS
+            WITH timed AS (
+                SELECT t.*, f.seq FROM {triggers} t JOIN ({first_change}) f ON f._k0 = t._k0
+            ), priced AS ({priced}),
+            outflows AS (
+                SELECT p.* EXCLUDE (then_balance, seq), a.customer,
+                       coalesce(p.then_balance, a.balance) AS balance
+                FROM priced p
+                JOIN (SELECT {q(accounts.id)} AS account, {q(accounts.customer)} AS customer,
+                             {q(accounts.balance)} AS balance FROM {before}) a
+                  ON a.account = p.account
+            )
             SELECT t.account AS account_id, 'account_takeover:' || t.account AS dedup_key,
                    t.t AS event_at, min(m.t) AS started_at, t.commit_ts, t.lsn,
                    '{config.severity.value}' AS severity,
                    format('outflow {{}} = {{}}% of the balance {{}} of account {{}}, {{}} min after '
-                          '{{}}', t.amount, round(100 * t.amount / a.balance),
-                          a.balance, t.account, round((epoch(t.t) - epoch(max(m.t))) / 60, 1),
+                          '{{}}', t.amount, round(100 * t.amount / t.balance),
+                          t.balance, t.account, round((epoch(t.t) - epoch(max(m.t))) / 60, 1),
                           string_agg(DISTINCT m.reason, ' and ')) AS summary,
                    json_object(
                        'numbers', json_object(
-                           'amount', t.amount, 'balance', a.balance,
-                           'share', round(t.amount / a.balance, 3),
+                           'amount', t.amount, 'balance', t.balance,
+                           'share', round(t.amount / t.balance, 3),
                            'outflow_share', {config.outflow_share},
                            'failed_logins', max(m.failed),
                            'minutes_since_login', round((epoch(t.t) - epoch(max(m.t))) / 60, 2),
@@ -214,16 +243,13 @@ class AccountTakeover(RuleJob):
                        'logins', to_json(list({mark} ORDER BY m.t)),
                        'evidence', {evidence_json(f"[{tx_evidence('t')}]")}
                    ) AS payload
-            FROM {triggers} t
-            JOIN (SELECT {q(accounts.id)} AS account, {q(accounts.customer)} AS customer,
-                         {q(accounts.balance)} AS balance FROM {before}) a
-              ON a.account = t.account
-            JOIN {self.marks} m ON m.customer = a.customer AND m.t <= t.t
+            FROM outflows t
+            JOIN {self.marks} m ON m.customer = t.customer AND m.t <= t.t
                  AND m.t >= t.t - to_seconds({window_s})
-            WHERE a.balance > 0 AND t.amount >= {config.min_amount}
-              AND t.amount >= {config.outflow_share} * a.balance
+            WHERE t.balance > 0 AND t.amount >= {config.min_amount}
+              AND t.amount >= {config.outflow_share} * t.balance
             GROUP BY t._k0, {", ".join(f"t.{f}" for f in TX_FIELDS)}, t.commit_ts, t.lsn,
-                     a.balance"""
+                     t.balance"""
         )
         self.emit(ctx, "_job_ato")
 

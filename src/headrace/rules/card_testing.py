@@ -2,7 +2,7 @@
 
 State: ``jobs.card_testing__attempts``, the account's online transactions
 (``tables.transactions.online``) that are small (``amount < small_amount``)
-or declined (``count_declines``), within ``window`` (plus
+or declined (``declines``), within ``window`` (plus
 ``rules.lateness``) of the watermark, keyed by transaction.
 
 For each attempt of the batch that now qualifies (new, its amount, merchant
@@ -48,8 +48,8 @@ class CardTesting(RuleJob):
     @property
     def qualifies(self) -> str:
         small = f"{q(self.tx.amount)} < {self.config.small_amount}"
-        if self.config.count_declines:
-            small = f"{small} OR coalesce(({self.tx.declined}), false)"
+        if self.config.declines:
+            small = f"{small} OR coalesce(({self.config.declines}), false)"
         return f"({self.tx.online}) AND ({small})"
 
     def attempts(self, key: tuple[str, ...]) -> RowWindow:

@@ -251,8 +251,12 @@ class CardTestingConfig(_RuleConfig):
     small_amount: float = Field(
         default=2.0, gt=0.0, description="Online attempts below this amount count."
     )
-    count_declines: bool = Field(
-        default=True, description="Declined online attempts count whatever their amount."
+    declines: Condition | None = Field(
+        default="status = 'declined'",
+        description=(
+            "Condition: declined online attempts that count whatever their amount "
+            "(e.g. only wrong CVV or card number); none when empty."
+        ),
     )
     min_attempts: int = Field(default=5, ge=2, description="Attempts that raise an alert.")
     min_merchants: int = Field(
@@ -270,6 +274,13 @@ class AccountTakeoverConfig(_RuleConfig):
         description="Alert when one outflow takes at least this share of the balance.",
     )
     min_amount: float = Field(default=0.0, ge=0.0, description="Smaller outflows never alert.")
+    where: Condition | None = Field(
+        default=None,
+        description=(
+            "Condition: which transactions are outflows checked "
+            "(default: `tables.transactions.outflow`)."
+        ),
+    )
     window: Duration = Field(
         default=timedelta(minutes=30),
         description="How soon after the risky login the outflow must come.",
