@@ -37,6 +37,7 @@ from typing import Any
 
 from rich.console import Console
 
+from headrace.alerts.delivery import AlertDelivery
 from headrace.engine.engine import Engine
 from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
@@ -156,6 +157,9 @@ class Runner:
         )
         status_thread.start()
         server = self._start_server(store) if self.serve is not None else None
+        delivery = AlertDelivery.from_config(self.config, store)  # alert sinks, if any
+        if delivery is not None:
+            delivery.start()
         interrupted = False
         try:
             if engine.position() is None:
@@ -170,6 +174,8 @@ class Runner:
             raise
         finally:
             self.display.close()
+            if delivery is not None:
+                delivery.stop()
             if server is not None:
                 server.stop()
             if self.state.phase != FAILED:
