@@ -1,0 +1,146 @@
+"""Account-centred routes: alerts, health scores, and one account's page."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from headrace.serve.api_reads import get_route, read_catalog, read_table
+from headrace.serve.http import ApiError, int_param, json_response
+from headrace.serve.openapi import ApiRoute, Param
+from headrace.serve.results import table_to_json
+from headrace.serve.state import state
+from headrace.serve.tiles import quote_ident, quote_qualified
+
+
+def _no_table(note: str) -> dict[str, Any]:
+    """The answer in place of a table the store does not hold (yet)."""
+    return {"columns": [], "rows": [], "note": note}
+
+
+async def alerts(request: Request) -> Response:
+    st = state(request)
+    principal = st.auth.require(request)
+    catalog = await read_catalog(st)
+    if not catalog.has("headrace.alerts"):
+        return json_response(_no_table("no alerts table in the store yet"))
+    q = request.query_params
+    limit = int_param(request, "limit", 100, 1, 5000)
+    params: dict[str, Any] = {}
+    conditions = []
+    for name in ("severity", "rule"):
+        if q.get(name):
+            params[name] = q[name]
+            conditions.append(f"{name} = ${name}")
+    if q.get("account_id"):
+        params["account"] = q["account_id"]
+        conditions.append("CAST(account_id AS VARCHAR) = $account")
+    if q.get("since"):
+        try:
+            params["since"] = datetime.fromisoformat(q["since"])
+        except ValueError:
+            raise ApiError(400, "parameter 'since' must be an ISO 8601 time") from None
+        conditions.append("detected_at >= $since")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = f"SELECT * FROM headrace.alerts{where} ORDER BY detected_at DESC LIMIT {limit}"
+    table = await read_table(st, sql, params, st.policy(principal))
+    return json_response(table_to_json(table))
+
+
+async def health_scores(request: Request) -> Response:
+    st = state(request)
+    principal = st.auth.require(request)
+    catalog = await read_catalog(st)
+    if not catalog.has("headrace.health_scores"):
+        return json_response(_no_table("no health scores in the store yet"))
+    q = request.query_params
+    if q.get("account_id"):
+        limit = int_param(request, "limit", 500, 1, 10_000)
+        sql = (
+            "SELECT * FROM headrace.health_scores WHERE CAST(account_id AS VARCHAR) = $account "
+            f"ORDER BY scored_at DESC LIMIT {limit}"
+        )
+        table = await read_table(st, sql, {"account": q["account_id"]}, st.policy(principal))
+    else:
+        worst = int_param(request, "worst", 20, 1, 1000)
+        sql = (
+            "SELECT account_id, arg_max(score, scored_at) AS score, max(scored_at) AS scored_at "
+            f"FROM headrace.health_scores GROUP BY account_id ORDER BY score ASC LIMIT {worst}"
+        )
+        table = await read_table(st, sql, None, st.policy(principal))
+    return json_response(table_to_json(table))
+
+
+async def account(request: Request) -> Response:
+    st = state(request)
+    principal = st.auth.require(request)
+    policy = st.policy(principal)
+    cfg = st.settings.account
+    account_id = request.path_params["id"]
+    catalog = await read_catalog(st)
+    result: dict[str, Any] = {"id": account_id}
+    params = {"id": account_id}
+    sections = {
+        "account": (
+            cfg.table,
+            f"SELECT * FROM {quote_qualified(cfg.table)} WHERE CAST({quote_ident(cfg.key)} AS "
+            "VARCHAR) = $id LIMIT 1",
+        ),
+        "transactions": (
+            cfg.transactions_table,
+            f"SELECT * FROM {quote_qualified(cfg.transactions_table)} WHERE "
+            f"CAST({quote_ident(cfg.account_column)} AS VARCHAR) = $id "
+            f"ORDER BY {quote_ident(cfg.time_column)} DESC LIMIT {cfg.limit}",
+        ),
+        "alerts": (
+            "headrace.alerts",
+            "SELECT * FROM headrace.alerts WHERE CAST(account_id AS VARCHAR) = $id "
+            "ORDER BY detected_at DESC LIMIT 100",
+        ),
+        "health": (
+            "headrace.health_scores",
+            "SELECT * FROM headrace.health_scores WHERE CAST(account_id AS VARCHAR) = $id "
+            "ORDER BY scored_at LIMIT 2000",
+        ),
+    }
+    for section, (relation, sql) in sections.items():
+        if not catalog.has(relation):
+            result[section] = _no_table(f"{relation} is not in the store")
+            continue
+        result[section] = table_to_json(await read_table(st, sql, params, policy))
+    return json_response(result)
+
+
+def routes() -> list[ApiRoute]:
+    """The account-centred routes."""
+    return [
+        get_route(
+            "store",
+            "/api/alerts",
+            alerts,
+            "Alerts, newest first",
+            Param("since"),
+            Param("severity"),
+            Param("rule"),
+            Param("account_id"),
+            Param("limit", type="integer"),
+        ),
+        get_route(
+            "store",
+            "/api/health-scores",
+            health_scores,
+            "Health score history of an account, or the worst accounts now",
+            Param("account_id"),
+            Param("worst", type="integer"),
+        ),
+        get_route(
+            "store",
+            "/api/accounts/{id}",
+            account,
+            "An account: its row, recent transactions, alerts and health history",
+            Param("id", "path"),
+        ),
+    ]
