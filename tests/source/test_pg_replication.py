@@ -10,6 +10,7 @@ import pytest
 from headrace.errors import SourceError
 from headrace.source.postgres.replication import (
     ConnectionLostError,
+    Payload,
     ReplicationConnection,
     StreamOptions,
     parse_pg_lsn,
@@ -36,7 +37,7 @@ def _slot_confirmed(pg_db: PgDatabase, slot: str) -> int:
 def _drain_until(conn: ReplicationConnection, messages: Messages, commits: int) -> None:
     """Collect payloads until ``commits`` Commit messages arrived (10 s at most)."""
 
-    def collect(start: int, payload: memoryview) -> None:
+    def collect(start: int, payload: Payload) -> None:
         messages.append((start, bytes(payload)))
 
     deadline = time.monotonic() + 10

@@ -36,7 +36,7 @@ from rich.console import Console
 from headrace.errors import HeadraceError, format_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
-from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
+from headrace.source.postgres.replication import Payload, ReplicationConnection, StreamOptions
 from headrace.source.postgres.source import PostgresSource, SourceSettings
 
 TARGET_DECODE_VS_NOOP = 0.9
@@ -223,7 +223,7 @@ def _warm_up(dsn: str) -> _Stream:
     commits = messages = size = 0
     end_lsn = 0
 
-    def count(start: int, payload: memoryview) -> None:
+    def count(start: int, payload: Payload) -> None:
         nonlocal commits, messages, size, end_lsn
         messages += 1
         size += len(payload)
@@ -259,7 +259,7 @@ def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> _Run:
 def _noop(dsn: str, end_lsn: int) -> _Run:
     slot = _copy_slot(dsn, "headrace_bench_noop")
 
-    def nothing(start: int, payload: memoryview) -> None:
+    def nothing(start: int, payload: Payload) -> None:
         return None
 
     with ReplicationConnection(dsn) as conn:

@@ -459,7 +459,7 @@ class PostgresSource:
             raise ConnectionLostError("no replication connection", "headrace retries by itself")
         s = self.settings
         batcher = self.batcher
-        feed = batcher.feed  # takes libpq's memoryviews as they are, uncopied
+        feed = batcher.feed
         max_changes = s.batch_max_changes
         max_wait = s.batch_max_wait_s
         heartbeat_every = s.heartbeat_interval_s
@@ -473,7 +473,7 @@ class PostgresSource:
             # Read no more than the batch still has room for (about: only whole
             # transactions count), so a backlog is cut near batch_max_changes.
             room = max(1, min(_DRAIN_MAX_MESSAGES, max_changes - batcher.pending_changes))
-            if conn.drain(feed, timeout, room):
+            if conn.drain(feed, timeout, room, copy=True):
                 last_data = time.monotonic()
             if batcher.has_pending:
                 now = time.monotonic()
