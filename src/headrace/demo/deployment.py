@@ -104,6 +104,20 @@ def pipeline_part(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def replace_section(text: str, key: str, section: str) -> str:
+    """``text`` with its top-level section ``key`` replaced by ``section`` (YAML text that
+    starts with ``key:``), or with ``section`` appended when it has none."""
+    lines = text.splitlines()
+    ranges = top_level_sections(text)
+    replacement = section.rstrip("\n").splitlines()
+    if key in ranges:
+        first, end = ranges[key]
+        lines[first:end] = replacement
+    else:
+        lines += ["", *replacement]
+    return "\n".join(lines) + "\n"
+
+
 def other_sections(text: str) -> dict[str, Any]:
     """The sections :class:`PipelineConfig` does not know, parsed (e.g. ``serve``)."""
     out: dict[str, Any] = {}
