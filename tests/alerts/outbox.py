@@ -50,7 +50,7 @@ def add_alert(
         row = con.execute("SELECT max(id) FROM _job_new_alerts").fetchall()
         con.execute("DROP TABLE _job_new_alerts")
     store.publish(0, None, [], 0)
-    return int(row[0][0])  # type: ignore[call-overload]
+    return int(row[0][0])
 
 
 def deliveries(store: DuckDBStore) -> list[dict[str, Any]]:
@@ -58,7 +58,8 @@ def deliveries(store: DuckDBStore) -> list[dict[str, Any]]:
         f"SELECT alert_id, sink, state, attempts, last_error, idempotency_key, delivered_at "
         f"FROM {DELIVERIES} ORDER BY alert_id, sink"
     )
-    return table.to_pylist()
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:

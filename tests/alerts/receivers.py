@@ -56,7 +56,7 @@ def http_receiver(statuses: list[int] | None = None, default: int = 200) -> Iter
     receiver = HttpReceiver(list(statuses or []), default)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server protocol
+        def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
             status = receiver.answer(Received(self.path, dict(self.headers.items()), body))
@@ -65,7 +65,7 @@ def http_receiver(statuses: list[int] | None = None, default: int = 200) -> Iter
             self.end_headers()
             self.wfile.write(b"ok" if status < 300 else b"nope")
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -36,7 +36,8 @@ def test_no_duplicate_delivery_after_restarts(pg_db: PgDatabase, tmp_path: Path)
         wait_for(lambda: len(receiver.requests) >= 1)
         delivery.stop()
         (row,) = deliveries(bank.store)
-        assert row["state"] == "pending" and row["attempts"] >= 1
+        assert row["state"] == "pending"
+        assert row["attempts"] >= 1
         assert row["last_error"].startswith("HTTP 503")
 
         bank.restart()  # the pending delivery survives in the store

@@ -73,8 +73,6 @@ def test_metric_alerts(pg_db: PgDatabase, tmp_path: Path) -> None:
     bank.tx(3, 10, 37 * MINUTE)
     bank.sync()
     assert len(bank.alerts()) == 4
-    states = dict(
-        bank.duck("SELECT name, firing FROM headrace.metric_alert_state ORDER BY name")
-    )
+    states = dict(bank.duck("SELECT name, firing FROM headrace.metric_alert_state ORDER BY name"))
     assert states == {"busy": False, "jump": True, "unusual": True}
     bank.close()

@@ -13,6 +13,8 @@ from headrace.alerts.config import (
     EmailSinkConfig,
     LogSinkConfig,
     RetryConfig,
+    Severity,
+    SinkConfig,
     SlackSinkConfig,
     WebhookSinkConfig,
 )
@@ -23,12 +25,18 @@ from tests.alerts.receivers import http_receiver, smtp_receiver
 FAST = RetryConfig(attempts=3, backoff=timedelta(milliseconds=50), max_backoff=timedelta(seconds=1))
 
 
-def test_webhook_signed_retried_then_delivered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_signed_retried_then_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HOOK_SECRET", "s3cret")
     store = open_store(tmp_path / "store.duckdb")
     with http_receiver(statuses=[503, 502]) as receiver:
         sink = WebhookSinkConfig(
-            name="ops", type="webhook", url=receiver.url, secret_env="HOOK_SECRET", retry=FAST
+            name="ops",
+            type="webhook",
+            url=receiver.url,
+            secret_env="HOOK_SECRET",  # noqa: S106 - the name of a variable, not a secret
+            retry=FAST,
         )
         alert_id = add_alert(store, [sink])
         delivery = start(store, [sink])
@@ -42,12 +50,20 @@ def test_webhook_signed_retried_then_delivered(tmp_path: Path, monkeypatch: pyte
     keys = {r.headers["Idempotency-Key"] for r in receiver.requests}
     assert keys == {row["idempotency_key"]}
     last = receiver.requests[-1]
-    assert verify("s3cret", last.headers["X-Headrace-Timestamp"], last.body,
-                  last.headers["X-Headrace-Signature"])
-    assert not verify("wrong", last.headers["X-Headrace-Timestamp"], last.body,
-                      last.headers["X-Headrace-Signature"])
+    assert verify(
+        "s3cret",
+        last.headers["X-Headrace-Timestamp"],
+        last.body,
+        last.headers["X-Headrace-Signature"],
+    )
+    assert not verify(
+        "wrong",
+        last.headers["X-Headrace-Timestamp"],
+        last.body,
+        last.headers["X-Headrace-Signature"],
+    )
     document = json.loads(last.body)
-    assert document["id"] == alert_id and document["rule"] == "velocity_burst"
+    assert (document["id"], document["rule"]) == (alert_id, "velocity_burst")
     assert document["payload"]["numbers"] == {"transactions": 9, "limit": 8}
     assert [a.state for a in delivery.attempts] == ["pending", "pending", "delivered"]
     store.close()
@@ -56,11 +72,15 @@ def test_webhook_signed_retried_then_delivered(tmp_path: Path, monkeypatch: pyte
 def test_webhook_failures_are_recorded(tmp_path: Path) -> None:
     store = open_store(tmp_path / "store.duckdb")
     with http_receiver(default=500) as down, http_receiver(default=404) as wrong:
-        sinks = [
+        sinks: list[SinkConfig] = [
             WebhookSinkConfig(name="down", type="webhook", url=down.url, retry=FAST),
             WebhookSinkConfig(name="wrong", type="webhook", url=wrong.url, retry=FAST),
             WebhookSinkConfig(
-                name="picky", type="webhook", url=wrong.url, retry=FAST, min_severity="critical"
+                name="picky",
+                type="webhook",
+                url=wrong.url,
+                retry=FAST,
+                min_severity=Severity.CRITICAL,
             ),
         ]
         add_alert(store, sinks)
@@ -74,14 +94,14 @@ def test_webhook_failures_are_recorded(tmp_path: Path) -> None:
     assert (rows["down"]["state"], rows["down"]["attempts"]) == ("failed", 3)
     assert rows["down"]["last_error"].startswith("HTTP 500")
     assert (rows["wrong"]["state"], rows["wrong"]["attempts"]) == ("failed", 1)  # 4xx: no retry
-    assert len(down.requests) == 3 and len(wrong.requests) == 1
+    assert (len(down.requests), len(wrong.requests)) == (3, 1)
     store.close()
 
 
 def test_slack_and_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = open_store(tmp_path / "store.duckdb")
     with http_receiver(statuses=[429]) as slack:
-        sinks = [
+        sinks: list[SinkConfig] = [
             SlackSinkConfig(name="chat", type="slack", url=slack.url, retry=FAST),
             LogSinkConfig(name="console", type="log", level="warning"),
         ]

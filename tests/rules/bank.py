@@ -89,13 +89,13 @@ class Bank:
         seconds: float,
         *,
         channel: str = "pos",
-        type: str = "purchase",  # noqa: A002 - the column's name
+        type: str = "purchase",
         status: str = "settled",
         country: str = "DE",
         merchant: int | None = 1,
         card: int | None = None,
         device: str | None = None,
-        id: int | None = None,  # noqa: A002 - the column's name
+        id: int | None = None,
         commit: bool = True,
     ) -> int:
         """Insert one transaction (its own database transaction unless ``commit`` is False)."""
@@ -157,10 +157,23 @@ class Bank:
             f"status, summary, event_at, commit_ts, lsn, latency_ms FROM headrace.alerts{where} "
             "ORDER BY id"
         )
-        names = (
-            "id rule severity account_id key started_at detected_at payload kind status "
-            "summary event_at commit_ts lsn latency_ms"
-        ).split()
+        names = [
+            "id",
+            "rule",
+            "severity",
+            "account_id",
+            "key",
+            "started_at",
+            "detected_at",
+            "payload",
+            "kind",
+            "status",
+            "summary",
+            "event_at",
+            "commit_ts",
+            "lsn",
+            "latency_ms",
+        ]
         out = []
         for row in rows:
             alert = dict(zip(names, row, strict=True))
@@ -198,7 +211,9 @@ def seed(db: PgDatabase) -> None:
     )
     db.execute(
         "INSERT INTO accounts VALUES "
-        + ", ".join(f"({n}, {n}, 'plus', 'active', 5000, 'EUR', {created}, {created})" for n in people)
+        + ", ".join(
+            f"({n}, {n}, 'plus', 'active', 5000, 'EUR', {created}, {created})" for n in people
+        )
     )
     db.execute(
         "INSERT INTO cards VALUES "

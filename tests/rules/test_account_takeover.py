@@ -35,7 +35,7 @@ def test_new_device_and_failed_logins(pg_db: PgDatabase, tmp_path: Path) -> None
     alerts = {a["account_id"]: a for a in bank.alerts("account_takeover")}
     assert set(alerts) == {2, 3}
     two = alerts[2]
-    assert two["severity"] == "critical" and two["payload"]["trigger"] == big
+    assert (two["severity"], two["payload"]["trigger"]) == ("critical", big)
     assert two["payload"]["numbers"]["share"] == 0.6
     assert two["payload"]["numbers"]["reasons"] == ["new_device"]
     assert [login["device"] for login in two["payload"]["logins"]] == ["new-2"]

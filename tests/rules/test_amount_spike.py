@@ -26,7 +26,7 @@ def test_spike_against_own_history(pg_db: PgDatabase, tmp_path: Path) -> None:
     bank.sync()
     (alert,) = bank.alerts("amount_spike")
     numbers = alert["payload"]["numbers"]
-    assert alert["account_id"] == 1 and alert["payload"]["trigger"] == spike
+    assert (alert["account_id"], alert["payload"]["trigger"]) == (1, spike)
     assert (numbers["history"], numbers["mean"], numbers["factor"]) == (5, 40.0, 20.0)
     assert alert["payload"]["evidence"][0]["amount"] == 800
     bank.close()

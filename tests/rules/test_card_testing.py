@@ -8,7 +8,9 @@ from tests.conftest import PgDatabase
 from tests.rules.bank import only, open_bank
 
 
-def _online(bank: object, account: int, amount: float, seconds: float, merchant: int, **kw: object) -> int:
+def _online(
+    bank: object, account: int, amount: float, seconds: float, merchant: int, **kw: object
+) -> int:
     return bank.tx(  # type: ignore[attr-defined, no-any-return]
         account, amount, seconds, channel="online", merchant=merchant, device="x-dev", **kw
     )

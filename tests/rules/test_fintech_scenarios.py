@@ -29,7 +29,8 @@ SIMULATED_MINUTES = 10
 
 def test_the_fintech_thresholds_parse_and_cover_every_country() -> None:
     config = parse_pipeline(TABLES.replace("DSN", "postgresql://x") + FINTECH)
-    assert config.rules is not None and config.rules.impossible_travel is not None
+    assert config.rules is not None
+    assert config.rules.impossible_travel is not None
     locations = config.rules.impossible_travel.locations
     assert locations == {c.code: (c.lat, c.lon) for c in COUNTRIES}
 
@@ -58,9 +59,7 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
         workload.drain()
         assert workload.stats.envelope_breaches == 0  # normal traffic stayed normal
     harness.sync()
-    truth = harness.pg(
-        "SELECT family, account_id, started_at, ended_at FROM fraud_ground_truth"
-    )
+    truth = harness.pg("SELECT family, account_id, started_at, ended_at FROM fraud_ground_truth")
     alerts = harness.duck("SELECT rule, account_id, event_at, summary FROM headrace.alerts")
     seconds = time.monotonic() - started
     found: Counter[str] = Counter()
@@ -69,7 +68,8 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
         hits = [
             a
             for a in alerts
-            if a[0] == family and a[1] == account
+            if a[0] == family
+            and a[1] == account
             and start - timedelta(minutes=1) <= a[2] <= end + timedelta(minutes=1)  # type: ignore[operator]
         ]
         if hits:

@@ -87,9 +87,7 @@ def _check(bank: Bank, pg_db: PgDatabase) -> dict[int, float]:
     return scores
 
 
-def test_health_score_matches_a_from_scratch_computation(
-    pg_db: PgDatabase, tmp_path: Path
-) -> None:
+def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_path: Path) -> None:
     before = (  # history loaded by the snapshot: the score is rebuilt from the mirrors
         "INSERT INTO logins VALUES (100, 1, true, NULL, 'old-phone', '10.0.0.1', 'DE', "
         "'2026-03-02 10:00+00'), (101, 2, false, 'bad_password', 'old-phone', '10.0.0.1', 'DE', "
@@ -103,7 +101,8 @@ def test_health_score_matches_a_from_scratch_computation(
     )
     bank = open_bank(pg_db, tmp_path, CONFIG, before_snapshot=before)
     first = _check(bank, pg_db)
-    assert first[1] < 100 and first[2] == 97.0  # a decline / a failed login
+    assert first[1] < 100  # a decline
+    assert first[2] == 97.0  # a failed login
 
     ids = []
     for n in range(12):
@@ -129,8 +128,10 @@ def test_health_score_matches_a_from_scratch_computation(
     scores = _check(bank, pg_db)
     assert scores[3] < scores[5] == 100.0
     worst = worst_accounts(bank.store.writer, 2)
-    assert worst.column("account_id").to_pylist() == [a for a, _ in sorted(
-        scores.items(), key=lambda kv: (kv[1], kv[0]))][:2]
+    assert (
+        worst.column("account_id").to_pylist()
+        == [a for a, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]))][:2]
+    )
 
     bank.restart()
     bank.tx(5, 10, 23 * HOUR)  # the window still holds everything since T0
@@ -140,8 +141,6 @@ def test_health_score_matches_a_from_scratch_computation(
     bank.sync()
     later = _check(bank, pg_db)
     assert later[1] > scores[1]
-    history = bank.duck(
-        "SELECT count(*), count(DISTINCT account_id) FROM headrace.health_history"
-    )
+    history = bank.duck("SELECT count(*), count(DISTINCT account_id) FROM headrace.health_history")
     assert history[0][0] > history[0][1]  # several points per account
     bank.close()

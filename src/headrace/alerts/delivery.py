@@ -147,7 +147,9 @@ class AlertDelivery:
                     self._drain(cursor, sink)
                     wait = self._next_wait(cursor, sink.name)
                 except duckdb.Error as exc:
-                    log.warning("alert delivery to %s: reading the outbox failed: %s", sink.name, exc)
+                    log.warning(
+                        "alert delivery to %s: reading the outbox failed: %s", sink.name, exc
+                    )
                     wait = self.poll_interval
                 wake.wait(wait)
         finally:
@@ -205,7 +207,16 @@ class AlertDelivery:
             error = f"{type(exc).__name__}: {exc}"
             state = "pending" if attempts < retry.attempts else "failed"
         now = datetime.now(UTC)
-        self._record(cursor, alert.id, sink.name, state, attempts, now, error, retry)
+        self._record(
+            cursor,
+            alert_id=alert.id,
+            sink=sink.name,
+            state=state,
+            attempts=attempts,
+            now=now,
+            error=error,
+            retry=retry,
+        )
         outcome = Attempt(alert.id, sink.name, state, attempts, error)
         with self._lock:
             self.attempts.append(outcome)
@@ -219,12 +230,17 @@ class AlertDelivery:
             )
         elif error is not None:
             log.warning(
-                "alert %d: attempt %d to %s failed (%s); retrying", alert.id, attempts, sink.name, error
+                "alert %d: attempt %d to %s failed (%s); retrying",
+                alert.id,
+                attempts,
+                sink.name,
+                error,
             )
 
     def _record(
         self,
         cursor: duckdb.DuckDBPyConnection,
+        *,
         alert_id: int,
         sink: str,
         state: str,
@@ -246,7 +262,9 @@ class AlertDelivery:
                 return
             except duckdb.Error as exc:  # e.g. a conflict with a concurrent CHECKPOINT
                 if tries == _RECORD_TRIES - 1:
-                    log.error("alert %d: recording its delivery to %s failed: %s", alert_id, sink, exc)
+                    log.error(
+                        "alert %d: recording its delivery to %s failed: %s", alert_id, sink, exc
+                    )
                     return
                 time.sleep(0.05 * (tries + 1))
 
@@ -258,7 +276,7 @@ class AlertDelivery:
         due = rows[0][0] if rows else None
         if due is None:
             return self.poll_interval
-        seconds = (due - datetime.now(UTC)).total_seconds()
+        seconds = float((due - datetime.now(UTC)).total_seconds())
         return max(0.0, min(self.poll_interval, seconds))
 
 
@@ -270,4 +288,5 @@ def delivery_status(store: DuckDBStore) -> list[dict[str, Any]]:
                    arg_max(last_error, last_attempt_at) AS last_error
             FROM {DELIVERIES} GROUP BY sink, state ORDER BY sink, state"""
     )
-    return table.to_pylist()
+    rows: list[dict[str, Any]] = table.to_pylist()
+    return rows

@@ -188,7 +188,7 @@ class MetricAlerts(StreamJob):
             commit_ts, lsn = ctx.con.execute(
                 f"SELECT max({COMMIT_TS}), max({LSN}) FROM {delta.changes}"
             ).fetchall()[0]
-            self.evaluate(ctx, watched, commit_ts, lsn)  # type: ignore[arg-type]
+            self.evaluate(ctx, watched, commit_ts, lsn)
 
     def evaluate(
         self, ctx: JobContext, watched: _Watched, commit_ts: datetime | None, lsn: int | None
@@ -212,7 +212,7 @@ class MetricAlerts(StreamJob):
         if config.bucket == "previous":
             target -= watched.grain
         readings = self.read(con, watched, view, target)
-        return self.transition(ctx, watched, target, readings, commit_ts, lsn)
+        return self.transition(ctx, watched, target, readings, commit_ts=commit_ts, lsn=lsn)
 
     def read(
         self, con: duckdb.DuckDBPyConnection, watched: _Watched, view: str, target: datetime
@@ -260,7 +260,7 @@ class MetricAlerts(StreamJob):
                     previous=_float(values[1]),
                     mean=_float(values[2]),
                     stddev=_float(values[3]),
-                    baseline=int(values[4] or 0),  # type: ignore[call-overload]
+                    baseline=int(values[4] or 0),
                 )
             )
         return readings
@@ -271,6 +271,7 @@ class MetricAlerts(StreamJob):
         watched: _Watched,
         target: datetime,
         readings: list[Reading],
+        *,
         commit_ts: datetime | None,
         lsn: int | None,
     ) -> int:
@@ -288,12 +289,30 @@ class MetricAlerts(StreamJob):
         for reading in readings:
             group_key = json.dumps(reading.group, sort_keys=True, default=str)
             seen.add(group_key)
-            self._step(ctx, watched, target, reading, group_key, state, alerts, updates)
+            self._step(
+                ctx,
+                watched,
+                target,
+                reading,
+                group_key=group_key,
+                state=state,
+                alerts=alerts,
+                updates=updates,
+            )
         if config.measure is not None and config.condition is MetricCondition.THRESHOLD:
             for group_key, (firing, _) in state.items():
                 if firing and group_key not in seen:  # no rows at all: the sum is 0
                     reading = Reading(json.loads(group_key), 0.0, None, None, None, 0)
-                    self._step(ctx, watched, target, reading, group_key, state, alerts, updates)
+                    self._step(
+                        ctx,
+                        watched,
+                        target,
+                        reading,
+                        group_key=group_key,
+                        state=state,
+                        alerts=alerts,
+                        updates=updates,
+                    )
         for update in updates:
             con.execute(
                 f"""INSERT INTO {STATE} VALUES (?, ?, ?, ?, ?, NULL, ?)
@@ -326,6 +345,7 @@ class MetricAlerts(StreamJob):
         watched: _Watched,
         target: datetime,
         reading: Reading,
+        *,
         group_key: str,
         state: dict[str, tuple[bool, Any]],
         alerts: list[dict[str, Any]],
@@ -337,11 +357,29 @@ class MetricAlerts(StreamJob):
             return
         firing, since = state.get(group_key, (False, None))
         if not firing and crosses(config, number):
-            alerts.append(self._alert(ctx, watched, target, reading, group_key, number, "firing"))
+            alerts.append(
+                self._alert(
+                    ctx,
+                    watched,
+                    target,
+                    reading,
+                    group_key=group_key,
+                    number=number,
+                    status="firing",
+                )
+            )
             updates.append([config.name, group_key, True, target, number, ctx.now])
         elif firing and clears(config, number):
             if config.notify_resolved:
-                alert = self._alert(ctx, watched, target, reading, group_key, number, "resolved")
+                alert = self._alert(
+                    ctx,
+                    watched,
+                    target,
+                    reading,
+                    group_key=group_key,
+                    number=number,
+                    status="resolved",
+                )
                 alert["started_at"] = since
                 alerts.append(alert)
             updates.append([config.name, group_key, False, None, number, ctx.now])
@@ -352,6 +390,7 @@ class MetricAlerts(StreamJob):
         watched: _Watched,
         target: datetime,
         reading: Reading,
+        *,
         group_key: str,
         number: float,
         status: str,

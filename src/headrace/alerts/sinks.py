@@ -69,9 +69,7 @@ class Sink(ABC):
 class _HttpSink(Sink):
     def __init__(self, config: WebhookSinkConfig | SlackSinkConfig) -> None:
         super().__init__(config)
-        self.client = httpx.Client(
-            timeout=config.timeout.total_seconds(), follow_redirects=False
-        )
+        self.client = httpx.Client(timeout=config.timeout.total_seconds(), follow_redirects=False)
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         try:
@@ -81,9 +79,7 @@ class _HttpSink(Sink):
         if 200 <= response.status_code < 300:
             return
         retry = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
-        raise DeliveryFailed(
-            f"HTTP {response.status_code}: {response.text[:200]}", retry=retry
-        )
+        raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:200]}", retry=retry)
 
     def close(self) -> None:
         self.client.close()

@@ -168,6 +168,7 @@ def emit_incidents(
     con: duckdb.DuckDBPyConnection,
     rule: str,
     candidates: str,
+    *,
     rearm: timedelta,
     now: datetime,
     sinks: Sequence[SinkConfig],
@@ -229,8 +230,8 @@ def _insert_opening(
                    dedup_key AS key, started_at, CAST({stamp} AS TIMESTAMPTZ) AS detected_at,
                    payload, 'fraud' AS kind, 'firing' AS status, summary, event_at,
                    commit_ts, lsn,
-                   greatest(0, (epoch_us(CAST({stamp} AS TIMESTAMPTZ)) - epoch_us(commit_ts)) / 1000.0)
-                       AS latency_ms
+                   greatest(0, (epoch_us(CAST({stamp} AS TIMESTAMPTZ))
+                                - epoch_us(commit_ts)) / 1000.0) AS latency_ms
             FROM _job_flagged WHERE opens""",
         sinks,
         now,

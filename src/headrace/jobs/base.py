@@ -151,7 +151,7 @@ class JobContext:
                     f"FROM {delta.end_rows()}"
                 ).fetchall()
                 value = rows[0][0] if rows else None
-            self._times[cache_key] = value  # type: ignore[assignment]
+            self._times[cache_key] = value
         return self._times[cache_key]
 
     def delta(self, ref: TableRef) -> TableDelta | None:

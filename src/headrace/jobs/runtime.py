@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from headrace.alerts.metric import MetricAlerts
 from headrace.alerts.store import setup_alerts
 from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, MirroredTable, StreamJob, TableDelta
 from headrace.jobs.state import SETUP_DDL, read_watermarks, write_watermarks
+from headrace.rules.registry import build_rules
+from headrace.scores.health import HealthScore
 from headrace.source.changes import TableRef
 
 if TYPE_CHECKING:
@@ -45,21 +48,14 @@ class StreamJobs:
     @classmethod
     def from_config(cls, config: PipelineConfig) -> StreamJobs:
         """The jobs ``config`` asks for: rules, health score, metric alerts."""
-        from headrace.alerts.metric import MetricAlerts  # noqa: PLC0415 - avoids an import cycle
-        from headrace.rules.registry import build_rules  # noqa: PLC0415
-        from headrace.scores.health import HealthScore  # noqa: PLC0415
-
-        sinks = tuple(getattr(config, "sinks", None) or ())
+        sinks = tuple(config.sinks)
         jobs: list[StreamJob] = []
-        rules = getattr(config, "rules", None)
-        if rules is not None:
-            jobs.extend(build_rules(rules, sinks))
-        scores = getattr(config, "scores", None)
-        if scores is not None and scores.health is not None:
-            jobs.append(HealthScore(scores, rules))
-        metric_alerts = list(getattr(config, "metric_alerts", None) or ())
-        if metric_alerts:
-            jobs.append(MetricAlerts(config, metric_alerts, sinks))
+        if config.rules is not None:
+            jobs.extend(build_rules(config.rules, sinks))
+        if config.scores is not None and config.scores.health is not None:
+            jobs.append(HealthScore(config.scores, config.rules))
+        if config.metric_alerts:
+            jobs.append(MetricAlerts(config, config.metric_alerts, sinks))
         problems = check_jobs(config, jobs)
         if problems:
             raise ConfigError(

@@ -48,7 +48,7 @@ def read_watermarks(
 ) -> dict[str, tuple[datetime | None, datetime | None]]:
     """Every job's stored (watermark, horizon)."""
     rows = con.execute(f"SELECT job, watermark, horizon FROM {WATERMARKS}").fetchall()
-    return {str(r[0]): (r[1], r[2]) for r in rows}  # type: ignore[misc]
+    return {str(r[0]): (r[1], r[2]) for r in rows}
 
 
 def write_watermarks(
@@ -70,7 +70,7 @@ def mirror_time(con: duckdb.DuckDBPyConnection, mirror: str, time: str) -> datet
     rows = con.execute(
         f"SELECT max(least(CAST({time} AS TIMESTAMPTZ), now())) FROM {mirror}"
     ).fetchall()
-    return rows[0][0] if rows else None  # type: ignore[return-value]
+    return rows[0][0] if rows else None
 
 
 def latest(*times: datetime | None) -> datetime | None:

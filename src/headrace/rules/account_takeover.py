@@ -19,8 +19,9 @@ when a risky login of the account's customer happened in
 outflow_share x balance``, it is a candidate. The balance is the account's
 balance when the outflow was made: its last version before the outflow's
 first change in commit order (so before the outflow settled), or the
-balance before the batch when the batch did not change it earlier. Evidence: the risky logins and the outflow; numbers: share
-of the balance, failures, minutes since the login.
+balance before the batch when the batch did not change it earlier.
+Evidence: the risky logins and the outflow; numbers: share of the balance,
+failures, minutes since the login.
 
 Logins and transactions of one batch are handled in order: logins first,
 so an outflow committed together with its login is caught. Logins are
@@ -38,7 +39,7 @@ from headrace.alerts.config import SinkConfig
 from headrace.jobs.base import JobContext, TableDelta
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
-from headrace.rules.base import TX_FIELDS, RuleJob, evidence_json, q, tx_evidence
+from headrace.rules.base import TX_FIELDS, RuleJob, evidence_json, present, q, tx_evidence
 from headrace.rules.config import AccountTakeoverConfig, RulesConfig
 from headrace.source.changes import TableRef
 
@@ -57,9 +58,7 @@ class AccountTakeover(RuleJob):
 
     @property
     def config(self) -> AccountTakeoverConfig:
-        config = self.rules.account_takeover
-        assert config is not None
-        return config
+        return present(self.rules.account_takeover, self.name)
 
     @property
     def rearm(self) -> timedelta:
@@ -197,8 +196,7 @@ class AccountTakeover(RuleJob):
         # The balance when the outflow was made: the account's last version before the
         # outflow's first change in commit order (this batch), else before the batch.
         first_change = (
-            f"SELECT {q(delta.key[0])} AS _k0, min(_hr_seq) AS seq FROM {delta.changes} "
-            "GROUP BY 1"
+            f"SELECT {q(delta.key[0])} AS _k0, min(_hr_seq) AS seq FROM {delta.changes} GROUP BY 1"
         )
         if account_delta is not None:
             versions = (
@@ -227,8 +225,8 @@ class AccountTakeover(RuleJob):
             SELECT t.account AS account_id, 'account_takeover:' || t.account AS dedup_key,
                    t.t AS event_at, min(m.t) AS started_at, t.commit_ts, t.lsn,
                    '{config.severity.value}' AS severity,
-                   format('outflow {{}} = {{}}% of the balance {{}} of account {{}}, {{}} min after '
-                          '{{}}', t.amount, round(100 * t.amount / t.balance),
+                   format('outflow {{}} = {{}}% of the balance {{}} of account {{}}, '
+                          '{{}} min after {{}}', t.amount, round(100 * t.amount / t.balance),
                           t.balance, t.account, round((epoch(t.t) - epoch(max(m.t))) / 60, 1),
                           string_agg(DISTINCT m.reason, ' and ')) AS summary,
                    json_object(

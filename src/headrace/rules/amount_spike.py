@@ -26,7 +26,7 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import KeyedSums, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, q, tx_evidence
+from headrace.rules.base import RuleJob, evidence_json, present, q, tx_evidence
 from headrace.rules.config import AmountSpikeConfig
 
 
@@ -37,9 +37,7 @@ class AmountSpike(RuleJob):
 
     @property
     def config(self) -> AmountSpikeConfig:
-        config = self.rules.amount_spike
-        assert config is not None
-        return config
+        return present(self.rules.amount_spike, self.name)
 
     @property
     def rearm(self) -> timedelta:

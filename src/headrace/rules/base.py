@@ -20,17 +20,18 @@ row from the state before it can complete one.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import ClassVar
-
-import duckdb
+from typing import TypeVar
 
 from headrace.alerts.config import SinkConfig
 from headrace.alerts.store import emit_incidents
+from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, StreamJob, TableDelta, state_table
 from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import RulesConfig, TransactionsTable
 from headrace.source.changes import LSN, TableRef
+
+_Config = TypeVar("_Config")
 
 EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 """The clock of a rule before its first event (nothing is late, nothing is pruned)."""
@@ -51,6 +52,13 @@ TX_FIELDS = (
     "type",
 )
 """Names of a transaction's columns in rule state and triggers (``_k0`` is its key)."""
+
+
+def present(config: _Config | None, name: str) -> _Config:
+    """A rule's section of the configuration (it runs only when the section is present)."""
+    if config is None:
+        raise ConfigError(f"rules.{name} is not configured", f"add a `{name}:` section under rules")
+    return config
 
 
 def q(name: str) -> str:
@@ -93,8 +101,6 @@ def evidence_json(rows: str) -> str:
 
 class RuleJob(StreamJob):
     """Base of the six rules: configuration, watermark and alert emission."""
-
-    name: ClassVar[str]  # type: ignore[misc]
 
     def __init__(self, rules: RulesConfig, sinks: tuple[SinkConfig, ...]) -> None:
         self.rules = rules
@@ -163,6 +169,8 @@ class RuleJob(StreamJob):
         con = ctx.con
         written = 0
         if con.execute(f"SELECT count(*) FROM {candidates}").fetchall()[0][0]:
-            written = emit_incidents(con, self.name, candidates, self.rearm, ctx.now, self.sinks)
+            written = emit_incidents(
+                con, self.name, candidates, rearm=self.rearm, now=ctx.now, sinks=self.sinks
+            )
         con.execute(f"DROP TABLE {candidates}")
         return written

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
 from headrace.rules.config import CardTestingConfig
 
 
@@ -33,9 +33,7 @@ class CardTesting(RuleJob):
 
     @property
     def config(self) -> CardTestingConfig:
-        config = self.rules.card_testing
-        assert config is not None
-        return config
+        return present(self.rules.card_testing, self.name)
 
     @property
     def rearm(self) -> timedelta:

@@ -17,7 +17,6 @@ never across currencies). Example::
 from __future__ import annotations
 
 from datetime import timedelta
-
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator

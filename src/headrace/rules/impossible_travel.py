@@ -34,7 +34,7 @@ import duckdb
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import KeyedSums, RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
 from headrace.rules.config import ImpossibleTravelConfig
 
 
@@ -45,9 +45,7 @@ class ImpossibleTravel(RuleJob):
 
     @property
     def config(self) -> ImpossibleTravelConfig:
-        config = self.rules.impossible_travel
-        assert config is not None
-        return config
+        return present(self.rules.impossible_travel, self.name)
 
     @property
     def rearm(self) -> timedelta:

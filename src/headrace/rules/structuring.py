@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
 from headrace.rules.config import StructuringConfig
 
 
@@ -33,9 +33,7 @@ class Structuring(RuleJob):
 
     @property
     def config(self) -> StructuringConfig:
-        config = self.rules.structuring
-        assert config is not None
-        return config
+        return present(self.rules.structuring, self.name)
 
     @property
     def rearm(self) -> timedelta:

@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, q, tx_columns, tx_evidence
+from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
 from headrace.rules.config import VelocityBurstConfig
 
 
@@ -33,9 +33,7 @@ class VelocityBurst(RuleJob):
 
     @property
     def config(self) -> VelocityBurstConfig:
-        config = self.rules.velocity_burst
-        assert config is not None
-        return config
+        return present(self.rules.velocity_burst, self.name)
 
     @property
     def rearm(self) -> timedelta:

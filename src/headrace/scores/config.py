@@ -33,7 +33,9 @@ class HealthWeights(_Model):
     decline_floor: int = Field(
         default=4,
         ge=1,
-        description="Attempts the decline ratio divides by at least (one decline of one is not 100%).",
+        description=(
+            "Attempts the decline ratio divides by at least (one decline of one is not 100%)."
+        ),
     )
     velocity: float = Field(
         default=15.0, ge=0, description="Points when the window's transactions reach the top."

@@ -60,6 +60,7 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import pyarrow as pa
 
+from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, StreamJob, state_table
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import (
@@ -107,7 +108,8 @@ class HealthScore(StreamJob):
 
     def __init__(self, scores: ScoresConfig, rules: RulesConfig | None) -> None:
         tables = scores.tables or (rules.tables if rules is not None else TablesConfig())
-        assert scores.health is not None
+        if scores.health is None:
+            raise ConfigError("scores.health is not configured", "add `health: {}` under scores")
         self.config: HealthScoreConfig = scores.health
         self.tx = tables.transactions
         self.accounts = tables.accounts
@@ -380,7 +382,8 @@ class HealthScore(StreamJob):
         con.execute(
             f"""UPDATE {login_sums.table} l SET new_devices = x.n
             FROM (SELECT customer, bucket, count(*) AS n FROM (
-                      SELECT {q(logins.customer)} AS customer, {self._bucket(logins.time)} AS bucket,
+                      SELECT {q(logins.customer)} AS customer,
+                             {self._bucket(logins.time)} AS bucket,
                              row_number() OVER (PARTITION BY {q(logins.customer)},
                                  {q(logins.device)} ORDER BY {q(logins.time)}, {key}) AS k
                       FROM {login_mirror} WHERE coalesce(({logins.success}), false))
