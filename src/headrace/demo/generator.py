@@ -24,9 +24,7 @@ import heapq
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
@@ -34,51 +32,29 @@ import psycopg
 
 from headrace.demo.actions import (
     Action,
-    Insert,
-    Login,
     NewCustomer,
     NormalLogin,
     NormalTransaction,
-    Resolve,
-    Reverse,
     Truth,
-    TxnSpec,
 )
 from headrace.demo.batch import TickBatch
 from headrace.demo.bulk import copy_table
 from headrace.demo.clock import SECOND_US, from_us, to_us
-from headrace.demo.config import TIERS, FraudFamily, WorkloadSettings
+from headrace.demo.config import FraudFamily, WorkloadSettings
+from headrace.demo.executor import ActionExecutor, WorkloadStats
 from headrace.demo.population import build_population, opening_ledger, write_population
 from headrace.demo.scenarios import INJECTORS, ScenarioKit
 from headrace.demo.schema import apply_schema, bulk_load_mode, sync_id_sequences
-from headrace.demo.state import Account, load_population
+from headrace.demo.state import load_population
 from headrace.demo.traffic import AccountSampler, NormalTraffic, diurnal_factor
-from headrace.demo.traits import device_count, spend_scale_cents
 from headrace.demo.writer import BatchWriter
 from headrace.errors import ConfigError, SourceError
+
+__all__ = ["Workload", "WorkloadSettings", "WorkloadStats"]
 
 _NORMAL_TRANSACTION = NormalTransaction()
 _NORMAL_LOGIN = NormalLogin()
 _NEW_CUSTOMER = NewCustomer()
-_INSUFFICIENT_FUNDS_DELAY_US = 300_000
-
-
-@dataclass
-class WorkloadStats:
-    """Running totals of what the generator wrote."""
-
-    ticks: int = 0  # ticks run (simulated time = ticks * tick_ms)
-    commits: int = 0  # database transactions committed (empty ticks write nothing)
-    transactions: int = 0  # rows inserted into transactions
-    status_changes: int = 0  # transactions rows updated (settled, declined, reversed)
-    ledger_entries: int = 0  # balance changes
-    logins: int = 0  # login attempts
-    customers: int = 0  # customers opened while running
-    changes: int = 0  # every row inserted or updated
-    scenarios: Counter[str] = field(default_factory=Counter)  # injected, per family
-    skipped: Counter[str] = field(default_factory=Counter)  # no eligible victim, per family
-    envelope_breaches: int = 0  # normal transactions that had to exceed the per-account cap
-    behind_s: float = 0.0  # how far the last paced tick ran behind its wall-clock slot
 
 
 class Workload:
@@ -108,14 +84,10 @@ class Workload:
         self._heap: list[tuple[int, int, Action]] = []
         self._seq = 0
         self._accumulated: dict[str, float] = {"txn": 0.0, "login": 0.0, "customer": 0.0}
-        self._pending: dict[int, TxnSpec] = {}
-        self._reversible: dict[int, TxnSpec] = {}
-        self._next_id: dict[str, int] = {}
         self._since_fraud = 0
         self._family_queue: list[FraudFamily] = []
         self._family_round = 0
         self._draining = False
-        self._batch = TickBatch()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -148,7 +120,6 @@ class Workload:
         if not population.accounts:
             raise ConfigError("the demo database has no accounts", "load the history first")
         self.population = population
-        self._next_id = {table: value + 1 for table, value in population.max_ids.items()}
         self.sampler = AccountSampler(
             population.accounts,
             self.settings.seed,
@@ -157,7 +128,15 @@ class Workload:
         )
         self.traffic = NormalTraffic(population, self.settings.envelope, self.sampler)
         self.kit = ScenarioKit(population, self.traffic, self.settings.shapes)
-        self._adopt_pending(conn)
+        self._executor = ActionExecutor(
+            self.traffic,
+            rng=self._rng,
+            schedule=self._schedule,
+            stats=self.stats,
+            quiet_us=self._quiet_us,
+        )
+        # settle what an earlier run left pending, in the first tick
+        self._executor.adopt_pending(conn, self._floor_us)
 
     def _bootstrap(self, conn: psycopg.Connection[tuple[object, ...]], anchor: datetime) -> None:
         row = conn.execute("SELECT EXISTS (SELECT 1 FROM accounts)").fetchone()
@@ -170,27 +149,6 @@ class Workload:
             write_population(conn, tables)
             copy_table(conn, "ledger_entries", opening_ledger(tables))
         sync_id_sequences(conn)
-
-    def _adopt_pending(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        """Settle transactions an earlier run left pending, in the first tick."""
-        by_id = {a.id: a for a in self.population.accounts}
-        rows = conn.execute(
-            "SELECT id, account_id, type, channel, (amount * 100)::bigint, country "
-            "FROM transactions WHERE status = 'pending' ORDER BY id"
-        ).fetchall()
-        for txn_id, account_id, kind, channel, cents, country in rows:
-            spec = TxnSpec(
-                account=by_id[int(str(account_id))],
-                type=str(kind),
-                channel=str(channel),
-                amount=int(str(cents)),
-                country=str(country),
-                normal=False,
-            )
-            if spec.outflow:
-                spec.account.held += spec.amount
-            self._pending[int(str(txn_id))] = spec
-            self._schedule(self._floor_us, Resolve(int(str(txn_id))))
 
     def close(self) -> None:
         """Move the id sequences past the generated ids and disconnect."""
@@ -227,6 +185,11 @@ class Workload:
         """Simulated time elapsed since the anchor."""
         return self._tick * self._tick_us / SECOND_US
 
+    @property
+    def _quiet_us(self) -> int:
+        """How long an account stays out of fraud scenarios after one (or after opening)."""
+        return int(self.settings.shapes.quiet_seconds * SECOND_US)
+
     def _schedule(self, due_us: int, action: Action) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (max(due_us, self._floor_us), self._seq, action))
@@ -236,11 +199,6 @@ class Workload:
         count = int(self._accumulated[kind])
         self._accumulated[kind] -= count
         return count
-
-    def _take_id(self, table: str) -> int:
-        value = self._next_id[table]
-        self._next_id[table] = value + 1
-        return value
 
     # -- one tick ------------------------------------------------------------------
 
@@ -279,10 +237,11 @@ class Workload:
                         (start + self._rng.randrange(self._tick_us), self._seq, placeholder)
                     )
         events.sort(key=lambda event: (event[0], event[1]))
-        self._batch = TickBatch()
+        batch = self._executor.start_tick()
         for at, _, action in events:
-            self._apply(at, action)
-        batch = self._batch
+            self._executor.apply(at, action)
+            if isinstance(action, NormalTransaction):  # fraud comes every n-th normal one
+                self._count_towards_fraud()
         if not batch.empty():
             self.stats.commits += 1
         self._tick += 1
@@ -291,189 +250,9 @@ class Workload:
         self.stats.envelope_breaches = self.sampler.breaches
         return batch
 
-    def _apply(self, at: int, action: Action) -> None:
-        match action:
-            case NormalTransaction():
-                self._insert(at, self.traffic.transaction(self._rng, at))
-                self._count_towards_fraud(at)
-            case Insert(spec):
-                self._insert(at, spec)
-            case Resolve(txn_id):
-                self._resolve(at, txn_id)
-            case Reverse(txn_id):
-                self._reverse(at, txn_id)
-            case Login():
-                self._login(at, action)
-            case NormalLogin():
-                for when, login in self.traffic.login(self._rng, at):
-                    if when == at:
-                        self._login(at, login)
-                    else:
-                        self._schedule(when, login)
-            case NewCustomer():
-                self._new_customer(at)
-            case Truth():
-                self._batch.add_truth(action, at)
-
-    # -- transactions and money ----------------------------------------------------
-
-    def _insert(self, at: int, spec: TxnSpec) -> None:
-        account = spec.account
-        if spec.outflow_share is not None:
-            spec.amount = max(100, int(account.available * spec.outflow_share))
-        txn_id = self._take_id("transactions")
-        status = "settled" if spec.outcome == "now" else "pending"
-        if spec.outflow and spec.outcome in ("settle", "void") and account.available < spec.amount:
-            spec.outcome = "decline"
-            spec.decline_reason = "insufficient_funds"
-            spec.delay_us = _INSUFFICIENT_FUNDS_DELAY_US
-        self._batch.add(
-            "transactions",
-            (
-                txn_id,
-                account.id,
-                spec.card_id,
-                spec.merchant_id,
-                spec.parent_id,
-                spec.amount,
-                account.currency,
-                spec.channel,
-                spec.type,
-                status,
-                spec.country,
-                spec.device,
-                spec.ip,
-                at,
-            ),
-        )
-        self.stats.transactions += 1
-        if status == "settled":
-            self._book(at, account, txn_id, "settlement", self._delta(spec))
-            return
-        if spec.outflow and spec.outcome != "decline":
-            account.held += spec.amount
-        self._pending[txn_id] = spec
-        self._schedule(at + spec.delay_us, Resolve(txn_id))
-
-    @staticmethod
-    def _delta(spec: TxnSpec) -> int:
-        return -spec.amount if spec.outflow else spec.amount
-
-    def _book(self, at: int, account: Account, txn_id: int | None, kind: str, delta: int) -> None:
-        """A ledger entry and the account's new balance."""
-        account.balance += delta
-        self._batch.add(
-            "ledger",
-            (self._take_id("ledger_entries"), account.id, txn_id, kind, delta, account.balance, at),
-        )
-        self._batch.balances[account.id] = (account.balance, at)
-        self.stats.ledger_entries += 1
-
-    def _set_status(self, at: int, txn_id: int, status: str, reason: str | None = None) -> None:
-        self._batch.status[txn_id] = (status, reason, at)
-        self.stats.status_changes += 1
-
-    def _resolve(self, at: int, txn_id: int) -> None:
-        spec = self._pending.pop(txn_id)
-        account = spec.account
-        if spec.outflow and spec.outcome != "decline":
-            account.held -= spec.amount
-        if spec.outcome == "decline":
-            self._set_status(at, txn_id, "declined", spec.decline_reason)
-            return
-        if spec.outcome == "void":
-            self._set_status(at, txn_id, "reversed")
-            return
-        self._set_status(at, txn_id, "settled")
-        self._book(at, account, txn_id, "settlement", self._delta(spec))
-        if spec.type == "purchase":
-            account.purchases += 1
-            account.purchase_sum += spec.amount
-            self.traffic.remember_settled(txn_id, spec)
-        if spec.reverse_after_us is not None:
-            self._reversible[txn_id] = spec
-            self._schedule(at + spec.reverse_after_us, Reverse(txn_id))
-        if spec.fee_cents:
-            fee = TxnSpec(
-                account=account,
-                type="fee",
-                channel=spec.channel,
-                amount=spec.fee_cents,
-                country=spec.country,
-                card_id=spec.card_id,
-                merchant_id=spec.merchant_id,
-                parent_id=txn_id,
-                device=spec.device,
-                outcome="now",
-                normal=spec.normal,
-            )
-            self._insert(at, fee)
-
-    def _reverse(self, at: int, txn_id: int) -> None:
-        spec = self._reversible.pop(txn_id)
-        self._set_status(at, txn_id, "reversed")
-        self._book(at, spec.account, txn_id, "reversal", -self._delta(spec))
-        if spec.type == "purchase":
-            spec.account.purchases -= 1
-            spec.account.purchase_sum -= spec.amount
-
-    # -- logins and new customers ----------------------------------------------------
-
-    def _login(self, at: int, login: Login) -> None:
-        self._batch.add(
-            "logins",
-            (
-                self._take_id("logins"),
-                login.customer_id,
-                login.success,
-                login.failure_reason,
-                login.device,
-                login.ip,
-                login.country,
-                at,
-            ),
-        )
-        self.stats.logins += 1
-
-    def _new_customer(self, at: int) -> None:
-        rng = self._rng
-        population = self.population
-        template = population.accounts[rng.randrange(len(population.accounts))]
-        country = template.country
-        customer_id = self._take_id("customers")
-        account_id = self._take_id("accounts")
-        card_id = self._take_id("cards")
-        tier = rng.choices([t.name for t in TIERS], weights=[t.weight for t in TIERS])[0]
-        currency = template.currency
-        name = f"New Customer {customer_id}"
-        self._batch.add(
-            "customers",
-            (customer_id, name, f"customer.{customer_id}@example.com", country, "low", at),
-        )
-        self._batch.add("accounts", (account_id, customer_id, tier, 0, currency, at))
-        self._batch.add("cards", (card_id, account_id, f"{rng.randrange(10_000):04d}", at))
-        account = Account(
-            id=account_id,
-            customer_id=customer_id,
-            country=country,
-            tier=tier,
-            currency=currency,
-            active=True,
-            balance=0,
-            scale=spend_scale_cents(account_id, tier, currency),
-            physical_cards=[card_id],
-            online_cards=[card_id],
-            quiet_until_us=at + int(self.settings.shapes.quiet_seconds * SECOND_US),
-        )
-        population.accounts.append(account)
-        population.customer_devices[customer_id] = device_count(customer_id)
-        self.sampler.add(account)
-        self._book(at, account, None, "opening", max(100, round(account.scale * 40)))
-        self.stats.customers += 1
-
     # -- fraud scenarios ---------------------------------------------------------------
 
-    def _count_towards_fraud(self, at: int) -> None:
+    def _count_towards_fraud(self) -> None:
         every = self.settings.fraud_every
         if every <= 0:
             return
@@ -498,17 +277,16 @@ class Workload:
         in ``stats.skipped``). Its ground-truth row is written with its last
         change.
         """
-        scenario_id = self._next_id["fraud_ground_truth"]
+        scenario_id = self._executor.peek_id("fraud_ground_truth")
         rng = random.Random(f"{self.settings.seed}:scenario:{scenario_id}")  # noqa: S311
         scenario = INJECTORS[family](self.kit, rng, self._floor_us)
         if scenario is None:
             self.stats.skipped[family] += 1
             return None
-        self._take_id("fraud_ground_truth")
+        self._executor.take_id("fraud_ground_truth")
         for when, action in scenario.events:
             self._schedule(when, action)
-        quiet = int(self.settings.shapes.quiet_seconds * SECOND_US)
-        scenario.account.quiet_until_us = scenario.ended_us + quiet
+        scenario.account.quiet_until_us = scenario.ended_us + self._quiet_us
         self._schedule(
             scenario.ended_us,
             Truth(
