@@ -1,8 +1,9 @@
 """What the generator can do at a simulated instant.
 
-Normal traffic and fraud scenarios both produce these; the generator's
-executor (:mod:`headrace.demo.generator`) applies them in time order, each
-becoming rows of one tick's database transaction.
+Normal traffic and fraud scenarios both produce these; the generator
+(:mod:`headrace.demo.generator`) schedules them and its executor
+(:mod:`headrace.demo.executor`) applies them in time order, each becoming
+rows of one tick's database transaction.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.demo.state import Account
+from headrace.demo.state import Account, Merchant
 
 OUTFLOW_TYPES = frozenset({"purchase", "withdrawal", "transfer_out", "fee"})
 """Transaction types that take money out of the account."""
+
+DEFAULT_DELAY_US = 1_000_000
+"""How long a pending transaction waits for its outcome unless told otherwise."""
 
 
 @dataclass(slots=True)
@@ -35,7 +39,7 @@ class TxnSpec:
     # authorisation reversed after delay_us), "now" (inserted settled)
     outcome: str = "settle"
     decline_reason: str | None = None
-    delay_us: int = 1_000_000
+    delay_us: int = DEFAULT_DELAY_US
     reverse_after_us: int | None = None  # settled, then reversed this much later
     fee_cents: int = 0  # a fee booked with it when it settles (withdrawals)
     outflow_share: float | None = None  # amount = this share of the available balance
@@ -45,6 +49,60 @@ class TxnSpec:
     def outflow(self) -> bool:
         """Whether it takes money out of the account."""
         return self.type in OUTFLOW_TYPES
+
+
+def pos_purchase(
+    account: Account,
+    merchant: Merchant,
+    card_id: int,
+    amount: int,
+    *,
+    delay_us: int = DEFAULT_DELAY_US,
+    normal: bool = True,
+) -> TxnSpec:
+    """A card-present purchase of ``amount`` cents at ``merchant``'s terminal."""
+    return TxnSpec(
+        account=account,
+        type="purchase",
+        channel="pos",
+        amount=amount,
+        country=merchant.country,
+        card_id=card_id,
+        merchant_id=merchant.id,
+        device=f"pos-{merchant.id}",
+        delay_us=delay_us,
+        normal=normal,
+    )
+
+
+def transfer(
+    account: Account,
+    kind: str,
+    amount: int,
+    *,
+    device: str,
+    ip: str,
+    delay_us: int,
+    country: str | None = None,
+    outflow_share: float | None = None,
+    normal: bool = True,
+) -> TxnSpec:
+    """A bank transfer (``kind``: transfer_in or transfer_out) made from ``device``.
+
+    ``country`` defaults to the account's home country.
+    """
+    return TxnSpec(
+        account=account,
+        type=kind,
+        channel="transfer",
+        amount=amount,
+        country=account.country if country is None else country,
+        device=device,
+        ip=ip,
+        delay_us=delay_us,
+        outflow_share=outflow_share,
+        normal=normal,
+    )
 
 
 @dataclass(slots=True)

@@ -47,12 +47,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.demo.actions import Action, Insert, Login, TxnSpec
+from headrace.demo.actions import Action, Insert, Login, TxnSpec, pos_purchase, transfer
 from headrace.demo.clock import SECOND_US
 from headrace.demo.config import COUNTRY_BY_CODE, FraudFamily, ScenarioShapes
 from headrace.demo.state import Account, Population
-from headrace.demo.traffic import NormalTraffic
-from headrace.demo.traits import device_ip, known_device, random_ip
+from headrace.demo.traffic import NormalTraffic, login_attempts
+from headrace.demo.traits import random_ip
 
 CARD_TESTING_DECLINES: tuple[str, ...] = ("invalid_cvv", "do_not_honor", "incorrect_number")
 
@@ -135,18 +135,9 @@ def velocity_burst(kit: ScenarioKit, rng: random.Random, start_us: int) -> Scena
     events: list[tuple[int, Action]] = []
     for offset in offsets:
         merchant = rng.choice(shops)
-        spec = TxnSpec(
-            account=account,
-            type="purchase",
-            channel="pos",
-            amount=kit.traffic.ticket(rng, account, merchant),
-            country=merchant.country,
-            card_id=card,
-            merchant_id=merchant.id,
-            device=f"pos-{merchant.id}",
-            delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
-            normal=False,
-        )
+        amount = kit.traffic.ticket(rng, account, merchant)
+        delay_us = rng.randrange(SECOND_US, 5 * SECOND_US)
+        spec = pos_purchase(account, merchant, card, amount, delay_us=delay_us, normal=False)
         events.append((start_us + offset, Insert(spec)))
     detail = {"transactions": count, "seconds": round(span / SECOND_US, 3)}
     return Scenario(FraudFamily.VELOCITY_BURST, account, card, events, detail)
@@ -176,7 +167,7 @@ def amount_spike(kit: ScenarioKit, rng: random.Random, start_us: int) -> Scenari
     card = rng.choice(account.online_cards)
     local = kit.population.online_by_country.get(account.country)
     merchant = rng.choice(local or kit.population.online_merchants)
-    device_index = rng.randrange(kit.population.customer_devices[account.customer_id])
+    device, ip = kit.traffic.known_device(rng, account)
     spec = TxnSpec(
         account=account,
         type="purchase",
@@ -185,8 +176,8 @@ def amount_spike(kit: ScenarioKit, rng: random.Random, start_us: int) -> Scenari
         country=merchant.country,
         card_id=card,
         merchant_id=merchant.id,
-        device=known_device(account.customer_id, device_index),
-        ip=device_ip(account.customer_id, device_index, account.country),
+        device=device,
+        ip=ip,
         delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
         normal=False,
     )
@@ -215,17 +206,8 @@ def impossible_travel(kit: ScenarioKit, rng: random.Random, start_us: int) -> Sc
     abroad = rng.choice(far)
     card = rng.choice(account.physical_cards)
     home_shop = rng.choice(kit.population.pos_by_country[account.country])
-    first = TxnSpec(
-        account=account,
-        type="purchase",
-        channel="pos",
-        amount=kit.traffic.ticket(rng, account, home_shop),
-        country=home_shop.country,
-        card_id=card,
-        merchant_id=home_shop.id,
-        device=f"pos-{home_shop.id}",
-        normal=False,
-    )
+    amount = kit.traffic.ticket(rng, account, home_shop)
+    first = pos_purchase(account, home_shop, card, amount, normal=False)
     gap = _seconds(rng, shapes.travel_gap_seconds)
     atms = kit.population.atm_by_country.get(abroad)
     if atms and rng.random() < 0.3:
@@ -243,17 +225,8 @@ def impossible_travel(kit: ScenarioKit, rng: random.Random, start_us: int) -> Sc
         )
     else:
         shop = rng.choice(kit.population.pos_by_country[abroad])
-        second = TxnSpec(
-            account=account,
-            type="purchase",
-            channel="pos",
-            amount=kit.traffic.ticket(rng, account, shop),
-            country=abroad,
-            card_id=card,
-            merchant_id=shop.id,
-            device=f"pos-{shop.id}",
-            normal=False,
-        )
+        amount = kit.traffic.ticket(rng, account, shop)
+        second = pos_purchase(account, shop, card, amount, normal=False)
     detail = {
         "from": account.country,
         "to": abroad,
@@ -271,9 +244,7 @@ def structuring(kit: ScenarioKit, rng: random.Random, start_us: int) -> Scenario
         return None
     shapes = kit.shapes
     count = rng.randint(*shapes.structuring_count)
-    device_index = rng.randrange(kit.population.customer_devices[account.customer_id])
-    device = known_device(account.customer_id, device_index)
-    ip = device_ip(account.customer_id, device_index, account.country)
+    device, ip = kit.traffic.known_device(rng, account)
     events: list[tuple[int, Action]] = []
     at = start_us
     amounts: list[int] = []
@@ -282,16 +253,9 @@ def structuring(kit: ScenarioKit, rng: random.Random, start_us: int) -> Scenario
             at += _seconds(rng, shapes.structuring_gap_seconds)
         cents = rng.randrange(shapes.structuring_low_cents, shapes.structuring_threshold_cents, 100)
         amounts.append(cents)
-        spec = TxnSpec(
-            account=account,
-            type="transfer_in",
-            channel="transfer",
-            amount=cents,
-            country=account.country,
-            device=device,
-            ip=ip,
-            delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
-            normal=False,
+        delay_us = rng.randrange(SECOND_US, 5 * SECOND_US)
+        spec = transfer(
+            account, "transfer_in", cents, device=device, ip=ip, delay_us=delay_us, normal=False
         )
         events.append((at, Insert(spec)))
     detail = {
@@ -355,27 +319,23 @@ def account_takeover(kit: ScenarioKit, rng: random.Random, start_us: int) -> Sce
     home = account.country
     where = home if rng.random() < 0.5 else rng.choice(sorted(COUNTRY_BY_CODE))
     device, ip = _stranger(rng, where)
-    events: list[tuple[int, Action]] = []
-    at = start_us
     failures = 0
     if rng.random() < shapes.takeover_failed_share:
         failures = rng.randint(*shapes.takeover_failed)
-        for _ in range(failures):
-            events.append((at, Login(customer, False, device, ip, where, "bad_password")))
-            at += rng.randrange(3 * SECOND_US, 10 * SECOND_US)
-    events.append((at, Login(customer, True, device, ip, where)))
-    at += _seconds(rng, shapes.takeover_delay_seconds)
+    events: list[tuple[int, Action]] = [
+        *login_attempts(rng, start_us, failures, Login(customer, True, device, ip, where))
+    ]
+    at = events[-1][0] + _seconds(rng, shapes.takeover_delay_seconds)
     share = rng.uniform(*shapes.takeover_outflow_share)
-    spec = TxnSpec(
-        account=account,
-        type="transfer_out",
-        channel="transfer",
-        amount=0,
-        outflow_share=share,
-        country=where,
+    spec = transfer(
+        account,
+        "transfer_out",
+        0,
         device=device,
         ip=ip,
         delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
+        country=where,
+        outflow_share=share,
         normal=False,
     )
     events.append((at, Insert(spec)))

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
+from dataclasses import replace
 
-from headrace.demo.actions import Login, TxnSpec
+from headrace.demo.actions import Login, TxnSpec, pos_purchase, transfer
 from headrace.demo.clock import DAY_US, SECOND_US
 from headrace.demo.config import EUR_PER_UNIT, NormalEnvelope
 from headrace.demo.state import Account, Merchant, Population
@@ -48,6 +49,22 @@ def activity_weights(count: int, seed: int, exponent: float) -> list[float]:
     ranks = list(range(1, count + 1))
     random.Random(f"{seed}:activity").shuffle(ranks)  # noqa: S311 - a seeded simulation
     return [1.0 / rank**exponent for rank in ranks]
+
+
+def login_attempts(
+    rng: random.Random, at: int, failures: int, login: Login
+) -> list[tuple[int, Login]]:
+    """``failures`` bad-password attempts 3-10 s apart from ``login``'s device, then ``login``.
+
+    Returns (time, login) pairs, the first at ``at``.
+    """
+    failed = replace(login, success=False, failure_reason="bad_password")
+    events: list[tuple[int, Login]] = []
+    for _ in range(failures):
+        events.append((at, replace(failed)))
+        at += rng.randrange(3 * SECOND_US, 10 * SECOND_US)
+    events.append((at, login))
+    return events
 
 
 def avoid_band(cents: int, envelope: NormalEnvelope) -> int:
@@ -177,7 +194,8 @@ class NormalTraffic:
                 spec.reverse_after_us = rng.randrange(5 * SECOND_US, 90 * SECOND_US)
         return spec
 
-    def _known_device(self, rng: random.Random, account: Account) -> tuple[str, str]:
+    def known_device(self, rng: random.Random, account: Account) -> tuple[str, str]:
+        """One of the customer's own devices (drawn) and its usual address."""
         index = rng.randrange(self.population.customer_devices[account.customer_id])
         return (
             known_device(account.customer_id, index),
@@ -186,16 +204,8 @@ class NormalTraffic:
 
     def _pos(self, rng: random.Random, account: Account) -> TxnSpec:
         merchant = rng.choice(self.population.pos_by_country[account.country])
-        spec = TxnSpec(
-            account=account,
-            type="purchase",
-            channel="pos",
-            amount=self.ticket(rng, account, merchant),
-            country=merchant.country,
-            card_id=rng.choice(account.physical_cards),
-            merchant_id=merchant.id,
-            device=f"pos-{merchant.id}",
-        )
+        amount = self.ticket(rng, account, merchant)  # drawn before the card: the seed's order
+        spec = pos_purchase(account, merchant, rng.choice(account.physical_cards), amount)
         return self._card_outcome(rng, spec)
 
     def _online(self, rng: random.Random, account: Account) -> TxnSpec:
@@ -204,7 +214,7 @@ class NormalTraffic:
             merchant = rng.choice(local)
         else:
             merchant = rng.choice(self.population.online_merchants)
-        device, ip = self._known_device(rng, account)
+        device, ip = self.known_device(rng, account)
         spec = TxnSpec(
             account=account,
             type="purchase",
@@ -239,31 +249,17 @@ class NormalTraffic:
         cents = avoid_band(cents, self.envelope)
         if cents < 100:
             return None
-        device, ip = self._known_device(rng, account)
-        return TxnSpec(
-            account=account,
-            type="transfer_out",
-            channel="transfer",
-            amount=cents,
-            country=account.country,
-            device=device,
-            ip=ip,
-            delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
-        )
+        return self._own_transfer(rng, account, "transfer_out", cents)
 
     def _transfer_in(self, rng: random.Random, account: Account) -> TxnSpec:
         cents = avoid_band(round(account.scale * rng.uniform(5.0, 40.0)), self.envelope)
-        device, ip = self._known_device(rng, account)
-        return TxnSpec(
-            account=account,
-            type="transfer_in",
-            channel="transfer",
-            amount=cents,
-            country=account.country,
-            device=device,
-            ip=ip,
-            delay_us=rng.randrange(SECOND_US, 5 * SECOND_US),
-        )
+        return self._own_transfer(rng, account, "transfer_in", cents)
+
+    def _own_transfer(self, rng: random.Random, account: Account, kind: str, cents: int) -> TxnSpec:
+        """A transfer the customer makes from one of their own devices."""
+        device, ip = self.known_device(rng, account)
+        delay_us = rng.randrange(SECOND_US, 5 * SECOND_US)
+        return transfer(account, kind, cents, device=device, ip=ip, delay_us=delay_us)
 
     def _refund(self, rng: random.Random, account: Account) -> TxnSpec:
         parent_id, parent = self.refundable.pop(account.id)
@@ -303,12 +299,6 @@ class NormalTraffic:
             bits = rng.getrandbits(40)
             device = f"n{bits:010x}"
             return [(now_us, Login(customer, True, device, random_ip(bits, country), country))]
-        device, ip = self._known_device(rng, account)
-        events: list[tuple[int, Login]] = []
-        at = now_us
-        if rng.random() < 0.02:
-            for _ in range(rng.randint(1, self.envelope.max_failed_logins)):
-                events.append((at, Login(customer, False, device, ip, country, "bad_password")))
-                at += rng.randrange(3 * SECOND_US, 10 * SECOND_US)
-        events.append((at, Login(customer, True, device, ip, country)))
-        return events
+        device, ip = self.known_device(rng, account)
+        failures = rng.randint(1, self.envelope.max_failed_logins) if rng.random() < 0.02 else 0
+        return login_attempts(rng, now_us, failures, Login(customer, True, device, ip, country))
