@@ -174,13 +174,13 @@ class Engine:
                 rows[model.ref] += chunk.rows.num_rows
                 position = max(position, chunk.consistent_point)
             loaded = [self.registry.tables[ref] for ref in rows]
-            self.registry.setup_rollups(con)
+            built = set(self.registry.setup_rollups(con))
             for model in self.registry.tables.values():
                 for lookup in model.lookups.values():
                     if model.ref in rows or lookup.target in rows:
                         fill_lookup_column(con, model, lookup, self.registry.tables[lookup.target])
             for name, runtime in self.registry.rollups.items():
-                if runtime.active and runtime.plan is not None:
+                if runtime.active and runtime.plan is not None and name not in built:
                     tables = {runtime.plan.table.ref} | {t for t, _ in runtime.plan.lookup_deps}
                     if tables & set(rows):
                         self.registry.build(con, name)
@@ -407,7 +407,7 @@ class Engine:
             if model.state == DEAD:
                 dead += write_dead_letters(con, model.name, model.reason or "table stopped", data)
                 continue
-            works[model.ref] = load_changes(con, model, data, index)
+            works[model.ref] = load_changes(con, model, schema, data, index)
         for work in works.values():
             if work.model.config.mirror:
                 fill_inherited(con, work)

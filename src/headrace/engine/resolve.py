@@ -41,12 +41,13 @@ from headrace.pipeline.model import quote_ident
 from headrace.source.changes import (
     COMMIT_TS,
     LSN,
+    META_FIELDS,
     OLD_KIND,
     OP,
     SEQ,
     TOAST,
     XID,
-    old_name,
+    TableSchema,
 )
 from headrace.store.duckdb.schema import EVENT_TS
 
@@ -119,13 +120,38 @@ def unregister_transactions(con: duckdb.DuckDBPyConnection) -> None:
     con.unregister(TX_TABLE)
 
 
+def positional(schema: TableSchema, data: pa.Table) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
+    """``data`` with the row columns renamed by position (``_hr_n<i>`` new, ``_hr_o<i>`` old).
+
+    Column names cannot collide with the change metadata that way (a source
+    column named ``kind`` has its old value in a column named like
+    ``_hr_old_kind``, the old-kind marker).
+    """
+    count = len(schema.columns)
+    names = [f.name for f in META_FIELDS]
+    names += [f"_hr_n{i}" for i in range(count)]
+    names += [OLD_KIND, *(f"_hr_o{i}" for i in range(count)), TOAST]
+    if data.num_columns != len(names):
+        raise ValueError(
+            f"changes of {schema.table} have {data.num_columns} columns, "
+            f"the change layout of {count} table columns has {len(names)}"
+        )
+    new = {c.name: f"_hr_n{i}" for i, c in enumerate(schema.columns)}
+    old = {c.name: f"_hr_o{i}" for i, c in enumerate(schema.columns)}
+    return data.rename_columns(names), new, old
+
+
 def load_changes(
-    con: duckdb.DuckDBPyConnection, model: TableModel, data: pa.Table, index: int
+    con: duckdb.DuckDBPyConnection,
+    model: TableModel,
+    schema: TableSchema,
+    data: pa.Table,
+    index: int,
 ) -> TableWork:
     """Create ``_hr_c_<index>`` from a table's Arrow changes and measure the batch."""
     work = TableWork(model, index)
-    data = storable_table(data)
-    present = set(data.column_names)
+    _measure(work, data)
+    data, new_names, old_names = positional(schema, storable_table(data))
     arrow_types = {f.name: duckdb_type(f.type) for f in data.schema}
     parts = [
         f"c.{SEQ}",
@@ -135,11 +161,17 @@ def load_changes(
         f"c.{XID}",
         f"CAST(c.{SEQ} - tx._hr_first AS INTEGER) AS _hr_txseq",
     ]
+    # The old key is sent (for updates) only when it changed; key columns are
+    # never NULL, so "all old key values present" is the test (it does not
+    # depend on the old-kind marker).
+    sent = " AND ".join(
+        f"c.{old_names[k]} IS NOT NULL" for k in model.key if k in old_names
+    ) or "false"
     for j, key in enumerate(model.key):
-        old, new = quote_ident(old_name(key)), quote_ident(key)
-        if key in present:
+        if key in new_names:
+            old, new = old_names[key], new_names[key]
             parts.append(
-                f"CASE WHEN c.{OP} IN ('U', 'D') THEN CASE WHEN c.{OLD_KIND} IS NOT NULL "
+                f"CASE WHEN c.{OP} IN ('U', 'D') THEN CASE WHEN {sent} "
                 f"THEN c.{old} ELSE c.{new} END END AS {old_key(j)}"
             )
         else:
@@ -148,11 +180,11 @@ def load_changes(
             parts.append(f"CAST(NULL AS {key_type}) AS {old_key(j)}")
     for column in model.columns:
         name, target = column.name, column.duck_type
-        if name not in present:
+        if name not in new_names:
             parts.append(f"CAST(NULL AS {target}) AS {quote_ident(name)}")
             continue
-        new, old = f"c.{quote_ident(name)}", f"c.{quote_ident(old_name(name))}"
-        if arrow_types.get(name) != target:
+        new, old = f"c.{new_names[name]}", f"c.{old_names[name]}"
+        if arrow_types.get(new_names[name]) != target:
             new, old = f"CAST({new} AS {target})", f"CAST({old} AS {target})"
         if not model.config.mirror:
             # Without a mirror, an unchanged TOAST value can only come from a
@@ -176,7 +208,6 @@ def load_changes(
         )
     finally:
         con.unregister(source)
-    _measure(work, data)
     return work
 
 

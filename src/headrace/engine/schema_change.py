@@ -74,7 +74,9 @@ def diff_schema(model: TableModel, schema: TableSchema) -> SchemaChange:
     change = SchemaChange()
     incoming = {c.name: c for c in schema.columns}
     new_key = tuple(model.config.primary_key) if model.config.primary_key else schema.key_columns
-    if new_key != model.key:
+    # REPLICA IDENTITY FULL flags every column as part of the key: a superset
+    # of the key in use keeps it. A key column no longer flagged is a new key.
+    if not set(model.key) <= set(new_key) and not model.config.primary_key:
         change.incompatible.append(
             f"the key changed from ({', '.join(model.key)}) to ({', '.join(new_key)})"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from functools import lru_cache
 
 import duckdb
@@ -37,16 +38,23 @@ def storable_table(table: pa.Table) -> pa.Table:
     return table.cast(target)
 
 
+_probe_lock = threading.Lock()
+_probe: duckdb.DuckDBPyConnection | None = None
+
+
 @lru_cache(maxsize=512)
 def duckdb_type(arrow_type: pa.DataType) -> str:
     """The DuckDB type name DuckDB gives an Arrow column of ``arrow_type``."""
+    global _probe  # noqa: PLW0603 (one in-memory connection for every probe, made on first use)
     empty = pa.table({"c": pa.array([], type=storable(arrow_type))})
-    con = duckdb.connect()
-    try:
-        con.register("empty_column", empty)
-        rows = con.execute("DESCRIBE SELECT * FROM empty_column").fetchall()
-    finally:
-        con.close()
+    with _probe_lock:
+        if _probe is None:
+            _probe = duckdb.connect()
+        _probe.register("empty_column", empty)
+        try:
+            rows = _probe.execute("DESCRIBE SELECT * FROM empty_column").fetchall()
+        finally:
+            _probe.unregister("empty_column")
     return str(rows[0][1])
 
 

@@ -15,6 +15,7 @@ import psycopg
 import pyarrow as pa
 
 from headrace.errors import SourceError
+from headrace.pipeline.model import PipelineConfig
 from headrace.source.changes import TableRef, TableSchema
 
 TIME_TYPES = frozenset(
@@ -106,3 +107,21 @@ def read_table_catalog(
 def primary_key(conn: psycopg.Connection[tuple[object, ...]], table: TableRef) -> tuple[str, ...]:
     """The primary key (or replica identity index) columns of ``table``; empty if it has none."""
     return read_table_catalog(conn, table).primary_key
+
+
+def with_primary_keys(
+    config: PipelineConfig, conn: psycopg.Connection[tuple[object, ...]]
+) -> PipelineConfig:
+    """``config`` with every table's ``primary_key`` filled from the catalog when not given.
+
+    The engine keys mirrors by ``primary_key``; without it, it would use the
+    key the stream flags, which under REPLICA IDENTITY FULL is every column.
+    """
+    tables = dict(config.source.tables)
+    for name, table in tables.items():
+        if table.primary_key is None:
+            key = primary_key(conn, TableRef.parse(name))
+            if key:
+                tables[name] = table.model_copy(update={"primary_key": list(key)})
+    source = config.source.model_copy(update={"tables": tables})
+    return config.model_copy(update={"source": source})
