@@ -33,7 +33,6 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from enum import StrEnum
-from functools import cached_property
 from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -296,9 +295,12 @@ class PipelineConfig(_Model):
         default_factory=list, description="Where alerts are delivered (headrace.alerts.config)."
     )
 
-    @cached_property
+    @property
     def table_refs(self) -> dict[TableRef, TableConfig]:
-        """The configured tables by reference (``public`` schema when none is written)."""
+        """The configured tables by reference (``public`` schema when none is written).
+
+        A plain property: a cached one would survive ``model_copy(update=...)``.
+        """
         return {TableRef.parse(name): config for name, config in self.source.tables.items()}
 
     def table(self, name: str) -> tuple[TableRef, TableConfig]:
