@@ -113,12 +113,12 @@ def fraud(
     ),
     seconds: float = typer.Option(60.0, "--seconds", min=5, help="Seconds of load."),
     speed: float = typer.Option(
-        30.0,
+        60.0,
         "--speed",
         min=1,
         help="Simulated seconds per wall second (multi-minute scenarios complete in the run).",
     ),
-    customers: int = typer.Option(10_000, "--customers", min=100, help="Customers of the bank."),
+    customers: int = typer.Option(20_000, "--customers", min=100, help="Customers of the bank."),
     fraud_every: int = typer.Option(
         1_000, "--fraud-every", min=10, help="One labelled fraud scenario per N transactions."
     ),

@@ -118,7 +118,7 @@ def demo(
     *,
     rate: Annotated[
         float,
-        typer.Option("--rate", help="Live transactions per second at the busiest hour."),
+        typer.Option("--rate", help="Live transactions per second (steady)."),
     ] = 100.0,
     seed: Annotated[
         int, typer.Option("--seed", help="Seeds the history and the live workload.")

@@ -188,7 +188,7 @@ class DemoDisplay(RunDisplay):
             highlight=False,
         )
         print_(
-            f"  workload: about {facts.rate:,.0f} transactions/s at the busiest hour, seed "
+            f"  workload: about {facts.rate:,.0f} transactions/s, seed "
             f"{facts.seed}, labelled fraud scenarios injected; {facts.history_rows:,} rows of "
             "history before it",
             highlight=False,

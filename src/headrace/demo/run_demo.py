@@ -62,7 +62,7 @@ class DemoSettings:
     """What ``headrace demo`` runs (the CLI options)."""
 
     rate: float = 100.0
-    """New transactions per second at the busiest hour of the simulated day."""
+    """New transactions per second (steady: no daily rhythm in the demo)."""
     seed: int = 1
     """Seeds the history and the live workload."""
     port: int = 8321
@@ -249,6 +249,7 @@ class Demo:
                 dsn=dsn,
                 seed=s.seed,
                 rate=s.rate,
+                diurnal_amplitude=0.0,
                 fraud_every=s.fraud_every,
                 population=PopulationSettings(customers=s.customers),
             )
