@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -175,18 +176,55 @@ def tx_rows_for(rate: float) -> int:
     return max(1, min(1000, round(rate / 1000)))
 
 
+ID_STRIDE = 1 << 40
+"""Writer ``i`` inserts ids from ``first_id + i * ID_STRIDE``: the writers never collide."""
+
+
+def run_writers(options: dict[str, Any]) -> WorkloadResult:
+    """``writers`` connections (threads; PostgreSQL does the work) sharing ``rate``."""
+    writers = max(1, int(options.get("writers", 1)))
+    rate = float(options["rate"])
+    rows = int(options.get("tx_rows") or tx_rows_for(rate))
+    results: list[WorkloadResult] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + float(options["seconds"])
+
+    def write(index: int) -> None:
+        try:
+            with psycopg.connect(options["dsn"], autocommit=True) as conn:
+                first = int(options["first_id"]) + index * ID_STRIDE
+                workload = Workload(conn, first_id=first, tx_rows=rows, seed=index + 1)
+                workload.low_id = first if index else 1
+                result = workload.run(rate / writers, 0, stop_at=stop_at)
+            with lock:
+                results.append(result)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    total = WorkloadResult()
+    for result in results:
+        total.changes += result.changes
+        total.inserts += result.inserts
+        total.updates += result.updates
+        total.deletes += result.deletes
+        total.transactions += result.transactions
+        total.seconds = max(total.seconds, result.seconds)
+        total.end_lsn = max(total.end_lsn, result.end_lsn)
+    total.rate = total.changes / total.seconds if total.seconds else 0.0
+    return total
+
+
 def main(argv: list[str]) -> None:
     """Process entry point (see module docstring)."""
-    options = json.loads(argv[0])
-    with psycopg.connect(options["dsn"], autocommit=True) as conn:
-        workload = Workload(
-            conn,
-            first_id=int(options["first_id"]),
-            tx_rows=int(options.get("tx_rows") or tx_rows_for(float(options["rate"]))),
-            seed=int(options.get("seed", 1)),
-        )
-        result = workload.run(float(options["rate"]), float(options["seconds"]))
-    print(json.dumps(asdict(result)), flush=True)
+    print(json.dumps(asdict(run_writers(json.loads(argv[0])))), flush=True)
 
 
 if __name__ == "__main__":

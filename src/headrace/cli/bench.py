@@ -92,6 +92,9 @@ def pipeline(
     base_rows: int = typer.Option(
         1_000_000, "--base-rows", min=0, help="Rows in the table before the run (snapshotted)."
     ),
+    writers: int = typer.Option(
+        4, "--writers", min=1, help="Generator connections sharing the rate."
+    ),
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -103,7 +106,7 @@ def pipeline(
     """
     from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rate, seconds, base_rows)
+    run(rate, seconds, base_rows, writers=writers)
 
 
 @bench_app.command("fraud")
