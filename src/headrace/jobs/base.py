@@ -66,6 +66,7 @@ class TableDelta:
     truncated: bool = False
     start_count: int = 0
     end_count: int = 0
+    deletes: int = 0
 
     def key_match(self, left: str, right: str) -> str:
         """SQL: ``left`` and ``right`` rows have the same key."""

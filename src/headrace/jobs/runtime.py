@@ -27,6 +27,7 @@ from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, MirroredTable, StreamJob, TableDelta
 from headrace.jobs.state import SETUP_DDL, read_watermarks, write_watermarks
 from headrace.rules.registry import build_rules
+from headrace.rules.ruleset import RuleSet
 from headrace.scores.health import HealthScore
 from headrace.source.changes import TableRef
 
@@ -51,7 +52,9 @@ class StreamJobs:
         sinks = tuple(config.sinks)
         jobs: list[StreamJob] = []
         if config.rules is not None:
-            jobs.extend(build_rules(config.rules, sinks))
+            rules = build_rules(config.rules)
+            if rules:
+                jobs.append(RuleSet(rules, sinks))
         if config.scores is not None and config.scores.health is not None:
             jobs.append(HealthScore(config.scores, config.rules))
         if config.metric_alerts:
@@ -105,6 +108,7 @@ class StreamJobs:
                 keys=work.keys,
                 truncated=work.truncated_at is not None,
                 start_count=work.start_rows,
+                deletes=work.deletes,
                 end_count=work.end_rows,
             )
         if not deltas:

@@ -55,14 +55,19 @@ def write_watermarks(
     con: duckdb.DuckDBPyConnection,
     values: dict[str, tuple[datetime | None, datetime | None]],
 ) -> None:
-    """Store the given jobs' (watermark, horizon)."""
+    """Store the given jobs' (watermark, horizon), in one statement."""
+    if not values:
+        return
+    rows = ", ".join("(?, CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), now())" for _ in values)
+    params: list[object] = []
     for job, (watermark, horizon) in values.items():
-        con.execute(
-            f"""INSERT INTO {WATERMARKS} VALUES (?, ?, ?, now())
-                ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark,
-                    horizon = excluded.horizon, updated_at = excluded.updated_at""",
-            [job, watermark, horizon],
-        )
+        params += [job, watermark, horizon]
+    con.execute(
+        f"""INSERT INTO {WATERMARKS} VALUES {rows}
+            ON CONFLICT (job) DO UPDATE SET watermark = excluded.watermark,
+                horizon = excluded.horizon, updated_at = excluded.updated_at""",
+        params,
+    )
 
 
 def mirror_time(con: duckdb.DuckDBPyConnection, mirror: str, time: str) -> datetime | None:

@@ -35,11 +35,18 @@ from datetime import datetime, timedelta
 
 import duckdb
 
-from headrace.alerts.config import SinkConfig
 from headrace.jobs.base import JobContext, TableDelta
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
-from headrace.rules.base import TX_FIELDS, RuleJob, evidence_json, present, q, tx_evidence
+from headrace.rules.base import (
+    TX_FIELDS,
+    Evaluation,
+    RuleJob,
+    evidence_json,
+    present,
+    q,
+    tx_evidence,
+)
 from headrace.rules.config import AccountTakeoverConfig, RulesConfig
 from headrace.source.changes import TableRef
 
@@ -49,8 +56,8 @@ class AccountTakeover(RuleJob):
 
     name = "account_takeover"
 
-    def __init__(self, rules: RulesConfig, sinks: tuple[SinkConfig, ...]) -> None:
-        super().__init__(rules, sinks)
+    def __init__(self, rules: RulesConfig) -> None:
+        super().__init__(rules)
         self.logins = rules.tables.logins
         self.accounts = rules.tables.accounts
         self.logins_ref = TableRef.parse(self.logins.table)
@@ -126,7 +133,7 @@ class AccountTakeover(RuleJob):
 
     # ------------------------------------------------------------------ batch
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         con = ctx.con
         login_delta = ctx.delta(self.logins_ref)
         tx_delta = ctx.delta(self.tx_ref)
@@ -139,11 +146,15 @@ class AccountTakeover(RuleJob):
         config = self.config
         if login_delta is not None:
             self._mark(con, login_delta, watermark - config.failed_window - self.rules.lateness)
-        if tx_delta is not None:
+        candidates = (
             self._detect(ctx, tx_delta, watermark - self.rules.lateness)
-        con.execute(
-            f"DELETE FROM {self.marks} WHERE t < ?",
-            [watermark - config.window - self.rules.lateness],
+            if tx_delta is not None
+            else None
+        )
+        horizon = watermark - config.window - self.rules.lateness
+        return Evaluation(
+            candidates,
+            after=lambda: con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon]),
         )
 
     def _mark(self, con: duckdb.DuckDBPyConnection, delta: TableDelta, horizon: datetime) -> None:
@@ -171,11 +182,10 @@ class AccountTakeover(RuleJob):
             GROUP BY f.customer, f.t, f._k0, f.device, f.country, f.commit_ts
             HAVING count(*) >= {config.failed_logins}"""
         )
-        con.execute("DROP TABLE _job_ato_logins")
         devices.update(con, delta)
 
-    def _detect(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> None:
-        con = ctx.con
+    def _detect(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> str:
+        """SQL: the candidates among the batch's outflows."""
         config = self.config
         accounts = self.accounts
         account_delta = ctx.delta(self.accounts_ref)
@@ -209,9 +219,7 @@ class AccountTakeover(RuleJob):
             )
         else:
             priced = "SELECT t.*, NULL AS then_balance FROM timed t"
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_ato AS
-            WITH timed AS (
+        return f"""            WITH timed AS (
                 SELECT t.*, f.seq FROM {triggers} t JOIN ({first_change}) f ON f._k0 = t._k0
             ), priced AS ({priced}),
             outflows AS (
@@ -248,8 +256,6 @@ class AccountTakeover(RuleJob):
               AND t.amount >= {config.outflow_share} * t.balance
             GROUP BY t._k0, {", ".join(f"t.{f}" for f in TX_FIELDS)}, t.commit_ts, t.lsn,
                      t.balance"""
-        )
-        self.emit(ctx, "_job_ato")
 
     # ---------------------------------------------------------------- rebuild
 

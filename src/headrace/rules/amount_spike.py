@@ -26,7 +26,7 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import KeyedSums, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, present, q, tx_evidence
+from headrace.rules.base import Evaluation, RuleJob, evidence_json, present, q, tx_evidence
 from headrace.rules.config import AmountSpikeConfig
 
 
@@ -52,10 +52,10 @@ class AmountSpike(RuleJob):
             where=f"({self.config.where}) AND ({self.config.history_where})",
         )
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
-            return
+            return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
         history = self.history()
@@ -65,8 +65,7 @@ class AmountSpike(RuleJob):
         config = self.config
         horizon = watermark - self.rules.lateness - timedelta(days=1)
         triggers = self.tx_triggers(delta, (self.tx.account, self.tx.amount), config.where, horizon)
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_as AS
+        candidates = f"""
             SELECT t.account AS account_id, 'amount_spike:' || t.account AS dedup_key,
                    t.t AS event_at, t.t AS started_at, t.commit_ts, t.lsn,
                    '{config.severity.value}' AS severity,
@@ -88,9 +87,7 @@ class AmountSpike(RuleJob):
             WHERE m.n >= {config.min_history} AND m.mean > 0
               AND t.amount >= {config.factor} * m.mean
               AND t.amount >= {config.min_amount}"""
-        )
-        self.emit(ctx, "_job_as")
-        history.update(con, delta)
+        return Evaluation(candidates, after=lambda: history.update(con, delta))
 
     def rebuild(self, ctx: JobContext) -> None:
         con = ctx.con

@@ -19,13 +19,16 @@ row from the state before it can complete one.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from headrace.alerts.config import SinkConfig
-from headrace.alerts.store import emit_incidents
+import duckdb
+
 from headrace.errors import ConfigError
-from headrace.jobs.base import JobContext, StreamJob, TableDelta, state_table
+from headrace.jobs.base import JobContext, TableDelta, state_table
 from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import RulesConfig, TransactionsTable
@@ -99,21 +102,56 @@ def evidence_json(rows: str) -> str:
     return f"to_json(list_slice({rows}, 1, {EVIDENCE_LIMIT}))"
 
 
-class RuleJob(StreamJob):
-    """Base of the six rules: configuration, watermark and alert emission."""
+@dataclass(frozen=True)
+class Evaluation:
+    """What a rule makes of one batch: SQL selecting its candidates (or None), and the
+    state updates to run once every rule's candidates are taken."""
 
-    def __init__(self, rules: RulesConfig, sinks: tuple[SinkConfig, ...]) -> None:
+    candidates: str | None = None
+    after: Callable[[], object] | None = None
+
+
+class RuleJob(ABC):
+    """Base of the six rules: configuration, watermark, triggers (module docstring).
+
+    A rule is run by :class:`~headrace.rules.ruleset.RuleSet`: :meth:`evaluate` updates
+    the state the rule reads *after* the batch and returns its candidates' SQL; the
+    candidates of every rule are computed in one statement; then each rule's ``after``
+    updates the state it read *before* the batch.
+    """
+
+    name: str
+    ready: bool = False
+    """Its state tables exist (cleared when the engine reloads)."""
+
+    def __init__(self, rules: RulesConfig) -> None:
         self.rules = rules
-        self.sinks = sinks
         self.tx = rules.tables.transactions
         self.tx_ref = TableRef.parse(self.tx.table)
 
     @property
+    @abstractmethod
     def rearm(self) -> timedelta:
-        raise NotImplementedError
+        """Quiet time after which the same key opens a new incident."""
 
     def inputs(self) -> tuple[TableRef, ...]:
+        """Tables whose changes the rule reads."""
         return (self.tx_ref,)
+
+    def reads(self) -> tuple[TableRef, ...]:
+        """Every table whose mirror the rule reads."""
+        return self.inputs()
+
+    def setup(self, con: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
+        """Create fixed tables (idempotent)."""
+
+    @abstractmethod
+    def evaluate(self, ctx: JobContext) -> Evaluation:
+        """Update the state read after the batch; the candidates' SQL (see the class)."""
+
+    @abstractmethod
+    def rebuild(self, ctx: JobContext) -> None:
+        """Recompute the state from the mirrors (after a snapshot)."""
 
     def state(self, part: str) -> str:
         return state_table(self.name, part)
@@ -163,14 +201,3 @@ class RuleJob(StreamJob):
             WHERE e._match
               AND (s._k0 IS NULL OR {differs or "false"} OR NOT coalesce(s._match, false))
               AND e.t >= '{horizon.isoformat()}')"""
-
-    def emit(self, ctx: JobContext, candidates: str) -> int:
-        """Alerts for the candidates in table ``candidates`` (one per incident); drops it."""
-        con = ctx.con
-        written = 0
-        if con.execute(f"SELECT count(*) FROM {candidates}").fetchall()[0][0]:
-            written = emit_incidents(
-                con, self.name, candidates, rearm=self.rearm, now=ctx.now, sinks=self.sinks
-            )
-        con.execute(f"DROP TABLE {candidates}")
-        return written

@@ -22,7 +22,15 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
+from headrace.rules.base import (
+    Evaluation,
+    RuleJob,
+    evidence_json,
+    present,
+    q,
+    tx_columns,
+    tx_evidence,
+)
 from headrace.rules.config import CardTestingConfig
 
 
@@ -62,10 +70,10 @@ class CardTesting(RuleJob):
             where=self.qualifies,
         )
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
-            return
+            return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
         horizon = watermark - self.span
@@ -83,8 +91,7 @@ class CardTesting(RuleJob):
             watermark - self.rules.lateness,
         )
         window_s = config.window.total_seconds()
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_ct AS
+        candidates = f"""
             SELECT t.account AS account_id, 'card_testing:' || t.account AS dedup_key,
                    t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
                    '{config.severity.value}' AS severity,
@@ -108,8 +115,7 @@ class CardTesting(RuleJob):
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
             HAVING count(*) >= {config.min_attempts}
                AND count(DISTINCT w.merchant) >= {config.min_merchants}"""
-        )
-        self.emit(ctx, "_job_ct")
+        return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
         con = ctx.con

@@ -34,7 +34,15 @@ import duckdb
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import KeyedSums, RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
+from headrace.rules.base import (
+    Evaluation,
+    RuleJob,
+    evidence_json,
+    present,
+    q,
+    tx_columns,
+    tx_evidence,
+)
 from headrace.rules.config import ImpossibleTravelConfig
 
 
@@ -85,10 +93,10 @@ class ImpossibleTravel(RuleJob):
                 [[code, lat, lon] for code, (lat, lon) in self.config.locations.items()],
             )
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
-            return
+            return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
         horizon = watermark - self.span
@@ -113,9 +121,7 @@ class ImpossibleTravel(RuleJob):
         )
         window_s = config.window.total_seconds()
         new_country = "true" if config.new_country else "false"
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_it AS
-            WITH paired AS (
+        candidates = f"""            WITH paired AS (
                 SELECT t.*, p._k0 AS p_k0, p.t AS p_t, p.country AS p_country,
                        p.account AS p_account, p.amount AS p_amount, p.merchant AS p_merchant,
                        p.card AS p_card, p.device AS p_device, p.status AS p_status,
@@ -165,19 +171,17 @@ class ImpossibleTravel(RuleJob):
                                               'history', coalesce(history, 0)),
                        'trigger', _k0,
                        'evidence', {
-                evidence_json(
-                    "list_filter([CASE WHEN p_k0 IS NOT NULL THEN struct_pack("
-                    "id := p_k0, at := p_t, account := p_account, amount := p_amount, "
-                    "merchant := p_merchant, card := p_card, country := p_country, "
-                    "device := p_device, status := p_status, channel := p_channel, "
-                    f"type := p_type) END, {tx_evidence('judged')}], lambda e: e IS NOT NULL)"
-                )
-            }
+            evidence_json(
+                "list_filter([CASE WHEN p_k0 IS NOT NULL THEN struct_pack("
+                "id := p_k0, at := p_t, account := p_account, amount := p_amount, "
+                "merchant := p_merchant, card := p_card, country := p_country, "
+                "device := p_device, status := p_status, channel := p_channel, "
+                f"type := p_type) END, {tx_evidence('judged')}], lambda e: e IS NOT NULL)"
+            )
+        }
                    ) AS payload
             FROM judged WHERE impossible OR new_country"""
-        )
-        self.emit(ctx, "_job_it")
-        countries.update(con, delta)
+        return Evaluation(candidates, after=lambda: countries.update(con, delta))
 
     def rebuild(self, ctx: JobContext) -> None:
         con = ctx.con

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from headrace.alerts.config import SinkConfig
 from headrace.rules.account_takeover import AccountTakeover
 from headrace.rules.amount_spike import AmountSpike
 from headrace.rules.base import RuleJob
@@ -23,6 +22,6 @@ RULES: tuple[type[RuleJob], ...] = (
 """Every rule, in number order; a rule's ``name`` is also its section under ``rules:``."""
 
 
-def build_rules(rules: RulesConfig, sinks: tuple[SinkConfig, ...] = ()) -> list[RuleJob]:
+def build_rules(rules: RulesConfig) -> list[RuleJob]:
     """The rules whose section is present in ``rules``."""
-    return [rule(rules, sinks) for rule in RULES if getattr(rules, rule.name) is not None]
+    return [rule(rules) for rule in RULES if getattr(rules, rule.name) is not None]

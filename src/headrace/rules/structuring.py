@@ -22,7 +22,15 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
+from headrace.rules.base import (
+    Evaluation,
+    RuleJob,
+    evidence_json,
+    present,
+    q,
+    tx_columns,
+    tx_evidence,
+)
 from headrace.rules.config import StructuringConfig
 
 
@@ -61,10 +69,10 @@ class Structuring(RuleJob):
             where=self.in_band,
         )
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
-            return
+            return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
         horizon = watermark - self.span
@@ -81,8 +89,7 @@ class Structuring(RuleJob):
             watermark - self.rules.lateness,
         )
         window_s = config.window.total_seconds()
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_st AS
+        candidates = f"""
             SELECT t.account AS account_id, 'structuring:' || t.account AS dedup_key,
                    t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
                    '{config.severity.value}' AS severity,
@@ -104,8 +111,7 @@ class Structuring(RuleJob):
               ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds({window_s})
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
             HAVING count(*) >= {config.min_count}"""
-        )
-        self.emit(ctx, "_job_st")
+        return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
         con = ctx.con

@@ -22,7 +22,15 @@ from datetime import timedelta
 
 from headrace.jobs.base import JobContext
 from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import RuleJob, evidence_json, present, q, tx_columns, tx_evidence
+from headrace.rules.base import (
+    Evaluation,
+    RuleJob,
+    evidence_json,
+    present,
+    q,
+    tx_columns,
+    tx_evidence,
+)
 from headrace.rules.config import VelocityBurstConfig
 
 
@@ -52,10 +60,10 @@ class VelocityBurst(RuleJob):
             where=self.config.where,
         )
 
-    def apply(self, ctx: JobContext) -> None:
+    def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
-            return
+            return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
         horizon = watermark - self.span
@@ -73,8 +81,7 @@ class VelocityBurst(RuleJob):
         limits = ", ".join(
             f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
         )
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _job_vb AS
+        candidates = f"""
             SELECT t.account AS account_id, 'velocity_burst:' || t.account AS dedup_key,
                    t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,
                    '{self.config.severity.value}' AS severity,
@@ -96,8 +103,7 @@ class VelocityBurst(RuleJob):
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn, l.seconds, l.limit_count
             HAVING count(*) >= l.limit_count
             QUALIFY row_number() OVER (PARTITION BY t._k0 ORDER BY _factor DESC, l.seconds) = 1"""
-        )
-        self.emit(ctx, "_job_vb")
+        return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
         mirror = ctx.mirror(self.tx_ref)

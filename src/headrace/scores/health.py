@@ -197,7 +197,6 @@ class HealthScore(StreamJob):
         horizon = self.horizon(watermark)
         accounts = self.accounts
         tx_sums, login_sums = self.tx_sums(), self.login_sums()
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {AFFECTED} (account {self._account_type(ctx)})")
         parts = []
         if tx_delta is not None:
             account = q(self.tx.account)
@@ -229,7 +228,8 @@ class HealthScore(StreamJob):
             )
         if parts:
             con.execute(
-                f"INSERT INTO {AFFECTED} SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)})"
+                f"CREATE OR REPLACE TEMP TABLE {AFFECTED} AS SELECT DISTINCT * "
+                f"FROM ({' UNION ALL '.join(parts)}) AS u(account)"
             )
         since = f"bucket >= '{horizon}'" if horizon is not None else "true"
         if tx_delta is not None:
@@ -250,14 +250,11 @@ class HealthScore(StreamJob):
             con.execute(f"DELETE FROM {tx_sums.table} WHERE bucket < ?", [horizon])
             con.execute(f"DELETE FROM {login_sums.table} WHERE bucket < ?", [horizon])
         ctx.set_watermark(self.name, watermark, horizon)
-        self._score(ctx, horizon, watermark, full=False)
-        con.execute(f"DROP TABLE {AFFECTED}")
-
-    def _account_type(self, ctx: JobContext) -> str:
-        described = ctx.con.execute(
-            f"DESCRIBE SELECT {q(self.accounts.id)} FROM {ctx.mirror(self.accounts_ref)}"
-        ).fetchall()
-        return str(described[0][1])
+        if parts:
+            removed = account_delta is not None and (
+                account_delta.deletes > 0 or account_delta.truncated
+            )
+            self._score(ctx, horizon, watermark, full=False, removed=removed)
 
     # ------------------------------------------------------------------ score
 
@@ -324,8 +321,16 @@ class HealthScore(StreamJob):
         FROM p"""
 
     def _score(
-        self, ctx: JobContext, horizon: datetime | None, watermark: datetime | None, full: bool
+        self,
+        ctx: JobContext,
+        horizon: datetime | None,
+        watermark: datetime | None,
+        *,
+        full: bool,
+        removed: bool = False,
     ) -> None:
+        """Recompute the affected accounts' scores (all with ``full``); ``removed``: some
+        accounts may have been deleted (their scores go too)."""
         con = ctx.con
         sql = self.score_sql(horizon, restrict=not full).replace(
             "{accounts_mirror}", ctx.mirror(self.accounts_ref)
@@ -342,7 +347,7 @@ class HealthScore(StreamJob):
         )
         if full:
             con.execute(f"DELETE FROM {SCORES}")
-        else:
+        elif removed:
             con.execute(
                 f"""DELETE FROM {SCORES} WHERE account_id IN (
                     SELECT TRY_CAST(account AS BIGINT) FROM {AFFECTED}
@@ -357,7 +362,6 @@ class HealthScore(StreamJob):
                 components = excluded.components""",
             [now, watermark],
         )
-        con.execute("DROP TABLE _job_hs_new")
 
     # ---------------------------------------------------------------- rebuild
 
