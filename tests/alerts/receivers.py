@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     status: int = 0
+    received_at: float = field(default_factory=time.time)
 
 
 @dataclass
