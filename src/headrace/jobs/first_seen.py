@@ -51,7 +51,7 @@ class FirstSeen:
         keys = ", ".join(f"{quote_ident(k)} AS _k{i}" for i, k in enumerate(delta.key))
         match = delta.key_match("s", "e")
         return f"""(SELECT x.* EXCLUDE (_match),
-                   x._match AND k.owner IS NULL
+                   x._match AND coalesce(k._rows, 0) = 0
                    AND row_number() OVER (PARTITION BY x._owner, x._item, x._match
                                           ORDER BY x._t, x._k0) = 1 AS first_seen
             FROM (SELECT {keys}, {columns}, {self.owner} AS _owner, {self.item} AS _item,

@@ -45,6 +45,9 @@ class StreamJobs:
         self.jobs = list(jobs)
         self.seconds: dict[str, float] = {job.name: 0.0 for job in self.jobs}
         """Time spent in each job since the engine started (for status and benchmarks)."""
+        self._watermarks: dict[str, tuple[datetime | None, datetime | None]] | None = None
+        """The stored watermarks as of the last batch (read once; cleared by :meth:`setup`,
+        which the engine calls again after a rolled-back transaction)."""
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> StreamJobs:
@@ -77,6 +80,7 @@ class StreamJobs:
         """Create the jobs' fixed tables (inside the engine's opening transaction)."""
         if not self.jobs:
             return
+        self._watermarks = None
         for statement in SETUP_DDL:
             con.execute(statement)
         setup_alerts(con)
@@ -113,8 +117,10 @@ class StreamJobs:
             )
         if not deltas:
             return
+        if self._watermarks is None:
+            self._watermarks = read_watermarks(con)
         ctx = JobContext(
-            con, deltas, datetime.now(UTC), mirrored(tables), watermarks=read_watermarks(con)
+            con, deltas, datetime.now(UTC), mirrored(tables), watermarks=dict(self._watermarks)
         )
         for job in self.jobs:
             if not ctx.touched(job.inputs()) or not all(r in ctx.tables for r in job.reads()):
@@ -123,6 +129,7 @@ class StreamJobs:
             job.apply(ctx)
             self.seconds[job.name] += time.perf_counter() - started
         write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
+        self._watermarks = ctx.watermarks
 
     def after_snapshot(
         self,
@@ -144,6 +151,7 @@ class StreamJobs:
             job.rebuild(ctx)
             log.info("stream job %s rebuilt in %.2f s", job.name, time.perf_counter() - started)
         write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
+        self._watermarks = None
 
 
 def mirrored(tables: Mapping[TableRef, Any]) -> dict[TableRef, MirroredTable]:

@@ -9,7 +9,8 @@
 :class:`KeyedSums`
     sums per group (e.g. per account, or per account and 5-minute bucket)
     maintained by adding each batch's end rows and subtracting its start
-    rows; a group whose row count drops to zero is deleted.
+    rows; a group whose row count ``_rows`` drops to zero counts as absent
+    (it is deleted when a batch deletes rows, or by a rebuild).
 
 Both are rebuilt from the mirror with one statement after a snapshot.
 
@@ -215,7 +216,9 @@ class KeyedSums:
             f"INSERT INTO {self.table} SELECT * FROM ({self._aggregate(inner)}) "
             f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
         )
-        if delta.start_count:  # only retractions can bring a group to zero rows
+        if delta.deletes or delta.truncated:
+            # Updates can leave groups at zero rows too (a transaction leaving the
+            # filter); readers treat those as absent, and a rebuild drops them.
             con.execute(f"DELETE FROM {self.table} WHERE _rows = 0")
 
     def rebuild(

@@ -83,7 +83,7 @@ class AmountSpike(RuleJob):
                    ) AS payload
             FROM {triggers} t
             JOIN (SELECT account, _rows AS n, CAST(total AS DOUBLE) / _rows AS mean
-                  FROM {history.table}) m ON m.account = t.account
+                  FROM {history.table} WHERE _rows > 0) m ON m.account = t.account
             WHERE m.n >= {config.min_history} AND m.mean > 0
               AND t.amount >= {config.factor} * m.mean
               AND t.amount >= {config.min_amount}"""

@@ -135,13 +135,15 @@ class ImpossibleTravel(RuleJob):
                             THEN {km} END AS km,
                        epoch(x.t) - epoch(x.p_t) AS seconds,
                        k.history, k.known,
-                       s._rows IS NULL AS unseen
+                       coalesce(s._rows, 0) = 0 AS unseen
                 FROM paired x
                 LEFT JOIN {locations} lp ON lp.country = x.p_country
                 LEFT JOIN {locations} lt ON lt.country = x.country
                 LEFT JOIN (SELECT account, sum(_rows) AS history, list(country ORDER BY country)
                                   AS known
-                           FROM {countries.table} GROUP BY account) k ON k.account = x.account
+                           FROM {
+            countries.table
+        } WHERE _rows > 0 GROUP BY account) k ON k.account = x.account
                 LEFT JOIN {countries.table} s ON s.account = x.account AND s.country = x.country
             ), judged AS (
                 SELECT *, km / greatest(seconds, 1) * 3600 AS speed_kmh,
