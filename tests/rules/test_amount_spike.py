@@ -22,6 +22,7 @@ def test_spike_against_own_history(pg_db: PgDatabase, tmp_path: Path) -> None:
     bank.sync()
     assert bank.alerts("amount_spike") == []
 
+    bank.restart()  # the history survives a restart
     spike = bank.tx(1, 800, 600, status="pending")  # the history mean is still 40: 20x
     bank.sync()
     (alert,) = bank.alerts("amount_spike")
