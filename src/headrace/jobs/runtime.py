@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 class StreamJobs:
     """The configured stream jobs of one pipeline (empty when none are configured)."""
 
-    def __init__(self, jobs: Sequence[StreamJob]) -> None:
+    def __init__(self, jobs: Sequence[StreamJob], *, alerts: bool = False) -> None:
         self.jobs = list(jobs)
+        self.alerts = alerts or bool(self.jobs)
+        """Create the alerts tables (jobs write them; sinks read them)."""
         self.seconds: dict[str, float] = {job.name: 0.0 for job in self.jobs}
         """Time spent in each job since the engine started (for status and benchmarks)."""
         self._watermarks: dict[str, tuple[datetime | None, datetime | None]] | None = None
@@ -69,7 +71,7 @@ class StreamJobs:
                 "list the tables they read under source.tables (with mirror: true), "
                 "or fix the names under rules.tables / scores / metric_alerts",
             )
-        return cls(jobs)
+        return cls(jobs, alerts=bool(sinks))
 
     def __bool__(self) -> bool:
         return bool(self.jobs)
@@ -78,7 +80,7 @@ class StreamJobs:
 
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:
         """Create the jobs' fixed tables (inside the engine's opening transaction)."""
-        if not self.jobs:
+        if not self.alerts:
             return
         self._watermarks = None
         for statement in SETUP_DDL:
