@@ -26,6 +26,8 @@ from headrace.demo.deployment import Deployment, render_deployment
 from headrace.demo.generator import Workload
 from headrace.demo.history import load_history
 from headrace.demo.metrics import (
+    FRAUD_ALERTS,
+    HEALTH,
     METRICS,
     SOURCE_METRICS,
     SOURCES,
@@ -188,11 +190,29 @@ def test_every_metric_equals_its_sql_on_postgres(caught_up_store: Path, pg_db: P
                     for name, a, b in zip(names, want, have, strict=True):
                         assert _same(a, b), f"{view} {key} {name}: store {b} != PostgreSQL {a}"
                 compared[view] = len(got)
+        derived = _derived_metrics(store)
     finally:
         store.close()
+    assert derived["fraud_alerts"] > 0, "the injected scenarios raised no fraud alert"
+    assert 0 <= derived["avg_health_score_min"] <= derived["avg_health_score_max"] <= 100
     assert len(compared) == len(SOURCES) * len(GRAINS)
     assert all(n > 0 for n in compared.values()), compared
     assert sum(len(metrics_of(s)) for s in SOURCES) == len(SOURCE_METRICS) == 22
+
+
+def _derived_metrics(store: duckdb.DuckDBPyConnection) -> dict[str, float]:
+    """The two metrics over what headrace derives: they evaluate, at every grain, and add up."""
+    alerts = store.execute("SELECT count(*) FROM headrace.alerts WHERE kind = 'fraud'").fetchall()
+    out: dict[str, float] = {}
+    for label, seconds in GRAINS:
+        rows = store.execute(reference_sql(FRAUD_ALERTS, seconds)).fetchall()
+        assert sum(int(r[-1]) for r in rows) == alerts[0][0], label
+        out["fraud_alerts"] = alerts[0][0]
+        scores = [float(r[-1]) for r in store.execute(reference_sql(HEALTH, seconds)).fetchall()]
+        assert scores, f"no health score recorded ({label})"
+        out["avg_health_score_min"] = min(scores)
+        out["avg_health_score_max"] = max(scores)
+    return out
 
 
 def test_metric_catalog_matches_deployment_and_docs(tmp_path: Path) -> None:

@@ -119,14 +119,14 @@ def demo(
     rate: Annotated[
         float,
         typer.Option("--rate", help="Live transactions per second (steady)."),
-    ] = 100.0,
+    ] = 40.0,
     seed: Annotated[
         int, typer.Option("--seed", help="Seeds the history and the live workload.")
     ] = 1,
     port: Annotated[
         int, typer.Option("--port", help="Dashboard port on 127.0.0.1 (0: any free one).")
     ] = 8321,
-    months: Annotated[int, typer.Option("--months", help="Months of history to load.")] = 2,
+    months: Annotated[int, typer.Option("--months", help="Months of history to load.")] = 1,
     customers: Annotated[
         int, typer.Option("--customers", help="Customers of the simulated bank.")
     ] = 10_000,

@@ -61,19 +61,19 @@ ADMIN = "admin"
 class DemoSettings:
     """What ``headrace demo`` runs (the CLI options)."""
 
-    rate: float = 100.0
+    rate: float = 40.0
     """New transactions per second (steady: no daily rhythm in the demo)."""
     seed: int = 1
     """Seeds the history and the live workload."""
     port: int = 8321
     """TCP port of the dashboard on 127.0.0.1 (0 picks a free one)."""
-    months: int = 2
+    months: int = 1
     """Months of history loaded before the live workload starts."""
     customers: int = 10_000
     """Customers of the simulated bank (accounts are about 1.2x)."""
     duration: float | None = None
     """Stop by itself after this many seconds of live workload (tests, CI); None: Ctrl-C."""
-    fraud_every: int = 400
+    fraud_every: int = 200
     """One labelled fraud scenario per this many transactions."""
     host: str = "127.0.0.1"
     """Address the dashboard listens on."""
@@ -244,6 +244,12 @@ class Demo:
         self._wait(lambda: runner.server_url is not None, "the dashboard to start")
         self.display.step("snapshot: copying every table into the store")
         self._wait(lambda: runner.state.phase == "streaming", "the snapshot")
+        snapshot = runner.state.snapshot
+        if snapshot is not None:
+            self.display.step(
+                f"snapshot: {snapshot.rows or 0:,} rows in {snapshot.seconds:.1f} s "
+                "(copied, mirrored, rollups and rules built); streaming"
+            )
         self.workload = Workload(
             WorkloadSettings(
                 dsn=dsn,
