@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -170,6 +171,39 @@ def test_demo_runs_answers_and_leaves_nothing_behind() -> None:
                 f"{exc!r}\nexit code {process.poll()}; demo output:\n" + "\n".join(output.lines)
             ) from exc
         assert process.wait(timeout=120) == 0, output.text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        text = output.text()
+        if process.stdout is not None:
+            process.stdout.close()
+    assert "stopped: PostgreSQL, pipeline and dashboard are down" in text, text
+    assert "Traceback" not in text, text
+    assert not _cluster_processes(cluster_dir.group(1)), "a server process of the demo is left"
+    assert not Path(cluster_dir.group(1)).exists()
+    assert not Path(workdir.group(1)).exists()
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    process = subprocess.Popen(
+        [*HEADRACE, "demo", "--months", "1", "--customers", "300", "--rate", "20", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
+    )
+    output = _Output(process)
+    try:
+        output.until(r"^Ctrl-C stops everything", 150)
+        facts = _facts(output.lines)
+        cluster_dir = re.search(r"cluster in (\S+)", facts["postgres"])
+        workdir = re.search(r"DuckDB (\S+)/bank\.duckdb", facts["pipeline"])
+        assert cluster_dir, facts
+        assert workdir, facts
+        output.until(r"^live: .*streaming", 60)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0, output.text()
     finally:
         if process.poll() is None:
             process.kill()
