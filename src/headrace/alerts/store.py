@@ -100,7 +100,7 @@ ALERTS_DDL: tuple[str, ...] = (
 CANDIDATE_COLUMNS = (
     "account_id, dedup_key, event_at, started_at, commit_ts, lsn, severity, summary, payload"
 )
-"""Columns of a rule's candidate table (one row per evidence that crossed the threshold)."""
+"""Columns of a rule's candidates (one row per evidence that crossed the threshold)."""
 
 
 def setup_alerts(con: duckdb.DuckDBPyConnection) -> None:

@@ -79,23 +79,6 @@ class TableDelta:
             f"JOIN {self.changes} c ON c.{SEQ} = e.{SEQ})"
         )
 
-    def changed_rows(self, columns: Sequence[str]) -> str:
-        """SQL: end rows that are new, or whose ``columns`` differ from their start row.
-
-        Each row carries ``_hr_commit_ts`` and ``_hr_new`` (true when the key
-        did not exist before the batch).
-        """
-        match = self.key_match("s", "e")
-        first = quote_ident(self.key[0])
-        differs = " OR ".join(
-            f"e.{quote_ident(c)} IS DISTINCT FROM s.{quote_ident(c)}" for c in columns
-        )
-        condition = f"s.{first} IS NULL" + (f" OR {differs}" if differs else "")
-        return (
-            f"(SELECT e.*, s.{first} IS NULL AS _hr_new FROM {self.end_rows()} e "
-            f"LEFT JOIN {self.start} s ON {match} WHERE {condition})"
-        )
-
     def before(self) -> str:
         """SQL: the whole table as it was before the batch (mirror rows not touched + start)."""
         if self.truncated:

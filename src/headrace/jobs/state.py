@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import duckdb
 
@@ -98,14 +98,6 @@ def create_like(
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)})")
 
 
-def table_exists(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
-    rows = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-        [schema, name],
-    ).fetchall()
-    return bool(rows[0][0])
-
-
 @dataclass(frozen=True)
 class RowWindow:
     """Recent rows of one table that pass a filter, keyed by the table's key (module docstring).
@@ -149,9 +141,6 @@ class RowWindow:
                 f"WHERE {time} >= ?",
                 [horizon],
             )
-
-    def prune(self, con: duckdb.DuckDBPyConnection, horizon: datetime) -> None:
-        con.execute(f"DELETE FROM {self.table} WHERE {quote_ident(self.time)} < ?", [horizon])
 
     def rebuild(
         self, con: duckdb.DuckDBPyConnection, mirror: str, horizon: datetime | None
@@ -227,8 +216,3 @@ class KeyedSums:
         con.execute(f"DELETE FROM {self.table}")
         inner = f"SELECT * FROM ({self._select(source, 1)}) WHERE ({extra_where})"
         con.execute(f"INSERT INTO {self.table} {self._aggregate(inner)}")
-
-
-def horizon_of(watermark: datetime | None, span: timedelta) -> datetime | None:
-    """Oldest event time a window of ``span`` ending at ``watermark`` still needs."""
-    return None if watermark is None else watermark - span

@@ -23,13 +23,12 @@ from collections.abc import Sequence
 import duckdb
 
 from headrace.alerts.config import SinkConfig
-from headrace.alerts.store import emit_incidents
+from headrace.alerts.store import CANDIDATE_COLUMNS, emit_incidents
 from headrace.jobs.base import JobContext, StreamJob
 from headrace.rules.base import RuleJob
 from headrace.source.changes import TableRef
 
 CANDIDATES = "_job_candidates"
-_COLUMNS = "account_id, dedup_key, event_at, started_at, commit_ts, lsn, severity, summary, payload"
 
 
 class RuleSet(StreamJob):
@@ -62,7 +61,7 @@ class RuleSet(StreamJob):
             evaluations.append((rule, rule.evaluate(ctx)))
             self.seconds[rule.name] += time.perf_counter() - started
         parts = [
-            f"SELECT '{rule.name}' AS rule, {_COLUMNS} FROM ({evaluation.candidates})"
+            f"SELECT '{rule.name}' AS rule, {CANDIDATE_COLUMNS} FROM ({evaluation.candidates})"
             for rule, evaluation in evaluations
             if evaluation.candidates is not None
         ]
