@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import psycopg
@@ -115,14 +116,15 @@ def make_pipeline(db: PgDatabase, tmp_path: Path, base_rows: int = BASE_ROWS) ->
 
 @contextmanager
 def running(
-    pipeline: Pipeline, settings: RunSettings | None = None, serve: object = None
+    pipeline: Pipeline, settings: RunSettings | None = None, **options: Any
 ) -> Iterator[tuple[Runner, list[RunResult]]]:
-    """A :class:`Runner` in a thread until the block ends (then stopped and joined)."""
+    """A :class:`Runner` in a thread until the block ends (then stopped and joined);
+    ``options`` go to the runner (``serve``, ``replace_slot``)."""
     runner = Runner(
         pipeline.config,
         settings=settings or RunSettings(status_interval_s=0.2, heartbeat_interval_s=0.5),
         config_path=pipeline.path,
-        serve=serve,
+        **options,
     )
     results: list[RunResult] = []
     errors: list[BaseException] = []
@@ -166,16 +168,26 @@ def wait_caught_up(runner: Runner, lsn: int, timeout_s: float = 60) -> None:
 HEADRACE = [sys.executable, "-c", "from headrace.cli.main import app; app()"]
 
 
-def headrace(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a ``headrace`` command to its end."""
-    return subprocess.run(
-        [*HEADRACE, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+@dataclass(frozen=True)
+class Ran:
+    """How a ``headrace`` command ended."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def headrace(*args: str) -> Ran:
+    """Run a short ``headrace`` command (``status``, ``rebuild``) in this process, to its end
+    (``headrace run`` itself runs as a child process: :class:`RunProcess`)."""
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from headrace.cli.main import app  # noqa: PLC0415
+
+    result = CliRunner().invoke(app, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 _run_numbers = itertools.count()

@@ -63,9 +63,9 @@ def store_and_slot(pipeline: Pipeline) -> tuple[int | None, int | None]:
 def test_kill_9_anywhere_then_drain_equals_postgres(pg_db: PgDatabase, tmp_path: Path) -> None:
     seed = int(os.environ.get("HEADRACE_CRASH_SEED", "2026"))
     rng = random.Random(seed)  # noqa: S311 - chooses kill times, not a secret
-    pipeline = make_pipeline(pg_db, tmp_path, base_rows=20_000)
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=5_000)
     stored_positions: list[int] = []
-    with BackgroundWriter(pipeline, rate=1500) as writer:
+    with BackgroundWriter(pipeline, rate=600) as writer:
         for fault in ROUNDS:
             if fault == "kill":
                 run = RunProcess(pipeline)

@@ -7,6 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from headrace.errors import SourceError
+from headrace.run.runner import Runner
 from headrace.run.settings import RunSettings
 from headrace.serve.settings import AuthSettings, ServeSettings
 from tests.conftest import PgDatabase
@@ -79,3 +81,15 @@ def test_serve_shows_the_live_store(pg_db: PgDatabase, tmp_path: Path) -> None:
                 row = conn.execute(b"SELECT count(*) FROM transactions").fetchone()
             assert row is not None
             assert answer.json()["rows"] == [[row[0]]]
+
+
+def test_an_unknown_slot_is_dropped_only_when_asked(pg_db: PgDatabase, tmp_path: Path) -> None:
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=100)
+    pg_db.execute("SELECT pg_create_logical_replication_slot('s_run', 'pgoutput')")
+    with pytest.raises(SourceError, match="--replace-slot"):
+        Runner(pipeline.config, config_path=pipeline.path).run()
+    with running(pipeline, replace_slot=True) as (runner, _):
+        assert runner.state.snapshot is not None
+        end = pipeline.write(rate=2000, seconds=0.3)
+        wait_caught_up(runner, end)
+    pipeline.assert_equal_to_postgres()

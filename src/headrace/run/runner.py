@@ -141,6 +141,8 @@ class Runner:
                 store.close()
 
     def _run(self, store: DuckDBStore) -> RunResult:
+        # DuckDB draws its own progress bar on a terminal; ours is the only display.
+        store.writer.execute("SET enable_progress_bar = false")
         engine = Engine(self.config, store)
         reporter = StatusReporter(
             self.state,
