@@ -161,6 +161,18 @@ def make_harness(
 # ------------------------------------------------------------------ reference
 
 
+def recorded_source(recorded: dict[int, str | None], column: str = "recorded_tier") -> str:
+    """``tx`` joined to the tier PostgreSQL returned when each row version was written."""
+    if not recorded:
+        values = "(SELECT NULL::bigint AS id, NULL::text AS tier WHERE false)"
+    else:
+        keys = ",".join(str(k) for k in recorded)
+        tiers = ",".join("NULL" if v is None else f"'{v}'" for v in recorded.values())
+        values = f"(SELECT * FROM unnest(ARRAY[{keys}]::bigint[], ARRAY[{tiers}]::text[]) AS r(id, tier))"
+    return f"(SELECT tx.*, r.tier AS {column} FROM tx LEFT JOIN {values} r ON r.id = tx.id) src"
+
+
+
 def reference_sql(
     rollup: RollupConfig, grain_seconds: float, source: str | None, lookups: dict[str, str]
 ) -> tuple[str, set[int]]:

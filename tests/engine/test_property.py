@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from headrace.source.postgres.batcher import Batcher
 from tests.conftest import PgDatabase
-from tests.engine.harness import Harness, make_harness, normalized
+from tests.engine.harness import Harness, make_harness, normalized, recorded_source
 
 YAML = """
 source:
@@ -286,13 +286,7 @@ class World:
             conn.commit()
 
     def lookup_source(self) -> str:
-        if not self.recorded:
-            recorded = "(SELECT NULL::int AS id, NULL::text AS tier WHERE false)"
-        else:
-            keys = ",".join(str(k) for k in self.recorded)
-            values = ",".join("NULL" if v is None else f"'{v}'" for v in self.recorded.values())
-            recorded = f"(SELECT * FROM unnest(ARRAY[{keys}]::int[], ARRAY[{values}]::text[]) AS r(id, tier))"
-        return f"(SELECT tx.*, r.tier AS recorded_tier FROM tx LEFT JOIN {recorded} r ON r.id = tx.id) src"
+        return recorded_source(self.recorded)
 
 
 _examples = itertools.count()
