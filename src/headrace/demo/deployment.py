@@ -70,7 +70,13 @@ class Deployment:
     path: Path
     pipeline: PipelineConfig
     sections: dict[str, Any]
-    """Parsed top-level sections the pipeline model does not read (``serve:``)."""
+    """Parsed top-level sections the pipeline model does not read."""
+
+    @property
+    def serve(self) -> dict[str, Any]:
+        """The ``serve:`` section (dashboards, masking), wherever it was parsed."""
+        section = getattr(self.pipeline, "serve", None) or self.sections.get("serve")
+        return dict(section) if isinstance(section, dict) else {}
 
 
 def top_level_sections(text: str) -> dict[str, tuple[int, int]]:

@@ -288,9 +288,8 @@ class Demo:
             time.sleep(0.05)
 
     def _serve_settings(self, deployment: Deployment) -> ServeSettings:
-        section = deployment.sections.get("serve") or {}
         data: dict[str, Any] = {
-            **section,
+            **deployment.serve,
             "store": deployment.pipeline.store.path,
             "host": self.settings.host,
             "port": self.settings.port,

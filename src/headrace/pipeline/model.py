@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -293,6 +293,14 @@ class PipelineConfig(_Model):
     )
     sinks: list[SinkConfig] = Field(
         default_factory=list, description="Where alerts are delivered (headrace.alerts.config)."
+    )
+    serve: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Serving settings: dashboards and tiles, users, SQL limits "
+            "(headrace.serve.settings.ServeSettings, checked when serving starts); read by "
+            "`headrace run --serve` and `headrace serve`."
+        ),
     )
 
     @property
