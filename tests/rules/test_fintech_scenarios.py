@@ -14,9 +14,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from headrace.demo.config import COUNTRIES, FraudFamily, PopulationSettings
+from headrace.demo.deployment import template_text
 from headrace.demo.generator import Workload
 from headrace.demo.history import load_history
+from headrace.jobs.runtime import StreamJobs
 from headrace.pipeline.load import parse_pipeline
 from tests.conftest import PgDatabase
 from tests.demo.conftest import ANCHOR, history_settings, workload_settings
@@ -25,6 +29,15 @@ from tests.rules.bank import TABLES
 
 FINTECH = resources.files("headrace.demo").joinpath("rules.yaml").read_text()
 SIMULATED_MINUTES = 10
+
+
+def test_the_deployment_builds_its_jobs() -> None:
+    """headrace.yaml and rules.yaml together: every job finds its tables, rollups, measures."""
+    config = parse_pipeline(
+        template_text().replace("@DSN@", "postgresql://x").replace("@STORE@", "headrace.duckdb")
+    )
+    jobs = StreamJobs.from_config(config)
+    assert [job.name for job in jobs.jobs] == ["rules", "health_score", "metric_alerts"]
 
 
 def test_the_fintech_thresholds_parse_and_cover_every_country() -> None:
@@ -40,7 +53,9 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
     load_history(
         history_settings(pg_db.dsn, transactions_per_account_month=10.0, population=population)
     )
-    harness = make_harness(pg_db, tmp_path, TABLES + FINTECH)
+    sections = yaml.safe_load(FINTECH)
+    del sections["metric_alerts"]  # they watch the deployment's rollups, not needed here
+    harness = make_harness(pg_db, tmp_path, TABLES + yaml.safe_dump(sections))
     settings = workload_settings(
         pg_db.dsn,
         rate=10.0,
