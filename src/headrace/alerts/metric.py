@@ -3,9 +3,10 @@
 A stream job evaluated after the rollups of every batch that touched the
 watched rollup's table, inside the batch's transaction. For each alert:
 
-1. the *evaluated bucket*: the newest bucket of ``rollup.<rollup>_<grain>``
-   that is not in the future (``current``), or the one before it
-   (``previous``, the default: the last complete bucket);
+1. the *evaluated bucket*: the bucket of ``rollup.<rollup>_<grain>`` holding
+   the alert's watermark (the newest ``least(time, commit time)`` of the
+   watched table's rows; ``current``), or the one before it (``previous``,
+   the default: the last complete bucket);
 2. per ``group_by`` combination, the value (``sum(measure)`` or the
    ``value`` expression) of that bucket, of the bucket before it, and the
    mean and sample standard deviation of the ``baseline`` buckets before it
@@ -33,7 +34,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -43,9 +44,10 @@ from headrace.alerts.config import MetricAlertConfig, MetricCondition, SinkConfi
 from headrace.alerts.store import insert_alerts
 from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, StreamJob
-from headrace.pipeline.model import PipelineConfig, RollupConfig, quote_ident
+from headrace.jobs.state import latest
+from headrace.pipeline.model import COMMIT_TIME, PipelineConfig, RollupConfig, quote_ident
 from headrace.source.changes import COMMIT_TS, LSN, TableRef
-from headrace.store.duckdb.schema import META, ROLLUP, grain_label, rollup_view
+from headrace.store.duckdb.schema import EVENT_TS, META, ROLLUP, grain_label, rollup_view
 
 STATE = f"{META}.metric_alert_state"
 
@@ -86,6 +88,9 @@ class _Watched:
     rollup: RollupConfig
     table: TableRef
     grain: timedelta
+    time: str
+    """SQL over the table's rows: the rollup's time column (the hidden event time for
+    ``commit``)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,11 @@ class MetricAlerts(StreamJob):
                 problems.append(
                     f"metric alert {alert.name}: {rollup.name} has no measure {alert.measure}"
                 )
-            self.watched.append(_Watched(alert, rollup, TableRef.parse(rollup.table), grain))
+            ref = TableRef.parse(rollup.table)
+            table = pipeline.table_refs.get(ref)
+            column = rollup.time or (table.event_time if table is not None else COMMIT_TIME)
+            time = EVENT_TS if column == COMMIT_TIME else quote_ident(column)
+            self.watched.append(_Watched(alert, rollup, ref, grain, time))
         names = [a.name for a in alerts]
         if len(set(names)) != len(names):
             problems.append("two metric alerts have the same name")
@@ -181,10 +190,20 @@ class MetricAlerts(StreamJob):
         """Nothing to rebuild: the rollups are rebuilt by the engine; the state stays."""
 
     def apply(self, ctx: JobContext) -> None:
+        views: set[str] | None = None
         for watched in self.watched:
             delta = ctx.delta(watched.table)
             if delta is None:
                 continue
+            if views is None:
+                views = {
+                    str(r[0])
+                    for r in ctx.con.execute(
+                        "SELECT view_name FROM duckdb_views() WHERE schema_name = ?", [ROLLUP]
+                    ).fetchall()
+                }
+            if f"{watched.rollup.name}_{grain_label(watched.grain)}" not in views:
+                continue  # the rollup is not built (yet), or paused without views
             commit_ts, lsn = ctx.con.execute(
                 f"SELECT max({COMMIT_TS}), max({LSN}) FROM {delta.changes}"
             ).fetchall()[0]
@@ -193,24 +212,22 @@ class MetricAlerts(StreamJob):
     def evaluate(
         self, ctx: JobContext, watched: _Watched, commit_ts: datetime | None, lsn: int | None
     ) -> int:
-        """Evaluate one alert; returns the alert rows written."""
+        """Evaluate one alert; returns the alert rows written.
+
+        The current bucket is the one holding the alert's watermark (the newest
+        ``least(time, commit time)`` of the watched table's rows seen so far).
+        """
         con, config = ctx.con, watched.config
-        view_name = f"{watched.rollup.name}_{grain_label(watched.grain)}"
-        exists = con.execute(
-            "SELECT count(*) FROM duckdb_views() WHERE schema_name = ? AND view_name = ?",
-            [ROLLUP, view_name],
-        ).fetchall()[0][0]
-        if not exists:
+        job = f"{self.name}:{config.name}"
+        watermark = latest(ctx.watermark(job)[0], ctx.batch_time(watched.table, watched.time))
+        if watermark is None:
             return 0
-        view = rollup_view(watched.rollup.name, watched.grain)
-        newest = con.execute(
-            f"SELECT max(bucket) FROM {view} WHERE bucket <= ?", [ctx.now]
-        ).fetchall()
-        if not newest or newest[0][0] is None:
-            return 0
-        target: datetime = newest[0][0]
+        ctx.set_watermark(job, watermark, None)
+        seconds = int(watched.grain.total_seconds())
+        target = datetime.fromtimestamp(int(watermark.timestamp()) // seconds * seconds, UTC)
         if config.bucket == "previous":
             target -= watched.grain
+        view = rollup_view(watched.rollup.name, watched.grain)
         readings = self.read(con, watched, view, target)
         return self.transition(ctx, watched, target, readings, commit_ts=commit_ts, lsn=lsn)
 
