@@ -10,6 +10,7 @@ from headrace.cli.capture import capture
 from headrace.cli.demo import demo_app
 from headrace.cli.run import rebuild, run, status
 from headrace.cli.serve import serve, user_app
+from headrace.cli.validate import validate
 
 app = typer.Typer(
     name="headrace",
@@ -42,3 +43,4 @@ app.add_typer(user_app, name="user")
 app.command("run")(run)
 app.command("status")(status)
 app.command("rebuild")(rebuild)
+app.command("validate")(validate)

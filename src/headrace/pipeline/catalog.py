@@ -71,7 +71,8 @@ WITH idx AS (
     ORDER BY indisprimary DESC LIMIT 1
 )
 SELECT a.attname
-FROM idx, unnest(idx.attnums) WITH ORDINALITY AS k(attnum, ord)
+FROM idx
+CROSS JOIN LATERAL unnest(idx.attnums) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = k.attnum
 ORDER BY k.ord
 """

@@ -14,17 +14,13 @@ ALLOWED = "a whole number followed by a unit: s, m, h, d or w (e.g. 30s, 5m, 1h,
 
 
 def parse_duration(value: object) -> timedelta:
-    """Parse ``"5m"`` (or a :class:`timedelta`, or whole seconds) into a timedelta.
+    """Parse ``"5m"`` (or a :class:`timedelta`) into a timedelta; a bare number has no unit.
 
     >>> parse_duration("5m")
     datetime.timedelta(seconds=300)
     """
     if isinstance(value, timedelta):
         return value
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}; write {ALLOWED}")
-    if isinstance(value, int):
-        return timedelta(seconds=value)
     if isinstance(value, str):
         match = _PATTERN.match(value)
         if match:

@@ -1,0 +1,83 @@
+"""``headrace validate``: check a pipeline file, and optionally against the source database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import psycopg
+import typer
+
+from headrace.errors import ConfigError, HeadraceError, SourceError
+from headrace.pipeline.catalog import TableCatalog, read_table_catalog
+from headrace.pipeline.durations import format_duration
+from headrace.pipeline.load import check_against_catalog, load_pipeline, raise_problems
+from headrace.pipeline.model import PipelineConfig
+
+
+def validate(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The pipeline file to check.")
+    ] = Path("headrace.yaml"),
+    connect: Annotated[
+        bool,
+        typer.Option(
+            "--connect/--offline",
+            help=(
+                "Also read the tables' columns and keys from the source database and check "
+                "every column the pipeline names (needs the DSN)."
+            ),
+        ),
+    ] = False,
+) -> None:
+    """Check headrace.yaml: every mistake is reported with its line, field and what is allowed."""
+    try:
+        pipeline = load_pipeline(config)
+        if connect:
+            _check_source(pipeline, str(config))
+    except HeadraceError as exc:
+        typer.echo(f"error: {exc.what}", err=True)
+        if exc.fix:
+            typer.echo(f"  what to do: {exc.fix}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary(pipeline, checked_source=connect))
+
+
+def _check_source(pipeline: PipelineConfig, file: str) -> None:
+    dsn = pipeline.source.resolved_dsn()
+    if not dsn:
+        raise ConfigError(
+            f"no DSN to connect with (source.dsn_env {pipeline.source.dsn_env} is not set)",
+            "set the environment variable, or run with --offline",
+        )
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            catalogs: dict[object, TableCatalog] = {}
+            for ref in pipeline.table_refs:
+                try:
+                    catalogs[ref] = read_table_catalog(conn, ref)
+                except SourceError:
+                    continue  # reported as a missing table below
+    except psycopg.OperationalError as exc:
+        raise SourceError(
+            f"cannot connect to the source: {str(exc).strip().splitlines()[0]}",
+            "check the DSN, or run with --offline",
+        ) from exc
+    raise_problems(check_against_catalog(pipeline, catalogs), file)  # type: ignore[arg-type]
+
+
+def summary(pipeline: PipelineConfig, *, checked_source: bool) -> str:
+    """A short description of a valid pipeline."""
+    lines = [f"ok: {len(pipeline.source.tables)} table(s), {len(pipeline.rollups)} rollup(s)"]
+    for name, table in pipeline.source.tables.items():
+        keeps = [k for k in ("mirror", "history") if getattr(table, k)]
+        lines.append(f"  table {name}: {', '.join(keeps)}; event time {table.event_time}")
+    for rollup in pipeline.rollups:
+        grains = ", ".join(format_duration(g) for g in rollup.grains)
+        lines.append(
+            f"  rollup {rollup.name} on {rollup.table}: grains {grains}; "
+            f"{len(rollup.dimensions)} dimension(s), {len(rollup.measures)} measure(s)"
+        )
+    if not checked_source:
+        lines.append("  (columns not checked against the source: use --connect)")
+    return "\n".join(lines)
