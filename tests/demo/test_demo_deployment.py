@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from headrace.demo.deployment import render_deployment
+from headrace.demo.deployment import deployment_text, render_deployment, top_level_sections
 from headrace.demo.metrics import DIMENSIONS
 from headrace.pipeline.load import load_pipeline
 from headrace.serve.settings import ServeSettings
@@ -27,3 +27,11 @@ def test_rendered_deployment_loads_with_its_dashboard(tmp_path: Path) -> None:
         t.name for t in dashboard.tiles
     }
     assert serve.masked_columns["viewer"]
+
+
+def test_no_section_is_written_twice() -> None:
+    """headrace.yaml and rules.yaml are concatenated: a key in both would silently drop one."""
+    text = deployment_text("dbname=x", "x.duckdb")
+    keys = [line.split(":", 1)[0] for line in text.splitlines() if line[:1].isalpha()]
+    assert len(keys) == len(set(keys)), keys
+    assert set(top_level_sections(text)) == set(keys)
