@@ -38,7 +38,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import psutil
 import psycopg
 from psycopg import sql
@@ -54,6 +53,7 @@ from headrace.pipeline.load import load_pipeline
 from headrace.run.control import RunFiles, read_json
 from headrace.run.metrics import FreshnessHistogram
 from headrace.sandbox.postgres import ThrowawayPostgres
+from headrace.store.duckdb.connect import open_store
 
 TARGET_PRECISION = 0.95
 TARGET_RECALL = 0.95
@@ -337,7 +337,7 @@ def _score(
     alerts: list[AlertSeen] = []
     engine_latencies: list[float] = []
     if store.exists():
-        con = duckdb.connect(str(store), read_only=True)
+        con = open_store(store, read_only=True)
         try:
             tables = {
                 str(r[0])

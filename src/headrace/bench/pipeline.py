@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import psutil
 import psycopg
 from rich.console import Console
@@ -50,6 +49,7 @@ from headrace.run.control import RunFiles, read_json
 from headrace.run.metrics import FreshnessHistogram
 from headrace.run.verify import compare_store, reference_sql
 from headrace.sandbox.postgres import ThrowawayPostgres
+from headrace.store.duckdb.connect import open_store
 
 TARGET_HIGH_RATE = 100_000
 TARGET_HIGH_P99_MS = 1_000.0
@@ -330,7 +330,7 @@ def _measure(
 def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
     """Every rollup view against the same GROUP BY on PostgreSQL (the source is quiet)."""
     with psycopg.connect(dsn, autocommit=True) as pg:
-        duck = duckdb.connect(config.store.path, read_only=True)
+        duck = open_store(config.store.path, read_only=True)
         try:
             comparison = compare_store(config, pg, duck, mirrors=False)
             pg_rows = pg.execute(b"SELECT count(*) FROM transactions").fetchone()

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import duckdb
 
 from headrace.errors import StoreError
+from headrace.store.duckdb.connect import open_store, store_cursor
 
 # Called with the new version (ReadOnlyStore) or a CommitEvent (DuckDBStore): the
 # serving layer only needs to know that something was committed.
@@ -157,7 +158,7 @@ class ReadOnlyStore:
         if threads:
             config["threads"] = threads
         try:
-            self._con = duckdb.connect(str(path), read_only=True, config=config)
+            self._con = open_store(path, read_only=True, config=config)
             # Timestamps render in UTC in every cursor, as with the engine's store; then
             # nothing may change the configuration any more.
             self._con.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -172,7 +173,7 @@ class ReadOnlyStore:
         self._version = 0
         self._listeners = _Listeners()
         self._stop = threading.Event()
-        self._last = read_position(self._con.cursor())
+        self._last = read_position(store_cursor(self._con))
         self._thread = threading.Thread(target=self._poll, name="headrace-store-poll", daemon=True)
         self._thread.start()
 
@@ -188,14 +189,14 @@ class ReadOnlyStore:
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor on the read-only instance."""
-        return self._con.cursor()
+        return store_cursor(self._con)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Be told of every detected change."""
         return self._listeners.add(listener)
 
     def _poll(self) -> None:
-        cur = self._con.cursor()
+        cur = store_cursor(self._con)
         try:
             while not self._stop.wait(self._poll_s):
                 position = read_position(cur)

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from headrace.errors import StoreError
 from headrace.store.base import DeadLetter, RollupStatus, Store, StoredPosition, TableStatus
+from headrace.store.duckdb.connect import open_store, store_cursor
 from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class DuckDBStore(Store):
         self._last_checkpoint = time.monotonic()
         self._in_transaction = False
         try:
-            self._con = duckdb.connect(str(self.path), read_only=read_only)
+            self._con = open_store(self.path, read_only=read_only)
         except duckdb.Error as exc:
             raise StoreError(
                 f"cannot open the DuckDB store {self.path}: {exc}",
@@ -75,7 +76,8 @@ class DuckDBStore(Store):
             for statement in METADATA_DDL:
                 con.execute(statement)
             con.execute(
-                f"INSERT INTO {META}.store_info VALUES ('format_version', ?) ON CONFLICT DO NOTHING",
+                f"INSERT INTO {META}.store_info VALUES ('format_version', ?) "
+                "ON CONFLICT DO NOTHING",
                 [str(FORMAT_VERSION)],
             )
             con.execute(
@@ -110,7 +112,7 @@ class DuckDBStore(Store):
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new reader connection (cursor) for another thread; close it when done."""
-        cursor = self._con.cursor()
+        cursor = store_cursor(self._con)
         cursor.execute("SET TimeZone = 'UTC'")
         return cursor
 
