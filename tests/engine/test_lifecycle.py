@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from headrace.errors import StoreError
 from headrace.pipeline.load import parse_pipeline
-from headrace.source.changes import SnapshotChunk
+from headrace.source.changes import Column, SnapshotChunk, TableRef, TableSchema
 from headrace.store.base import CommitEvent
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness, recorded_source
@@ -52,9 +53,7 @@ INSERT INTO tx SELECT i, 1 + i % 100, (i % 1000) / 10.0, (ARRAY['ok','declined']
   FROM generate_series(1, 50000) i;
 """
 
-TIERS = (
-    "(SELECT tx.*, acct.tier AS current_tier FROM tx LEFT JOIN acct ON acct.id = tx.acct_id) s"
-)
+TIERS = "(SELECT tx.*, acct.tier AS current_tier FROM tx LEFT JOIN acct ON acct.id = tx.acct_id) s"
 
 
 @pytest.fixture
@@ -88,19 +87,15 @@ def test_snapshot_then_stream(h: Harness) -> None:
     h.sync()
     h.assert_mirror("tx", ["id", "acct_id", "amount", "status", "ts"])
     h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
-    assert events[-1].kind == "batch" and events[-1].tables == ("public.tx",)
+    assert events[-1].kind == "batch"
+    assert events[-1].tables == ("public.tx",)
     assert [e.version for e in events] == list(range(events[0].version, events[-1].version + 1))
 
 
 def test_interrupted_snapshot_leaves_nothing(h: Harness) -> None:
     h.db.execute("SELECT pg_drop_replication_slot('s_p')")
-    schema = h.engine  # keep mypy quiet about the generator below
 
     def failing() -> Iterator[SnapshotChunk]:
-        import pyarrow as pa
-
-        from headrace.source.changes import Column, TableRef, TableSchema
-
         table = TableSchema(
             TableRef("public", "acct"),
             1,
@@ -113,7 +108,7 @@ def test_interrupted_snapshot_leaves_nothing(h: Harness) -> None:
         raise RuntimeError("copy connection lost")
 
     with pytest.raises(RuntimeError):
-        schema.load_snapshot(failing())
+        h.engine.load_snapshot(failing())
     assert h.engine.position() is None
     assert h.duck("SELECT count(*) FROM headrace.position") == [(0,)]
     assert h.duck("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'mirror'") == [(0,)]
@@ -144,7 +139,9 @@ def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
                 ):
                     for row in conn.execute(statement.encode()).fetchall():
                         recorded[int(row[0])] = None if row[1] is None else str(row[1])  # type: ignore[call-overload]
-                conn.execute(f"UPDATE acct SET tier = 'platinum{i % 3}' WHERE id = {i % 100}".encode())
+                conn.execute(
+                    f"UPDATE acct SET tier = 'platinum{i % 3}' WHERE id = {i % 100}".encode()
+                )
                 time.sleep(0.02)
 
     thread = threading.Thread(target=writer)
@@ -152,8 +149,10 @@ def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
     rebuilt: list[CommitEvent] = []
     h.store.subscribe(lambda e: rebuilt.append(e) if e.kind == "rebuild" else None)
     changed = parse_pipeline(
-        YAML.replace("{name: n, fn: count}", "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}")
-        .replace("DSN", h.db.dsn)
+        YAML.replace(
+            "{name: n, fn: count}",
+            "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}",
+        ).replace("DSN", h.db.dsn)
     ).rollup("vol")
     try:
         commits = itertools.count()
@@ -172,8 +171,9 @@ def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
         thread.join()
     h.sync()
     assert len(rebuilt) == 2
-    assert "lo" in [c for (c,) in h.duck(
-        "SELECT column_name FROM duckdb_columns() WHERE table_name = 'vol_5m'")]
+    assert "lo" in [
+        c for (c,) in h.duck("SELECT column_name FROM duckdb_columns() WHERE table_name = 'vol_5m'")
+    ]
     h.assert_rollup("vol", recorded_source(recorded), {"tier": "recorded_tier"})
     h.assert_mirror("tx", ["id", "acct_id", "amount", "status", "ts"])
 
@@ -225,7 +225,9 @@ def test_retention(pg_db: PgDatabase, tmp_path: Path) -> None:
         assert gone.history_rows == {"public.ev": before}
         # The horizon never moves back.
         h.engine.enforce_retention(now - timedelta(days=10))
-        assert h.duck("SELECT retained_from FROM headrace.rollups")[0][0] > horizon
+        kept_from = h.duck("SELECT retained_from FROM headrace.rollups")[0][0]
+        assert isinstance(kept_from, datetime)
+        assert kept_from > horizon
     finally:
         h.close()
 
@@ -254,7 +256,9 @@ def test_commit_time_buckets(pg_db: PgDatabase, tmp_path: Path) -> None:
         assert abs(snapshot_bucket - datetime.now(UTC)) < timedelta(minutes=2)
         h.execute("INSERT INTO ev VALUES (2, 'b')")
         h.sync()
-        inserted = h.duck("SELECT _hr_commit_ts FROM history.ev WHERE id = 2 AND _hr_op = 'I'")[0][0]
+        inserted = h.duck("SELECT _hr_commit_ts FROM history.ev WHERE id = 2 AND _hr_op = 'I'")[0][
+            0
+        ]
         assert isinstance(inserted, datetime)
         bucket = inserted.replace(second=0, microsecond=0)
         assert h.duck("SELECT bucket FROM rollup.per_minute_1m WHERE kind = 'b'") == [(bucket,)]
@@ -262,7 +266,9 @@ def test_commit_time_buckets(pg_db: PgDatabase, tmp_path: Path) -> None:
         # An update (even a key move) keeps the insert's commit time.
         h.execute("UPDATE ev SET kind = 'c' WHERE id = 2", "UPDATE ev SET id = 3 WHERE id = 2")
         h.sync()
-        assert h.duck("SELECT bucket, n FROM rollup.per_minute_1m WHERE kind = 'c'") == [(bucket, 1)]
+        assert h.duck("SELECT bucket, n FROM rollup.per_minute_1m WHERE kind = 'c'") == [
+            (bucket, 1)
+        ]
         assert h.duck("SELECT _hr_event_ts FROM mirror.ev WHERE id = 3") == [(inserted,)]
     finally:
         h.close()

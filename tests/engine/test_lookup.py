@@ -40,7 +40,9 @@ def pipeline(pg_db: PgDatabase, tmp_path: Path) -> Harness:
 
 
 def tiers(h: Harness) -> dict[object, tuple[object, object]]:
-    return {row[0]: (row[1], row[2]) for row in h.duck("SELECT tier, n, volume FROM rollup.by_tier_1h")}
+    return {
+        row[0]: (row[1], row[2]) for row in h.duck("SELECT tier, n, volume FROM rollup.by_tier_1h")
+    }
 
 
 def test_snapshot_resolves_from_the_snapshot(pipeline: Harness) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ BIG = "(SELECT string_agg(md5(i::text || '{seed}'), '') FROM generate_series(1, 
 
 
 @pytest.fixture
-def h(pg_db: PgDatabase, tmp_path: Path) -> Harness:
+def h(pg_db: PgDatabase, tmp_path: Path) -> Iterator[Harness]:
     pg_db.execute(
         "CREATE TABLE t (id int PRIMARY KEY, grp text, v int, kind text, ts timestamptz, doc text);"
         "ALTER TABLE t ALTER COLUMN doc SET STORAGE EXTERNAL;"
@@ -92,7 +93,8 @@ def test_toast_filled_from_the_mirror_and_within_a_batch(h: Harness) -> None:
 def test_min_max_stay_exact_under_retraction(h: Harness) -> None:
     h.execute(
         "INSERT INTO t VALUES (1, 'a', 10, 'x', '2024-01-01 00:00+00', NULL),"
-        " (2, 'a', 20, 'x', '2024-01-01 00:10+00', NULL), (3, 'a', 30, 'y', '2024-01-01 00:20+00', NULL)"
+        " (2, 'a', 20, 'x', '2024-01-01 00:10+00', NULL),"
+        " (3, 'a', 30, 'y', '2024-01-01 00:20+00', NULL)"
     )
     h.sync()
     check(h)

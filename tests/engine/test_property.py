@@ -19,8 +19,8 @@ row is what PostgreSQL itself returned when the row version was written
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headrace.source.postgres.batcher import Batcher
+from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness, normalized, recorded_source
 
@@ -117,60 +118,80 @@ def _note(kind: str, seed: int) -> str:
     if kind != "BIG":
         return kind
     # ~3 KB of incompressible text: stored out of line (TOAST).
-    return (
-        f"(SELECT string_agg(md5(i::text || '{seed}'), '') FROM generate_series(1, 100) i)"
-    )
+    return f"(SELECT string_agg(md5(i::text || '{seed}'), '') FROM generate_series(1, 100) i)"
 
 
 def _ts(minute: int) -> str:
     return f"{BASE} + interval '{minute} minutes'"
 
 
+def _tx_insert(draw: st.DrawFn, i: int) -> str:
+    acct = draw(st.one_of(acct_ids, st.just(99), st.none()))
+    return (
+        f"INSERT INTO tx VALUES ({i}, {acct if acct is not None else 'NULL'}, "
+        f"{draw(amounts)}, {draw(statuses)}, {_ts(draw(minutes))}, "
+        f"{_note(draw(notes), draw(st.integers(0, 9)))}) "
+        f"ON CONFLICT DO NOTHING RETURNING id, {LOOKUP}"
+    )
+
+
+def _tx_update(draw: st.DrawFn, i: int) -> str:
+    sets = draw(
+        st.lists(st.sampled_from(["amount", "status", "ts", "acct_id"]), min_size=1, unique=True)
+    )
+    values = {
+        "amount": draw(amounts),
+        "status": draw(statuses),
+        "ts": _ts(draw(minutes)),
+        "acct_id": str(draw(acct_ids)),
+    }
+    assignments = ", ".join(f"{s} = {values[s]}" for s in sets)
+    return f"UPDATE tx SET {assignments} WHERE id = {i} RETURNING id, {LOOKUP}"
+
+
+def _tx_note(draw: st.DrawFn, i: int) -> str:
+    note = _note(draw(notes), draw(st.integers(0, 9)))
+    return f"UPDATE tx SET note = {note} WHERE id = {i} RETURNING id, {LOOKUP}"
+
+
+def _tx_key(draw: st.DrawFn, i: int) -> str:
+    j = draw(ids)
+    return (
+        f"UPDATE tx SET id = {j} WHERE id = {i} AND NOT EXISTS "
+        f"(SELECT 1 FROM tx t2 WHERE t2.id = {j}) RETURNING id, {LOOKUP}"
+    )
+
+
+def _tx_delete(draw: st.DrawFn, i: int) -> str:
+    return f"DELETE FROM tx WHERE id = {i} RETURNING id, NULL::text"
+
+
+def _tx_bulk(draw: st.DrawFn, i: int) -> str:
+    return (
+        f"UPDATE tx SET amount = coalesce(amount, 0) + 1, ts = ts + interval '20 minutes' "
+        f"WHERE status = {draw(statuses)} OR id < {i} RETURNING id, {LOOKUP}"
+    )
+
+
+def _tx_truncate(draw: st.DrawFn, i: int) -> str:
+    return "TRUNCATE tx"
+
+
+TX_STATEMENTS = {
+    "insert": _tx_insert,
+    "update": _tx_update,
+    "note": _tx_note,
+    "key": _tx_key,
+    "delete": _tx_delete,
+    "bulk": _tx_bulk,
+    "truncate": _tx_truncate,
+}
+
+
 @st.composite
 def tx_statement(draw: st.DrawFn) -> str:
-    kind = draw(
-        st.sampled_from(
-            ["insert", "insert", "update", "update", "note", "key", "delete", "bulk", "truncate"]
-        )
-    )
-    i = draw(ids)
-    if kind == "insert":
-        acct = draw(st.one_of(acct_ids, st.just(99), st.none()))
-        return (
-            f"INSERT INTO tx VALUES ({i}, {acct if acct is not None else 'NULL'}, "
-            f"{draw(amounts)}, {draw(statuses)}, {_ts(draw(minutes))}, "
-            f"{_note(draw(notes), draw(st.integers(0, 9)))}) "
-            f"ON CONFLICT DO NOTHING RETURNING id, {LOOKUP}"
-        )
-    if kind == "update":
-        sets = draw(
-            st.lists(st.sampled_from(["amount", "status", "ts", "acct_id"]), min_size=1, unique=True)
-        )
-        values = {
-            "amount": draw(amounts),
-            "status": draw(statuses),
-            "ts": _ts(draw(minutes)),
-            "acct_id": str(draw(acct_ids)),
-        }
-        assignments = ", ".join(f"{s} = {values[s]}" for s in sets)
-        return f"UPDATE tx SET {assignments} WHERE id = {i} RETURNING id, {LOOKUP}"
-    if kind == "note":
-        note = _note(draw(notes), draw(st.integers(0, 9)))
-        return f"UPDATE tx SET note = {note} WHERE id = {i} RETURNING id, {LOOKUP}"
-    if kind == "key":
-        j = draw(ids)
-        return (
-            f"UPDATE tx SET id = {j} WHERE id = {i} AND NOT EXISTS "
-            f"(SELECT 1 FROM tx t2 WHERE t2.id = {j}) RETURNING id, {LOOKUP}"
-        )
-    if kind == "delete":
-        return f"DELETE FROM tx WHERE id = {i} RETURNING id, NULL::text"
-    if kind == "bulk":
-        return (
-            f"UPDATE tx SET amount = coalesce(amount, 0) + 1, ts = ts + interval '20 minutes' "
-            f"WHERE status = {draw(statuses)} OR id < {i} RETURNING id, {LOOKUP}"
-        )
-    return "TRUNCATE tx"
+    kinds = ["insert", "insert", "update", "update", "note", "key", "delete", "bulk", "truncate"]
+    return TX_STATEMENTS[draw(st.sampled_from(kinds))](draw, draw(ids))
 
 
 @st.composite
@@ -302,8 +323,8 @@ def _reset(db: PgDatabase) -> None:
 
 
 @pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> Iterator[tuple[PgDatabase, Path]]:
-    yield pg_db, tmp_path
+def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
+    return pg_db, tmp_path
 
 
 @settings(
@@ -374,15 +395,13 @@ def check(harness: Harness, world: World) -> None:
     for table in ("tx", "pair"):
         history = harness.duck(
             f"SELECT count(*), count(DISTINCT (_hr_lsn, _hr_seq)) FROM history.{table} "
-                "WHERE _hr_op <> 'S'"
+            "WHERE _hr_op <> 'S'"
         )[0]
         assert history[0] == history[1]
-    rows = dict(harness.duck("SELECT table_name, rows FROM headrace.tables"))
+    rows = {str(t): n for t, n in harness.duck("SELECT table_name, rows FROM headrace.tables")}
     for table in ("acct", "tx", "pair"):
         assert rows[f"public.{table}"] == harness.pg(f"SELECT count(*) FROM {table}")[0][0]
 
 
-def _label(grain: object) -> str:
-    from headrace.store.duckdb.schema import grain_label
-
-    return grain_label(grain)  # type: ignore[arg-type]
+def _label(grain: timedelta) -> str:
+    return grain_label(grain)

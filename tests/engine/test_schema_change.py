@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ rollups:
 
 
 @pytest.fixture
-def h(pg_db: PgDatabase, tmp_path: Path) -> Harness:
+def h(pg_db: PgDatabase, tmp_path: Path) -> Iterator[Harness]:
     pg_db.execute(
         "CREATE TABLE t (id int PRIMARY KEY, grp varchar(5), v int, kind text, price numeric(8,2),"
         " ts timestamptz);"
@@ -72,7 +73,7 @@ def versions(h: Harness) -> list[tuple[int, str]]:
 
 def rollup_state(h: Harness, name: str) -> tuple[object, object]:
     rows = h.duck(f"SELECT state, reason FROM headrace.rollups WHERE name = '{name}'")
-    return rows[0]
+    return rows[0][0], rows[0][1]
 
 
 def test_added_column(h: Harness) -> None:
@@ -114,7 +115,8 @@ def test_dropped_column_pauses_the_rollups_that_need_it(h: Harness) -> None:
     h.sync()
     state, reason = rollup_state(h, "by_kind")
     assert state == "paused"
-    assert "kind" in str(reason) and "dropped" in str(reason)
+    assert "kind" in str(reason)
+    assert "dropped" in str(reason)
     assert h.engine.paused_rollups().keys() == {"by_kind"}
     # The others continue.
     assert rollup_state(h, "by_grp")[0] == "active"
@@ -153,8 +155,13 @@ def test_widened_columns_in_place(h: Harness) -> None:
         "UPDATE t SET v = v + 1 WHERE id = 1",
     )
     h.sync()
-    types = dict(h.duck("SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 't'"
-                        " AND schema_name = 'mirror'"))
+    types = {
+        str(name): str(kind)
+        for name, kind in h.duck(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 't'"
+            " AND schema_name = 'mirror'"
+        )
+    }
     assert types["v"] == "BIGINT"
     assert types["price"] == "DECIMAL(12,2)"
     h.assert_mirror("t", ["id", "grp", "v", "kind", "price", "ts"])
@@ -183,7 +190,8 @@ def test_incompatible_change_goes_to_dead_letters(h: Harness) -> None:
     assert [json.loads(str(p))["_hr_op"] for _, _, _, p in letters] == ["I", "D"]
     lsn, table, reason, payload = letters[0]
     assert table == "public.t"
-    assert "grp changed type" in str(reason) and "LSN" in str(reason)
+    assert "grp changed type" in str(reason)
+    assert "LSN" in str(reason)
     assert json.loads(str(payload))["_hr_lsn"] == lsn
     status = {t.table_name: t for t in h.engine.status().tables}
     assert status["public.t"].state == "dead_letter"

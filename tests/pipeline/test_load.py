@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from headrace.errors import ConfigError
+from headrace.pipeline import model
 from headrace.pipeline.catalog import TableCatalog
 from headrace.pipeline.load import check_against_catalog, load_pipeline, parse_pipeline
 from headrace.pipeline.model import MeasureFn, PipelineConfig
@@ -66,8 +67,6 @@ def test_every_field_is_documented() -> None:
         for name, field in model.model_fields.items():  # type: ignore[attr-defined]
             assert field.description, f"{model.__name__}.{name} has no description"
 
-    from headrace.pipeline import model
-
     for cls in (
         model.PipelineConfig,
         model.SourceConfig,
@@ -94,7 +93,8 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_yaml_syntax() -> None:
     message = error_of("source:\n  tables: [a\n")
-    assert "headrace.yaml:" in message and "not valid YAML" in message
+    assert "headrace.yaml:" in message
+    assert "not valid YAML" in message
 
 
 def test_not_a_mapping() -> None:
@@ -136,7 +136,9 @@ def test_coarser_grain_not_a_multiple() -> None:
 
 
 def test_retention_shorter_than_the_coarsest_grain() -> None:
-    assert "shorter than the coarsest grain" in error_of(GOOD.replace("retention: 30d", "retention: 1h"))
+    assert "shorter than the coarsest grain" in error_of(
+        GOOD.replace("retention: 30d", "retention: 1h")
+    )
 
 
 def test_duplicate_rollup_names() -> None:
@@ -146,7 +148,8 @@ def test_duplicate_rollup_names() -> None:
 
 def test_bad_rollup_name() -> None:
     message = error_of(GOOD.replace("name: tx_volume", "name: Tx-Volume"))
-    assert "not a valid rollup name" in message and "lowercase letters" in message
+    assert "not a valid rollup name" in message
+    assert "lowercase letters" in message
 
 
 def test_unknown_table() -> None:
@@ -156,7 +159,9 @@ def test_unknown_table() -> None:
 
 
 def test_rollup_on_a_table_without_mirror() -> None:
-    message = error_of(GOOD.replace("      history: true\n", "      history: true\n      mirror: false\n"))
+    message = error_of(
+        GOOD.replace("      history: true\n", "      history: true\n      mirror: false\n")
+    )
     assert "has mirror: false" in message
 
 
@@ -171,7 +176,7 @@ def test_lookup_of_itself() -> None:
 
 
 def test_dimension_with_two_sources() -> None:
-    message = error_of(GOOD.replace("expr: \"amount >= 1000\"", "expr: x\n        column: y"))
+    message = error_of(GOOD.replace('expr: "amount >= 1000"', "expr: x\n        column: y"))
     assert "rollups[0].dimensions[1]: gives column, expr of column/expr/lookup" in message
 
 
@@ -217,12 +222,11 @@ def test_dsn_and_dsn_env() -> None:
 
 
 def test_table_settings() -> None:
-    assert "retention applies to the history" in error_of(
-        GOOD.replace("      history: true\n", "")
-    )
+    assert "retention applies to the history" in error_of(GOOD.replace("      history: true\n", ""))
     assert "keeps neither a mirror nor a history" in error_of(
-        GOOD.replace("accounts: {}", "accounts: {mirror: false}")
-        .replace("lookup: {table: accounts, on: account_id, column: tier}", "column: tier")
+        GOOD.replace("accounts: {}", "accounts: {mirror: false}").replace(
+            "lookup: {table: accounts, on: account_id, column: tier}", "column: tier"
+        )
     )
 
 

@@ -22,55 +22,39 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, datetime
+from types import TracebackType
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from headrace.engine.lookup import fill_lookup_column, resolve_lookups
-from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
-from headrace.engine.registry import Registry, RollupRuntime
-from headrace.engine.resolve import (
-    TableWork,
-    compute_net,
-    count_rows,
-    fill_inherited,
-    load_changes,
-    register_transactions,
-    unregister_transactions,
-)
+from headrace.engine.batch import apply_segment
+from headrace.engine.lookup import fill_lookup_column
+from headrace.engine.registry import Registry
+from headrace.engine.resolve import register_transactions, unregister_transactions
 from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
-from headrace.engine.rollup import BUCKET, RECOMPUTE, RollupPlan
-from headrace.engine.schema_change import apply_schema_change, diff_schema
-from headrace.engine.tables import DEAD, TableModel, signature
-from headrace.engine.types import storable_table
+from headrace.engine.retention import retain_history, retain_rollup
+from headrace.engine.schema_change import diff_schema, follow_schema_change
+from headrace.engine.segments import split_segments
+from headrace.engine.snapshot import append_chunk, write_snapshot_meta
+from headrace.engine.tables import TableModel
 from headrace.errors import HeadraceError, StoreError
 from headrace.jobs.runtime import StreamJobs
-from headrace.pipeline.model import PipelineConfig, RollupConfig, quote_ident
+from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.source.changes import (
     LSN,
-    SEQ,
     ChangeBatch,
     SnapshotChunk,
     TableChanges,
     TableRef,
     TableSchema,
 )
-from headrace.store.duckdb.schema import EVENT_TS, META, ROW_LSN
+from headrace.store.duckdb.schema import META
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Segment:
-    """Changes between two schema changes: (table model or None, its changes) in order."""
-
-    schema_changes: list[tuple[TableSchema, int]]
-    items: list[tuple[TableSchema, pa.Table]]
 
 
 class Engine:
@@ -105,7 +89,7 @@ class Engine:
         """Make tables known before any data (creates mirrors, history, and ready rollups)."""
         with self._transaction() as con:
             for schema in schemas:
-                self._ensure_table(con, schema, lsn=None)
+                self._ensure_table(con, schema)
             self.registry.setup_rollups(con)
 
     def apply(self, batch: ChangeBatch) -> AppliedBatch:
@@ -118,15 +102,15 @@ class Engine:
         position = max(batch.position, self._position or 0)
         with self._transaction() as con:
             for table_changes in changes:
-                self._ensure_table(con, table_changes.schema, lsn=_first_lsn(table_changes.data))
+                self._ensure_table(con, table_changes.schema)
             self.registry.setup_rollups(con)
             if changes:
                 register_transactions(con, [tc.data for tc in changes])
             try:
-                for segment in self._segments(changes):
+                for segment in split_segments(changes, self.registry.tables):
                     for schema, lsn in segment.schema_changes:
-                        self._schema_change(con, schema, lsn)
-                    dead, works = self._apply_segment(con, segment.items)
+                        follow_schema_change(con, self.registry, schema, lsn)
+                    dead, works = apply_segment(con, self.registry, self.jobs, segment.items)
                     dead_letters += dead
                     for work in works:
                         name = work.model.name
@@ -163,14 +147,14 @@ class Engine:
         snapshot_time = datetime.now(UTC)
         with self._transaction() as con:
             for chunk in chunks:
-                model = self._ensure_table(con, chunk.schema, lsn=chunk.consistent_point)
+                model = self._ensure_table(con, chunk.schema)
                 if model is None:
                     continue
                 if model.ref not in rows:
                     if model.config.mirror:
                         con.execute(f"DELETE FROM {model.mirror}")
                     rows[model.ref] = 0
-                self._append_snapshot(con, model, chunk, snapshot_time)
+                append_chunk(con, model, chunk, snapshot_time)
                 rows[model.ref] += chunk.rows.num_rows
                 position = max(position, chunk.consistent_point)
             loaded = [self.registry.tables[ref] for ref in rows]
@@ -186,7 +170,7 @@ class Engine:
                         self.registry.build(con, name)
             self.jobs.after_snapshot(con, rows, self.registry.tables)
             for model in loaded:
-                self._write_snapshot_meta(con, model, position, snapshot_time)
+                write_snapshot_meta(con, model, position, snapshot_time)
             self.store.write_position(con, self.source, position, None)
         self._position = position
         seconds = time.perf_counter() - started
@@ -227,15 +211,11 @@ class Engine:
         groups: dict[str, int] = {}
         with self._transaction() as con:
             for model in self.registry.tables.values():
-                retention = model.config.retention
-                if retention is None or not model.config.history:
-                    continue
-                count = con.execute(
-                    f"DELETE FROM {model.history} WHERE _hr_commit_ts < ?", [now - retention]
-                ).fetchall()
-                history[model.name] = int(count[0][0]) if count else 0
+                deleted = retain_history(con, model, now)
+                if deleted is not None:
+                    history[model.name] = deleted
             for name, runtime in self.registry.rollups.items():
-                dropped = self._retain_rollup(con, name, runtime, now)
+                dropped = retain_rollup(con, name, runtime, now)
                 if dropped is not None:
                     groups[name] = dropped
         return RetentionApplied(history, groups)
@@ -262,7 +242,7 @@ class Engine:
 
     # ------------------------------------------------------------ internals
 
-    def _transaction(self):  # type: ignore[no-untyped-def]
+    def _transaction(self) -> _EngineTransaction:
         return _EngineTransaction(self)
 
     def _reload_after_failure(self) -> None:
@@ -296,274 +276,18 @@ class Engine:
         return out, skipped
 
     def _ensure_table(
-        self, con: duckdb.DuckDBPyConnection, schema: TableSchema, lsn: int | None
+        self, con: duckdb.DuckDBPyConnection, schema: TableSchema
     ) -> TableModel | None:
         known = self.registry.tables.get(schema.table)
         if known is not None:
-            if not known.source_columns:
-                # First sight after a restart: adopt the source's columns if they match.
-                change = diff_schema(known, schema)
-                if change.is_empty:
-                    known.source_columns = schema.columns
+            if not known.source_columns and diff_schema(known, schema).is_empty:
+                # First sight after a restart: the source sends the columns we hold.
+                known.source_columns = schema.columns
             return known
         model = self.registry.declare(con, schema)
         if model is None:
             log.warning("changes of %s ignored: the table is not in the pipeline", schema.table)
         return model
-
-    def _segments(self, changes: list[TableChanges]) -> list[_Segment]:
-        """Split a batch where a table's schema changes, so each part sees one schema."""
-        ordered = sorted(changes, key=lambda tc: _first_seq(tc.data))
-        current = {
-            ref: signature(model.source_columns) for ref, model in self.registry.tables.items()
-        }
-        boundaries: list[tuple[int, TableSchema, int]] = []
-        for table_changes in ordered:
-            ref = table_changes.table
-            if ref not in self.registry.tables:
-                continue
-            if current.get(ref) != signature(table_changes.schema.columns):
-                boundaries.append(
-                    (
-                        _first_seq(table_changes.data),
-                        table_changes.schema,
-                        _first_lsn(table_changes.data),
-                    )
-                )
-                current[ref] = signature(table_changes.schema.columns)
-        items = [(tc.schema, tc.data) for tc in ordered if tc.table in self.registry.tables]
-        if not boundaries:
-            return [_Segment([], items)]
-        cuts = [seq for seq, _, _ in boundaries]
-        segments = []
-        edges = [None, *cuts, None]
-        for index in range(len(edges) - 1):
-            low, high = edges[index], edges[index + 1]
-            sliced = []
-            for schema, data in items:
-                mask = None
-                if low is not None:
-                    mask = pc.greater_equal(data[SEQ], low)
-                if high is not None:
-                    upper = pc.less(data[SEQ], high)
-                    mask = upper if mask is None else pc.and_(mask, upper)
-                part = data.filter(mask) if mask is not None else data
-                if part.num_rows:
-                    sliced.append((schema, part))
-            changes_here = [(s, lsn) for seq, s, lsn in boundaries if seq == low]
-            segments.append(_Segment(changes_here, sliced))
-        return segments
-
-    def _schema_change(self, con: duckdb.DuckDBPyConnection, schema: TableSchema, lsn: int) -> None:
-        model = self.registry.tables[schema.table]
-        if model.state == DEAD:
-            model.source_columns = schema.columns
-            return
-        change = diff_schema(model, schema)
-        if change.is_empty:
-            model.source_columns = schema.columns
-            return
-        if change.incompatible:
-            reason = f"schema change at LSN {lsn}: {'; '.join(change.incompatible)}"
-            log.error(
-                "table %s stopped: %s; its changes go to headrace.dead_letters", model.name, reason
-            )
-            model.state, model.reason = DEAD, reason
-            model.source_columns = schema.columns
-            model.version += 1
-            model.record_version(con, lsn, change.describe())
-            for name in self.registry.rollups_on(model.ref):
-                self.registry.pause(con, name, f"table {model.name} stopped: {reason}")
-            return
-        log.info("table %s schema change at LSN %d: %s", model.name, lsn, change.describe())
-        apply_schema_change(con, model, schema, change, lsn)
-        if change.dropped:
-            for name in self.registry.rollups_reading(model.ref, set(change.dropped)):
-                self.registry.pause(
-                    con,
-                    name,
-                    f"column(s) {', '.join(change.dropped)} of {model.name} dropped at LSN {lsn}; "
-                    "change the rollup and rebuild it",
-                )
-        widened = {name for name, _, _ in change.widened}
-        if widened:
-            for column in widened:
-                for fact, hidden in self.registry.lookup_columns_on(model.ref, column):
-                    new_type = model.column(column).duck_type  # type: ignore[union-attr]
-                    con.execute(
-                        f"ALTER TABLE {fact.mirror} ALTER COLUMN {quote_ident(hidden)} TYPE {new_type}"
-                    )
-                    fact.lookup_types[hidden] = new_type
-            for name in self.registry.rollups_reading(model.ref, widened):
-                self.registry.build(con, name)
-
-    def _apply_segment(
-        self, con: duckdb.DuckDBPyConnection, items: Sequence[tuple[TableSchema, pa.Table]]
-    ) -> tuple[int, list[TableWork]]:
-        dead = 0
-        works: dict[TableRef, TableWork] = {}
-        for index, (schema, data) in enumerate(items):
-            model = self.registry.tables[schema.table]
-            if model.state == DEAD:
-                dead += write_dead_letters(con, model.name, model.reason or "table stopped", data)
-                continue
-            works[model.ref] = load_changes(con, model, schema, data, index)
-        for work in works.values():
-            if work.model.config.mirror:
-                fill_inherited(con, work)
-                compute_net(con, work)
-        for work in works.values():
-            if work.model.lookups and work.model.config.mirror:
-                targets = {}
-                for name, lookup in work.model.lookups.items():
-                    target = self.registry.tables[lookup.target]
-                    target_work = works.get(lookup.target) if target.state != DEAD else None
-                    targets[name] = (target, target_work)
-                resolve_lookups(con, work, targets)
-        for work in works.values():
-            if work.model.config.history:
-                write_history(con, work)
-        for work in works.values():
-            if work.model.config.mirror:
-                write_mirror(con, work)
-        for index, runtime in enumerate(self.registry.rollups.values()):
-            if not runtime.active or runtime.plan is None:
-                continue
-            work = works.get(runtime.plan.table.ref)
-            if work is not None:
-                self._apply_rollup(con, runtime, runtime.plan, work, index)
-        if self.jobs:
-            for work in works.values():
-                if work.model.config.mirror:
-                    count_rows(con, work)
-            self.jobs.apply(con, works.values(), self.registry.tables)
-        for work in works.values():
-            self._write_table_meta(con, work)
-        return dead, list(works.values())
-
-    def _apply_rollup(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        runtime: RollupRuntime,
-        plan: RollupPlan,
-        work: TableWork,
-        index: int,
-    ) -> None:
-        net, delta = f"_hr_n_{index}", f"_hr_d_{index}"
-        horizon = runtime.retained_from
-        params = [horizon] if horizon is not None else []
-        netted = plan.net_sql(work.start, work.end, horizon is not None)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net)}")
-        con.execute(plan.merge_sql(delta))
-        for measure in plan.side_tables():
-            side = f"_hr_x_{index}_{measure.index}"
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {side} AS {plan.side_delta_sql(measure, net)}"
-            )
-            con.execute(plan.side_merge_sql(measure, side))
-        if plan.extremes():
-            flagged = f"(SELECT * FROM {delta} WHERE {RECOMPUTE})"
-            low, high, count, nulls = con.execute(
-                f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
-                f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM {flagged}"
-            ).fetchall()[0]
-            if count:
-                ranged = not nulls and low is not None
-                bounds = [low, high + plan.config.grain] if ranged else []  # type: ignore[operator]
-                con.execute(plan.recompute_sql(flagged, ranged), bounds)
-
-    def _retain_rollup(
-        self, con: duckdb.DuckDBPyConnection, name: str, runtime: RollupRuntime, now: datetime
-    ) -> int | None:
-        retention = runtime.config.retention
-        plan = runtime.plan
-        if retention is None or plan is None or not runtime.active:
-            return None
-        coarsest = int(max(runtime.config.grains).total_seconds())
-        cutoff = int((now - retention).timestamp())
-        horizon = datetime.fromtimestamp(cutoff - cutoff % coarsest, UTC)
-        if runtime.retained_from is not None and horizon <= runtime.retained_from:
-            return 0
-        dropped = 0
-        for table in plan.owned_tables():
-            count = con.execute(f"DELETE FROM {table} WHERE {BUCKET} < ?", [horizon]).fetchall()
-            dropped += int(count[0][0]) if table == plan.state and count else 0
-        runtime.retained_from = horizon
-        con.execute(
-            f"UPDATE {META}.rollups SET retained_from = ?, updated_at = now() WHERE name = ?",
-            [horizon, name],
-        )
-        return dropped
-
-    def _append_snapshot(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        model: TableModel,
-        chunk: SnapshotChunk,
-        snapshot_time: datetime,
-    ) -> None:
-        data = storable_table(chunk.rows)
-        present = set(data.column_names)
-        columns = []
-        for column in model.columns:
-            source = quote_ident(column.name) if column.name in present else "NULL"
-            columns.append((column.name, f"CAST({source} AS {column.duck_type})"))
-        con.register("_hr_snapshot", data)
-        try:
-            if model.config.mirror:
-                extra = [(ROW_LSN, f"CAST({chunk.consistent_point} AS UBIGINT)")]
-                if model.commit_time:
-                    extra.append((EVENT_TS, "CAST(? AS TIMESTAMPTZ)"))
-                names = ", ".join(quote_ident(n) for n, _ in columns + extra)
-                values = ", ".join(sql for _, sql in columns + extra)
-                con.execute(
-                    f"INSERT INTO {model.mirror} ({names}) SELECT {values} FROM _hr_snapshot",
-                    [snapshot_time] if model.commit_time else [],
-                )
-            if model.config.history:
-                meta = [
-                    ("_hr_lsn", f"CAST({chunk.consistent_point} AS UBIGINT)"),
-                    ("_hr_commit_ts", "CAST(? AS TIMESTAMPTZ)"),
-                    ("_hr_xid", "CAST(NULL AS BIGINT)"),
-                    ("_hr_seq", "CAST(0 AS INTEGER)"),
-                    ("_hr_op", "'S'"),
-                ]
-                names = ", ".join(quote_ident(n) for n, _ in meta + columns)
-                values = ", ".join(sql for _, sql in meta + columns)
-                con.execute(
-                    f"INSERT INTO {model.history} ({names}) SELECT {values} FROM _hr_snapshot",
-                    [snapshot_time],
-                )
-        finally:
-            con.unregister("_hr_snapshot")
-
-    def _write_snapshot_meta(
-        self, con: duckdb.DuckDBPyConnection, model: TableModel, position: int, at: datetime
-    ) -> None:
-        rows = 0
-        if model.config.mirror:
-            rows = int(con.execute(f"SELECT count(*) FROM {model.mirror}").fetchall()[0][0])
-        con.execute(
-            f"""UPDATE {META}.tables SET rows = ?, last_lsn = ?, applied_at = now(),
-                   last_commit_ts = coalesce(last_commit_ts, ?)
-                WHERE table_name = ?""",
-            [rows, position, at, model.name],
-        )
-
-    @staticmethod
-    def _write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-        """Row count (end rows - start rows), freshness and position of one table."""
-        delta = "0"
-        if work.model.config.mirror:
-            delta = f"(SELECT count(*) FROM {work.end}) - (SELECT count(*) FROM {work.start})"
-        con.execute(
-            f"""UPDATE {META}.tables SET rows = rows + {delta},
-                   last_commit_ts = greatest(last_commit_ts, ?),
-                   last_lsn = greatest(last_lsn, ?), applied_at = now()
-                WHERE table_name = ?""",
-            [work.last_commit_ts, work.last_lsn, work.model.name],
-        )
 
 
 class _EngineTransaction:
@@ -571,14 +295,20 @@ class _EngineTransaction:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        # The store's transaction rolls back and re-raises; this adds the reload.
         self._context = engine.store.transaction()
 
     def __enter__(self) -> duckdb.DuckDBPyConnection:
         return self._context.__enter__()
 
-    def __exit__(self, kind: object, error: BaseException | None, trace: object) -> bool:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         try:
-            self._context.__exit__(kind, error, trace)  # type: ignore[arg-type]
+            self._context.__exit__(kind, error, trace)
         except Exception:
             self.engine._reload_after_failure()
             raise
@@ -590,22 +320,3 @@ class _EngineTransaction:
                     "nothing of the batch was stored; this is a bug or a full disk — "
                     "report it with the log",
                 ) from error
-        return False
-
-
-def _first_seq(data: pa.Table) -> int:
-    value = pc.min(data[SEQ]).as_py()
-    return int(value) if value is not None else 0
-
-
-def _first_lsn(data: pa.Table) -> int:
-    value = pc.min(data[LSN]).as_py() if data.num_rows else None
-    return int(value) if value is not None else 0
-
-
-def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)

@@ -30,7 +30,7 @@ register index and the position of the lowest set bit of the rest of the
 retraction removes exactly what the insertion added and the estimate equals
 that of a HyperLogLog built from scratch over the current rows. Coarser
 grains take the register-wise maximum over their base buckets (a union).
-State size per group is bounded by 2^p × ranks, typically a few thousand rows.
+State size per group is bounded by 2^p x ranks, typically a few thousand rows.
 """
 
 from __future__ import annotations
@@ -165,9 +165,9 @@ class Sum(Measure):
         return [self.part("s"), self.part("n")]
 
     def build(self) -> list[str]:
-        value = self.inputs.value
+        total = _filtered(f"sum({self.inputs.value})", self._condition())
         return [
-            f"CAST(coalesce({_filtered(f'sum({value})', self._condition())}, 0) AS {self.sum_type})",
+            f"CAST(coalesce({total}, 0) AS {self.sum_type})",
             f"CAST({_filtered('count(*)', self._condition())} AS BIGINT)",
         ]
 

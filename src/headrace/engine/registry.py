@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 import duckdb
 
@@ -107,7 +108,7 @@ class Registry:
                 str(r[1]),
                 None if r[2] is None else str(r[2]),
                 str(r[3]),
-                r[4],  # type: ignore[misc]
+                cast(datetime | None, r[4]),
                 json.loads(str(r[5])) if r[5] is not None else [],
             )
             for r in rows
@@ -229,7 +230,14 @@ class Registry:
         for name in stored:
             if name not in self.rollups and stored[name][0] != PAUSED:
                 self._save_rollup(
-                    con, name, "", PAUSED, NOT_CONFIGURED, stored[name][2], None, None
+                    con,
+                    name,
+                    table_name="",
+                    state=PAUSED,
+                    reason=NOT_CONFIGURED,
+                    definition=stored[name][2],
+                    retained_from=None,
+                    views=None,
                 )
         return built
 
@@ -277,19 +285,20 @@ class Registry:
         self._save_rollup(
             con,
             name,
-            fact.name,
-            ACTIVE,
-            None,
-            plan.definition,
-            runtime.retained_from,
-            plan.view_names(),
+            table_name=fact.name,
+            state=ACTIVE,
+            reason=None,
+            definition=plan.definition,
+            retained_from=runtime.retained_from,
+            views=plan.view_names(),
         )
 
     @staticmethod
     def _owned_tables(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
         prefix = rollup_table_prefix(name)
         rows = con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? AND starts_with(table_name, ?)",
+            "SELECT table_name FROM duckdb_tables() "
+            "WHERE schema_name = ? AND starts_with(table_name, ?)",
             [ROLLUP, prefix],
         ).fetchall()
         return [str(r[0]) for r in rows]
@@ -315,7 +324,16 @@ class Registry:
             f"SELECT count(*) FROM {META}.rollups WHERE name = ?", [name]
         ).fetchall()
         if not exists[0][0]:
-            self._save_rollup(con, name, runtime.config.table, PAUSED, reason, definition, None, [])
+            self._save_rollup(
+                con,
+                name,
+                table_name=runtime.config.table,
+                state=PAUSED,
+                reason=reason,
+                definition=definition,
+                retained_from=None,
+                views=[],
+            )
 
     def _definition_or_empty(self, runtime: RollupRuntime) -> str:
         fact = self.tables.get(TableRef.parse(runtime.config.table))
@@ -327,6 +345,7 @@ class Registry:
     def _save_rollup(
         con: duckdb.DuckDBPyConnection,
         name: str,
+        *,
         table_name: str,
         state: str,
         reason: str | None,

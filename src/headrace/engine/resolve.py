@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -120,7 +121,9 @@ def unregister_transactions(con: duckdb.DuckDBPyConnection) -> None:
     con.unregister(TX_TABLE)
 
 
-def positional(schema: TableSchema, data: pa.Table) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
+def positional(
+    schema: TableSchema, data: pa.Table
+) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
     """``data`` with the row columns renamed by position (``_hr_n<i>`` new, ``_hr_o<i>`` old).
 
     Column names cannot collide with the change metadata that way (a source
@@ -164,9 +167,10 @@ def load_changes(
     # The old key is sent (for updates) only when it changed; key columns are
     # never NULL, so "all old key values present" is the test (it does not
     # depend on the old-kind marker).
-    sent = " AND ".join(
-        f"c.{old_names[k]} IS NOT NULL" for k in model.key if k in old_names
-    ) or "false"
+    sent = (
+        " AND ".join(f"c.{old_names[k]} IS NOT NULL" for k in model.key if k in old_names)
+        or "false"
+    )
     for j, key in enumerate(model.key):
         if key in new_names:
             old, new = old_names[key], new_names[key]
@@ -313,7 +317,8 @@ def _inherit(con: duckdb.DuckDBPyConnection, work: TableWork, column: str, provi
     olds = [old_key(j) for j in range(len(model.key))]
     con.execute(
         f"""UPDATE {c} SET {column} = s.v FROM (
-            SELECT f.seq, CASE WHEN {provides.format(a="t")} THEN t.{column} ELSE m.{column} END AS v
+            SELECT f.seq,
+                   CASE WHEN {provides.format(a="t")} THEN t.{column} ELSE m.{column} END AS v
             FROM {current} f
             JOIN {c} self ON self.{SEQ} = f.seq
             JOIN {c} t ON t.{SEQ} = f.ptr
@@ -360,7 +365,7 @@ def count_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     counts = con.execute(
         f"SELECT (SELECT count(*) FROM {work.start}), (SELECT count(*) FROM {work.end})"
     ).fetchall()[0]
-    work.start_rows, work.end_rows = int(counts[0]), int(counts[1])  # type: ignore[call-overload]
+    work.start_rows, work.end_rows = int(cast(int, counts[0])), int(cast(int, counts[1]))
 
 
 def drop_temp(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:

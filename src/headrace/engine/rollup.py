@@ -122,45 +122,12 @@ class RollupPlan:
         self.dimensions: list[Dimension] = []
         self.lookup_deps: set[tuple[TableRef, str]] = set()
         self.lookup_columns: list[str] = []
-        columns: set[str] = {time} if time != COMMIT_TIME else set()
-        for index, dim in enumerate(config.dimensions):
-            if dim.column is not None:
-                sql = quote_ident(dim.column)
-                columns.add(dim.column)
-            elif dim.expr is not None:
-                sql = f"({dim.expr})"
-                columns |= expression_columns(dim.expr)
-            else:
-                assert dim.lookup is not None
-                hidden = LookupColumn.column_name(dim.lookup)
-                if hidden not in lookups:
-                    raise ConfigError(
-                        f"rollup {self.name}: the looked-up table {dim.lookup.table} is unknown",
-                        "capture it under source.tables",
-                    )
-                sql = quote_ident(hidden)
-                columns |= set(dim.lookup.on)
-                self.lookup_deps.add((TableRef.parse(dim.lookup.table), dim.lookup.column))
-                self.lookup_columns.append(hidden)
-            self.dimensions.append(Dimension(dim.name, sql, f"_hr_d{index}"))
-
-        # Measure inputs, shared between measures reading the same value/filter.
         self.input_sql: dict[str, str] = {}
-        inputs: list[MeasureInputs] = []
-        for measure in config.measures:
-            value = measure.value_sql
-            if measure.expr is not None:
-                columns |= expression_columns(measure.expr)
-            if measure.column is not None:
-                columns.add(measure.column)
-            if measure.where is not None:
-                columns |= expression_columns(measure.where)
-            value_name = self._input(value) if value is not None else None
-            where = f"coalesce(({measure.where}), false)" if measure.where is not None else None
-            filter_name = self._input(where) if where is not None else None
-            inputs.append(MeasureInputs(value_name, filter_name))
-        self.columns = columns
-        missing = sorted(c for c in columns if (col := table.column(c)) is None or col.dropped)
+        """Measure inputs (values, filters) by projection column, shared when equal."""
+        columns = self._plan_dimensions(lookups)
+        inputs, measure_columns = self._plan_inputs()
+        self.columns = columns | measure_columns | ({time} if time != COMMIT_TIME else set())
+        missing = sorted(c for c in self.columns if (col := table.column(c)) is None or col.dropped)
         if missing:
             raise ConfigError(
                 f"rollup {self.name}: {table.name} has no column(s) {', '.join(missing)}",
@@ -177,6 +144,49 @@ class RollupPlan:
             if measure.fn in (MeasureFn.SUM, MeasureFn.AVG):
                 sum_type = self._sum_type(con, str(value_type), measure.name)
             self.measures.append(make_measure(measure, index, measure_inputs, value_type, sum_type))
+
+    def _plan_dimensions(self, lookups: dict[str, LookupColumn]) -> set[str]:
+        """Fill :attr:`dimensions`; the source columns they read."""
+        columns: set[str] = set()
+        for index, dim in enumerate(self.config.dimensions):
+            if dim.column is not None:
+                sql = quote_ident(dim.column)
+                columns.add(dim.column)
+            elif dim.expr is not None:
+                sql = f"({dim.expr})"
+                columns |= expression_columns(dim.expr)
+            elif dim.lookup is not None:
+                hidden = LookupColumn.column_name(dim.lookup)
+                if hidden not in lookups:
+                    raise ConfigError(
+                        f"rollup {self.name}: the looked-up table {dim.lookup.table} is unknown",
+                        "capture it under source.tables",
+                    )
+                sql = quote_ident(hidden)
+                columns |= set(dim.lookup.on)
+                self.lookup_deps.add((TableRef.parse(dim.lookup.table), dim.lookup.column))
+                self.lookup_columns.append(hidden)
+            else:
+                raise ConfigError(f"rollup {self.name}: dimension {dim.name} has no source")
+            self.dimensions.append(Dimension(dim.name, sql, f"_hr_d{index}"))
+        return columns
+
+    def _plan_inputs(self) -> tuple[list[MeasureInputs], set[str]]:
+        """Fill :attr:`input_sql`; each measure's inputs and the source columns they read."""
+        columns: set[str] = set()
+        inputs: list[MeasureInputs] = []
+        for measure in self.config.measures:
+            for sql in (measure.expr, measure.where):
+                if sql is not None:
+                    columns |= expression_columns(sql)
+            if measure.column is not None:
+                columns.add(measure.column)
+            value = measure.value_sql
+            value_name = self._input(value) if value is not None else None
+            where = f"coalesce(({measure.where}), false)" if measure.where is not None else None
+            filter_name = self._input(where) if where is not None else None
+            inputs.append(MeasureInputs(value_name, filter_name))
+        return inputs, columns
 
     # ----------------------------------------------------------------- binding
 
@@ -230,8 +240,7 @@ class RollupPlan:
         return [m for m in self.measures if isinstance(m, Extreme)]
 
     def side_table(self, measure: CountDistinct) -> str:
-        assert measure.side_table is not None
-        return rollup_state(self.name, measure.side_table)
+        return rollup_state(self.name, measure.side_table or f"side_{measure.index}")
 
     def owned_tables(self) -> list[str]:
         return [self.state, *(self.side_table(m) for m in self.side_tables())]
@@ -313,7 +322,8 @@ class RollupPlan:
         where = None
         if time_range:
             column = quote_ident(self.time_column)
-            where = f"{column} >= CAST(? AS {self.time_type}) AND {column} < CAST(? AS {self.time_type})"
+            typed = f"CAST(? AS {self.time_type})"
+            where = f"{column} >= {typed} AND {column} < {typed}"
         groups = ", ".join(f"p.{c}" for c in self.group_columns)
         aggregates = []
         sets = []
@@ -321,8 +331,9 @@ class RollupPlan:
             for part, build in zip(measure.state_parts(), measure.build(), strict=True):
                 aggregates.append(f"{build} AS {part}")
                 sets.append(f"{part} = r.{part}")
+        rows = self.projection(self.table.mirror, where)
         source = (
-            f"SELECT {groups}, {', '.join(aggregates)} FROM ({self.projection(self.table.mirror, where)}) p "
+            f"SELECT {groups}, {', '.join(aggregates)} FROM ({rows}) p "
             f"SEMI JOIN {flags} f ON {self.match('p', 'f')} GROUP BY {groups}"
         )
         return (
@@ -411,8 +422,9 @@ class RollupPlan:
                 )
                 zeros = f"({1 << HLL_PRECISION} - count(*))"
                 estimate = measure.estimate("sum(pow(2.0, -_hr_rank))", zeros)
+                columns = ", ".join([BUCKET, *dims])
                 ctes.append(
-                    f"{alias} AS (SELECT {', '.join([BUCKET, *dims])}, {estimate} AS {measure.part('d')} "
+                    f"{alias} AS (SELECT {columns}, {estimate} AS {measure.part('d')} "
                     f"FROM ({registers}) GROUP BY ALL)"
                 )
             else:

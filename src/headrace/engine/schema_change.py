@@ -21,14 +21,19 @@ Every change is recorded as a new version in ``headrace.schema_versions``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import duckdb
 
-from headrace.engine.tables import KnownColumn, TableModel, signature
+from headrace.engine.registry import Registry
+from headrace.engine.tables import DEAD, KnownColumn, TableModel, signature
 from headrace.engine.types import duckdb_type, is_widening
+from headrace.errors import format_lsn
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import Column, TableSchema
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,9 +144,9 @@ def apply_schema_change(
     for name, _old, new in change.widened:
         for table in tables:
             con.execute(f"ALTER TABLE {table} ALTER COLUMN {quote_ident(name)} TYPE {new}")
-        known = model.column(name)
-        assert known is not None
-        known.duck_type = new
+        widened = model.column(name)
+        if widened is not None:
+            widened.duck_type = new
     incoming = {c.name: c for c in schema.columns}
     for known in model.columns:
         if known.name in incoming:
@@ -154,3 +159,50 @@ def apply_schema_change(
     model.source_columns = schema.columns
     model.version += 1
     model.record_version(con, lsn, change.describe())
+
+
+def follow_schema_change(
+    con: duckdb.DuckDBPyConnection, registry: Registry, schema: TableSchema, lsn: int
+) -> None:
+    """Bring the store in line with a table's new schema (see the module docstring)."""
+    model = registry.tables[schema.table]
+    change = diff_schema(model, schema) if model.state != DEAD else SchemaChange()
+    if change.is_empty:
+        model.source_columns = schema.columns
+        return
+    if change.incompatible:
+        reason = f"schema change at LSN {format_lsn(lsn)}: {'; '.join(change.incompatible)}"
+        log.error(
+            "table %s stopped: %s; its changes go to headrace.dead_letters", model.name, reason
+        )
+        model.state, model.reason = DEAD, reason
+        model.source_columns = schema.columns
+        model.version += 1
+        model.record_version(con, lsn, change.describe())
+        for name in registry.rollups_on(model.ref):
+            registry.pause(con, name, f"table {model.name} stopped: {reason}")
+        return
+    log.info("table %s schema change at LSN %s: %s", model.name, format_lsn(lsn), change.describe())
+    apply_schema_change(con, model, schema, change, lsn)
+    if change.dropped:
+        dropped = ", ".join(change.dropped)
+        for name in registry.rollups_reading(model.ref, set(change.dropped)):
+            registry.pause(
+                con,
+                name,
+                f"column(s) {dropped} of {model.name} dropped at LSN {format_lsn(lsn)}; "
+                "change the rollup and rebuild it",
+            )
+    widened = {name for name, _, _ in change.widened}
+    for column in widened:
+        known = model.column(column)
+        if known is None:
+            continue
+        for fact, hidden in registry.lookup_columns_on(model.ref, column):
+            con.execute(
+                f"ALTER TABLE {fact.mirror} ALTER COLUMN {quote_ident(hidden)} "
+                f"TYPE {known.duck_type}"
+            )
+            fact.lookup_types[hidden] = known.duck_type
+    for name in registry.rollups_reading(model.ref, widened):
+        registry.build(con, name)

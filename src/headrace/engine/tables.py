@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import cast
 
 import duckdb
 
@@ -236,7 +237,7 @@ def load_table_model(
         config=config,
         key=key,
         columns=columns,
-        version=int(version),  # type: ignore[call-overload]
+        version=int(cast(int, version)),
         state=str(state),
         reason=None if reason is None else str(reason),
     )

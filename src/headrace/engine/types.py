@@ -30,7 +30,7 @@ def storable(arrow_type: pa.DataType) -> pa.DataType:
 
 
 def storable_table(table: pa.Table) -> pa.Table:
-    """``table`` with every column converted to :func:`storable` types (no copy when none need it)."""
+    """``table`` with its columns converted to :func:`storable` types (as is when none need it)."""
     schema = table.schema
     target = pa.schema([f.with_type(storable(f.type)) for f in schema])
     if target.equals(schema):

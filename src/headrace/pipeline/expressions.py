@@ -39,7 +39,7 @@ NONDETERMINISTIC = frozenset(
     }
 )
 
-_FORBIDDEN_NODES: tuple[tuple[type[exp.Expression], str], ...] = (
+_FORBIDDEN_NODES: tuple[tuple[type[exp.Expr], str], ...] = (
     (exp.Query, "a subquery"),
     (exp.Subquery, "a subquery"),
     (exp.Table, "a table reference"),
@@ -59,8 +59,8 @@ class ExpressionError(ValueError):
     """An expression is not a valid per-row DuckDB SQL expression."""
 
 
-def parse_row_expression(sql: str) -> exp.Expression:
-    """Parse ``sql`` as one DuckDB scalar expression over a row, or raise :class:`ExpressionError`."""
+def parse_row_expression(sql: str) -> exp.Expr:
+    """Parse ``sql`` as one DuckDB scalar expression over a row (else :class:`ExpressionError`)."""
     if not sql.strip():
         raise ExpressionError("the expression is empty")
     try:

@@ -25,6 +25,7 @@ from headrace.pipeline.expressions import ExpressionError, parse_row_expression,
 from headrace.pipeline.model import (
     COMMIT_TIME,
     DimensionConfig,
+    LookupConfig,
     MeasureConfig,
     MeasureFn,
     PipelineConfig,
@@ -41,7 +42,7 @@ Path_ = tuple[str | int, ...]
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML without the 1.1 booleans ``on``/``off``/``yes``/``no`` (``on:`` is a field name here)."""
+    """YAML without the 1.1 booleans ``on``/``off``/``yes``/``no`` (``on:`` is a field here)."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -439,37 +440,16 @@ def _check_rollup_columns(
         if dimension.expr is not None:
             columns_of(dimension.expr, (*dpath, "expr"))
         if dimension.lookup is not None:
-            lookup = dimension.lookup
-            for column in lookup.on:
-                if column not in known:
-                    problems.append(
-                        Problem(
-                            (*dpath, "lookup", "on"),
-                            f"no column {column!r} in {rollup.table}",
-                            allowed,
-                        )
-                    )
-            target = catalogs.get(TableRef.parse(lookup.table))
-            if target is None:
-                continue
-            target_key = config.table_refs[target.table].primary_key or list(target.primary_key)
-            if len(target_key) != len(lookup.on):
-                problems.append(
-                    Problem(
-                        (*dpath, "lookup", "on"),
-                        f"{len(lookup.on)} column(s) for the {len(target_key)}-column key "
-                        f"({', '.join(target_key)}) of {lookup.table}",
-                        f"{len(target_key)} column(s) of {rollup.table}",
-                    )
+            problems.extend(
+                _check_lookup(
+                    config,
+                    rollup,
+                    dimension.lookup,
+                    path=(*dpath, "lookup"),
+                    catalog=catalog,
+                    catalogs=catalogs,
                 )
-            if lookup.column not in target.columns:
-                problems.append(
-                    Problem(
-                        (*dpath, "lookup", "column"),
-                        f"no column {lookup.column!r} in {lookup.table}",
-                        ", ".join(target.columns),
-                    )
-                )
+            )
     for index, measure in enumerate(rollup.measures):
         mpath: Path_ = (*path, "measures", index)
         if measure.column is not None and measure.column not in known:
@@ -482,6 +462,46 @@ def _check_rollup_columns(
             columns_of(measure.expr, (*mpath, "expr"))
         if measure.where is not None:
             columns_of(measure.where, (*mpath, "where"))
+    return problems
+
+
+def _check_lookup(
+    config: PipelineConfig,
+    rollup: RollupConfig,
+    lookup: LookupConfig,
+    *,
+    path: Path_,
+    catalog: TableCatalog,
+    catalogs: Mapping[TableRef, TableCatalog],
+) -> list[Problem]:
+    problems = [
+        Problem(
+            (*path, "on"), f"no column {column!r} in {rollup.table}", ", ".join(catalog.columns)
+        )
+        for column in lookup.on
+        if column not in catalog.columns
+    ]
+    target = catalogs.get(TableRef.parse(lookup.table))
+    if target is None:
+        return problems
+    target_key = config.table_refs[target.table].primary_key or list(target.primary_key)
+    if len(target_key) != len(lookup.on):
+        problems.append(
+            Problem(
+                (*path, "on"),
+                f"{len(lookup.on)} column(s) for the {len(target_key)}-column key "
+                f"({', '.join(target_key)}) of {lookup.table}",
+                f"{len(target_key)} column(s) of {rollup.table}",
+            )
+        )
+    if lookup.column not in target.columns:
+        problems.append(
+            Problem(
+                (*path, "column"),
+                f"no column {lookup.column!r} in {lookup.table}",
+                ", ".join(target.columns),
+            )
+        )
     return problems
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -162,7 +163,12 @@ class DuckDBStore(Store):
         if not rows:
             return None
         src, lsn, commit_ts, updated_at = rows[0]
-        return StoredPosition(str(src), int(lsn), commit_ts, updated_at)  # type: ignore[arg-type]
+        return StoredPosition(
+            str(src),
+            int(cast(int, lsn)),
+            cast(datetime | None, commit_ts),
+            cast(datetime, updated_at),
+        )
 
     # ------------------------------------------------------------------ status
 

@@ -1,0 +1,150 @@
+"""Applying one segment of a batch: resolve every table, write, maintain the rollups.
+
+Order matters and is the same for every segment:
+
+1. each table's changes become full row versions, touched keys, start and
+   end rows (:mod:`headrace.engine.resolve`) — reading the mirrors as they
+   were before the segment;
+2. looked-up dimensions of end rows are resolved (changes of looked-up
+   tables in the same segment included, in commit order);
+3. history rows are appended (deleted rows' values come from the mirror, so
+   before it changes), then the mirrors are updated;
+4. each active rollup merges its delta (end rows +1, start rows -1, netted)
+   and recomputes min/max of groups whose extreme was retracted, from the
+   updated mirror;
+5. stream jobs run, per-table row counts and freshness are updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+
+from headrace.engine.lookup import resolve_lookups
+from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
+from headrace.engine.registry import Registry, RollupRuntime
+from headrace.engine.resolve import (
+    TableWork,
+    compute_net,
+    count_rows,
+    fill_inherited,
+    load_changes,
+)
+from headrace.engine.rollup import BUCKET, RECOMPUTE, RollupPlan
+from headrace.engine.tables import DEAD
+from headrace.jobs.runtime import StreamJobs
+from headrace.source.changes import TableRef, TableSchema
+from headrace.store.duckdb.schema import META
+
+
+def apply_segment(
+    con: duckdb.DuckDBPyConnection,
+    registry: Registry,
+    jobs: StreamJobs,
+    items: Sequence[tuple[TableSchema, pa.Table]],
+) -> tuple[int, list[TableWork]]:
+    """Apply one segment's changes; returns (dead letters written, the tables' work)."""
+    dead = 0
+    works: dict[TableRef, TableWork] = {}
+    for index, (schema, data) in enumerate(items):
+        model = registry.tables[schema.table]
+        if model.state == DEAD:
+            dead += write_dead_letters(con, model.name, model.reason or "table stopped", data)
+            continue
+        works[model.ref] = load_changes(con, model, schema, data, index)
+    _resolve(con, registry, works)
+    for work in works.values():
+        if work.model.config.history:
+            write_history(con, work)
+    for work in works.values():
+        if work.model.config.mirror:
+            write_mirror(con, work)
+    for index, runtime in enumerate(registry.rollups.values()):
+        if runtime.active and runtime.plan is not None:
+            table_work = works.get(runtime.plan.table.ref)
+            if table_work is not None:
+                apply_rollup(con, runtime, runtime.plan, table_work, index)
+    if jobs:
+        _run_jobs(con, registry, jobs, works)
+    for work in works.values():
+        write_table_meta(con, work)
+    return dead, list(works.values())
+
+
+def _run_jobs(
+    con: duckdb.DuckDBPyConnection,
+    registry: Registry,
+    jobs: StreamJobs,
+    works: Mapping[TableRef, TableWork],
+) -> None:
+    for work in works.values():
+        if work.model.config.mirror:
+            count_rows(con, work)
+    jobs.apply(con, works.values(), registry.tables)
+
+
+def _resolve(
+    con: duckdb.DuckDBPyConnection, registry: Registry, works: Mapping[TableRef, TableWork]
+) -> None:
+    for work in works.values():
+        if work.model.config.mirror:
+            fill_inherited(con, work)
+            compute_net(con, work)
+    for work in works.values():
+        if not (work.model.lookups and work.model.config.mirror):
+            continue
+        targets = {}
+        for name, lookup in work.model.lookups.items():
+            target = registry.tables[lookup.target]
+            target_work = works.get(lookup.target) if target.state != DEAD else None
+            targets[name] = (target, target_work)
+        resolve_lookups(con, work, targets)
+
+
+def apply_rollup(
+    con: duckdb.DuckDBPyConnection,
+    runtime: RollupRuntime,
+    plan: RollupPlan,
+    work: TableWork,
+    index: int,
+) -> None:
+    """Merge one table's batch effect into one rollup's state (and side tables)."""
+    net, delta = f"_hr_n_{index}", f"_hr_d_{index}"
+    horizon = runtime.retained_from
+    params = [horizon] if horizon is not None else []
+    netted = plan.net_sql(work.start, work.end, horizon is not None)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net)}")
+    con.execute(plan.merge_sql(delta))
+    for measure in plan.side_tables():
+        side = f"_hr_x_{index}_{measure.index}"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {side} AS {plan.side_delta_sql(measure, net)}")
+        con.execute(plan.side_merge_sql(measure, side))
+    if not plan.extremes():
+        return
+    flagged = f"(SELECT * FROM {delta} WHERE {RECOMPUTE})"
+    low, high, count, nulls = con.execute(
+        f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
+        f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM {flagged}"
+    ).fetchall()[0]
+    if count:
+        # Scan only the flagged buckets' time range of the mirror (zone maps).
+        ranged = not nulls and low is not None
+        bounds = [low, high + plan.config.grain] if ranged else []
+        con.execute(plan.recompute_sql(flagged, ranged), bounds)
+
+
+def write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """Row count (end rows - start rows), freshness and position of one table."""
+    delta = "0"
+    if work.model.config.mirror:
+        delta = f"(SELECT count(*) FROM {work.end}) - (SELECT count(*) FROM {work.start})"
+    con.execute(
+        f"""UPDATE {META}.tables SET rows = rows + {delta},
+               last_commit_ts = greatest(last_commit_ts, ?),
+               last_lsn = greatest(last_lsn, ?), applied_at = now()
+            WHERE table_name = ?""",
+        [work.last_commit_ts, work.last_lsn, work.model.name],
+    )

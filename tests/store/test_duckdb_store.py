@@ -1,0 +1,168 @@
+"""The DuckDB store on a real file: layout, position, transactions, listeners, readers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from headrace.errors import StoreError
+from headrace.source.changes import TableRef
+from headrace.store.base import CommitEvent
+from headrace.store.duckdb.schema import FORMAT_VERSION, mirror_table, rollup_view
+from headrace.store.duckdb.store import DuckDBStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DuckDBStore:
+    return DuckDBStore(tmp_path / "h.duckdb")
+
+
+def test_layout(store: DuckDBStore) -> None:
+    schemas = {
+        r["schema_name"]
+        for r in store.query("SELECT schema_name FROM duckdb_schemas()").to_pylist()
+    }
+    assert {"mirror", "history", "rollup", "headrace"} <= schemas
+    tables = {
+        r["table_name"]
+        for r in store.query(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'headrace'"
+        ).to_pylist()
+    }
+    assert {
+        "position",
+        "tables",
+        "schema_versions",
+        "dead_letters",
+        "rollups",
+        "store_info",
+    } <= tables
+    info = {
+        r["key"]: r["value"]
+        for r in store.query("SELECT key, value FROM headrace.store_info").to_pylist()
+    }
+    assert info["format_version"] == str(FORMAT_VERSION)
+    store.close()
+
+
+def test_names() -> None:
+    assert mirror_table(TableRef("public", "tx")) == 'mirror."tx"'
+    assert mirror_table(TableRef("sales", "tx")) == 'mirror."sales__tx"'
+    assert rollup_view("vol", timedelta(minutes=5)) == 'rollup."vol_5m"'
+
+
+def test_position_round_trip_and_reopen(store: DuckDBStore, tmp_path: Path) -> None:
+    assert store.read_position("postgres") is None
+    at = datetime(2024, 1, 1, tzinfo=UTC)
+    with store.transaction() as con:
+        store.write_position(con, "postgres", 100, at)
+    with store.transaction() as con:
+        store.write_position(con, "postgres", 200, None)  # a heartbeat keeps the commit time
+    position = store.read_position("postgres")
+    assert position is not None
+    assert (position.lsn, position.commit_ts) == (200, at)
+    store.close()
+    again = DuckDBStore(tmp_path / "h.duckdb")
+    assert again.read_position("postgres").lsn == 200  # type: ignore[union-attr]
+    again.close()
+
+
+def test_transaction_rolls_back_on_error(store: DuckDBStore) -> None:
+    def fail_after_writing() -> None:
+        with store.transaction() as con:
+            store.write_position(con, "postgres", 5, None)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fail_after_writing()
+    assert store.read_position("postgres") is None
+    store.close()
+
+
+def test_listeners(store: DuckDBStore) -> None:
+    seen: list[CommitEvent] = []
+
+    def broken(event: CommitEvent) -> None:
+        raise ValueError("a bad listener")
+
+    unsubscribe = store.subscribe(seen.append)
+    store.subscribe(broken)
+    first = store.publish(10, None, ["public.t"], 3)
+    store.publish(20, None, [], 0, kind="rebuild")
+    unsubscribe()
+    store.publish(30, None, [], 0)
+    assert [e.version for e in seen] == [first.version, first.version + 1]
+    assert seen[0].tables == ("public.t",)
+    assert seen[1].kind == "rebuild"
+    assert store.version == first.version + 2
+    store.close()
+
+
+def test_readers_use_their_own_cursor_while_the_writer_writes(store: DuckDBStore) -> None:
+    store.writer.execute("CREATE TABLE mirror.t AS SELECT range AS i FROM range(100000)")
+    results: list[int] = []
+
+    def reader() -> None:
+        for _ in range(20):
+            results.append(int(store.query("SELECT count(*) AS n FROM mirror.t")["n"][0].as_py()))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(20):
+        with store.transaction() as con:
+            con.execute("INSERT INTO mirror.t VALUES (?)", [100000 + i])
+    thread.join()
+    assert len(results) == 20
+    assert all(100000 <= n <= 100020 for n in results)
+    store.close()
+
+
+def test_checkpoint_policy(tmp_path: Path) -> None:
+    store = DuckDBStore(tmp_path / "c.duckdb", checkpoint_wal_bytes=1024 * 1024)
+    store.writer.execute("SET checkpoint_threshold = '1GB'")  # only ours
+    store.writer.execute("CREATE TABLE mirror.big (i BIGINT, s VARCHAR)")
+    for batch in range(30):  # small commits go to the WAL (large appends skip it)
+        with store.transaction() as con:
+            con.execute(
+                "INSERT INTO mirror.big SELECT range, repeat('x', 100) FROM range(?, ?)",
+                [batch * 1000, batch * 1000 + 1000],
+            )
+    assert store.wal_bytes() > 1024 * 1024
+    assert store.maybe_checkpoint()
+    assert store.wal_bytes() < 1024 * 1024
+    assert not store.maybe_checkpoint()
+    store.close()
+
+
+def test_read_only_and_one_writer(tmp_path: Path) -> None:
+    path = tmp_path / "r.duckdb"
+    DuckDBStore(path).close()
+    reader = DuckDBStore(path, read_only=True)
+    assert reader.read_position("postgres") is None
+    with pytest.raises(StoreError, match="read-only"), reader.transaction():
+        pass
+    reader.close()
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE x (i int)")
+    con.close()
+    with pytest.raises(StoreError, match="not a headrace store"):
+        DuckDBStore(path, read_only=True)
+
+
+def test_other_format_version(tmp_path: Path) -> None:
+    path = tmp_path / "v.duckdb"
+    store = DuckDBStore(path)
+    store.writer.execute(
+        "UPDATE headrace.store_info SET value = '999' WHERE key = 'format_version'"
+    )
+    store.close()
+    with pytest.raises(StoreError, match="format version 999"):
+        DuckDBStore(path)
