@@ -192,7 +192,18 @@ def test_incompatible_change_goes_to_dead_letters(h: Harness) -> None:
     assert table == "public.t"
     assert "grp changed type" in str(reason)
     assert "LSN" in str(reason)
-    assert json.loads(str(payload))["_hr_lsn"] == lsn
+    inserted = json.loads(str(payload))
+    assert inserted["_hr_lsn"] == lsn
+    assert inserted["new"] == {
+        "id": 3,
+        "grp": 7,
+        "v": 3,
+        "kind": "x",
+        "price": 1.0,
+        "ts": "2024-01-01 00:00:00+00",
+    }
+    deleted = json.loads(str(letters[1][3]))
+    assert deleted["old"]["id"] == 2
     status = {t.table_name: t for t in h.engine.status().tables}
     assert status["public.t"].state == "dead_letter"
     assert h.engine.status().dead_letters == 2

@@ -51,7 +51,8 @@ def apply_segment(
     for index, (schema, data) in enumerate(items):
         model = registry.tables[schema.table]
         if model.state == DEAD:
-            dead += write_dead_letters(con, model.name, model.reason or "table stopped", data)
+            reason = model.reason or "table stopped"
+            dead += write_dead_letters(con, model.name, reason, schema, data)
             continue
         works[model.ref] = load_changes(con, model, schema, data, index)
     _resolve(con, registry, works)

@@ -5,10 +5,20 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.resolve import TableWork, compute_prev, old_key
+from headrace.engine.resolve import TableWork, compute_prev, old_key, positional
 from headrace.engine.types import storable_table
 from headrace.pipeline.model import quote_ident
-from headrace.source.changes import COMMIT_TS, LSN, OP, SEQ, XID
+from headrace.source.changes import (
+    COMMIT_TS,
+    LSN,
+    META_FIELDS,
+    OLD_KIND,
+    OP,
+    SEQ,
+    TOAST,
+    XID,
+    TableSchema,
+)
 from headrace.store.duckdb.schema import META
 
 
@@ -63,18 +73,41 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
 
 
 def write_dead_letters(
-    con: duckdb.DuckDBPyConnection, table_name: str, reason: str, data: pa.Table
+    con: duckdb.DuckDBPyConnection,
+    table_name: str,
+    reason: str,
+    schema: TableSchema,
+    data: pa.Table,
 ) -> int:
-    """Keep every change of ``data`` in ``headrace.dead_letters`` (one JSON payload each)."""
+    """Keep every change of ``data`` in ``headrace.dead_letters``, one JSON payload each:
+    the change's metadata, ``new`` and ``old`` values by column, ``unchanged_toast``."""
     if not data.num_rows:
         return 0
-    con.register("_hr_dead", storable_table(data))
+    renamed, new_names, old_names = positional(schema, storable_table(data))
+
+    def row_object(names: dict[str, str]) -> str:
+        pairs = ", ".join(f"{_literal(column)}, d.{alias}" for column, alias in names.items())
+        return f"json_object({pairs})" if pairs else "json_object()"
+
+    meta = ", ".join(f"'{f.name}', d.{f.name}" for f in META_FIELDS)
+    sent = " OR ".join(f"d.{alias} IS NOT NULL" for alias in old_names.values()) or "false"
+    payload = (
+        f"json_object({meta}, 'new', {row_object(new_names)}, "
+        f"'old', CASE WHEN d.{OLD_KIND} IS NOT NULL OR {sent} "
+        f"THEN {row_object(old_names)} END, "
+        f"'old_kind', d.{OLD_KIND}, 'unchanged_toast', d.{TOAST})"
+    )
+    con.register("_hr_dead", renamed)
     try:
         con.execute(
             f"""INSERT INTO {META}.dead_letters (lsn, table_name, reason, payload, "at")
-            SELECT {LSN}, ?, ?, to_json(d), now() FROM _hr_dead d ORDER BY {SEQ}""",
+            SELECT d.{LSN}, ?, ?, {payload}, now() FROM _hr_dead d ORDER BY d.{SEQ}""",
             [table_name, reason],
         )
     finally:
         con.unregister("_hr_dead")
     return int(data.num_rows)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
