@@ -186,3 +186,32 @@ def test_replica_identity_full(h: Harness) -> None:
     )
     h.sync()
     check(h)
+
+
+HISTORY_ONLY = """
+source:
+  dsn: "DSN"
+  tables:
+    log: {mirror: false, history: true}
+"""
+
+
+def test_history_without_a_mirror(pg_db: PgDatabase, tmp_path: Path) -> None:
+    pg_db.execute(
+        "CREATE TABLE log (id int PRIMARY KEY, msg text, doc text);"
+        "ALTER TABLE log ALTER COLUMN doc SET STORAGE EXTERNAL;"
+        "ALTER TABLE log REPLICA IDENTITY FULL;"
+    )
+    h = make_harness(pg_db, tmp_path, HISTORY_ONLY)
+    try:
+        h.execute(
+            f"INSERT INTO log VALUES (1, 'a', {big(4)})",
+            "UPDATE log SET msg = 'b' WHERE id = 1",  # doc unchanged: from the old row (FULL)
+            "DELETE FROM log WHERE id = 1",
+        )
+        h.sync()
+        rows = h.duck("SELECT _hr_op, id, msg, length(doc) FROM history.log ORDER BY _hr_lsn")
+        assert rows == [("I", 1, "a", 2560), ("U", 1, "b", 2560), ("D", 1, "b", 2560)]
+        assert h.duck("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'mirror'") == [(0,)]
+    finally:
+        h.close()

@@ -67,6 +67,11 @@ class DuckDBStore(Store):
             ) from exc
         self._con.execute("SET TimeZone = 'UTC'")
         if not read_only:
+            # DuckDB checkpoints inside COMMIT once the WAL passes checkpoint_threshold
+            # (16 MB): a 300 ms stall on a batch now and then. Checkpoints are ours
+            # (maybe_checkpoint, after the commit); DuckDB's own only as a backstop.
+            backstop = max(2 * checkpoint_wal_bytes, 256 * 1024 * 1024)
+            self._con.execute(f"SET checkpoint_threshold = '{backstop}B'")
             self._create_layout()
         self._check_format()
 
