@@ -15,7 +15,7 @@ import pytest
 
 from headrace.errors import StoreError
 from headrace.pipeline.load import parse_pipeline
-from headrace.source.changes import Column, SnapshotChunk, TableRef, TableSchema
+from headrace.source.changes import ChangeBatch, Column, SnapshotChunk, TableRef, TableSchema
 from headrace.store.base import CommitEvent
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness, recorded_source
@@ -288,3 +288,26 @@ def test_a_failed_batch_leaves_nothing(h: Harness) -> None:
     assert h.engine.position() == position
     assert h.duck("SELECT count(*) FROM mirror.tx WHERE id < 100") == [(99,)]
     assert h.duck("SELECT lsn FROM headrace.position") == [(position,)]
+
+
+def test_heartbeat_and_replayed_batches(h: Harness) -> None:
+    h.db.execute("SELECT pg_drop_replication_slot('s_p')")
+    h.snapshot()
+    h.execute("UPDATE tx SET amount = 0 WHERE id <= 10", "DELETE FROM tx WHERE id = 11")
+    batch = h.batches()[0]
+    first = h.engine.apply(batch)
+    assert first.changes == 11
+    # The same transactions again (e.g. re-sent after a reconnect): nothing applied twice.
+    again = h.engine.apply(batch)
+    assert (again.changes, again.skipped) == (0, 11)
+    h.assert_mirror("tx", ["id", "acct_id", "amount", "status", "ts"])
+    h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
+    # A heartbeat: no changes, the position moves on, freshness of tables does not.
+    before = h.duck("SELECT last_commit_ts FROM headrace.tables ORDER BY table_name")
+    beat = h.engine.apply(ChangeBatch((), position=batch.position + 1000))
+    assert beat.position == batch.position + 1000
+    assert h.engine.position() == batch.position + 1000
+    assert h.duck("SELECT lsn FROM headrace.position") == [(batch.position + 1000,)]
+    assert h.duck("SELECT last_commit_ts FROM headrace.tables ORDER BY table_name") == before
+    # A position never moves back.
+    assert h.engine.apply(ChangeBatch((), position=5)).position == batch.position + 1000
