@@ -128,7 +128,7 @@ def positional(
 
     Column names cannot collide with the change metadata that way (a source
     column named ``kind`` has its old value in a column named like
-    ``_hr_old_kind``, the old-kind marker).
+    ``_hr_oldkind``, the old-kind marker).
     """
     count = len(schema.columns)
     names = [f.name for f in META_FIELDS]

@@ -13,9 +13,9 @@ Arrow table with one row per change. Columns of a ``TableChanges.data``:
 ``_hr_commit_ts``         timestamp[us, UTC], commit time of the transaction
 ``_hr_xid``               int64, transaction id
 ``<column>``              the new value of each table column (NULL for D/T)
-``_hr_old_kind``          string, ``K`` old key only, ``O`` whole old row,
+``_hr_oldkind``           string, ``K`` old key only, ``O`` whole old row,
                           NULL when the publication sent no old values
-``_hr_old_<column>``      the old value, when ``_hr_old_kind`` is set
+``_hr_old_<column>``      the old value, when ``_hr_oldkind`` is set
 ``_hr_toast``             list<string>, names of columns whose new value is
                           an unchanged TOAST value PostgreSQL did not send
                           (their new-value cell is NULL and must be filled
@@ -40,7 +40,7 @@ OP = "_hr_op"
 LSN = "_hr_lsn"
 COMMIT_TS = "_hr_commit_ts"
 XID = "_hr_xid"
-OLD_KIND = "_hr_old_kind"
+OLD_KIND = "_hr_oldkind"  # not under OLD_PREFIX: a column named "kind" must not clash
 OLD_PREFIX = "_hr_old_"
 TOAST = "_hr_toast"
 
