@@ -129,24 +129,36 @@ def run(  # noqa: PLR0915 - one scenario, read top to bottom
     )
     if clients.stderr is not None:
         clients.stderr.readline()  # "ready": every viewer connected (or failed)
+    # The client's result (every latency sample) is larger than a pipe buffer: read it
+    # while the clients run, or the client blocks writing it and never exits.
+    output: list[str] = []
+    reader_thread = threading.Thread(
+        target=lambda: output.extend(clients.communicate()), name="bench-client-output"
+    )
+    reader_thread.start()
     metrics_url = f"{server.url}/metrics"
     import httpx  # noqa: PLC0415 - only the benchmark needs a client here
 
     with httpx.Client(timeout=30) as http:
         before = http.get(metrics_url).text
         started = time.monotonic()
+        cpu_before = process.cpu_times()
         rss_peak = 0
         deadline = started + duration_s + 90
         while clients.poll() is None and time.monotonic() < deadline:
             rss_peak = max(rss_peak, process.memory_info().rss)
             time.sleep(0.5)
         elapsed = time.monotonic() - started
+        cpu_after = process.cpu_times()
         after = http.get(metrics_url).text
-    try:
-        out, err = clients.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
+    # Server and the store writer share this process (user + system time).
+    server_cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    server_cpu_percent = round(100 * server_cpu_s / elapsed, 1) if elapsed else None
+    reader_thread.join(timeout=60)
+    if reader_thread.is_alive():
         clients.kill()
-        out, err = clients.communicate()
+        reader_thread.join()
+    out, err = output if len(output) == 2 else ("", "")
     stop.set()
     writer_thread.join()
     write_seconds = time.monotonic() - write_started
@@ -184,6 +196,9 @@ def run(  # noqa: PLR0915 - one scenario, read top to bottom
         "sql_p50_ms": _pct(measured["sql_latencies"], 0.5),
         "sql_p99_ms": _pct(measured["sql_latencies"], 0.99),
         "server_rss_mb": round(rss_peak / 2**20, 1),
+        "server_and_writer_cpu_percent": server_cpu_percent,
+        "client_cpu_percent": measured["client_cpu_percent"],
+        "measured": "after every viewer connected; join events not counted as updates",
         "store_queries_per_s": round(actual_qps, 2),
         "polling_queries_per_s": round(polling_qps, 2),
         "polling_vs_broadcast_ratio": round(polling_qps / actual_qps, 1) if actual_qps else None,

@@ -41,10 +41,23 @@ async def _request(
     return reader, writer, status
 
 
-class Viewer:
-    """One live viewer: counts events, records commit-to-receipt latency per new version."""
+class Window:
+    """The measuring window: opened once every viewer connected (the storm is over)."""
 
     def __init__(self) -> None:
+        self.open = False
+
+
+class Viewer:
+    """One live viewer: counts events, records commit-to-receipt latency per new version.
+
+    Only updates count: the event a viewer gets on joining is the view's current state
+    (possibly computed long before it joined), and events received before the
+    measuring window opens (during the connection storm) are not recorded.
+    """
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
         self.events = 0
         self.errors = 0
         self.connected = False
@@ -74,8 +87,11 @@ class Viewer:
                 self.events += 1
                 version = _VERSION.search(line)
                 as_of = _AS_OF.search(line)
-                if version and as_of and int(version.group(1)) > self.last_version:
-                    self.last_version = int(version.group(1))
+                if version is None or int(version.group(1)) <= self.last_version:
+                    continue
+                first = self.last_version < 0
+                self.last_version = int(version.group(1))
+                if as_of and self.window.open and not first:
                     committed = datetime.fromisoformat(as_of.group(1).decode()).timestamp()
                     self.latencies.append(now - committed)
         except (OSError, asyncio.IncompleteReadError):
@@ -115,7 +131,8 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
     host, port, token = config["host"], config["port"], config["token"]
     views: list[str] = config["views"]
     stop = asyncio.Event()
-    viewers = [Viewer() for _ in range(config["viewers"])]
+    window = Window()
+    viewers = [Viewer(window) for _ in range(config["viewers"])]
     tasks = []
     for i, viewer in enumerate(viewers):
         tasks.append(
@@ -131,7 +148,9 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
     print("ready", flush=True, file=sys.stderr)
     connected = sum(v.connected for v in viewers)
     print(f"{connected} viewers connected", flush=True, file=sys.stderr)
+    window.open = True
     started = time.monotonic()
+    cpu_started = time.process_time()
     loads: list[float] = []
     load_errors = 0
     sql_latencies: list[float] = []
@@ -171,13 +190,16 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
         helpers.append(asyncio.create_task(sql()))
     await asyncio.sleep(config["duration_s"])
     stop.set()
+    client_cpu_s = time.process_time() - cpu_started
     held = sum(1 for v in viewers if v.connected and v.errors == 0)
     for task in [*helpers, *tasks]:
         task.cancel()
     await asyncio.gather(*helpers, *tasks, return_exceptions=True)
     latencies = sorted(x for v in viewers for x in v.latencies)
+    duration_s = time.monotonic() - started
     return {
-        "duration_s": round(time.monotonic() - started, 2),
+        "duration_s": round(duration_s, 2),
+        "client_cpu_percent": round(100 * client_cpu_s / duration_s, 1),
         "viewers_held": held,
         "viewer_errors": sum(v.errors for v in viewers),
         "events": sum(v.events for v in viewers),
