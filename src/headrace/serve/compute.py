@@ -26,6 +26,7 @@ from headrace.serve.settings import LiveSettings
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
 from headrace.serve.store import ServedStore, read_position
 from headrace.serve.tiles import Dashboard, TimeRange, render_tile_query
+from headrace.serve.watchdog import Watchdog
 
 T = TypeVar("T")
 
@@ -61,6 +62,7 @@ class StoreReader:
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._lock = threading.Lock()
         self._catalog: tuple[int, float, Catalog] | None = None
+        self._watchdog = Watchdog("hr-read-watchdog")
 
     # threads and cursors ---------------------------------------------------
 
@@ -81,6 +83,7 @@ class StoreReader:
     def close(self) -> None:
         """Stop the threads and close their cursors."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._watchdog.close()
         with self._lock:
             for cur in self._cursors:
                 cur.close()
@@ -110,17 +113,14 @@ class StoreReader:
     ) -> pa.Table:
         """Run a trusted query with masks applied and a timeout; result fully read."""
         masked = mask_trusted_sql(sql, self.catalog(cur), policy)
-        timer = threading.Timer(self.settings.tile_timeout_s, cur.interrupt)
-        timer.start()
+        self.metrics.tile_queries.inc()
         try:
-            self.metrics.tile_queries.inc()
-            return cur.sql(masked, params=params or None).to_arrow_table()
+            with self._watchdog.guard(cur, self.settings.tile_timeout_s):
+                return cur.sql(masked, params=params or None).to_arrow_table()
         except duckdb.InterruptException:
             raise ReadError(
                 f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
             ) from None
-        finally:
-            timer.cancel()
 
     def compute_view(
         self, cur: duckdb.DuckDBPyConnection, spec: ViewSpec, seq: int

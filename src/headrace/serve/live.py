@@ -50,8 +50,11 @@ class Viewer:
 
     async def next(self, timeout: float) -> bytes | None:
         """The next event, or None after ``timeout`` (time for a heartbeat)."""
+        # asyncio.timeout, not wait_for: wait_for wraps the wait in a new Task, for
+        # every event of every viewer.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.wake.wait()
         self.wake.clear()
         event, self.latest = self.latest, None
         return event
