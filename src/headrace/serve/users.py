@@ -25,6 +25,9 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from headrace.errors import ConfigError
 
 TOKEN_PREFIX = "hr_"  # noqa: S105 - the public prefix of API tokens, not a secret
+# A token's last_used_at is written at most this often: the write (a SQLite commit,
+# an fsync) ran on the event loop for every request, stalling every live stream.
+TOKEN_USE_RESOLUTION_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -108,6 +111,7 @@ class UserStore:
         self._lock = threading.Lock()
         self._hasher = PasswordHasher()
         self._dummy: str | None = None
+        self._use_written: dict[int, float] = {}  # token id -> when last_used_at was written
 
     @property
     def _dummy_hash(self) -> str:
@@ -259,10 +263,12 @@ class UserStore:
                 "JOIN users u ON u.name = t.user_name WHERE t.token_hash = ?",
                 (_digest(secret),),
             ).fetchone()
-            if row is not None:
-                self._con.execute(
-                    "UPDATE tokens SET last_used_at = ? WHERE id = ?", (time.time(), row[3])
-                )
+            now = time.time()
+            if row is not None and now - self._use_written.get(row[3], 0.0) >= (
+                TOKEN_USE_RESOLUTION_S
+            ):
+                self._use_written[row[3]] = now
+                self._con.execute("UPDATE tokens SET last_used_at = ? WHERE id = ?", (now, row[3]))
                 self._con.commit()
         return User(row[0], Role.parse(row[1]), row[2]) if row else None
 
