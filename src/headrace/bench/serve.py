@@ -12,6 +12,12 @@ What runs:
   filter sets, a dashboard load every 0.5 s (page, definition and first tiles
   of a random filter), and SQL queries at ``sql_rate``/s.
 
+Everything is measured after every viewer connected (the connection storm is
+over); the event a viewer gets on joining (the view's current state, possibly
+computed before it joined) is not an update and is not counted. CPU of this
+process (server + store writer) and of the client process are reported, so a
+saturated client (which would make the latencies meaningless) shows.
+
 Reports dashboard load p50/p99 (target < 300 ms), commit-to-viewer update
 latency p99 (target < 1 s), viewers held without error (target 1,000 on 2
 cores), server RSS, and store queries/s actually run against what per-viewer

@@ -220,15 +220,20 @@ class LiveHub:
             version = self.reader.store.version
             # Refreshes of views that already have a result may use all read threads
             # but one, so a first computation (a dashboard being opened) never waits
-            # behind a queue of refreshes.
+            # behind a queue of refreshes. While a first computation runs no refresh
+            # starts: on few cores they compete for the CPU, and a dashboard being
+            # opened matters more than a refresh a few hundred ms later.
             refreshing = sum(
                 1 for v in self.views.values() if v.task is not None and v.computed_version >= 0
             )
-            budget = max(1, self.settings.compute_workers - 1) - refreshing
+            opening = any(v.task is not None and _first(v) for v in self.views.values())
+            budget = 0 if opening else max(1, self.settings.compute_workers - 1) - refreshing
             for key, view in sorted(self.views.items(), key=lambda kv: kv[1].last_started):
-                first = view.computed_version < 0 or view.waiters > 0
+                first = _first(view)
                 if self._due(view, now, version) and (first or budget > 0):
-                    if not first:
+                    if first:
+                        budget = 0
+                    else:
                         budget -= 1
                     view.last_started = now
                     view.task = asyncio.create_task(self._compute(view))
@@ -272,3 +277,8 @@ class LiveHub:
             view.task = None
             view.ready.set()
             self._kick.set()
+
+
+def _first(view: LiveView) -> bool:
+    """Someone waits for this view's first result (or a fresh snapshot of it)."""
+    return view.computed_version < 0 or view.waiters > 0
