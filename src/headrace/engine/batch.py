@@ -116,13 +116,24 @@ def apply_rollup(
     horizon = runtime.retained_from
     params = [horizon] if horizon is not None else []
     netted = plan.net_sql(work.start, work.end, horizon is not None)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net)}")
-    con.execute(plan.merge_sql(delta))
-    for measure in plan.side_tables():
-        side = f"_hr_x_{index}_{measure.index}"
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {side} AS {plan.side_delta_sql(measure, net)}")
-        con.execute(plan.side_merge_sql(measure, side))
+    # Every statement costs a few ms whatever its size, so intermediate
+    # results are materialized only when read more than once: the netted rows
+    # when side tables read them too, the delta when min/max recomputes read it.
+    sides = plan.side_tables()
+    if sides:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
+        net_source, delta_params = net, []
+    else:
+        net_source, delta_params = f"({netted})", params
+    if plan.extremes():
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net_source)}", delta_params
+        )
+        con.execute(plan.merge_sql(delta))
+    else:
+        con.execute(plan.merge_sql(f"({plan.delta_sql(net_source)})"), delta_params)
+    for measure in sides:
+        con.execute(plan.side_merge_sql(measure, f"({plan.side_delta_sql(measure, net)})"))
     if not plan.extremes():
         return
     flagged = f"(SELECT * FROM {delta} WHERE {RECOMPUTE})"
