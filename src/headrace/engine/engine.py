@@ -122,6 +122,7 @@ class Engine:
         self._position = position
         total = sum(per_table.values())
         event = self.store.publish(position, batch.last_commit_ts, sorted(per_table), total)
+        visible_at = time.time()
         self.store.maybe_checkpoint()
         return AppliedBatch(
             position=position,
@@ -132,6 +133,7 @@ class Engine:
             dead_letters=dead_letters,
             skipped=skipped,
             seconds=time.perf_counter() - started,
+            visible_at=visible_at,
         )
 
     def load_snapshot(self, chunks: Iterable[SnapshotChunk]) -> SnapshotLoaded:

@@ -23,6 +23,10 @@ class AppliedBatch:
     skipped: int = 0
     """Changes of transactions already applied (commit LSN below the stored position)."""
     seconds: float = 0.0
+    visible_at: float = 0.0
+    """UNIX time at which the batch became visible to readers (committed and
+    published), before any checkpoint that :meth:`Engine.apply` then runs;
+    0.0 when unknown."""
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ Threads::
     status thread: <store>.status.json and the terminal line, about once a second
 
 - Pipelining: decoding the next batch overlaps applying the current one.
-- Backpressure: the queue holds ``queue_batches`` batches; when the store is
-  slower than the source, the source thread waits on the queue, stops
-  reading the replication socket, and the server keeps the rest in the slot.
-  Memory stays bounded (about ``queue_batches + 2`` batches).
+- Backpressure: the queue holds ``queue_batches`` batches, or more small ones
+  while their changes fit into ``merge_max_changes`` (see
+  :mod:`headrace.run.change_queue`); when the store is slower than the
+  source, the source thread waits on the queue, stops reading the replication
+  socket, and the server keeps the rest in the slot. Memory stays bounded.
 - Catching up: batches waiting together are applied as one transaction (up
   to ``merge_max_changes``), so a backlog is worked off with fewer commits.
 - Exactly once: the slot is confirmed only up to a position already
@@ -42,6 +43,7 @@ from headrace.engine.engine import Engine
 from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
+from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
     RunFiles,
@@ -243,7 +245,9 @@ class Runner:
     def _stream(self, engine: Engine) -> None:
         source = PostgresSource(source_settings(self.config, self.settings))
         start = engine.position() or 0
-        items: queue.Queue[_Item] = queue.Queue(maxsize=self.settings.queue_batches)
+        items: ChangeQueue[_Item] = ChangeQueue(
+            self.settings.queue_batches, self.settings.merge_max_changes
+        )
         source_stop = threading.Event()
         reporter = self._reporter
         lag_lock = threading.Lock()
@@ -298,7 +302,7 @@ class Runner:
         self,
         source: PostgresSource,
         start: int,
-        items: queue.Queue[_Item],
+        items: ChangeQueue[_Item],
         source_stop: threading.Event,
     ) -> None:
         """Source thread: batches into the bounded queue (waiting when it is full)."""
@@ -319,7 +323,7 @@ class Runner:
         _put(items, _Item(None, error=error), source_stop)
 
     def _write_loop(
-        self, engine: Engine, source: PostgresSource, items: queue.Queue[_Item]
+        self, engine: Engine, source: PostgresSource, items: ChangeQueue[_Item]
     ) -> None:
         settings = self.settings
         faults = self.faults
@@ -344,14 +348,15 @@ class Runner:
             faults.reached("before_apply")
             faults.reached("during_apply")
             applied = engine.apply(batch)
-            visible_at = time.time()
+            # Freshness ends when the batch became visible, not after a checkpoint.
+            visible_at = applied.visible_at or time.time()
             faults.reached("after_commit")
             source.confirm(applied.position)
             faults.reached("after_confirm")
             self.state.applied([i.ticket for i in group], batch, applied, visible_at)
             next_maintain = self._maybe_maintain(engine, next_maintain)
 
-    def _gather(self, group: list[_Item], items: queue.Queue[_Item]) -> _Item | None:
+    def _gather(self, group: list[_Item], items: ChangeQueue[_Item]) -> _Item | None:
         """Add waiting batches to ``group`` while they merge; returns one that did not."""
         limit = self.settings.merge_max_changes
         first = group[0].batch
@@ -435,11 +440,12 @@ class Runner:
         return server
 
 
-def _put(items: queue.Queue[_Item], item: _Item, stop: threading.Event) -> bool:
+def _put(items: ChangeQueue[_Item], item: _Item, stop: threading.Event) -> bool:
     """Put ``item``, waiting while the queue is full (backpressure); False when stopped."""
     while not stop.is_set():
         try:
-            items.put(item, timeout=_PUT_WAIT_S)
+            changes = item.batch.num_changes if item.batch is not None else 0
+            items.put(item, changes, timeout=_PUT_WAIT_S)
             return True
         except queue.Full:
             continue

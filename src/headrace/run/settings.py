@@ -25,10 +25,13 @@ class RunSettings:
     transaction, whichever comes first: the latency batching adds."""
 
     queue_batches: int = 4
-    """Decoded batches waiting for the store at most. When the store is
-    slower than the source, the source waits here (backpressure) and the
-    replication slot keeps the rest on the server, so memory stays bounded
-    by about ``queue_batches + 2`` batches."""
+    """Decoded batches waiting for the store at most, unless they are small:
+    more may wait while their changes together fit into ``merge_max_changes``
+    (so a backlog of micro-batches is merged into few large transactions).
+    When the store is slower than the source, the source waits here
+    (backpressure) and the replication slot keeps the rest on the server, so
+    memory stays bounded by about ``max(queue_batches * batch_max_changes,
+    merge_max_changes)`` changes plus two batches."""
 
     merge_max_changes: int = 200_000
     """When several batches wait, the writer applies them as one store
