@@ -194,6 +194,11 @@ def run(  # noqa: PLR0915 - one scenario, read top to bottom
         "dashboard_load_p50_ms": _pct(measured["loads"], 0.5),
         "dashboard_load_p99_ms": _pct(measured["loads"], 0.99),
         "dashboard_loads": len(measured["loads"]),
+        # Where a load's time goes: p50 / max per phase (page, definition, first tiles).
+        "dashboard_load_phases_ms": {
+            phase: [_pct(values, 0.5), _pct(values, 1.0)]
+            for phase, values in measured["load_phases"].items()
+        },
         "dashboard_load_errors": measured["load_errors"],
         "update_latency_p50_ms": _pct(measured["update_latencies"], 0.5),
         "update_latency_p99_ms": _pct(measured["update_latencies"], 0.99),

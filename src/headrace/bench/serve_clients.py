@@ -104,13 +104,25 @@ async def _read_body(reader: asyncio.StreamReader) -> bytes:
     return await reader.read()
 
 
-async def load_dashboard(host: str, port: int, token: str, dims: dict[str, list[str]]) -> float:
-    """Page, definition and the first tiles of a (random) filter set: seconds."""
+LOAD_PHASES = ("page", "definition", "first_tiles")
+
+
+async def load_dashboard(
+    host: str, port: int, token: str, dims: dict[str, list[str]], phases: dict[str, list[float]]
+) -> float:
+    """Page, definition and the first tiles of a (random) filter set: seconds.
+
+    Appends each phase's seconds to ``phases`` (keys: ``LOAD_PHASES``).
+    """
     started = time.perf_counter()
-    for path in ("/dashboard/payments", "/api/dashboards/payments"):
+    pages = (("page", "/dashboard/payments"), ("definition", "/api/dashboards/payments"))
+    for phase, path in pages:
+        phase_started = time.perf_counter()
         reader, writer, _ = await _request(host, port, "GET", path, token)
         await _read_body(reader)
         writer.close()
+        phases[phase].append(time.perf_counter() - phase_started)
+    tiles_started = time.perf_counter()
     # Random filter sets, so most loads need a new view computed (the worst case).
     dim = random.choice(sorted(dims))  # noqa: S311 - load pattern, not security
     value = random.choice(dims[dim])  # noqa: S311 - load pattern, not security
@@ -122,6 +134,7 @@ async def load_dashboard(host: str, port: int, token: str, dims: dict[str, list[
             if not line:
                 raise OSError(f"stream ended, status {status}")
             if line.startswith(b"data: "):
+                phases["first_tiles"].append(time.perf_counter() - tiles_started)
                 return time.perf_counter() - started
     finally:
         writer.close()
@@ -152,6 +165,7 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
     started = time.monotonic()
     cpu_started = time.process_time()
     loads: list[float] = []
+    phases: dict[str, list[float]] = {phase: [] for phase in LOAD_PHASES}
     load_errors = 0
     sql_latencies: list[float] = []
     sql_errors = 0
@@ -160,7 +174,7 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
         nonlocal load_errors
         while not stop.is_set():
             try:
-                loads.append(await load_dashboard(host, port, token, config["dims"]))
+                loads.append(await load_dashboard(host, port, token, config["dims"], phases))
             except OSError:
                 load_errors += 1
             await asyncio.sleep(config["load_interval_s"])
@@ -205,6 +219,7 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
         "events": sum(v.events for v in viewers),
         "update_latencies": latencies,
         "loads": sorted(loads),
+        "load_phases": {phase: sorted(values) for phase, values in phases.items()},
         "load_errors": load_errors,
         "sql_latencies": sorted(sql_latencies),
         "sql_errors": sql_errors,

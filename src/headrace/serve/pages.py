@@ -6,7 +6,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from headrace.serve.state import state
@@ -20,6 +20,23 @@ _FORBIDDEN = """<!doctype html><html><head><meta charset="utf-8"><title>Not allo
 (it needs {needed}).</p><p><a href="/">Back to the dashboards</a></p></main></body></html>"""
 
 
+# file name -> (mtime_ns, bytes). FileResponse stats, opens and reads the file in
+# worker threads: several thread hops per page load, each slow while the read
+# threads and the store writer keep the cores busy. The pages are small; they
+# are kept in memory and re-read when the file changes.
+_PAGE_CACHE: dict[str, tuple[int, bytes]] = {}
+
+
+def _html_file(file: str) -> Response:
+    path = STATIC / file
+    mtime = path.stat().st_mtime_ns
+    cached = _PAGE_CACHE.get(file)
+    if cached is None or cached[0] != mtime:
+        cached = (mtime, path.read_bytes())
+        _PAGE_CACHE[file] = cached
+    return Response(cached[1], media_type="text/html", headers={"Cache-Control": "no-store"})
+
+
 def _page(file: str, role: Role = Role.VIEWER) -> Route:
     async def endpoint(request: Request) -> Response:
         st = state(request)
@@ -30,7 +47,7 @@ def _page(file: str, role: Role = Role.VIEWER) -> Route:
         if not principal.allows(role):
             body = _FORBIDDEN.format(role=principal.role.label, needed=role.label)
             return HTMLResponse(body, status_code=403)
-        return FileResponse(STATIC / file, headers={"Cache-Control": "no-store"})
+        return _html_file(file)
 
     endpoint.__name__ = f"page_{file.split('.', maxsplit=1)[0]}"
     return Route("/" + file.split(".", maxsplit=1)[0], endpoint)
@@ -45,7 +62,7 @@ async def home(request: Request) -> Response:
 
 
 async def login_page(request: Request) -> Response:
-    return FileResponse(STATIC / "login.html", headers={"Cache-Control": "no-store"})
+    return _html_file("login.html")
 
 
 def routes() -> list[Route]:
