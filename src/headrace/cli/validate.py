@@ -10,8 +10,9 @@ import typer
 
 from headrace.errors import ConfigError, HeadraceError, SourceError
 from headrace.pipeline.catalog import TableCatalog, read_table_catalog
+from headrace.pipeline.check_catalog import check_against_catalog
 from headrace.pipeline.durations import format_duration
-from headrace.pipeline.load import check_against_catalog, load_pipeline, raise_problems
+from headrace.pipeline.load import load_pipeline, raise_problems
 from headrace.pipeline.model import PipelineConfig
 
 
