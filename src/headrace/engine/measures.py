@@ -35,6 +35,7 @@ State size per group is bounded by 2^p x ranks, typically a few thousand rows.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from headrace.pipeline.model import MeasureConfig, MeasureFn, quote_ident
@@ -69,7 +70,7 @@ def _and(*conditions: str | None) -> str | None:
     return " AND ".join(parts) if parts else None
 
 
-class Measure:
+class Measure(ABC):
     """Base: one configured measure at position ``index`` of its rollup."""
 
     side_table: str | None = None
@@ -111,9 +112,9 @@ class Measure:
         """Aggregates rolling base-grain state rows up into a coarser bucket, one per part."""
         return []
 
+    @abstractmethod
     def final(self, state: str) -> str:
         """The measure's value from (rolled-up) state columns of alias ``state``."""
-        raise NotImplementedError
 
     def recompute_condition(self, state: str, delta: str) -> str | None:
         """When true for a group, recompute this measure from the mirror after the batch."""
