@@ -54,7 +54,8 @@ def test_sigterm_finishes_the_batch_confirms_and_exits_zero(
 
 def test_sigint_during_the_snapshot_stores_nothing(pg_db: PgDatabase, tmp_path: Path) -> None:
     pipeline = make_pipeline(pg_db, tmp_path, base_rows=300_000)
-    run = RunProcess(pipeline)
+    # Held at the first chunk until signalled: a fast machine must not finish the copy first.
+    run = RunProcess(pipeline, "snapshot_chunk:1:hold")
 
     def copying() -> bool:
         status = pipeline.status()

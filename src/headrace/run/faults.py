@@ -2,7 +2,10 @@
 
 **For crash tests only.** Set ``HEADRACE_FAULT`` to ``POINT:N`` (several
 separated by commas) and the process sends itself SIGKILL the N-th time it
-reaches POINT (counted from 1 in that process). Points:
+reaches POINT (counted from 1 in that process). ``POINT:N:hold`` instead holds
+the process there until it is asked to stop (SIGINT/SIGTERM) or
+:data:`HOLD_LIMIT_S` pass, so a test can signal it at that exact point; only
+points reached with the stop event (``snapshot_chunk``) can hold. Points:
 
 ``snapshot_chunk``
     a snapshot chunk was handed to the store, inside the snapshot's
@@ -41,18 +44,22 @@ POINTS = frozenset(
     }
 )
 DURING_APPLY_DELAY_S = 0.003
+HOLD_LIMIT_S = 120.0
+ACTIONS = frozenset({"kill", "hold"})
 
 
-def _parse(text: str) -> dict[str, int]:
-    faults: dict[str, int] = {}
+def _parse(text: str) -> dict[str, tuple[int, str]]:
+    faults: dict[str, tuple[int, str]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        point, _, count = item.partition(":")
-        if point not in POINTS or not count.isdigit() or int(count) < 1:
+        point, _, rest = item.partition(":")
+        count, _, action = rest.partition(":")
+        action = action or "kill"
+        if point not in POINTS or not count.isdigit() or int(count) < 1 or action not in ACTIONS:
             raise ConfigError(
-                f"{ENVIRONMENT_VARIABLE}={text!r}: {item!r} is not POINT:N",
+                f"{ENVIRONMENT_VARIABLE}={text!r}: {item!r} is not POINT:N or POINT:N:hold",
                 f"use one of {', '.join(sorted(POINTS))} with N >= 1, or unset it",
             )
-        faults[point] = int(count)
+        faults[point] = (int(count), action)
     return faults
 
 
@@ -68,15 +75,22 @@ class Faults:
     def armed(self) -> bool:
         return bool(self._armed)
 
-    def reached(self, point: str) -> None:
-        """Count a visit of ``point``; die on the armed visit."""
+    def reached(self, point: str, stop: threading.Event | None = None) -> None:
+        """Count a visit of ``point``; die (or hold until ``stop``) on the armed visit."""
         if not self._armed or point not in self._armed:
             return
         seen = self._seen.get(point, 0) + 1
         self._seen[point] = seen
-        if seen != self._armed[point]:
+        count, action = self._armed[point]
+        if seen != count:
             return
-        if point == "during_apply":
+        if action == "hold":
+            if stop is None:
+                raise ConfigError(
+                    f"{ENVIRONMENT_VARIABLE}: {point} cannot hold", "hold only at snapshot_chunk"
+                )
+            stop.wait(HOLD_LIMIT_S)
+        elif point == "during_apply":
             timer = threading.Timer(DURING_APPLY_DELAY_S, _die)
             timer.daemon = True
             timer.start()

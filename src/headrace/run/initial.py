@@ -107,7 +107,7 @@ def _chunks(
         if stop.is_set():
             raise SnapshotInterruptedError
         yield chunk
-        faults.reached("snapshot_chunk")
+        faults.reached("snapshot_chunk", stop)
         on_chunk()
     if stop.is_set():
         raise SnapshotInterruptedError
