@@ -9,7 +9,8 @@ import pytest
 from headrace.errors import ConfigError
 from headrace.pipeline import model
 from headrace.pipeline.catalog import TableCatalog
-from headrace.pipeline.load import check_against_catalog, load_pipeline, parse_pipeline
+from headrace.pipeline.check_catalog import check_against_catalog
+from headrace.pipeline.load import load_pipeline, parse_pipeline
 from headrace.pipeline.model import MeasureFn, PipelineConfig
 from headrace.source.changes import TableRef
 
