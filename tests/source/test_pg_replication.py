@@ -8,8 +8,8 @@ import psycopg
 import pytest
 
 from headrace.errors import SourceError
+from headrace.source.postgres.connect_errors import ConnectionLostError
 from headrace.source.postgres.replication import (
-    ConnectionLostError,
     Payload,
     ReplicationConnection,
     StreamOptions,

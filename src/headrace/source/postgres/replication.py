@@ -35,6 +35,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from headrace.errors import SourceError, format_lsn
+from headrace.source.postgres.connect_errors import ConnectionLostError, connect_error, first_line
 
 # Session settings the decoder's text converter relies on: pgoutput renders
 # values with the walsender's output functions, so these fix the text forms.
@@ -64,14 +65,6 @@ Payload = bytes | memoryview
 # What the drain callback receives: the XLogData's WAL start and its payload:
 # a memoryview over libpq's buffer of the message, or with ``copy`` a bytes copy.
 DataHandler = Callable[[int, Payload], object]
-
-
-class ConnectionLostError(SourceError):
-    """The replication connection broke (network, server restart, termination).
-
-    The source reconnects after this error; every other :class:`SourceError`
-    is final.
-    """
 
 
 @dataclass(frozen=True)
@@ -209,7 +202,7 @@ class ReplicationConnection:
             if self._conn.closed or self._pgconn.status != pq.ConnStatus.OK:
                 verb = sql.split(maxsplit=1)[0]
                 raise ConnectionLostError(
-                    f"replication connection lost during {verb}: {_first_line(exc)}",
+                    f"replication connection lost during {verb}: {first_line(exc)}",
                     "headrace reconnects by itself; if it keeps failing, check the server",
                 ) from exc
             raise  # the server refused the command; the caller explains it
@@ -437,7 +430,7 @@ class ReplicationConnection:
         except psycopg.OperationalError as exc:
             self._streaming = False
             raise ConnectionLostError(
-                f"replication connection lost: {_first_line(exc)}",
+                f"replication connection lost: {first_line(exc)}",
                 "headrace reconnects by itself; if it keeps failing, check the server",
             ) from exc
         if handled:
@@ -499,7 +492,7 @@ class ReplicationConnection:
         except psycopg.OperationalError as exc:
             self._streaming = False
             raise ConnectionLostError(
-                f"replication connection lost while sending status: {_first_line(exc)}",
+                f"replication connection lost while sending status: {first_line(exc)}",
                 "headrace reconnects by itself; if it keeps failing, check the server",
             ) from exc
         if position != self._sent_confirmed:
@@ -561,43 +554,3 @@ def parse_pg_lsn(text: str) -> int:
     """Parse a ``pg_lsn`` text value (``16/B374D848``)."""
     high, _, low = text.partition("/")
     return (int(high, 16) << 32) | int(low, 16)
-
-
-# Connection failures no retry can fix (the others: server down, restarting,
-# out of walsenders for a moment... are worth retrying).
-_FINAL_CONNECT_ERRORS = {
-    "must be superuser or replication role": (
-        "the user has no REPLICATION privilege",
-        "as a superuser run: ALTER ROLE <user> WITH REPLICATION;",
-    ),
-    "no pg_hba.conf entry": (
-        "pg_hba.conf does not allow this replication connection",
-        "add a line such as 'host replication <user> <client address>/32 scram-sha-256' to "
-        "pg_hba.conf and reload PostgreSQL",
-    ),
-    "password authentication failed": (
-        "password authentication failed",
-        "fix the user or password in the DSN",
-    ),
-    "does not exist": (
-        "the database or user of the DSN does not exist",
-        "fix the DSN (dbname=..., user=...)",
-    ),
-}
-
-
-def connect_error(exc: psycopg.OperationalError) -> SourceError:
-    """The error for a failed replication connection: final or worth a retry."""
-    text = str(exc)
-    for needle, (what, fix) in _FINAL_CONNECT_ERRORS.items():
-        if needle in text:
-            return SourceError(f"{what}: {_first_line(exc)}", fix)
-    return ConnectionLostError(
-        f"could not open a replication connection: {_first_line(exc)}",
-        "check that the server is up and the DSN is right; headrace retries by itself",
-    )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -31,9 +31,9 @@ from headrace.errors import ConfigError, HeadraceError, SourceError, format_lsn
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.source.postgres import preflight
 from headrace.source.postgres.batcher import Batcher
+from headrace.source.postgres.connect_errors import ConnectionLostError
 from headrace.source.postgres.replication import (
     SESSION_OPTIONS,
-    ConnectionLostError,
     ReplicationConnection,
     StreamOptions,
 )
