@@ -31,7 +31,7 @@ it precedes in event time is not matched with it).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import duckdb
 
@@ -66,10 +66,6 @@ class AccountTakeover(RuleJob):
     @property
     def config(self) -> AccountTakeoverConfig:
         return present(self.rules.account_takeover, self.name)
-
-    @property
-    def rearm(self) -> timedelta:
-        return self.config.rearm_after
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.tx_ref, self.logins_ref)

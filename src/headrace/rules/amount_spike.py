@@ -39,10 +39,6 @@ class AmountSpike(RuleJob):
     def config(self) -> AmountSpikeConfig:
         return present(self.rules.amount_spike, self.name)
 
-    @property
-    def rearm(self) -> timedelta:
-        return self.config.rearm_after
-
     def history(self) -> KeyedSums:
         amount = f"CAST({q(self.tx.amount)} AS DECIMAL(38, 4))"
         return KeyedSums(

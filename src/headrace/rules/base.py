@@ -31,7 +31,7 @@ from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, TableDelta, state_table
 from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
-from headrace.rules.config import RulesConfig, TransactionsTable
+from headrace.rules.config import BaseRuleConfig, RulesConfig, TransactionsTable
 from headrace.source.changes import LSN, TableRef
 
 _Config = TypeVar("_Config")
@@ -131,8 +131,13 @@ class RuleJob(ABC):
 
     @property
     @abstractmethod
+    def config(self) -> BaseRuleConfig:
+        """This rule's section of the rules configuration."""
+
+    @property
     def rearm(self) -> timedelta:
         """Quiet time after which the same key opens a new incident."""
+        return self.config.rearm_after
 
     def inputs(self) -> tuple[TableRef, ...]:
         """Tables whose changes the rule reads."""

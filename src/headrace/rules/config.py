@@ -121,7 +121,9 @@ class TablesConfig(_Model):
     logins: LoginsTable = Field(default_factory=LoginsTable, description="The logins table.")
 
 
-class _RuleConfig(_Model):
+class BaseRuleConfig(_Model):
+    """What every rule's configuration has."""
+
     severity: Severity = Field(default=Severity.HIGH, description="Severity of the rule's alerts.")
     rearm_after: Duration = Field(
         default=timedelta(hours=1),
@@ -139,7 +141,7 @@ class VelocityLimit(_Model):
     count: int = Field(ge=2, description="Transactions within the window that raise an alert.")
 
 
-class VelocityBurstConfig(_RuleConfig):
+class VelocityBurstConfig(BaseRuleConfig):
     """(1) Velocity burst: too many transactions of one account in a short sliding window."""
 
     limits: list[VelocityLimit] = Field(
@@ -159,7 +161,7 @@ class VelocityBurstConfig(_RuleConfig):
     )
 
 
-class AmountSpikeConfig(_RuleConfig):
+class AmountSpikeConfig(BaseRuleConfig):
     """(2) Amount spike: a transaction far above the account's own mean."""
 
     factor: float = Field(
@@ -184,7 +186,7 @@ class AmountSpikeConfig(_RuleConfig):
     severity: Severity = Field(default=Severity.HIGH, description="Severity of its alerts.")
 
 
-class ImpossibleTravelConfig(_RuleConfig):
+class ImpossibleTravelConfig(BaseRuleConfig):
     """(3) Impossible travel / new country for card-present use."""
 
     max_speed_kmh: float = Field(
@@ -217,7 +219,7 @@ class ImpossibleTravelConfig(_RuleConfig):
     )
 
 
-class StructuringConfig(_RuleConfig):
+class StructuringConfig(BaseRuleConfig):
     """(4) Structuring: several amounts just under a reporting threshold within a window."""
 
     threshold: float = Field(default=10_000.0, gt=0.0, description="The reporting threshold.")
@@ -244,7 +246,7 @@ class StructuringConfig(_RuleConfig):
         return self.low if self.low is not None else self.threshold * 0.9
 
 
-class CardTestingConfig(_RuleConfig):
+class CardTestingConfig(BaseRuleConfig):
     """(5) Card testing: many small online attempts or declines across merchants in minutes."""
 
     small_amount: float = Field(
@@ -264,7 +266,7 @@ class CardTestingConfig(_RuleConfig):
     window: Duration = Field(default=timedelta(minutes=10), description="Sliding window.")
 
 
-class AccountTakeoverConfig(_RuleConfig):
+class AccountTakeoverConfig(BaseRuleConfig):
     """(6) Account takeover: a large outflow soon after a risky login."""
 
     outflow_share: float = Field(

@@ -56,10 +56,6 @@ class ImpossibleTravel(RuleJob):
         return present(self.rules.impossible_travel, self.name)
 
     @property
-    def rearm(self) -> timedelta:
-        return self.config.rearm_after
-
-    @property
     def span(self) -> timedelta:
         return self.config.window + self.rules.lateness
 

@@ -44,10 +44,6 @@ class Structuring(RuleJob):
         return present(self.rules.structuring, self.name)
 
     @property
-    def rearm(self) -> timedelta:
-        return self.config.rearm_after
-
-    @property
     def span(self) -> timedelta:
         return self.config.window + self.rules.lateness
 

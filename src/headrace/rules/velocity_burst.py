@@ -44,10 +44,6 @@ class VelocityBurst(RuleJob):
         return present(self.rules.velocity_burst, self.name)
 
     @property
-    def rearm(self) -> timedelta:
-        return self.config.rearm_after
-
-    @property
     def span(self) -> timedelta:
         return max(limit.window for limit in self.config.limits) + self.rules.lateness
 
