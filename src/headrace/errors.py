@@ -65,3 +65,9 @@ def parse_lsn(text: str) -> int:
         raise ConfigError(
             f"not an LSN: {text!r}", "write it as PostgreSQL does, e.g. 0/16B3748"
         ) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (driver errors carry several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

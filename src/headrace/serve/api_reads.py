@@ -13,6 +13,7 @@ import duckdb
 import pyarrow as pa
 from starlette.requests import Request
 
+from headrace.errors import first_line
 from headrace.serve.auth import Principal
 from headrace.serve.catalog import Catalog, MaskPolicy, Relation
 from headrace.serve.compute import ReadError, ViewSpec
@@ -124,16 +125,11 @@ async def read_table(
     except (ReadError, SqlRejectedError) as exc:
         raise ApiError(400, str(exc)) from None
     except duckdb.ConversionException as exc:
-        raise ApiError(400, f"a parameter does not fit its column: {_first_line(exc)}") from None
+        raise ApiError(400, f"a parameter does not fit its column: {first_line(exc)}") from None
     except duckdb.Error as exc:
-        raise ApiError(400, f"{type(exc).__name__}: {_first_line(exc)}") from None
+        raise ApiError(400, f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 async def read_catalog(st: ServeState) -> Catalog:
     """The store's relations and columns, read on the read threads."""
     return await st.reader.call(st.reader.catalog)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from headrace.errors import first_line
 from headrace.serve.settings import SqlSettings
 from headrace.serve.sql import PreparedSql
 
@@ -109,12 +110,12 @@ class SqlRunner:
             raise QueryError("the query was cancelled", status=409) from None
         except duckdb.OutOfMemoryException as exc:
             raise QueryError(
-                f"the query needs more memory than allowed: {_first_line(exc)}"
+                f"the query needs more memory than allowed: {first_line(exc)}"
             ) from None
         except duckdb.PermissionException as exc:
-            raise QueryError(f"not allowed: {_first_line(exc)}", status=403) from None
+            raise QueryError(f"not allowed: {first_line(exc)}", status=403) from None
         except duckdb.Error as exc:
-            raise QueryError(f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise QueryError(f"{type(exc).__name__}: {first_line(exc)}") from None
         finally:
             timer.cancel()
             with self._lock:
@@ -154,11 +155,6 @@ class SqlRunner:
         for cur in running:
             cur.interrupt()
         self._executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def describe(result: QueryResult) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from headrace.errors import SourceError
+from headrace.errors import SourceError, first_line
 
 
 class ConnectionLostError(SourceError):
@@ -48,9 +48,3 @@ def connect_error(exc: psycopg.OperationalError) -> SourceError:
         f"could not open a replication connection: {first_line(exc)}",
         "check that the server is up and the DSN is right; headrace retries by itself",
     )
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (driver errors carry several)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -34,8 +34,8 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from headrace.errors import SourceError, format_lsn
-from headrace.source.postgres.connect_errors import ConnectionLostError, connect_error, first_line
+from headrace.errors import SourceError, first_line, format_lsn
+from headrace.source.postgres.connect_errors import ConnectionLostError, connect_error
 
 # Session settings the decoder's text converter relies on: pgoutput renders
 # values with the walsender's output functions, so these fix the text forms.

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 from psycopg import pq, sql
 
-from headrace.errors import SourceError
+from headrace.errors import SourceError, first_line
 from headrace.source.changes import TableSchema
 from headrace.source.postgres.types import TypeRegistry, text_column_to_arrow
 
@@ -70,7 +70,7 @@ def open_snapshot_connection(
         conn = psycopg.connect(dsn, autocommit=True, application_name=application_name)
     except psycopg.OperationalError as exc:
         raise SourceError(
-            f"could not connect to copy the snapshot: {_first_line(exc)}",
+            f"could not connect to copy the snapshot: {first_line(exc)}",
             "check that the server is up and the DSN is right",
         ) from exc
     try:
@@ -81,7 +81,7 @@ def open_snapshot_connection(
     except psycopg.Error as exc:
         conn.close()
         raise SourceError(
-            f"could not import the exported snapshot {snapshot_name!r}: {_first_line(exc)}",
+            f"could not import the exported snapshot {snapshot_name!r}: {first_line(exc)}",
             "the replication connection that exported it must stay open and idle "
             "until the copy ends; restart the snapshot",
         ) from exc
@@ -193,8 +193,3 @@ def csv_block_to_arrow(block: CsvBlock, schema: TableSchema, registry: TypeRegis
 def _result_error(pgconn: pq.abc.PGconn, result: pq.abc.PGresult | None) -> str:
     raw = result.error_message if result is not None else pgconn.error_message
     return raw.decode("utf-8", "replace").strip() or "unknown error"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
