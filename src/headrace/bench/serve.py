@@ -1,65 +1,91 @@
-"""``headrace bench serve``: live viewers, dashboard loads and SQL while the store is written.
+"""``headrace bench serve``: live viewers, dashboard loads and SQL while PostgreSQL is written.
 
-What runs:
+What runs (every part its own process, on one machine):
 
-- this process: a DuckDB store written at ``rate`` changes/s (batches every
-  100 ms). The PostgreSQL pipeline is not wired into this benchmark yet, so
-  store versions are driven by writing the store directly (the sample writer:
-  mirror, history, rollup state, position and freshness in one transaction per
-  batch, then the commit event), and the HTTP server (uvicorn, embedded mode)
-  on loopback;
-- a separate process (``serve_clients``): N SSE viewers spread over a few
-  filter sets, a dashboard load every 0.5 s (page, definition and first tiles
-  of a random filter), and SQL queries at ``sql_rate``/s.
+- PostgreSQL (a throwaway cluster) with the reference fintech deployment's
+  schema and a month of history (:mod:`.serve_stack`);
+- ``headrace run --config headrace.yaml --serve``: the deployment as shipped
+  (rollups, fraud rules, health score, and its dashboard), snapshot first,
+  then streaming changes through the engine into DuckDB, with the HTTP app
+  in the same process (embedded mode);
+- the fintech workload generator writing ``rate`` row changes/s into
+  PostgreSQL (:mod:`.serve_workload`), started once streaming began, a few
+  seconds before anything is measured;
+- the load (:mod:`.serve_clients`): N SSE viewers of the fintech dashboard
+  over loopback, spread over a few filter sets and time ranges; a dashboard
+  load every 0.5 s (page, definition, first tiles of a random filter set);
+  SQL queries at ``sql_rate``/s.
 
 Everything is measured after every viewer connected (the connection storm is
-over); the event a viewer gets on joining (the view's current state, possibly
-computed before it joined) is not an update and is not counted. CPU of this
-process (server + store writer) and of the client process are reported, so a
-saturated client (which would make the latencies meaningless) shows.
+over); the event a viewer gets on joining is not an update and is not
+counted. Commit-to-viewer latency of an update is the time the viewer
+received it minus the PostgreSQL commit time of the newest change it
+reflects (the event's ``as_of``, read from the store in the same read
+transaction as the tiles). The pipeline's own part of it (commit → visible
+in the store) is reported beside it from ``headrace run``'s status.
 
-Reports dashboard load p50/p99 (target < 300 ms), commit-to-viewer update
-latency p99 (target < 1 s), viewers held without error (target 1,000 on 2
-cores), server RSS, and store queries/s actually run against what per-viewer
-polling (every viewer re-running every tile every 5 s) would run, as a ratio.
-Last line: one JSON object.
+Reports dashboard load p50/p99 (target < 300 ms), commit-to-viewer p99
+(target < 1 s), viewers held without error (target 1,000 on 2 cores), the
+RSS of ``headrace run --serve``, the ingest rate achieved (written to
+PostgreSQL and applied to the store), CPU per process, and the store
+queries/s actually run against what per-viewer polling (every viewer
+re-running every tile every 5 s) would run, as a ratio. Last line: one JSON
+object.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import psutil
+import httpx
 
-from headrace.serve.app import ServerThread, create_app
-from headrace.serve.sample import DIMENSIONS, SampleWriter, create_sample_store, sample_dashboard
-from headrace.serve.settings import AuthSettings, ServeSettings
-from headrace.serve.users import Role, UserStore
-from headrace.store.duckdb.store import DuckDBStore
+from headrace.bench.serve_stack import ProcessCpu, ServeStack, WriteLoad
+from headrace.run.metrics import FreshnessHistogram
 
-VIEWS = [
-    "/api/live/payments?range=1h",
-    "/api/live/payments?range=1h&f.currency=EUR",
-    "/api/live/payments?range=1h&f.channel=online",
-    "/api/live/payments?range=24h",
-    "/api/live/payments?range=1h&f.status=declined",
-]
 SQL = (
     "SELECT currency, channel, count(*) AS n, sum(amount) AS volume FROM mirror.transactions "
     "WHERE created_at >= now() - INTERVAL 10 MINUTE GROUP BY ALL ORDER BY volume DESC"
 )
+VIEW_QUERIES = (
+    "range=1h",
+    "range=1h&f.currency=EUR",
+    "range=1h&f.channel=online",
+    "range=24h",
+    "range=1h&f.status=declined",
+)
+"""What the viewers watch (viewer i watches VIEW_QUERIES[i % 5]): five live views."""
+TARGETS = {"dashboard_load_p99_ms": 300, "commit_to_viewer_p99_ms": 1000, "viewers_held": 1000}
+
+
+@dataclass(frozen=True)
+class ServeBenchSettings:
+    """What ``headrace bench serve`` runs (its CLI options)."""
+
+    viewers: int = 250
+    """Concurrent live (SSE) viewers."""
+    rate: float = 2000.0
+    """Row changes/s written into PostgreSQL."""
+    sql_rate: float = 2.0
+    """SQL queries/s sent to ``POST /api/sql``."""
+    seconds: float = 30.0
+    """Length of the measuring window."""
+    customers: int = 10_000
+    """Customers of the simulated bank (a month of their history is loaded first)."""
+    warmup_s: float = 12.0
+    """Write load before the viewers connect: the workload reaches its steady rate (its
+    settlements follow transactions by seconds) and so does the pipeline."""
 
 
 def _pct(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of seconds, in ms."""
     if not values:
         return None
     index = min(len(values) - 1, round(q * (len(values) - 1)))
@@ -73,60 +99,65 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-def run(  # noqa: PLR0915 - one scenario, read top to bottom
-    viewers: int, rate: int, sql_rate: float, duration_s: float, history: int
-) -> dict[str, Any]:
-    """Run the benchmark; prints progress lines and returns the result."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    workdir = Path(tempfile.mkdtemp(prefix="headrace-bench-serve-"))
-    store = DuckDBStore(workdir / "bench.duckdb")
-    create_sample_store(store, accounts=5000)
-    writer = SampleWriter(store, accounts=5000)
-    now = datetime.now(UTC)
-    for minutes in range(0, 60, 5):  # an hour of history, 12 buckets
-        writer.write(max(1, history // 12), at=now - timedelta(minutes=minutes + 1))
-    settings = ServeSettings(
-        store=workdir / "bench.duckdb",
-        port=0,
-        dashboards=[sample_dashboard()],
-        auth=AuthSettings(enabled=True),
+def _per_s(after: dict[str, Any], before: dict[str, Any], total: str, digits: int) -> float | None:
+    """Growth per second of one of ``headrace run``'s status totals between two reads."""
+    seconds = float(after["updated_unix"]) - float(before["updated_unix"])
+    if seconds <= 0:
+        return None
+    growth = float(after["totals"][total]) - float(before["totals"][total])
+    return round(growth / seconds, digits)
+
+
+def _dimension_values(http: httpx.Client, url: str, dashboard: str) -> dict[str, list[str]]:
+    """Filter values per dimension, as the dashboard's pickers get them."""
+    definition = http.get(f"{url}/api/dashboards/{dashboard}").json()
+    values: dict[str, list[str]] = {}
+    for dim in definition.get("dimensions", []):
+        name = dim["name"]
+        found = http.get(f"{url}/api/dashboards/{dashboard}/dimensions/{name}/values").json()
+        if found.get("values"):
+            values[name] = [str(v) for v in found["values"]]
+    return values
+
+
+@dataclass
+class _Sample:
+    """What is read at each end of the measuring window."""
+
+    at: float
+    metrics: str
+    status: dict[str, Any]
+    cpu: dict[str, float]
+
+
+def _sample(
+    http: httpx.Client, url: str, stack: ServeStack, cpus: dict[str, ProcessCpu]
+) -> _Sample:
+    return _Sample(
+        time.monotonic(),
+        http.get(f"{url}/metrics").text,
+        stack.headrace.status(),
+        {name: cpu.cpu_seconds() for name, cpu in cpus.items()},
     )
-    users = UserStore(settings.users_path)
-    users.add("bench", Role.ADMIN, "bench-password")
-    _, token = users.create_token("bench", "bench")
-    users.close()
-    server = ServerThread(create_app(settings, store), settings, backlog=4096).start()
-    print(f"server on {server.url}; store {workdir}; writing {rate} changes/s", flush=True)
 
-    stop = threading.Event()
-    written = [0]
 
-    def write() -> None:
-        per_batch = max(1, rate // 10)
-        next_at = time.monotonic()
-        while not stop.is_set():
-            writer.write(per_batch, alert=written[0] % (rate * 5) < per_batch)
-            written[0] += per_batch
-            next_at += 0.1
-            time.sleep(max(0.0, next_at - time.monotonic()))
-
+def _start_clients(
+    settings: ServeBenchSettings, stack: ServeStack, dashboard: str, dims: dict[str, list[str]]
+) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """The client process, once every viewer connected; its output is read on a thread."""
     config = {
-        "host": "127.0.0.1",
-        "port": server.port,
-        "token": token,
-        "viewers": viewers,
-        "views": VIEWS,
-        "dims": {k: list(v) for k, v in DIMENSIONS.items()},
-        "duration_s": duration_s,
+        "host": stack.serving.host,
+        "port": stack.serving.port,
+        "token": stack.token,
+        "viewers": settings.viewers,
+        "views": [f"/api/live/{dashboard}?{query}" for query in VIEW_QUERIES],
+        "dashboard": dashboard,
+        "dims": dims,
+        "duration_s": settings.seconds,
         "load_interval_s": 0.5,
-        "sql_rate": sql_rate,
+        "sql_rate": settings.sql_rate,
         "sql": SQL,
     }
-    writer_thread = threading.Thread(target=write, name="bench-writer")
-    write_started = time.monotonic()
-    writer_thread.start()
-    process = psutil.Process()
     clients = subprocess.Popen(
         [sys.executable, "-m", "headrace.bench.serve_clients", json.dumps(config)],
         stdout=subprocess.PIPE,
@@ -138,56 +169,130 @@ def run(  # noqa: PLR0915 - one scenario, read top to bottom
     # The client's result (every latency sample) is larger than a pipe buffer: read it
     # while the clients run, or the client blocks writing it and never exits.
     output: list[str] = []
-    reader_thread = threading.Thread(
+    reader = threading.Thread(
         target=lambda: output.extend(clients.communicate()), name="bench-client-output"
     )
-    reader_thread.start()
-    metrics_url = f"{server.url}/metrics"
-    import httpx  # noqa: PLC0415 - only the benchmark needs a client here
+    reader.start()
+    return clients, output, reader
 
-    with httpx.Client(timeout=30) as http:
-        before = http.get(metrics_url).text
-        started = time.monotonic()
-        cpu_before = process.cpu_times()
-        rss_peak = 0
-        deadline = started + duration_s + 90
-        while clients.poll() is None and time.monotonic() < deadline:
-            rss_peak = max(rss_peak, process.memory_info().rss)
-            time.sleep(0.5)
-        elapsed = time.monotonic() - started
-        cpu_after = process.cpu_times()
-        after = http.get(metrics_url).text
-    # Server and the store writer share this process (user + system time).
-    server_cpu_s = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-    server_cpu_percent = round(100 * server_cpu_s / elapsed, 1) if elapsed else None
-    reader_thread.join(timeout=60)
-    if reader_thread.is_alive():
-        clients.kill()
-        reader_thread.join()
+
+def run(settings: ServeBenchSettings) -> dict[str, Any]:
+    """Run the benchmark; prints progress lines and returns the result (also printed last)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
+    load_before = os.getloadavg()
+    with ServeStack(settings.customers) as stack:
+        stack.start()
+        dashboard = stack.serving.dashboards[0]
+        load = WriteLoad(stack.dsn, settings.rate, settings.customers).start()
+        try:
+            print(f"writing {settings.rate:,.0f} changes/s into PostgreSQL", flush=True)
+            time.sleep(settings.warmup_s)
+            url, run_process = stack.url, ProcessCpu(stack.headrace.pid)
+            cpus = {
+                "headrace_run": run_process,
+                "write_load": ProcessCpu(load.pid),
+                "postgres": stack.postgres_cpu(),
+            }
+            with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {stack.token}"}) as h:
+                dims = _dimension_values(h, url, dashboard.name)
+                print(f"{settings.viewers} viewers connecting to {dashboard.name!r}", flush=True)
+                clients, output, reader = _start_clients(settings, stack, dashboard.name, dims)
+                before = _sample(h, url, stack, cpus)
+                rss_peak = 0
+                deadline = before.at + settings.seconds + 90
+                while clients.poll() is None and time.monotonic() < deadline:
+                    rss_peak = max(rss_peak, run_process.rss())
+                    stack.headrace.status()  # raises if headrace run died
+                    if not load.running():
+                        raise RuntimeError("the write load stopped")
+                    time.sleep(0.5)
+                after = _sample(h, url, stack, cpus)
+            reader.join(timeout=60)
+            if reader.is_alive():
+                clients.kill()
+                reader.join()
+        finally:
+            load.stop()
+        code = stack.close()
     out, err = output if len(output) == 2 else ("", "")
-    stop.set()
-    writer_thread.join()
-    write_seconds = time.monotonic() - write_started
-    server.stop()
-    store.close()
     if clients.returncode != 0:
         raise RuntimeError(f"the client process failed: {err[-2000:]}")
+    if code != 0:
+        raise RuntimeError(f"headrace run exited with {code}:\n{stack.failed_log}")
     measured = json.loads(out.strip().splitlines()[-1])
-
-    tile_queries = _metric(after, "headrace_serve_tile_queries_total") - _metric(
-        before, "headrace_serve_tile_queries_total"
+    result = _result(
+        settings=settings,
+        stack=stack,
+        measured=measured,
+        before=before,
+        after=after,
+        load=load,
+        rss_peak=rss_peak,
+        tiles=len(dashboard.tiles),
     )
-    tiles = len(sample_dashboard().tiles)
+    result["load_average_before"] = [round(x, 2) for x in load_before]
+    for key in (
+        "changes_written_per_s",
+        "changes_applied_per_s",
+        "dashboard_load_p50_ms",
+        "dashboard_load_p99_ms",
+        "commit_to_viewer_p50_ms",
+        "commit_to_viewer_p99_ms",
+        "viewers_held",
+        "server_rss_mb",
+        "polling_vs_broadcast_ratio",
+    ):
+        print(f"{key}: {result[key]}", flush=True)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _result(
+    *,
+    settings: ServeBenchSettings,
+    stack: ServeStack,
+    measured: dict[str, Any],
+    before: _Sample,
+    after: _Sample,
+    load: WriteLoad,
+    rss_peak: int,
+    tiles: int,
+) -> dict[str, Any]:
+    window = after.at - before.at
+    written, behind = load.rate_between(before.at, after.at)
+    freshness = FreshnessHistogram(after.status.get("freshness_histogram")).since(
+        FreshnessHistogram(before.status.get("freshness_histogram"))
+    )
+    tile_queries = _metric(after.metrics, "headrace_serve_tile_queries_total") - _metric(
+        before.metrics, "headrace_serve_tile_queries_total"
+    )
     # The viewers' own measuring window; the metrics were read just before it began
     # and after the viewers left (no views are recomputed without viewers).
     elapsed = float(measured["duration_s"])
     actual_qps = tile_queries / elapsed
     polling_qps = measured["viewers_held"] * tiles / 5.0
-    result = {
+    cpu = {
+        name: round(100 * (after.cpu[name] - before.cpu[name]) / window, 1) for name in before.cpu
+    }
+    cpu["clients"] = measured["client_cpu_percent"]
+    latencies = measured["update_latencies"]
+    return {
         "bench": "serve",
-        "store_writes": "direct (sample writer); PostgreSQL pipeline not wired in",
-        "changes_per_s": round(written[0] / write_seconds, 1),
-        "viewers": viewers,
+        "source": "PostgreSQL -> headrace run --serve (fintech deployment, embedded mode)",
+        "rate_target": settings.rate,
+        "changes_written_per_s": None if written is None else round(written, 1),
+        "changes_applied_per_s": _per_s(after.status, before.status, "changes", 1),
+        "write_load_behind_s_max": behind,
+        # The pipeline's share of commit-to-viewer: commit -> visible in the store.
+        "store_freshness_p50_ms": freshness.percentile(0.5),
+        "store_freshness_p99_ms": freshness.percentile(0.99),
+        # Seconds spent applying batches per second (1.0: the store writer never idles).
+        "pipeline_apply_busy": _per_s(after.status, before.status, "apply_seconds", 2),
+        "store_transactions_per_s": _per_s(after.status, before.status, "store_transactions", 2),
+        "history_rows": stack.history_rows,
+        "snapshot_s": stack.snapshot_seconds,
+        "viewers": settings.viewers,
         "viewers_held": measured["viewers_held"],
         "viewer_errors": measured["viewer_errors"],
         "events_received": measured["events"],
@@ -200,34 +305,26 @@ def run(  # noqa: PLR0915 - one scenario, read top to bottom
             for phase, values in measured["load_phases"].items()
         },
         "dashboard_load_errors": measured["load_errors"],
-        "update_latency_p50_ms": _pct(measured["update_latencies"], 0.5),
-        "update_latency_p99_ms": _pct(measured["update_latencies"], 0.99),
+        "commit_to_viewer_p50_ms": _pct(latencies, 0.5),
+        "commit_to_viewer_p99_ms": _pct(latencies, 0.99),
+        "commit_to_viewer_max_ms": _pct(latencies, 1.0),
+        "updates_measured": len(latencies),
+        # The broadcast's share: received minus the time the server finished the view.
+        "delivery_p50_ms": _pct(measured["deliveries"], 0.5),
+        "delivery_p99_ms": _pct(measured["deliveries"], 0.99),
         "sql_queries": len(measured["sql_latencies"]),
         "sql_errors": measured["sql_errors"],
         "sql_p50_ms": _pct(measured["sql_latencies"], 0.5),
         "sql_p99_ms": _pct(measured["sql_latencies"], 0.99),
         "server_rss_mb": round(rss_peak / 2**20, 1),
-        "server_and_writer_cpu_percent": server_cpu_percent,
-        "client_cpu_percent": measured["client_cpu_percent"],
+        # Per process, 100 = one core; the machine's cores are shared by all of them.
+        "cpu_percent": cpu,
         "measured": "after every viewer connected; join events not counted as updates",
         "store_queries_per_s": round(actual_qps, 2),
         "polling_queries_per_s": round(polling_qps, 2),
         "polling_vs_broadcast_ratio": round(polling_qps / actual_qps, 1) if actual_qps else None,
+        "tiles": tiles,
         "duration_s": round(elapsed, 1),
-        "targets": {
-            "dashboard_load_p99_ms": 300,
-            "update_latency_p99_ms": 1000,
-            "viewers_held": 1000,
-        },
+        "cores": os.cpu_count(),
+        "targets": TARGETS,
     }
-    for key in (
-        "dashboard_load_p50_ms",
-        "dashboard_load_p99_ms",
-        "update_latency_p99_ms",
-        "viewers_held",
-        "server_rss_mb",
-        "polling_vs_broadcast_ratio",
-    ):
-        print(f"{key}: {result[key]}", flush=True)
-    print(json.dumps(result), flush=True)
-    return result

@@ -17,15 +17,20 @@ import sys
 import time
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 _AS_OF = re.compile(rb'"as_of":"([^"]+)"')
+_COMPUTED_AT = re.compile(rb'"computed_at":"([^"]+)"')
 _VERSION = re.compile(rb'"version":(\d+)')
+LINE_LIMIT = 2**26
 
 
 async def _request(
     host: str, port: int, method: str, path: str, token: str, *, body: bytes = b""
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
-    reader, writer = await asyncio.open_connection(host, port)
+    # A tile event is one line of JSON, larger than asyncio's default 64 KiB line limit
+    # for a long range (hundreds of buckets per chart).
+    reader, writer = await asyncio.open_connection(host, port, limit=LINE_LIMIT)
     head = (
         f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
         "Accept: */*\r\n"
@@ -51,6 +56,10 @@ class Window:
 class Viewer:
     """One live viewer: counts events, records commit-to-receipt latency per new version.
 
+    Per update it also records the delivery time: received minus the event's
+    ``computed_at`` (when the server finished computing the view), which is the
+    broadcast's share of the latency.
+
     Only updates count: the event a viewer gets on joining is the view's current state
     (possibly computed long before it joined), and events received before the
     measuring window opens (during the connection storm) are not recorded.
@@ -62,6 +71,7 @@ class Viewer:
         self.errors = 0
         self.connected = False
         self.latencies: list[float] = []
+        self.deliveries: list[float] = []
         self.last_version = -1
 
     async def run(self, host: str, port: int, path: str, token: str, stop: asyncio.Event) -> None:
@@ -94,8 +104,12 @@ class Viewer:
                 if as_of and self.window.open and not first:
                     committed = datetime.fromisoformat(as_of.group(1).decode()).timestamp()
                     self.latencies.append(now - committed)
-        except (OSError, asyncio.IncompleteReadError):
-            self.errors += 1
+                    computed = _COMPUTED_AT.search(line)
+                    if computed:
+                        done = datetime.fromisoformat(computed.group(1).decode()).timestamp()
+                        self.deliveries.append(now - done)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.errors += 1  # ValueError: a line longer than LINE_LIMIT
         finally:
             writer.close()
 
@@ -108,14 +122,20 @@ LOAD_PHASES = ("page", "definition", "first_tiles")
 
 
 async def load_dashboard(
-    host: str, port: int, token: str, dims: dict[str, list[str]], phases: dict[str, list[float]]
+    host: str,
+    port: int,
+    token: str,
+    *,
+    dashboard: str,
+    dims: dict[str, list[str]],
+    phases: dict[str, list[float]],
 ) -> float:
     """Page, definition and the first tiles of a (random) filter set: seconds.
 
     Appends each phase's seconds to ``phases`` (keys: ``LOAD_PHASES``).
     """
     started = time.perf_counter()
-    pages = (("page", "/dashboard/payments"), ("definition", "/api/dashboards/payments"))
+    pages = (("page", f"/dashboard/{dashboard}"), ("definition", f"/api/dashboards/{dashboard}"))
     for phase, path in pages:
         phase_started = time.perf_counter()
         reader, writer, _ = await _request(host, port, "GET", path, token)
@@ -126,7 +146,7 @@ async def load_dashboard(
     # Random filter sets, so most loads need a new view computed (the worst case).
     dim = random.choice(sorted(dims))  # noqa: S311 - load pattern, not security
     value = random.choice(dims[dim])  # noqa: S311 - load pattern, not security
-    path = f"/api/live/payments?range=1h&f.{dim}={value}"
+    path = f"/api/live/{dashboard}?range=1h&f.{dim}={quote(value)}"
     reader, writer, status = await _request(host, port, "GET", path, token)
     try:
         while True:
@@ -174,8 +194,17 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
         nonlocal load_errors
         while not stop.is_set():
             try:
-                loads.append(await load_dashboard(host, port, token, config["dims"], phases))
-            except OSError:
+                loads.append(
+                    await load_dashboard(
+                        host,
+                        port,
+                        token,
+                        dashboard=config["dashboard"],
+                        dims=config["dims"],
+                        phases=phases,
+                    )
+                )
+            except (OSError, ValueError):
                 load_errors += 1
             await asyncio.sleep(config["load_interval_s"])
 
@@ -218,6 +247,7 @@ async def main(config: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0915 - one
         "viewer_errors": sum(v.errors for v in viewers),
         "events": sum(v.events for v in viewers),
         "update_latencies": latencies,
+        "deliveries": sorted(x for v in viewers for x in v.deliveries),
         "loads": sorted(loads),
         "load_phases": {phase: sorted(values) for phase, values in phases.items()},
         "load_errors": load_errors,
