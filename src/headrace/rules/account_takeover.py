@@ -39,7 +39,6 @@ from headrace.jobs.base import JobContext, TableDelta
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
 from headrace.rules.base import (
-    TX_FIELDS,
     Evaluation,
     RuleJob,
     evidence_json,
@@ -48,6 +47,7 @@ from headrace.rules.base import (
     tx_evidence,
 )
 from headrace.rules.config import AccountTakeoverConfig, RulesConfig
+from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import TableRef
 
 
@@ -193,6 +193,7 @@ class AccountTakeover(RuleJob):
             (self.tx.account, self.tx.amount),
             config.where or self.tx.outflow,
             horizon,
+            prefilter=f"amount >= {config.min_amount}",
         )
         window_s = config.window.total_seconds()
         mark = (

@@ -60,7 +60,13 @@ class AmountSpike(RuleJob):
             self.ready = True
         config = self.config
         horizon = watermark - self.rules.lateness - timedelta(days=1)
-        triggers = self.tx_triggers(delta, (self.tx.account, self.tx.amount), config.where, horizon)
+        triggers = self.tx_triggers(
+            delta,
+            (self.tx.account, self.tx.amount),
+            config.where,
+            horizon,
+            prefilter=f"amount >= {config.min_amount}",
+        )
         candidates = f"""
             SELECT t.account AS account_id, 'amount_spike:' || t.account AS dedup_key,
                    t.t AS event_at, t.t AS started_at, t.commit_ts, t.lsn,

@@ -31,8 +31,9 @@ from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, TableDelta, state_table
 from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
-from headrace.rules.config import BaseRuleConfig, RulesConfig, TransactionsTable
-from headrace.source.changes import LSN, TableRef
+from headrace.rules.config import BaseRuleConfig, RulesConfig
+from headrace.rules.triggers import TX_FIELDS, TriggerSpec
+from headrace.source.changes import TableRef
 
 _Config = TypeVar("_Config")
 
@@ -41,20 +42,6 @@ EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
 
 EVIDENCE_LIMIT = 50
 """Evidence rows kept in an alert's payload (the numbers always cover every row)."""
-
-TX_FIELDS = (
-    "account",
-    "t",
-    "amount",
-    "merchant",
-    "card",
-    "country",
-    "device",
-    "status",
-    "channel",
-    "type",
-)
-"""Names of a transaction's columns in rule state and triggers (``_k0`` is its key)."""
 
 
 def present(config: _Config | None, name: str) -> _Config:
@@ -66,29 +53,6 @@ def present(config: _Config | None, name: str) -> _Config:
 
 def q(name: str) -> str:
     return quote_ident(name)
-
-
-def tx_columns(tx: TransactionsTable) -> tuple[tuple[str, str], ...]:
-    """(state name, SQL over the source row) of :data:`TX_FIELDS`."""
-    sources = (
-        tx.account,
-        tx.time,
-        tx.amount,
-        tx.merchant,
-        tx.card,
-        tx.country,
-        tx.device,
-        tx.status,
-        tx.channel,
-        tx.type,
-    )
-    out = []
-    for name, column in zip(TX_FIELDS, sources, strict=True):
-        sql = q(column)
-        if name == "t":
-            sql = f"CAST({sql} AS TIMESTAMPTZ)"
-        out.append((name, sql))
-    return tuple(out)
 
 
 def tx_evidence(alias: str) -> str:
@@ -123,6 +87,9 @@ class RuleJob(ABC):
     name: str
     ready: bool = False
     """Its state tables exist (cleared when the engine reloads)."""
+    trigger: TriggerSpec | None = None
+    """Its trigger condition in the batch being evaluated (set by :meth:`tx_triggers`,
+    cleared by the rule set before :meth:`evaluate`)."""
 
     def __init__(self, rules: RulesConfig) -> None:
         self.rules = rules
@@ -181,28 +148,25 @@ class RuleJob(ABC):
         return ctx.batch_time(self.tx_ref, q(self.tx.time))
 
     def tx_triggers(
-        self, delta: TableDelta, columns: tuple[str, ...], where: str, horizon: datetime
+        self,
+        delta: TableDelta,
+        columns: tuple[str, ...],
+        where: str,
+        horizon: datetime,
+        prefilter: str = "true",
     ) -> str:
         """SQL: the batch's transactions in rule shape that may complete a pattern.
 
         End rows satisfying ``where`` that are new, whose source ``columns``
         changed, or that did not satisfy ``where`` before the batch; with
-        event time within the horizon. Columns: ``_k0``, :data:`TX_FIELDS`,
-        ``commit_ts``, ``lsn``.
+        event time within the horizon, and passing ``prefilter`` (SQL over
+        the rule-shaped fields, implied by the candidate condition). Columns:
+        ``_k0``, :data:`TX_FIELDS`, ``commit_ts``, ``lsn``.
+
+        The rows come from the batch's shared trigger table
+        (:mod:`headrace.rules.triggers`): this records the rule's condition
+        in :attr:`trigger`, which the rule set writes before it runs the
+        candidates.
         """
-        keys = [f"{q(k)} AS _k{i}" for i, k in enumerate(delta.key)]
-        watched = [f"{q(c)} AS _w{i}" for i, c in enumerate(columns)]
-        fields = [f"{sql} AS {name}" for name, sql in tx_columns(self.tx)]
-        match = " AND ".join(f"e._k{i} = s._k{i}" for i in range(len(delta.key)))
-        differs = " OR ".join(f"e._w{i} IS DISTINCT FROM s._w{i}" for i in range(len(columns)))
-        return f"""(SELECT e.* EXCLUDE ({
-            ", ".join([f"_w{i}" for i in range(len(columns))] + ["_match"])
-        })
-            FROM (SELECT {", ".join([*keys, *fields, *watched])}, ({where}) AS _match,
-                         _hr_commit_ts AS commit_ts, {LSN} AS lsn
-                  FROM {delta.end_rows()}) e
-            LEFT JOIN (SELECT {", ".join([*keys, *watched])}, ({where}) AS _match
-                       FROM {delta.start}) s ON {match}
-            WHERE e._match
-              AND (s._k0 IS NULL OR {differs or "false"} OR NOT coalesce(s._match, false))
-              AND e.t >= '{horizon.isoformat()}')"""
+        self.trigger = TriggerSpec(self.name, delta, columns, where, horizon, prefilter)
+        return self.trigger.select()

@@ -28,10 +28,10 @@ from headrace.rules.base import (
     evidence_json,
     present,
     q,
-    tx_columns,
     tx_evidence,
 )
 from headrace.rules.config import CardTestingConfig
+from headrace.rules.triggers import tx_columns
 
 
 class CardTesting(RuleJob):

@@ -5,9 +5,11 @@ Per batch, for the rules whose input tables changed:
 1. each rule's :meth:`~headrace.rules.base.RuleJob.evaluate` updates the
    state it reads *after* the batch (recent-row windows, risky logins) and
    returns SQL selecting its candidates;
-2. the candidates of all rules are computed in one statement (a UNION ALL);
-3. each rule with candidates turns them into alerts, one per incident
-   (:func:`~headrace.alerts.store.emit_incidents`);
+2. the triggers of all rules (the batch's transactions that may complete a
+   pattern) are written once (:mod:`headrace.rules.triggers`);
+3. the candidates of the rules that have triggers are computed in one
+   statement (a UNION ALL), and turned into alerts, one per incident, for
+   all rules at once (:func:`~headrace.alerts.store.emit_incidents`);
 4. each rule's ``after`` updates the state it read *before* the batch (the
    amount history, the countries seen, the devices seen).
 
@@ -26,6 +28,7 @@ from headrace.alerts.config import SinkConfig
 from headrace.alerts.store import CANDIDATE_COLUMNS, emit_incidents
 from headrace.jobs.base import JobContext, StreamJob
 from headrace.rules.base import RuleJob
+from headrace.rules.triggers import create_tx_triggers
 from headrace.source.changes import TableRef
 
 CANDIDATES = "_job_candidates"
@@ -58,31 +61,31 @@ class RuleSet(StreamJob):
         evaluations = []
         for rule in active:
             started = time.perf_counter()
+            rule.trigger = None
             evaluations.append((rule, rule.evaluate(ctx)))
             self.seconds[rule.name] += time.perf_counter() - started
+        con = ctx.con
+        specs = [rule.trigger for rule, _ in evaluations if rule.trigger is not None]
+        triggered = create_tx_triggers(con, active[0].tx, specs) if specs else {}
+        # A rule whose candidates start from triggers it has none of has no candidates.
         parts = [
             f"SELECT '{rule.name}' AS rule, {CANDIDATE_COLUMNS} FROM ({evaluation.candidates})"
             for rule, evaluation in evaluations
             if evaluation.candidates is not None
+            and (rule.trigger is None or triggered.get(rule.name, 0) > 0)
         ]
-        con = ctx.con
         if parts:
-            con.execute(
+            created = con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {CANDIDATES} AS {' UNION ALL BY NAME '.join(parts)}"
-            )
-            found = dict(
-                con.execute(f"SELECT rule, count(*) FROM {CANDIDATES} GROUP BY rule").fetchall()
-            )
-            for rule in active:
-                if found.get(rule.name):
-                    emit_incidents(
-                        con,
-                        rule.name,
-                        f"(SELECT * FROM {CANDIDATES} WHERE rule = '{rule.name}')",
-                        rearm=rule.rearm,
-                        now=ctx.now,
-                        sinks=self.sinks,
-                    )
+            ).fetchall()
+            if created and created[0][0]:
+                emit_incidents(
+                    con,
+                    CANDIDATES,
+                    rearms={rule.name: rule.rearm for rule in active},
+                    now=ctx.now,
+                    sinks=self.sinks,
+                )
         for rule, evaluation in evaluations:
             if evaluation.after is not None:
                 started = time.perf_counter()
