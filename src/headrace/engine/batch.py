@@ -9,9 +9,9 @@ Order matters and is the same for every segment:
    tables in the same segment included, in commit order);
 3. history rows are appended (deleted rows' values come from the mirror, so
    before it changes), then the mirrors are updated;
-4. each active rollup merges its delta (end rows +1, start rows -1, netted)
-   and recomputes min/max of groups whose extreme was retracted, from the
-   updated mirror;
+4. each active rollup merges its delta (end rows +1, start rows -1) in one
+   MERGE; with min/max, groups whose extreme was retracted take the value
+   recomputed from the updated mirror in the same statement;
 5. stream jobs run, per-table row counts and freshness are updated.
 """
 
@@ -32,7 +32,7 @@ from headrace.engine.resolve import (
     fill_inherited,
     load_changes,
 )
-from headrace.engine.rollup import BUCKET, RECOMPUTE, RollupPlan
+from headrace.engine.rollup import BUCKET, RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
 from headrace.source.changes import TableRef, TableSchema
@@ -112,40 +112,60 @@ def apply_rollup(
     index: int,
 ) -> None:
     """Merge one table's batch effect into one rollup's state (and side tables)."""
-    net, delta = f"_hr_n_{index}", f"_hr_d_{index}"
+    net = f"_hr_n_{index}"
     horizon = runtime.retained_from
     params = [horizon] if horizon is not None else []
-    netted = plan.net_sql(work.start, work.end, horizon is not None)
-    # Every statement costs a few ms whatever its size, so intermediate
-    # results are materialized only when read more than once: the netted rows
-    # when side tables read them too, the delta when min/max recomputes read it.
     sides = plan.side_tables()
+    if not plan.needs_net():
+        # Linear measures: every statement reads the weighted rows directly
+        # (side deltas net per value themselves); nothing is materialized.
+        rows = f"({plan.weighted_sql(work.start, work.end, horizon is not None)})"
+        con.execute(plan.merge_sql(f"({plan.delta_sql(rows)})"), params)
+        for measure in sides:
+            con.execute(
+                plan.side_merge_sql(measure, f"({plan.side_delta_sql(measure, rows)})"), params
+            )
+        return
+    netted = plan.net_sql(work.start, work.end, horizon is not None)
+    # Every statement costs a few ms whatever its size, so the netted rows are
+    # materialized only when side tables read them too.
     if sides:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
         net_source, delta_params = net, []
     else:
         net_source, delta_params = f"({netted})", params
-    if plan.extremes():
+    bounds = _retracted_range(con, plan, work) if plan.extremes() else None
+    if bounds is None:
+        con.execute(plan.merge_sql(f"({plan.delta_sql(net_source)})"), delta_params)
+    else:
+        # The flagged groups are read from the state before the MERGE changes it
+        # (a MERGE reading its own target in its source is not safe).
+        delta, flagged = f"_hr_d_{index}", f"_hr_f_{index}"
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net_source)}", delta_params
         )
-        con.execute(plan.merge_sql(delta))
-    else:
-        con.execute(plan.merge_sql(f"({plan.delta_sql(net_source)})"), delta_params)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {flagged} AS {plan.flagged_sql(delta)}")
+        recomputed = plan.recomputed_delta_sql(delta, flagged, bool(bounds))
+        con.execute(plan.merge_sql(f"({recomputed})", recomputed=True), bounds)
     for measure in sides:
         con.execute(plan.side_merge_sql(measure, f"({plan.side_delta_sql(measure, net)})"))
-    if not plan.extremes():
-        return
-    flagged = f"(SELECT * FROM {delta} WHERE {RECOMPUTE})"
+
+
+def _retracted_range(
+    con: duckdb.DuckDBPyConnection, plan: RollupPlan, work: TableWork
+) -> list[object] | None:
+    """Time bounds of the mirror rows a min/max recompute must read: those of the
+    batch's retracted row versions' buckets; ``[]`` for unbounded, ``None`` when the
+    batch retracts nothing (insert-only: no recompute at all)."""
     low, high, count, nulls = con.execute(
         f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
-        f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM {flagged}"
+        f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM ({plan.projection(work.start)})"
     ).fetchall()[0]
-    if count:
-        # Scan only the flagged buckets' time range of the mirror (zone maps).
-        ranged = not nulls and low is not None
-        bounds = [low, high + plan.config.grain] if ranged else []
-        con.execute(plan.recompute_sql(flagged, ranged), bounds)
+    if not count:
+        return None
+    if nulls or low is None:
+        return []
+    return [low, high + plan.config.grain]
 
 
 def write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:

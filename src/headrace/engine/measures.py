@@ -251,6 +251,15 @@ class Extreme(Measure):
         retracted, v = f"{delta}.{self.part('retracted')}", f"{state}.{self.part('v')}"
         return f"({retracted} IS NOT NULL AND {retracted} {self.beyond} {v})"
 
+    def merge_recomputed(self, state: str, delta: str) -> list[str]:
+        """:meth:`merge`, taking the recomputed extreme (``_hr_m<i>_r``) when the batch
+        retracted the current one."""
+        v = self.part("v")
+        return [
+            f"{v} = CASE WHEN {self.recompute_condition(state, delta)} "
+            f"THEN {delta}.{self.part('r')} ELSE {self.combine}({state}.{v}, {delta}.{v}) END"
+        ]
+
 
 class CountDistinct(Measure):
     """``count_distinct``: exact, from a side table of (bucket, dims, value, n)."""

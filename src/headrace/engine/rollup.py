@@ -11,8 +11,9 @@ the batch's transaction:
 - :meth:`RollupPlan.delta_sql` / :meth:`RollupPlan.merge_sql`: the per-group
   delta merged into ``rollup.<name>__state`` (groups reaching 0 rows are
   deleted), side tables likewise;
-- :meth:`RollupPlan.recompute_sql`: min/max of groups whose extreme was
-  retracted, recomputed from the mirror;
+- :meth:`RollupPlan.recomputed_delta_sql`: with min/max, the delta also
+  carries the extremes of groups with retracted values, recomputed from the
+  mirror; the MERGE uses them where the retracted value was the extreme;
 - :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
   GROUP BY), for creation, rebuild and the snapshot;
 - :meth:`RollupPlan.view_sql`: ``rollup.<name>_<grain>`` for each grain.
@@ -35,6 +36,7 @@ from headrace.engine.measures import (
     Extreme,
     Measure,
     MeasureInputs,
+    Sum,
     make_measure,
     output_name,
 )
@@ -54,7 +56,6 @@ from headrace.store.duckdb.schema import (
 )
 
 BUCKET = "bucket"
-RECOMPUTE = "_hr_recompute"
 
 
 def _us(grain: timedelta) -> int:
@@ -265,45 +266,91 @@ class RollupPlan:
     def horizon_filter(horizon_param: bool) -> str | None:
         return f"({BUCKET} >= ? OR {BUCKET} IS NULL)" if horizon_param else None
 
-    def net_sql(self, start: str, end: str, with_horizon: bool) -> str:
-        """Weighted, netted rows of a batch: ``-1`` per old version, ``+1`` per new one."""
+    def weighted_sql(self, start: str, end: str, with_horizon: bool) -> str:
+        """Weighted rows of a batch: ``-1`` per old version, ``+1`` per new one."""
         keep = self.horizon_filter(with_horizon)
-        columns = ", ".join([*self.group_columns, *self.input_sql])
         body = (
             f"SELECT -1 AS _hr_w, * FROM ({self.projection(start)}) "
             f"UNION ALL SELECT 1 AS _hr_w, * FROM ({self.projection(end)})"
         )
-        where = f" WHERE {keep}" if keep else ""
+        return f"SELECT * FROM ({body}) WHERE {keep}" if keep else body
+
+    def net_sql(self, start: str, end: str, with_horizon: bool) -> str:
+        """:meth:`weighted_sql` with identical projections cancelled (netted)."""
+        columns = ", ".join([*self.group_columns, *self.input_sql])
         return (
-            f"SELECT {columns}, sum(_hr_w) AS _hr_w FROM ({body}){where} "
+            f"SELECT {columns}, sum(_hr_w) AS _hr_w "
+            f"FROM ({self.weighted_sql(start, end, with_horizon)}) "
             f"GROUP BY ALL HAVING sum(_hr_w) <> 0"
         )
 
-    def delta_sql(self, net: str) -> str:
-        """Per-group delta of the state table from netted rows.
+    def needs_net(self) -> bool:
+        """Whether deltas must come from netted rows rather than the weighted ones.
 
-        With min/max measures, each delta row also says (``_hr_recompute``)
-        whether its group's extreme was retracted and must be recomputed.
+        Count, sum and avg deltas are linear in the weights, so an unchanged
+        row's -1 and +1 cancel inside the aggregate anyway (one GROUP BY saved
+        per batch). Min/max need netting (a value retracted and re-added is not
+        a retraction), and so do floating-point sums (adding and subtracting
+        the same value would accumulate rounding).
         """
+        return bool(self.extremes()) or any(
+            isinstance(m, Sum) and m.sum_type in ("DOUBLE", "FLOAT", "REAL") for m in self.measures
+        )
+
+    def delta_sql(self, net: str) -> str:
+        """Per-group delta of the state table from weighted (or netted) rows."""
         parts = [*self.group_columns, f"CAST(sum(_hr_w) AS BIGINT) AS {ROWS}"]
         for measure in self.measures:
             parts += [f"{expr} AS {name}" for name, expr in measure.delta()]
-        grouped = f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
+        return f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
+
+    def flagged_sql(self, delta: str) -> str:
+        """The groups of a delta whose current extreme the batch retracted (state read)."""
         conditions = [
             c for m in self.extremes() if (c := m.recompute_condition("s", "d")) is not None
         ]
-        if not conditions:
-            return grouped
+        groups = ", ".join(f"d.{c}" for c in self.group_columns)
         return (
-            f"SELECT d.*, coalesce({' OR '.join(conditions)}, false) AS {RECOMPUTE} "
-            f"FROM ({grouped}) d LEFT JOIN {self.state} s ON {self.match('s', 'd')}"
+            f"SELECT {groups} FROM {delta} d JOIN {self.state} s ON {self.match('s', 'd')} "
+            f"WHERE {' OR '.join(conditions)}"
         )
 
-    def merge_sql(self, delta: str) -> str:
-        """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups."""
+    def recomputed_delta_sql(self, delta: str, flagged: str, time_range: bool) -> str:
+        """``delta`` plus, for the ``flagged`` groups, the extremes recomputed from the
+        (already updated) mirror (``_hr_m<i>_r``); with ``time_range`` the mirror scan
+        is limited by two parameters (zone maps)."""
+        where = None
+        if time_range:
+            column = quote_ident(self.time_column)
+            typed = f"CAST(? AS {self.time_type})"
+            where = f"{column} >= {typed} AND {column} < {typed}"
+        groups = ", ".join(f"p.{c}" for c in self.group_columns)
+        aggregates = []
+        recomputed = []
+        for measure in self.extremes():
+            for part, build in zip(measure.state_parts(), measure.build(), strict=True):
+                aggregates.append(f"{build} AS {part}")
+                recomputed.append(f"r.{part} AS {measure.part('r')}")
+        rows = self.projection(self.table.mirror, where)
+        return (
+            f"SELECT d.*, {', '.join(recomputed)} FROM {delta} d LEFT JOIN ("
+            f"SELECT {groups}, {', '.join(aggregates)} FROM ({rows}) p "
+            f"SEMI JOIN {flagged} f ON {self.match('p', 'f')} GROUP BY {groups}"
+            f") r ON {self.match('d', 'r')}"
+        )
+
+    def merge_sql(self, delta: str, recomputed: bool = False) -> str:
+        """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups.
+
+        With ``recomputed`` (a :meth:`recomputed_delta_sql` delta), a group whose
+        extreme the batch retracted takes the recomputed value.
+        """
         sets = [f"{ROWS} = s.{ROWS} + d.{ROWS}"]
         for measure in self.measures:
-            sets += measure.merge("s", "d")
+            if recomputed and isinstance(measure, Extreme):
+                sets += measure.merge_recomputed("s", "d")
+            else:
+                sets += measure.merge("s", "d")
         names = [*self.group_columns, ROWS]
         values = [f"d.{c}" for c in names]
         for measure in self.measures:
@@ -315,30 +362,6 @@ class RollupPlan:
             f"WHEN MATCHED THEN UPDATE SET {', '.join(sets)} "
             f"WHEN NOT MATCHED AND d.{ROWS} > 0 THEN INSERT ({', '.join(names)}) "
             f"VALUES ({', '.join(values)})"
-        )
-
-    def recompute_sql(self, flags: str, time_range: bool) -> str:
-        """Recompute min/max of flagged groups from the (already updated) mirror."""
-        where = None
-        if time_range:
-            column = quote_ident(self.time_column)
-            typed = f"CAST(? AS {self.time_type})"
-            where = f"{column} >= {typed} AND {column} < {typed}"
-        groups = ", ".join(f"p.{c}" for c in self.group_columns)
-        aggregates = []
-        sets = []
-        for measure in self.extremes():
-            for part, build in zip(measure.state_parts(), measure.build(), strict=True):
-                aggregates.append(f"{build} AS {part}")
-                sets.append(f"{part} = r.{part}")
-        rows = self.projection(self.table.mirror, where)
-        source = (
-            f"SELECT {groups}, {', '.join(aggregates)} FROM ({rows}) p "
-            f"SEMI JOIN {flags} f ON {self.match('p', 'f')} GROUP BY {groups}"
-        )
-        return (
-            f"UPDATE {self.state} AS t SET {', '.join(sets)} FROM ({source}) r "
-            f"WHERE {self.match('t', 'r')}"
         )
 
     def side_delta_sql(self, measure: CountDistinct, net: str) -> str:
