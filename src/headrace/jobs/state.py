@@ -191,12 +191,22 @@ class KeyedSums:
         )
 
     def update(
-        self, con: duckdb.DuckDBPyConnection, delta: TableDelta, extra_where: str = "true"
+        self,
+        con: duckdb.DuckDBPyConnection,
+        delta: TableDelta,
+        extra_where: str = "true",
+        extra_rows: str | None = None,
     ) -> None:
-        """Add the end rows, subtract the start rows (``extra_where`` filters both)."""
+        """Add the end rows, subtract the start rows (``extra_where`` filters both).
+
+        ``extra_rows``: SQL selecting more rows to add, by name with the groups,
+        the sums and ``_rows`` (also filtered by ``extra_where``): the same
+        statement then does the work of a second update.
+        """
+        extra = f" UNION ALL BY NAME {extra_rows}" if extra_rows is not None else ""
         inner = (
-            f"SELECT * FROM ({self._select(delta.end, 1)} UNION ALL "
-            f"{self._select(delta.start, -1)}) WHERE ({extra_where})"
+            f"SELECT * FROM ({self._select(delta.end, 1)} UNION ALL BY NAME "
+            f"{self._select(delta.start, -1)}{extra}) WHERE ({extra_where})"
         )
         names = [quote_ident(name) for name, _ in self.sums] + ["_rows"]
         updates = ", ".join(f"{n} = {self.table}.{n} + excluded.{n}" for n in names)

@@ -226,44 +226,46 @@ class HealthScore(StreamJob):
                 f"SELECT {q(accounts.id)} FROM {ctx.mirror(self.accounts_ref)} "
                 f"WHERE {q(accounts.customer)} IN ({' UNION ALL '.join(customers)})"
             )
-        if parts:
-            con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {AFFECTED} AS SELECT DISTINCT * "
-                f"FROM ({' UNION ALL '.join(parts)}) AS u(account)"
-            )
         since = f"bucket >= '{horizon}'" if horizon is not None else "true"
         if tx_delta is not None:
             tx_sums.update(con, tx_delta, since)
         if login_delta is not None:
-            login_sums.update(con, login_delta, since)
+            # The batch's first sightings of (customer, device) count as new devices
+            # of their bucket, in the same statement as the batch's logins.
             devices = self.devices()
             bucket = self._bucket(self.logins.time)
-            con.execute(
-                f"""UPDATE {login_sums.table} l SET new_devices = l.new_devices + x.n
-                FROM (SELECT _owner AS customer, bucket, count(*) AS n
-                      FROM {devices.new_rows(login_delta, f"{bucket} AS bucket")}
-                      WHERE first_seen GROUP BY ALL) x
-                WHERE l.customer = x.customer AND l.bucket = x.bucket"""
+            first_seen = (
+                f"SELECT _owner AS customer, bucket, CAST(0 AS BIGINT) AS failed, "
+                f"CAST(1 AS BIGINT) AS new_devices, 0 AS _rows "
+                f"FROM {devices.new_rows(login_delta, f'{bucket} AS bucket')} WHERE first_seen"
             )
+            login_sums.update(con, login_delta, since, extra_rows=first_seen)
             devices.update(con, login_delta)
-        if expired:
-            con.execute(f"DELETE FROM {tx_sums.table} WHERE bucket < ?", [horizon])
-            con.execute(f"DELETE FROM {login_sums.table} WHERE bucket < ?", [horizon])
         ctx.set_watermark(self.name, watermark, horizon)
         if parts:
             removed = account_delta is not None and (
                 account_delta.deletes > 0 or account_delta.truncated
             )
-            self._score(ctx, horizon, watermark, full=False, removed=removed)
+            affected = f"SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)}) AS u(account)"
+            self._score(ctx, horizon, watermark, affected=affected, removed=removed)
+        if expired:
+            # After scoring: the affected accounts include those of the expired buckets
+            # (the scores read only buckets within the window anyway).
+            con.execute(
+                f"DELETE FROM {tx_sums.table} WHERE bucket < '{horizon}'; "
+                f"DELETE FROM {login_sums.table} WHERE bucket < '{horizon}'"
+            )
 
     # ------------------------------------------------------------------ score
 
-    def score_sql(self, horizon: datetime | None, restrict: bool) -> str:
-        """SQL: score and components of the accounts in :data:`AFFECTED` (or all)."""
+    def score_sql(self, horizon: datetime | None, affected: str | None) -> str:
+        """SQL: score and components of the accounts ``affected`` selects (or all)."""
         w = self.config.weights
         accounts = self.accounts
         mirror_filter = (
-            f"SEMI JOIN {AFFECTED} f ON f.account = a.{q(accounts.id)}" if restrict else ""
+            f"SEMI JOIN ({affected}) f ON f.account = a.{q(accounts.id)}"
+            if affected is not None
+            else ""
         )
         since = f"bucket >= '{horizon}'" if horizon is not None else "false"
         tx_sums, login_sums = self.tx_sums(), self.login_sums()
@@ -326,13 +328,16 @@ class HealthScore(StreamJob):
         horizon: datetime | None,
         watermark: datetime | None,
         *,
-        full: bool,
+        affected: str | None,
         removed: bool = False,
     ) -> None:
-        """Recompute the affected accounts' scores (all with ``full``); ``removed``: some
-        accounts may have been deleted (their scores go too)."""
+        """Recompute the scores of the accounts ``affected`` selects (all when None);
+        ``removed``: some accounts may have been deleted (their scores go too)."""
         con = ctx.con
-        sql = self.score_sql(horizon, restrict=not full).replace(
+        if removed and affected is not None:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {AFFECTED} AS {affected}")
+            affected = f"SELECT * FROM {AFFECTED}"
+        sql = self.score_sql(horizon, affected).replace(
             "{accounts_mirror}", ctx.mirror(self.accounts_ref)
         )
         con.execute(f"CREATE OR REPLACE TEMP TABLE _job_hs_new AS {sql}")
@@ -345,7 +350,7 @@ class HealthScore(StreamJob):
               AND (s.account_id IS NULL OR s.score IS DISTINCT FROM n.score)""",
             [now, watermark],
         )
-        if full:
+        if affected is None:
             con.execute(f"DELETE FROM {SCORES}")
         elif removed:
             con.execute(
@@ -395,7 +400,7 @@ class HealthScore(StreamJob):
             WHERE l.customer = x.customer AND l.bucket = x.bucket"""
         )
         ctx.set_watermark(self.name, watermark, horizon)
-        self._score(ctx, horizon, watermark, full=True)
+        self._score(ctx, horizon, watermark, affected=None)
 
 
 def worst_accounts(con: duckdb.DuckDBPyConnection, limit: int = 20) -> pa.Table:
