@@ -176,6 +176,43 @@ def _start_clients(
     return clients, output, reader
 
 
+def _measure(
+    settings: ServeBenchSettings, stack: ServeStack, load: WriteLoad, dashboard: str
+) -> tuple[str, _Sample, _Sample, int]:
+    """The viewers, loads and queries against the running stack: the client process's
+    output, the samples at each end of the window, and the peak RSS of ``headrace run``."""
+    url, run_process = stack.url, ProcessCpu(stack.headrace.pid)
+    cpus = {
+        "headrace_run": run_process,
+        "write_load": ProcessCpu(load.pid),
+        "postgres": stack.postgres_cpu(),
+    }
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {stack.token}"}) as http:
+        dims = _dimension_values(http, url, dashboard)
+        print(f"{settings.viewers} viewers connecting to {dashboard!r}", flush=True)
+        clients, output, reader = _start_clients(settings, stack, dashboard, dims)
+        try:
+            before = _sample(http, url, stack, cpus)
+            rss_peak = 0
+            deadline = before.at + settings.seconds + 90
+            while clients.poll() is None and time.monotonic() < deadline:
+                rss_peak = max(rss_peak, run_process.rss())
+                stack.headrace.status()  # raises if headrace run died
+                if not load.running():
+                    raise RuntimeError("the write load stopped")
+                time.sleep(0.5)
+            after = _sample(http, url, stack, cpus)
+            reader.join(timeout=60)
+        finally:
+            if clients.poll() is None:
+                clients.kill()
+            reader.join()
+    out, err = output if len(output) == 2 else ("", "")
+    if clients.returncode != 0:
+        raise RuntimeError(f"the client process failed ({clients.returncode}): {err[-2000:]}")
+    return out, before, after, rss_peak
+
+
 def run(settings: ServeBenchSettings) -> dict[str, Any]:
     """Run the benchmark; prints progress lines and returns the result (also printed last)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -188,36 +225,13 @@ def run(settings: ServeBenchSettings) -> dict[str, Any]:
         try:
             print(f"writing {settings.rate:,.0f} changes/s into PostgreSQL", flush=True)
             time.sleep(settings.warmup_s)
-            url, run_process = stack.url, ProcessCpu(stack.headrace.pid)
-            cpus = {
-                "headrace_run": run_process,
-                "write_load": ProcessCpu(load.pid),
-                "postgres": stack.postgres_cpu(),
-            }
-            with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {stack.token}"}) as h:
-                dims = _dimension_values(h, url, dashboard.name)
-                print(f"{settings.viewers} viewers connecting to {dashboard.name!r}", flush=True)
-                clients, output, reader = _start_clients(settings, stack, dashboard.name, dims)
-                before = _sample(h, url, stack, cpus)
-                rss_peak = 0
-                deadline = before.at + settings.seconds + 90
-                while clients.poll() is None and time.monotonic() < deadline:
-                    rss_peak = max(rss_peak, run_process.rss())
-                    stack.headrace.status()  # raises if headrace run died
-                    if not load.running():
-                        raise RuntimeError("the write load stopped")
-                    time.sleep(0.5)
-                after = _sample(h, url, stack, cpus)
-            reader.join(timeout=60)
-            if reader.is_alive():
-                clients.kill()
-                reader.join()
+            out, before, after, rss_peak = _measure(settings, stack, load, dashboard.name)
+        except Exception:
+            print(f"headrace run's log ends with:\n{stack.log_tail()}", file=sys.stderr)
+            raise
         finally:
             load.stop()
         code = stack.close()
-    out, err = output if len(output) == 2 else ("", "")
-    if clients.returncode != 0:
-        raise RuntimeError(f"the client process failed: {err[-2000:]}")
     if code != 0:
         raise RuntimeError(f"headrace run exited with {code}:\n{stack.failed_log}")
     measured = json.loads(out.strip().splitlines()[-1])

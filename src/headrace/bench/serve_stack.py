@@ -233,6 +233,8 @@ class WriteLoad:
             code = self.process.wait()
         if self._reader is not None:
             self._reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return code
 
 
