@@ -159,13 +159,11 @@ class AccountTakeover(RuleJob):
         devices, failed = self.devices(), self.failed(delta.key)
         failed.update(con, delta, horizon)
         window_s = config.failed_window.total_seconds()
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _job_ato_logins AS "
-            f"SELECT * FROM {devices.new_rows(delta, self._login_columns())}"
-        )
         new_device = "first_seen" if config.new_device else "false"
         con.execute(
             f"""INSERT INTO {self.marks}
+            WITH _job_ato_logins AS MATERIALIZED (
+                SELECT * FROM {devices.new_rows(delta, self._login_columns())})
             SELECT customer, t, 'new_device', _k0, device, country, 0, commit_ts
             FROM _job_ato_logins WHERE {new_device}
             UNION ALL
@@ -188,12 +186,22 @@ class AccountTakeover(RuleJob):
         before = (
             account_delta.before() if account_delta is not None else ctx.mirror(self.accounts_ref)
         )
+        start_accounts = (
+            f" UNION ALL SELECT {q(accounts.id)}, {q(accounts.customer)} FROM {account_delta.start}"
+            if account_delta is not None
+            else ""
+        )
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount),
             config.where or self.tx.outflow,
             horizon,
-            prefilter=f"amount >= {config.min_amount}",
+            # An alert needs a risky login of the account's customer (before the batch
+            # or now, whichever the account's version says).
+            prefilter=f"e.amount >= {config.min_amount} AND e.account IN ("
+            f"SELECT a.{q(accounts.id)} FROM (SELECT {q(accounts.id)}, {q(accounts.customer)} "
+            f"FROM {ctx.mirror(self.accounts_ref)}{start_accounts}) a "
+            f"WHERE a.{q(accounts.customer)} IN (SELECT customer FROM {self.marks}))",
         )
         window_s = config.window.total_seconds()
         mark = (

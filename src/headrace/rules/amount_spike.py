@@ -65,7 +65,7 @@ class AmountSpike(RuleJob):
             (self.tx.account, self.tx.amount),
             config.where,
             horizon,
-            prefilter=f"amount >= {config.min_amount}",
+            prefilter=f"e.amount >= {config.min_amount}",
         )
         candidates = f"""
             SELECT t.account AS account_id, 'amount_spike:' || t.account AS dedup_key,

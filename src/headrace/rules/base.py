@@ -160,7 +160,8 @@ class RuleJob(ABC):
         End rows satisfying ``where`` that are new, whose source ``columns``
         changed, or that did not satisfy ``where`` before the batch; with
         event time within the horizon, and passing ``prefilter`` (SQL over
-        the rule-shaped fields, implied by the candidate condition). Columns:
+        the trigger row ``e``, implied by the candidate condition; see
+        :class:`~headrace.rules.triggers.TriggerSpec`). Columns:
         ``_k0``, :data:`TX_FIELDS`, ``commit_ts``, ``lsn``.
 
         The rows come from the batch's shared trigger table

@@ -85,6 +85,8 @@ class CardTesting(RuleJob):
             (tx.account, tx.amount, tx.merchant, tx.time),
             self.qualifies,
             watermark - self.rules.lateness,
+            prefilter=f"e.account IN (SELECT account FROM {attempts.table} GROUP BY account "
+            f"HAVING count(*) >= {config.min_attempts})",
         )
         window_s = config.window.total_seconds()
         candidates = f"""

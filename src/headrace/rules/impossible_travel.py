@@ -89,6 +89,21 @@ class ImpossibleTravel(RuleJob):
                 [[code, lat, lon] for code, (lat, lon) in self.config.locations.items()],
             )
 
+    def _prefilter(self, uses: str, countries: str) -> str:
+        """SQL over the trigger ``e``: it can be a candidate (travel needs a use of the account
+        in another country; a new country one the account has not used before the batch)."""
+        travel = (
+            f"EXISTS (SELECT 1 FROM {uses} u WHERE u.account = e.account "
+            "AND u.country IS DISTINCT FROM e.country)"
+        )
+        if not self.config.new_country:
+            return travel
+        unseen = (
+            f"NOT EXISTS (SELECT 1 FROM {countries} c WHERE c.account = e.account "
+            "AND c.country = e.country AND c._rows > 0)"
+        )
+        return f"({travel} OR {unseen})"
+
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
@@ -108,6 +123,7 @@ class ImpossibleTravel(RuleJob):
             (self.tx.account, self.tx.country, self.tx.time),
             self.tx.card_present,
             watermark - self.rules.lateness,
+            prefilter=self._prefilter(uses.table, countries.table),
         )
         locations = self.state("locations")
         km = (

@@ -83,6 +83,8 @@ class Structuring(RuleJob):
             (self.tx.account, self.tx.amount, self.tx.time),
             self.in_band,
             watermark - self.rules.lateness,
+            prefilter=f"e.account IN (SELECT account FROM {band.table} GROUP BY account "
+            f"HAVING count(*) >= {config.min_count})",
         )
         window_s = config.window.total_seconds()
         candidates = f"""

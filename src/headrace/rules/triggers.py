@@ -78,9 +78,11 @@ class TriggerSpec:
     ``columns`` are the source columns whose change re-triggers a row;
     ``where`` (SQL over the source row) is the rule's filter; rows with
     event time before ``horizon`` do not trigger. ``prefilter`` (SQL over
-    the rule-shaped fields, e.g. ``amount >= 500``) drops rows that cannot
-    become a candidate anyway: it must be implied by the rule's candidate
-    condition, so it changes no result.
+    the trigger row ``e``'s rule-shaped fields, e.g. ``e.amount >= 500``;
+    it may read the rule's state as updated for the batch) drops rows that
+    cannot become a candidate anyway: it must be implied by the rule's
+    candidate condition, so it changes no result, and most batches then
+    leave the rule out of the candidates statement.
     """
 
     rule: str

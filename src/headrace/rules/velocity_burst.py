@@ -73,6 +73,9 @@ class VelocityBurst(RuleJob):
             (self.tx.account, self.tx.time),
             self.config.where,
             watermark - self.rules.lateness,
+            # A burst needs at least the smallest limit's count of rows in the window.
+            prefilter=f"e.account IN (SELECT account FROM {window.table} GROUP BY account "
+            f"HAVING count(*) >= {min(limit.count for limit in self.config.limits)})",
         )
         limits = ", ".join(
             f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
