@@ -28,7 +28,6 @@ from headrace.engine.registry import Registry, RollupRuntime
 from headrace.engine.resolve import (
     TableWork,
     compute_net,
-    count_rows,
     fill_inherited,
     load_changes,
 )
@@ -68,22 +67,10 @@ def apply_segment(
             if table_work is not None:
                 apply_rollup(con, runtime, runtime.plan, table_work, index)
     if jobs:
-        _run_jobs(con, registry, jobs, works)
+        jobs.apply(con, works.values(), registry.tables)
     for work in works.values():
         write_table_meta(con, work)
     return dead, list(works.values())
-
-
-def _run_jobs(
-    con: duckdb.DuckDBPyConnection,
-    registry: Registry,
-    jobs: StreamJobs,
-    works: Mapping[TableRef, TableWork],
-) -> None:
-    for work in works.values():
-        if work.model.config.mirror:
-            count_rows(con, work)
-    jobs.apply(con, works.values(), registry.tables)
 
 
 def _resolve(
@@ -157,6 +144,8 @@ def _retracted_range(
     """Time bounds of the mirror rows a min/max recompute must read: those of the
     batch's retracted row versions' buckets; ``[]`` for unbounded, ``None`` when the
     batch retracts nothing (insert-only: no recompute at all)."""
+    if not work.start_rows:
+        return None
     low, high, count, nulls = con.execute(
         f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
         f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM ({plan.projection(work.start)})"
@@ -170,13 +159,11 @@ def _retracted_range(
 
 def write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     """Row count (end rows - start rows), freshness and position of one table."""
-    delta = "0"
-    if work.model.config.mirror:
-        delta = f"(SELECT count(*) FROM {work.end}) - (SELECT count(*) FROM {work.start})"
+    delta = work.end_rows - work.start_rows if work.model.config.mirror else 0
     con.execute(
-        f"""UPDATE {META}.tables SET rows = rows + {delta},
+        f"""UPDATE {META}.tables SET rows = rows + ?,
                last_commit_ts = greatest(last_commit_ts, ?),
                last_lsn = greatest(last_lsn, ?), applied_at = now()
             WHERE table_name = ?""",
-        [work.last_commit_ts, work.last_lsn, work.model.name],
+        [delta, work.last_commit_ts, work.last_lsn, work.model.name],
     )

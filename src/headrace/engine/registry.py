@@ -66,11 +66,15 @@ class Registry:
         self.config = config
         self.tables: dict[TableRef, TableModel] = {}
         self.rollups: dict[str, RollupRuntime] = {r.name: RollupRuntime(r) for r in config.rollups}
+        self._settled = False
+        """True after a :meth:`setup_rollups` pass (stored rollups no longer configured
+        are marked); reset by :meth:`load`."""
 
     # ------------------------------------------------------------------ load
 
     def load(self, con: duckdb.DuckDBPyConnection) -> None:
         """Read the tables and rollups the store already holds."""
+        self._settled = False
         self.tables.clear()
         for ref, table_config in self.config.table_refs.items():
             model = load_table_model(con, ref, table_config)
@@ -186,6 +190,10 @@ class Registry:
     def setup_rollups(self, con: duckdb.DuckDBPyConnection) -> list[str]:
         """Plan (and create or rebuild) every rollup whose tables are known; names built."""
         self.ensure_lookup_columns(con)
+        if self._settled and all(
+            r.plan is not None or r.state == PAUSED for r in self.rollups.values()
+        ):
+            return []  # the common case, every batch: nothing to plan, no query
         stored = self._stored_rollups(con)
         built = []
         for name, runtime in self.rollups.items():
@@ -239,6 +247,7 @@ class Registry:
                     retained_from=None,
                     views=None,
                 )
+        self._settled = True
         return built
 
     @staticmethod

@@ -71,7 +71,7 @@ class TableWork:
     toasted: int = 0
     has_prev: bool = False
     start_rows: int = 0
-    """Rows in ``start`` / ``end``: only set by :func:`count_rows` (for stream jobs)."""
+    """Rows in ``start`` / ``end`` (set by :func:`compute_net`)."""
     end_rows: int = 0
 
     @property
@@ -347,25 +347,25 @@ def compute_net(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
         GROUP BY {", ".join(keys)}"""
     )
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
-    con.execute(
+    # CREATE TABLE AS returns its row count: start and end sizes come for free.
+    work.end_rows = _created(
+        con,
         f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
         SELECT {columns}, {SEQ} FROM {c}
-        WHERE {OP} IN ('I', 'U') AND {SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})"""
+        WHERE {OP} IN ('I', 'U') AND {SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})""",
     )
     if work.truncated_at is not None:
         source = f"SELECT * FROM {model.mirror}"
     else:
         on = " AND ".join(f"m.{k} = k.{k}" for k in keys)
         source = f"SELECT m.* FROM {model.mirror} m SEMI JOIN {work.keys} k ON {on}"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
+    work.start_rows = _created(con, f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
 
 
-def count_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Set :attr:`TableWork.start_rows` and :attr:`TableWork.end_rows` (one query)."""
-    counts = con.execute(
-        f"SELECT (SELECT count(*) FROM {work.start}), (SELECT count(*) FROM {work.end})"
-    ).fetchall()[0]
-    work.start_rows, work.end_rows = int(cast(int, counts[0])), int(cast(int, counts[1]))
+def _created(con: duckdb.DuckDBPyConnection, create_as: str) -> int:
+    """Run a ``CREATE TABLE ... AS``; the number of rows it created."""
+    row = con.execute(create_as).fetchone()
+    return int(cast(int, row[0])) if row is not None else 0
 
 
 def drop_temp(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
