@@ -64,7 +64,7 @@ def run(
     batch_wait_ms: Annotated[
         float,
         typer.Option("--batch-wait-ms", min=0, help="...or after this many ms, whichever first."),
-    ] = 100.0,
+    ] = 30.0,
     queue_batches: Annotated[
         int,
         typer.Option(

@@ -36,56 +36,68 @@ def resolve_lookups(
 
     ``targets`` maps each lookup column name to the looked-up table's model
     and its work in this batch (``None`` when it has no changes in it).
+    Lookups of the same table on the same columns (an account's tier and its
+    currency) are resolved together, in one pass.
     """
+    groups: dict[tuple[str, tuple[str, ...]], list[LookupColumn]] = {}
     for name, lookup in fact.model.lookups.items():
-        target, work = targets[name]
-        _resolve_one(con, fact, lookup, target, work)
+        target, _ = targets[name]
+        groups.setdefault((target.mirror, tuple(lookup.spec.on)), []).append(lookup)
+    for lookups in groups.values():
+        target, work = targets[lookups[0].name]
+        _resolve_group(con, fact, lookups, target, work)
 
 
-def _resolve_one(
+def _resolve_group(
     con: duckdb.DuckDBPyConnection,
     fact: TableWork,
-    lookup: LookupColumn,
+    lookups: list[LookupColumn],
     target: TableModel,
     work: TableWork | None,
 ) -> None:
-    column = quote_ident(lookup.name)
-    value = quote_ident(lookup.spec.column)
-    on = [quote_ident(c) for c in lookup.spec.on]
+    columns = [quote_ident(lookup.name) for lookup in lookups]
+    values = [quote_ident(lookup.spec.column) for lookup in lookups]
+    on = [quote_ident(c) for c in lookups[0].spec.on]
     keys = [quote_ident(k) for k in target.key]
     end = fact.end
     if work is None or work.num_changes == 0:
         match = " AND ".join(f"t.{k} = {end}.{o}" for k, o in zip(keys, on, strict=True))
-        con.execute(f"UPDATE {end} SET {column} = t.{value} FROM {target.mirror} t WHERE {match}")
+        sets = ", ".join(f"{c} = t.{v}" for c, v in zip(columns, values, strict=True))
+        con.execute(f"UPDATE {end} SET {sets} FROM {target.mirror} t WHERE {match}")
         return
     wanted = f"(SELECT DISTINCT {', '.join(on)} FROM {end})"
     semi = " AND ".join(f"t.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
     as_key = ", ".join(f"e.{o} AS {k}" for o, k in zip(on, keys, strict=True))
     old_as_key = ", ".join(f"{old_key(j)} AS {k}" for j, k in enumerate(keys))
     moved = " OR ".join(f"{old_key(j)} <> {k}" for j, k in enumerate(keys))
+    slots = [f"_hr_value{i}" for i in range(len(values))]
+    mirror_values = ", ".join(f"t.{v} AS {slot}" for v, slot in zip(values, slots, strict=True))
+    absent = ", ".join("NULL" for _ in values)
     c = work.changes
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _hr_lv AS
         SELECT {", ".join(f"t.{k}" for k in keys)}, CAST(-1 AS BIGINT) AS {SEQ},
-               true AS _hr_present, t.{value} AS _hr_value
+               true AS _hr_present, {mirror_values}
         FROM {target.mirror} t SEMI JOIN {wanted} e ON {semi}
         UNION ALL
-        SELECT {", ".join(keys)}, {SEQ}, true, {value} FROM {c} WHERE {OP} IN ('I', 'U')
+        SELECT {", ".join(keys)}, {SEQ}, true, {", ".join(values)} FROM {c} WHERE {OP} IN ('I', 'U')
         UNION ALL
-        SELECT {old_as_key}, {SEQ}, false, NULL FROM {c}
+        SELECT {old_as_key}, {SEQ}, false, {absent} FROM {c}
         WHERE {OP} = 'D' OR ({OP} = 'U' AND ({moved}))
         UNION ALL
-        SELECT {as_key}, t.{SEQ}, false, NULL
+        SELECT {as_key}, t.{SEQ}, false, {absent}
         FROM {wanted} e CROSS JOIN (SELECT {SEQ} FROM {c} WHERE {OP} = 'T') t"""
     )
     match = " AND ".join(f"v.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
+    resolved = ", ".join(f"CASE WHEN v._hr_present THEN v.{slot} END AS {slot}" for slot in slots)
+    sets = ", ".join(f"{c} = r.{slot}" for c, slot in zip(columns, slots, strict=True))
+    # _hr_lv is replaced by the next lookup: no DROP (a statement costs milliseconds).
     con.execute(
-        f"""UPDATE {end} SET {column} = r.v FROM (
-            SELECT e.{SEQ}, CASE WHEN v._hr_present THEN v._hr_value END AS v
+        f"""UPDATE {end} SET {sets} FROM (
+            SELECT e.{SEQ}, {resolved}
             FROM {end} e ASOF LEFT JOIN _hr_lv v ON {match} AND e.{SEQ} > v.{SEQ}
         ) r WHERE {end}.{SEQ} = r.{SEQ}"""
     )
-    con.execute("DROP TABLE IF EXISTS _hr_lv")
 
 
 def fill_lookup_column(

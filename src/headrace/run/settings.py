@@ -20,9 +20,12 @@ class RunSettings:
     """A micro-batch is handed to the store once it holds this many changes
     (it still ends on a transaction boundary)..."""
 
-    batch_max_wait_s: float = 0.1
+    batch_max_wait_s: float = 0.03
     """...or once this many seconds passed since its first complete
-    transaction, whichever comes first: the latency batching adds."""
+    transaction, whichever comes first: the latency batching adds. Short,
+    because it only matters while the store is idle: while a batch is being
+    applied the next ones wait in the queue and are merged into one store
+    transaction anyway."""
 
     queue_batches: int = 4
     """Decoded batches waiting for the store at most, unless they are small:
