@@ -21,6 +21,7 @@ PostgreSQL, of its children) so the benchmark can say where the two cores went.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -43,11 +44,12 @@ from headrace.demo.deployment import deployment_text
 from headrace.demo.history import load_history
 from headrace.pipeline.load import load_pipeline
 from headrace.run.control import RunFiles, read_json
-from headrace.sandbox.postgres import ThrowawayPostgres, free_port
+from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.serve.settings import ServeSettings, load_serve_settings
 from headrace.serve.users import Role, UserStore
 
 DATABASE = "bank"
+_SERVING = re.compile(r"serving the live store on http://[^/\s]+:(\d+)")
 BENCH_USER = "bench"
 
 
@@ -84,12 +86,16 @@ class ProcessCpu:
 
 @dataclass
 class HeadraceRun:
-    """``headrace run --config CONFIG --serve`` as a child process."""
+    """``headrace run --config CONFIG --serve`` as a child process.
+
+    It listens on a port of its own choosing (``--port 0``: no race with other
+    programs for a port picked beforehand), read back from its log.
+    """
 
     config: Path
     store: Path
-    port: int
     log_path: Path
+    port: int = 0
     process: subprocess.Popen[bytes] | None = None
     _log: Any = None
 
@@ -105,7 +111,7 @@ class HeadraceRun:
                 str(self.config),
                 "--serve",
                 "--port",
-                str(self.port),
+                "0",
                 "--heartbeat-s",
                 "1",
             ],
@@ -129,15 +135,21 @@ class HeadraceRun:
             )
         return read_json(RunFiles(self.store).status) or {}
 
-    def wait_streaming(self, url: str, timeout_s: float) -> dict[str, Any]:
-        """Wait until the snapshot is done and the HTTP app answers; the status then."""
+    def wait_streaming(self, timeout_s: float) -> dict[str, Any]:
+        """Wait until the snapshot is done and the HTTP app answers; the status then.
+
+        Sets :attr:`port` from the run's log line ``serving the live store on URL``.
+        """
         deadline = time.monotonic() + timeout_s
         with httpx.Client(timeout=5) as http:
             while time.monotonic() < deadline:
                 document = self.status()
-                if document.get("phase") == "streaming":
+                if not self.port:
+                    found = _SERVING.search(self.log_path.read_text())
+                    self.port = int(found.group(1)) if found else 0
+                if self.port and document.get("phase") == "streaming":
                     try:
-                        if http.get(f"{url}/health").status_code == 200:
+                        if http.get(f"http://127.0.0.1:{self.port}/health").status_code == 200:
                             return document
                     except httpx.HTTPError:
                         pass
@@ -303,17 +315,17 @@ class ServeStack:
         )
         self.config.write_text(deployment_text(self.dsn, self.store))
         load_pipeline(self.config)  # fails here, clearly, if the deployment does not load
-        port = free_port()
-        self.serve = load_serve_settings(self.config, store=self.store, port=port)
-        users = UserStore(self.serve.users_path)
+        serve = load_serve_settings(self.config, store=self.store, port=0)
+        users = UserStore(serve.users_path)
         try:
             users.add(BENCH_USER, Role.ADMIN)
             _, self.token = users.create_token(BENCH_USER, "headrace bench serve")
         finally:
             users.close()
-        self.run = HeadraceRun(self.config, self.store, port, self.workdir / "headrace.log")
+        self.run = HeadraceRun(self.config, self.store, self.workdir / "headrace.log")
         self.run.start()
-        status = self.run.wait_streaming(self.url, timeout_s=600)
+        status = self.run.wait_streaming(timeout_s=600)
+        self.serve = serve.model_copy(update={"port": self.run.port})
         self.snapshot_seconds = (status.get("snapshot") or {}).get("seconds")
         say(f"headrace run --serve on {self.url}: snapshot in {self.snapshot_seconds} s")
         return self
