@@ -218,6 +218,7 @@ def test_retention(pg_db: PgDatabase, tmp_path: Path) -> None:
         )
         h.sync()
         h.assert_rollup("daily", "(SELECT * FROM ev WHERE ts >= '2024-06-08+00') e")
+        h.engine.compact_rollups(force=True)
         assert h.duck("SELECT min(_hr_rows) FROM rollup.daily__state") == [(1,)]
         # History: rows whose commit is older than 30 days go.
         before = h.duck("SELECT count(*) FROM history.ev")[0][0]

@@ -125,7 +125,9 @@ def test_count_distinct_under_deletes(h: Harness) -> None:
     h.execute("DELETE FROM t WHERE id = 2")  # no 'x' left
     h.sync()
     assert h.duck("SELECT kinds, kinds_approx FROM rollup.r_1h") == [(1, 1)]
+    h.engine.compact_rollups(force=True)  # the side table's appended deltas folded
     assert h.duck("SELECT _hr_value, _hr_n FROM rollup.r__distinct_5") == [("y", 1)]
+    assert h.duck("SELECT kinds, kinds_approx FROM rollup.r_1h") == [(1, 1)]
     h.execute("UPDATE t SET kind = NULL WHERE id = 3")
     h.sync()
     assert h.duck("SELECT kinds, kinds_approx FROM rollup.r_1h") == [(0, 0)]
@@ -213,5 +215,67 @@ def test_history_without_a_mirror(pg_db: PgDatabase, tmp_path: Path) -> None:
         rows = h.duck("SELECT _hr_op, id, msg, length(doc) FROM history.log ORDER BY _hr_lsn")
         assert rows == [("I", 1, "a", 2560), ("U", 1, "b", 2560), ("D", 1, "b", 2560)]
         assert h.duck("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'mirror'") == [(0,)]
+    finally:
+        h.close()
+
+
+LINEAR_YAML = """
+source:
+  dsn: "DSN"
+  tables:
+    t: {event_time: ts}
+rollups:
+  - name: lin
+    table: t
+    grain: 1h
+    coarser: [1d]
+    dimensions: [grp]
+    measures:
+      - {name: n, fn: count}
+      - {name: total, fn: sum, column: v}
+      - {name: mean, fn: avg, column: v}
+      - {name: evens, fn: count, where: "v % 2 = 0"}
+      - {name: kinds, fn: count_distinct, column: kind}
+      - {name: kinds_approx, fn: approx_count_distinct, column: kind}
+"""
+
+
+def test_appended_deltas_compact_to_the_same_values(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """Linear rollups append a delta per batch; compaction folds them, values unchanged."""
+    pg_db.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, grp text, v int, kind text, ts timestamptz, doc text)"
+    )
+    h = make_harness(pg_db, tmp_path, LINEAR_YAML)
+    try:
+        for step in range(4):
+            h.execute(
+                f"INSERT INTO t SELECT i, 'g' || (i % 3), i, 'k' || (i % 5),"
+                f" '2024-01-01 00:00+00'::timestamptz + (i % 7) * interval '50 minutes', NULL"
+                f" FROM generate_series({step * 20 + 1}, {step * 20 + 20}) i",
+                f"UPDATE t SET v = v + 1, grp = 'g9' WHERE id % 4 = {step}",
+                f"DELETE FROM t WHERE id % 9 = {step}",
+            )
+            h.sync()
+            h.assert_rollup("lin")
+        before = h.duck("SELECT count(*) FROM rollup.lin__state")[0][0]
+        assert h.engine.compact_rollups(force=True) == ["lin"]
+        h.assert_rollup("lin")
+        groups = h.duck(
+            "SELECT count(*) FROM (SELECT DISTINCT bucket, _hr_d0 FROM rollup.lin__state)"
+        )
+        after = h.duck("SELECT count(*), min(_hr_rows) FROM rollup.lin__state")[0]
+        assert after[0] == groups[0][0] < before  # one row per group, none empty
+        assert isinstance(after[1], int)
+        assert after[1] > 0
+        duplicates = h.duck(
+            "SELECT bucket, _hr_d0, _hr_value, count(*) FROM rollup.lin__distinct_4"
+            " GROUP BY ALL HAVING count(*) > 1"
+        )
+        assert duplicates == []
+        h.execute("DELETE FROM t")
+        h.sync()
+        h.engine.compact_rollups(force=True)
+        assert h.duck("SELECT count(*) FROM rollup.lin_1h") == [(0,)]
+        assert h.duck("SELECT count(*) FROM rollup.lin__state") == [(0,)]
     finally:
         h.close()

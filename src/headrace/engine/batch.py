@@ -9,8 +9,9 @@ Order matters and is the same for every segment:
    tables in the same segment included, in commit order);
 3. history rows are appended (deleted rows' values come from the mirror, so
    before it changes), then the mirrors are updated;
-4. each active rollup merges its delta (end rows +1, start rows -1) in one
-   MERGE; with min/max, groups whose extreme was retracted take the value
+4. each active rollup appends its delta (end rows +1, start rows -1) to its
+   state and side tables (compacted now and then, between batches), or, with
+   min/max, MERGEs it: groups whose extreme was retracted take the value
    recomputed from the updated mirror in the same statement;
 5. stream jobs run, per-table row counts and freshness are updated.
 """
@@ -18,6 +19,7 @@ Order matters and is the same for every segment:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -98,44 +100,68 @@ def apply_rollup(
     work: TableWork,
     index: int,
 ) -> None:
-    """Merge one table's batch effect into one rollup's state (and side tables)."""
-    net = f"_hr_n_{index}"
+    """Merge (min/max) or append (everything else) one table's batch effect into one
+    rollup's state and side tables."""
     horizon = runtime.retained_from
-    params = [horizon] if horizon is not None else []
+    params: list[object] = [horizon] if horizon is not None else []
     sides = plan.side_tables()
+    # Every statement costs a few ms whatever its size, so intermediate
+    # results are materialized only when read more than once.
     if not plan.needs_net():
-        # Linear measures: every statement reads the weighted rows directly
-        # (side deltas net per value themselves); nothing is materialized.
-        rows = f"({plan.weighted_sql(work.start, work.end, horizon is not None)})"
-        con.execute(plan.merge_sql(f"({plan.delta_sql(rows)})"), params)
-        for measure in sides:
-            con.execute(
-                plan.side_merge_sql(measure, f"({plan.side_delta_sql(measure, rows)})"), params
-            )
-        return
-    netted = plan.net_sql(work.start, work.end, horizon is not None)
-    # Every statement costs a few ms whatever its size, so the netted rows are
-    # materialized only when side tables read them too.
-    if sides:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
-        net_source, delta_params = net, []
+        # Linear measures: the deltas come straight from the weighted rows
+        # (side deltas net per value themselves).
+        source = f"({plan.weighted_sql(work.start, work.end, horizon is not None)})"
+        source_params = side_params = params
+        side_source = source
     else:
-        net_source, delta_params = f"({netted})", params
-    bounds = _retracted_range(con, plan, work) if plan.extremes() else None
-    if bounds is None:
-        con.execute(plan.merge_sql(f"({plan.delta_sql(net_source)})"), delta_params)
+        netted = plan.net_sql(work.start, work.end, horizon is not None)
+        if sides:
+            net = f"_hr_n_{index}"
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
+            source, source_params, side_source, side_params = net, [], net, []
+        else:
+            source, source_params, side_source, side_params = f"({netted})", params, "", []
+    appended = 0
+    if plan.extremes():
+        _merge_extremes(con, plan, work, index, (source, source_params))
     else:
-        # The flagged groups are read from the state before the MERGE changes it
-        # (a MERGE reading its own target in its source is not safe).
-        delta, flagged = f"_hr_d_{index}", f"_hr_f_{index}"
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(net_source)}", delta_params
+        appended += _count(
+            con.execute(plan.insert_sql(f"({plan.delta_sql(source)})"), source_params)
         )
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {flagged} AS {plan.flagged_sql(delta)}")
-        recomputed = plan.recomputed_delta_sql(delta, flagged, bool(bounds))
-        con.execute(plan.merge_sql(f"({recomputed})", recomputed=True), bounds)
     for measure in sides:
-        con.execute(plan.side_merge_sql(measure, f"({plan.side_delta_sql(measure, net)})"))
+        delta = f"({plan.side_delta_sql(measure, side_source)})"
+        appended += _count(con.execute(plan.side_insert_sql(measure, delta), side_params))
+    runtime.appended += appended
+
+
+def _merge_extremes(
+    con: duckdb.DuckDBPyConnection,
+    plan: RollupPlan,
+    work: TableWork,
+    index: int,
+    rows: tuple[str, list[object]],
+) -> None:
+    """MERGE a rollup with min/max; groups whose extreme the batch retracted take the
+    value recomputed from the updated mirror. ``rows``: the netted rows and their
+    parameters."""
+    source, params = rows
+    bounds = _retracted_range(con, plan, work)
+    if bounds is None:
+        con.execute(plan.merge_sql(f"({plan.delta_sql(source)})"), params)
+        return
+    # The flagged groups are read from the state before the MERGE changes it
+    # (a MERGE reading its own target in its source is not safe).
+    delta, flagged = f"_hr_d_{index}", f"_hr_f_{index}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(source)}", params)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {flagged} AS {plan.flagged_sql(delta)}")
+    recomputed = plan.recomputed_delta_sql(delta, flagged, bool(bounds))
+    con.execute(plan.merge_sql(f"({recomputed})", recomputed=True), bounds)
+
+
+def _count(result: duckdb.DuckDBPyConnection) -> int:
+    """The row count a DuckDB INSERT / DELETE / CREATE TABLE AS returns."""
+    row = result.fetchone()
+    return int(cast(int, row[0])) if row is not None else 0
 
 
 def _retracted_range(

@@ -56,6 +56,10 @@ from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger(__name__)
 
+SMALL_BATCH_CHANGES = 20_000
+"""Batches of at most this many changes run on one DuckDB thread (see
+:meth:`DuckDBStore.use_threads`); larger ones, snapshots and rebuilds on all."""
+
 
 class Engine:
     """Incremental maintenance of one pipeline into one DuckDB store (see module docstring)."""
@@ -96,6 +100,7 @@ class Engine:
         """Apply one batch: its effects and ``batch.position`` in one store transaction."""
         self._run_rebuild_requests()
         started = time.perf_counter()
+        self.store.use_threads(1 if batch.num_changes <= SMALL_BATCH_CHANGES else None)
         changes, skipped = self._unapplied(batch)
         per_table: dict[str, int] = {}
         dead_letters = 0
@@ -144,6 +149,7 @@ class Engine:
         Everything is one transaction: an interrupted snapshot leaves nothing behind.
         """
         started = time.perf_counter()
+        self.store.use_threads(None)
         rows: dict[TableRef, int] = {}
         position = self._position or 0
         snapshot_time = datetime.now(UTC)
@@ -191,6 +197,7 @@ class Engine:
     def rebuild(self, name: str, config: RollupConfig | None = None) -> None:
         """Recompute rollup ``name`` from the mirror (optionally with a new definition) and
         swap it in atomically, at the current position. Call from the writer thread."""
+        self.store.use_threads(None)
         with self._transaction() as con:
             self.registry.build(con, name, config)
         position = self._position or 0
@@ -201,11 +208,26 @@ class Engine:
         self._rebuilds.put((name, config))
 
     def maintain(self, now: datetime | None = None) -> RetentionApplied:
-        """Between batches: pending rebuilds, retention, and a checkpoint when due."""
+        """Between batches: pending rebuilds, retention, rollup compaction and a
+        checkpoint when due."""
         self._run_rebuild_requests()
         applied = self.enforce_retention(now)
+        self.compact_rollups()
         self.store.maybe_checkpoint()
         return applied
+
+    def compact_rollups(self, *, force: bool = False) -> list[str]:
+        """Fold appended rollup deltas together where due (see :meth:`Registry.compact`),
+        or, with ``force``, in every active rollup; the names compacted."""
+        if force:
+            due = [name for name, runtime in self.registry.rollups.items() if runtime.active]
+        else:
+            due = self.registry.compaction_due()
+        if due:
+            with self._transaction() as con:
+                for name in due:
+                    self.registry.compact(con, name, force=force)
+        return due
 
     def enforce_retention(self, now: datetime | None = None) -> RetentionApplied:
         """Drop history rows and rollup buckets older than their configured retention."""

@@ -39,6 +39,10 @@ PENDING = "pending"
 NOT_CONFIGURED = "not in the pipeline file any more"
 
 
+COMPACT_MIN_ROWS = 20_000
+"""Appended rollup rows below which a rollup is never compacted."""
+
+
 @dataclass
 class RollupRuntime:
     """A configured rollup and where it stands."""
@@ -48,6 +52,10 @@ class RollupRuntime:
     state: str = PENDING
     reason: str | None = None
     retained_from: datetime | None = None
+    appended: int = 0
+    """Rows appended to the state and side tables since they were last compacted."""
+    compacted_rows: int | None = None
+    """Rows of the state and side tables after the last compaction (None: unknown)."""
 
     @property
     def active(self) -> bool:
@@ -85,6 +93,7 @@ class Registry:
         for name, runtime in self.rollups.items():
             runtime.plan = None
             runtime.state, runtime.reason, runtime.retained_from = PENDING, None, None
+            runtime.appended, runtime.compacted_rows = 0, None
             if name in stored:
                 runtime.retained_from = stored[name][3]
 
@@ -250,6 +259,43 @@ class Registry:
         self._settled = True
         return built
 
+    # ------------------------------------------------------------ compaction
+
+    def compaction_due(self) -> list[str]:
+        """Rollups that appended enough rows to be worth compacting (no query)."""
+        return [
+            name
+            for name, runtime in self.rollups.items()
+            if runtime.active
+            and runtime.appended >= max(COMPACT_MIN_ROWS, runtime.compacted_rows or 0)
+        ]
+
+    def compact(self, con: duckdb.DuckDBPyConnection, name: str, *, force: bool = False) -> None:
+        """Fold a rollup's appended rows into one row per group (and side key).
+
+        Due when the rows appended since the last compaction reach the
+        compacted size (and :data:`COMPACT_MIN_ROWS`): reads of the views touch
+        at most about twice the compacted rows, and the cost is amortized.
+        """
+        runtime = self.rollups[name]
+        plan = runtime.plan
+        if plan is None:
+            return
+        if runtime.compacted_rows is None and not force:
+            # First time since a restart: the tables' size tells whether to wait.
+            runtime.compacted_rows = max(0, self._rows(con, plan) - runtime.appended)
+            if runtime.appended < max(COMPACT_MIN_ROWS, runtime.compacted_rows):
+                return
+        for statement in plan.compact_sql():
+            con.execute(statement)
+        runtime.compacted_rows, runtime.appended = self._rows(con, plan), 0
+
+    @staticmethod
+    def _rows(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
+        counts = " + ".join(f"(SELECT count(*) FROM {t})" for t in plan.owned_tables())
+        row = con.execute(f"SELECT {counts}").fetchone()
+        return int(row[0]) if row is not None else 0
+
     @staticmethod
     def _state_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
         rows = con.execute(
@@ -291,6 +337,7 @@ class Registry:
         for grain in runtime.config.grains:
             con.execute(plan.view_sql(grain))
         runtime.plan, runtime.state, runtime.reason = plan, ACTIVE, None
+        runtime.appended, runtime.compacted_rows = 0, None
         self._save_rollup(
             con,
             name,

@@ -364,6 +364,52 @@ class RollupPlan:
             f"VALUES ({', '.join(values)})"
         )
 
+    @property
+    def appends_state(self) -> bool:
+        """Whether batches append their deltas to the state instead of merging them.
+
+        Without min/max every state part is a sum, so a group's value is the
+        sum of its rows: a batch appends one delta row per touched group (an
+        INSERT costs a fraction of a MERGE), the views sum per group, and
+        :meth:`compact_sql` folds the rows together now and then. Side tables
+        (count distinct, HyperLogLog) are always appended to.
+        """
+        return not self.extremes()
+
+    def insert_sql(self, delta: str) -> str:
+        """Append a delta (groups whose delta is all zero are left out)."""
+        columns = [*self.group_columns, ROWS]
+        for measure in self.measures:
+            columns += measure.state_parts()
+        nonzero = " OR ".join(f"{c} <> 0" for c in columns[len(self.group_columns) :])
+        names = ", ".join(columns)
+        return f"INSERT INTO {self.state} ({names}) SELECT {names} FROM {delta} WHERE {nonzero}"
+
+    def side_insert_sql(self, measure: CountDistinct, delta: str) -> str:
+        keys = [name for name, _ in measure.side_keys()]
+        names = ", ".join([*self.group_columns, *keys, "_hr_n"])
+        return f"INSERT INTO {self.side_table(measure)} ({names}) SELECT {names} FROM {delta}"
+
+    def compact_sql(self) -> list[str]:
+        """Statements folding appended rows into one row per group (and side key)."""
+        statements = []
+        tables: list[tuple[str, list[str], str]] = []
+        if self.appends_state:
+            parts = [p for m in self.measures for p in m.state_parts()]
+            tables.append((self.state, [ROWS, *parts], ROWS))
+        for measure in self.side_tables():
+            tables.append((self.side_table(measure), ["_hr_n"], "_hr_n"))
+        for table, summed, count in tables:
+            sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
+            keep = f"* EXCLUDE ({', '.join(summed)})"
+            statements += [
+                f"CREATE OR REPLACE TEMP TABLE _hr_compact AS SELECT {keep}, {sums} "
+                f"FROM {table} GROUP BY ALL HAVING sum({count}) > 0",
+                f"DELETE FROM {table}",
+                f"INSERT INTO {table} BY NAME SELECT * FROM _hr_compact",
+            ]
+        return statements
+
     def side_delta_sql(self, measure: CountDistinct, net: str) -> str:
         keys = measure.side_keys()
         columns = [*self.group_columns, *(f"{sql} AS {name}" for name, sql in keys)]
@@ -423,7 +469,7 @@ class RollupPlan:
         dims = [d.column for d in self.dimensions]
         bucket = BUCKET if base else bucket_sql(f"epoch_us({BUCKET})", grain)
         ctes = []
-        if base:
+        if base and not self.appends_state:
             ctes.append(f"s AS (SELECT * FROM {self.state})")
         else:
             parts = [f"{bucket} AS {BUCKET}", *dims, f"sum({ROWS}) AS {ROWS}"]
@@ -432,12 +478,18 @@ class RollupPlan:
                     f"{agg} AS {part}"
                     for part, agg in zip(measure.state_parts(), measure.coarse(), strict=True)
                 ]
-            ctes.append(f"s AS (SELECT {', '.join(parts)} FROM {self.state} GROUP BY ALL)")
+            # Appended deltas: a group whose rows sum to zero no longer exists.
+            having = f" HAVING sum({ROWS}) > 0" if self.appends_state else ""
+            ctes.append(f"s AS (SELECT {', '.join(parts)} FROM {self.state} GROUP BY ALL{having})")
         joins = []
         for measure in self.side_tables():
             alias = f"x{measure.index}"
             group = [f"{bucket} AS {BUCKET}", *dims]
-            table = self.side_table(measure)
+            keys = ", ".join(name for name, _ in measure.side_keys())
+            table = (
+                f"(SELECT {', '.join([BUCKET, *dims])}, {keys} FROM {self.side_table(measure)} "
+                f"GROUP BY ALL HAVING sum(_hr_n) > 0)"
+            )
             if isinstance(measure, ApproxCountDistinct):
                 registers = (
                     f"SELECT {', '.join(group)}, _hr_reg, max(_hr_rank) AS _hr_rank "
