@@ -70,8 +70,7 @@ def apply_segment(
                 apply_rollup(con, runtime, runtime.plan, table_work, index)
     if jobs:
         jobs.apply(con, works.values(), registry.tables)
-    for work in works.values():
-        write_table_meta(con, work)
+    write_table_meta(con, list(works.values()))
     return dead, list(works.values())
 
 
@@ -183,13 +182,21 @@ def _retracted_range(
     return [low, high + plan.config.grain]
 
 
-def write_table_meta(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Row count (end rows - start rows), freshness and position of one table."""
-    delta = work.end_rows - work.start_rows if work.model.config.mirror else 0
+def write_table_meta(con: duckdb.DuckDBPyConnection, works: Sequence[TableWork]) -> None:
+    """Row counts (end rows - start rows), freshness and position of the batch's tables,
+    in one statement."""
+    if not works:
+        return
+    rows = ", ".join("(?, ?, ?, ?)" for _ in works)
+    params: list[object] = []
+    for work in works:
+        delta = work.end_rows - work.start_rows if work.model.config.mirror else 0
+        params += [work.model.name, delta, work.last_commit_ts, work.last_lsn]
     con.execute(
-        f"""UPDATE {META}.tables SET rows = rows + ?,
-               last_commit_ts = greatest(last_commit_ts, ?),
-               last_lsn = greatest(last_lsn, ?), applied_at = now()
-            WHERE table_name = ?""",
-        [delta, work.last_commit_ts, work.last_lsn, work.model.name],
+        f"""UPDATE {META}.tables AS t SET rows = t.rows + v.delta,
+               last_commit_ts = greatest(t.last_commit_ts, CAST(v.commit_ts AS TIMESTAMPTZ)),
+               last_lsn = greatest(t.last_lsn, CAST(v.lsn AS UBIGINT)), applied_at = now()
+            FROM (VALUES {rows}) v(table_name, delta, commit_ts, lsn)
+            WHERE t.table_name = v.table_name""",
+        params,
     )
