@@ -1,8 +1,8 @@
 """A small fintech-shaped store that follows STORE_LAYOUT.md, and a dashboard for it.
 
-Used by the serving tests, by ``headrace bench serve`` (which drives store
-versions by writing here at a given rate while the PostgreSQL pipeline is not
-wired in), and by ``headrace serve --sample`` to look at the UI. It writes
+Used by the serving tests and by ``headrace serve --sample`` to look at the UI
+(``headrace bench serve`` drives the real fintech deployment through
+PostgreSQL instead). It writes
 through the engine's :class:`DuckDBStore`: one batch per call — mirror rows,
 history, an incrementally maintained rollup state table, position and
 per-table freshness in one transaction, the way the engine does — then
