@@ -76,3 +76,35 @@ def test_metric_alerts(pg_db: PgDatabase, tmp_path: Path) -> None:
     states = dict(bank.duck("SELECT name, firing FROM headrace.metric_alert_state ORDER BY name"))
     assert states == {"busy": False, "jump": True, "unusual": True}
     bank.close()
+
+
+LATE_CONFIG = """
+rollups:
+  - name: tx
+    table: transactions
+    time: created_at
+    grain: 5m
+    measures:
+      - {name: n, fn: count}
+metric_alerts:
+  - {name: late, rollup: tx, measure: n, above: 4}
+"""
+
+
+def test_late_rows_reach_an_evaluated_bucket(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """A batch whose rows all lie after the evaluated bucket is not evaluated again; late
+    rows landing in that bucket are."""
+    bank = open_bank(pg_db, tmp_path, LATE_CONFIG)
+    bank.tx(1, 10, 0)  # 12:00
+    bank.tx(1, 10, 5 * MINUTE + 1)  # 12:05: the previous bucket, 12:00, is evaluated
+    bank.sync()
+    bank.tx(2, 10, 6 * MINUTE)  # 12:06: nothing in the evaluated bucket changes
+    bank.sync()
+    assert bank.alerts() == []
+    for n in range(4):  # late rows of 12:00: it now holds 5
+        bank.tx(3, 10, 2 * MINUTE + n)
+    bank.sync()
+    (late,) = bank.alerts()
+    assert (late["rule"], late["status"]) == ("late", "firing")
+    assert late["payload"]["numbers"]["value"] == 5
+    bank.close()

@@ -43,7 +43,7 @@ import pyarrow as pa
 from headrace.alerts.config import MetricAlertConfig, MetricCondition, SinkConfig
 from headrace.alerts.store import insert_alerts
 from headrace.errors import ConfigError
-from headrace.jobs.base import JobContext, StreamJob
+from headrace.jobs.base import EARLIEST_CHANGE, LATEST, JobContext, StreamJob, TimeRequest
 from headrace.jobs.state import latest
 from headrace.pipeline.model import COMMIT_TIME, PipelineConfig, RollupConfig, quote_ident
 from headrace.source.changes import COMMIT_TS, LSN, TableRef
@@ -91,6 +91,24 @@ class _Watched:
     time: str
     """SQL over the table's rows: the rollup's time column (the hidden event time for
     ``commit``)."""
+
+    @property
+    def span(self) -> timedelta:
+        """The buckets an evaluation reads: the evaluated one and those before it."""
+        back = self.config.baseline if self.config.condition is MetricCondition.ZSCORE else 1
+        return self.grain * (back + 1)
+
+    @property
+    def skippable(self) -> bool:
+        """An evaluation may be skipped when the batch changed no bucket it reads.
+
+        Only rows of the watched table move its rollup (lookups are resolved when a
+        row is applied), at their own time; a commit-time rollup's rows are always
+        recent, and a retention shorter than the buckets read could drop some of
+        them between batches, so neither is skipped.
+        """
+        retention = self.rollup.retention
+        return self.time != EVENT_TS and (retention is None or retention > 2 * self.span)
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,11 @@ class MetricAlerts(StreamJob):
     ) -> None:
         self.sinks = sinks
         self.watched: list[_Watched] = []
+        self._evaluated: dict[str, tuple[datetime, int]] = {}
+        """Per alert, the bucket evaluated last and the oid of the view read (in this
+        process, since the last setup or rebuild): the same bucket of the same view
+        need not be evaluated again while no batch changes a bucket the evaluation
+        reads (same readings, same state, nothing new to write)."""
         problems = []
         for alert in alerts:
             try:
@@ -183,31 +206,75 @@ class MetricAlerts(StreamJob):
     def inputs(self) -> tuple[TableRef, ...]:
         return tuple(dict.fromkeys(w.table for w in self.watched))
 
+    def times(self) -> tuple[TimeRequest, ...]:
+        requests = []
+        for watched in self.watched:
+            requests.append(TimeRequest(LATEST, watched.table, watched.time))
+            if watched.skippable:
+                requests.append(TimeRequest(EARLIEST_CHANGE, watched.table, watched.time))
+        return tuple(dict.fromkeys(requests))
+
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:
+        # Also after a rolled-back transaction: what was evaluated in it is forgotten.
+        self._evaluated.clear()
         con.execute(STATE_DDL)
 
     def rebuild(self, ctx: JobContext) -> None:
         """Nothing to rebuild: the rollups are rebuilt by the engine; the state stays."""
+        self._evaluated.clear()
 
     def apply(self, ctx: JobContext) -> None:
-        views: set[str] | None = None
+        views: dict[str, int] | None = None
         for watched in self.watched:
             delta = ctx.delta(watched.table)
             if delta is None:
                 continue
             if views is None:
                 views = {
-                    str(r[0])
+                    str(r[0]): int(r[1])
                     for r in ctx.con.execute(
-                        "SELECT view_name FROM duckdb_views() WHERE schema_name = ?", [ROLLUP]
+                        "SELECT view_name, view_oid FROM duckdb_views() WHERE schema_name = ?",
+                        [ROLLUP],
                     ).fetchall()
                 }
-            if f"{watched.rollup.name}_{grain_label(watched.grain)}" not in views:
+            view = views.get(f"{watched.rollup.name}_{grain_label(watched.grain)}")
+            if view is None:
                 continue  # the rollup is not built (yet), or paused without views
+            # A rebuilt rollup has new views: its numbers may have changed.
+            target = self._target(ctx, watched)
+            if target is None:
+                continue
+            if (target, view) == self._evaluated.get(watched.config.name) and self._unchanged(
+                ctx, watched, target
+            ):
+                continue
             commit_ts, lsn = ctx.con.execute(
                 f"SELECT max({COMMIT_TS}), max({LSN}) FROM {delta.changes}"
             ).fetchall()[0]
             self.evaluate(ctx, watched, commit_ts, lsn)
+            self._evaluated[watched.config.name] = (target, view)
+
+    def _target(self, ctx: JobContext, watched: _Watched) -> datetime | None:
+        """Advance the alert's watermark with the batch; the bucket it evaluates."""
+        job = f"{self.name}:{watched.config.name}"
+        watermark = latest(ctx.watermark(job)[0], ctx.batch_time(watched.table, watched.time))
+        if watermark is None:
+            return None
+        ctx.set_watermark(job, watermark, None)
+        seconds = int(watched.grain.total_seconds())
+        target = datetime.fromtimestamp(int(watermark.timestamp()) // seconds * seconds, UTC)
+        if watched.config.bucket == "previous":
+            target -= watched.grain
+        return target
+
+    def _unchanged(self, ctx: JobContext, watched: _Watched, target: datetime) -> bool:
+        """The batch changed no row in the buckets an evaluation of ``target`` reads (its
+        rows all lie in later buckets), so evaluating ``target`` again changes nothing."""
+        delta = ctx.delta(watched.table)
+        if delta is None or delta.truncated or not watched.skippable:
+            return False
+        earliest = ctx.earliest_change(watched.table, watched.time)
+        return earliest is None or earliest >= target + watched.grain
 
     def evaluate(
         self, ctx: JobContext, watched: _Watched, commit_ts: datetime | None, lsn: int | None
@@ -217,18 +284,11 @@ class MetricAlerts(StreamJob):
         The current bucket is the one holding the alert's watermark (the newest
         ``least(time, commit time)`` of the watched table's rows seen so far).
         """
-        con, config = ctx.con, watched.config
-        job = f"{self.name}:{config.name}"
-        watermark = latest(ctx.watermark(job)[0], ctx.batch_time(watched.table, watched.time))
-        if watermark is None:
+        target = self._target(ctx, watched)
+        if target is None:
             return 0
-        ctx.set_watermark(job, watermark, None)
-        seconds = int(watched.grain.total_seconds())
-        target = datetime.fromtimestamp(int(watermark.timestamp()) // seconds * seconds, UTC)
-        if config.bucket == "previous":
-            target -= watched.grain
         view = rollup_view(watched.rollup.name, watched.grain)
-        readings = self.read(con, watched, view, target)
+        readings = self.read(ctx.con, watched, view, target)
         return self.transition(ctx, watched, target, readings, commit_ts=commit_ts, lsn=lsn)
 
     def read(

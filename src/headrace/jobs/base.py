@@ -34,7 +34,7 @@ per-row Python on the hot path.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -99,6 +99,22 @@ class MirroredTable:
     key: tuple[str, ...]
 
 
+LATEST = "latest"
+"""Kind of :class:`TimeRequest`: :meth:`JobContext.batch_time`."""
+EARLIEST_CHANGE = "earliest_change"
+"""Kind of :class:`TimeRequest`: :meth:`JobContext.earliest_change`."""
+
+
+@dataclass(frozen=True)
+class TimeRequest:
+    """A time a job reads of one table's batch: ``kind`` (:data:`LATEST` or
+    :data:`EARLIEST_CHANGE`) of the SQL ``time`` over its rows."""
+
+    kind: str
+    table: TableRef
+    time: str
+
+
 @dataclass
 class JobContext:
     """What a job gets for one batch: the open transaction and the batch's table deltas."""
@@ -112,7 +128,7 @@ class JobContext:
     watermarks: dict[str, tuple[datetime | None, datetime | None]] = field(default_factory=dict)
     """Each job's (watermark, horizon) as stored; the runtime writes back the changed ones."""
     changed: set[str] = field(default_factory=set)
-    _times: dict[tuple[TableRef, str], datetime | None] = field(default_factory=dict)
+    _times: dict[TimeRequest, datetime | None] = field(default_factory=dict)
 
     def watermark(self, job: str) -> tuple[datetime | None, datetime | None]:
         """The job's (event-time watermark, horizon), ``(None, None)`` before its first batch."""
@@ -125,18 +141,43 @@ class JobContext:
 
     def batch_time(self, ref: TableRef, time: str) -> datetime | None:
         """Largest ``least(time, commit time)`` among the end rows of ``ref`` in this batch."""
-        cache_key = (ref, time)
-        if cache_key not in self._times:
-            delta = self.deltas.get(ref)
-            value = None
-            if delta is not None:
-                rows = self.con.execute(
-                    f"SELECT max(least(CAST({time} AS TIMESTAMPTZ), {COMMIT_TS})) "
-                    f"FROM {delta.end_rows()}"
-                ).fetchall()
-                value = rows[0][0] if rows else None
-            self._times[cache_key] = value
-        return self._times[cache_key]
+        return self._time(TimeRequest(LATEST, ref, time))
+
+    def earliest_change(self, ref: TableRef, time: str) -> datetime | None:
+        """Smallest ``time`` among the start and end rows of ``ref`` in this batch (the
+        oldest event time the batch touched, before or after its change)."""
+        return self._time(TimeRequest(EARLIEST_CHANGE, ref, time))
+
+    def prefetch(self, requests: Iterable[TimeRequest]) -> None:
+        """Compute every requested batch time not known yet, in one statement (on DuckDB
+        each statement costs milliseconds, so the jobs' times are read together)."""
+        wanted = [r for r in dict.fromkeys(requests) if r not in self._times]
+        missing = [r for r in wanted if r.table in self.deltas]
+        for request in wanted:
+            if request.table not in self.deltas:
+                self._times[request] = None
+        if not missing:
+            return
+        row = self.con.execute(
+            "SELECT " + ", ".join(f"({self._time_sql(r)})" for r in missing)
+        ).fetchall()[0]
+        for request, value in zip(missing, row, strict=True):
+            self._times[request] = value
+
+    def _time(self, request: TimeRequest) -> datetime | None:
+        if request not in self._times:
+            self.prefetch((request,))
+        return self._times[request]
+
+    def _time_sql(self, request: TimeRequest) -> str:
+        delta = self.deltas[request.table]
+        time = f"CAST({request.time} AS TIMESTAMPTZ)"
+        if request.kind == LATEST:
+            return f"SELECT max(least({time}, {COMMIT_TS})) FROM {delta.end_rows()}"
+        return (
+            f"SELECT least((SELECT min({time}) FROM {delta.start}), "
+            f"(SELECT min({time}) FROM {delta.end}))"
+        )
 
     def delta(self, ref: TableRef) -> TableDelta | None:
         return self.deltas.get(ref)
@@ -170,6 +211,10 @@ class StreamJob(ABC):
 
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:  # noqa: B027 - optional hook
         """Create the job's fixed tables (idempotent; runs when the engine opens the store)."""
+
+    def times(self) -> tuple[TimeRequest, ...]:
+        """The batch times :meth:`apply` reads (the runtime reads every job's together)."""
+        return ()
 
     @abstractmethod
     def apply(self, ctx: JobContext) -> None:

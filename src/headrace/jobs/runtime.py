@@ -124,9 +124,13 @@ class StreamJobs:
         ctx = JobContext(
             con, deltas, datetime.now(UTC), mirrored(tables), watermarks=dict(self._watermarks)
         )
-        for job in self.jobs:
-            if not ctx.touched(job.inputs()) or not all(r in ctx.tables for r in job.reads()):
-                continue
+        runnable = [
+            job
+            for job in self.jobs
+            if ctx.touched(job.inputs()) and all(r in ctx.tables for r in job.reads())
+        ]
+        ctx.prefetch(request for job in runnable for request in job.times())
+        for job in runnable:
             started = time.perf_counter()
             job.apply(ctx)
             self.seconds[job.name] += time.perf_counter() - started

@@ -35,7 +35,7 @@ from datetime import datetime
 
 import duckdb
 
-from headrace.jobs.base import JobContext, TableDelta
+from headrace.jobs.base import LATEST, JobContext, TableDelta, TimeRequest
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
 from headrace.rules.base import (
@@ -72,6 +72,9 @@ class AccountTakeover(RuleJob):
 
     def reads(self) -> tuple[TableRef, ...]:
         return (self.tx_ref, self.logins_ref, self.accounts_ref)
+
+    def times(self) -> tuple[TimeRequest, ...]:
+        return (*super().times(), TimeRequest(LATEST, self.logins_ref, q(self.logins.time)))
 
     # ------------------------------------------------------------------ state
 

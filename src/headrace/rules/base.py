@@ -28,7 +28,7 @@ from typing import TypeVar
 import duckdb
 
 from headrace.errors import ConfigError
-from headrace.jobs.base import JobContext, TableDelta, state_table
+from headrace.jobs.base import LATEST, JobContext, TableDelta, TimeRequest, state_table
 from headrace.jobs.state import latest
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import BaseRuleConfig, RulesConfig
@@ -143,6 +143,10 @@ class RuleJob(ABC):
         """Set the watermark a rebuild starts from (the newest event in the mirrors)."""
         ctx.set_watermark(self.name, watermark, None)
         return watermark
+
+    def times(self) -> tuple[TimeRequest, ...]:
+        """The batch times :meth:`evaluate` reads (see :meth:`StreamJob.times`)."""
+        return (TimeRequest(LATEST, self.tx_ref, q(self.tx.time)),)
 
     def tx_time(self, ctx: JobContext) -> datetime | None:
         return ctx.batch_time(self.tx_ref, q(self.tx.time))

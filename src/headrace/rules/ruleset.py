@@ -26,7 +26,7 @@ import duckdb
 
 from headrace.alerts.config import SinkConfig
 from headrace.alerts.store import CANDIDATE_COLUMNS, emit_incidents
-from headrace.jobs.base import JobContext, StreamJob
+from headrace.jobs.base import JobContext, StreamJob, TimeRequest
 from headrace.rules.base import RuleJob
 from headrace.rules.triggers import create_tx_triggers
 from headrace.source.changes import TableRef
@@ -50,6 +50,9 @@ class RuleSet(StreamJob):
 
     def reads(self) -> tuple[TableRef, ...]:
         return tuple(dict.fromkeys(ref for rule in self.rules for ref in rule.reads()))
+
+    def times(self) -> tuple[TimeRequest, ...]:
+        return tuple(dict.fromkeys(request for rule in self.rules for request in rule.times()))
 
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:
         for rule in self.rules:

@@ -61,7 +61,7 @@ import duckdb
 import pyarrow as pa
 
 from headrace.errors import ConfigError
-from headrace.jobs.base import JobContext, StreamJob, state_table
+from headrace.jobs.base import LATEST, JobContext, StreamJob, TimeRequest, state_table
 from headrace.jobs.first_seen import FirstSeen
 from headrace.jobs.state import (
     KeyedSums,
@@ -121,6 +121,12 @@ class HealthScore(StreamJob):
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.tx_ref, self.logins_ref, self.accounts_ref)
+
+    def times(self) -> tuple[TimeRequest, ...]:
+        return (
+            TimeRequest(LATEST, self.tx_ref, q(self.tx.time)),
+            TimeRequest(LATEST, self.logins_ref, q(self.logins.time)),
+        )
 
     # ------------------------------------------------------------------ state
 
