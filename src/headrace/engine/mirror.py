@@ -62,28 +62,18 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     model = work.model
     if work.truncated_at is not None:
         con.execute(f"DELETE FROM {model.mirror}")
-    elif not _nothing_to_delete(con, work):
+    elif work.start_rows:
+        # The start rows are the touched keys' mirror rows: none, nothing to delete
+        # (and the DELETE, a scan of the whole mirror, is skipped).
         on = " AND ".join(f"m.{quote_ident(k)} = k.{quote_ident(k)}" for k in model.key)
         con.execute(f"DELETE FROM {model.mirror} m USING {work.keys} k WHERE {on}")
+    if not work.end_rows:
+        return  # only deletes
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
     con.execute(
         f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end} "
         f"ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
     )
-
-
-def _nothing_to_delete(con: duckdb.DuckDBPyConnection, work: TableWork) -> bool:
-    """True when no mirror row of the touched keys exists (so the DELETE, a scan of
-    the whole mirror, can be skipped).
-
-    The start rows are exactly those mirror rows, so an empty start says so.
-    Only asked for insert-only batches, where it is nearly always true: counting
-    the (small) start table is far cheaper than the scan.
-    """
-    if work.updates or work.deletes:
-        return False
-    row = con.execute(f"SELECT count(*) FROM {work.start}").fetchone()
-    return row is not None and row[0] == 0
 
 
 def write_dead_letters(
