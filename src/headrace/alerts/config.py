@@ -10,6 +10,7 @@ keys are errors. Example::
         url: https://ops.example.com/headrace
         secret_env: OPS_WEBHOOK_SECRET
         min_severity: high
+        keep_delivered: 3d     # records of successful deliveries kept (default 7d)
       - {name: console, type: log}
     metric_alerts:
       - name: declines_spike
@@ -32,6 +33,9 @@ from headrace.pipeline.durations import Duration
 from headrace.pipeline.expressions import ExpressionError, parse_row_expression
 
 SINK_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+DEFAULT_KEEP_DELIVERED = timedelta(days=7)
+"""How long a delivered outbox row is kept when its sink does not say."""
 
 
 class _Model(BaseModel):
@@ -100,6 +104,14 @@ class _SinkBase(_Model):
     timeout: Duration = Field(
         default=timedelta(seconds=10),
         description="Time allowed for one delivery attempt (connect, send, answer).",
+    )
+    keep_delivered: Duration = Field(
+        default=DEFAULT_KEEP_DELIVERED,
+        description=(
+            "How long the record of a successful delivery stays in "
+            "`headrace.alert_deliveries` (deleted between batches once older). "
+            "Failed deliveries are kept as long as their alerts."
+        ),
     )
 
 

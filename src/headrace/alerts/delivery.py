@@ -44,7 +44,7 @@ from typing import Any
 
 import duckdb
 
-from headrace.alerts.config import RetryConfig, SinkConfig
+from headrace.alerts.config import DEFAULT_KEEP_DELIVERED, RetryConfig, SinkConfig
 from headrace.alerts.message import Alert
 from headrace.alerts.sinks import DeliveryFailed, Sink, make_sink
 from headrace.alerts.store import ALERTS, DELIVERIES
@@ -290,3 +290,116 @@ def delivery_status(store: DuckDBStore) -> list[dict[str, Any]]:
     )
     rows: list[dict[str, Any]] = table.to_pylist()
     return rows
+
+
+# ------------------------------------------------------------ visibility, retention
+
+RECENT_FAILURES = 50
+"""How many failed deliveries :func:`recent_failures` returns by default."""
+
+
+def _iso(value: object) -> str | None:
+    return value.astimezone(UTC).isoformat() if isinstance(value, datetime) else None
+
+
+def sink_summaries(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Per sink, from the outbox: ``delivered``, ``pending`` and ``failed`` counts,
+    ``last_attempt_at``, ``last_error`` (the newest error of any attempt, retries
+    included) and ``last_failed_error`` (the newest error of a given-up delivery).
+
+    Reads through ``cursor`` (a reader's, never the writer's: one scan of the
+    outbox, which retention keeps small); empty when the store has no outbox.
+    Times are ISO 8601 UTC text, ready for JSON.
+    """
+    try:
+        rows = cursor.execute(
+            f"""SELECT sink,
+                       count(*) FILTER (WHERE state = 'delivered'),
+                       count(*) FILTER (WHERE state = 'pending'),
+                       count(*) FILTER (WHERE state = 'failed'),
+                       max(last_attempt_at),
+                       arg_max(last_error, last_attempt_at) FILTER (WHERE last_error IS NOT NULL),
+                       arg_max(last_error, last_attempt_at) FILTER (WHERE state = 'failed')
+                FROM {DELIVERIES} GROUP BY sink ORDER BY sink"""
+        ).fetchall()
+    except duckdb.CatalogException:  # no alerts configured: no outbox
+        return []
+    return [
+        {
+            "sink": str(r[0]),
+            "delivered": int(r[1]),
+            "pending": int(r[2]),
+            "failed": int(r[3]),
+            "last_attempt_at": _iso(r[4]),
+            "last_error": None if r[5] is None else str(r[5]),
+            "last_failed_error": None if r[6] is None else str(r[6]),
+        }
+        for r in rows
+    ]
+
+
+def recent_failures(
+    cursor: duckdb.DuckDBPyConnection, limit: int = RECENT_FAILURES
+) -> list[dict[str, Any]]:
+    """The newest given-up deliveries: ``alert_id, sink, attempts, last_error,
+    last_attempt_at`` (newest first); empty when the store has no outbox."""
+    try:
+        rows = cursor.execute(
+            f"""SELECT alert_id, sink, attempts, last_error, last_attempt_at
+                FROM {DELIVERIES} WHERE state = 'failed'
+                ORDER BY last_attempt_at DESC NULLS LAST, alert_id DESC, sink LIMIT ?""",
+            [limit],
+        ).fetchall()
+    except duckdb.CatalogException:
+        return []
+    return [
+        {
+            "alert_id": int(r[0]),
+            "sink": str(r[1]),
+            "attempts": int(r[2]),
+            "last_error": None if r[3] is None else str(r[3]),
+            "last_attempt_at": _iso(r[4]),
+        }
+        for r in rows
+    ]
+
+
+def prune_deliveries(
+    con: duckdb.DuckDBPyConnection, older_than: datetime, sink: str | None = None
+) -> int:
+    """Delete the outbox rows delivered before ``older_than`` (of ``sink``, or of every
+    sink); returns how many. Pending and failed rows are never deleted here: a
+    failed delivery stays visible as long as its alert.
+
+    Runs on the writer, inside the caller's transaction (the delivery threads only
+    update pending rows, so they never touch the rows deleted).
+    """
+    condition = "" if sink is None else " AND sink = ?"
+    params: list[object] = [older_than] if sink is None else [older_than, sink]
+    rows = con.execute(
+        f"DELETE FROM {DELIVERIES} WHERE state = 'delivered' AND delivered_at < ?{condition}",
+        params,
+    ).fetchall()
+    return int(rows[0][0]) if rows else 0
+
+
+def prune_delivered(
+    con: duckdb.DuckDBPyConnection, sinks: Sequence[SinkConfig], now: datetime
+) -> int:
+    """Apply every sink's ``keep_delivered`` in one statement (rows of a sink no longer
+    configured keep the default); returns the rows deleted. Does nothing (and runs
+    no statement) when no sink is configured, since then there may be no outbox.
+    """
+    if not sinks:
+        return 0
+    cutoffs = " ".join("WHEN ? THEN CAST(? AS TIMESTAMPTZ)" for _ in sinks)
+    params: list[object] = []
+    for sink in sinks:
+        params += [sink.name, now - sink.keep_delivered]
+    params.append(now - DEFAULT_KEEP_DELIVERED)
+    rows = con.execute(
+        f"""DELETE FROM {DELIVERIES} WHERE state = 'delivered'
+            AND delivered_at < CASE sink {cutoffs} ELSE CAST(? AS TIMESTAMPTZ) END""",
+        params,
+    ).fetchall()
+    return int(rows[0][0]) if rows else 0

@@ -18,10 +18,15 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
                    for that table), ``lag_bytes`` (server WAL - LSN of its oldest
                    waiting change, 0 when none), changes/s, batches/s
 ``freshness_histogram``  cumulative counts per bucket of :data:`~.metrics.EDGES_MS`
+``alert_deliveries[]``  per alert sink: ``delivered``, ``pending``, ``failed``,
+                   ``last_attempt_at``, ``last_error``, ``last_failed_error``
+                   (:func:`headrace.alerts.delivery.sink_summaries`), read from
+                   the outbox at most every :data:`DELIVERIES_INTERVAL_S` seconds
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -32,6 +37,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from headrace.alerts.delivery import sink_summaries
 from headrace.errors import format_lsn
 from headrace.run.control import RunFiles, write_json_atomic
 from headrace.run.metrics import FreshnessHistogram, RateWindow
@@ -40,8 +46,12 @@ from headrace.source.postgres.source import SlotLag
 from headrace.store.base import RollupStatus, TableStatus
 from headrace.store.duckdb.store import DuckDBStore
 
+log = logging.getLogger("headrace.status")
+
 STATUS_FORMAT = 1
 WINDOW_S = 5.0
+DELIVERIES_INTERVAL_S = 5.0
+"""How often the status reads the alert outbox (one scan of it through a reader cursor)."""
 
 
 def _iso(value: datetime | float | None) -> str | None:
@@ -98,6 +108,15 @@ def _rollup_rows(rollups: list[RollupStatus]) -> list[dict[str, Any]]:
     return [{"name": r.name, "state": r.state, "reason": r.reason} for r in rollups]
 
 
+def _delivery_rows(store: DuckDBStore) -> list[dict[str, Any]]:
+    """Per-sink delivery figures, read through a reader cursor (never the writer's)."""
+    cursor = store.cursor()
+    try:
+        return sink_summaries(cursor)
+    finally:
+        cursor.close()
+
+
 class StatusReporter:
     """Builds the status document of a running pipeline and writes it beside the store."""
 
@@ -122,6 +141,8 @@ class StatusReporter:
         self.source_info: Callable[[], dict[str, Any]] | None = None
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
+        self._deliveries: list[dict[str, Any]] = []
+        self._deliveries_at: float | None = None
         self.last: dict[str, Any] = {}
 
     def _sample(self) -> None:
@@ -146,6 +167,17 @@ class StatusReporter:
             except Exception:  # status must not kill the run: shown as unknown
                 self._lag = None
         return self._lag
+
+    def _alert_deliveries(self, interval_s: float) -> list[dict[str, Any]]:
+        """The outbox figures, re-read at most every ``interval_s`` (the last ones between)."""
+        now = time.monotonic()
+        if self._deliveries_at is None or now - self._deliveries_at >= interval_s:
+            self._deliveries_at = now
+            try:
+                self._deliveries = _delivery_rows(self.store)
+            except Exception as exc:  # status must not kill the run: the last figures stay
+                log.debug("status: reading the alert outbox failed: %s", exc)
+        return self._deliveries
 
     def build(self, slot_lag_interval_s: float = 2.0) -> dict[str, Any]:
         """The status document now (reads the store through a reader cursor)."""
@@ -222,6 +254,7 @@ class StatusReporter:
             }
         document["tables"] = _table_rows(tables, state, self.window, wal_head, now)
         document["rollups"] = _rollup_rows(self.store.rollup_status())
+        document["alert_deliveries"] = self._alert_deliveries(DELIVERIES_INTERVAL_S)
         self.last = document
         return document
 
@@ -250,6 +283,7 @@ def status_from_store(store: DuckDBStore, source: str) -> dict[str, Any]:
         "updated_at": _iso(stored.updated_at) if stored else None,
         "tables": _table_rows(store.table_status(), None, None, None, time.time()),
         "rollups": _rollup_rows(store.rollup_status()),
+        "alert_deliveries": _delivery_rows(store),
     }
 
 
@@ -339,6 +373,29 @@ def render_status(document: dict[str, Any], console: Console) -> None:
         for rollup in rollups:
             listing.add_row(rollup["name"], rollup["state"], rollup.get("reason") or "")
         console.print(listing)
+    _render_deliveries(document.get("alert_deliveries") or [], console)
+
+
+def _render_deliveries(sinks: list[dict[str, Any]], console: Console) -> None:
+    """A table of alert deliveries per sink (nothing when no sink has any)."""
+    if not sinks:
+        return
+    table = Table(title="alert deliveries", title_justify="left")
+    for column in ("sink", "delivered", "pending", "failed", "last attempt", "last failure"):
+        table.add_column(
+            column, justify="right" if column in ("delivered", "pending", "failed") else "left"
+        )
+    for sink in sinks:
+        failed = int(sink.get("failed") or 0)
+        table.add_row(
+            sink["sink"],
+            f"{sink.get('delivered', 0):,}",
+            f"{sink.get('pending', 0):,}",
+            f"[red]{failed:,}[/red]" if failed else "0",
+            _when(sink.get("last_attempt_at")),
+            sink.get("last_failed_error") or "",
+        )
+    console.print(table)
 
 
 def summary_line(document: dict[str, Any]) -> str:

@@ -1,19 +1,22 @@
-"""Account-centred routes: alerts, health scores, and one account's page."""
+"""Account-centred routes: alerts (and their deliveries), health scores, one account's page."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
+import duckdb
 from starlette.requests import Request
 from starlette.responses import Response
 
+from headrace.alerts.delivery import RECENT_FAILURES, recent_failures, sink_summaries
 from headrace.serve.api_reads import get_route, read_catalog, read_table
 from headrace.serve.http import ApiError, int_param, json_response
 from headrace.serve.openapi import ApiRoute, Param
 from headrace.serve.results import table_to_json
 from headrace.serve.state import state
 from headrace.serve.tiles import quote_ident, quote_qualified
+from headrace.serve.users import Role
 
 
 def _no_table(note: str) -> dict[str, Any]:
@@ -48,6 +51,18 @@ async def alerts(request: Request) -> Response:
     sql = f"SELECT * FROM headrace.alerts{where} ORDER BY detected_at DESC LIMIT {limit}"
     table = await read_table(st, sql, params, st.policy(principal))
     return json_response(table_to_json(table))
+
+
+async def alert_deliveries(request: Request) -> Response:
+    """Per sink: delivered, pending and failed counts, last attempt and errors; and the
+    newest failed deliveries (analysts and admins: errors may show receivers' answers)."""
+    st = state(request)
+    st.auth.require(request, Role.ANALYST)
+
+    def read(cur: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+        return {"sinks": sink_summaries(cur), "failed": recent_failures(cur, RECENT_FAILURES)}
+
+    return json_response(await st.reader.call(read))
 
 
 async def health_scores(request: Request) -> Response:
@@ -127,6 +142,14 @@ def routes() -> list[ApiRoute]:
             Param("rule"),
             Param("account_id"),
             Param("limit", type="integer"),
+        ),
+        ApiRoute(
+            "GET",
+            "/api/alerts/deliveries",
+            alert_deliveries,
+            f"Alert deliveries per sink, and the {RECENT_FAILURES} newest failed ones",
+            role="analyst",
+            tags=("store",),
         ),
         get_route(
             "store",
