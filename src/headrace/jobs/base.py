@@ -34,7 +34,7 @@ per-row Python on the hot path.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -128,6 +128,8 @@ class JobContext:
     watermarks: dict[str, tuple[datetime | None, datetime | None]] = field(default_factory=dict)
     """Each job's (watermark, horizon) as stored; the runtime writes back the changed ones."""
     changed: set[str] = field(default_factory=set)
+    deferred: dict[str, Callable[[], object]] = field(default_factory=dict)
+    """State updates to run once every job has read the batch (see :meth:`after_jobs`)."""
     _times: dict[TimeRequest, datetime | None] = field(default_factory=dict)
 
     def watermark(self, job: str) -> tuple[datetime | None, datetime | None]:
@@ -178,6 +180,20 @@ class JobContext:
             f"SELECT least((SELECT min({time}) FROM {delta.start}), "
             f"(SELECT min({time}) FROM {delta.end}))"
         )
+
+    def after_jobs(self, key: str, update: Callable[[], object]) -> None:
+        """Run ``update`` once every job has run on the batch; once per ``key``.
+
+        For state several jobs share (e.g. the devices seen): each reads it as it
+        was before the batch, and the first job to ask updates it, once.
+        """
+        self.deferred.setdefault(key, update)
+
+    def run_deferred(self) -> None:
+        """Run the updates :meth:`after_jobs` collected (the runtime calls this)."""
+        updates, self.deferred = list(self.deferred.values()), {}
+        for update in updates:
+            update()
 
     def delta(self, ref: TableRef) -> TableDelta | None:
         return self.deltas.get(ref)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import duckdb
 
 from headrace.jobs.base import TableDelta
-from headrace.jobs.state import KeyedSums
+from headrace.jobs.state import KeyedSums, state_tables
 from headrace.pipeline.model import quote_ident
 
 
@@ -42,8 +42,16 @@ class FirstSeen:
             where=self.where,
         )
 
-    def ensure(self, con: duckdb.DuckDBPyConnection, mirror: str) -> None:
+    def ensure(
+        self, con: duckdb.DuckDBPyConnection, mirror: str, before: str | None = None
+    ) -> None:
+        """Create the table if absent; one created now is filled from ``before`` when given
+        (SQL: the source table as it was before the batch), so a job added to a running
+        store, or a table now shared by two jobs, knows the pairs seen so far."""
+        created = before is not None and self.table not in state_tables(con)
         self.sums().ensure(con, mirror)
+        if created and before is not None:
+            self.sums().rebuild(con, before)
 
     def new_rows(self, delta: TableDelta, columns: str) -> str:
         """SQL: the batch's new rows (keys absent before), with ``columns`` (SQL select list

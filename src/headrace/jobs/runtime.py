@@ -134,6 +134,7 @@ class StreamJobs:
             started = time.perf_counter()
             job.apply(ctx)
             self.seconds[job.name] += time.perf_counter() - started
+        ctx.run_deferred()
         write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
         self._watermarks = ctx.watermarks
 

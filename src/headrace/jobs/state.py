@@ -71,6 +71,14 @@ def write_watermarks(
     )
 
 
+def state_tables(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The quoted names (``jobs.<name>``) of the jobs' state tables that exist."""
+    rows = con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [JOBS_SCHEMA]
+    ).fetchall()
+    return {f"{JOBS_SCHEMA}.{quote_ident(str(r[0]))}" for r in rows}
+
+
 def mirror_time(con: duckdb.DuckDBPyConnection, mirror: str, time: str) -> datetime | None:
     """Largest ``least(time, now)`` of a mirror (the watermark a snapshot starts from)."""
     rows = con.execute(

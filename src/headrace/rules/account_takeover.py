@@ -4,7 +4,8 @@ State:
 
 - ``jobs.account_takeover__devices``: per customer and device, the
   successful logins seen (a login is from a *new device* when its pair was
-  never seen before it; see :mod:`headrace.jobs.first_seen`);
+  never seen before it; see :mod:`headrace.jobs.first_seen`; the health
+  score reads it too, so it is updated once every job has run on the batch);
 - ``jobs.account_takeover__failed``: failed logins within ``failed_window``
   (plus ``rules.lateness``) of the watermark;
 - ``jobs.account_takeover__marks``: *risky logins* within ``window`` (plus
@@ -115,8 +116,14 @@ class AccountTakeover(RuleJob):
             f"coalesce(({logins.success}), false) AS success"
         )
 
-    def _ensure(self, con: duckdb.DuckDBPyConnection, mirror: str, key: tuple[str, ...]) -> None:
-        self.devices().ensure(con, mirror)
+    def _ensure(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        mirror: str,
+        key: tuple[str, ...],
+        before: str | None = None,
+    ) -> None:
+        self.devices().ensure(con, mirror, before)
         self.failed(key).ensure(con, mirror)
         logins = self.logins
         create_like(
@@ -140,11 +147,13 @@ class AccountTakeover(RuleJob):
             ctx, ctx.batch_time(self.logins_ref, q(self.logins.time)), self.tx_time(ctx)
         )
         if not self.ready:
-            self._ensure(con, ctx.mirror(self.logins_ref), ctx.key(self.logins_ref))
+            mirror = ctx.mirror(self.logins_ref)
+            before = login_delta.before() if login_delta is not None else mirror
+            self._ensure(con, mirror, ctx.key(self.logins_ref), before)
             self.ready = True
         config = self.config
         if login_delta is not None:
-            self._mark(con, login_delta, watermark - config.failed_window - self.rules.lateness)
+            self._mark(ctx, login_delta, watermark - config.failed_window - self.rules.lateness)
         candidates = (
             self._detect(ctx, tx_delta, watermark - self.rules.lateness)
             if tx_delta is not None
@@ -156,9 +165,9 @@ class AccountTakeover(RuleJob):
             after=lambda: con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon]),
         )
 
-    def _mark(self, con: duckdb.DuckDBPyConnection, delta: TableDelta, horizon: datetime) -> None:
+    def _mark(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> None:
         """Record the batch's risky logins, then update the device and failure state."""
-        config = self.config
+        con, config = ctx.con, self.config
         devices, failed = self.devices(), self.failed(delta.key)
         failed.update(con, delta, horizon)
         window_s = config.failed_window.total_seconds()
@@ -179,7 +188,8 @@ class AccountTakeover(RuleJob):
             GROUP BY f.customer, f.t, f._k0, f.device, f.country, f.commit_ts
             HAVING count(*) >= {config.failed_logins}"""
         )
-        devices.update(con, delta)
+        # Once every job has run: the health score may read the same devices table.
+        ctx.after_jobs(devices.table, lambda: devices.update(con, delta))
 
     def _detect(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> str:
         """SQL: the candidates among the batch's outflows."""

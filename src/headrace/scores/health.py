@@ -40,7 +40,10 @@ Incremental maintenance (inside each batch's transaction)
     updated as end rows minus start rows (a decline or reversal moves a
     transaction between components at once). ``jobs.health_score__logins``:
     per customer and bucket, failed logins and first sightings.
-    ``jobs.health_score__devices``: the (customer, device) pairs seen.
+    ``jobs.health_score__devices``: the (customer, device) pairs seen (when
+    account takeover is configured on the same logins table, its
+    ``jobs.account_takeover__devices`` instead: the same pairs; each job reads
+    it as of before the batch, and it is updated once after both ran).
     Recomputed each batch: the accounts whose transactions, balance or
     customer's logins changed, and the accounts whose oldest bucket left the
     window (when the watermark enters a new bucket). So every stored score
@@ -111,6 +114,7 @@ class HealthScore(StreamJob):
         if scores.health is None:
             raise ConfigError("scores.health is not configured", "add `health: {}` under scores")
         self.config: HealthScoreConfig = scores.health
+        self.rules = rules
         self.tx = tables.transactions
         self.accounts = tables.accounts
         self.logins = tables.logins
@@ -160,10 +164,21 @@ class HealthScore(StreamJob):
             ),
         )
 
+    @property
+    def shares_devices(self) -> bool:
+        """Account takeover keeps the same devices table (same logins table and columns):
+        one table serves both."""
+        return (
+            self.rules is not None
+            and self.rules.account_takeover is not None
+            and self.rules.tables.logins == self.logins
+        )
+
     def devices(self) -> FirstSeen:
         logins = self.logins
+        part = ("account_takeover", "devices") if self.shares_devices else (self.name, "devices")
         return FirstSeen(
-            table=state_table(self.name, "devices"),
+            table=state_table(*part),
             owner=q(logins.customer),
             item=q(logins.device),
             time=q(logins.time),
@@ -177,12 +192,15 @@ class HealthScore(StreamJob):
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:
         for statement in SCORES_DDL:
             con.execute(statement)
+        if self.shares_devices:  # an earlier version's own copy
+            con.execute(f"DROP TABLE IF EXISTS {state_table(self.name, 'devices')}")
 
-    def _ensure(self, ctx: JobContext) -> None:
+    def _ensure(self, ctx: JobContext, before: str | None = None) -> None:
         con = ctx.con
+        mirror = ctx.mirror(self.logins_ref)
         self.tx_sums().ensure(con, ctx.mirror(self.tx_ref))
-        self.login_sums().ensure(con, ctx.mirror(self.logins_ref))
-        self.devices().ensure(con, ctx.mirror(self.logins_ref))
+        self.login_sums().ensure(con, mirror)
+        self.devices().ensure(con, mirror, before)
 
     # ------------------------------------------------------------------ batch
 
@@ -192,7 +210,10 @@ class HealthScore(StreamJob):
         login_delta = ctx.delta(self.logins_ref)
         account_delta = ctx.delta(self.accounts_ref)
         if not self.ready:
-            self._ensure(ctx)
+            logins_before = (
+                login_delta.before() if login_delta is not None else ctx.mirror(self.logins_ref)
+            )
+            self._ensure(ctx, logins_before)
             self.ready = True
         stored, old_horizon = ctx.watermark(self.name)
         watermark = latest(
@@ -246,7 +267,8 @@ class HealthScore(StreamJob):
                 f"FROM {devices.new_rows(login_delta, f'{bucket} AS bucket')} WHERE first_seen"
             )
             login_sums.update(con, login_delta, since, extra_rows=first_seen)
-            devices.update(con, login_delta)
+            # Once every job has run: account takeover may read the same devices table.
+            ctx.after_jobs(devices.table, lambda: devices.update(con, login_delta))
         ctx.set_watermark(self.name, watermark, horizon)
         if parts:
             removed = account_delta is not None and (
