@@ -30,6 +30,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.registry import Registry
@@ -55,10 +56,6 @@ from headrace.store.duckdb.schema import META
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger(__name__)
-
-SMALL_BATCH_CHANGES = 20_000
-"""Batches of at most this many changes run on one DuckDB thread (see
-:meth:`DuckDBStore.use_threads`); larger ones, snapshots and rebuilds on all."""
 
 
 class Engine:
@@ -100,7 +97,6 @@ class Engine:
         """Apply one batch: its effects and ``batch.position`` in one store transaction."""
         self._run_rebuild_requests()
         started = time.perf_counter()
-        self.store.use_threads(1 if batch.num_changes <= SMALL_BATCH_CHANGES else None)
         changes, skipped = self._unapplied(batch)
         per_table: dict[str, int] = {}
         dead_letters = 0
@@ -149,7 +145,6 @@ class Engine:
         Everything is one transaction: an interrupted snapshot leaves nothing behind.
         """
         started = time.perf_counter()
-        self.store.use_threads(None)
         rows: dict[TableRef, int] = {}
         position = self._position or 0
         snapshot_time = datetime.now(UTC)
@@ -197,7 +192,6 @@ class Engine:
     def rebuild(self, name: str, config: RollupConfig | None = None) -> None:
         """Recompute rollup ``name`` from the mirror (optionally with a new definition) and
         swap it in atomically, at the current position. Call from the writer thread."""
-        self.store.use_threads(None)
         with self._transaction() as con:
             self.registry.build(con, name, config)
         position = self._position or 0
@@ -230,7 +224,8 @@ class Engine:
         return due
 
     def enforce_retention(self, now: datetime | None = None) -> RetentionApplied:
-        """Drop history rows and rollup buckets older than their configured retention."""
+        """Drop history rows, rollup buckets and delivered alert outbox rows older than
+        their configured retention."""
         now = now or datetime.now(UTC)
         history: dict[str, int] = {}
         groups: dict[str, int] = {}
@@ -243,6 +238,8 @@ class Engine:
                 dropped = retain_rollup(con, name, runtime, now)
                 if dropped is not None:
                     groups[name] = dropped
+            # Delivered alert outbox rows older than their sink's keep_delivered.
+            prune_delivered(con, self.config.sinks, now)
         return RetentionApplied(history, groups)
 
     def status(self) -> EngineStatus:

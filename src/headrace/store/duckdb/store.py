@@ -57,8 +57,6 @@ class DuckDBStore(Store):
         self._lock = threading.Lock()
         self._last_checkpoint = time.monotonic()
         self._in_transaction = False
-        self._threads: int | None = None
-        self._default_threads: int | None = None
         try:
             self._con = open_store(self.path, read_only=read_only)
         except duckdb.Error as exc:
@@ -117,22 +115,6 @@ class DuckDBStore(Store):
     def writer(self) -> duckdb.DuckDBPyConnection:
         """The writer connection: only the engine's thread uses it."""
         return self._con
-
-    def use_threads(self, threads: int | None) -> None:
-        """DuckDB worker threads from now on (``None``: DuckDB's default, one per core).
-
-        A small batch's statements each take milliseconds; on a few cores shared
-        with PostgreSQL, waking more threads for them costs more than it saves
-        (measured: ~20% less CPU per batch with one), while snapshots, rebuilds
-        and large catch-up batches gain from every core. Readers share the setting.
-        """
-        if threads == self._threads:
-            return
-        if self._default_threads is None:
-            row = self._con.execute("SELECT current_setting('threads')").fetchone()
-            self._default_threads = int(row[0]) if row is not None else 1
-        self._con.execute(f"SET threads = {threads or self._default_threads}")
-        self._threads = threads
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new reader connection (cursor) for another thread; close it when done."""
