@@ -5,8 +5,9 @@ Order matters and is the same for every segment:
 1. each table's changes become full row versions, touched keys, start and
    end rows (:mod:`headrace.engine.resolve`) — reading the mirrors as they
    were before the segment;
-2. looked-up dimensions of end rows are resolved (changes of looked-up
-   tables in the same segment included, in commit order);
+2. looked-up dimensions of end rows are resolved in the statement creating
+   them (changes of looked-up tables in the same segment included, in commit
+   order);
 3. history rows are appended (deleted rows' values come from the mirror, so
    before it changes), then the mirrors are updated;
 4. each active rollup appends its delta (end rows +1, start rows -1) to its
@@ -24,7 +25,7 @@ from typing import cast
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.lookup import resolve_lookups
+from headrace.engine.lookup import lookup_joins
 from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
 from headrace.engine.registry import Registry, RollupRuntime
 from headrace.engine.resolve import (
@@ -77,19 +78,22 @@ def apply_segment(
 def _resolve(
     con: duckdb.DuckDBPyConnection, registry: Registry, works: Mapping[TableRef, TableWork]
 ) -> None:
+    # Inherited values first (a looked-up value may be an unchanged TOAST value).
     for work in works.values():
         if work.model.config.mirror:
             fill_inherited(con, work)
-            compute_net(con, work)
     for work in works.values():
-        if not (work.model.lookups and work.model.config.mirror):
+        if not work.model.config.mirror:
             continue
-        targets = {}
-        for name, lookup in work.model.lookups.items():
-            target = registry.tables[lookup.target]
-            target_work = works.get(lookup.target) if target.state != DEAD else None
-            targets[name] = (target, target_work)
-        resolve_lookups(con, work, targets)
+        joins = None
+        if work.model.lookups:
+            targets = {}
+            for name, lookup in work.model.lookups.items():
+                target = registry.tables[lookup.target]
+                target_work = works.get(lookup.target) if target.state != DEAD else None
+                targets[name] = (target, target_work)
+            joins = lookup_joins(con, work, targets)
+        compute_net(con, work, joins)
 
 
 def apply_rollup(

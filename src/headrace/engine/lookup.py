@@ -14,58 +14,69 @@ Implementation: the looked-up table's versions relevant to the batch — its
 mirror rows before the batch (at ``_hr_seq = -1``), every insert/update in
 the batch, every delete / key move away (absent), and every truncate
 (absent for every key) — joined to the fact's end rows with an ASOF join on
-the key and ``_hr_seq``.
+the key and ``_hr_seq``, in the statement creating the end rows (a
+looked-up table without changes in the batch is joined directly).
 """
 
 from __future__ import annotations
 
 import duckdb
 
-from headrace.engine.resolve import TableWork, old_key
+from headrace.engine.resolve import LookupJoins, TableWork, old_key
 from headrace.engine.tables import LookupColumn, TableModel
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import OP, SEQ
 
 
-def resolve_lookups(
+def lookup_joins(
     con: duckdb.DuckDBPyConnection,
     fact: TableWork,
     targets: dict[str, tuple[TableModel, TableWork | None]],
-) -> None:
-    """Fill the lookup columns of ``fact``'s end rows.
+) -> LookupJoins:
+    """Prepare the lookups of ``fact``'s end rows (joined into the statement creating them).
 
     ``targets`` maps each lookup column name to the looked-up table's model
     and its work in this batch (``None`` when it has no changes in it).
     Lookups of the same table on the same columns (an account's tier and its
-    currency) are resolved together, in one pass.
+    currency) share one join. A looked-up table without changes in the batch
+    is joined as it is; one with changes gets a temp table of its versions
+    (``_hr_lv_<i>``, one statement) joined ``ASOF`` on the batch order.
     """
     groups: dict[tuple[str, tuple[str, ...]], list[LookupColumn]] = {}
     for name, lookup in fact.model.lookups.items():
         target, _ = targets[name]
         groups.setdefault((target.mirror, tuple(lookup.spec.on)), []).append(lookup)
-    for lookups in groups.values():
+    result = LookupJoins()
+    for number, lookups in enumerate(groups.values()):
         target, work = targets[lookups[0].name]
-        _resolve_group(con, fact, lookups, target, work)
+        _join_group(
+            con, fact, lookups, target, work=work, result=result, suffix=f"{fact.index}_{number}"
+        )
+    return result
 
 
-def _resolve_group(
+def _join_group(
     con: duckdb.DuckDBPyConnection,
     fact: TableWork,
     lookups: list[LookupColumn],
     target: TableModel,
+    *,
     work: TableWork | None,
+    result: LookupJoins,
+    suffix: str,
 ) -> None:
-    columns = [quote_ident(lookup.name) for lookup in lookups]
     values = [quote_ident(lookup.spec.column) for lookup in lookups]
     on = [quote_ident(c) for c in lookups[0].spec.on]
     keys = [quote_ident(k) for k in target.key]
-    end = fact.end
+    alias = f"_hr_l{suffix}"
     if work is None or work.num_changes == 0:
-        match = " AND ".join(f"t.{k} = {end}.{o}" for k, o in zip(keys, on, strict=True))
-        sets = ", ".join(f"{c} = t.{v}" for c, v in zip(columns, values, strict=True))
-        con.execute(f"UPDATE {end} SET {sets} FROM {target.mirror} t WHERE {match}")
+        match = " AND ".join(f"{alias}.{k} = c.{o}" for k, o in zip(keys, on, strict=True))
+        result.joins.append(f"LEFT JOIN {target.mirror} {alias} ON {match}")
+        for lookup, value in zip(lookups, values, strict=True):
+            result.values[lookup.name] = f"{alias}.{value}"
         return
-    wanted = f"(SELECT DISTINCT {', '.join(on)} FROM {end})"
+    versions = f"_hr_lv_{suffix}"
+    wanted = f"(SELECT DISTINCT {', '.join(on)} FROM {fact.changes} WHERE {OP} IN ('I', 'U'))"
     semi = " AND ".join(f"t.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
     as_key = ", ".join(f"e.{o} AS {k}" for o, k in zip(on, keys, strict=True))
     old_as_key = ", ".join(f"{old_key(j)} AS {k}" for j, k in enumerate(keys))
@@ -75,7 +86,7 @@ def _resolve_group(
     absent = ", ".join("NULL" for _ in values)
     c = work.changes
     con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _hr_lv AS
+        f"""CREATE OR REPLACE TEMP TABLE {versions} AS
         SELECT {", ".join(f"t.{k}" for k in keys)}, CAST(-1 AS BIGINT) AS {SEQ},
                true AS _hr_present, {mirror_values}
         FROM {target.mirror} t SEMI JOIN {wanted} e ON {semi}
@@ -88,16 +99,10 @@ def _resolve_group(
         SELECT {as_key}, t.{SEQ}, false, {absent}
         FROM {wanted} e CROSS JOIN (SELECT {SEQ} FROM {c} WHERE {OP} = 'T') t"""
     )
-    match = " AND ".join(f"v.{k} = e.{o}" for k, o in zip(keys, on, strict=True))
-    resolved = ", ".join(f"CASE WHEN v._hr_present THEN v.{slot} END AS {slot}" for slot in slots)
-    sets = ", ".join(f"{c} = r.{slot}" for c, slot in zip(columns, slots, strict=True))
-    # _hr_lv is replaced by the next lookup: no DROP (a statement costs milliseconds).
-    con.execute(
-        f"""UPDATE {end} SET {sets} FROM (
-            SELECT e.{SEQ}, {resolved}
-            FROM {end} e ASOF LEFT JOIN _hr_lv v ON {match} AND e.{SEQ} > v.{SEQ}
-        ) r WHERE {end}.{SEQ} = r.{SEQ}"""
-    )
+    match = " AND ".join(f"{alias}.{k} = c.{o}" for k, o in zip(keys, on, strict=True))
+    result.joins.append(f"ASOF LEFT JOIN {versions} {alias} ON {match} AND c.{SEQ} > {alias}.{SEQ}")
+    for lookup, slot in zip(lookups, slots, strict=True):
+        result.values[lookup.name] = f"CASE WHEN {alias}._hr_present THEN {alias}.{slot} END"
 
 
 def fill_lookup_column(

@@ -28,7 +28,7 @@ Python). For table number ``i`` of a batch:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
@@ -96,6 +96,15 @@ class TableWork:
 
     def temp_tables(self) -> list[str]:
         return [self.changes, self.prev, self.keys, self.start, self.end]
+
+
+@dataclass
+class LookupJoins:
+    """How a fact table's end rows get their looked-up values: the value expression of
+    each lookup column and the joins it needs (aliases over the changes ``c``)."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    joins: list[str] = field(default_factory=list)
 
 
 def old_key(j: int) -> str:
@@ -330,8 +339,11 @@ def _inherit(con: duckdb.DuckDBPyConnection, work: TableWork, column: str, provi
     con.execute(f"DROP TABLE IF EXISTS {current}")
 
 
-def compute_net(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Create the touched keys, start rows and end rows of a mirrored table."""
+def compute_net(
+    con: duckdb.DuckDBPyConnection, work: TableWork, lookups: LookupJoins | None = None
+) -> None:
+    """Create the touched keys, start rows and end rows of a mirrored table (the end
+    rows with their looked-up values, see :func:`~headrace.engine.lookup.lookup_joins`)."""
     model, c = work.model, work.changes
     keys = [quote_ident(k) for k in model.key]
     olds = [old_key(j) for j in range(len(model.key))]
@@ -346,13 +358,17 @@ def compute_net(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
         ) WHERE {" AND ".join(f"{k} IS NOT NULL" for k in keys)}
         GROUP BY {", ".join(keys)}"""
     )
-    columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
+    joined = lookups or LookupJoins()
+    columns = ", ".join(
+        f"{joined.values[n]} AS {quote_ident(n)}" if n in joined.values else f"c.{quote_ident(n)}"
+        for n, _ in model.mirror_columns()
+    )
     # CREATE TABLE AS returns its row count: start and end sizes come for free.
     work.end_rows = _created(
         con,
         f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
-        SELECT {columns}, {SEQ} FROM {c}
-        WHERE {OP} IN ('I', 'U') AND {SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})""",
+        SELECT {columns}, c.{SEQ} FROM {c} c {" ".join(joined.joins)}
+        WHERE c.{OP} IN ('I', 'U') AND c.{SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})""",
     )
     if work.truncated_at is not None:
         source = f"SELECT * FROM {model.mirror}"
