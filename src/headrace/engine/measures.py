@@ -2,8 +2,8 @@
 
 A rollup's state table holds, per (bucket, dimension values), the row count
 ``_hr_rows`` and each measure's state parts. A batch contributes *weighted*
-rows (``_hr_w`` = +n for new row versions, -n for retracted ones, after
-netting identical projections), and each measure says how those become a
+rows (``_hr_w`` = +1 for new row versions, -1 for retracted ones; netted
+first only for floating-point sums), and each measure says how those become a
 delta, how a delta merges into the state, how base buckets roll up into a
 coarser grain, and what the final value is:
 

@@ -289,11 +289,13 @@ class RollupPlan:
 
         Count, sum and avg deltas are linear in the weights, so an unchanged
         row's -1 and +1 cancel inside the aggregate anyway (one GROUP BY saved
-        per batch). Min/max need netting (a value retracted and re-added is not
-        a retraction), and so do floating-point sums (adding and subtracting
-        the same value would accumulate rounding).
+        per batch). Min/max do not need netting either: a value retracted and
+        re-added in the same batch can only flag its group for a recompute
+        from the mirror, which is always exact (and rare: only when that value
+        is the group's extreme). Floating-point sums do: adding and
+        subtracting the same value would accumulate rounding.
         """
-        return bool(self.extremes()) or any(
+        return any(
             isinstance(m, Sum) and m.sum_type in ("DOUBLE", "FLOAT", "REAL") for m in self.measures
         )
 
