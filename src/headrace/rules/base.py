@@ -29,9 +29,10 @@ import duckdb
 
 from headrace.errors import ConfigError
 from headrace.jobs.base import LATEST, JobContext, TableDelta, TimeRequest, state_table
-from headrace.jobs.state import latest
+from headrace.jobs.state import latest, mirror_time
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import BaseRuleConfig, RulesConfig
+from headrace.rules.recent import RecentTransactions
 from headrace.rules.triggers import TX_FIELDS, TriggerSpec
 from headrace.source.changes import TableRef
 
@@ -90,6 +91,9 @@ class RuleJob(ABC):
     trigger: TriggerSpec | None = None
     """Its trigger condition in the batch being evaluated (set by :meth:`tx_triggers`,
     cleared by the rule set before :meth:`evaluate`)."""
+    recent: RecentTransactions | None = None
+    """The shared recent transactions (set by the rule set on the rules that have a
+    :attr:`window_filter`)."""
 
     def __init__(self, rules: RulesConfig) -> None:
         self.rules = rules
@@ -105,6 +109,46 @@ class RuleJob(ABC):
     def rearm(self) -> timedelta:
         """Quiet time after which the same key opens a new incident."""
         return self.config.rearm_after
+
+    @property
+    def window_filter(self) -> str | None:
+        """SQL over a transaction: it belongs in the rule's recent rows (None: the rule
+        reads no recent transactions; see :mod:`headrace.rules.recent`)."""
+        return None
+
+    @property
+    def span(self) -> timedelta:
+        """How far before its watermark the rule reads recent transactions (window plus
+        lateness); only rules with a :attr:`window_filter` read it."""
+        return self.rules.lateness
+
+    def keep_recent(self, horizon: datetime | None) -> RecentTransactions:
+        """Keep the rule's recent transactions from ``horizon`` on (None: none) this batch
+        or rebuild; the shared table they are in."""
+        if self.recent is None:
+            raise RuntimeError(f"{self.name} reads recent transactions outside a rule set")
+        self.recent.set_horizon(self.name, horizon)
+        return self.recent
+
+    def recent_rows(self, horizon: datetime) -> str:
+        """SQL: the rule's recent transactions this batch, from ``horizon`` on (the rule set
+        updates the shared table once every rule has set its horizon, before the triggers'
+        prefilters and the candidates read it)."""
+        return self.keep_recent(horizon).rows(self.name)
+
+    def recent_count_at_least(self, count: int) -> str:
+        """SQL prefilter over a trigger ``e``: its account has ``count`` recent rows of the
+        rule (after :meth:`recent_rows`)."""
+        if self.recent is None:
+            raise RuntimeError(f"{self.name} reads recent transactions outside a rule set")
+        return self.recent.count_at_least(self.name, count)
+
+    def rebuild_recent(self, ctx: JobContext) -> None:
+        """Restart the watermark from the transactions mirror and keep the rule's span of
+        recent transactions before it (the rule set then refills the shared table)."""
+        mirror = ctx.mirror(self.tx_ref)
+        watermark = self.restart_watermark(ctx, mirror_time(ctx.con, mirror, q(self.tx.time)))
+        self.keep_recent(None if watermark is None else watermark - self.span)
 
     def inputs(self) -> tuple[TableRef, ...]:
         """Tables whose changes the rule reads."""

@@ -1,9 +1,9 @@
 """Rule 5, card testing: many small online attempts or declines across merchants in minutes.
 
-State: ``jobs.card_testing__attempts``, the account's online transactions
-(``tables.transactions.online``) that are small (``amount < small_amount``)
-or declined (``declines``), within ``window`` (plus
-``rules.lateness``) of the watermark, keyed by transaction.
+State: the account's online transactions (``tables.transactions.online``)
+that are small (``amount < small_amount``) or declined (``declines``),
+within ``window`` (plus ``rules.lateness``) of the watermark, in the rules'
+shared recent transactions (:mod:`headrace.rules.recent`).
 
 For each attempt of the batch that now qualifies (new, its amount, merchant
 or time changed, or it qualifies only now, e.g. it was just declined): the
@@ -21,17 +21,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from headrace.jobs.base import JobContext
-from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import (
-    Evaluation,
-    RuleJob,
-    evidence_json,
-    present,
-    q,
-    tx_evidence,
-)
+from headrace.rules.base import Evaluation, RuleJob, evidence_json, present, q, tx_evidence
 from headrace.rules.config import CardTestingConfig
-from headrace.rules.triggers import tx_columns
 
 
 class CardTesting(RuleJob):
@@ -54,30 +45,16 @@ class CardTesting(RuleJob):
             small = f"{small} OR coalesce(({self.config.declines}), false)"
         return f"({self.tx.online}) AND ({small})"
 
-    def attempts(self, key: tuple[str, ...]) -> RowWindow:
-        return RowWindow(
-            table=self.state("attempts"),
-            key=key,
-            columns=(
-                *tx_columns(self.tx),
-                ("declined", f"coalesce(({self.tx.declined}), false)"),
-            ),
-            time="t",
-            where=self.qualifies,
-        )
+    @property
+    def window_filter(self) -> str:
+        return self.qualifies
 
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
             return Evaluation()
-        con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        horizon = watermark - self.span
-        attempts = self.attempts(delta.key)
-        if not self.ready:
-            attempts.ensure(con, delta.mirror)
-            self.ready = True
-        attempts.update(con, delta, horizon)
+        attempts = self.recent_rows(watermark - self.span)
         config = self.config
         tx = self.tx
         triggers = self.tx_triggers(
@@ -85,8 +62,7 @@ class CardTesting(RuleJob):
             (tx.account, tx.amount, tx.merchant, tx.time),
             self.qualifies,
             watermark - self.rules.lateness,
-            prefilter=f"e.account IN (SELECT account FROM {attempts.table} GROUP BY account "
-            f"HAVING count(*) >= {config.min_attempts})",
+            prefilter=self.recent_count_at_least(config.min_attempts),
         )
         window_s = config.window.total_seconds()
         candidates = f"""
@@ -108,7 +84,7 @@ class CardTesting(RuleJob):
                        'evidence', {evidence_json(f"list({tx_evidence('w')} ORDER BY w.t, w._k0)")}
                    ) AS payload
             FROM {triggers} t
-            JOIN {attempts.table} w
+            JOIN {attempts} w
               ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds({window_s})
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
             HAVING count(*) >= {config.min_attempts}
@@ -116,9 +92,4 @@ class CardTesting(RuleJob):
         return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
-        con = ctx.con
-        mirror = ctx.mirror(self.tx_ref)
-        attempts = self.attempts(ctx.key(self.tx_ref))
-        attempts.ensure(con, mirror)
-        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
-        attempts.rebuild(con, mirror, None if watermark is None else watermark - self.span)
+        self.rebuild_recent(ctx)

@@ -2,8 +2,9 @@
 
 State:
 
-- ``jobs.impossible_travel__uses``: the account's card-present transactions
-  within ``window`` (plus ``rules.lateness``) of the watermark;
+- the account's card-present transactions within ``window`` (plus
+  ``rules.lateness``) of the watermark, in the rules' shared recent
+  transactions (:mod:`headrace.rules.recent`);
 - ``jobs.impossible_travel__countries``: per account and country, how many
   card-present transactions it ever had there (end rows minus start rows);
 - ``jobs.impossible_travel__locations``: the configured country centres.
@@ -33,7 +34,7 @@ from datetime import timedelta
 import duckdb
 
 from headrace.jobs.base import JobContext
-from headrace.jobs.state import KeyedSums, RowWindow, mirror_time
+from headrace.jobs.state import KeyedSums
 from headrace.rules.base import (
     Evaluation,
     RuleJob,
@@ -43,7 +44,6 @@ from headrace.rules.base import (
     tx_evidence,
 )
 from headrace.rules.config import ImpossibleTravelConfig
-from headrace.rules.triggers import tx_columns
 
 
 class ImpossibleTravel(RuleJob):
@@ -59,14 +59,9 @@ class ImpossibleTravel(RuleJob):
     def span(self) -> timedelta:
         return self.config.window + self.rules.lateness
 
-    def uses(self, key: tuple[str, ...]) -> RowWindow:
-        return RowWindow(
-            table=self.state("uses"),
-            key=key,
-            columns=tx_columns(self.tx),
-            time="t",
-            where=self.tx.card_present,
-        )
+    @property
+    def window_filter(self) -> str:
+        return self.tx.card_present
 
     def countries(self) -> KeyedSums:
         return KeyedSums(
@@ -110,20 +105,17 @@ class ImpossibleTravel(RuleJob):
             return Evaluation()
         con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        horizon = watermark - self.span
-        uses, countries = self.uses(delta.key), self.countries()
+        uses, countries = self.recent_rows(watermark - self.span), self.countries()
         if not self.ready:
-            uses.ensure(con, delta.mirror)
             countries.ensure(con, delta.mirror)
             self.ready = True
-        uses.update(con, delta, horizon)
         config = self.config
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.country, self.tx.time),
             self.tx.card_present,
             watermark - self.rules.lateness,
-            prefilter=self._prefilter(uses.table, countries.table),
+            prefilter=self._prefilter(uses, countries.table),
         )
         locations = self.state("locations")
         km = (
@@ -139,7 +131,7 @@ class ImpossibleTravel(RuleJob):
                        p.card AS p_card, p.device AS p_device, p.status AS p_status,
                        p.channel AS p_channel, p.type AS p_type
                 FROM {triggers} t
-                ASOF LEFT JOIN {uses.table} p ON p.account = t.account AND t.t > p.t
+                ASOF LEFT JOIN {uses} p ON p.account = t.account AND t.t > p.t
             ), measured AS (
                 SELECT x.*,
                        CASE WHEN x.p_t IS NOT NULL AND x.p_t > x.t - to_seconds({window_s})
@@ -200,9 +192,7 @@ class ImpossibleTravel(RuleJob):
     def rebuild(self, ctx: JobContext) -> None:
         con = ctx.con
         mirror = ctx.mirror(self.tx_ref)
-        uses, countries = self.uses(ctx.key(self.tx_ref)), self.countries()
-        uses.ensure(con, mirror)
+        countries = self.countries()
         countries.ensure(con, mirror)
         countries.rebuild(con, mirror)
-        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
-        uses.rebuild(con, mirror, None if watermark is None else watermark - self.span)
+        self.rebuild_recent(ctx)

@@ -28,6 +28,7 @@ from headrace.alerts.config import SinkConfig
 from headrace.alerts.store import CANDIDATE_COLUMNS, emit_incidents
 from headrace.jobs.base import JobContext, StreamJob, TimeRequest
 from headrace.rules.base import RuleJob
+from headrace.rules.recent import RecentTransactions
 from headrace.rules.triggers import create_tx_triggers
 from headrace.source.changes import TableRef
 
@@ -44,6 +45,12 @@ class RuleSet(StreamJob):
         self.sinks = sinks
         self.seconds: dict[str, float] = {rule.name: 0.0 for rule in self.rules}
         """Time spent in each rule's own statements (the shared one is not split)."""
+        windowed = {rule.name: rule.window_filter for rule in self.rules}
+        filters = {name: where for name, where in windowed.items() if where is not None}
+        self.recent = RecentTransactions(self.rules[0].tx, filters) if filters else None
+        """The recent transactions the window rules share, updated once per batch."""
+        for rule in self.rules:
+            rule.recent = self.recent if rule.name in filters else None
 
     def inputs(self) -> tuple[TableRef, ...]:
         return tuple(dict.fromkeys(ref for rule in self.rules for ref in rule.inputs()))
@@ -58,9 +65,14 @@ class RuleSet(StreamJob):
         for rule in self.rules:
             rule.ready = False
             rule.setup(con)
+        if self.recent is not None:
+            self.recent.setup(con)
 
     def apply(self, ctx: JobContext) -> None:
         active = [rule for rule in self.rules if ctx.touched(rule.inputs())]
+        recent = self.recent
+        if recent is not None:
+            recent.begin()
         evaluations = []
         for rule in active:
             started = time.perf_counter()
@@ -68,8 +80,15 @@ class RuleSet(StreamJob):
             evaluations.append((rule, rule.evaluate(ctx)))
             self.seconds[rule.name] += time.perf_counter() - started
         con = ctx.con
+        if recent is not None and recent.horizons:
+            # Every window rule has set its horizon: one update for all of them, before
+            # the triggers' prefilters and the candidates read it.
+            tx_delta = ctx.delta(active[0].tx_ref)
+            if tx_delta is not None:
+                recent.update(con, tx_delta)
         specs = [rule.trigger for rule, _ in evaluations if rule.trigger is not None]
-        triggered = create_tx_triggers(con, active[0].tx, specs) if specs else {}
+        joins = recent.counts_join() if recent is not None else ""
+        triggered = create_tx_triggers(con, active[0].tx, specs, joins) if specs else {}
         # A rule whose candidates start from triggers it has none of has no candidates.
         parts = [
             f"SELECT '{rule.name}' AS rule, {CANDIDATE_COLUMNS} FROM ({evaluation.candidates})"
@@ -96,6 +115,12 @@ class RuleSet(StreamJob):
                 self.seconds[rule.name] += time.perf_counter() - started
 
     def rebuild(self, ctx: JobContext) -> None:
+        recent = self.recent
+        if recent is not None:
+            recent.begin()
         for rule in self.rules:
             rule.rebuild(ctx)
             rule.ready = True
+        if recent is not None:
+            tx_ref = self.rules[0].tx_ref
+            recent.rebuild(ctx.con, ctx.mirror(tx_ref), ctx.key(tx_ref))

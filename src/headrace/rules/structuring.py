@@ -1,9 +1,10 @@
 """Rule 4, structuring: several amounts just under a reporting threshold within a window.
 
-State: ``jobs.structuring__band``, the account's transactions matching
-``where`` with ``low <= amount < threshold`` that are not cancelled
-(``tables.transactions.cancelled``: declined or reversed), within
-``window`` (plus ``rules.lateness``) of the watermark, keyed by transaction.
+State: the account's transactions matching ``where`` with ``low <= amount <
+threshold`` that are not cancelled (``tables.transactions.cancelled``:
+declined or reversed), within ``window`` (plus ``rules.lateness``) of the
+watermark, in the rules' shared recent transactions
+(:mod:`headrace.rules.recent`).
 
 For each transaction of the batch that is now in the band (new, its amount
 or account changed, or it was cancelled before and is not any more): the
@@ -21,17 +22,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from headrace.jobs.base import JobContext
-from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import (
-    Evaluation,
-    RuleJob,
-    evidence_json,
-    present,
-    q,
-    tx_evidence,
-)
+from headrace.rules.base import Evaluation, RuleJob, evidence_json, present, q, tx_evidence
 from headrace.rules.config import StructuringConfig
-from headrace.rules.triggers import tx_columns
 
 
 class Structuring(RuleJob):
@@ -56,35 +48,23 @@ class Structuring(RuleJob):
             f"{config.threshold} AND NOT coalesce(({self.tx.cancelled}), false)"
         )
 
-    def band(self, key: tuple[str, ...]) -> RowWindow:
-        return RowWindow(
-            table=self.state("band"),
-            key=key,
-            columns=tx_columns(self.tx),
-            time="t",
-            where=self.in_band,
-        )
+    @property
+    def window_filter(self) -> str:
+        return self.in_band
 
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
             return Evaluation()
-        con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        horizon = watermark - self.span
-        band = self.band(delta.key)
-        if not self.ready:
-            band.ensure(con, delta.mirror)
-            self.ready = True
-        band.update(con, delta, horizon)
+        band = self.recent_rows(watermark - self.span)
         config = self.config
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount, self.tx.time),
             self.in_band,
             watermark - self.rules.lateness,
-            prefilter=f"e.account IN (SELECT account FROM {band.table} GROUP BY account "
-            f"HAVING count(*) >= {config.min_count})",
+            prefilter=self.recent_count_at_least(config.min_count),
         )
         window_s = config.window.total_seconds()
         candidates = f"""
@@ -105,16 +85,11 @@ class Structuring(RuleJob):
                        'evidence', {evidence_json(f"list({tx_evidence('w')} ORDER BY w.t, w._k0)")}
                    ) AS payload
             FROM {triggers} t
-            JOIN {band.table} w
+            JOIN {band} w
               ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds({window_s})
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn
             HAVING count(*) >= {config.min_count}"""
         return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
-        con = ctx.con
-        mirror = ctx.mirror(self.tx_ref)
-        band = self.band(ctx.key(self.tx_ref))
-        band.ensure(con, mirror)
-        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
-        band.rebuild(con, mirror, None if watermark is None else watermark - self.span)
+        self.rebuild_recent(ctx)

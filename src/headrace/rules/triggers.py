@@ -105,9 +105,16 @@ class TriggerSpec:
 
 
 def create_tx_triggers(
-    con: duckdb.DuckDBPyConnection, tx: TransactionsTable, specs: Sequence[TriggerSpec]
+    con: duckdb.DuckDBPyConnection,
+    tx: TransactionsTable,
+    specs: Sequence[TriggerSpec],
+    joins: str = "",
 ) -> dict[str, int]:
-    """Write :data:`TX_TRIGGERS` for ``specs`` (one delta); the triggers per rule."""
+    """Write :data:`TX_TRIGGERS` for ``specs`` (one delta); the triggers per rule.
+
+    ``joins``: SQL joined to the end rows ``e`` (at most one row per end row) that the
+    prefilters read, e.g. per-account counts of the rules' recent transactions.
+    """
     if not specs:
         return {}
     delta = specs[0].delta
@@ -136,7 +143,8 @@ def create_tx_triggers(
                          _hr_commit_ts AS commit_ts, {LSN} AS lsn
                   FROM {delta.end_rows()}) e
             LEFT JOIN (SELECT {", ".join([*keys, *watched_sql, *matches])}
-                       FROM {delta.start}) s ON {key_match})
+                       FROM {delta.start}) s ON {key_match}
+            {joins})
         WHERE {" OR ".join(spec.flag for spec in specs)}"""
     ).fetchall()
     total = int(created[0][0]) if created else 0

@@ -1,8 +1,8 @@
 """Rule 1, velocity burst: too many transactions of one account in a sliding window.
 
-State: ``jobs.velocity_burst__events``, the account's transactions matching
-``where`` whose event time is within the longest limit window (plus
-``rules.lateness``) of the watermark, keyed by transaction.
+State: the account's transactions matching ``where`` whose event time is
+within the longest limit window (plus ``rules.lateness``) of the watermark,
+in the rules' shared recent transactions (:mod:`headrace.rules.recent`).
 
 For each new (or moved) transaction ``t`` of the batch, and each limit
 ``(window, count)``: the account's transactions with event time in
@@ -21,17 +21,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from headrace.jobs.base import JobContext
-from headrace.jobs.state import RowWindow, mirror_time
-from headrace.rules.base import (
-    Evaluation,
-    RuleJob,
-    evidence_json,
-    present,
-    q,
-    tx_evidence,
-)
+from headrace.rules.base import Evaluation, RuleJob, evidence_json, present, tx_evidence
 from headrace.rules.config import VelocityBurstConfig
-from headrace.rules.triggers import tx_columns
 
 
 class VelocityBurst(RuleJob):
@@ -47,35 +38,23 @@ class VelocityBurst(RuleJob):
     def span(self) -> timedelta:
         return max(limit.window for limit in self.config.limits) + self.rules.lateness
 
-    def window(self, key: tuple[str, ...]) -> RowWindow:
-        return RowWindow(
-            table=self.state("events"),
-            key=key,
-            columns=tx_columns(self.tx),
-            time="t",
-            where=self.config.where,
-        )
+    @property
+    def window_filter(self) -> str:
+        return self.config.where
 
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
             return Evaluation()
-        con = ctx.con
         watermark = self.advance(ctx, self.tx_time(ctx))
-        horizon = watermark - self.span
-        window = self.window(delta.key)
-        if not self.ready:
-            window.ensure(con, delta.mirror)
-            self.ready = True
-        window.update(con, delta, horizon)
+        window = self.recent_rows(watermark - self.span)
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.time),
             self.config.where,
             watermark - self.rules.lateness,
             # A burst needs at least the smallest limit's count of rows in the window.
-            prefilter=f"e.account IN (SELECT account FROM {window.table} GROUP BY account "
-            f"HAVING count(*) >= {min(limit.count for limit in self.config.limits)})",
+            prefilter=self.recent_count_at_least(min(limit.count for limit in self.config.limits)),
         )
         limits = ", ".join(
             f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
@@ -97,7 +76,7 @@ class VelocityBurst(RuleJob):
                    count(*) / l.limit_count AS _factor
             FROM {triggers} t
             CROSS JOIN (VALUES {limits}) l(seconds, limit_count)
-            JOIN {window.table} w
+            JOIN {window} w
               ON w.account = t.account AND w.t <= t.t AND w.t > t.t - to_seconds(l.seconds)
             GROUP BY t._k0, t.account, t.t, t.commit_ts, t.lsn, l.seconds, l.limit_count
             HAVING count(*) >= l.limit_count
@@ -105,9 +84,4 @@ class VelocityBurst(RuleJob):
         return Evaluation(candidates)
 
     def rebuild(self, ctx: JobContext) -> None:
-        mirror = ctx.mirror(self.tx_ref)
-        window = self.window(ctx.key(self.tx_ref))
-        con = ctx.con
-        window.ensure(con, mirror)
-        watermark = self.restart_watermark(ctx, mirror_time(con, mirror, q(self.tx.time)))
-        window.rebuild(con, mirror, None if watermark is None else watermark - self.span)
+        self.rebuild_recent(ctx)
