@@ -210,18 +210,32 @@ class Engine:
         self.store.maybe_checkpoint()
         return applied
 
-    def compact_rollups(self, *, force: bool = False) -> list[str]:
-        """Fold appended rollup deltas together where due (see :meth:`Registry.compact`),
-        or, with ``force``, in every active rollup; the names compacted."""
+    def compact_rollups(self, *, force: bool = False, budget_s: float = 0.025) -> list[str]:
+        """Fold appended rollup deltas together (see :meth:`Registry.compact_step`):
+        compaction steps, each its own transaction, until ``budget_s`` is spent (at least
+        one); with ``force``, every active rollup completely, now. The names worked on."""
         if force:
-            due = [name for name, runtime in self.registry.rollups.items() if runtime.active]
-        else:
-            due = self.registry.compaction_due()
-        if due:
-            with self._transaction() as con:
-                for name in due:
-                    self.registry.compact(con, name, force=force)
-        return due
+            names = [name for name, runtime in self.registry.rollups.items() if runtime.active]
+            if names:
+                with self._transaction() as con:
+                    for name in names:
+                        self.registry.compact(con, name)
+            return names
+        done: list[str] = []
+        deadline = time.perf_counter() + budget_s
+        for name in self.registry.compaction_due():
+            while True:
+                with self._transaction() as con:
+                    worked = self.registry.compact_step(con, name)
+                if not worked:
+                    break
+                if name not in done:
+                    done.append(name)
+                if not self.registry.rollups[name].compaction or time.perf_counter() > deadline:
+                    break
+            if time.perf_counter() > deadline:
+                break
+        return done
 
     def enforce_retention(self, now: datetime | None = None) -> RetentionApplied:
         """Drop history rows, rollup buckets and delivered alert outbox rows older than

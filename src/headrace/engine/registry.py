@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
@@ -42,6 +42,9 @@ NOT_CONFIGURED = "not in the pipeline file any more"
 COMPACT_MIN_ROWS = 20_000
 """Appended rollup rows below which a rollup is never compacted."""
 
+COMPACT_STEP_ROWS = 20_000
+"""Rows one compaction step folds, about: a step costs a few ms per 10k rows."""
+
 
 @dataclass
 class RollupRuntime:
@@ -56,6 +59,8 @@ class RollupRuntime:
     """Rows appended to the state and side tables since they were last compacted."""
     compacted_rows: int | None = None
     """Rows of the state and side tables after the last compaction (None: unknown)."""
+    compaction: list[tuple[int, int, int]] = field(default_factory=list)
+    """Steps left in the current compaction cycle: (table number, slices, slice)."""
 
     @property
     def active(self) -> bool:
@@ -77,6 +82,10 @@ class Registry:
         self._settled = False
         """True after a :meth:`setup_rollups` pass (stored rollups no longer configured
         are marked); reset by :meth:`load`."""
+        self.compact_min_rows = COMPACT_MIN_ROWS
+        """Appended rows below which a rollup is never compacted."""
+        self.compact_step_rows = COMPACT_STEP_ROWS
+        """Rows one compaction step folds, about (see :meth:`compact_step`)."""
 
     # ------------------------------------------------------------------ load
 
@@ -93,7 +102,7 @@ class Registry:
         for name, runtime in self.rollups.items():
             runtime.plan = None
             runtime.state, runtime.reason, runtime.retained_from = PENDING, None, None
-            runtime.appended, runtime.compacted_rows = 0, None
+            runtime.appended, runtime.compacted_rows, runtime.compaction = 0, None, []
             if name in stored:
                 runtime.retained_from = stored[name][3]
 
@@ -262,33 +271,74 @@ class Registry:
     # ------------------------------------------------------------ compaction
 
     def compaction_due(self) -> list[str]:
-        """Rollups that appended enough rows to be worth compacting (no query)."""
+        """Rollups in a compaction cycle, or that appended enough rows to start one
+        (no query)."""
         return [
             name
             for name, runtime in self.rollups.items()
             if runtime.active
-            and runtime.appended >= max(COMPACT_MIN_ROWS, runtime.compacted_rows or 0)
+            and (
+                runtime.compaction
+                or runtime.appended >= max(self.compact_min_rows, runtime.compacted_rows or 0)
+            )
         ]
 
-    def compact(self, con: duckdb.DuckDBPyConnection, name: str, *, force: bool = False) -> None:
-        """Fold a rollup's appended rows into one row per group (and side key).
+    def compact_step(self, con: duckdb.DuckDBPyConnection, name: str) -> bool:
+        """One step of a rollup's compaction; False when there was nothing to do.
 
-        Due when the rows appended since the last compaction reach the
-        compacted size (and :data:`COMPACT_MIN_ROWS`): reads of the views touch
-        at most about twice the compacted rows, and the cost is amortized.
+        A cycle starts when the rows appended since the last one reach the
+        compacted size (and :attr:`compact_min_rows`), so view reads touch at
+        most about twice the compacted rows and the cost is amortized. A cycle
+        folds each appended table one hash slice of about
+        :attr:`compact_step_rows` rows at a time, so no step stalls the batches
+        for long; sums stay exact at every step (the rows of one key are always
+        in the same slice, and rows appended meanwhile are summed like any other).
         """
         runtime = self.rollups[name]
         plan = runtime.plan
         if plan is None:
-            return
-        if runtime.compacted_rows is None and not force:
-            # First time since a restart: the tables' size tells whether to wait.
-            runtime.compacted_rows = max(0, self._rows(con, plan) - runtime.appended)
-            if runtime.appended < max(COMPACT_MIN_ROWS, runtime.compacted_rows):
-                return
-        for statement in plan.compact_sql():
+            return False
+        tables = plan.compacted_tables()
+        if not runtime.compaction:
+            if runtime.compacted_rows is None:
+                # First time since a restart: the tables' size tells whether to wait.
+                runtime.compacted_rows = max(0, self._rows(con, plan) - runtime.appended)
+                if runtime.appended < max(self.compact_min_rows, runtime.compacted_rows):
+                    return False
+            sizes = self._sizes(con, [t[0] for t in tables])
+            runtime.compaction = [
+                (number, slices, index)
+                for number, size in enumerate(sizes)
+                for slices in [max(1, -(-size // self.compact_step_rows))]
+                for index in range(slices)
+            ]
+            runtime.appended = 0  # rows appended from now on count for the next cycle
+        number, slices, index = runtime.compaction.pop(0)
+        for statement in plan.compact_sql(tables[number], slices, index):
             con.execute(statement)
+        if not runtime.compaction:
+            runtime.compacted_rows = self._rows(con, plan)
+        return True
+
+    def compact(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        """Fold all of a rollup's appended rows now, in one go."""
+        runtime = self.rollups[name]
+        plan = runtime.plan
+        if plan is None:
+            return
+        for table in plan.compacted_tables():
+            for statement in plan.compact_sql(table):
+                con.execute(statement)
+        runtime.compaction = []
         runtime.compacted_rows, runtime.appended = self._rows(con, plan), 0
+
+    @staticmethod
+    def _sizes(con: duckdb.DuckDBPyConnection, tables: list[str]) -> list[int]:
+        if not tables:
+            return []
+        counts = ", ".join(f"(SELECT count(*) FROM {t})" for t in tables)
+        row = con.execute(f"SELECT {counts}").fetchone()
+        return [int(v) for v in row] if row is not None else [0] * len(tables)
 
     @staticmethod
     def _rows(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
@@ -337,7 +387,7 @@ class Registry:
         for grain in runtime.config.grains:
             con.execute(plan.view_sql(grain))
         runtime.plan, runtime.state, runtime.reason = plan, ACTIVE, None
-        runtime.appended, runtime.compacted_rows = 0, None
+        runtime.appended, runtime.compacted_rows, runtime.compaction = 0, None, []
         self._save_rollup(
             con,
             name,

@@ -373,7 +373,8 @@ class RollupPlan:
         Without min/max every state part is a sum, so a group's value is the
         sum of its rows: a batch appends one delta row per touched group (an
         INSERT costs a fraction of a MERGE), the views sum per group, and
-        :meth:`compact_sql` folds the rows together now and then. Side tables
+        :meth:`compact_sql` folds the rows together now and then, a slice at a
+        time (see :meth:`Registry.compact_step`). Side tables
         (count distinct, HyperLogLog) are always appended to.
         """
         return not self.extremes()
@@ -392,25 +393,33 @@ class RollupPlan:
         names = ", ".join([*self.group_columns, *keys, "_hr_n"])
         return f"INSERT INTO {self.side_table(measure)} ({names}) SELECT {names} FROM {delta}"
 
-    def compact_sql(self) -> list[str]:
-        """Statements folding appended rows into one row per group (and side key)."""
-        statements = []
-        tables: list[tuple[str, list[str], str]] = []
+    def compacted_tables(self) -> list[tuple[str, list[str], list[str]]]:
+        """(table, key columns, summed columns) of every table deltas are appended to;
+        the first summed column counts rows (a key whose count sums to 0 is gone)."""
+        tables: list[tuple[str, list[str], list[str]]] = []
         if self.appends_state:
             parts = [p for m in self.measures for p in m.state_parts()]
-            tables.append((self.state, [ROWS, *parts], ROWS))
+            tables.append((self.state, self.group_columns, [ROWS, *parts]))
         for measure in self.side_tables():
-            tables.append((self.side_table(measure), ["_hr_n"], "_hr_n"))
-        for table, summed, count in tables:
-            sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
-            keep = f"* EXCLUDE ({', '.join(summed)})"
-            statements += [
-                f"CREATE OR REPLACE TEMP TABLE _hr_compact AS SELECT {keep}, {sums} "
-                f"FROM {table} GROUP BY ALL HAVING sum({count}) > 0",
-                f"DELETE FROM {table}",
-                f"INSERT INTO {table} BY NAME SELECT * FROM _hr_compact",
-            ]
-        return statements
+            keys = [name for name, _ in measure.side_keys()]
+            tables.append((self.side_table(measure), [*self.group_columns, *keys], ["_hr_n"]))
+        return tables
+
+    @staticmethod
+    def compact_sql(
+        table: tuple[str, list[str], list[str]], slices: int = 1, index: int = 0
+    ) -> list[str]:
+        """Statements folding one table's rows into one row per key, for the keys whose
+        hash falls in slice ``index`` of ``slices`` (all keys when ``slices`` is 1)."""
+        name, keys, summed = table
+        where = f" WHERE hash({', '.join(keys)}) % {slices} = {index}" if slices > 1 else ""
+        sums = ", ".join(f"sum({c}) AS {c}" for c in summed)
+        return [
+            f"CREATE OR REPLACE TEMP TABLE _hr_compact AS SELECT {', '.join(keys)}, {sums} "
+            f"FROM {name}{where} GROUP BY ALL HAVING sum({summed[0]}) > 0",
+            f"DELETE FROM {name}{where}",
+            f"INSERT INTO {name} BY NAME SELECT * FROM _hr_compact",
+        ]
 
     def side_delta_sql(self, measure: CountDistinct, net: str) -> str:
         keys = measure.side_keys()
