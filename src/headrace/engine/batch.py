@@ -46,8 +46,10 @@ def apply_segment(
     registry: Registry,
     jobs: StreamJobs,
     items: Sequence[tuple[TableSchema, pa.Table]],
+    transactions: pa.Table,
 ) -> tuple[int, list[TableWork]]:
-    """Apply one segment's changes; returns (dead letters written, the tables' work)."""
+    """Apply one segment's changes; returns (dead letters written, the tables' work).
+    ``transactions``: the batch's :func:`~headrace.engine.resolve.transaction_starts`."""
     dead = 0
     works: dict[TableRef, TableWork] = {}
     for index, (schema, data) in enumerate(items):
@@ -56,7 +58,7 @@ def apply_segment(
             reason = model.reason or "table stopped"
             dead += write_dead_letters(con, model.name, reason, schema, data)
             continue
-        works[model.ref] = load_changes(con, model, schema, data, index)
+        works[model.ref] = load_changes(con, model, schema, data, index, transactions=transactions)
     _resolve(con, registry, works)
     for work in works.values():
         if work.model.config.history:

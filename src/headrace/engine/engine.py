@@ -34,7 +34,7 @@ from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.registry import Registry
-from headrace.engine.resolve import register_transactions, unregister_transactions
+from headrace.engine.resolve import transaction_starts
 from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
 from headrace.engine.retention import retain_history, retain_rollup
 from headrace.engine.schema_change import diff_schema, follow_schema_change
@@ -105,20 +105,17 @@ class Engine:
             for table_changes in changes:
                 self._ensure_table(con, table_changes.schema)
             self.registry.setup_rollups(con)
-            if changes:
-                register_transactions(con, [tc.data for tc in changes])
-            try:
-                for segment in split_segments(changes, self.registry.tables):
-                    for schema, lsn in segment.schema_changes:
-                        follow_schema_change(con, self.registry, schema, lsn)
-                    dead, works = apply_segment(con, self.registry, self.jobs, segment.items)
-                    dead_letters += dead
-                    for work in works:
-                        name = work.model.name
-                        per_table[name] = per_table.get(name, 0) + work.num_changes
-            finally:
-                if changes:
-                    unregister_transactions(con)
+            transactions = transaction_starts([tc.data for tc in changes])
+            for segment in split_segments(changes, self.registry.tables):
+                for schema, lsn in segment.schema_changes:
+                    follow_schema_change(con, self.registry, schema, lsn)
+                dead, works = apply_segment(
+                    con, self.registry, self.jobs, segment.items, transactions
+                )
+                dead_letters += dead
+                for work in works:
+                    name = work.model.name
+                    per_table[name] = per_table.get(name, 0) + work.num_changes
             self.store.write_position(con, self.source, position, batch.last_commit_ts)
         self._position = position
         total = sum(per_table.values())

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import cast
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,9 +52,6 @@ from headrace.source.changes import (
     TableSchema,
 )
 from headrace.store.duckdb.schema import EVENT_TS
-
-TX_TABLE = "_hr_tx"
-"""Temp table (commit LSN → first ``_hr_seq`` of the transaction in the batch)."""
 
 
 @dataclass
@@ -112,22 +110,14 @@ def old_key(j: int) -> str:
     return f"_hr_ok_{j}"
 
 
-def register_transactions(con: duckdb.DuckDBPyConnection, tables: list[pa.Table]) -> None:
-    """Register :data:`TX_TABLE`: each transaction's first change, for per-transaction ordinals.
-
-    Registered (an Arrow view, not copied) until :func:`unregister_transactions`.
-    """
+def transaction_starts(tables: list[pa.Table]) -> pa.Table:
+    """Each transaction's first change in a batch (commit LSN → ``_hr_first``, the
+    smallest ``_hr_seq`` over every table), for per-transaction ordinals."""
     parts = [t.select([LSN, SEQ]) for t in tables if t.num_rows]
-    if parts:
-        grouped = pa.concat_tables(parts).group_by(LSN).aggregate([(SEQ, "min")])
-        first = pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
-    else:
-        first = pa.table({LSN: pa.array([], pa.uint64()), "_hr_first": pa.array([], pa.int64())})
-    con.register(TX_TABLE, first)
-
-
-def unregister_transactions(con: duckdb.DuckDBPyConnection) -> None:
-    con.unregister(TX_TABLE)
+    if not parts:
+        return pa.table({LSN: pa.array([], pa.uint64()), "_hr_first": pa.array([], pa.int64())})
+    grouped = pa.concat_tables(parts).group_by(LSN).aggregate([(SEQ, "min")])
+    return pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
 
 
 def positional(
@@ -159,74 +149,137 @@ def load_changes(
     schema: TableSchema,
     data: pa.Table,
     index: int,
+    *,
+    transactions: pa.Table,
 ) -> TableWork:
-    """Create ``_hr_c_<index>`` from a table's Arrow changes and measure the batch."""
+    """Create ``_hr_c_<index>`` from a table's Arrow changes and measure the batch
+    (``transactions``: the batch's :func:`transaction_starts`).
+
+    The per-row choices (a delete's values are its old ones; the old key of an
+    update or delete) are made on the Arrow columns: planning a SQL statement
+    costs about 0.1 ms per expression, and a CASE per column per batch adds up.
+    """
     work = TableWork(model, index)
     _measure(work, data)
     data, new_names, old_names = positional(schema, storable_table(data))
-    arrow_types = {f.name: duckdb_type(f.type) for f in data.schema}
-    parts = [
-        f"c.{SEQ}",
-        f"c.{OP}",
-        f"c.{LSN}",
-        f"c.{COMMIT_TS}",
-        f"c.{XID}",
-        f"CAST(c.{SEQ} - tx._hr_first AS INTEGER) AS _hr_txseq",
-    ]
-    # The old key is sent (for updates) only when it changed; key columns are
-    # never NULL, so "all old key values present" is the test (it does not
-    # depend on the old-kind marker).
-    sent = (
-        " AND ".join(f"c.{old_names[k]} IS NOT NULL" for k in model.key if k in old_names)
-        or "false"
-    )
-    # Planning a statement costs about 0.1 ms per expression: the CASEs that only
-    # updates and deletes need are left out of batches without them.
-    changed = bool(work.updates or work.deletes)
-    for j, key in enumerate(model.key):
-        if key in new_names and changed:
-            old, new = old_names[key], new_names[key]
-            parts.append(
-                f"CASE WHEN c.{OP} IN ('U', 'D') THEN CASE WHEN {sent} "
-                f"THEN c.{old} ELSE c.{new} END END AS {old_key(j)}"
-            )
-        else:
-            key_column = model.column(key)
-            key_type = key_column.duck_type if key_column is not None else "VARCHAR"
-            parts.append(f"CAST(NULL AS {key_type}) AS {old_key(j)}")
-    for column in model.columns:
-        name, target = column.name, column.duck_type
-        if name not in new_names:
-            parts.append(f"CAST(NULL AS {target}) AS {quote_ident(name)}")
-            continue
-        new, old = f"c.{new_names[name]}", f"c.{old_names[name]}"
-        if arrow_types.get(new_names[name]) != target:
-            new, old = f"CAST({new} AS {target})", f"CAST({old} AS {target})"
-        if not model.config.mirror:
-            # Without a mirror, an unchanged TOAST value can only come from a
-            # whole old row (REPLICA IDENTITY FULL); otherwise it stays NULL.
-            new = (
-                f"CASE WHEN c.{OLD_KIND} = 'O' AND list_contains(c.{TOAST}, {_literal(name)}) "
-                f"THEN {old} ELSE {new} END"
-            )
-        if work.deletes:
-            new = f"CASE WHEN c.{OP} = 'D' THEN {old} ELSE {new} END"
-        parts.append(f"{new} AS {quote_ident(name)}")
-    parts.append(f"c.{TOAST}")
+    data = data.take(pc.sort_indices(data[SEQ]))
+    columns: dict[str, pa.ChunkedArray] = {
+        name: data[name] for name in (SEQ, OP, LSN, COMMIT_TS, XID)
+    }
+    columns["_hr_txseq"] = _transaction_ordinals(transactions, data)
+    parts = [SEQ, OP, LSN, COMMIT_TS, XID, "CAST(_hr_txseq AS INTEGER) AS _hr_txseq"]
+    parts += _old_keys(work, data, (new_names, old_names), columns)
+    parts += _row_values(work, data, (new_names, old_names), columns)
+    columns[TOAST] = data[TOAST]
+    parts.append(TOAST)
     if model.commit_time:
-        parts.append(f"CASE WHEN c.{OP} = 'I' THEN c.{COMMIT_TS} END AS {EVENT_TS}")
+        inserted = pc.equal(data[OP], "I")
+        columns[EVENT_TS] = pc.if_else(
+            inserted, data[COMMIT_TS], pa.nulls(len(data), data.schema.field(COMMIT_TS).type)
+        )
+        parts.append(EVENT_TS)
     for name in model.lookups:
         parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
     source = f"_hr_in_{index}"
-    con.register(source, data)
+    con.register(source, pa.table(columns))
     try:
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE {work.changes} AS SELECT {', '.join(parts)} "
-            f"FROM {source} c JOIN {TX_TABLE} tx ON tx.{LSN} = c.{LSN} ORDER BY c.{SEQ}"
+            f"FROM {source}"
         )
     finally:
         con.unregister(source)
     return work
+
+
+def _old_keys(
+    work: TableWork,
+    data: pa.Table,
+    names: tuple[dict[str, str], dict[str, str]],
+    columns: dict[str, pa.ChunkedArray],
+) -> list[str]:
+    """The old-key columns (added to ``columns``); their SQL select parts."""
+    model = work.model
+    new_names, old_names = names
+    # The old key is sent (for updates) only when it changed; key columns are
+    # never NULL, so "all old key values present" is the test (it does not
+    # depend on the old-kind marker).
+    present = [pc.is_valid(data[old_names[k]]) for k in model.key if k in old_names]
+    sent = _all(present) if present else None
+    changed = work.updates or work.deletes
+    updated_or_deleted = pc.is_in(data[OP], pa.array(["U", "D"])) if changed else None
+    parts = []
+    for j, key in enumerate(model.key):
+        name = old_key(j)
+        key_column = model.column(key)
+        key_type = key_column.duck_type if key_column is not None else "VARCHAR"
+        if key in new_names and updated_or_deleted is not None:
+            old, new = data[old_names[key]], data[new_names[key]]
+            chosen = pc.if_else(sent, old, new) if sent is not None else new
+            columns[name] = pc.if_else(updated_or_deleted, chosen, pa.nulls(len(data), old.type))
+            parts.append(_typed(name, duckdb_type(old.type), key_type))
+        else:
+            parts.append(f"CAST(NULL AS {key_type}) AS {name}")
+    return parts
+
+
+def _row_values(
+    work: TableWork,
+    data: pa.Table,
+    names: tuple[dict[str, str], dict[str, str]],
+    columns: dict[str, pa.ChunkedArray],
+) -> list[str]:
+    """Each table column's value per change (added to ``columns``); the select parts."""
+    model = work.model
+    new_names, old_names = names
+    deleted = pc.equal(data[OP], "D") if work.deletes else None
+    # Without a mirror, an unchanged TOAST value can only come from a whole old
+    # row (REPLICA IDENTITY FULL); otherwise it stays NULL.
+    whole_old = pc.equal(data[OLD_KIND], "O") if work.toasted and not model.config.mirror else None
+    parts = []
+    for number, column in enumerate(model.columns):
+        name, target = column.name, column.duck_type
+        if name not in new_names:
+            parts.append(f"CAST(NULL AS {target}) AS {quote_ident(name)}")
+            continue
+        new, old = data[new_names[name]], data[old_names[name]]
+        if whole_old is not None:
+            kept = pc.fill_null(pc.and_(whole_old, _lists_contain(data[TOAST], name)), False)
+            new = pc.if_else(kept, old, new)
+        value = pc.if_else(deleted, old, new) if deleted is not None else new
+        slot = f"_hr_v{number}"
+        columns[slot] = value
+        parts.append(_typed(slot, duckdb_type(value.type), target, quote_ident(name)))
+    return parts
+
+
+def _typed(column: str, duck_type: str, target: str, alias: str | None = None) -> str:
+    """``column`` as ``target`` (cast only when its Arrow column is another type)."""
+    name = alias or column
+    return f"{column} AS {name}" if duck_type == target else f"CAST({column} AS {target}) AS {name}"
+
+
+def _lists_contain(lists: pa.ChunkedArray, value: str) -> pa.Array:
+    """Per row: whether its list (NULL: empty) holds ``value``."""
+    combined = lists.combine_chunks()
+    hits = pc.filter(pc.list_parent_indices(combined), pc.equal(pc.list_flatten(combined), value))
+    mask = np.zeros(len(combined), dtype=bool)
+    mask[hits.to_numpy()] = True
+    return pa.array(mask)
+
+
+def _all(conditions: list[pa.ChunkedArray]) -> pa.ChunkedArray:
+    result = conditions[0]
+    for condition in conditions[1:]:
+        result = pc.and_(result, condition)
+    return result
+
+
+def _transaction_ordinals(transactions: pa.Table, data: pa.Table) -> pa.ChunkedArray:
+    """Each change's position in its transaction (across the batch's tables)."""
+    positions = pc.index_in(data[LSN], value_set=transactions[LSN])
+    starts = pc.take(transactions["_hr_first"], positions)
+    return pc.subtract(data[SEQ], starts)
 
 
 def _measure(work: TableWork, data: pa.Table) -> None:
