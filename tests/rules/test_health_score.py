@@ -143,4 +143,14 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
     assert later[1] > scores[1]
     history = bank.duck("SELECT count(*), count(DISTINCT account_id) FROM headrace.health_history")
     assert history[0][0] > history[0][1]  # several points per account
+
+    # A closed account (its card first: foreign key) leaves the scores, in the same
+    # batch as another account's change; the others stay exact.
+    assert 6 in later
+    bank.execute("DELETE FROM cards WHERE account_id = 6", "DELETE FROM accounts WHERE id = 6")
+    bank.set_balance(4, 10)
+    bank.sync()
+    closed = _check(bank, pg_db)
+    assert 6 not in closed
+    assert 4 in closed
     bank.close()
