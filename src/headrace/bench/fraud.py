@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from psycopg import sql
 from rich.console import Console
@@ -46,11 +44,11 @@ from rich.table import Table
 
 from headrace.bench.fraud_receiver import Received, WebhookReceiver
 from headrace.bench.fraud_score import AlertSeen, Incident, percentile, score_rules
+from headrace.bench.run_process import RunProcess
 from headrace.demo.config import FraudFamily, HistorySettings, PopulationSettings
 from headrace.demo.deployment import deployment_text, pipeline_part, replace_section
 from headrace.demo.history import load_history
 from headrace.pipeline.load import load_pipeline
-from headrace.run.control import RunFiles, read_json
 from headrace.run.metrics import FreshnessHistogram
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.store.duckdb.connect import open_store
@@ -97,64 +95,6 @@ class FraudBenchResult:
     headrace_cpu_cores: float | None = None
     meets_target: bool | None = None
     problems: list[str] = field(default_factory=list)
-
-
-class _Headrace:
-    """``headrace run`` as a child process, observed through its status file."""
-
-    def __init__(self, config_path: Path, store: Path, log_path: Path) -> None:
-        self.files = RunFiles(store)
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from headrace.cli.main import app; app()",
-                "run",
-                "--config",
-                str(config_path),
-                "--heartbeat-s",
-                "1",
-                "--batch-wait-ms",
-                "20",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.ps = psutil.Process(self.process.pid)
-
-    def status(self) -> dict[str, Any]:
-        if self.process.poll() is not None:
-            raise RuntimeError(
-                f"headrace run exited with {self.process.returncode}:\n"
-                + self.log_path.read_text()[-3000:]
-            )
-        return read_json(self.files.status) or {}
-
-    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            document = self.status()
-            if document and predicate(document):
-                return document
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-        finally:
-            self._log.close()
 
 
 def _pipeline_file(dsn: str, store: Path, path: Path, webhook: str, secret: str) -> Path:
@@ -218,7 +158,7 @@ def run(
         result.history_rows = sum(report.rows.values())
         store = Path(tmp) / "bench.duckdb"
         config = _pipeline_file(dsn, store, Path(tmp) / "headrace.yaml", receiver.url, secret)
-        headrace = _Headrace(config, store, Path(tmp) / "headrace.log")
+        headrace = RunProcess(config, store, Path(tmp) / "headrace.log", ("--batch-wait-ms", "20"))
         try:
             _measure(result, headrace, receiver, dsn=dsn, anchor=anchor, seed=seed, out=out)
         finally:
@@ -236,7 +176,7 @@ def run(
 
 def _measure(
     result: FraudBenchResult,
-    headrace: _Headrace,
+    headrace: RunProcess,
     receiver: WebhookReceiver,
     *,
     dsn: str,

@@ -29,23 +29,20 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import psutil
 import psycopg
 from rich.console import Console
 
 from headrace.bench.pipeline_workload import create_schema, tx_rows_for
+from headrace.bench.run_process import RunProcess
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
-from headrace.run.control import RunFiles, read_json
 from headrace.run.metrics import FreshnessHistogram
 from headrace.run.verify import compare_store, reference_sql
 from headrace.sandbox.postgres import ThrowawayPostgres
@@ -128,61 +125,6 @@ class PipelineBenchResult:
     meets_target: bool | None = None
 
 
-class _Headrace:
-    """``headrace run`` as a child process, observed through its status file and /proc."""
-
-    def __init__(self, config_path: Path, config: PipelineConfig, log_path: Path) -> None:
-        self.files = RunFiles(Path(config.store.path))
-        self.log = log_path.open("w")
-        command = [
-            sys.executable,
-            "-c",
-            "from headrace.cli.main import app; app()",
-            "run",
-            "--config",
-            str(config_path),
-            "--heartbeat-s",
-            "1",
-        ]
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        self.ps = psutil.Process(self.process.pid)
-        self.max_rss = 0
-
-    def status(self) -> dict[str, Any]:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"headrace run exited with {self.process.returncode}")
-        with_rss = self.ps.memory_info().rss
-        self.max_rss = max(self.max_rss, with_rss)
-        return read_json(self.files.status) or {}
-
-    def wait_for(self, predicate: Any, timeout_s: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            document = self.status()
-            if document and predicate(document):
-                return document
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out waiting for {what}")
-
-    def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return float(times.user + times.system)
-
-    def peak_rss(self) -> int:
-        with open(f"/proc/{self.process.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        finally:
-            self.log.close()
-
-
 def run(
     rate: float = 10_000,
     seconds: float = 20.0,
@@ -203,7 +145,7 @@ def run(
         config_path = Path(tmp) / "headrace.yaml"
         config_path.write_text(PIPELINE_YAML.format(dsn=dsn, store=Path(tmp) / "bench.duckdb"))
         config = load_pipeline(config_path)
-        headrace = _Headrace(config_path, config, Path(tmp) / "headrace.log")
+        headrace = RunProcess(config_path, Path(config.store.path), Path(tmp) / "headrace.log")
         try:
             _measure(
                 result,
@@ -230,7 +172,7 @@ def run(
 
 def _measure(
     result: PipelineBenchResult,
-    headrace: _Headrace,
+    headrace: RunProcess,
     *,
     dsn: str,
     rate: float,

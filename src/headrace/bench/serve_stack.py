@@ -38,12 +38,12 @@ import psutil
 import psycopg
 from psycopg import sql
 
+from headrace.bench.run_process import RunProcess
 from headrace.bench.serve_workload import CHANGES_PER_TRANSACTION
 from headrace.demo.config import HistorySettings, PopulationSettings
 from headrace.demo.deployment import deployment_text
 from headrace.demo.history import load_history
 from headrace.pipeline.load import load_pipeline
-from headrace.run.control import RunFiles, read_json
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.serve.settings import ServeSettings, load_serve_settings
 from headrace.serve.users import Role, UserStore
@@ -84,56 +84,16 @@ class ProcessCpu:
             return 0
 
 
-@dataclass
-class HeadraceRun:
+class HeadraceRun(RunProcess):
     """``headrace run --config CONFIG --serve`` as a child process.
 
     It listens on a port of its own choosing (``--port 0``: no race with other
     programs for a port picked beforehand), read back from its log.
     """
 
-    config: Path
-    store: Path
-    log_path: Path
-    port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    _log: Any = None
-
-    def start(self) -> HeadraceRun:
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from headrace.cli.main import app; app()",
-                "run",
-                "--config",
-                str(self.config),
-                "--serve",
-                "--port",
-                "0",
-                "--heartbeat-s",
-                "1",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        if self.process is None:
-            raise RuntimeError("headrace run is not started")
-        return self.process.pid
-
-    def status(self) -> dict[str, Any]:
-        """The run's status document (empty before the first one is written)."""
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(
-                f"headrace run exited with {self.process.returncode}:\n"
-                + self.log_path.read_text()[-3000:]
-            )
-        return read_json(RunFiles(self.store).status) or {}
+    def __init__(self, config: Path, store: Path, log_path: Path) -> None:
+        super().__init__(config, store, log_path, ("--serve", "--port", "0"))
+        self.port = 0
 
     def wait_streaming(self, timeout_s: float) -> dict[str, Any]:
         """Wait until the snapshot is done and the HTTP app answers; the status then.
@@ -155,22 +115,6 @@ class HeadraceRun:
                         pass
                 time.sleep(0.2)
         raise RuntimeError(f"headrace run did not start streaming within {timeout_s:.0f} s")
-
-    def stop(self) -> int | None:
-        """SIGTERM (finish the batch, confirm the slot), then wait; the exit code."""
-        if self.process is None:
-            return None
-        try:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                return self.process.wait()
-        finally:
-            if self._log is not None:
-                self._log.close()
 
 
 @dataclass
@@ -323,7 +267,6 @@ class ServeStack:
         finally:
             users.close()
         self.run = HeadraceRun(self.config, self.store, self.workdir / "headrace.log")
-        self.run.start()
         status = self.run.wait_streaming(timeout_s=600)
         self.serve = serve.model_copy(update={"port": self.run.port})
         self.snapshot_seconds = (status.get("snapshot") or {}).get("seconds")

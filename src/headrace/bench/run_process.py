@@ -1,0 +1,102 @@
+"""``headrace run`` as a benchmark's child process, observed through its status file and /proc.
+
+Every end-to-end benchmark (pipeline, fraud, serve) runs the pipeline the way
+a user does: ``headrace run --config FILE`` in its own process, stopped with
+SIGTERM (finish the batch, confirm the slot). This is that process.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from headrace.run.control import RunFiles, read_json
+
+
+class RunProcess:
+    """``headrace run --config CONFIG --heartbeat-s 1 [extra_args]``, started at once."""
+
+    def __init__(
+        self, config: Path, store: Path, log_path: Path, extra_args: Sequence[str] = ()
+    ) -> None:
+        self.files = RunFiles(store)
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from headrace.cli.main import app; app()",
+                "run",
+                "--config",
+                str(config),
+                "--heartbeat-s",
+                "1",
+                *extra_args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.ps = psutil.Process(self.process.pid)
+        self.max_rss = 0
+        """Largest RSS seen by :meth:`status` (reset it to measure a phase)."""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text()[-chars:] if self.log_path.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        """The run's status document (empty before the first); raises if the run exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"headrace run exited with {self.process.returncode}:\n{self.log_tail()}"
+            )
+        self.max_rss = max(self.max_rss, self.ps.memory_info().rss)
+        return read_json(self.files.status) or {}
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
+    ) -> dict[str, Any]:
+        """Poll the status until ``predicate`` holds for it; that status."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            document = self.status()
+            if document and predicate(document):
+                return document
+            time.sleep(0.1)
+        raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def peak_rss(self) -> int:
+        """The process's high-water RSS (``VmHWM``), in bytes."""
+        with open(f"/proc/{self.process.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (a kill after 60 s); the exit code."""
+        try:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                return self.process.wait()
+        finally:
+            self._log.close()
