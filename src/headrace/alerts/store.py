@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 import duckdb
 
 from headrace.alerts.config import SEVERITY_RANK, SinkConfig
+from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
 ALERTS = f"{META}.alerts"
@@ -142,8 +143,8 @@ def insert_alerts(
         SELECT (SELECT coalesce(max(id), 0) FROM {ALERTS})
                    + row_number() OVER (ORDER BY s.event_at, s.rule, s.key) AS id, s.*
         FROM ({source}) s"""
-    ).fetchall()
-    count = int(created[0][0]) if created else 0
+    )
+    count = rows_written(created)
     if count:
         columns = ", ".join(ALERT_COLUMNS)
         con.execute(f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts")

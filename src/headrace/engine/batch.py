@@ -20,7 +20,6 @@ Order matters and is the same for every segment:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -38,6 +37,7 @@ from headrace.engine.rollup import BUCKET, RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
 from headrace.source.changes import TableRef, TableSchema
+from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
 
@@ -110,32 +110,29 @@ def apply_rollup(
     horizon = runtime.retained_from
     params: list[object] = [horizon] if horizon is not None else []
     sides = plan.side_tables()
-    # Every statement costs a few ms whatever its size, so intermediate
-    # results are materialized only when read more than once.
+    # The state and side deltas read the same rows: the weighted ones, or for
+    # floating sums the netted ones (materialized when side tables read them too:
+    # every statement costs a few ms whatever its size).
+    with_horizon = horizon is not None
     if not plan.needs_net():
-        # Linear measures: the deltas come straight from the weighted rows
-        # (side deltas net per value themselves).
-        source = f"({plan.weighted_sql(work.start, work.end, horizon is not None)})"
-        source_params = side_params = params
-        side_source = source
+        source = f"({plan.weighted_sql(work.start, work.end, with_horizon)})"
+    elif sides:
+        source = f"_hr_n_{index}"
+        netted = plan.net_sql(work.start, work.end, with_horizon)
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {source} AS {netted}", params)
+        params = []
     else:
-        netted = plan.net_sql(work.start, work.end, horizon is not None)
-        if sides:
-            net = f"_hr_n_{index}"
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {net} AS {netted}", params)
-            source, source_params, side_source, side_params = net, [], net, []
-        else:
-            source, source_params, side_source, side_params = f"({netted})", params, "", []
+        source = f"({plan.net_sql(work.start, work.end, with_horizon)})"
     appended = 0
     if plan.extremes():
-        _merge_extremes(con, plan, work, index, (source, source_params))
+        _merge_extremes(con, plan, work, index, (source, params))
     else:
-        appended += _count(
-            con.execute(plan.insert_sql(f"({plan.delta_sql(source)})"), source_params)
+        appended += rows_written(
+            con.execute(plan.insert_sql(f"({plan.delta_sql(source)})"), params)
         )
     for measure in sides:
-        delta = f"({plan.side_delta_sql(measure, side_source)})"
-        appended += _count(con.execute(plan.side_insert_sql(measure, delta), side_params))
+        delta = f"({plan.side_delta_sql(measure, source)})"
+        appended += rows_written(con.execute(plan.side_insert_sql(measure, delta), params))
     runtime.appended += appended
 
 
@@ -147,8 +144,8 @@ def _merge_extremes(
     rows: tuple[str, list[object]],
 ) -> None:
     """MERGE a rollup with min/max; groups whose extreme the batch retracted take the
-    value recomputed from the updated mirror. ``rows``: the netted rows and their
-    parameters."""
+    value recomputed from the updated mirror. ``rows``: the batch's rows (weighted or
+    netted) and their parameters."""
     source, params = rows
     bounds = _retracted_range(con, plan, work)
     if bounds is None:
@@ -161,12 +158,6 @@ def _merge_extremes(
     con.execute(f"CREATE OR REPLACE TEMP TABLE {flagged} AS {plan.flagged_sql(delta)}")
     recomputed = plan.recomputed_delta_sql(delta, flagged, bool(bounds))
     con.execute(plan.merge_sql(f"({recomputed})", recomputed=True), bounds)
-
-
-def _count(result: duckdb.DuckDBPyConnection) -> int:
-    """The row count a DuckDB INSERT / DELETE / CREATE TABLE AS returns."""
-    row = result.fetchone()
-    return int(cast(int, row[0])) if row is not None else 0
 
 
 def _retracted_range(

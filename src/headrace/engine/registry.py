@@ -340,11 +340,9 @@ class Registry:
         row = con.execute(f"SELECT {counts}").fetchone()
         return [int(v) for v in row] if row is not None else [0] * len(tables)
 
-    @staticmethod
-    def _rows(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
-        counts = " + ".join(f"(SELECT count(*) FROM {t})" for t in plan.owned_tables())
-        row = con.execute(f"SELECT {counts}").fetchone()
-        return int(row[0]) if row is not None else 0
+    @classmethod
+    def _rows(cls, con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
+        return sum(cls._sizes(con, plan.owned_tables()))
 
     @staticmethod
     def _state_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import cast
 
 import duckdb
 import numpy as np
@@ -51,6 +50,7 @@ from headrace.source.changes import (
     XID,
     TableSchema,
 )
+from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import EVENT_TS
 
 
@@ -91,9 +91,6 @@ class TableWork:
     @property
     def end(self) -> str:
         return f"_hr_e_{self.index}"
-
-    def temp_tables(self) -> list[str]:
-        return [self.changes, self.prev, self.keys, self.start, self.end]
 
 
 @dataclass
@@ -422,26 +419,18 @@ def compute_net(
         for n, _ in model.mirror_columns()
     )
     # CREATE TABLE AS returns its row count: start and end sizes come for free.
-    work.end_rows = _created(
-        con,
-        f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
-        SELECT {columns}, c.{SEQ} FROM {c} c {" ".join(joined.joins)}
-        WHERE c.{OP} IN ('I', 'U') AND c.{SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})""",
+    work.end_rows = rows_written(
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
+            SELECT {columns}, c.{SEQ} FROM {c} c {" ".join(joined.joins)}
+            WHERE c.{OP} IN ('I', 'U') AND c.{SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})"""
+        )
     )
     if work.truncated_at is not None:
         source = f"SELECT * FROM {model.mirror}"
     else:
         on = " AND ".join(f"m.{k} = k.{k}" for k in keys)
         source = f"SELECT m.* FROM {model.mirror} m SEMI JOIN {work.keys} k ON {on}"
-    work.start_rows = _created(con, f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
-
-
-def _created(con: duckdb.DuckDBPyConnection, create_as: str) -> int:
-    """Run a ``CREATE TABLE ... AS``; the number of rows it created."""
-    row = con.execute(create_as).fetchone()
-    return int(cast(int, row[0])) if row is not None else 0
-
-
-def drop_temp(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    for table in work.temp_tables():
-        con.execute(f"DROP TABLE IF EXISTS {table}")
+    work.start_rows = rows_written(
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
+    )

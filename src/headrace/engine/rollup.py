@@ -431,19 +431,6 @@ class RollupPlan:
             f"GROUP BY ALL HAVING sum(_hr_w) <> 0"
         )
 
-    def side_merge_sql(self, measure: CountDistinct, delta: str) -> str:
-        table = self.side_table(measure)
-        keys = [name for name, _ in measure.side_keys()]
-        on = self.match("s", "d") + "".join(f" AND s.{k} = d.{k}" for k in keys)
-        names = [*self.group_columns, *keys, "_hr_n"]
-        return (
-            f"MERGE INTO {table} s USING {delta} d ON {on} "
-            f"WHEN MATCHED AND s._hr_n + d._hr_n = 0 THEN DELETE "
-            f"WHEN MATCHED THEN UPDATE SET _hr_n = s._hr_n + d._hr_n "
-            f"WHEN NOT MATCHED AND d._hr_n > 0 THEN INSERT ({', '.join(names)}) "
-            f"VALUES ({', '.join(f'd.{n}' for n in names)})"
-        )
-
     # ------------------------------------------------------------------- build
 
     def build_sql(self, with_horizon: bool) -> str:

@@ -31,6 +31,7 @@ from headrace.rules.base import RuleJob
 from headrace.rules.recent import RecentTransactions
 from headrace.rules.triggers import create_tx_triggers
 from headrace.source.changes import TableRef
+from headrace.store.duckdb.results import rows_written
 
 CANDIDATES = "_job_candidates"
 
@@ -99,8 +100,8 @@ class RuleSet(StreamJob):
         if parts:
             created = con.execute(
                 f"CREATE OR REPLACE TEMP TABLE {CANDIDATES} AS {' UNION ALL BY NAME '.join(parts)}"
-            ).fetchall()
-            if created and created[0][0]:
+            )
+            if rows_written(created):
                 emit_incidents(
                     con,
                     CANDIDATES,

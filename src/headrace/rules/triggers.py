@@ -29,6 +29,7 @@ from headrace.jobs.base import TableDelta
 from headrace.pipeline.model import quote_ident
 from headrace.rules.config import TransactionsTable
 from headrace.source.changes import LSN
+from headrace.store.duckdb.results import rows_written
 
 TX_TRIGGERS = "_job_tx"
 """Temp table of the batch's transaction triggers (module docstring)."""
@@ -146,8 +147,8 @@ def create_tx_triggers(
                        FROM {delta.start}) s ON {key_match}
             {joins})
         WHERE {" OR ".join(spec.flag for spec in specs)}"""
-    ).fetchall()
-    total = int(created[0][0]) if created else 0
+    )
+    total = rows_written(created)
     if total == 0:
         return {spec.rule: 0 for spec in specs}
     if len(specs) == 1:
