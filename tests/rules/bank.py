@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from headrace.alerts.store import ALERT_COLUMNS
 from headrace.demo.schema import apply_schema
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness
@@ -153,30 +154,11 @@ class Bank:
     def alerts(self, rule: str | None = None) -> list[dict[str, Any]]:
         where = f" WHERE rule = '{rule}'" if rule else ""
         rows = self.duck(
-            "SELECT id, rule, severity, account_id, key, started_at, detected_at, payload, kind, "
-            f"status, summary, event_at, commit_ts, lsn, latency_ms FROM headrace.alerts{where} "
-            "ORDER BY id"
+            f"SELECT {', '.join(ALERT_COLUMNS)} FROM headrace.alerts{where} ORDER BY id"
         )
-        names = [
-            "id",
-            "rule",
-            "severity",
-            "account_id",
-            "key",
-            "started_at",
-            "detected_at",
-            "payload",
-            "kind",
-            "status",
-            "summary",
-            "event_at",
-            "commit_ts",
-            "lsn",
-            "latency_ms",
-        ]
         out = []
         for row in rows:
-            alert = dict(zip(names, row, strict=True))
+            alert = dict(zip(ALERT_COLUMNS, row, strict=True))
             alert["payload"] = json.loads(alert["payload"])
             out.append(alert)
         return out
