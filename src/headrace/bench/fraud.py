@@ -123,6 +123,7 @@ def run(
     customers: int = 20_000,
     fraud_every: int = 1_000,
     seed: int = 1,
+    record: Path | None = None,
     console: Console | None = None,
 ) -> FraudBenchResult:
     """Run the benchmark (see module docstring) and print its lines."""
@@ -158,7 +159,8 @@ def run(
         result.history_rows = sum(report.rows.values())
         store = Path(tmp) / "bench.duckdb"
         config = _pipeline_file(dsn, store, Path(tmp) / "headrace.yaml", receiver.url, secret)
-        headrace = RunProcess(config, store, Path(tmp) / "headrace.log", ("--batch-wait-ms", "20"))
+        extra = ("--batch-wait-ms", "20") + (("--record", str(record.resolve())) if record else ())
+        headrace = RunProcess(config, store, Path(tmp) / "headrace.log", extra)
         try:
             _measure(result, headrace, receiver, dsn=dsn, anchor=anchor, seed=seed, out=out)
         finally:

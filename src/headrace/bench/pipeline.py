@@ -131,6 +131,7 @@ def run(
     base_rows: int = 1_000_000,
     *,
     writers: int = 4,
+    record: Path | None = None,
     console: Console | None = None,
 ) -> PipelineBenchResult:
     """Run the benchmark (see module docstring) and print its lines."""
@@ -145,7 +146,12 @@ def run(
         config_path = Path(tmp) / "headrace.yaml"
         config_path.write_text(PIPELINE_YAML.format(dsn=dsn, store=Path(tmp) / "bench.duckdb"))
         config = load_pipeline(config_path)
-        headrace = RunProcess(config_path, Path(config.store.path), Path(tmp) / "headrace.log")
+        headrace = RunProcess(
+            config_path,
+            Path(config.store.path),
+            Path(tmp) / "headrace.log",
+            ("--record", str(record.resolve())) if record else (),
+        )
         try:
             _measure(
                 result,

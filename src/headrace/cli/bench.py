@@ -7,7 +7,19 @@ add a command below that imports it lazily (so ``headrace --help`` stays fast).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+RecordOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--record",
+        help="Also record every batch headrace applies into this new directory "
+        "(for `headrace bench replay`).",
+    ),
+]
 
 bench_app = typer.Typer(
     name="bench",
@@ -105,6 +117,7 @@ def pipeline(
     writers: int = typer.Option(
         4, "--writers", min=1, help="Generator connections sharing the rate."
     ),
+    record: RecordOption = None,
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -116,11 +129,11 @@ def pipeline(
     """
     from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rate, seconds, base_rows, writers=writers)
+    run(rate, seconds, base_rows, writers=writers, record=record)
 
 
 @bench_app.command("fraud")
-def fraud(
+def fraud(  # noqa: PLR0917 - typer maps parameters to options, not positions
     rate: float = typer.Option(
         5_000, "--rate", min=1, help="Transactions/s (wall clock) the generator writes."
     ),
@@ -135,6 +148,7 @@ def fraud(
     fraud_every: int = typer.Option(
         1_000, "--fraud-every", min=10, help="One labelled fraud scenario per N transactions."
     ),
+    record: RecordOption = None,
 ) -> None:
     """The six fraud rules on the live fintech workload, scored against the ground truth.
 
@@ -145,4 +159,40 @@ def fraud(
     """
     from headrace.bench.fraud import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rate, seconds, speed=speed, customers=customers, fraud_every=fraud_every)
+    run(
+        rate,
+        seconds,
+        speed=speed,
+        customers=customers,
+        fraud_every=fraud_every,
+        record=record,
+    )
+
+
+@bench_app.command("replay")
+def replay(
+    recording: Annotated[
+        Path,
+        typer.Argument(
+            help="A directory written by `--record` (headrace run, bench pipeline/fraud)."
+        ),
+    ],
+    repeat: int = typer.Option(
+        3, "--repeat", min=1, help="Replays, each on a fresh copy of the store; medians count."
+    ),
+    top: int = typer.Option(15, "--top", min=0, help="Statements to list, costliest first."),
+    skip: int = typer.Option(
+        2, "--skip", min=0, help="First batches of each replay not counted (warm-up)."
+    ),
+) -> None:
+    """Apply recorded batches again, in-process, timing every store statement.
+
+    Each replay starts from a copy of the recorded store, so every replay runs
+    the same statements on the same data with no PostgreSQL or generator
+    competing for the CPU: the way to compare engine changes on a noisy
+    machine. Prints ms per apply (median over replays), statements per apply,
+    the costliest statements; one JSON line last.
+    """
+    from headrace.bench.replay import run  # noqa: PLC0415 - keeps `headrace --help` fast
+
+    run(recording, repeat=repeat, top=top, skip=skip)

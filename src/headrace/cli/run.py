@@ -85,6 +85,14 @@ def run(
             help="First run only: drop an existing slot of that name and snapshot anew.",
         ),
     ] = False,
+    record: Annotated[
+        Path | None,
+        typer.Option(
+            "--record",
+            help="Record every applied batch (and the store before the first) into this "
+            "new directory, for `headrace bench replay`.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False,
 ) -> None:
     """Snapshot every table (first run), then stream every change into the store.
@@ -111,6 +119,7 @@ def run(
             queue_batches=queue_batches,
             heartbeat_interval_s=heartbeat_s,
             snapshot_workers=snapshot_workers,
+            record_dir=record,
         )
         serve_settings = (
             _serve_settings(config, Path(pipeline.store.path), host, port, no_auth)

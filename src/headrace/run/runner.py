@@ -60,6 +60,7 @@ from headrace.run.initial import (
 )
 from headrace.run.merge import can_join, merge_batches
 from headrace.run.pipeline_source import source_settings
+from headrace.run.recorder import BatchRecorder
 from headrace.run.settings import RunSettings
 from headrace.run.state import FAILED, STOPPED, STOPPING, STREAMING, RunState
 from headrace.run.status import StatusReporter
@@ -329,6 +330,7 @@ class Runner:
         faults = self.faults
         next_maintain = time.monotonic() + settings.maintain_interval_s
         held: _Item | None = None
+        recorder = BatchRecorder(settings.record_dir) if settings.record_dir else None
         while not self.stop.is_set():
             if held is not None:
                 item, held = held, None
@@ -345,6 +347,8 @@ class Runner:
             group = [item]
             held = self._gather(group, items)
             batch = merge_batches([i.batch for i in group if i.batch is not None])
+            if recorder is not None:
+                recorder.record(engine.store, self.config, batch)
             faults.reached("before_apply")
             faults.reached("during_apply")
             applied = engine.apply(batch)

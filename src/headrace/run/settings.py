@@ -8,6 +8,7 @@ worth changing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from headrace.errors import ConfigError
 
@@ -59,6 +60,11 @@ class RunSettings:
 
     slot_lag_interval_s: float = 2.0
     """How often the slot's WAL lag is read from the server for the status."""
+
+    record_dir: Path | None = None
+    """Record every applied batch (and a copy of the store before the first) into
+    this directory for ``headrace bench replay`` (:mod:`headrace.run.recorder`).
+    None records nothing."""
 
     def __post_init__(self) -> None:
         problems = []

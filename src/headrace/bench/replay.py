@@ -1,0 +1,182 @@
+"""``headrace bench replay DIR``: apply recorded batches again, timing every statement.
+
+A recording (:mod:`headrace.run.recorder`) holds a copy of the store and the
+batches a live run applied. Each replay copies the store, opens an
+:class:`~headrace.engine.engine.Engine` on it and applies the batches in
+order, with the writer connection wrapped so every statement is timed. The
+first ``skip`` batches of each replay are warm-up (caches, first compactions)
+and not counted; between batches the engine's maintenance runs as in a live
+run (timed separately, since it is not on the freshness path).
+
+The peer is the live run itself: a replay's ms per apply is the writer's
+share of the freshness a benchmark measured, without PostgreSQL, the
+generator and the serving competing for the same cores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from headrace.engine.engine import Engine
+from headrace.run.recorder import STORE_FILE, load_recording, read_batch
+from headrace.source.changes import ChangeBatch
+from headrace.store.duckdb.store import DuckDBStore
+
+_SPACES = re.compile(r"\s+")
+
+
+class _TimedConnection:
+    """Forwards everything to a DuckDB connection; times ``execute`` per statement text."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, timings: dict[str, list[float]]) -> None:
+        self._con = con
+        self._timings = timings
+
+    def execute(self, query: str, parameters: object = None) -> Any:
+        started = time.perf_counter()
+        try:
+            if parameters is None:
+                return self._con.execute(query)
+            return self._con.execute(query, parameters)
+        finally:
+            self._timings[_label(query)].append((time.perf_counter() - started) * 1000)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+def _label(query: str) -> str:
+    """A statement's identity across batches: its text, whitespace folded, cut short."""
+    return _SPACES.sub(" ", query).strip()[:110]
+
+
+@dataclass
+class ReplayResult:
+    """Figures of one ``bench replay`` (the JSON line)."""
+
+    recording: str
+    batches: int = 0
+    changes_per_batch: float = 0.0
+    apply_ms_p50: float = 0.0
+    apply_ms_mean: float = 0.0
+    apply_ms_by_replay: list[float] = field(default_factory=list)
+    statements_per_apply: float = 0.0
+    maintain_ms_per_batch: float = 0.0
+    changes_per_s: float = 0.0
+    top: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _replay_once(
+    directory: Path, batches: list[ChangeBatch], skip: int, workdir: Path
+) -> tuple[list[float], float, dict[str, list[float]]]:
+    config, _ = load_recording(directory)
+    copy = workdir / "replay.duckdb"
+    for leftover in (copy, Path(f"{copy}.wal")):
+        leftover.unlink(missing_ok=True)
+    shutil.copyfile(directory / STORE_FILE, copy)
+    store = DuckDBStore(copy)
+    timings: dict[str, list[float]] = defaultdict(list)
+    applies: list[float] = []
+    maintain = 0.0
+    try:
+        engine = Engine(config, store)
+        plain = store._con
+        for index, batch in enumerate(batches):
+            counted = index >= skip
+            store._con = _TimedConnection(plain, timings) if counted else plain  # type: ignore[assignment]
+            started = time.perf_counter()
+            engine.apply(batch)
+            if counted:
+                applies.append((time.perf_counter() - started) * 1000)
+            store._con = plain
+            started = time.perf_counter()
+            engine.maintain()
+            if counted:
+                maintain += (time.perf_counter() - started) * 1000
+    finally:
+        store.close()
+    return applies, maintain, timings
+
+
+def run(
+    directory: Path,
+    *,
+    repeat: int = 3,
+    top: int = 15,
+    skip: int = 2,
+    console: Console | None = None,
+) -> ReplayResult:
+    """Replay the recording ``repeat`` times (module docstring) and print the figures."""
+    out = console or Console(highlight=False)
+    _, paths = load_recording(directory)
+    batches = [read_batch(path) for path in paths]
+    skip = min(skip, max(0, len(batches) - 1))
+    counted = batches[skip:]
+    changes = sum(batch.num_changes for batch in counted)
+    result = ReplayResult(recording=str(directory), batches=len(counted))
+    result.changes_per_batch = round(changes / len(counted), 1)
+    out.print(
+        f"replaying {len(batches)} batches ({skip} warm-up), "
+        f"{result.changes_per_batch:,.0f} changes per counted batch, {repeat} times"
+    )
+    per_replay: list[float] = []
+    all_applies: list[float] = []
+    maintain_ms = 0.0
+    timings: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
+        for number in range(repeat):
+            applies, maintain, statement_ms = _replay_once(directory, batches, skip, Path(tmp))
+            per_replay.append(statistics.median(applies))
+            all_applies.extend(applies)
+            maintain_ms += maintain
+            for label, values in statement_ms.items():
+                timings[label].extend(values)
+            out.print(
+                f"  replay {number + 1}: median {per_replay[-1]:.1f} ms per apply, "
+                f"total {sum(applies):,.0f} ms"
+            )
+    applies_total = len(all_applies)
+    result.apply_ms_by_replay = [round(v, 2) for v in per_replay]
+    result.apply_ms_p50 = round(statistics.median(per_replay), 2)
+    result.apply_ms_mean = round(statistics.fmean(all_applies), 2)
+    result.statements_per_apply = round(sum(len(v) for v in timings.values()) / applies_total, 2)
+    result.maintain_ms_per_batch = round(maintain_ms / applies_total, 2)
+    result.changes_per_s = round(changes * repeat / (sum(all_applies) / 1000), 1)
+    ranked = sorted(timings.items(), key=lambda kv: -sum(kv[1]))
+    table = Table(title="costliest statements (ms per apply)")
+    table.add_column("ms", justify="right")
+    table.add_column("runs/apply", justify="right")
+    table.add_column("statement")
+    for label, values in ranked[:top]:
+        per_apply = sum(values) / applies_total
+        result.top.append(
+            {
+                "ms_per_apply": round(per_apply, 2),
+                "runs_per_apply": round(len(values) / applies_total, 2),
+                "statement": label,
+            }
+        )
+        table.add_row(f"{per_apply:.2f}", f"{len(values) / applies_total:.2f}", label)
+    if top:
+        out.print(table)
+    out.print(
+        f"apply: median {result.apply_ms_p50} ms (replays {result.apply_ms_by_replay}), "
+        f"{result.statements_per_apply} statements per apply, "
+        f"{result.changes_per_s:,.0f} changes/s while applying; "
+        f"maintenance {result.maintain_ms_per_batch} ms per batch"
+    )
+    print(json.dumps(result.__dict__), flush=True)
+    return result
