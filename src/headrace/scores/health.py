@@ -58,6 +58,8 @@ login retracts its failure but not a first sighting.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import duckdb
@@ -72,9 +74,10 @@ from headrace.jobs.state import (
     mirror_time,
 )
 from headrace.pipeline.model import quote_ident
-from headrace.rules.config import RulesConfig, TablesConfig
+from headrace.rules.config import AccountsTable, RulesConfig, TablesConfig
 from headrace.scores.config import HealthScoreConfig, ScoresConfig
 from headrace.source.changes import TableRef
+from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
 SCORES = f"{META}.health_scores"
@@ -98,10 +101,43 @@ SCORES_DDL: tuple[str, ...] = (
 )
 
 AFFECTED = "_job_hs_acc"
+NEW_SCORES = "_job_hs_new"
 
 
 def q(name: str) -> str:
     return quote_ident(name)
+
+
+@dataclass(frozen=True)
+class Affected:
+    """The accounts a batch makes the job score again.
+
+    ``ids`` are SQL selects of account ids (one column each); ``customers``
+    SQL selects of customer ids, meaning every account of those customers.
+    """
+
+    ids: Sequence[str]
+    customers: Sequence[str]
+
+    def predicate(self, accounts: AccountsTable, alias: str) -> str:
+        """SQL: the accounts mirror row ``alias`` is affected (one scan of the mirror,
+        no join with a union of the batch's rows)."""
+        terms = []
+        if self.ids:
+            terms.append(f"{alias}.{q(accounts.id)} IN ({' UNION ALL '.join(self.ids)})")
+        if self.customers:
+            customers = " UNION ALL ".join(self.customers)
+            terms.append(f"{alias}.{q(accounts.customer)} IN ({customers})")
+        return " OR ".join(terms) if terms else "false"
+
+    def ids_sql(self, accounts: AccountsTable, mirror: str) -> str:
+        """SQL: the affected account ids as column ``account``, deleted accounts included."""
+        parts = list(self.ids)
+        if self.customers:
+            customers = " UNION ALL ".join(self.customers)
+            key, customer = q(accounts.id), q(accounts.customer)
+            parts.append(f"SELECT {key} FROM {mirror} WHERE {customer} IN ({customers})")
+        return f"SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)}) AS u(account)"
 
 
 class HealthScore(StreamJob):
@@ -224,20 +260,22 @@ class HealthScore(StreamJob):
         horizon = self.horizon(watermark)
         accounts = self.accounts
         tx_sums, login_sums = self.tx_sums(), self.login_sums()
-        parts = []
+        # The accounts to score again: by id (their transactions or row changed) and by
+        # customer (its logins changed).
+        ids: list[str] = []
         if tx_delta is not None:
             account = q(self.tx.account)
-            parts += [
+            ids += [
                 f"SELECT {account} FROM {tx_delta.end}",
                 f"SELECT {account} FROM {tx_delta.start}",
             ]
         if account_delta is not None:
             key = q(accounts.id)
-            parts += [
+            ids += [
                 f"SELECT {key} FROM {account_delta.end}",
                 f"SELECT {key} FROM {account_delta.start}",
             ]
-        customers = []
+        customers: list[str] = []
         if login_delta is not None:
             customer = q(self.logins.customer)
             customers += [
@@ -246,13 +284,8 @@ class HealthScore(StreamJob):
             ]
         expired = horizon is not None and old_horizon is not None and horizon > old_horizon
         if expired:
-            parts.append(f"SELECT account FROM {tx_sums.table} WHERE bucket < '{horizon}'")
+            ids.append(f"SELECT account FROM {tx_sums.table} WHERE bucket < '{horizon}'")
             customers.append(f"SELECT customer FROM {login_sums.table} WHERE bucket < '{horizon}'")
-        if customers:
-            parts.append(
-                f"SELECT {q(accounts.id)} FROM {ctx.mirror(self.accounts_ref)} "
-                f"WHERE {q(accounts.customer)} IN ({' UNION ALL '.join(customers)})"
-            )
         since = f"bucket >= '{horizon}'" if horizon is not None else "true"
         if tx_delta is not None:
             tx_sums.update(con, tx_delta, since)
@@ -270,12 +303,11 @@ class HealthScore(StreamJob):
             # Once every job has run: account takeover may read the same devices table.
             ctx.after_jobs(devices.table, lambda: devices.update(con, login_delta))
         ctx.set_watermark(self.name, watermark, horizon)
-        if parts:
+        if ids or customers:
             removed = account_delta is not None and (
                 account_delta.deletes > 0 or account_delta.truncated
             )
-            affected = f"SELECT DISTINCT * FROM ({' UNION ALL '.join(parts)}) AS u(account)"
-            self._score(ctx, horizon, watermark, affected=affected, removed=removed)
+            self._score(ctx, horizon, watermark, Affected(ids, customers), removed=removed)
         if expired:
             # After scoring: the affected accounts include those of the expired buckets
             # (the scores read only buckets within the window anyway).
@@ -286,15 +318,12 @@ class HealthScore(StreamJob):
 
     # ------------------------------------------------------------------ score
 
-    def score_sql(self, horizon: datetime | None, affected: str | None) -> str:
-        """SQL: score and components of the accounts ``affected`` selects (or all)."""
+    def score_sql(self, horizon: datetime | None, where: str | None) -> str:
+        """SQL: score and components of the accounts whose mirror row ``a`` matches
+        ``where`` (SQL; all accounts when None)."""
         w = self.config.weights
         accounts = self.accounts
-        mirror_filter = (
-            f"SEMI JOIN ({affected}) f ON f.account = a.{q(accounts.id)}"
-            if affected is not None
-            else ""
-        )
+        mirror_filter = f"WHERE {where}" if where is not None else ""
         since = f"bucket >= '{horizon}'" if horizon is not None else "false"
         tx_sums, login_sums = self.tx_sums(), self.login_sums()
         return f"""
@@ -355,46 +384,56 @@ class HealthScore(StreamJob):
         ctx: JobContext,
         horizon: datetime | None,
         watermark: datetime | None,
+        affected: Affected | None,
         *,
-        affected: str | None,
         removed: bool = False,
     ) -> None:
-        """Recompute the scores of the accounts ``affected`` selects (all when None);
-        ``removed``: some accounts may have been deleted (their scores go too)."""
+        """Recompute the scores of the ``affected`` accounts (all when None); ``removed``:
+        some accounts may have been deleted (their scores go too)."""
         con = ctx.con
-        if removed and affected is not None:
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {AFFECTED} AS {affected}")
-            affected = f"SELECT * FROM {AFFECTED}"
-        sql = self.score_sql(horizon, affected).replace(
-            "{accounts_mirror}", ctx.mirror(self.accounts_ref)
+        mirror = ctx.mirror(self.accounts_ref)
+        where = None
+        if affected is not None and removed:
+            ids = affected.ids_sql(self.accounts, mirror)
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {AFFECTED} AS {ids}")
+            where = f"a.{q(self.accounts.id)} IN (SELECT account FROM {AFFECTED})"
+        elif affected is not None:
+            where = affected.predicate(self.accounts, "a")
+        sql = self.score_sql(horizon, where).replace("{accounts_mirror}", mirror)
+        # One statement computes the new scores and whether each changed (the history
+        # rows), so the two writes below only read this small table.
+        created = con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE {NEW_SCORES} AS
+            SELECT n.*, s.account_id IS NULL OR s.score IS DISTINCT FROM n.score AS changed
+            FROM ({sql}) n LEFT JOIN {SCORES} s ON s.account_id = n.account_id"""
         )
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _job_hs_new AS {sql}")
+        scored = rows_written(created) > 0
         now = ctx.now
-        con.execute(
-            f"""INSERT INTO {HISTORY}
-            SELECT n.account_id, n.score, ?, ?, n.components FROM _job_hs_new n
-            LEFT JOIN {SCORES} s ON s.account_id = n.account_id
-            WHERE n.account_id IS NOT NULL
-              AND (s.account_id IS NULL OR s.score IS DISTINCT FROM n.score)""",
-            [now, watermark],
-        )
+        if scored:
+            con.execute(
+                f"""INSERT INTO {HISTORY}
+                SELECT account_id, score, ?, ?, components FROM {NEW_SCORES}
+                WHERE account_id IS NOT NULL AND changed""",
+                [now, watermark],
+            )
         if affected is None:
             con.execute(f"DELETE FROM {SCORES}")
         elif removed:
             con.execute(
                 f"""DELETE FROM {SCORES} WHERE account_id IN (
                     SELECT TRY_CAST(account AS BIGINT) FROM {AFFECTED}
-                    EXCEPT SELECT account_id FROM _job_hs_new)"""
+                    EXCEPT SELECT account_id FROM {NEW_SCORES})"""
             )
-        con.execute(
-            f"""INSERT INTO {SCORES}
-            SELECT account_id, score, ?, ?, components FROM _job_hs_new
-            WHERE account_id IS NOT NULL
-            ON CONFLICT (account_id) DO UPDATE SET score = excluded.score,
-                scored_at = excluded.scored_at, as_of = excluded.as_of,
-                components = excluded.components""",
-            [now, watermark],
-        )
+        if scored:
+            con.execute(
+                f"""INSERT INTO {SCORES}
+                SELECT account_id, score, ?, ?, components FROM {NEW_SCORES}
+                WHERE account_id IS NOT NULL
+                ON CONFLICT (account_id) DO UPDATE SET score = excluded.score,
+                    scored_at = excluded.scored_at, as_of = excluded.as_of,
+                    components = excluded.components""",
+                [now, watermark],
+            )
 
     # ---------------------------------------------------------------- rebuild
 
@@ -428,7 +467,7 @@ class HealthScore(StreamJob):
             WHERE l.customer = x.customer AND l.bucket = x.bucket"""
         )
         ctx.set_watermark(self.name, watermark, horizon)
-        self._score(ctx, horizon, watermark, affected=None)
+        self._score(ctx, horizon, watermark, None)
 
 
 def worst_accounts(con: duckdb.DuckDBPyConnection, limit: int = 20) -> pa.Table:
