@@ -263,13 +263,17 @@ def _split(
 
 
 def copy_statement(
-    plan: TablePlan, copy_range: CopyRange, copy_format: Literal["csv", "binary"] = "csv"
+    plan: TablePlan,
+    copy_range: CopyRange,
+    copy_format: Literal["csv", "binary"] = "csv",
+    text_columns: frozenset[str] = frozenset(),
 ) -> sql.Composed:
     """``COPY (SELECT <columns> FROM <table> WHERE <range, filter>) TO STDOUT (FORMAT csv)``.
 
     CSV keeps NULL (an unquoted empty field) apart from the empty string
-    (``""``), and writes each row as one CopyData message. (``binary`` is
-    for benchmarks comparing against a raw COPY.)
+    (``""``), and writes each row as one CopyData message. In ``binary``,
+    the ``text_columns`` are selected as ``col::text`` (their text form is
+    sent; see :mod:`.snapshot_binary`).
     """
     table = plan.schema.table
     conditions: list[sql.Composable] = []
@@ -285,7 +289,12 @@ def copy_statement(
         # The publication's row filter as PostgreSQL deparsed it.
         conditions.append(sql.SQL("({})").format(sql.SQL(plan.row_filter)))
     query = sql.SQL("SELECT {} FROM {}").format(
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in plan.schema.columns),
+        sql.SQL(", ").join(
+            sql.SQL("{}::text").format(sql.Identifier(c.name))
+            if c.name in text_columns
+            else sql.Identifier(c.name)
+            for c in plan.schema.columns
+        ),
         sql.Identifier(table.schema, table.name),
     )
     if conditions:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import selectors
 import threading
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,12 @@ from psycopg import pq, sql
 
 from headrace.errors import SourceError, first_line
 from headrace.source.changes import TableSchema
+from headrace.source.postgres.snapshot_binary import (
+    BINARY_TRAILER,
+    PADDING,
+    BinaryBlock,
+    header_length,
+)
 from headrace.source.postgres.types import TypeRegistry, text_column_to_arrow
 
 # Session settings that fix the text form of every value, the same as the
@@ -96,17 +103,14 @@ def read_copy_blocks(
     block_bytes: int,
     stop: threading.Event,
 ) -> Iterator[CsvBlock]:
-    """Run a ``COPY ... TO STDOUT`` and yield its output in blocks of whole rows.
+    """Run a ``COPY ... TO STDOUT (FORMAT csv)`` and yield its output in blocks of whole rows.
 
     A block closes at ``block_rows`` rows or ``block_bytes`` bytes, whichever
     comes first. Raises :class:`CopyCancelled` soon after ``stop`` is set (the
     connection is then unusable and must be closed).
     """
     pgconn = conn.pgconn
-    pgconn.send_query(statement.as_bytes(conn))
-    result = pgconn.get_result()
-    if result is None or result.status != pq.ExecStatus.COPY_OUT:
-        _finish_copy(pgconn, _result_error(pgconn, result))
+    _start_copy(conn, statement)
     get_copy_data = pgconn.get_copy_data
     buffer = bytearray()
     rows = 0
@@ -129,6 +133,72 @@ def read_copy_blocks(
     if rows:
         yield CsvBlock(pa.py_buffer(buffer), rows)
     _finish_copy(pgconn)
+
+
+def read_binary_copy_blocks(
+    conn: psycopg.Connection[tuple[object, ...]],
+    statement: sql.Composed,
+    *,
+    block_rows: int,
+    block_bytes: int,
+    stop: threading.Event,
+) -> Iterator[BinaryBlock]:
+    """Run a ``COPY ... TO STDOUT (FORMAT binary)`` and yield its rows in blocks,
+    with where each row starts (see :func:`read_copy_blocks`; header and
+    trailer are left out)."""
+    pgconn = conn.pgconn
+    _start_copy(conn, statement)
+    get_copy_data = pgconn.get_copy_data
+    buffer = bytearray()
+    starts = array("q")
+    header = True
+    with selectors.DefaultSelector() as readable:
+        readable.register(pgconn.socket, selectors.EVENT_READ)
+        while True:
+            nbytes, data = get_copy_data(1)
+            # A row of at least one field is at least 6 bytes; the trailer is 2.
+            if nbytes > 2:
+                row: bytes | memoryview = data
+                if header:
+                    # The header comes first, in the first row's message
+                    # (or the trailer's, when there is no row).
+                    header = False
+                    first = bytes(data)
+                    row = first[header_length(first) :]
+                    if len(row) <= len(BINARY_TRAILER):
+                        continue
+                starts.append(len(buffer))
+                buffer += row
+                if len(starts) >= block_rows or len(buffer) >= block_bytes:
+                    yield _binary_block(buffer, starts)
+                    buffer = bytearray()
+                    starts = array("q")
+            elif nbytes == 0:
+                _wait_for_data(pgconn, readable, stop)
+            elif nbytes < 0:
+                break
+            elif bytes(data) != BINARY_TRAILER:
+                raise SourceError(
+                    "the binary COPY output holds a message that is neither a row nor its end",
+                    "this is a bug in headrace; report it with the server version",
+                )
+    if starts:
+        yield _binary_block(buffer, starts)
+    _finish_copy(pgconn)
+
+
+def _binary_block(buffer: bytearray, starts: array[int]) -> BinaryBlock:
+    size = len(buffer)
+    buffer += bytes(PADDING)
+    return BinaryBlock(buffer, size, starts)
+
+
+def _start_copy(conn: psycopg.Connection[tuple[object, ...]], statement: sql.Composed) -> None:
+    pgconn = conn.pgconn
+    pgconn.send_query(statement.as_bytes(conn))
+    result = pgconn.get_result()
+    if result is None or result.status != pq.ExecStatus.COPY_OUT:
+        _finish_copy(pgconn, _result_error(pgconn, result))
 
 
 def _wait_for_data(

@@ -2,7 +2,9 @@
 
 Each worker thread owns one connection that imported the snapshot, takes
 CTID ranges from a shared list (largest first, so the tail is short), copies
-each range in blocks and converts each block into Arrow. Parsing and
+each range in blocks and converts each block into Arrow: in binary when
+every column's type allows it (:mod:`.snapshot_binary`), else as CSV
+(:mod:`.snapshot_copy`). Parsing and
 converting run in pyarrow without the GIL, so a worker converting overlaps
 with another receiving. The output queue is bounded: when the consumer is
 slow, workers wait, and memory stays bounded.
@@ -17,18 +19,26 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
 
 from headrace.errors import SourceError
+from headrace.source.postgres.snapshot_binary import (
+    BinaryBlock,
+    binary_block_to_arrow,
+    binary_copyable,
+    text_cast_columns,
+)
 from headrace.source.postgres.snapshot_catalog import CopyRange, TablePlan, copy_statement
 from headrace.source.postgres.snapshot_copy import (
     CopyCancelled,
+    CsvBlock,
     csv_block_to_arrow,
     open_snapshot_connection,
+    read_binary_copy_blocks,
     read_copy_blocks,
 )
 from headrace.source.postgres.types import TypeRegistry
@@ -151,15 +161,30 @@ class CopyWorkers:
     def _copy(
         self, conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan, copy_range: CopyRange
     ) -> None:
-        blocks = read_copy_blocks(
-            conn,
-            copy_statement(plan, copy_range),
-            block_rows=self._chunk_rows,
-            block_bytes=self._chunk_bytes,
-            stop=self._stop,
-        )
+        schema = plan.schema
+        blocks: Iterator[CsvBlock | BinaryBlock]
+        if binary_copyable(schema):
+            statement = copy_statement(plan, copy_range, "binary", text_cast_columns(schema))
+            blocks = read_binary_copy_blocks(
+                conn,
+                statement,
+                block_rows=self._chunk_rows,
+                block_bytes=self._chunk_bytes,
+                stop=self._stop,
+            )
+        else:
+            blocks = read_copy_blocks(
+                conn,
+                copy_statement(plan, copy_range),
+                block_rows=self._chunk_rows,
+                block_bytes=self._chunk_bytes,
+                stop=self._stop,
+            )
         for block in blocks:
-            rows = csv_block_to_arrow(block, plan.schema, self._registry)
+            if isinstance(block, BinaryBlock):
+                rows = binary_block_to_arrow(block, schema, self._registry)
+            else:
+                rows = csv_block_to_arrow(block, schema, self._registry)
             if not self._put(TableRows(plan, rows)):
                 raise CopyCancelled
         self._put(RangeCopied(plan, copy_range))
