@@ -21,3 +21,8 @@ def test_bench_snapshot_prints_rates_and_a_json_line() -> None:
     assert last["ratio_vs_raw_parallel"] == result.ratio_vs_raw_parallel
     assert {"raw_copy_one_rows_per_s", "raw_copy_parallel_rows_per_s", "meets_target"} <= set(last)
     assert any("raw binary COPY, 1 connection" in line for line in lines)
+    # End to end into DuckDB, through the first run's own path.
+    assert last["store_rows_per_s"] > 0
+    assert last["ratio_store_vs_arrow"] == result.ratio_store_vs_arrow
+    assert {"store_client_cpu_s", "meets_target_end_to_end"} <= set(last)
+    assert any("end to end into DuckDB" in line for line in lines)

@@ -1,4 +1,5 @@
-"""``headrace bench snapshot``: the initial snapshot into Arrow, against a raw COPY.
+"""``headrace bench snapshot``: the initial snapshot into Arrow and end to end into
+DuckDB, against a raw COPY.
 
 A throwaway cluster gets N rows in a typical table (int8 key, numeric(18,2),
 text, timestamptz, bool). Then, on the same data, over the same connection
@@ -8,15 +9,19 @@ kind (the Unix socket unless ``--tcp``):
    blocks: ``for block in cursor.copy(...)``, bytes dropped);
 2. the same raw binary COPY, split into the same CTID ranges and run by the
    same number of threads as the snapshot;
-3. headrace's snapshot: slot with exported snapshot, parallel CSV COPY,
-   parsed and converted into Arrow (every value decoded).
+3. headrace's snapshot: slot with exported snapshot, parallel COPY (binary
+   for this table's types), decoded into Arrow (every value), nothing stored;
+4. end to end, the first run's own path (:func:`~headrace.run.initial.
+   snapshot_into_store` -> ``Engine.load_snapshot``) into a fresh DuckDB
+   store (a mirror of the table), up to and including the store's COMMIT.
 
 The headline ratio is (3) against (2), same parallelism; (3) against (1) is
-printed too. Each run also reports the CPU seconds it cost the client (this
-process) and the server (the cluster's processes): on a shared machine they
-are steadier than wall time, and their sum bounds the rate on an idle one
-(rows / (client + server CPU) x cores). The last line is one JSON object.
-Target: >= 1M rows/s.
+printed too, and (4) against (3) and (2). Each run also reports the CPU
+seconds it cost the client (this process) and the server (the cluster's
+processes): on a shared machine they are steadier than wall time, and their
+sum bounds the rate on an idle one (rows / (client + server CPU) x cores).
+The last line is one JSON object.
+Target (issue 3): >= 1M rows/s end to end into DuckDB.
 """
 
 from __future__ import annotations
@@ -24,15 +29,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import psutil
 import psycopg
 from rich.console import Console
 
+from headrace.engine.engine import Engine
+from headrace.pipeline.load import parse_pipeline
+from headrace.run.faults import Faults
+from headrace.run.initial import snapshot_into_store
+from headrace.run.settings import RunSettings
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter, drop_slot
@@ -43,10 +55,22 @@ from headrace.source.postgres.snapshot_catalog import (
     read_table_plans,
 )
 from headrace.source.postgres.types import TypeRegistry
+from headrace.store.duckdb.store import DuckDBStore
 
 TARGET_ROWS_PER_S = 1_000_000
 TABLE = TableRef("public", "bench_snapshot")
 SLOT = "headrace_bench_snapshot"
+# The pipeline of the end-to-end run: the table mirrored, nothing else.
+_PIPELINE = """
+source:
+  dsn: "{dsn}"
+  slot: {slot}
+  publication: headrace_bench_snapshot
+  tables:
+    bench_snapshot: {{}}
+store:
+  path: "{store}"
+"""
 
 _CREATE = """
 CREATE TABLE bench_snapshot (
@@ -100,8 +124,20 @@ class SnapshotBenchResult:
     raw_copy_parallel_server_cpu_s: float
     ratio_vs_raw_parallel: float
     ratio_vs_raw_one: float
+    store_s: float
+    """End to end into DuckDB: ``snapshot_into_store`` up to the store's COMMIT."""
+    store_rows_per_s: float
+    store_client_cpu_s: float
+    store_server_cpu_s: float
+    store_rows_per_cpu_s: float
+    ratio_store_vs_arrow: float
+    """End-to-end rate over the into-Arrow rate (1.0: storing costs no wall time)."""
+    ratio_store_vs_raw_parallel: float
     target_rows_per_s: int
     meets_target: bool
+    """The into-Arrow rate reaches the target."""
+    meets_target_end_to_end: bool
+    """The end-to-end rate into DuckDB reaches the target (the issue's figure)."""
 
 
 def run(
@@ -129,7 +165,12 @@ def run(
         snapshot = _measure(server, lambda: _snapshot(settings))
         out.print(_line(f"headrace snapshot into Arrow, {workers} workers", rows, snapshot))
         drop_slot(dsn, SLOT)
+        with tempfile.TemporaryDirectory(prefix="headrace-bench-snapshot-") as tmp:
+            stored = _measure_into_store(server, dsn, Path(tmp), rows, workers)
+        out.print(_line("end to end into DuckDB (headrace run's path)", rows, stored))
+        drop_slot(dsn, SLOT)
     rate = rows / snapshot.seconds
+    store_rate = rows / stored.seconds
     result = SnapshotBenchResult(
         rows=rows,
         workers=workers,
@@ -150,8 +191,16 @@ def run(
         raw_copy_parallel_server_cpu_s=round(raw_parallel.server_cpu_s, 3),
         ratio_vs_raw_parallel=round(raw_parallel.seconds / snapshot.seconds, 3),
         ratio_vs_raw_one=round(raw_one.seconds / snapshot.seconds, 3),
+        store_s=round(stored.seconds, 3),
+        store_rows_per_s=round(store_rate),
+        store_client_cpu_s=round(stored.client_cpu_s, 3),
+        store_server_cpu_s=round(stored.server_cpu_s, 3),
+        store_rows_per_cpu_s=round(rows / max(stored.client_cpu_s + stored.server_cpu_s, 1e-9)),
+        ratio_store_vs_arrow=round(snapshot.seconds / stored.seconds, 3),
+        ratio_store_vs_raw_parallel=round(raw_parallel.seconds / stored.seconds, 3),
         target_rows_per_s=TARGET_ROWS_PER_S,
         meets_target=rate >= TARGET_ROWS_PER_S,
+        meets_target_end_to_end=store_rate >= TARGET_ROWS_PER_S,
     )
     cores = os.cpu_count() or 1
     if load > cores / 2:
@@ -161,8 +210,9 @@ def run(
         )
     out.print(
         f"snapshot vs raw COPY: {result.ratio_vs_raw_parallel:.2f}x (same parallelism), "
-        f"{result.ratio_vs_raw_one:.2f}x (one connection); target {TARGET_ROWS_PER_S:,} rows/s "
-        + ("met" if result.meets_target else "NOT met")
+        f"{result.ratio_vs_raw_one:.2f}x (one connection); end to end vs into Arrow: "
+        f"{result.ratio_store_vs_arrow:.2f}x; target {TARGET_ROWS_PER_S:,} rows/s end to end "
+        + ("met" if result.meets_target_end_to_end else "NOT met")
     )
     out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
     return result
@@ -254,6 +304,30 @@ def _snapshot(settings: SnapshotSettings) -> None:
     copied = sum(chunk.rows.num_rows for chunk in snapshotter.chunks())
     if copied != snapshotter.result.total_rows:  # pragma: no cover - a bug, loudly
         raise AssertionError(f"copied {copied} rows, result says {snapshotter.result.total_rows}")
+
+
+def _measure_into_store(
+    server: psutil.Process, dsn: str, directory: Path, rows: int, workers: int
+) -> Measured:
+    """Time ``snapshot_into_store`` into a fresh store (opening the store is not timed)."""
+    config = parse_pipeline(
+        _PIPELINE.format(dsn=dsn, slot=SLOT, store=directory / "store.duckdb"), "bench.yaml"
+    )
+    store = DuckDBStore(config.store.path)
+    try:
+        engine = Engine(config, store)
+        settings = RunSettings(snapshot_workers=workers)
+
+        def load() -> None:
+            loaded = snapshot_into_store(
+                engine, config, settings, faults=Faults(), stop=threading.Event(), replace_slot=True
+            )
+            if loaded.total_rows != rows:  # pragma: no cover - a bug, loudly
+                raise AssertionError(f"stored {loaded.total_rows} rows of {rows}")
+
+        return _measure(server, load)
+    finally:
+        store.close()
 
 
 def _line(what: str, rows: int, measured: Measured) -> str:

@@ -65,11 +65,12 @@ def snapshot(
         help="Connect through the Unix socket (default) or TCP on 127.0.0.1.",
     ),
 ) -> None:
-    """Snapshot N rows into Arrow, against a raw binary COPY to a null sink.
+    """Snapshot N rows into Arrow and end to end into DuckDB (the first run's path),
+    against a raw binary COPY to a null sink.
 
-    Prints each one's seconds and rows/s, then one JSON line with them and the
-    ratios against the raw COPY (same parallelism, and one connection).
-    Target: >= 1M rows/s.
+    Prints each one's seconds, rows/s and CPU, then one JSON line with them and the
+    ratios (against the raw COPY, same parallelism and one connection; end to end
+    against into Arrow). Target: >= 1M rows/s end to end.
     """
     from headrace.bench.snapshot import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
