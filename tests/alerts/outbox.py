@@ -22,6 +22,10 @@ def open_store(path: Path) -> DuckDBStore:
     return store
 
 
+class RolledBack(Exception):  # noqa: N818 - names what happened to the transaction
+    """Raised by :func:`add_alert` to roll its transaction back."""
+
+
 def add_alert(
     store: DuckDBStore,
     sinks: Sequence[SinkConfig],
@@ -30,8 +34,12 @@ def add_alert(
     severity: str = "high",
     key: str = "velocity_burst:7",
     kind: str = "fraud",
+    roll_back: bool = False,
 ) -> int:
-    """Write one alert and its outbox rows as the engine does (one transaction); its id."""
+    """Write one alert and its outbox rows as the engine does (one transaction); its id.
+
+    ``roll_back``: the transaction fails after writing them (no commit is published).
+    """
     now = datetime.now(UTC)
     payload = json.dumps({"numbers": {"transactions": 9, "limit": 8}, "evidence": [{"id": 1}]})
     with store.transaction() as con:
@@ -49,6 +57,8 @@ def add_alert(
         )
         row = con.execute("SELECT max(id) FROM _job_new_alerts").fetchall()
         con.execute("DROP TABLE _job_new_alerts")
+        if roll_back:
+            raise RolledBack
     store.publish(0, None, [], 0)
     return int(row[0][0])
 

@@ -3,79 +3,69 @@
 How it works
     The engine writes each alert and one ``pending`` row per matching sink
     into ``headrace.alert_deliveries`` in the batch's transaction (the
-    outbox). Here, one thread per sink, with its own DuckDB cursor, picks
-    the sink's pending rows whose ``next_attempt_at`` has come, sends them
-    in alert order, and records each attempt in its row right after it
-    (``attempts``, ``last_attempt_at``, ``last_error``; ``state`` becomes
-    ``delivered``, stays ``pending`` with ``next_attempt_at`` pushed back by
-    exponential backoff, or becomes ``failed`` after ``retry.attempts``
-    attempts or an answer that will not change). Threads wake up on every
-    committed batch, so delivery starts within milliseconds of the commit.
+    outbox). The same rows are handed to this object as they are written
+    (:mod:`headrace.alerts.handoff`) and held until the store publishes the
+    commit; then each sink's thread gets its share and sends it at once,
+    with no query (:mod:`headrace.alerts.worker`). Each attempt is recorded in
+    its outbox row (``attempts``, ``last_attempt_at``, ``last_error``;
+    ``state`` becomes ``delivered``, stays ``pending`` with
+    ``next_attempt_at`` pushed back by exponential backoff, or becomes
+    ``failed`` after ``retry.attempts`` attempts or an answer that will not
+    change), one ``UPDATE`` per round after the sends. Retries, and whatever
+    a previous process left, are read from the outbox.
 
 Never blocks ingestion
-    The writer only appends to the outbox; sending happens on other
-    threads, and a slow or dead receiver only delays its own sink.
+    The writer only appends to the outbox (and hands the rows over, which is
+    a list append); sending happens on other threads, and a slow or dead
+    receiver only delays its own sink.
 
 Guarantee (precisely)
     - An alert reaches each matching sink at least once, unless every
       attempt fails; then its row says ``failed`` with the last error.
+    - Nothing is sent before the transaction that wrote it committed: what
+      was handed over is sent only after the store published a commit, and
+      all of it is dropped (the outbox is read instead) when any of the
+      store's transactions failed meanwhile.
     - Once a delivery is recorded ``delivered`` (committed right after the
-      receiver's success answer), it is never sent again, by this process or
-      after a restart.
+      round's sends), it is never sent again, by this process or after a
+      restart.
     - A second copy can be sent only if the process stops between the
-      receiver's success answer and that record (a few milliseconds), or if
-      the receiver answers after its timeout. That copy carries the same
-      ``Idempotency-Key`` header (webhook, Slack) or ``Message-ID`` (email),
-      so a receiver that remembers keys sees the alert once.
+      receiver's success answer and that record (the end of the round of
+      sends), or if the receiver answers after its timeout. That copy
+      carries the same ``Idempotency-Key`` header (webhook, Slack) or
+      ``Message-ID`` (email), so a receiver that remembers keys sees the
+      alert once.
     - One alert per incident is the rules' job (dedup key); the outbox is
       keyed by alert, so an incident is never delivered as two alerts.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
-from headrace.alerts.config import DEFAULT_KEEP_DELIVERED, RetryConfig, SinkConfig
-from headrace.alerts.message import Alert
-from headrace.alerts.sinks import DeliveryFailed, Sink, make_sink
-from headrace.alerts.store import ALERTS, DELIVERIES
+from headrace.alerts import handoff
+from headrace.alerts.config import DEFAULT_KEEP_DELIVERED, SinkConfig
+from headrace.alerts.sinks import make_sink
+from headrace.alerts.store import ALERT_COLUMNS, DELIVERIES
+from headrace.alerts.worker import Attempt, HandedOver, SinkWorker
 from headrace.store.base import CommitEvent
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.alerts")
 
-_BATCH = 50
-_RECORD_TRIES = 5
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The outcome of one delivery attempt, as recorded."""
-
-    alert_id: int
-    sink: str
-    state: str
-    attempts: int
-    error: str | None
-
-
-def backoff(retry: RetryConfig, attempts: int) -> timedelta:
-    """Wait after the ``attempts``-th failed attempt: ``backoff * 2^(attempts-1)``, capped."""
-    seconds = retry.backoff.total_seconds() * 2 ** max(0, attempts - 1)
-    return timedelta(seconds=min(seconds, retry.max_backoff.total_seconds()))
+ALERT_ID = ALERT_COLUMNS.index("id")
 
 
 class AlertDelivery:
-    """Drains the outbox through the configured sinks (module docstring)."""
+    """Sends the alerts of the outbox through the configured sinks (module docstring)."""
 
     def __init__(
         self, store: DuckDBStore, sinks: Sequence[SinkConfig], poll_interval: float = 1.0
@@ -83,13 +73,21 @@ class AlertDelivery:
         self.store = store
         self.configs = list(sinks)
         self.poll_interval = poll_interval
+        """Longest time between two reads of the outbox (retries of an earlier process,
+        anything not handed over)."""
         self._stop = threading.Event()
         self._wakes = {config.name: threading.Event() for config in self.configs}
         self._threads: list[threading.Thread] = []
-        self._unsubscribe: Any = None
+        self._workers: list[SinkWorker] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self.attempts: list[Attempt] = []
         """Every attempt made by this process (newest last), for tests and status."""
         self._lock = threading.Lock()
+        self._held: list[handoff.NewAlerts] = []
+        """Written in the writer's open transaction; sent once a commit is published."""
+        self._handed: dict[str, list[HandedOver]] = {name: [] for name in self._wakes}
+        self._failed_seen = 0
 
     @classmethod
     def from_config(cls, config: Any, store: DuckDBStore) -> AlertDelivery | None:
@@ -98,15 +96,27 @@ class AlertDelivery:
         return cls(store, sinks) if sinks else None
 
     def start(self) -> AlertDelivery:
+        self._failed_seen = self.store.failed_transactions
+        self._unwatch = handoff.watch(self.store.writer, self._offered)
         self._unsubscribe = self.store.subscribe(self._on_commit)
         for config in self.configs:
+            worker = SinkWorker(
+                make_sink(config),
+                self.store.cursor(),
+                wake=self._wakes[config.name],
+                stop=self._stop,
+                take=functools.partial(self._take, config.name),
+                poll_interval=self.poll_interval,
+                on_attempt=self._attempted,
+            )
             thread = threading.Thread(
                 target=self._run,
-                args=(make_sink(config),),
+                args=(worker,),
                 name=f"headrace-alerts-{config.name}",
                 daemon=True,
             )
             thread.start()
+            self._workers.append(worker)
             self._threads.append(thread)
         return self
 
@@ -115,6 +125,8 @@ class AlertDelivery:
         self._stop.set()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._unwatch is not None:
+            self._unwatch()
         for wake in self._wakes.values():
             wake.set()
         deadline = time.monotonic() + timeout
@@ -128,156 +140,60 @@ class AlertDelivery:
         self.stop()
 
     def wake(self) -> None:
-        """Look at the outbox now (e.g. after a commit)."""
-        for wake in self._wakes.values():
-            wake.set()
+        """Read the outbox now (e.g. after rows were written without a handover)."""
+        for worker in self._workers:
+            worker.resync()
+
+    # ------------------------------------------------------------ handover
+
+    def _offered(self, new: handoff.NewAlerts) -> None:
+        """In the writer's thread, inside its transaction: hold until the commit."""
+        with self._lock:
+            self._held.append(new)
 
     def _on_commit(self, event: CommitEvent) -> None:
-        self.wake()
-
-    # -------------------------------------------------------------- workers
-
-    def _run(self, sink: Sink) -> None:
-        wake = self._wakes[sink.name]
-        cursor = self.store.cursor()
-        try:
-            while not self._stop.is_set():
-                wake.clear()
-                try:
-                    self._drain(cursor, sink)
-                    wait = self._next_wait(cursor, sink.name)
-                except duckdb.Error as exc:
-                    log.warning(
-                        "alert delivery to %s: reading the outbox failed: %s", sink.name, exc
-                    )
-                    wait = self.poll_interval
-                wake.wait(wait)
-        finally:
-            sink.close()
-            cursor.close()
-
-    def _drain(self, cursor: duckdb.DuckDBPyConnection, sink: Sink) -> None:
-        """Send every due delivery of ``sink``, oldest alert first."""
-        while not self._stop.is_set():
-            rows = cursor.execute(
-                f"""SELECT d.alert_id, d.attempts, d.idempotency_key, a.rule, a.kind, a.status,
-                           a.severity, a.account_id, a.key, a.summary, a.started_at,
-                           a.detected_at, a.event_at, a.commit_ts, a.latency_ms, a.payload
-                    FROM {DELIVERIES} d JOIN {ALERTS} a ON a.id = d.alert_id
-                    WHERE d.sink = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
-                    ORDER BY d.alert_id LIMIT {_BATCH}""",
-                [sink.name, datetime.now(UTC)],
-            ).fetchall()
-            if not rows:
-                return
-            for row in rows:
-                if self._stop.is_set():
-                    return
-                self._attempt(cursor, sink, row)
-
-    def _attempt(self, cursor: duckdb.DuckDBPyConnection, sink: Sink, row: tuple[Any, ...]) -> None:
-        alert = Alert(
-            id=int(row[0]),
-            idempotency_key=str(row[2]),
-            rule=str(row[3]),
-            kind=str(row[4]),
-            status=str(row[5]),
-            severity=str(row[6]),
-            account_id=None if row[7] is None else int(row[7]),
-            key=str(row[8]),
-            summary=None if row[9] is None else str(row[9]),
-            started_at=row[10],
-            detected_at=row[11],
-            event_at=row[12],
-            commit_ts=row[13],
-            latency_ms=None if row[14] is None else float(row[14]),
-            payload=json.loads(str(row[15])) if row[15] is not None else {},
-        )
-        attempts = int(row[1]) + 1
-        retry = sink.config.retry
-        error: str | None = None
-        try:
-            sink.send(alert)
-            state = "delivered"
-        except DeliveryFailed as exc:
-            error = exc.reason
-            state = "pending" if exc.retry and attempts < retry.attempts else "failed"
-        except Exception as exc:  # a bug in a sink must not kill its thread
-            log.exception("alert delivery to %s raised", sink.name)
-            error = f"{type(exc).__name__}: {exc}"
-            state = "pending" if attempts < retry.attempts else "failed"
-        now = datetime.now(UTC)
-        self._record(
-            cursor,
-            alert_id=alert.id,
-            sink=sink.name,
-            state=state,
-            attempts=attempts,
-            now=now,
-            error=error,
-            retry=retry,
-        )
-        outcome = Attempt(alert.id, sink.name, state, attempts, error)
+        """In the writer's thread, right after a commit: hand what it wrote to the sinks."""
+        committed_at = time.time()
         with self._lock:
-            self.attempts.append(outcome)
-        if state == "failed":
-            log.error(
-                "alert %d not delivered to %s after %d attempt(s): %s",
-                alert.id,
-                sink.name,
-                attempts,
-                error,
-            )
-        elif error is not None:
-            log.warning(
-                "alert %d: attempt %d to %s failed (%s); retrying",
-                alert.id,
-                attempts,
-                sink.name,
-                error,
-            )
+            held, self._held = self._held, []
+            failed = self.store.failed_transactions
+            if failed != self._failed_seen:
+                # Some of ``held`` may come from a transaction that rolled back.
+                self._failed_seen = failed
+                held = []
+                resync = True
+            else:
+                resync = False
+            woken: set[str] = set()
+            for new in held:
+                rows = {int(row[ALERT_ID]): row for row in new.alerts}
+                for alert_id, sink, key in new.deliveries:
+                    handed = self._handed.get(str(sink))
+                    row = rows.get(int(alert_id))
+                    if handed is not None and row is not None:
+                        handed.append(HandedOver(row, str(key), committed_at))
+                        woken.add(str(sink))
+        if resync:
+            self.wake()
+        for name in woken:
+            self._wakes[name].set()
 
-    def _record(
-        self,
-        cursor: duckdb.DuckDBPyConnection,
-        *,
-        alert_id: int,
-        sink: str,
-        state: str,
-        attempts: int,
-        now: datetime,
-        error: str | None,
-        retry: RetryConfig,
-    ) -> None:
-        next_at = now + backoff(retry, attempts) if state == "pending" else None
-        delivered_at = now if state == "delivered" else None
-        for tries in range(_RECORD_TRIES):
-            try:
-                cursor.execute(
-                    f"""UPDATE {DELIVERIES} SET state = ?, attempts = ?, last_attempt_at = ?,
-                           next_attempt_at = ?, delivered_at = ?, last_error = ?
-                        WHERE alert_id = ? AND sink = ?""",
-                    [state, attempts, now, next_at, delivered_at, error, alert_id, sink],
-                )
-                return
-            except duckdb.Error as exc:  # e.g. a conflict with a concurrent CHECKPOINT
-                if tries == _RECORD_TRIES - 1:
-                    log.error(
-                        "alert %d: recording its delivery to %s failed: %s", alert_id, sink, exc
-                    )
-                    return
-                time.sleep(0.05 * (tries + 1))
+    def _take(self, sink: str) -> list[HandedOver]:
+        with self._lock:
+            handed, self._handed[sink] = self._handed[sink], []
+        return handed
 
-    def _next_wait(self, cursor: duckdb.DuckDBPyConnection, sink: str) -> float:
-        rows = cursor.execute(
-            f"SELECT min(next_attempt_at) FROM {DELIVERIES} WHERE sink = ? AND state = 'pending'",
-            [sink],
-        ).fetchall()
-        due = rows[0][0] if rows else None
-        if due is None:
-            return self.poll_interval
-        seconds = float((due - datetime.now(UTC)).total_seconds())
-        return max(0.0, min(self.poll_interval, seconds))
+    def _attempted(self, attempt: Attempt) -> None:
+        with self._lock:
+            self.attempts.append(attempt)
+
+    @staticmethod
+    def _run(worker: SinkWorker) -> None:
+        try:
+            worker.run()
+        finally:
+            worker.sink.close()
+            worker.cursor.close()
 
 
 def delivery_status(store: DuckDBStore) -> list[dict[str, Any]]:

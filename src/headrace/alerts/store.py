@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 
 import duckdb
 
+from headrace.alerts import handoff
 from headrace.alerts.config import SEVERITY_RANK, SinkConfig
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
@@ -147,9 +148,17 @@ def insert_alerts(
     count = rows_written(created)
     if count:
         columns = ", ".join(ALERT_COLUMNS)
-        con.execute(f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts")
+        # A watched writer hands the rows to the delivery threads (handoff module):
+        # RETURNING gives them back without another statement.
+        watched = bool(sinks) and handoff.watching(con)
+        returning = f" RETURNING {columns}" if watched else ""
+        inserted = con.execute(
+            f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
+        )
+        alert_rows = inserted.fetchall() if watched else []
         if sinks:
-            con.execute(
+            returning = " RETURNING alert_id, sink, idempotency_key" if watched else ""
+            outbox = con.execute(
                 f"""INSERT INTO {DELIVERIES}
                 SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
                        'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
@@ -159,9 +168,11 @@ def insert_alerts(
                   ON (CASE a.severity WHEN 'low' THEN 1 WHEN 'medium' THEN 2 WHEN 'high' THEN 3
                       ELSE 4 END) >= k.min_rank
                  AND (k.rules IS NULL OR list_contains(k.rules, a.rule))
-                 AND (k.kinds IS NULL OR list_contains(k.kinds, a.kind))""",
+                 AND (k.kinds IS NULL OR list_contains(k.kinds, a.kind)){returning}""",
                 [now, now],
             )
+            if watched:
+                handoff.offer(con, handoff.NewAlerts(alert_rows, outbox.fetchall()))
     return count
 
 

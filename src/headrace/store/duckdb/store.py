@@ -56,6 +56,10 @@ class DuckDBStore(Store):
         self.checkpoint_wal_bytes = checkpoint_wal_bytes
         self._lock = threading.Lock()
         self._last_checkpoint = time.monotonic()
+        self.failed_transactions = 0
+        """Writer transactions that did not commit (rolled back, or COMMIT failed): a
+        listener holding what a transaction wrote for its commit (alert delivery) drops
+        it when this moved."""
         self._in_transaction = False
         try:
             self._con = open_store(self.path, read_only=read_only)
@@ -134,6 +138,7 @@ class DuckDBStore(Store):
             yield con
         except BaseException:
             self._in_transaction = False
+            self.failed_transactions += 1
             try:
                 con.execute("ROLLBACK")
             except duckdb.Error:
@@ -141,7 +146,11 @@ class DuckDBStore(Store):
             raise
         else:
             self._in_transaction = False
-            con.execute("COMMIT")
+            try:
+                con.execute("COMMIT")
+            except BaseException:
+                self.failed_transactions += 1
+                raise
 
     # ---------------------------------------------------------------- position
 
