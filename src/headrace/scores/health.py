@@ -407,7 +407,7 @@ class HealthScore(StreamJob):
             SELECT n.*, s.account_id IS NULL OR s.score IS DISTINCT FROM n.score AS changed
             FROM ({sql}) n LEFT JOIN {SCORES} s ON s.account_id = n.account_id"""
         )
-        scored = rows_written(created) > 0
+        scored = rows_written(created)
         now = ctx.now
         if scored:
             con.execute(
@@ -424,14 +424,22 @@ class HealthScore(StreamJob):
                     SELECT TRY_CAST(account AS BIGINT) FROM {AFFECTED}
                     EXCEPT SELECT account_id FROM {NEW_SCORES})"""
             )
-        if scored:
+        if not scored:
+            return
+        # Nearly every scored account has its row already: an UPDATE is cheaper than an
+        # upsert, and the rows it did not find (new accounts, a rebuild) are inserted after.
+        updated = con.execute(
+            f"""UPDATE {SCORES} s SET score = n.score, scored_at = ?, as_of = ?,
+                components = n.components
+            FROM {NEW_SCORES} n WHERE s.account_id = n.account_id""",
+            [now, watermark],
+        )
+        if rows_written(updated) < scored:
             con.execute(
                 f"""INSERT INTO {SCORES}
-                SELECT account_id, score, ?, ?, components FROM {NEW_SCORES}
-                WHERE account_id IS NOT NULL
-                ON CONFLICT (account_id) DO UPDATE SET score = excluded.score,
-                    scored_at = excluded.scored_at, as_of = excluded.as_of,
-                    components = excluded.components""",
+                SELECT n.account_id, n.score, ?, ?, n.components FROM {NEW_SCORES} n
+                ANTI JOIN {SCORES} s ON s.account_id = n.account_id
+                WHERE n.account_id IS NOT NULL""",
                 [now, watermark],
             )
 
