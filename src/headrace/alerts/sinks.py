@@ -15,8 +15,6 @@ import ssl
 import time
 from abc import ABC, abstractmethod
 
-import httpx
-
 from headrace.alerts.config import (
     EmailSinkConfig,
     LogSinkConfig,
@@ -24,6 +22,7 @@ from headrace.alerts.config import (
     SlackSinkConfig,
     WebhookSinkConfig,
 )
+from headrace.alerts.http_post import HttpPoster, PostFailed
 from headrace.alerts.message import (
     IDEMPOTENCY_HEADER,
     SIGNATURE_HEADER,
@@ -69,20 +68,21 @@ class Sink(ABC):
 class _HttpSink(Sink):
     def __init__(self, config: WebhookSinkConfig | SlackSinkConfig) -> None:
         super().__init__(config)
-        self.client = httpx.Client(timeout=config.timeout.total_seconds(), follow_redirects=False)
+        self.poster = HttpPoster(config.timeout.total_seconds())
 
     def post(self, url: str, body: bytes, headers: dict[str, str]) -> None:
         try:
-            response = self.client.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise DeliveryFailed(f"{type(exc).__name__}: {exc}", retry=True) from exc
-        if 200 <= response.status_code < 300:
+            answer = self.poster.post(url, body, headers)
+        except PostFailed as exc:
+            raise DeliveryFailed(str(exc), retry=True) from exc
+        if 200 <= answer.status < 300:
             return
-        retry = response.status_code >= 500 or response.status_code in RETRYABLE_STATUS
-        raise DeliveryFailed(f"HTTP {response.status_code}: {response.text[:200]}", retry=retry)
+        retry = answer.status >= 500 or answer.status in RETRYABLE_STATUS
+        text = answer.body[:200].decode("utf-8", errors="replace")
+        raise DeliveryFailed(f"HTTP {answer.status}: {text}", retry=retry)
 
     def close(self) -> None:
-        self.client.close()
+        self.poster.close()
 
 
 class WebhookSink(_HttpSink):
@@ -127,7 +127,11 @@ class SlackSink(_HttpSink):
         self.post(
             url,
             body,
-            {"Content-Type": "application/json", IDEMPOTENCY_HEADER: alert.idempotency_key},
+            {
+                "Content-Type": "application/json",
+                "User-Agent": "headrace-alerts/1",
+                IDEMPOTENCY_HEADER: alert.idempotency_key,
+            },
         )
 
 
