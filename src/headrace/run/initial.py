@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import psycopg
+import pyarrow as pa
 
 from headrace.engine.engine import Engine
 from headrace.engine.results import SnapshotLoaded
@@ -35,7 +36,7 @@ from headrace.pipeline.model import PipelineConfig
 from headrace.run.faults import Faults
 from headrace.run.pipeline_source import snapshot_settings, source_dsn
 from headrace.run.settings import RunSettings
-from headrace.source.changes import SnapshotChunk
+from headrace.source.changes import SnapshotChunk, TableRef
 from headrace.source.postgres import preflight
 from headrace.source.postgres.snapshot import Snapshotter, describe
 from headrace.source.postgres.snapshot_progress import ProgressCallback
@@ -44,6 +45,9 @@ from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.run")
 
+STORE_CHUNK_ROWS = 2 * 122_880
+"""Rows per chunk handed to the store at least (where the copy allows): two
+DuckDB row groups (see :func:`_coalesced`)."""
 MARKER_KEY = "snapshot"
 IN_PROGRESS = "in_progress"
 # Only constants are formatted into these statements; values are parameters.
@@ -103,7 +107,7 @@ def _chunks(
     stop: threading.Event,
     on_chunk: Callable[[], None],
 ) -> Iterator[SnapshotChunk]:
-    for chunk in chunks:
+    for chunk in _coalesced(chunks, STORE_CHUNK_ROWS):
         if stop.is_set():
             raise SnapshotInterruptedError
         yield chunk
@@ -111,6 +115,39 @@ def _chunks(
         on_chunk()
     if stop.is_set():
         raise SnapshotInterruptedError
+
+
+def _coalesced(chunks: Iterator[SnapshotChunk], min_rows: int) -> Iterator[SnapshotChunk]:
+    """The chunks, with a table's consecutive ones joined (zero-copy) into chunks of
+    at least ``min_rows`` rows where possible.
+
+    Why: DuckDB writes an append of whole row groups to the file while it runs
+    (in parallel, overlapping the copy); smaller appends wait in memory and are
+    written by the COMMIT, a serial tail of ~0.2 s per 1M rows. Memory stays
+    bounded: every waiting table is handed over once ``min_rows`` rows wait in
+    all. An empty chunk (a table without rows) passes at once.
+    """
+    waiting: dict[TableRef, list[SnapshotChunk]] = {}
+    waiting_rows = 0
+    for chunk in chunks:
+        if chunk.rows.num_rows == 0 and chunk.schema.table not in waiting:
+            yield chunk
+            continue
+        waiting.setdefault(chunk.schema.table, []).append(chunk)
+        waiting_rows += chunk.rows.num_rows
+        if waiting_rows >= min_rows:
+            yield from (_joined(parts) for parts in waiting.values())
+            waiting.clear()
+            waiting_rows = 0
+    yield from (_joined(parts) for parts in waiting.values())
+
+
+def _joined(parts: list[SnapshotChunk]) -> SnapshotChunk:
+    if len(parts) == 1:
+        return parts[0]
+    last = parts[-1]
+    rows = pa.concat_tables([part.rows for part in parts])
+    return SnapshotChunk(last.schema, rows, max(part.consistent_point for part in parts))
 
 
 def snapshot_into_store(

@@ -15,8 +15,8 @@ until every copy is done, then closed; the slot stays for the stream.
 Tables copy in parallel worker threads, each on its own connection inside a
 ``REPEATABLE READ`` transaction that imported the snapshot; a table larger
 than ``range_pages`` heap pages is split into CTID ranges copied in parallel
-(TID range scans, PostgreSQL 14+). COPY output is parsed in bulk into Arrow
-(see :mod:`.snapshot_copy`). Chunks reach the consumer through a bounded
+(TID range scans, PostgreSQL 14+). COPY output is decoded in bulk into Arrow
+(see :mod:`.snapshot_copy` and :mod:`.snapshot_binary`). Chunks reach the consumer through a bounded
 queue, so memory stays bounded by ``workers + queue_chunks`` chunks.
 
 Schema versions: every snapshot schema has ``version`` 1 and carries the
@@ -27,10 +27,12 @@ lists (names, type OIDs and modifiers, key flags: :func:`same_columns`), not
 version numbers.
 
 Cost (measured on 2 cores, 1M rows of int8, numeric(18,2), text,
-timestamptz, bool): about 0.9-1.0 CPU-second in this process (receiving
-~0.45, CSV parsing ~0.2, converting ~0.1-0.25) plus 0.75-1.0 in the server
-(CSV output), so an idle 2-core machine copies about 1M rows/s; psycopg 3's
-own raw binary COPY loop, converting nothing, is no faster.
+timestamptz, bool): tables whose column types all have a simple binary form
+are copied in binary (:mod:`.snapshot_binary`): the server spends ~0.6
+CPU-s instead of ~0.9 for CSV, and the client ~0.5 receiving (one Python
+call per row, holding the GIL) plus ~0.35 decoding (instead of ~0.65 CSV
+parsing and conversion). Other tables are copied as CSV. Storing into DuckDB
+costs another ~0.65 CPU-s (see ``headrace bench snapshot``).
 
 Interrupted snapshots: when the copy fails or the consumer stops early (the
 chunk iterator is closed), the half-made slot is dropped. After a crash that
