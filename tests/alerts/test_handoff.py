@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from headrace.alerts.config import SinkConfig, WebhookSinkConfig
-from headrace.alerts.delivery import AlertDelivery
+from headrace.alerts.delivery import SUMMARY, AlertDelivery, summary
 from tests.alerts.outbox import RolledBack, add_alert, deliveries, open_store, settled, wait_for
 from tests.alerts.receivers import http_receiver
 
@@ -30,6 +30,15 @@ def test_committed_alerts_are_sent_without_reading_the_outbox(tmp_path: Path) ->
     assert [(r["state"], r["attempts"]) for r in rows] == [("delivered", 1)] * 4
     assert all(r["delivered_at"] is not None for r in rows)
     assert [a.alert_id for a in delivery.attempts] == [first, *later]
+    # The first alert came from the outbox read at start, the others at their commit.
+    latencies = delivery.after_commit_ms()["ops"]
+    assert len(latencies) == 3
+    assert all(0 <= ms < 10_000 for ms in latencies)
+    (worker,) = delivery._workers
+    line = SUMMARY.search(summary(worker))
+    assert line is not None
+    assert (line["sink"], line["sent"]) == ("ops", "3")
+    assert summary(worker).endswith("; 1 attempt(s) from the outbox")
     store.close()
 
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -132,6 +134,8 @@ class AlertDelivery:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            log.info("%s", summary(worker))
 
     def __enter__(self) -> AlertDelivery:
         return self.start()
@@ -143,6 +147,11 @@ class AlertDelivery:
         """Read the outbox now (e.g. after rows were written without a handover)."""
         for worker in self._workers:
             worker.resync()
+
+    def after_commit_ms(self) -> dict[str, list[float]]:
+        """Per sink, for each alert sent from the commit handover: milliseconds from
+        the commit's publication to the sink's answer (the delivery's own latency)."""
+        return {worker.sink.name: list(worker.after_commit_ms) for worker in self._workers}
 
     # ------------------------------------------------------------ handover
 
@@ -194,6 +203,31 @@ class AlertDelivery:
         finally:
             worker.sink.close()
             worker.cursor.close()
+
+
+SUMMARY = re.compile(
+    r"alert delivery to (?P<sink>\S+): (?P<sent>\d+) sent at commit, answered p50 "
+    r"(?P<p50>[\d.]+) ms, p99 (?P<p99>[\d.]+) ms, max (?P<max>[\d.]+) ms after the commit"
+)
+"""Matches the latency part of :func:`summary` (benchmarks read it from the log)."""
+
+
+def summary(worker: SinkWorker) -> str:
+    """One line on a sink's deliveries in this process (logged at stop)."""
+    name = worker.sink.name
+    latencies = sorted(worker.after_commit_ms)
+    outbox = f"{worker.from_outbox} attempt(s) from the outbox"
+    if not latencies:
+        return f"alert delivery to {name}: none sent at commit; {outbox}"
+
+    def rank(fraction: float) -> float:
+        return latencies[max(0, math.ceil(fraction * len(latencies)) - 1)]
+
+    return (
+        f"alert delivery to {name}: {len(latencies)} sent at commit, answered p50 "
+        f"{rank(0.5):.1f} ms, p99 {rank(0.99):.1f} ms, max {latencies[-1]:.1f} ms after "
+        f"the commit; {outbox}"
+    )
 
 
 def delivery_status(store: DuckDBStore) -> list[dict[str, Any]]:

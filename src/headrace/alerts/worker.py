@@ -29,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +48,8 @@ PAGE = 50
 """Outbox rows read per query."""
 REMEMBERED = 10_000
 """Alerts whose attempt count a worker remembers (far more than can be in flight)."""
+LATENCIES_KEPT = 100_000
+"""Latencies a worker keeps for its summary."""
 RECORD_RETRY_S = 0.1
 """Wait before writing delivery records again after the store refused them."""
 
@@ -154,6 +156,11 @@ class SinkWorker:
         """Attempts made per alert id (the newest :data:`REMEMBERED`)."""
         self._records: dict[int, _Record] = {}
         """Attempts not yet recorded in the outbox, by alert id."""
+        self.after_commit_ms: deque[float] = deque(maxlen=LATENCIES_KEPT)
+        """Per alert sent from the commit handover: ms from the commit's publication
+        to the sink's answer (the newest :data:`LATENCIES_KEPT`)."""
+        self.from_outbox = 0
+        """Attempts made from rows read in the outbox (start, retries, resyncs)."""
 
     def resync(self) -> None:
         """Read the outbox on the next round (e.g. a transaction failed: what was
@@ -190,12 +197,7 @@ class SinkWorker:
             alert_id = int(item.row[_COLUMN["id"]])
             if alert_id not in self._made:
                 self._attempt(alert_from_row(item.row, item.idempotency_key), 0)
-                log.debug(
-                    "alert %d: attempt 1 to %s answered %.1f ms after its commit",
-                    alert_id,
-                    self.sink.name,
-                    (time.time() - item.committed_at) * 1000,
-                )
+                self.after_commit_ms.append((time.time() - item.committed_at) * 1000)
         self._record_all()
 
     def _wait(self) -> float:
@@ -235,6 +237,7 @@ class SinkWorker:
                 if self._made.get(after, 0) > attempts:
                     continue  # attempted since; its record is not in the outbox yet
                 self._attempt(alert_from_row(alert_row, key), attempts)
+                self.from_outbox += 1
             self._record_all()
             if len(rows) < PAGE:
                 break
