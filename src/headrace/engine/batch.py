@@ -59,6 +59,22 @@ def apply_segment(
             dead += write_dead_letters(con, model.name, reason, schema, data)
             continue
         works[model.ref] = load_changes(con, model, schema, data, index, transactions=transactions)
+    try:
+        _write_segment(con, registry, jobs, works)
+    finally:
+        for work in works.values():
+            if work.touched_keys is not None:
+                con.unregister(work.keys)
+    return dead, list(works.values())
+
+
+def _write_segment(
+    con: duckdb.DuckDBPyConnection,
+    registry: Registry,
+    jobs: StreamJobs,
+    works: Mapping[TableRef, TableWork],
+) -> None:
+    """Steps 1-5 of the module docstring for the loaded tables."""
     _resolve(con, registry, works)
     for work in works.values():
         if work.model.config.history:
@@ -74,7 +90,6 @@ def apply_segment(
     if jobs:
         jobs.apply(con, works.values(), registry.tables)
     write_table_meta(con, list(works.values()))
-    return dead, list(works.values())
 
 
 def _resolve(

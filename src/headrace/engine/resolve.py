@@ -71,6 +71,9 @@ class TableWork:
     start_rows: int = 0
     """Rows in ``start`` / ``end`` (set by :func:`compute_net`)."""
     end_rows: int = 0
+    touched_keys: pa.Table | None = None
+    """The touched keys computed on the Arrow columns by :func:`load_changes`, when it
+    could (registered as ``keys`` instead of a CREATE TABLE AS: a statement less)."""
 
     @property
     def changes(self) -> str:
@@ -82,7 +85,10 @@ class TableWork:
 
     @property
     def keys(self) -> str:
-        return f"_hr_k_{self.index}"
+        # A registered Arrow table cannot share a name with a temp table of an
+        # earlier batch, hence two names.
+        prefix = "_hr_ka" if self.touched_keys is not None else "_hr_k"
+        return f"{prefix}_{self.index}"
 
     @property
     def start(self) -> str:
@@ -177,6 +183,7 @@ def load_changes(
         parts.append(EVENT_TS)
     for name in model.lookups:
         parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
+    work.touched_keys = _touched_keys(work, data, columns)
     source = f"_hr_in_{index}"
     con.register(source, pa.table(columns))
     try:
@@ -248,6 +255,49 @@ def _row_values(
         columns[slot] = value
         parts.append(_typed(slot, duckdb_type(value.type), target, quote_ident(name)))
     return parts
+
+
+def _touched_keys(
+    work: TableWork, data: pa.Table, columns: dict[str, pa.ChunkedArray]
+) -> pa.Table | None:
+    """Every key a change inserted, modified or removed (after the batch's last
+    truncate), with its last touch ``_hr_last`` (``seq * 2``, + 1 for the new key),
+    from the Arrow columns; None when SQL must do it (a key value to inherit from an
+    unchanged TOAST value, or a key column whose Arrow type needs a cast)."""
+    model = work.model
+    if work.toasted or not model.config.mirror:
+        return None
+    positions = {column.name: number for number, column in enumerate(model.columns)}
+    new_slots, old_slots = [], []
+    for j, key in enumerate(model.key):
+        column = model.column(key)
+        slot = f"_hr_v{positions[key]}" if key in positions else None
+        if column is None or slot is None or slot not in columns:
+            return None
+        for array in (columns[slot], columns.get(old_key(j))):
+            if array is not None and duckdb_type(array.type) != column.duck_type:
+                return None
+        new_slots.append(slot)
+        old_slots.append(old_key(j))
+    ops, seqs = data[OP], data[SEQ]
+    after = pc.greater(seqs, work.truncated_at) if work.truncated_at is not None else None
+    sides = []
+    for side, slots, kinds in ((1, new_slots, ["I", "U"]), (0, old_slots, ["U", "D"])):
+        if side == 0 and not (work.updates or work.deletes):
+            continue
+        keep = pc.is_in(ops, pa.array(kinds))
+        if after is not None:
+            keep = pc.and_(keep, after)
+        for slot in slots:
+            keep = pc.and_(keep, pc.is_valid(columns[slot]))
+        last = pc.add(pc.multiply(seqs, 2), side)
+        part = pa.table([*(columns[slot] for slot in slots), last], [*model.key, "_hr_last"])
+        sides.append(part.filter(pc.fill_null(keep, False)))
+    grouped = pa.concat_tables(sides).group_by(list(model.key)).aggregate([("_hr_last", "max")])
+    return pa.table(
+        [*(grouped[key] for key in model.key), grouped["_hr_last_max"]],
+        [*model.key, "_hr_last"],
+    )
 
 
 def _typed(column: str, duck_type: str, target: str, alias: str | None = None) -> str:
@@ -394,11 +444,8 @@ def _inherit(con: duckdb.DuckDBPyConnection, work: TableWork, column: str, provi
     con.execute(f"DROP TABLE IF EXISTS {current}")
 
 
-def compute_net(
-    con: duckdb.DuckDBPyConnection, work: TableWork, lookups: LookupJoins | None = None
-) -> None:
-    """Create the touched keys, start rows and end rows of a mirrored table (the end
-    rows with their looked-up values, see :func:`~headrace.engine.lookup.lookup_joins`)."""
+def _touched_keys_sql(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
+    """``_hr_k_i`` in SQL (see :func:`_touched_keys` for when it is needed)."""
     model, c = work.model, work.changes
     keys = [quote_ident(k) for k in model.key]
     olds = [old_key(j) for j in range(len(model.key))]
@@ -413,6 +460,19 @@ def compute_net(
         ) WHERE {" AND ".join(f"{k} IS NOT NULL" for k in keys)}
         GROUP BY {", ".join(keys)}"""
     )
+
+
+def compute_net(
+    con: duckdb.DuckDBPyConnection, work: TableWork, lookups: LookupJoins | None = None
+) -> None:
+    """Create the touched keys, start rows and end rows of a mirrored table (the end
+    rows with their looked-up values, see :func:`~headrace.engine.lookup.lookup_joins`)."""
+    model, c = work.model, work.changes
+    keys = [quote_ident(k) for k in model.key]
+    if work.touched_keys is not None:
+        con.register(work.keys, work.touched_keys)
+    else:
+        _touched_keys_sql(con, work)
     joined = lookups or LookupJoins()
     columns = ", ".join(
         f"{joined.values[n]} AS {quote_ident(n)}" if n in joined.values else f"c.{quote_ident(n)}"
