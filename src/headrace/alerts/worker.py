@@ -181,23 +181,24 @@ class SinkWorker:
     # ---------------------------------------------------------------- rounds
 
     def _round(self) -> None:
-        handed = self.take()
+        # What was handed over committed (the delivery drops what may not have): send
+        # it first, and only then read the outbox if that is due, so a read never
+        # stands between a commit and its sends. The read skips what was just sent
+        # (recorded first, or remembered in ``_made``).
+        for item in self.take():
+            if self.stop.is_set():
+                return
+            alert_id = int(item.row[_COLUMN["id"]])
+            if alert_id not in self._made:
+                self._attempt(alert_from_row(item.row, item.idempotency_key), 0)
+                self.after_commit_ms.append((time.time() - item.committed_at) * 1000)
         now = time.time()
         due = bool(self._retries) and self._retries[0] <= now
         if self._resync.is_set() or due or time.monotonic() - self._last_read >= self.poll_interval:
             self._resync.clear()
             while self._retries and self._retries[0] <= now:
                 heapq.heappop(self._retries)
-            # Every alert handed over so far committed before this read: it covers them.
-            if self._read_outbox():
-                handed = []
-        for item in handed:
-            if self.stop.is_set():
-                break
-            alert_id = int(item.row[_COLUMN["id"]])
-            if alert_id not in self._made:
-                self._attempt(alert_from_row(item.row, item.idempotency_key), 0)
-                self.after_commit_ms.append((time.time() - item.committed_at) * 1000)
+            self._read_outbox()
         self._record_all()
 
     def _wait(self) -> float:
@@ -208,8 +209,9 @@ class SinkWorker:
             wait = min(wait, self._retries[0] - time.time())
         return max(0.0, wait)
 
-    def _read_outbox(self) -> bool:
-        """Send the sink's due pending rows, oldest alert first; False if reading failed."""
+    def _read_outbox(self) -> None:
+        """Send the sink's due pending rows, oldest alert first (read again on the next
+        round if reading fails)."""
         self._record_all()  # the outbox should show what this process did
         name = self.sink.name
         self._last_read = time.monotonic()
@@ -228,7 +230,7 @@ class SinkWorker:
             except duckdb.Error as exc:
                 log.warning("alert delivery to %s: reading the outbox failed: %s", name, exc)
                 self._resync.set()
-                return False
+                return
             for row in rows:
                 if self.stop.is_set():
                     break
@@ -241,7 +243,6 @@ class SinkWorker:
             self._record_all()
             if len(rows) < PAGE:
                 break
-        return True
 
     # -------------------------------------------------------------- attempts
 
