@@ -200,21 +200,32 @@ class AccountTakeover(RuleJob):
             account_delta.before() if account_delta is not None else ctx.mirror(self.accounts_ref)
         )
         start_accounts = (
-            f" UNION ALL SELECT {q(accounts.id)}, {q(accounts.customer)} FROM {account_delta.start}"
+            f" UNION ALL SELECT {q(accounts.id)}, {q(accounts.balance)} FROM {account_delta.start}"
             if account_delta is not None
             else ""
         )
+        # Every version of the accounts the batch may have priced an outflow at: now, before
+        # the batch, and each one the batch wrote (a superset of the balances detection reads).
+        balances = (
+            f"SELECT {q(accounts.id)}, {q(accounts.balance)} "
+            f"FROM {ctx.mirror(self.accounts_ref)}{start_accounts}"
+        )
+        if account_delta is not None:
+            balances += (
+                f" UNION ALL SELECT {q(accounts.id)}, {q(accounts.balance)} "
+                f"FROM {account_delta.changes} WHERE _hr_op IN ('I', 'U')"
+            )
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount),
             config.where or self.tx.outflow,
             horizon,
-            # An alert needs a risky login of the account's customer (before the batch
-            # or now, whichever the account's version says).
-            prefilter=f"e.amount >= {config.min_amount} AND e.account IN ("
-            f"SELECT a.{q(accounts.id)} FROM (SELECT {q(accounts.id)}, {q(accounts.customer)} "
-            f"FROM {ctx.mirror(self.accounts_ref)}{start_accounts}) a "
-            f"WHERE a.{q(accounts.customer)} IN (SELECT customer FROM {self.marks}))",
+            # An alert needs an outflow taking the share of a positive balance the account
+            # had (rare: the rule then joins the candidates statement only in the batches
+            # with one), then a risky login of its customer, which the candidates check.
+            prefilter=f"e.amount >= {config.min_amount} AND EXISTS (SELECT 1 FROM ({balances}) b "
+            f"WHERE b.{q(accounts.id)} = e.account AND b.{q(accounts.balance)} > 0 "
+            f"AND e.amount >= {config.outflow_share} * b.{q(accounts.balance)})",
         )
         window_s = config.window.total_seconds()
         mark = (

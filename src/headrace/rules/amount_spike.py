@@ -48,6 +48,14 @@ class AmountSpike(RuleJob):
             where=f"({self.config.where}) AND ({self.config.history_where})",
         )
 
+    def crosses(self, tx: str, history: str) -> str:
+        """SQL: transaction ``tx`` is a spike against its account's ``history`` row."""
+        config = self.config
+        return (
+            f"{history}.n >= {config.min_history} AND {history}.mean > 0 "
+            f"AND {tx}.amount >= {config.factor} * {history}.mean"
+        )
+
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
@@ -60,12 +68,19 @@ class AmountSpike(RuleJob):
             self.ready = True
         config = self.config
         horizon = watermark - self.rules.lateness - timedelta(days=1)
+        mean = (
+            f"SELECT account, _rows AS n, CAST(total AS DOUBLE) / _rows AS mean "
+            f"FROM {history.table} WHERE _rows > 0"
+        )
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount),
             config.where,
             horizon,
-            prefilter=f"e.amount >= {config.min_amount}",
+            # The candidate condition itself, against the same history: the rule joins the
+            # candidates statement only in the rare batches with a spike.
+            prefilter=f"e.amount >= {config.min_amount} AND EXISTS (SELECT 1 FROM "
+            f"({mean}) m WHERE m.account = e.account AND {self.crosses('e', 'm')})",
         )
         candidates = f"""
             SELECT t.account AS account_id, 'amount_spike:' || t.account AS dedup_key,
@@ -84,11 +99,8 @@ class AmountSpike(RuleJob):
                        'evidence', {evidence_json(f"[{tx_evidence('t')}]")}
                    ) AS payload
             FROM {triggers} t
-            JOIN (SELECT account, _rows AS n, CAST(total AS DOUBLE) / _rows AS mean
-                  FROM {history.table} WHERE _rows > 0) m ON m.account = t.account
-            WHERE m.n >= {config.min_history} AND m.mean > 0
-              AND t.amount >= {config.factor} * m.mean
-              AND t.amount >= {config.min_amount}"""
+            JOIN ({mean}) m ON m.account = t.account
+            WHERE {self.crosses("t", "m")} AND t.amount >= {config.min_amount}"""
         return Evaluation(candidates, after=lambda: history.update(con, delta))
 
     def rebuild(self, ctx: JobContext) -> None:

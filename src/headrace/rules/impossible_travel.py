@@ -85,19 +85,25 @@ class ImpossibleTravel(RuleJob):
             )
 
     def _prefilter(self, uses: str, countries: str) -> str:
-        """SQL over the trigger ``e``: it can be a candidate (travel needs a use of the account
-        in another country; a new country one the account has not used before the batch)."""
+        """SQL over the trigger ``e``: it can be a candidate. Travel needs an earlier use of
+        the account within the window in another country (its previous use is one); a new
+        country one the account has not used before the batch, and ``min_history`` uses
+        elsewhere (most first uses of an account have none: they stay out)."""
+        config = self.config
         travel = (
             f"EXISTS (SELECT 1 FROM {uses} u WHERE u.account = e.account "
+            f"AND u.t < e.t AND u.t > e.t - to_seconds({config.window.total_seconds()}) "
             "AND u.country IS DISTINCT FROM e.country)"
         )
-        if not self.config.new_country:
+        if not config.new_country:
             return travel
-        unseen = (
-            f"NOT EXISTS (SELECT 1 FROM {countries} c WHERE c.account = e.account "
-            "AND c.country = e.country AND c._rows > 0)"
+        # One pass over the account's countries: unseen here, and enough uses elsewhere.
+        new_country = (
+            f"(SELECT count(*) FILTER (WHERE c.country = e.country) = 0 "
+            f"AND coalesce(sum(c._rows), 0) >= {config.min_history} "
+            f"FROM {countries} c WHERE c.account = e.account AND c._rows > 0)"
         )
-        return f"({travel} OR {unseen})"
+        return f"({travel} OR {new_country})"
 
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
@@ -139,16 +145,15 @@ class ImpossibleTravel(RuleJob):
                             THEN {km} END AS km,
                        epoch(x.t) - epoch(x.p_t) AS seconds,
                        k.history, k.known,
-                       coalesce(s._rows, 0) = 0 AS unseen
+                       NOT coalesce(list_contains(k.known, x.country), false) AS unseen
                 FROM paired x
                 LEFT JOIN {locations} lp ON lp.country = x.p_country
                 LEFT JOIN {locations} lt ON lt.country = x.country
                 LEFT JOIN (SELECT account, sum(_rows) AS history, list(country ORDER BY country)
                                   AS known
-                           FROM {
-            countries.table
-        } WHERE _rows > 0 GROUP BY account) k ON k.account = x.account
-                LEFT JOIN {countries.table} s ON s.account = x.account AND s.country = x.country
+                           FROM {countries.table}
+                           WHERE _rows > 0 AND account IN (SELECT account FROM {triggers})
+                           GROUP BY account) k ON k.account = x.account
             ), judged AS (
                 SELECT *, km / greatest(seconds, 1) * 3600 AS speed_kmh,
                        coalesce(km / greatest(seconds, 1) * 3600 > {config.max_speed_kmh}, false)

@@ -42,6 +42,22 @@ class VelocityBurst(RuleJob):
     def window_filter(self) -> str:
         return self.config.where
 
+    def _crossing(self, window: str) -> str:
+        """SQL over the trigger ``e``: some limit is crossed at it (the candidate condition,
+        counted once per trigger: the rule joins the candidates statement only in the rare
+        batches with a burst)."""
+        limits = self.config.limits
+        widest = max(limit.window for limit in limits).total_seconds()
+        crossed = " OR ".join(
+            f"count(*) FILTER (WHERE w.t > e.t - to_seconds({limit.window.total_seconds()})) "
+            f">= {limit.count}"
+            for limit in limits
+        )
+        return (
+            f"(SELECT {crossed} FROM {window} w WHERE w.account = e.account "
+            f"AND w.t <= e.t AND w.t > e.t - to_seconds({widest}))"
+        )
+
     def evaluate(self, ctx: JobContext) -> Evaluation:
         delta = ctx.delta(self.tx_ref)
         if delta is None:
@@ -53,8 +69,7 @@ class VelocityBurst(RuleJob):
             (self.tx.account, self.tx.time),
             self.config.where,
             watermark - self.rules.lateness,
-            # A burst needs at least the smallest limit's count of rows in the window.
-            prefilter=self.recent_count_at_least(min(limit.count for limit in self.config.limits)),
+            prefilter=self._crossing(window),
         )
         limits = ", ".join(
             f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
