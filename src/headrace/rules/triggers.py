@@ -131,24 +131,30 @@ def create_tx_triggers(
     watched_sql = [f"{quote_ident(c)} AS {slots[c]}" for c in watched]
     matches = [f"coalesce(({spec.where}), false) AS _m{i}" for i, spec in enumerate(specs)]
     key_match = " AND ".join(f"e._k{i} = s._k{i}" for i in range(len(delta.key)))
-    flags = []
+    # Two levels: the cheap conditions (filter, change, horizon) first, so the prefilters
+    # (subqueries over rule state) are computed only for the rows that pass them.
+    cheap = []
     for i, spec in enumerate(specs):
         differs = " OR ".join(f"e.{slots[c]} IS DISTINCT FROM s.{slots[c]}" for c in spec.columns)
-        flags.append(
+        cheap.append(
             f"(e._m{i} AND (s._k0 IS NULL OR {differs or 'false'} OR NOT s._m{i}) "
-            f"AND e.t >= '{spec.horizon.isoformat()}' AND ({spec.prefilter})) AS {spec.flag}"
+            f"AND e.t >= '{spec.horizon.isoformat()}') AS _c{i}"
         )
+    flags = [f"(e._c{i} AND ({spec.prefilter})) AS {spec.flag}" for i, spec in enumerate(specs)]
     names = [f"_k{i}" for i in range(len(delta.key))] + list(TX_FIELDS)
+    rows = ", ".join(f"e.{n}" for n in [*names, "commit_ts", "lsn"])
     created = con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {TX_TRIGGERS} AS
         SELECT * FROM (
-            SELECT {", ".join(f"e.{n}" for n in names)}, e.commit_ts, e.lsn, {", ".join(flags)}
-            FROM (SELECT {", ".join([*keys, *fields, *watched_sql, *matches])},
-                         _hr_commit_ts AS commit_ts, {LSN} AS lsn
-                  FROM {delta.end_rows()}) e
-            LEFT JOIN (SELECT {", ".join([*keys, *watched_sql, *matches])}
-                       FROM {delta.start}) s ON {key_match}
-            {joins})
+            SELECT {rows}, {", ".join(flags)}
+            FROM (SELECT {rows}, {", ".join(cheap)}
+                  FROM (SELECT {", ".join([*keys, *fields, *watched_sql, *matches])},
+                               _hr_commit_ts AS commit_ts, {LSN} AS lsn
+                        FROM {delta.end_rows()}) e
+                  LEFT JOIN (SELECT {", ".join([*keys, *watched_sql, *matches])}
+                             FROM {delta.start}) s ON {key_match}) e
+            {joins}
+            WHERE {" OR ".join(f"e._c{i}" for i in range(len(specs)))})
         WHERE {" OR ".join(spec.flag for spec in specs)}"""
     )
     total = rows_written(created)
