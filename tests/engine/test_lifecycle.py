@@ -170,12 +170,80 @@ def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
         stop.set()
         thread.join()
     h.sync()
+    assert h.engine.finish_rebuilds(60)
     assert len(rebuilt) == 2
     assert "lo" in [
         c for (c,) in h.duck("SELECT column_name FROM duckdb_columns() WHERE table_name = 'vol_5m'")
     ]
     h.assert_rollup("vol", recorded_source(recorded), {"tier": "recorded_tier"})
     h.assert_mirror("tx", ["id", "acct_id", "amount", "status", "ts"])
+
+
+def test_rebuild_catches_up_groups_changed_while_it_computed(h: Harness) -> None:
+    """Batches applied while a rebuild computes (held by the test's gate) change
+    groups under the new definition: moved between buckets and statuses, deleted,
+    inserted, and a maximum retracted. After the swap the rebuilt rollup equals
+    PostgreSQL; meanwhile the old definition was still maintained and served."""
+    h.db.execute("SELECT pg_drop_replication_slot('s_p')")
+    h.snapshot()
+    gate = threading.Event()
+    h.engine.rebuild_gate = gate
+    changed = parse_pipeline(
+        YAML.replace(
+            "{name: n, fn: count}",
+            "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}",
+        ).replace("DSN", h.db.dsn)
+    ).rollup("vol")
+    answers: list[tuple[bool, str]] = []
+    h.engine.request_rebuild("vol", changed, lambda ok, message: answers.append((ok, message)))
+    h.execute(
+        "UPDATE tx SET ts = ts + interval '7 minutes', status = 'declined' WHERE id % 97 = 0",
+        "DELETE FROM tx WHERE id % 89 = 0",
+        "UPDATE tx SET amount = amount + 0.5 WHERE amount = (SELECT max(amount) FROM tx)",
+        "INSERT INTO tx SELECT 60000 + i, 1 + i % 100, i, 'ok', "
+        "'2024-01-02'::timestamptz + i * interval '1 minute' FROM generate_series(1, 300) i",
+    )
+    h.sync()
+    assert h.engine.rebuilding
+    assert answers == []
+    # The old definition is maintained meanwhile: its view has no "lo" and is exact.
+    columns = "SELECT column_name FROM duckdb_columns() WHERE table_name = 'vol_5m'"
+    assert "lo" not in [c for (c,) in h.duck(columns)]
+    h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
+    h.execute("UPDATE tx SET status = 'ok' WHERE id % 101 = 0", "DELETE FROM tx WHERE id < 40")
+    h.sync()
+    gate.set()
+    assert h.engine.finish_rebuilds(60)
+    assert [ok for ok, _ in answers] == [True]
+    assert "lo" in [c for (c,) in h.duck(columns)]
+    h.config = h.config.model_copy(update={"rollups": [changed]})
+    h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
+    # Streaming goes on with the new definition.
+    h.execute("UPDATE tx SET amount = amount * 2 WHERE id % 53 = 0")
+    h.sync()
+    h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
+
+
+def test_rebuild_starts_over_after_a_schema_change(h: Harness) -> None:
+    """A column added while a rebuild computes: the rebuild's snapshot would not show
+    it, so it starts over after that batch and still ends exact."""
+    h.db.execute("SELECT pg_drop_replication_slot('s_p')")
+    h.snapshot()
+    gate = threading.Event()
+    h.engine.rebuild_gate = gate
+    answers: list[bool] = []
+    h.engine.request_rebuild("vol", None, lambda ok, _: answers.append(ok))
+    h.execute("UPDATE tx SET status = 'declined' WHERE id % 7 = 0")
+    h.sync()
+    h.execute("ALTER TABLE tx ADD COLUMN note text", "UPDATE tx SET note = 'x' WHERE id % 5 = 0")
+    h.sync()
+    assert h.engine.rebuilding
+    assert answers == []
+    gate.set()
+    assert h.engine.finish_rebuilds(60)
+    assert answers == [True]
+    h.assert_rollup("vol", TIERS, {"tier": "current_tier"})
+    h.assert_mirror("tx", ["id", "amount", "status", "note"])
 
 
 RETENTION_YAML = """

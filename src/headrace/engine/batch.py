@@ -87,6 +87,10 @@ def _write_segment(
             table_work = works.get(runtime.plan.table.ref)
             if table_work is not None:
                 apply_rollup(con, runtime, runtime.plan, table_work, index)
+    for plan, touched in registry.tracking.values():
+        table_work = works.get(plan.table.ref)
+        if table_work is not None:
+            track_groups(con, plan, table_work, touched)
     if jobs:
         jobs.apply(con, works.values(), registry.tables)
     write_table_meta(con, list(works.values()))
@@ -149,6 +153,20 @@ def apply_rollup(
         delta = f"({plan.side_delta_sql(measure, source)})"
         appended += rows_written(con.execute(plan.side_insert_sql(measure, delta), params))
     runtime.appended += appended
+
+
+def track_groups(
+    con: duckdb.DuckDBPyConnection, plan: RollupPlan, work: TableWork, touched: str
+) -> None:
+    """Add the groups of a batch's start and end rows (under ``plan``, a rollup being
+    rebuilt) to ``touched`` (see :mod:`headrace.engine.rebuild`)."""
+    parts = [
+        plan.groups_sql(rows)
+        for rows, count in ((work.start, work.start_rows), (work.end, work.end_rows))
+        if count
+    ]
+    if parts:
+        con.execute(f"INSERT INTO {touched} SELECT * FROM ({' UNION '.join(parts)})")
 
 
 def _merge_extremes(

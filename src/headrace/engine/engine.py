@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
 from headrace.engine.lookup import fill_lookup_column
+from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
 from headrace.engine.resolve import transaction_starts
 from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
@@ -41,7 +43,7 @@ from headrace.engine.schema_change import diff_schema, follow_schema_change
 from headrace.engine.segments import split_segments
 from headrace.engine.snapshot import append_chunk, write_snapshot_meta
 from headrace.engine.tables import TableModel
-from headrace.errors import HeadraceError, StoreError
+from headrace.errors import HeadraceError, StoreError, format_lsn
 from headrace.jobs.runtime import StreamJobs
 from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.source.changes import (
@@ -68,7 +70,11 @@ class Engine:
         self.registry = Registry(config)
         self.jobs = StreamJobs.from_config(config)
         """Stream jobs (rules, scores, metric alerts) run inside each batch's transaction."""
-        self._rebuilds: queue.Queue[tuple[str, RollupConfig | None]] = queue.Queue()
+        self._rebuilds: queue.Queue[RebuildRequest] = queue.Queue()
+        self._online: OnlineRebuild | None = None
+        """The rebuild running while batches go on, if any (one at a time)."""
+        self.rebuild_gate: threading.Event | None = None
+        """Tests only: a running rebuild computes once this is set (batches go on)."""
         self._load()
 
     def _load(self) -> None:
@@ -107,6 +113,8 @@ class Engine:
             self.registry.setup_rollups(con)
             transactions = transaction_starts([tc.data for tc in changes])
             for segment in split_segments(changes, self.registry.tables):
+                if segment.schema_changes and self._online is not None:
+                    self._restart_rebuild()
                 for schema, lsn in segment.schema_changes:
                     follow_schema_change(con, self.registry, schema, lsn)
                 dead, works = apply_segment(
@@ -188,15 +196,54 @@ class Engine:
 
     def rebuild(self, name: str, config: RollupConfig | None = None) -> None:
         """Recompute rollup ``name`` from the mirror (optionally with a new definition) and
-        swap it in atomically, at the current position. Call from the writer thread."""
+        swap it in atomically, at the current position, now (no batch runs meanwhile).
+        Call from the writer thread; :meth:`request_rebuild` does it while streaming."""
         with self._transaction() as con:
             self.registry.build(con, name, config)
         position = self._position or 0
         self.store.publish(position, None, [], 0, kind="rebuild")
 
-    def request_rebuild(self, name: str, config: RollupConfig | None = None) -> None:
-        """Ask for a rebuild from any thread; it runs before the next batch or maintain()."""
-        self._rebuilds.put((name, config))
+    def request_rebuild(
+        self,
+        name: str,
+        config: RollupConfig | None = None,
+        on_done: RebuildDone | None = None,
+    ) -> None:
+        """Ask for a rebuild from any thread. It starts before the next batch (or
+        :meth:`maintain`), computes in the background while batches go on, and is swapped
+        in between two later batches (:mod:`headrace.engine.rebuild`); ``on_done`` is
+        called on the writer thread when it ends, either way."""
+        self._rebuilds.put(RebuildRequest(name, config, on_done))
+
+    @property
+    def rebuilding(self) -> bool:
+        """A requested rebuild is queued or running."""
+        return self._online is not None or not self._rebuilds.empty()
+
+    def finish_rebuilds(self, timeout_s: float | None = None) -> bool:
+        """Wait for every requested rebuild and swap it in (writer thread); False if
+        ``timeout_s`` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.rebuilding:
+            online = self._online
+            if online is not None:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not online.done.wait(left):
+                    return False
+            self._run_rebuild_requests()
+        return True
+
+    def abandon_rebuilds(self, reason: str) -> None:
+        """Drop the running and queued rebuilds (e.g. when stopping), telling who asked."""
+        online, self._online = self._online, None
+        requests = [online.request] if online is not None else []
+        if online is not None:
+            online.abandon(self.registry)
+        while not self._rebuilds.empty():
+            requests.append(self._rebuilds.get_nowait())
+        for request in requests:
+            if request.on_done is not None:
+                request.on_done(False, f"rebuild of {request.name} not done: {reason}")
 
     def maintain(self, now: datetime | None = None) -> RetentionApplied:
         """Between batches: pending rebuilds, retention, rollup compaction and a
@@ -285,12 +332,66 @@ class Engine:
             log.exception("reloading the engine state after a failed transaction failed")
 
     def _run_rebuild_requests(self) -> None:
-        while True:
-            try:
-                name, config = self._rebuilds.get_nowait()
-            except queue.Empty:
+        """Swap in a rebuild whose rows are ready; start the next requested one."""
+        online = self._online
+        if online is not None:
+            if not online.done.is_set():
                 return
-            self.rebuild(name, config)
+            self._online = None
+            self._install(online)
+        while self._online is None and not self._rebuilds.empty():
+            self._start(self._rebuilds.get_nowait())
+
+    def _restart_rebuild(self) -> None:
+        """A schema change is coming: the running rebuild's snapshot would not show it,
+        so it starts over after this batch (its reader is stopped first: DuckDB must
+        not alter a table under an open read of it)."""
+        online, self._online = self._online, None
+        if online is None:
+            return
+        online.abandon(self.registry)
+        online.done.wait()
+        log.info("rebuild of %s starts over after a schema change", online.name)
+        self._rebuilds.put(online.request)
+
+    def _start(self, request: RebuildRequest) -> None:
+        try:
+            with self._transaction() as con:
+                planned = self.registry.plan_rebuild(con, request.name, request.config)
+            horizon = self.registry.rollups.get(request.name)
+            self._online = OnlineRebuild.start(
+                self.store,
+                self.registry,
+                request,
+                planned,
+                horizon=horizon.retained_from if horizon is not None else None,
+                gate=self.rebuild_gate,
+            )
+        except (HeadraceError, duckdb.Error) as exc:
+            self._rebuild_failed(request, exc)
+
+    def _install(self, online: OnlineRebuild) -> None:
+        request = online.request
+        try:
+            with self._transaction() as con:
+                online.install(con, self.registry)
+        except (HeadraceError, duckdb.Error) as exc:
+            self._rebuild_failed(request, exc)
+            return
+        position = self._position or 0
+        self.store.publish(position, None, [], 0, kind="rebuild")
+        seconds = time.monotonic() - request.requested_at
+        message = f"rebuilt {request.name} in {seconds:.2f} s at {format_lsn(position)}"
+        log.info("%s (streaming went on meanwhile)", message)
+        if request.on_done is not None:
+            request.on_done(True, message)
+
+    def _rebuild_failed(self, request: RebuildRequest, exc: BaseException) -> None:
+        self.registry.tracking.pop(request.name, None)
+        message = describe_failure(request.name, exc)
+        log.error("%s", message)
+        if request.on_done is not None:
+            request.on_done(False, message)
 
     def _unapplied(self, batch: ChangeBatch) -> tuple[list[TableChanges], int]:
         """The batch's changes of transactions not yet in the store (commit LSN >= position)."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import cast
 
 import duckdb
+import pyarrow as pa
 
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
@@ -86,6 +89,9 @@ class Registry:
         """Appended rows below which a rollup is never compacted."""
         self.compact_step_rows = COMPACT_STEP_ROWS
         """Rows one compaction step folds, about (see :meth:`compact_step`)."""
+        self.tracking: dict[str, tuple[RollupPlan, str]] = {}
+        """Rollups being rebuilt while streaming (:mod:`headrace.engine.rebuild`): the
+        new plan and the temp table collecting the groups each batch touches."""
 
     # ------------------------------------------------------------------ load
 
@@ -356,40 +362,83 @@ class Registry:
         self, con: duckdb.DuckDBPyConnection, name: str, config: RollupConfig | None = None
     ) -> None:
         """(Re)compute a rollup's state from the mirror and (re)create its views."""
+        config, plan = self.plan_rebuild(con, name, config)
+        self.install(con, name, config, plan)
+
+    def plan_rebuild(
+        self, con: duckdb.DuckDBPyConnection, name: str, config: RollupConfig | None = None
+    ) -> tuple[RollupConfig, RollupPlan]:
+        """The definition a rebuild of ``name`` uses (``config``, else the current one) and
+        its plan; adds the looked-up columns it needs to the mirrors."""
         runtime = self.rollups.get(name)
-        if runtime is None:
-            if config is None:
-                raise ConfigError(f"no rollup named {name!r}", "use a name from the pipeline file")
-            runtime = self.rollups[name] = RollupRuntime(config)
-        if config is not None:
-            runtime.config = config
-        fact = self.tables.get(TableRef.parse(runtime.config.table))
+        if runtime is None and config is None:
+            raise ConfigError(f"no rollup named {name!r}", "use a name from the pipeline file")
+        definition = config or cast(RollupRuntime, runtime).config
+        fact = self.tables.get(TableRef.parse(definition.table))
         if fact is None:
             raise ConfigError(
-                f"rollup {name}: table {runtime.config.table} has not been seen yet",
+                f"rollup {name}: table {definition.table} has not been seen yet",
                 "rebuild after the first snapshot",
             )
         self.ensure_lookup_columns(con)
-        plan = RollupPlan(runtime.config, fact, fact.lookups, con)
+        return definition, RollupPlan(definition, fact, fact.lookups, con)
+
+    def install(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        name: str,
+        config: RollupConfig,
+        plan: RollupPlan,
+        *,
+        rows: Mapping[str, pa.Table] | None = None,
+        touched: str | None = None,
+    ) -> None:
+        """Replace rollup ``name``'s tables and views by those of ``plan``: computed from
+        the mirror now, or (a rebuild while streaming) filled with ``rows`` computed
+        earlier, with the groups listed in table ``touched`` recomputed from the mirror."""
+        runtime = self.rollups.get(name)
+        if runtime is None:
+            runtime = self.rollups[name] = RollupRuntime(config)
+        runtime.config = config
         old_views = self._stored_rollups(con).get(name, (None, None, None, None, []))[4]
         for table in self._owned_tables(con, name):
             con.execute(f"DROP TABLE IF EXISTS {ROLLUP}.{quote_ident(table)}")
-        params = [runtime.retained_from] if runtime.retained_from is not None else []
-        con.execute(plan.build_sql(runtime.retained_from is not None), params)
+        with_horizon = runtime.retained_from is not None
+        params = [runtime.retained_from] if with_horizon else []
+        selects = {plan.state: partial(plan.build_select, with_horizon)}
         for measure in plan.side_tables():
-            con.execute(plan.side_build_sql(measure, runtime.retained_from is not None), params)
+            selects[plan.side_table(measure)] = partial(
+                plan.side_build_select, measure, with_horizon
+            )
+        for table, select in selects.items():
+            if rows is None:
+                con.execute(f"CREATE TABLE {table} AS {select()}", params)
+                continue
+            con.execute(f"CREATE TABLE {table} AS {select()} LIMIT 0", params)
+            con.register("_hr_rebuilt", rows[table])
+            try:
+                con.execute(f"INSERT INTO {table} SELECT * FROM _hr_rebuilt")
+            finally:
+                con.unregister("_hr_rebuilt")
+            if touched is not None:
+                groups = ", ".join(plan.group_columns)
+                con.execute(
+                    f"DELETE FROM {table} t USING (SELECT DISTINCT {groups} FROM {touched}) g "
+                    f"WHERE {plan.match('t', 'g')}"
+                )
+                con.execute(f"INSERT INTO {table} {select(touched)}", params)
         for view in old_views:
             if view not in plan.view_names():
                 schema, _, view_name = view.partition(".")
                 con.execute(f"DROP VIEW IF EXISTS {schema}.{quote_ident(view_name)}")
-        for grain in runtime.config.grains:
+        for grain in config.grains:
             con.execute(plan.view_sql(grain))
         runtime.plan, runtime.state, runtime.reason = plan, ACTIVE, None
         runtime.appended, runtime.compacted_rows, runtime.compaction = 0, None, []
         self._save_rollup(
             con,
             name,
-            table_name=fact.name,
+            table_name=plan.table.name,
             state=ACTIVE,
             reason=None,
             definition=plan.definition,

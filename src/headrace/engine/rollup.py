@@ -435,6 +435,11 @@ class RollupPlan:
 
     def build_sql(self, with_horizon: bool) -> str:
         """``CREATE TABLE`` of the whole state from the mirror."""
+        return f"CREATE TABLE {self.state} AS {self.build_select(with_horizon)}"
+
+    def build_select(self, with_horizon: bool, groups: str | None = None) -> str:
+        """The state rows from the mirror: all, or those of the groups (bucket and
+        dimension values) listed in table ``groups``."""
         keep = self.horizon_filter(with_horizon)
         parts = [*self.group_columns, f"CAST(count(*) AS BIGINT) AS {ROWS}"]
         for measure in self.measures:
@@ -443,21 +448,40 @@ class RollupPlan:
             ]
         where = f" WHERE {keep}" if keep else ""
         return (
-            f"CREATE TABLE {self.state} AS SELECT {', '.join(parts)} "
-            f"FROM ({self.projection(self.table.mirror)}){where} "
+            f"SELECT {', '.join(parts)} FROM {self._mirror_rows(groups)}{where} "
             f"GROUP BY {', '.join(self.group_columns)}"
         )
 
     def side_build_sql(self, measure: CountDistinct, with_horizon: bool) -> str:
+        select = self.side_build_select(measure, with_horizon)
+        return f"CREATE TABLE {self.side_table(measure)} AS {select}"
+
+    def side_build_select(
+        self, measure: CountDistinct, with_horizon: bool, groups: str | None = None
+    ) -> str:
+        """A side table's rows from the mirror (all, or those of ``groups``)."""
         keys = measure.side_keys()
         columns = [*self.group_columns, *(f"{sql} AS {name}" for name, sql in keys)]
         conditions = [c for c in (measure.condition(), self.horizon_filter(with_horizon)) if c]
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         return (
-            f"CREATE TABLE {self.side_table(measure)} AS SELECT {', '.join(columns)}, "
-            f"CAST(count(*) AS BIGINT) AS _hr_n FROM ({self.projection(self.table.mirror)}){where} "
-            f"GROUP BY ALL"
+            f"SELECT {', '.join(columns)}, CAST(count(*) AS BIGINT) AS _hr_n "
+            f"FROM {self._mirror_rows(groups)}{where} GROUP BY ALL"
         )
+
+    def _mirror_rows(self, groups: str | None) -> str:
+        rows = f"({self.projection(self.table.mirror)})"
+        if groups is None:
+            return rows
+        return (
+            f"{rows} p SEMI JOIN (SELECT DISTINCT {', '.join(self.group_columns)} "
+            f"FROM {groups}) g ON {self.match('p', 'g')}"
+        )
+
+    def groups_sql(self, rows: str) -> str:
+        """The distinct groups (bucket and dimension values) of mirror-shaped ``rows``."""
+        columns = ", ".join(self.group_columns)
+        return f"SELECT DISTINCT {columns} FROM ({self.projection(rows)})"
 
     # ------------------------------------------------------------------- views
 

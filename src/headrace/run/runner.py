@@ -32,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
+    Request,
     RunFiles,
     RunLock,
     answer_request,
@@ -127,6 +129,8 @@ class Runner:
         self.server_url: str | None = None
         self._reporter: StatusReporter | None = None
         self._status_stop = threading.Event()
+        self._taken: set[str] = set()
+        """Ids of requests handed to the engine and not answered yet."""
 
     # ------------------------------------------------------------------ run
 
@@ -178,6 +182,7 @@ class Runner:
             self.state.set_phase(FAILED, what)
             raise
         finally:
+            engine.abandon_rebuilds("the pipeline stopped first; ask again once it runs")
             self.display.close()
             if delivery is not None:
                 delivery.stop()
@@ -391,22 +396,26 @@ class Runner:
 
     def _handle_requests(self, engine: Engine) -> None:
         for request in pending_requests(self.files):
+            if request.id in self._taken:
+                continue  # a rebuild in progress answers when it ends
             if request.kind != "rebuild":
                 answer_request(self.files, request, ok=False, message=f"unknown {request.kind!r}")
                 continue
             try:
                 definition = self._current_definition(request.name)
-                started = time.perf_counter()
-                engine.rebuild(request.name, definition)
-                seconds = time.perf_counter() - started
             except HeadraceError as exc:
                 log.error("rebuild of %s failed: %s", request.name, exc.what)
                 answer_request(self.files, request, ok=False, message=str(exc))
                 continue
-            position = engine.position() or 0
-            message = f"rebuilt {request.name} in {seconds:.2f} s at {format_lsn(position)}"
-            log.info("%s", message)
-            answer_request(self.files, request, ok=True, message=message)
+            self._taken.add(request.id)
+            engine.request_rebuild(request.name, definition, self._answer(request))
+
+    def _answer(self, request: Request) -> Callable[[bool, str], None]:
+        def answer(ok: bool, message: str) -> None:
+            self._taken.discard(request.id)
+            answer_request(self.files, request, ok=ok, message=message)
+
+        return answer
 
     def _current_definition(self, name: str) -> RollupConfig:
         """The rollup's definition from the pipeline file as it is now (it may have changed)."""
