@@ -7,9 +7,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import psycopg
 import pytest
 
 from headrace.errors import SourceError
+from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, ChangeBatch, TableRef, old_name
 from headrace.source.postgres import preflight
 from headrace.source.postgres.replication import parse_pg_lsn
@@ -372,3 +374,57 @@ def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+@pytest.fixture(scope="module")
+def prepared_cluster() -> Iterator[ThrowawayPostgres]:
+    """A cluster that allows prepared transactions (a restart-only setting)."""
+    cluster = ThrowawayPostgres(settings={"max_prepared_transactions": "5"})
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_prepared_transaction_arrives_at_commit_prepared_across_a_reconnect(
+    prepared_cluster: ThrowawayPostgres,
+) -> None:
+    """headrace does not ask for two-phase decoding: a prepared transaction comes whole
+    at its COMMIT PREPARED, even when the stream reconnected since its PREPARE."""
+    dsn = prepared_cluster.dsn()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int8 PRIMARY KEY, v int8 NOT NULL, note text)")
+    settings = SourceSettings(
+        dsn=dsn,
+        tables=(T,),
+        slot="s2pc",
+        publication="p2pc",
+        batch_max_wait_s=0.02,
+        status_interval_s=0.1,
+        reconnect_initial_s=0.05,
+        reconnect_max_s=0.5,
+        heartbeat_interval_s=0,
+    )
+    mirror = Mirror()
+    with PostgresSource(settings) as source, psycopg.connect(dsn, autocommit=True) as conn:
+        source.prepare()
+        streaming = threading.Thread(target=_apply_all, args=(source.batches(), mirror))
+        streaming.start()
+        try:
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO t VALUES (1, 0, 'prepared')")
+            conn.execute("PREPARE TRANSACTION 'g1'")
+            conn.execute("INSERT INTO t VALUES (2, 0, 'plain')")
+            assert _eventually(lambda: 2 in mirror.rows)
+            assert 1 not in mirror.rows
+            pid = source.backend_pid
+            conn.execute(f"SELECT pg_terminate_backend({pid})")
+            assert _eventually(lambda: source.backend_pid not in (None, pid))
+            conn.execute("COMMIT PREPARED 'g1'")
+            conn.execute("INSERT INTO t VALUES (3, 0, 'after')")
+            assert _eventually(lambda: set(mirror.rows) == {1, 2, 3}, timeout=20)
+        finally:
+            source.stop()
+            streaming.join()
+    assert mirror.rows[1] == (1, 0, "prepared")
