@@ -67,6 +67,7 @@ def test_recorded_batches_replay_to_the_same_rollups(
     assert figures["batches"] == len(batches) == result.batches
     assert figures["apply_ms_p50"] > 0
     assert figures["statements_per_apply"] > 3
+    assert 0 < figures["statement_ms_per_apply"] <= figures["apply_ms_mean"]
     assert len(figures["top"]) == 5
     # Replaying did not touch the recording.
     _, again = load_recording(recording)
