@@ -367,6 +367,11 @@ class Engine:
                 horizon=horizon.retained_from if horizon is not None else None,
                 gate=self.rebuild_gate,
             )
+            log.info(
+                "rebuilding %s in the background from %s; streaming goes on",
+                request.name,
+                format_lsn(self._position or 0),
+            )
         except (HeadraceError, duckdb.Error) as exc:
             self._rebuild_failed(request, exc)
 
