@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headrace.engine.engine import Engine
+from headrace.pipeline.model import PipelineConfig
 from headrace.run.recorder import STORE_FILE, load_recording, read_batch
 from headrace.source.changes import ChangeBatch
 from headrace.store.duckdb.store import DuckDBStore
@@ -83,9 +84,12 @@ class ReplayResult:
 
 
 def _replay_once(
-    directory: Path, batches: list[ChangeBatch], skip: int, workdir: Path
+    directory: Path,
+    config: PipelineConfig,
+    batches: list[ChangeBatch],
+    skip: int,
+    workdir: Path,
 ) -> tuple[list[float], float, dict[str, list[float]]]:
-    config, _ = load_recording(directory)
     copy = workdir / "replay.duckdb"
     for leftover in (copy, Path(f"{copy}.wal")):
         leftover.unlink(missing_ok=True)
@@ -124,7 +128,7 @@ def run(
 ) -> ReplayResult:
     """Replay the recording ``repeat`` times (module docstring) and print the figures."""
     out = console or Console(highlight=False)
-    _, paths = load_recording(directory)
+    config, paths = load_recording(directory)
     batches = [read_batch(path) for path in paths]
     skip = min(skip, max(0, len(batches) - 1))
     counted = batches[skip:]
@@ -141,7 +145,9 @@ def run(
     timings: dict[str, list[float]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
         for number in range(repeat):
-            applies, maintain, statement_ms = _replay_once(directory, batches, skip, Path(tmp))
+            applies, maintain, statement_ms = _replay_once(
+                directory, config, batches, skip, Path(tmp)
+            )
             per_replay.append(statistics.median(applies))
             all_applies.extend(applies)
             maintain_ms += maintain

@@ -358,13 +358,13 @@ class Engine:
         try:
             with self._transaction() as con:
                 planned = self.registry.plan_rebuild(con, request.name, request.config)
-            horizon = self.registry.rollups.get(request.name)
+            runtime = self.registry.rollups.get(request.name)
             self._online = OnlineRebuild.start(
                 self.store,
                 self.registry,
                 request,
                 planned,
-                horizon=horizon.retained_from if horizon is not None else None,
+                horizon=runtime.retained_from if runtime is not None else None,
                 gate=self.rebuild_gate,
             )
             log.info(

@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from headrace.engine.registry import Registry
 from headrace.engine.rollup import RollupPlan
-from headrace.errors import ConfigError, StoreError, first_line
+from headrace.errors import HeadraceError, StoreError, first_line
 from headrace.pipeline.model import RollupConfig
 from headrace.store.duckdb.store import DuckDBStore
 
@@ -174,6 +174,6 @@ class OnlineRebuild:
 
 def describe_failure(name: str, exc: BaseException) -> str:
     """One line for a rebuild that did not happen."""
-    if isinstance(exc, ConfigError | StoreError):
+    if isinstance(exc, HeadraceError):
         return f"rebuild of {name} failed: {exc.what}"
     return f"rebuild of {name} failed: {type(exc).__name__}: {first_line(exc)}"
