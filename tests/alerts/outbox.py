@@ -91,3 +91,14 @@ def settled(store: DuckDBStore, count: int) -> Callable[[], bool]:
 
 def start(store: DuckDBStore, sinks: Sequence[SinkConfig]) -> AlertDelivery:
     return AlertDelivery(store, sinks, poll_interval=0.05).start()
+
+
+def deliver_one_alert(store: DuckDBStore, sinks: Sequence[SinkConfig], settle: int) -> None:
+    """Add one alert, run the delivery until ``settle`` deliveries are no longer pending,
+    stop it."""
+    add_alert(store, sinks)
+    delivery = start(store, sinks)
+    try:
+        wait_for(settled(store, settle))
+    finally:
+        delivery.stop()

@@ -22,7 +22,11 @@ from headrace.run.state import RunState
 from headrace.run.status import StatusReporter, render_status
 from headrace.serve.app import ServerThread, create_app
 from headrace.store.duckdb.store import DuckDBStore
-from tests.alerts.outbox import add_alert, deliveries, open_store, settled, start, wait_for
+from tests.alerts.outbox import (
+    deliver_one_alert,
+    deliveries,
+    open_store,
+)
 from tests.alerts.receivers import http_receiver
 from tests.serve.conftest import add_users, make_settings
 
@@ -39,12 +43,7 @@ def outbox(tmp_path: Path) -> Iterator[DuckDBStore]:
             WebhookSinkConfig(name="ok", type="webhook", url=up.url, retry=FAST),
             WebhookSinkConfig(name="down", type="webhook", url=down.url, retry=FAST),
         ]
-        add_alert(store, sinks)
-        delivery = start(store, sinks)
-        try:
-            wait_for(settled(store, 2))
-        finally:
-            delivery.stop()
+        deliver_one_alert(store, sinks, settle=2)
     try:
         yield store
     finally:
@@ -158,12 +157,7 @@ def test_each_sink_keeps_delivered_rows_as_configured(tmp_path: Path) -> None:
                 keep_delivered=timedelta(days=30),
             ),
         ]
-        add_alert(store, sinks)
-        delivery = start(store, sinks)
-        try:
-            wait_for(settled(store, 2))
-        finally:
-            delivery.stop()
+        deliver_one_alert(store, sinks, settle=2)
     with store.transaction() as con:
         con.execute(f"UPDATE {DELIVERIES} SET delivered_at = delivered_at - INTERVAL 10 DAY")
     now = datetime.now(UTC)

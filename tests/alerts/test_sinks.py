@@ -19,7 +19,15 @@ from headrace.alerts.config import (
     WebhookSinkConfig,
 )
 from headrace.alerts.message import verify
-from tests.alerts.outbox import add_alert, deliveries, open_store, settled, start, wait_for
+from tests.alerts.outbox import (
+    add_alert,
+    deliver_one_alert,
+    deliveries,
+    open_store,
+    settled,
+    start,
+    wait_for,
+)
 from tests.alerts.receivers import http_receiver, smtp_receiver
 
 FAST = RetryConfig(attempts=3, backoff=timedelta(milliseconds=50), max_backoff=timedelta(seconds=1))
@@ -83,12 +91,7 @@ def test_webhook_failures_are_recorded(tmp_path: Path) -> None:
                 min_severity=Severity.CRITICAL,
             ),
         ]
-        add_alert(store, sinks)
-        delivery = start(store, sinks)
-        try:
-            wait_for(settled(store, 2))
-        finally:
-            delivery.stop()
+        deliver_one_alert(store, sinks, settle=2)
     rows = {r["sink"]: r for r in deliveries(store)}
     assert set(rows) == {"down", "wrong"}  # "picky" only takes critical alerts
     assert (rows["down"]["state"], rows["down"]["attempts"]) == ("failed", 3)

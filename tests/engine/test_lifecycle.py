@@ -15,6 +15,7 @@ import pytest
 
 from headrace.errors import StoreError
 from headrace.pipeline.load import parse_pipeline
+from headrace.pipeline.model import RollupConfig
 from headrace.source.changes import ChangeBatch, Column, SnapshotChunk, TableRef, TableSchema
 from headrace.store.base import CommitEvent
 from tests.conftest import PgDatabase
@@ -116,6 +117,16 @@ def test_interrupted_snapshot_leaves_nothing(h: Harness) -> None:
     assert h.duck("SELECT count(*) FROM mirror.acct") == [(100,)]
 
 
+def with_minimum(h: Harness) -> RollupConfig:
+    """Rollup ``vol`` with one more measure (a minimum): a definition to rebuild to."""
+    return parse_pipeline(
+        YAML.replace(
+            "{name: n, fn: count}",
+            "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}",
+        ).replace("DSN", h.db.dsn)
+    ).rollup("vol")
+
+
 def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
     h.db.execute("SELECT pg_drop_replication_slot('s_p')")
     h.snapshot()
@@ -148,12 +159,7 @@ def test_rebuild_while_data_keeps_coming(h: Harness) -> None:
     thread.start()
     rebuilt: list[CommitEvent] = []
     h.store.subscribe(lambda e: rebuilt.append(e) if e.kind == "rebuild" else None)
-    changed = parse_pipeline(
-        YAML.replace(
-            "{name: n, fn: count}",
-            "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}",
-        ).replace("DSN", h.db.dsn)
-    ).rollup("vol")
+    changed = with_minimum(h)
     try:
         commits = itertools.count()
         round_ = 0
@@ -188,12 +194,7 @@ def test_rebuild_catches_up_groups_changed_while_it_computed(h: Harness) -> None
     h.snapshot()
     gate = threading.Event()
     h.engine.rebuild_gate = gate
-    changed = parse_pipeline(
-        YAML.replace(
-            "{name: n, fn: count}",
-            "{name: n, fn: count}\n      - {name: lo, fn: min, column: amount}",
-        ).replace("DSN", h.db.dsn)
-    ).rollup("vol")
+    changed = with_minimum(h)
     answers: list[tuple[bool, str]] = []
     h.engine.request_rebuild("vol", changed, lambda ok, message: answers.append((ok, message)))
     h.execute(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
@@ -465,17 +464,6 @@ def test_memoryview_payloads_give_the_same_batch(slot: LogicalSlot) -> None:
     from_views = batcher.take()
     assert from_views is not None
     assert [t.data for t in from_views.tables] == [t.data for t in from_bytes.tables]
-
-
-@pytest.fixture(scope="module")
-def two_phase_cluster() -> Iterator[ThrowawayPostgres]:
-    """A cluster that allows prepared transactions (a restart-only setting)."""
-    cluster = ThrowawayPostgres(settings={"max_prepared_transactions": "10"})
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def test_two_phase_transactions_emit_at_commit_prepared(

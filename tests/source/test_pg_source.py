@@ -23,8 +23,12 @@ Row = tuple[object, ...]
 
 
 def _settings(pg_db: PgDatabase, **overrides: object) -> SourceSettings:
+    return _settings_for(pg_db.dsn, **overrides)
+
+
+def _settings_for(dsn: str, **overrides: object) -> SourceSettings:
     values: dict[str, object] = {
-        "dsn": pg_db.dsn,
+        "dsn": dsn,
         "tables": (T,),
         "slot": "s",
         "publication": "p",
@@ -376,36 +380,15 @@ def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     return check()
 
 
-@pytest.fixture(scope="module")
-def prepared_cluster() -> Iterator[ThrowawayPostgres]:
-    """A cluster that allows prepared transactions (a restart-only setting)."""
-    cluster = ThrowawayPostgres(settings={"max_prepared_transactions": "5"})
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def test_prepared_transaction_arrives_at_commit_prepared_across_a_reconnect(
-    prepared_cluster: ThrowawayPostgres,
+    two_phase_cluster: ThrowawayPostgres,
 ) -> None:
     """headrace does not ask for two-phase decoding: a prepared transaction comes whole
     at its COMMIT PREPARED, even when the stream reconnected since its PREPARE."""
-    dsn = prepared_cluster.dsn()
+    dsn = two_phase_cluster.dsn()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int8 PRIMARY KEY, v int8 NOT NULL, note text)")
-    settings = SourceSettings(
-        dsn=dsn,
-        tables=(T,),
-        slot="s2pc",
-        publication="p2pc",
-        batch_max_wait_s=0.02,
-        status_interval_s=0.1,
-        reconnect_initial_s=0.05,
-        reconnect_max_s=0.5,
-        heartbeat_interval_s=0,
-    )
+    settings = _settings_for(dsn, slot="s2pc", publication="p2pc")
     mirror = Mirror()
     with PostgresSource(settings) as source, psycopg.connect(dsn, autocommit=True) as conn:
         source.prepare()
