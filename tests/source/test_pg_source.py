@@ -411,3 +411,39 @@ def test_prepared_transaction_arrives_at_commit_prepared_across_a_reconnect(
             source.stop()
             streaming.join()
     assert mirror.rows[1] == (1, 0, "prepared")
+
+
+def test_closing_while_changes_stream_leaves_the_slot_at_the_confirmed_position(
+    pg_db: PgDatabase,
+) -> None:
+    """A stop while the server is still sending: the position confirmed last must reach
+    the slot before the connection closes (the stream is ended with CopyDone, not cut)."""
+    _create_table(pg_db)
+    stop_writing = threading.Event()
+
+    def write() -> None:
+        with pg_db.connect() as conn:
+            for i in range(1, 1_000_000):
+                if stop_writing.is_set():
+                    return
+                conn.execute(
+                    "INSERT INTO t SELECT g, 0, repeat('x', 200) FROM "
+                    f"generate_series({i * 500}, {i * 500 + 499}) g"
+                )
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(5):
+            with PostgresSource(_settings(pg_db, batch_max_changes=200)) as source:
+                source.prepare()
+                with _deadline(source, 20):
+                    for count, batch in enumerate(source.batches(_slot_confirmed(pg_db))):
+                        source.confirm(batch.position)
+                        if count == 20:
+                            last = batch.position
+                            break
+            assert _slot_confirmed(pg_db) == last
+    finally:
+        stop_writing.set()
+        writer.join()

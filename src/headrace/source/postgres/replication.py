@@ -55,6 +55,7 @@ _READ_AHEAD_PAUSE_S = 0.002
 _XLOG_DATA = 0x77  # 'w'
 _KEEPALIVE = 0x6B  # 'k'
 _XLOG_HEADER = 25  # 'w' + wal_start(8) + wal_end(8) + send_time(8)
+_END_COPY_TIMEOUT_S = 2.0  # closing a stream waits this long for the server's CopyDone
 
 _unpack_start_end = struct.Struct(">QQ").unpack_from
 _unpack_keepalive = struct.Struct(">QQB").unpack_from
@@ -506,17 +507,41 @@ class ReplicationConnection:
     # -- lifetime ---------------------------------------------------------
 
     def close(self) -> None:
-        """Send the last durable position (when streaming) and close."""
+        """Send the last durable position (when streaming), end the stream and close."""
         if self._conn.closed:
             return
         try:
             if self._streaming:
                 self._send_status()
-        except SourceError:
+                self._end_copy(_END_COPY_TIMEOUT_S)
+        except (SourceError, psycopg.OperationalError):
             pass
         finally:
             self._streaming = False
             self._conn.close()
+
+    def _end_copy(self, timeout: float) -> None:
+        """End COPY BOTH the protocol's way: send CopyDone and read until the server's.
+
+        Closing the socket while the server's WAL data is still unread makes the
+        kernel reset the connection, and the server can then lose the status update
+        sent just before (the slot would stay behind the store's position). The
+        server answers CopyDone only after reading everything sent before it.
+        """
+        pgconn = self._pgconn
+        while pgconn.put_copy_end() == 0:
+            self._wait_writable()
+        while pgconn.flush() == 1:
+            self._wait_writable()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            nbytes, _ = pgconn.get_copy_data(1)
+            if nbytes < 0:
+                return  # the server's CopyDone: it has read our status
+            if nbytes == 0:
+                if not wait_socket(pgconn.socket, left):
+                    return
+                pgconn.consume_input()
 
     @property
     def closed(self) -> bool:
