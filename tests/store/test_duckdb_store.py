@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -166,3 +167,16 @@ def test_other_format_version(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="format version 999"):
         DuckDBStore(path)
+
+
+def test_streaming_threads_hold_for_the_writer_and_readers(store: DuckDBStore) -> None:
+    store.set_threads(1)
+    reader = store.cursor()
+    try:
+        assert store.writer.sql("SELECT current_setting('threads')").fetchall() == [(1,)]
+        assert reader.sql("SELECT current_setting('threads')").fetchall() == [(1,)]
+        store.set_threads(0)  # DuckDB's default: one per core
+        cores = reader.sql("SELECT current_setting('threads')").fetchall()[0][0]
+        assert cores == (os.cpu_count() or 1)
+    finally:
+        reader.close()

@@ -95,6 +95,7 @@ def _replay_once(
         leftover.unlink(missing_ok=True)
     shutil.copyfile(directory / STORE_FILE, copy)
     store = DuckDBStore(copy)
+    store.set_threads(config.store.streaming_threads)  # as the live run streamed
     timings: dict[str, list[float]] = defaultdict(list)
     applies: list[float] = []
     maintain = 0.0

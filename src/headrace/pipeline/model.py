@@ -272,6 +272,17 @@ class StoreConfig(_Model):
         ge=1024 * 1024,
         description="Run CHECKPOINT as soon as the write-ahead log grows beyond this many bytes.",
     )
+    streaming_threads: int = Field(
+        default=1,
+        ge=0,
+        description=(
+            "DuckDB threads while changes stream (for the writer and the reads served "
+            "meanwhile); 0 means DuckDB's default, one per core. A streamed batch is many "
+            "small statements: on one thread each runs where it is called, instead of waking "
+            "workers that PostgreSQL and the dashboard need (measured on 2 cores: about 25% "
+            "less CPU per fintech batch). The initial snapshot always uses every core."
+        ),
+    )
 
 
 class PipelineConfig(_Model):

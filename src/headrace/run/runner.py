@@ -176,6 +176,7 @@ class Runner:
             elif read_marker(store) is not None:
                 clear_marker(store)  # the snapshot committed; only the marker was left
             if not interrupted and not self.stop.is_set():
+                store.set_threads(self.config.store.streaming_threads)
                 self._stream(engine)
         except BaseException as exc:
             what = exc.what if isinstance(exc, HeadraceError) else f"{type(exc).__name__}: {exc}"

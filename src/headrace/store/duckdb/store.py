@@ -120,6 +120,14 @@ class DuckDBStore(Store):
         """The writer connection: only the engine's thread uses it."""
         return self._con
 
+    def set_threads(self, threads: int) -> None:
+        """Run DuckDB on ``threads`` threads from now on (0: its default, one per core).
+
+        The setting belongs to the database, so it holds for the readers' cursors too.
+        """
+        count = threads if threads > 0 else os.cpu_count() or 1
+        self._con.execute(f"SET threads = {int(count)}")
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new reader connection (cursor) for another thread; close it when done."""
         cursor = store_cursor(self._con)
