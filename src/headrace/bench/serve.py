@@ -99,6 +99,16 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
+def _labelled(text: str, name: str) -> dict[str, float]:
+    """A one-label counter's values by label value (``name{label="value"} x`` lines)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line.rpartition(" ")
+            values[labels.split('"')[1]] = float(value)
+    return values
+
+
 def _per_s(after: dict[str, Any], before: dict[str, Any], total: str, digits: int) -> float | None:
     """Growth per second of one of ``headrace run``'s status totals between two reads."""
     seconds = float(after["updated_unix"]) - float(before["updated_unix"])
@@ -285,6 +295,20 @@ def _result(
     # and after the viewers left (no views are recomputed without viewers).
     elapsed = float(measured["duration_s"])
     actual_qps = tile_queries / elapsed
+
+    def grown(name: str) -> float:
+        return _metric(after.metrics, name) - _metric(before.metrics, name)
+
+    kinds_before = _labelled(before.metrics, "headrace_serve_store_queries_total")
+    queries_by_kind = {
+        kind: round((count - kinds_before.get(kind, 0.0)) / elapsed, 2)
+        for kind, count in sorted(
+            _labelled(after.metrics, "headrace_serve_store_queries_total").items()
+        )
+    }
+    versions = grown("headrace_store_commits_seen_total")
+    compute_cpu_s = grown("headrace_serve_compute_cpu_seconds_total")
+    run_cpu_s = after.cpu["headrace_run"] - before.cpu["headrace_run"]
     polling_qps = measured["viewers_held"] * tiles / 5.0
     cpu = {
         name: round(100 * (after.cpu[name] - before.cpu[name]) / window, 1) for name in before.cpu
@@ -345,6 +369,23 @@ def _result(
         "cpu_percent": cpu,
         "measured": "after every viewer connected; join events not counted as updates",
         "store_queries_per_s": round(actual_qps, 2),
+        # Every statement of the read threads by kind (tile, read, position, catalog), and
+        # tile results shared by views of the same snapshot instead of run again.
+        "store_queries_per_s_by_kind": queries_by_kind,
+        "tile_reuses_per_s": round(grown("headrace_serve_tile_reuses_total") / elapsed, 2),
+        "view_computations_per_s": round(
+            grown("headrace_serve_view_computations_total") / elapsed, 2
+        ),
+        "store_versions_per_s": round(versions / window, 2),
+        # CPU of the read threads (tile and API reads), per second and per store version,
+        # and of the whole headrace run process per store version.
+        "serve_compute_cpu_ms_per_s": round(1000 * compute_cpu_s / elapsed, 1),
+        "serve_compute_cpu_ms_per_version": (
+            round(1000 * compute_cpu_s / versions, 1) if versions else None
+        ),
+        "headrace_run_cpu_ms_per_version": (
+            round(1000 * run_cpu_s / versions, 1) if versions else None
+        ),
         "polling_queries_per_s": round(polling_qps, 2),
         "polling_vs_broadcast_ratio": round(polling_qps / actual_qps, 1) if actual_qps else None,
         "tiles": tiles,

@@ -78,7 +78,14 @@ class StoreReader:
     async def call(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``fn(cursor)`` on a read thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self._cursor()))
+        return await loop.run_in_executor(self._executor, self._measured, fn)
+
+    def _measured(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        started = time.thread_time()
+        try:
+            return fn(self._cursor())
+        finally:
+            self.metrics.compute_cpu.inc(time.thread_time() - started)
 
     def close(self) -> None:
         """Stop the threads and close their cursors."""
@@ -99,6 +106,7 @@ class StoreReader:
         if cached is not None and (cached[0] == version or now - cached[1] < 1.0):
             return cached[2]
         catalog = load_catalog(cur)
+        self.metrics.store_queries.labels("catalog").inc(2)
         self._catalog = (version, now, catalog)
         return catalog
 
@@ -110,10 +118,16 @@ class StoreReader:
         sql: str,
         params: dict[str, Any] | list[Any] | None,
         policy: MaskPolicy,
+        kind: str = "read",
     ) -> pa.Table:
-        """Run a trusted query with masks applied and a timeout; result fully read."""
-        masked = mask_trusted_sql(sql, self.catalog(cur), policy)
+        """Run a trusted query with masks applied and a timeout; result fully read.
+
+        ``kind`` labels the statement in the ``store_queries`` metric.
+        """
+        # The catalog is only needed to find masked columns.
+        masked = mask_trusted_sql(sql, self.catalog(cur), policy) if policy.patterns else sql
         self.metrics.tile_queries.inc()
+        self.metrics.store_queries.labels(kind).inc()
         try:
             with self._watchdog.guard(cur, self.settings.tile_timeout_s):
                 return cur.sql(masked, params=params or None).to_arrow_table()
@@ -135,6 +149,7 @@ class StoreReader:
         in_tx = True
         try:
             position = read_position(cur)
+            self.metrics.store_queries.labels("position").inc()
             for tile in spec.dashboard.tiles:
                 tile_started = time.perf_counter()
                 sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, (lo, hi))
@@ -147,7 +162,7 @@ class StoreReader:
                     if not in_tx:
                         cur.execute("BEGIN TRANSACTION")
                         in_tx = True
-                    table = self.read(cur, sql, params, spec.policy)
+                    table = self.read(cur, sql, params, spec.policy, "tile")
                     limit = self.settings.tile_row_limit
                     entry["truncated"] = table.num_rows > limit
                     entry.update(table_to_json(table.slice(0, limit)))

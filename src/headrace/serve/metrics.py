@@ -95,7 +95,29 @@ class ServeMetrics:
             "headrace_serve_sql_seconds", "SQL endpoint query time.", registry=r
         )
         self.tile_queries = Counter(
-            "headrace_serve_tile_queries", "Tile queries run against the store.", registry=r
+            "headrace_serve_tile_queries",
+            "Tile and API read queries run against the store.",
+            registry=r,
+        )
+        self.store_queries = Counter(
+            "headrace_serve_store_queries",
+            "Statements the read threads ran against the store, by kind: tile (a dashboard "
+            "tile), read (an API read), position (a view's 'as of'), catalog (relations and "
+            "columns, for masking).",
+            ["kind"],
+            registry=r,
+        )
+        self.tile_reuses = Counter(
+            "headrace_serve_tile_reuses",
+            "Tile results taken from another view's computation of the same store snapshot "
+            "(same query, parameters and masks) instead of running the query again.",
+            registry=r,
+        )
+        self.compute_cpu = Counter(
+            "headrace_serve_compute_cpu_seconds",
+            "CPU seconds of the read threads: DuckDB planning and execution on the calling "
+            "thread, and turning results into JSON.",
+            registry=r,
         )
         self.view_computations = Counter(
             "headrace_serve_view_computations", "Live view computations.", registry=r
