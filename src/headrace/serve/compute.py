@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from headrace.serve.catalog import Catalog, MaskPolicy, load_catalog
 from headrace.serve.metrics import ServeMetrics
-from headrace.serve.results import table_to_json
+from headrace.serve.results import rows_to_json
 from headrace.serve.settings import LiveSettings
+from headrace.serve.shared_tiles import SharedTiles, SnapshotKey, TileKey, TileResult
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
 from headrace.serve.store import ServedStore, read_position
 from headrace.serve.tiles import Dashboard, TimeRange, render_tile_query
@@ -63,6 +64,11 @@ class StoreReader:
         self._lock = threading.Lock()
         self._catalog: tuple[int, float, Catalog] | None = None
         self._watchdog = Watchdog("hr-read-watchdog")
+        # Masked SQL by (sql, policy key, catalog generation); a catalog whose relations
+        # or columns changed starts a new generation (and empties this).
+        self._masked_sql: dict[tuple[str, str, int], str] = {}
+        self._catalog_generation = 0
+        self.shared = SharedTiles(keep_s=max(settings.view_grace_s, 60.0))
 
     # threads and cursors ---------------------------------------------------
 
@@ -107,6 +113,12 @@ class StoreReader:
             return cached[2]
         catalog = load_catalog(cur)
         self.metrics.store_queries.labels("catalog").inc(2)
+        if cached is not None and cached[2] == catalog:
+            catalog = cached[2]  # unchanged: keep the object (and what was masked with it)
+        else:
+            with self._lock:
+                self._catalog_generation += 1
+                self._masked_sql.clear()
         self._catalog = (version, now, catalog)
         return catalog
 
@@ -124,8 +136,7 @@ class StoreReader:
 
         ``kind`` labels the statement in the ``store_queries`` metric.
         """
-        # The catalog is only needed to find masked columns.
-        masked = mask_trusted_sql(sql, self.catalog(cur), policy) if policy.patterns else sql
+        masked = self._masked(cur, sql, policy)
         self.metrics.tile_queries.inc()
         self.metrics.store_queries.labels(kind).inc()
         try:
@@ -136,13 +147,64 @@ class StoreReader:
                 f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
             ) from None
 
+    def read_rows(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        sql: str,
+        params: dict[str, Any] | None,
+        policy: MaskPolicy,
+    ) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+        """A tile query's ``(name, DuckDB type)`` columns and rows, masked, with a timeout.
+
+        Tiles are turned into JSON rows anyway, so this skips Arrow: DuckDB's
+        ``execute().fetchall()`` also plans the statement once, where ``sql()`` binds
+        it for the relation's schema and then again to run it (~1 ms of ~3 ms CPU
+        for a small tile query).
+        """
+        masked = self._masked(cur, sql, policy)
+        self.metrics.tile_queries.inc()
+        self.metrics.store_queries.labels("tile").inc()
+        try:
+            with self._watchdog.guard(cur, self.settings.tile_timeout_s):
+                rows = cur.execute(masked, params or None).fetchall()
+                columns = [(str(d[0]), str(d[1])) for d in cur.description or ()]
+                return columns, rows
+        except duckdb.InterruptException:
+            raise ReadError(
+                f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
+            ) from None
+
+    def _masked(self, cur: duckdb.DuckDBPyConnection, sql: str, policy: MaskPolicy) -> str:
+        """``sql`` with ``policy``'s masks applied, the rewrite kept per catalog."""
+        if not policy.patterns:
+            return sql  # the catalog is only needed to find masked columns
+        generation = self._catalog_generation
+        catalog = self.catalog(cur)
+        key = (sql, policy.key, generation)
+        masked = self._masked_sql.get(key)
+        if masked is None:
+            masked = mask_trusted_sql(sql, catalog, policy)
+            with self._lock:
+                # Only while that catalog is still the current one.
+                if generation == self._catalog_generation and len(self._masked_sql) < 4096:
+                    self._masked_sql[key] = masked
+        return masked
+
     def compute_view(
-        self, cur: duckdb.DuckDBPyConnection, spec: ViewSpec, seq: int
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        spec: ViewSpec,
+        seq: int,
+        now: datetime | None = None,
     ) -> dict[str, Any]:
-        """Every tile of ``spec`` in one read transaction (blocking; on a read thread)."""
+        """Every tile of ``spec`` in one read transaction (blocking; on a read thread).
+
+        ``now`` places relative time ranges (default: the clock). Tile results are
+        shared with other views computed on the same snapshot (see shared_tiles).
+        """
         started = time.perf_counter()
         version = self.store.version
-        lo, hi = spec.range.bounds()
+        lo, hi = spec.range.bounds(now)
         filters = dict(spec.filters)
         tiles: list[dict[str, Any]] = []
         cur.execute("BEGIN TRANSACTION")
@@ -150,6 +212,12 @@ class StoreReader:
         try:
             position = read_position(cur)
             self.metrics.store_queries.labels("position").inc()
+            # Share only when no commit was published while the transaction began.
+            snapshot: SnapshotKey | None = (
+                (version, position.lsn, position.commit_ts)
+                if self.store.version == version
+                else None
+            )
             for tile in spec.dashboard.tiles:
                 tile_started = time.perf_counter()
                 sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, (lo, hi))
@@ -158,17 +226,18 @@ class StoreReader:
                     "chart": tile.chart.value,
                     "ignored_filters": ignored,
                 }
-                try:
-                    if not in_tx:
-                        cur.execute("BEGIN TRANSACTION")
-                        in_tx = True
-                    table = self.read(cur, sql, params, spec.policy, "tile")
-                    limit = self.settings.tile_row_limit
-                    entry["truncated"] = table.num_rows > limit
-                    entry.update(table_to_json(table.slice(0, limit)))
-                except (duckdb.Error, ReadError, SqlRejectedError) as exc:
+                if not in_tx:
+                    # A failed tile rolled the transaction back: the next ones read a
+                    # newer snapshot, which they must not share under the old name.
+                    cur.execute("BEGIN TRANSACTION")
+                    in_tx = True
+                    snapshot = None
+                result, error = self._tile_result(cur, sql, params, spec.policy, snapshot)
+                if error is None:
+                    entry.update(result)
+                else:
                     self.metrics.errors.labels("tile").inc()
-                    entry["error"] = _tile_error(exc)
+                    entry["error"] = _tile_error(error)
                     entry["columns"], entry["rows"] = [], []
                     cur.execute("ROLLBACK")
                     in_tx = False
@@ -191,6 +260,35 @@ class StoreReader:
             "elapsed_ms": round(elapsed * 1000, 1),
             "tiles": tiles,
         }
+
+    def _tile_result(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        sql: str,
+        params: dict[str, Any],
+        policy: MaskPolicy,
+        snapshot: SnapshotKey | None,
+    ) -> tuple[TileResult, BaseException | None]:
+        """One tile's rows: shared when another view ran the same query on ``snapshot``,
+        else run here (and shared). Failures are returned, not raised or shared."""
+        key: TileKey = (sql, tuple(sorted(params.items())), policy.key)
+        claimed = False
+        if snapshot is not None:
+            shared, claimed = self.shared.take(key, snapshot, self.settings.tile_timeout_s)
+            if shared is not None:
+                self.metrics.tile_reuses.inc()
+                return {**shared, "shared": True}, None
+        result: TileResult | None = None
+        try:
+            columns, rows = self.read_rows(cur, sql, params, policy)
+            limit = self.settings.tile_row_limit
+            result = {"truncated": len(rows) > limit, **rows_to_json(columns, rows[:limit])}
+            return result, None
+        except (duckdb.Error, ReadError, SqlRejectedError) as exc:
+            return {}, exc
+        finally:
+            if claimed and snapshot is not None:
+                self.shared.finish(key, snapshot, result)
 
 
 def _tile_error(exc: BaseException) -> str:

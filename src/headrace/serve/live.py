@@ -93,6 +93,7 @@ class LiveHub:
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._version_at = 0.0  # wall time the newest store version arrived
 
     # lifecycle -------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class LiveHub:
             loop.call_soon_threadsafe(self._version_arrived, event)
 
     def _version_arrived(self, event: Any) -> None:
+        self._version_at = time.time()
         self.metrics.store_version.set(self.reader.store.version)
         self.metrics.commits.inc()
         self._kick.set()
@@ -197,6 +199,17 @@ class LiveHub:
             raise ViewError(f"dashboard {spec.dashboard.name!r} could not be computed")
         return view.snapshot
 
+    def bounds_now(self) -> datetime:
+        """The "now" relative time ranges end at: when the newest store version arrived.
+
+        Every view computed for one version gets the same bounds, so views that run
+        the same tile query share its result (see shared_tiles). Without new
+        versions it moves on every ``idle_refresh_s``, as the idle refreshes do.
+        """
+        wall = time.time()
+        idle_step = wall - wall % self.settings.idle_refresh_s
+        return datetime.fromtimestamp(max(self._version_at, idle_step), UTC)
+
     # scheduling ------------------------------------------------------------
 
     def _due(self, view: LiveView, now: float, version: int) -> bool:
@@ -250,8 +263,9 @@ class LiveHub:
         try:
             view.seq += 1
             seq = view.seq
+            now = self.bounds_now()
             result = await self.reader.call(
-                lambda cur: self.reader.compute_view(cur, view.spec, seq)
+                lambda cur: self.reader.compute_view(cur, view.spec, seq, now)
             )
             payload = dumps(result)
             view.computed_version = int(result["version"])

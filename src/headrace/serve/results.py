@@ -45,6 +45,15 @@ def table_to_json(table: pa.Table) -> dict[str, Any]:
     return {"columns": columns, "rows": rows}
 
 
+def rows_to_json(columns: list[tuple[str, str]], rows: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """``{"columns": [{"name", "type"}], "rows": [[...], ...]}`` from ``(name, type)``
+    columns and Python rows (DuckDB's ``fetchall``)."""
+    return {
+        "columns": [{"name": name, "type": dtype} for name, dtype in columns],
+        "rows": [[json_value(value) for value in row] for row in rows],
+    }
+
+
 def table_to_csv(table: pa.Table) -> bytes:
     """CSV with a header row."""
     sink = io.BytesIO()
