@@ -28,11 +28,12 @@ from headrace.source.changes import (
     SEQ,
     TOAST,
     XID,
-    Column,
     TableChanges,
     TableSchema,
     old_name,
 )
+from headrace.source.postgres.convert import convert_column
+from headrace.source.postgres.pgtypes import PgType
 from headrace.source.postgres.protocol import (
     KIND_BINARY,
     KIND_TEXT,
@@ -42,12 +43,15 @@ from headrace.source.postgres.protocol import (
     MSG_UPDATE,
 )
 from headrace.source.postgres.tuples import (
+    BoolArray,
+    ColumnValues,
     Int64Array,
     MessageBlock,
+    MessageHeads,
     TupleColumns,
+    cut_columns,
     read_heads,
     read_tuples,
-    value_array,
 )
 from headrace.source.postgres.types import TypeRegistry
 
@@ -177,28 +181,34 @@ def _assemble_rows(
     commit_lsns = np.asarray(meta.commit_lsns, dtype=np.uint64)
     commit_ts = np.asarray(meta.commit_ts, dtype=np.int64)
     xids = np.asarray(meta.xids, dtype=np.int64)
+    groups = [
+        _parse_group(block, heads, _Group(schema, np.flatnonzero(row_schema == index)))
+        for index, schema in enumerate(schemas)
+    ]
+    columns = _convert_columns(block, groups, registry)
     out = []
-    for index, schema in enumerate(schemas):
-        rows = np.flatnonzero(row_schema == index)
-        group = _Group(schema, rows)
-        table = _group_table(
-            block=block,
-            kinds=heads.kinds,
-            markers=heads.markers,
-            marker_positions=heads.marker_positions,
-            group=group,
-            registry=registry,
-        )
+    for group, (new_columns, old_columns) in zip(groups, columns, strict=True):
+        rows = group.rows
         txn = transactions[rows]
         meta_arrays = [
             pa.array(seqs[rows]),
             _ops(heads.kinds[rows]),
             pa.array(commit_lsns[txn]),
-            pa.array(commit_ts[txn]).view(pa.timestamp("us", tz="UTC")),
+            pa.array(commit_ts[txn]).view(_COMMIT_TS_TYPE),
             pa.array(xids[txn]),
         ]
-        out.append((schema, _with_meta(schema, meta_arrays, table)))
+        data = [
+            *meta_arrays,
+            *new_columns,
+            _old_kinds(group.markers, group.has_old),
+            *old_columns,
+            _toast(group.schema, group.new, group.new_local, group.count),
+        ]
+        out.append((group.schema, pa.Table.from_arrays(data, schema=_change_schema(group.schema))))
     return out
+
+
+_COMMIT_TS_TYPE: Final = pa.timestamp("us", tz="UTC")
 
 
 def _ops(kinds: Int64Array) -> pa.Array:
@@ -206,22 +216,32 @@ def _ops(kinds: Int64Array) -> pa.Array:
     return _OPS.take(pa.array(codes))
 
 
-def _group_table(
-    *,
-    block: MessageBlock,
-    kinds: Int64Array,
-    markers: Int64Array,
-    marker_positions: Int64Array,
-    group: _Group,
-    registry: TypeRegistry,
-) -> dict[str, pa.Array]:
+@dataclass
+class _ParsedGroup:
+    """The tuples of one table version's rows, parsed (values not yet cut out)."""
+
+    schema: TableSchema
+    rows: Int64Array
+    markers: Int64Array  # per row: N, K or O
+    has_old: BoolArray
+    new: TupleColumns  # of the rows with a new tuple (new_local)
+    new_local: Int64Array
+    old: TupleColumns | None  # of the rows with an old tuple (old_local), if any
+    old_local: Int64Array
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+
+def _parse_group(block: MessageBlock, heads: MessageHeads, group: _Group) -> _ParsedGroup:
+    """Parse the old and new tuples of a table version's rows."""
     rows = group.rows
     schema = group.schema
-    count = len(rows)
     column_count = len(schema.columns)
-    row_kinds = kinds[rows]
-    row_markers = markers[rows]
-    row_marker_at = marker_positions[rows]
+    row_kinds = heads.kinds[rows]
+    row_markers = heads.markers[rows]
+    row_marker_at = heads.marker_positions[rows]
     message_ends = block.ends[rows]
     has_old = (row_markers == _K) | (row_markers == _O)
     has_new = row_kinds != MSG_DELETE
@@ -260,72 +280,107 @@ def _group_table(
         raise block.fail(
             int(rows[new_local[index]]), int(new.ends[index]), "unexpected trailing bytes"
         )
-    row_starts = block.starts[rows]
-    arrays: dict[str, pa.Array] = {}
-    for column_index, column in enumerate(schema.columns):
-        arrays[column.name] = _column(
-            block=block,
-            row_starts=row_starts,
-            local=new_local,
-            tuples=new,
-            column_index=column_index,
-            count=count,
-            registry=registry,
-            column=column,
+    return _ParsedGroup(
+        schema=schema,
+        rows=rows,
+        markers=row_markers,
+        has_old=has_old,
+        new=new,
+        new_local=new_local,
+        old=old,
+        old_local=old_local,
+    )
+
+
+def _convert_columns(
+    block: MessageBlock, groups: list[_ParsedGroup], registry: TypeRegistry
+) -> list[tuple[list[pa.Array], list[pa.Array]]]:
+    """Every column of every group, new values and old: per group ``(new, old)``
+    arrays in the schema's column order.
+
+    The values of all columns are cut out of the block together, and each
+    conversion (PostgreSQL type, Arrow type, text or binary) runs once for all
+    columns that need it, whatever their table: per batch a handful of Arrow
+    calls instead of a few per column, which decided the cost of small
+    batches. A column without any value (no old tuples, only NULLs) is NULLs.
+    """
+    sides: list[list[pa.Array | None]] = []  # per group: new columns, then old columns
+    pending: list[ColumnValues] = []
+    places: list[tuple[list[pa.Array | None], int]] = []  # where each pending result goes
+    keys: dict[tuple[pa.DataType, PgType, bool], list[int]] = {}
+    for group in groups:
+        for tuples, local in ((group.new, group.new_local), (group.old, group.old_local)):
+            arrays: list[pa.Array | None] = [None] * len(group.schema.columns)
+            sides.append(arrays)
+            if tuples is None:
+                continue
+            for column_index, column in enumerate(group.schema.columns):
+                values, binary = _column_values(block, group, tuples, local, column_index)
+                if values is None:
+                    continue
+                key = (column.arrow_type, registry.lookup(column.type_oid), binary)
+                keys.setdefault(key, []).append(len(pending))
+                pending.append(values)
+                places.append((arrays, column_index))
+    if pending:
+        members = list(keys.values())
+        raw_groups = cut_columns(block, pending, members)
+        for (arrow_type, pg_type, binary), indexes, raw in zip(
+            keys, members, raw_groups, strict=True
+        ):
+            converted = convert_column(raw, arrow_type, pg_type, binary=binary)
+            offset = 0
+            for index in indexes:
+                arrays, column_index = places[index]
+                count = len(pending[index].valid)
+                arrays[column_index] = converted.slice(offset, count)
+                offset += count
+    out: list[tuple[list[pa.Array], list[pa.Array]]] = []
+    for index, group in enumerate(groups):
+        new, old = (
+            [
+                pa.nulls(group.count, column.arrow_type) if array is None else array
+                for array, column in zip(arrays, group.schema.columns, strict=True)
+            ]
+            for arrays in sides[2 * index : 2 * index + 2]
         )
-    arrays[OLD_KIND] = _old_kinds(row_markers, has_old)
-    for column_index, column in enumerate(schema.columns):
-        name = old_name(column.name)
-        if old is None:
-            arrays[name] = pa.nulls(count, column.arrow_type)
-        else:
-            arrays[name] = _column(
-                block=block,
-                row_starts=row_starts,
-                local=old_local,
-                tuples=old,
-                column_index=column_index,
-                count=count,
-                registry=registry,
-                column=column,
-            )
-    arrays[TOAST] = _toast(schema, new, new_local, count)
-    return arrays
+        out.append((new, old))
+    return out
 
 
-def _column(
-    *,
+def _column_values(
     block: MessageBlock,
-    row_starts: Int64Array,
-    local: Int64Array,
+    group: _ParsedGroup,
     tuples: TupleColumns,
+    local: Int64Array,
     column_index: int,
-    count: int,
-    registry: TypeRegistry,
-    column: Column,
-) -> pa.Array:
+) -> tuple[ColumnValues | None, bool]:
+    """Where a column's values lie (None when it has none) and whether they are binary."""
     kinds = tuples.kinds[:, column_index]
     text = kinds == KIND_TEXT
     binary = kinds == KIND_BINARY
-    if len(local) == count:  # every row has this tuple (e.g. only inserts)
-        starts = tuples.starts[:, column_index]
-        lengths = tuples.lengths[:, column_index]
-        valid = text | binary
-    else:
-        starts = row_starts.copy()
-        lengths = np.zeros(count, dtype=np.int64)
-        valid = np.zeros(count, dtype=bool)
-        starts[local] = tuples.starts[:, column_index]
-        lengths[local] = tuples.lengths[:, column_index]
-        valid[local] = text | binary
+    has_text = bool(text.any())
     is_binary = bool(binary.any())
-    if is_binary and text.any():
+    if not (has_text or is_binary):
+        return None, False
+    if is_binary and has_text:
         raise ProtocolError(
-            f"column {column.name} mixes text and binary values in one batch",
+            f"column {group.schema.columns[column_index].name} mixes text and binary "
+            "values in one batch",
             lsn=int(block.lsns[0]),
         )
-    raw = value_array(block, starts, lengths, valid)
-    return registry.convert(raw, column, binary=is_binary)
+    count = group.count
+    if len(local) == count:  # every row has this tuple (e.g. only inserts)
+        return ColumnValues(
+            tuples.starts[:, column_index], tuples.lengths[:, column_index], text | binary
+        ), is_binary
+    starts = np.zeros(count, dtype=np.int64)  # read only where valid
+    lengths = np.zeros(count, dtype=np.int64)
+    valid = np.zeros(count, dtype=bool)
+    starts[local] = tuples.starts[:, column_index]
+    lengths[local] = tuples.lengths[:, column_index]
+    valid[local] = text | binary
+    return ColumnValues(starts, lengths, valid), is_binary
 
 
 def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
@@ -350,12 +405,29 @@ def _toast(schema: TableSchema, new: TupleColumns, new_local: Int64Array, count:
 def _with_meta(
     schema: TableSchema, meta_arrays: list[pa.Array], arrays: dict[str, pa.Array]
 ) -> pa.Table:
-    change_schema = schema.change_schema()
+    change_schema = _change_schema(schema)
     columns = list(meta_arrays)
     columns.extend(arrays[f.name] for f in change_schema if f.name not in _META_NAMES)
     return pa.Table.from_arrays(columns, schema=change_schema)
 
 
+_change_schemas: dict[int, tuple[TableSchema, pa.Schema]] = {}
+
+
+def _change_schema(schema: TableSchema) -> pa.Schema:
+    """``schema.change_schema()``, made once per schema version (by identity:
+    the batcher keeps one TableSchema object per version)."""
+    known = _change_schemas.get(id(schema))
+    if known is not None and known[0] is schema:
+        return known[1]
+    if len(_change_schemas) > _CHANGE_SCHEMAS_KEPT:
+        _change_schemas.clear()
+    change_schema = schema.change_schema()
+    _change_schemas[id(schema)] = (schema, change_schema)
+    return change_schema
+
+
+_CHANGE_SCHEMAS_KEPT: Final = 1024
 _META_NAMES: Final = frozenset({SEQ, OP, LSN, COMMIT_TS, XID})
 
 

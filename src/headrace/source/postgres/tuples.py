@@ -17,8 +17,10 @@ byte offset inside it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from functools import cached_property
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -96,14 +98,23 @@ class MessageBlock:
 
     def be16(self, positions: Int64Array) -> Int64Array:
         """Big-endian signed 16-bit integers at ``positions``."""
-        return _unaligned(self.data, ">i2")[positions].astype(np.int64)
+        return self._be16[positions].astype(np.int64)
 
     def be32(self, positions: Int64Array) -> Int64Array:
         """Big-endian signed 32-bit integers at ``positions``."""
-        return _unaligned(self.data, ">i4")[positions].astype(np.int64)
+        return self._be32[positions].astype(np.int64)
+
+    # The views are made once per block: a batch reads lengths once per column.
+    @cached_property
+    def _be16(self) -> npt.NDArray[np.signedinteger[Any]]:
+        return _unaligned(self.data, ">i2")
+
+    @cached_property
+    def _be32(self) -> npt.NDArray[np.signedinteger[Any]]:
+        return _unaligned(self.data, ">i4")
 
 
-def _unaligned(data: UInt8Array, dtype: str) -> npt.NDArray[np.int32]:
+def _unaligned(data: UInt8Array, dtype: str) -> npt.NDArray[np.signedinteger[Any]]:
     """A view of ``data`` as ``dtype`` starting at every byte: element ``i`` is
     the value stored at bytes ``i .. i+size-1`` (one gather reads many)."""
     size = np.dtype(dtype).itemsize
@@ -270,38 +281,81 @@ def _byte_repr(value: int) -> str:
     return repr(chr(value)) if 32 <= value < 127 else f"0x{value:02x}"
 
 
-def value_array(
-    block: MessageBlock, starts: Int64Array, lengths: Int64Array, valid: BoolArray
-) -> pa.Array:
-    """A binary array of the values at ``starts``/``lengths`` (NULL where not
-    ``valid``). ``starts`` must increase with the row (rows are in message
-    order), which lets the values be sliced out of the block in one ``take``."""
+@dataclass(frozen=True)
+class ColumnValues:
+    """Where one column's value of each row lies in a block.
+
+    ``starts``/``lengths`` are absolute offsets into the block (ignored where
+    not ``valid``); in each column the valid values increase with the row.
+    """
+
+    starts: Int64Array
+    lengths: Int64Array
+    valid: BoolArray
+
+
+def cut_columns(
+    block: MessageBlock, columns: Sequence[ColumnValues], groups: Sequence[Sequence[int]]
+) -> list[pa.Array]:
+    """Each group of ``columns`` (indexes into it) as one binary array: the
+    group's columns one after the other, NULL where a value is not valid.
+
+    One Arrow ``take`` per group whatever the number of columns: a batch's
+    cost must not grow with its tables and columns, which is what made small
+    batches expensive. The values of every column of the block are described
+    by one binary array over the block's buffer (sorted by position, with the
+    gaps between values interleaved, so its offsets only grow); each group
+    takes its values out of it.
+    """
+    valid_starts = [c.starts[c.valid] for c in columns]
+    starts = np.concatenate(valid_starts) if valid_starts else np.zeros(0, np.int64)
+    lengths = (
+        np.concatenate([c.lengths[c.valid] for c in columns]) if columns else np.zeros(0, np.int64)
+    )
+    total = len(starts)
+    # Columns are runs that each increase: a stable sort merges them cheaply.
+    order = np.argsort(starts, kind="stable")
+    rank = np.empty(total, dtype=np.int64)
+    rank[order] = np.arange(0, 2 * total, 2, dtype=np.int64)
+    interleaved = _interleaved(block, starts[order], lengths[order])
+    indexes: list[Int64Array] = []
+    nulls: list[bool] = []
+    used = 0
+    for column, column_starts in zip(columns, valid_starts, strict=True):
+        count = len(column_starts)
+        if count == len(column.valid):
+            indexes.append(rank[used : used + count])
+            nulls.append(False)
+        else:
+            index = np.full(len(column.valid), -1, dtype=np.int64)
+            index[column.valid] = rank[used : used + count]
+            indexes.append(index)
+            nulls.append(True)
+        used += count
+    out = []
+    for group in groups:
+        index = np.concatenate([indexes[i] for i in group])
+        mask = index < 0 if any(nulls[i] for i in group) else None
+        values = interleaved.take(pa.array(index, mask=mask))
+        if values.type != pa.binary():
+            values = values.cast(pa.binary())
+        out.append(values)
+    return out
+
+
+def _interleaved(block: MessageBlock, starts: Int64Array, lengths: Int64Array) -> pa.Array:
+    """A binary array over the block's buffer whose even elements are the
+    values at ``starts``/``lengths`` (increasing), the odd ones the gaps."""
     count = len(starts)
     if count == 0:
         return pa.array([], pa.binary())
-    lengths = np.where(valid, lengths, 0)
-    # Interleave each value [s, s+l) with the gap up to the next value, so one
-    # offsets array describes them all; the values are the even elements.
     offsets = np.empty(2 * count + 1, dtype=np.int64)
     offsets[0 : 2 * count : 2] = starts
     offsets[1 : 2 * count : 2] = starts + lengths
     offsets[2 * count] = offsets[2 * count - 1]
     large = bool(offsets[-1] > _INT32_LIMIT)
-    arrow_type = pa.large_binary() if large else pa.binary()
-    offset_dtype = np.int64 if large else np.int32
-    interleaved = pa.Array.from_buffers(
-        arrow_type,
-        2 * count,
-        [None, pa.py_buffer(offsets.astype(offset_dtype)), block.buffer],
-    )
-    values = interleaved.take(pa.array(np.arange(0, 2 * count, 2, dtype=np.int64)))
-    if large:
-        values = values.cast(pa.binary())
-    null_count = int(count - np.count_nonzero(valid))
-    if null_count == 0:
-        return values
-    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little"))
-    buffers = values.buffers()
     return pa.Array.from_buffers(
-        pa.binary(), count, [bitmap, buffers[1], buffers[2]], null_count=null_count
+        pa.large_binary() if large else pa.binary(),
+        2 * count,
+        [None, pa.py_buffer(offsets.astype(np.int64 if large else np.int32)), block.buffer],
     )
