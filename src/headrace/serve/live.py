@@ -7,7 +7,10 @@ stale; a single scheduler task recomputes stale views that have viewers, at
 most once per ``min_interval_s`` each (versions committed meanwhile coalesce
 into the next computation). Each viewer holds only the latest event: a slow
 client skips intermediate versions instead of queueing them. Nothing is polled
-per viewer.
+per viewer. Across views, a tile query that renders the same for several of
+them (a filter the tile does not take, the same range) runs once per store
+snapshot (see shared_tiles): every computation of one version gets the same
+"now" for its relative range (:meth:`LiveHub.bounds_now`).
 
 SSE event ids are ``<version>-<seq>``; a reconnecting EventSource sends the
 last one as ``Last-Event-ID`` and gets the current state only if it is newer.
