@@ -44,7 +44,7 @@ from headrace.source.postgres.protocol import (
 )
 from headrace.source.postgres.tuples import (
     BoolArray,
-    ColumnValues,
+    ColumnBlock,
     Int64Array,
     MessageBlock,
     MessageHeads,
@@ -305,35 +305,40 @@ def _convert_columns(
     batches. A column without any value (no old tuples, only NULLs) is NULLs.
     """
     sides: list[list[pa.Array | None]] = []  # per group: new columns, then old columns
-    pending: list[ColumnValues] = []
-    places: list[tuple[list[pa.Array | None], int]] = []  # where each pending result goes
-    keys: dict[tuple[pa.DataType, PgType, bool], list[int]] = {}
+    blocks: list[ColumnBlock] = []
+    targets: list[list[pa.Array | None]] = []  # per block: where its columns go
+    members: dict[tuple[pa.DataType, PgType, bool], list[tuple[int, int]]] = {}
     for group in groups:
         for tuples, local in ((group.new, group.new_local), (group.old, group.old_local)):
             arrays: list[pa.Array | None] = [None] * len(group.schema.columns)
             sides.append(arrays)
             if tuples is None:
                 continue
-            for column_index, column in enumerate(group.schema.columns):
-                values, binary = _column_values(block, group, tuples, local, column_index)
-                if values is None:
-                    continue
-                key = (column.arrow_type, registry.lookup(column.type_oid), binary)
-                keys.setdefault(key, []).append(len(pending))
-                pending.append(values)
-                places.append((arrays, column_index))
-    if pending:
-        members = list(keys.values())
-        raw_groups = cut_columns(block, pending, members)
-        for (arrow_type, pg_type, binary), indexes, raw in zip(
-            keys, members, raw_groups, strict=True
+            found = _column_block(block, group, tuples, local)
+            if found is None:
+                continue
+            values, binary_columns = found
+            for column_index in np.flatnonzero(values.valid.any(axis=1)).tolist():
+                column = group.schema.columns[column_index]
+                key = (
+                    column.arrow_type,
+                    registry.lookup(column.type_oid),
+                    binary_columns[column_index],
+                )
+                members.setdefault(key, []).append((len(blocks), column_index))
+            blocks.append(values)
+            targets.append(arrays)
+    if blocks:
+        groups_of_columns = list(members.values())
+        raw_groups = cut_columns(block, blocks, groups_of_columns)
+        for (arrow_type, pg_type, binary), group_columns, raw in zip(
+            members, groups_of_columns, raw_groups, strict=True
         ):
             converted = convert_column(raw, arrow_type, pg_type, binary=binary)
             offset = 0
-            for index in indexes:
-                arrays, column_index = places[index]
-                count = len(pending[index].valid)
-                arrays[column_index] = converted.slice(offset, count)
+            for block_index, column_index in group_columns:
+                count = blocks[block_index].starts.shape[1]
+                targets[block_index][column_index] = converted.slice(offset, count)
                 offset += count
     out: list[tuple[list[pa.Array], list[pa.Array]]] = []
     for index, group in enumerate(groups):
@@ -348,39 +353,50 @@ def _convert_columns(
     return out
 
 
-def _column_values(
-    block: MessageBlock,
-    group: _ParsedGroup,
-    tuples: TupleColumns,
-    local: Int64Array,
-    column_index: int,
-) -> tuple[ColumnValues | None, bool]:
-    """Where a column's values lie (None when it has none) and whether they are binary."""
-    kinds = tuples.kinds[:, column_index]
+def _column_block(
+    block: MessageBlock, group: _ParsedGroup, tuples: TupleColumns, local: Int64Array
+) -> tuple[ColumnBlock, list[bool]] | None:
+    """Where one tuple side's values lie for all the group's rows (None when it
+    has no value at all), and per column whether its values are binary."""
+    kinds = tuples.kinds.T  # columns x rows, contiguous per column
     text = kinds == KIND_TEXT
     binary = kinds == KIND_BINARY
-    has_text = bool(text.any())
-    is_binary = bool(binary.any())
-    if not (has_text or is_binary):
-        return None, False
-    if is_binary and has_text:
-        raise ProtocolError(
-            f"column {group.schema.columns[column_index].name} mixes text and binary "
-            "values in one batch",
-            lsn=int(block.lsns[0]),
-        )
+    has_binary = binary.any(axis=1)
+    valid = text
+    if has_binary.any():
+        mixed = has_binary & text.any(axis=1)
+        if mixed.any():
+            name = group.schema.columns[int(np.argmax(mixed))].name
+            raise ProtocolError(
+                f"column {name} mixes text and binary values in one batch",
+                lsn=int(block.lsns[0]),
+            )
+        valid = text | binary
+    if not valid.any():
+        return None
+    starts, lengths = tuples.starts.T, tuples.lengths.T
     count = group.count
-    if len(local) == count:  # every row has this tuple (e.g. only inserts)
-        return ColumnValues(
-            tuples.starts[:, column_index], tuples.lengths[:, column_index], text | binary
-        ), is_binary
-    starts = np.zeros(count, dtype=np.int64)  # read only where valid
-    lengths = np.zeros(count, dtype=np.int64)
-    valid = np.zeros(count, dtype=bool)
-    starts[local] = tuples.starts[:, column_index]
-    lengths[local] = tuples.lengths[:, column_index]
-    valid[local] = text | binary
-    return ColumnValues(starts, lengths, valid), is_binary
+    if len(local) != count:  # only some rows have this tuple: the others hold no value
+        shape = (len(group.schema.columns), count)
+        starts, lengths, valid = _spread(local, shape, starts, lengths, valid)
+    return ColumnBlock(starts, lengths, valid), has_binary.tolist()
+
+
+def _spread(
+    local: Int64Array,
+    shape: tuple[int, int],
+    starts: Int64Array,
+    lengths: Int64Array,
+    valid: BoolArray,
+) -> tuple[Int64Array, Int64Array, BoolArray]:
+    """Columns x some rows spread to columns x all rows (``local``: which)."""
+    all_starts = np.zeros(shape, dtype=np.int64)
+    all_lengths = np.zeros(shape, dtype=np.int64)
+    all_valid = np.zeros(shape, dtype=bool)
+    all_starts[:, local] = starts
+    all_lengths[:, local] = lengths
+    all_valid[:, local] = valid
+    return all_starts, all_lengths, all_valid
 
 
 def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:

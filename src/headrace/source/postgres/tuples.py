@@ -104,6 +104,11 @@ class MessageBlock:
         """Big-endian signed 32-bit integers at ``positions``."""
         return self._be32[positions].astype(np.int64)
 
+    @property
+    def be32_view(self) -> npt.NDArray[np.signedinteger[Any]]:
+        """Element ``i`` is the big-endian signed 32-bit integer at byte ``i``."""
+        return self._be32
+
     # The views are made once per block: a batch reads lengths once per column.
     @cached_property
     def _be16(self) -> npt.NDArray[np.signedinteger[Any]]:
@@ -165,9 +170,11 @@ def read_heads(block: MessageBlock) -> MessageHeads:
 class TupleColumns:
     """The columns of one tuple per row: kind byte, value start and length."""
 
-    kinds: npt.NDArray[np.uint8]  # rows x columns
-    starts: Int64Array  # rows x columns, absolute offsets into the block
-    lengths: Int64Array  # rows x columns
+    # rows x columns (often transposed views of column-major arrays: ``.T``
+    # gives each column's values contiguous)
+    kinds: npt.NDArray[np.uint8]
+    starts: Int64Array  # absolute offsets into the block
+    lengths: Int64Array
     ends: Int64Array  # per row: offset after the tuple
 
 
@@ -175,6 +182,62 @@ def read_tuples(
     block: MessageBlock, rows: Int64Array, positions: Int64Array, column_count: int
 ) -> TupleColumns:
     """Parse the tuple starting at ``positions`` of each message ``rows``."""
+    try:
+        parsed = _read_well_formed(block, rows, positions, column_count)
+    except IndexError:  # a length pointed past the block: malformed
+        parsed = None
+    if parsed is not None:
+        return parsed
+    return _read_checked(block, rows, positions, column_count)
+
+
+_KNOWN_KINDS: Final = np.zeros(256, dtype=bool)
+_KNOWN_KINDS[[KIND_TEXT, KIND_BINARY, KIND_NULL, KIND_UNCHANGED]] = True
+
+
+def _read_well_formed(
+    block: MessageBlock, rows: Int64Array, positions: Int64Array, column_count: int
+) -> TupleColumns | None:
+    """:func:`read_tuples` for well-formed messages, None for any other.
+
+    The common case, made cheap: a column costs a few NumPy calls, with the
+    checks done once at the end: every length is >= 0 (so reads only move
+    forward), every kind is known, and every tuple ends within its message
+    (so no read went past it). :func:`_read_checked` then says what is wrong.
+    """
+    count = len(rows)
+    ends = block.ends[rows]
+    if (positions + 2 > ends).any() or (block.be16(positions) != column_count).any():
+        return None
+    data = block.data
+    be32 = block.be32_view
+    # Column-major: each column's values are contiguous for the conversion.
+    kinds = np.empty((column_count, count), dtype=np.uint8)
+    starts = np.empty((column_count, count), dtype=np.int64)
+    lengths = np.zeros((column_count, count), dtype=np.int64)
+    position = positions + 2
+    for column in range(column_count):
+        kind = data[position]
+        kinds[column] = kind
+        if (kind == KIND_TEXT).all():
+            length = be32[position + 1]
+            value_start = position + 5
+        else:
+            valued = (kind == KIND_TEXT) | (kind == KIND_BINARY)
+            length = np.where(valued, be32[position + 1], 0)
+            value_start = np.where(valued, position + 5, position + 1)
+        starts[column] = value_start
+        lengths[column] = length
+        position = value_start + length
+    if not (position <= ends).all() or (lengths < 0).any() or not _KNOWN_KINDS[kinds].all():
+        return None
+    return TupleColumns(kinds.T, starts.T, lengths.T, position)
+
+
+def _read_checked(
+    block: MessageBlock, rows: Int64Array, positions: Int64Array, column_count: int
+) -> TupleColumns:
+    """:func:`read_tuples` checking every read: raises what is wrong first."""
     count = len(rows)
     ends = block.ends[rows]
     too_short = positions + 2 > ends
@@ -282,11 +345,12 @@ def _byte_repr(value: int) -> str:
 
 
 @dataclass(frozen=True)
-class ColumnValues:
-    """Where one column's value of each row lies in a block.
+class ColumnBlock:
+    """Where the values of some columns of the same rows lie in a block.
 
-    ``starts``/``lengths`` are absolute offsets into the block (ignored where
-    not ``valid``); in each column the valid values increase with the row.
+    ``starts``/``lengths``/``valid`` are columns x rows; ``starts`` and
+    ``lengths`` are absolute offsets into the block, read only where
+    ``valid``. In each column the valid values increase with the row.
     """
 
     starts: Int64Array
@@ -295,48 +359,40 @@ class ColumnValues:
 
 
 def cut_columns(
-    block: MessageBlock, columns: Sequence[ColumnValues], groups: Sequence[Sequence[int]]
+    block: MessageBlock,
+    columns: Sequence[ColumnBlock],
+    groups: Sequence[Sequence[tuple[int, int]]],
 ) -> list[pa.Array]:
-    """Each group of ``columns`` (indexes into it) as one binary array: the
-    group's columns one after the other, NULL where a value is not valid.
+    """Each group of columns (``(index into columns, column index)`` pairs) as
+    one binary array: the group's columns one after the other, NULL where a
+    value is not valid.
 
-    One Arrow ``take`` per group whatever the number of columns: a batch's
-    cost must not grow with its tables and columns, which is what made small
-    batches expensive. The values of every column of the block are described
-    by one binary array over the block's buffer (sorted by position, with the
-    gaps between values interleaved, so its offsets only grow); each group
-    takes its values out of it.
+    One Arrow ``take`` per group whatever the number of tables and columns: a
+    batch's cost must not grow with them, which is what made small batches
+    expensive. The valid values of all columns are described by one binary
+    array over the block's buffer (sorted by position, with the gaps between
+    values interleaved, so its offsets only grow); each group takes its
+    values out of it.
     """
-    valid_starts = [c.starts[c.valid] for c in columns]
-    starts = np.concatenate(valid_starts) if valid_starts else np.zeros(0, np.int64)
-    lengths = (
-        np.concatenate([c.lengths[c.valid] for c in columns]) if columns else np.zeros(0, np.int64)
-    )
-    total = len(starts)
-    # Columns are runs that each increase: a stable sort merges them cheaply.
-    order = np.argsort(starts, kind="stable")
-    rank = np.empty(total, dtype=np.int64)
-    rank[order] = np.arange(0, 2 * total, 2, dtype=np.int64)
+    starts = np.concatenate([c.starts.ravel() for c in columns])
+    lengths = np.concatenate([c.lengths.ravel() for c in columns])
+    present = np.flatnonzero(np.concatenate([c.valid.ravel() for c in columns]))
+    # Each column is a run that increases: a stable sort merges them cheaply.
+    order = present[np.argsort(starts[present], kind="stable")]
+    rank = np.full(len(starts), -1, dtype=np.int64)
+    rank[order] = np.arange(0, 2 * len(order), 2, dtype=np.int64)
     interleaved = _interleaved(block, starts[order], lengths[order])
-    indexes: list[Int64Array] = []
-    nulls: list[bool] = []
-    used = 0
-    for column, column_starts in zip(columns, valid_starts, strict=True):
-        count = len(column_starts)
-        if count == len(column.valid):
-            indexes.append(rank[used : used + count])
-            nulls.append(False)
-        else:
-            index = np.full(len(column.valid), -1, dtype=np.int64)
-            index[column.valid] = rank[used : used + count]
-            indexes.append(index)
-            nulls.append(True)
-        used += count
+    first = np.cumsum([0] + [c.starts.size for c in columns]).tolist()
     out = []
     for group in groups:
-        index = np.concatenate([indexes[i] for i in group])
-        mask = index < 0 if any(nulls[i] for i in group) else None
-        values = interleaved.take(pa.array(index, mask=mask))
+        parts = []
+        for index, column in group:
+            rows = columns[index].starts.shape[1]
+            at = first[index] + column * rows
+            parts.append(rank[at : at + rows])
+        taken = np.concatenate(parts)
+        nulls = taken < 0
+        values = interleaved.take(pa.array(taken, mask=nulls if nulls.any() else None))
         if values.type != pa.binary():
             values = values.cast(pa.binary())
         out.append(values)
