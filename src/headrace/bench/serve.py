@@ -29,7 +29,10 @@ Reports dashboard load p50/p99 (target < 300 ms), commit-to-viewer p99
 RSS of ``headrace run --serve``, the ingest rate achieved (written to
 PostgreSQL and applied to the store), CPU per process, and the store
 queries/s actually run against what per-viewer polling (every viewer
-re-running every tile every 5 s) would run, as a ratio. Last line: one JSON
+re-running every tile every 5 s) would run, as a ratio. What the serving side
+costs is also given per store version (robust on a shared machine, unlike the
+latencies): the read threads' statements by kind, tile results shared between
+views, view computations, and the read threads' CPU. Last line: one JSON
 object.
 """
 
