@@ -53,6 +53,32 @@ def cdc(
     run(rows, unix=unix, repeat=repeat)
 
 
+@bench_app.command("cdc-fintech")
+def cdc_fintech(
+    rate: float = typer.Option(
+        500.0, "--rate", min=1, help="Transactions/s (wall clock) the generator writes."
+    ),
+    seconds: float = typer.Option(20.0, "--seconds", min=5, help="Seconds of load."),
+    customers: int = typer.Option(20_000, "--customers", min=100, help="Customers of the bank."),
+    commits_per_batch: int = typer.Option(
+        1,
+        "--commits-per-batch",
+        min=1,
+        help="Cut a batch every N commits (1: as the live source cuts them at --rate 500).",
+    ),
+    repeat: int = typer.Option(5, "--repeat", min=1, help="Timed decodings; the median counts."),
+) -> None:
+    """CPU of the change source per change on the fintech workload (as `bench fraud` writes it).
+
+    Records the workload's pgoutput stream once, then decodes it into batches
+    cut as the live source cuts them, and in backlog-sized batches; prints
+    microseconds of CPU per change and milliseconds per batch, then one JSON line.
+    """
+    from headrace.bench.cdc_fintech import run  # noqa: PLC0415 - keeps `headrace --help` fast
+
+    run(rate, seconds, customers=customers, commits_per_batch=commits_per_batch, repeat=repeat)
+
+
 @bench_app.command("snapshot")
 def snapshot(
     rows: int = typer.Option(1_000_000, "--rows", min=100, help="Rows in the table to snapshot."),
