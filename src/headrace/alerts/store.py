@@ -186,8 +186,11 @@ def emit_incidents(
 ) -> int:
     """Turn rules' candidates into alerts, one per incident; returns the alerts written.
 
-    ``candidates`` is a table with a ``rule`` column (a key of ``rearms``)
-    and :data:`CANDIDATE_COLUMNS`. Per rule and dedup key, candidates are
+    ``candidates`` is a table, or a parenthesized query (then it is computed
+    by the first statement here: one statement less than a table of them),
+    with a ``rule`` column (a key of ``rearms``) and
+    :data:`CANDIDATE_COLUMNS`; when it has no rows, nothing more runs. Per
+    rule and dedup key, candidates are
     taken in event-time order: one opens a new incident (and an alert) when
     the key has no incident, or when it comes more than the rule's rearm
     time after the previous candidate of the key (stored or in this batch);
@@ -198,7 +201,7 @@ def emit_incidents(
     rearm_values = ", ".join(
         f"({_literal(rule)}, {rearm.total_seconds()})" for rule, rearm in rearms.items()
     )
-    con.execute(
+    flagged = con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _job_flagged AS
         SELECT c.*, i.last_seen_at AS stored_last,
                CASE WHEN lag(c.event_at) OVER w IS NULL
@@ -211,6 +214,8 @@ def emit_incidents(
         LEFT JOIN {INCIDENTS} i ON i.rule = c.rule AND i.key = c.dedup_key
         WINDOW w AS (PARTITION BY c.rule, c.dedup_key ORDER BY c.event_at, c.lsn)"""
     )
+    if not rows_written(flagged):
+        return 0
     written = _insert_opening(con, now, sinks)
     con.execute(
         f"""INSERT INTO {INCIDENTS}

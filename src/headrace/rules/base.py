@@ -136,12 +136,14 @@ class RuleJob(ABC):
         prefilters and the candidates read it)."""
         return self.keep_recent(horizon).rows(self.name)
 
-    def recent_count_at_least(self, count: int) -> str:
-        """SQL prefilter over a trigger ``e``: its account has ``count`` recent rows of the
-        rule (after :meth:`recent_rows`)."""
+    def recent_check(self, aggregate: Callable[[str], str]) -> str:
+        """SQL prefilter over a trigger ``e``: an aggregate over its account's recent rows of
+        the rule holds (after :meth:`recent_rows`). ``aggregate`` gets the SQL condition
+        "``w`` is one of the rule's rows" and returns a boolean SQL aggregate over the
+        rows ``w`` (it may read ``e``); the rules' checks run as one subquery."""
         if self.recent is None:
             raise RuntimeError(f"{self.name} reads recent transactions outside a rule set")
-        return self.recent.count_at_least(self.name, count)
+        return self.recent.check(self.name, aggregate(self.recent.own(self.name)))
 
     def rebuild_recent(self, ctx: JobContext) -> None:
         """Restart the watermark from the transactions mirror and keep the rule's span of

@@ -57,14 +57,24 @@ class CardTesting(RuleJob):
         attempts = self.recent_rows(watermark - self.span)
         config = self.config
         tx = self.tx
+        window_s = config.window.total_seconds()
+
+        def crossed(own: str) -> str:
+            # The candidate condition: enough attempts at enough merchants in the window
+            # ending at the trigger.
+            in_window = f"{own} AND w.t <= e.t AND w.t > e.t - to_seconds({window_s})"
+            return (
+                f"count(*) FILTER (WHERE {in_window}) >= {config.min_attempts} AND "
+                f"count(DISTINCT w.merchant) FILTER (WHERE {in_window}) >= {config.min_merchants}"
+            )
+
         triggers = self.tx_triggers(
             delta,
             (tx.account, tx.amount, tx.merchant, tx.time),
             self.qualifies,
             watermark - self.rules.lateness,
-            prefilter=self.recent_count_at_least(config.min_attempts),
+            prefilter=self.recent_check(crossed),
         )
-        window_s = config.window.total_seconds()
         candidates = f"""
             SELECT t.account AS account_id, 'card_testing:' || t.account AS dedup_key,
                    t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,

@@ -84,16 +84,18 @@ class ImpossibleTravel(RuleJob):
                 [[code, lat, lon] for code, (lat, lon) in self.config.locations.items()],
             )
 
-    def _prefilter(self, uses: str, countries: str) -> str:
+    def _prefilter(self, countries: str) -> str:
         """SQL over the trigger ``e``: it can be a candidate. Travel needs an earlier use of
         the account within the window in another country (its previous use is one); a new
         country one the account has not used before the batch, and ``min_history`` uses
         elsewhere (most first uses of an account have none: they stay out)."""
         config = self.config
-        travel = (
-            f"EXISTS (SELECT 1 FROM {uses} u WHERE u.account = e.account "
-            f"AND u.t < e.t AND u.t > e.t - to_seconds({config.window.total_seconds()}) "
-            "AND u.country IS DISTINCT FROM e.country)"
+        window_s = config.window.total_seconds()
+        travel = self.recent_check(
+            lambda own: (
+                f"bool_or({own} AND w.t < e.t AND w.t > e.t - to_seconds({window_s}) "
+                "AND w.country IS DISTINCT FROM e.country)"
+            )
         )
         if not config.new_country:
             return travel
@@ -121,7 +123,7 @@ class ImpossibleTravel(RuleJob):
             (self.tx.account, self.tx.country, self.tx.time),
             self.tx.card_present,
             watermark - self.rules.lateness,
-            prefilter=self._prefilter(uses, countries.table),
+            prefilter=self._prefilter(countries.table),
         )
         locations = self.state("locations")
         km = (

@@ -14,9 +14,13 @@ are exactly the rows its own window table held.
 Per batch one DELETE (rows out of every rule's span, and the touched keys)
 and one INSERT (the touched keys' end rows some rule keeps) replace the
 four pairs the rules ran before: on DuckDB each statement costs
-milliseconds whatever its size. Likewise the rules' "enough rows of this
-account" trigger prefilters read one per-account count pass over the table
-(:meth:`RecentTransactions.count_at_least`) instead of one each.
+milliseconds whatever its size. Likewise the rules' trigger prefilters
+over their recent rows (velocity burst's limits, impossible travel's earlier
+use elsewhere, card testing's and structuring's counts in the window ending
+at the trigger) are computed by one correlated subquery per trigger row
+(:meth:`RecentTransactions.check`, :meth:`RecentTransactions.checks_column`)
+instead of one each: every subquery is planned and run as its own delim join,
+a few milliseconds apiece whatever the rows.
 
 A store written before this table existed gets it at the first batch (or
 snapshot rebuild), filled from the transactions mirror with the rules'
@@ -51,9 +55,9 @@ OLD_TABLES = (
 """The per-rule window tables the shared table replaced (dropped by setup)."""
 
 
-COUNTS = "_recent_n"
-"""Alias of the per-account counts joined to the batch's triggers (see
-:meth:`RecentTransactions.count_at_least`)."""
+CHECKS = "_recent_checks"
+"""Column of the trigger rows holding the rules' checks over their recent rows (a struct
+with one boolean per rule; see :meth:`RecentTransactions.check`)."""
 
 
 def flag(rule: str) -> str:
@@ -81,8 +85,9 @@ class RecentTransactions:
     """The table exists (cleared when the engine reloads)."""
     horizons: dict[str, datetime | None] = field(default_factory=dict)
     """Each member's horizon for the batch being applied (None: keeps nothing)."""
-    counted: list[str] = field(default_factory=list)
-    """Members whose trigger prefilter reads their row count per account this batch."""
+    checks: dict[str, str] = field(default_factory=dict)
+    """Each member's trigger check this batch: SQL aggregate over its recent rows of the
+    trigger's account (see :meth:`check`)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.filters) - set(MEMBERS)
@@ -90,9 +95,9 @@ class RecentTransactions:
             raise ValueError(f"not a window rule: {sorted(unknown)}")
 
     def begin(self) -> None:
-        """Forget the previous batch's horizons and counts (before the rules evaluate)."""
+        """Forget the previous batch's horizons and checks (before the rules evaluate)."""
         self.horizons.clear()
-        self.counted.clear()
+        self.checks.clear()
 
     def set_horizon(self, rule: str, horizon: datetime | None) -> None:
         """``rule`` keeps its rows with event time at or after ``horizon`` this batch."""
@@ -104,30 +109,35 @@ class RecentTransactions:
         within = "false" if horizon is None else f"t >= {_time_literal(horizon)}"
         return f"(SELECT * FROM {self.table} WHERE {flag(rule)} AND {within})"
 
-    def count_at_least(self, rule: str, count: int) -> str:
-        """SQL over a trigger row ``e``: its account has at least ``count`` of ``rule``'s rows.
+    def own(self, rule: str, alias: str = "w") -> str:
+        """SQL: the recent row ``alias`` is one of ``rule``'s (its flag, within its horizon)."""
+        horizon = self.horizons.get(rule)
+        within = "false" if horizon is None else f"{alias}.t >= {_time_literal(horizon)}"
+        return f"({alias}.{flag(rule)} AND {within})"
 
-        The counts of every rule asking are computed in one pass over the table
-        (:meth:`counts_join`, joined to the triggers) instead of one per rule.
+    def check(self, rule: str, aggregate: str) -> str:
+        """SQL over a trigger row ``e``: ``aggregate`` holds for its account's recent rows.
+
+        ``aggregate`` is a boolean SQL aggregate over the rows ``w`` of the trigger's
+        account (every member's: restrict it with :meth:`own`); it may read ``e``. The
+        checks of every rule are computed by one correlated subquery per trigger row
+        (:meth:`checks_column`) instead of one each.
         """
-        if rule not in self.counted:
-            self.counted.append(rule)
-        return f"coalesce({COUNTS}.{quote_ident(f'_n_{rule}')}, 0) >= {count}"
+        self.checks[rule] = aggregate
+        return f"e.{CHECKS}.{quote_ident(rule)}"
 
-    def counts_join(self) -> str:
-        """SQL: a join of the trigger rows ``e`` with the counts :meth:`count_at_least` read."""
-        if not self.counted:
+    def checks_column(self) -> str:
+        """SQL select item over a trigger row ``e``: the struct :meth:`check` reads ("" when
+        no rule asked)."""
+        if not self.checks:
             return ""
-        counts = []
-        for rule in self.counted:
-            horizon = self.horizons.get(rule)
-            within = "false" if horizon is None else f"t >= {_time_literal(horizon)}"
-            counts.append(
-                f"count(*) FILTER (WHERE {flag(rule)} AND {within}) AS {quote_ident(f'_n_{rule}')}"
-            )
+        fields = ", ".join(
+            f"{quote_ident(rule)} := coalesce(({aggregate}), false)"
+            for rule, aggregate in self.checks.items()
+        )
         return (
-            f"LEFT JOIN (SELECT account, {', '.join(counts)} FROM {self.table} GROUP BY account) "
-            f"{COUNTS} ON {COUNTS}.account = e.account"
+            f"(SELECT struct_pack({fields}) FROM {self.table} w "
+            f"WHERE w.account = e.account) AS {CHECKS}"
         )
 
     def _select(self, source: str, key: Iterable[str]) -> str:

@@ -8,8 +8,9 @@ Per batch, for the rules whose input tables changed:
 2. the triggers of all rules (the batch's transactions that may complete a
    pattern) are written once (:mod:`headrace.rules.triggers`);
 3. the candidates of the rules that have triggers are computed in one
-   statement (a UNION ALL), and turned into alerts, one per incident, for
-   all rules at once (:func:`~headrace.alerts.store.emit_incidents`);
+   statement (a UNION ALL, the first of
+   :func:`~headrace.alerts.store.emit_incidents`), and turned into alerts,
+   one per incident, for all rules at once;
 4. each rule's ``after`` updates the state it read *before* the batch (the
    amount history, the countries seen, the devices seen).
 
@@ -31,9 +32,6 @@ from headrace.rules.base import RuleJob
 from headrace.rules.recent import RecentTransactions
 from headrace.rules.triggers import create_tx_triggers
 from headrace.source.changes import TableRef
-from headrace.store.duckdb.results import rows_written
-
-CANDIDATES = "_job_candidates"
 
 
 class RuleSet(StreamJob):
@@ -88,8 +86,8 @@ class RuleSet(StreamJob):
             if tx_delta is not None:
                 recent.update(con, tx_delta)
         specs = [rule.trigger for rule, _ in evaluations if rule.trigger is not None]
-        joins = recent.counts_join() if recent is not None else ""
-        triggered = create_tx_triggers(con, active[0].tx, specs, joins) if specs else {}
+        checks = recent.checks_column() if recent is not None else ""
+        triggered = create_tx_triggers(con, active[0].tx, specs, checks) if specs else {}
         # A rule whose candidates start from triggers it has none of has no candidates.
         parts = [
             f"SELECT '{rule.name}' AS rule, {CANDIDATE_COLUMNS} FROM ({evaluation.candidates})"
@@ -98,17 +96,15 @@ class RuleSet(StreamJob):
             and (rule.trigger is None or triggered.get(rule.name, 0) > 0)
         ]
         if parts:
-            created = con.execute(
-                f"CREATE OR REPLACE TEMP TABLE {CANDIDATES} AS {' UNION ALL BY NAME '.join(parts)}"
+            # The candidates are computed by emit_incidents' first statement (no table of
+            # them: one statement less in the batches that have some).
+            emit_incidents(
+                con,
+                f"({' UNION ALL BY NAME '.join(parts)})",
+                rearms={rule.name: rule.rearm for rule in active},
+                now=ctx.now,
+                sinks=self.sinks,
             )
-            if rows_written(created):
-                emit_incidents(
-                    con,
-                    CANDIDATES,
-                    rearms={rule.name: rule.rearm for rule in active},
-                    now=ctx.now,
-                    sinks=self.sinks,
-                )
         for rule, evaluation in evaluations:
             if evaluation.after is not None:
                 started = time.perf_counter()

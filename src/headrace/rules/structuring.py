@@ -59,14 +59,20 @@ class Structuring(RuleJob):
         watermark = self.advance(ctx, self.tx_time(ctx))
         band = self.recent_rows(watermark - self.span)
         config = self.config
+        window_s = config.window.total_seconds()
         triggers = self.tx_triggers(
             delta,
             (self.tx.account, self.tx.amount, self.tx.time),
             self.in_band,
             watermark - self.rules.lateness,
-            prefilter=self.recent_count_at_least(config.min_count),
+            # The candidate condition: enough band rows in the window ending at the trigger.
+            prefilter=self.recent_check(
+                lambda own: (
+                    f"count(*) FILTER (WHERE {own} AND w.t <= e.t "
+                    f"AND w.t > e.t - to_seconds({window_s})) >= {config.min_count}"
+                )
+            ),
         )
-        window_s = config.window.total_seconds()
         candidates = f"""
             SELECT t.account AS account_id, 'structuring:' || t.account AS dedup_key,
                    t.t AS event_at, min(w.t) AS started_at, t.commit_ts, t.lsn,

@@ -112,12 +112,13 @@ def create_tx_triggers(
     con: duckdb.DuckDBPyConnection,
     tx: TransactionsTable,
     specs: Sequence[TriggerSpec],
-    joins: str = "",
+    extra: str = "",
 ) -> dict[str, int]:
     """Write :data:`TX_TRIGGERS` for ``specs`` (one delta); the triggers per rule.
 
-    ``joins``: SQL joined to the end rows ``e`` (at most one row per end row) that the
-    prefilters read, e.g. per-account counts of the rules' recent transactions.
+    ``extra``: an SQL select item over the end row ``e`` that the prefilters read, computed
+    only for the rows passing some rule's cheap conditions, e.g. the rules' checks over
+    their recent transactions (:meth:`~headrace.rules.recent.RecentTransactions.check`).
     """
     if not specs:
         return {}
@@ -143,18 +144,19 @@ def create_tx_triggers(
     flags = [f"(e._c{i} AND ({spec.prefilter})) AS {spec.flag}" for i, spec in enumerate(specs)]
     names = [f"_k{i}" for i in range(len(delta.key))] + list(TX_FIELDS)
     rows = ", ".join(f"e.{n}" for n in [*names, "commit_ts", "lsn"])
+    extra_item = f", {extra}" if extra else ""
     created = con.execute(
         f"""CREATE OR REPLACE TEMP TABLE {TX_TRIGGERS} AS
         SELECT * FROM (
             SELECT {rows}, {", ".join(flags)}
-            FROM (SELECT {rows}, {", ".join(cheap)}
-                  FROM (SELECT {", ".join([*keys, *fields, *watched_sql, *matches])},
-                               _hr_commit_ts AS commit_ts, {LSN} AS lsn
-                        FROM {delta.end_rows()}) e
-                  LEFT JOIN (SELECT {", ".join([*keys, *watched_sql, *matches])}
-                             FROM {delta.start}) s ON {key_match}) e
-            {joins}
-            WHERE {" OR ".join(f"e._c{i}" for i in range(len(specs)))})
+            FROM (SELECT e.*{extra_item}
+                  FROM (SELECT {rows}, {", ".join(cheap)}
+                        FROM (SELECT {", ".join([*keys, *fields, *watched_sql, *matches])},
+                                     _hr_commit_ts AS commit_ts, {LSN} AS lsn
+                              FROM {delta.end_rows()}) e
+                        LEFT JOIN (SELECT {", ".join([*keys, *watched_sql, *matches])}
+                                   FROM {delta.start}) s ON {key_match}) e
+                  WHERE {" OR ".join(f"e._c{i}" for i in range(len(specs)))}) e)
         WHERE {" OR ".join(spec.flag for spec in specs)}"""
     )
     total = rows_written(created)

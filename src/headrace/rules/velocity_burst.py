@@ -42,20 +42,15 @@ class VelocityBurst(RuleJob):
     def window_filter(self) -> str:
         return self.config.where
 
-    def _crossing(self, window: str) -> str:
-        """SQL over the trigger ``e``: some limit is crossed at it (the candidate condition,
-        counted once per trigger: the rule joins the candidates statement only in the rare
-        batches with a burst)."""
-        limits = self.config.limits
-        widest = max(limit.window for limit in limits).total_seconds()
-        crossed = " OR ".join(
-            f"count(*) FILTER (WHERE w.t > e.t - to_seconds({limit.window.total_seconds()})) "
-            f">= {limit.count}"
-            for limit in limits
-        )
-        return (
-            f"(SELECT {crossed} FROM {window} w WHERE w.account = e.account "
-            f"AND w.t <= e.t AND w.t > e.t - to_seconds({widest}))"
+    def _crossing(self, own: str) -> str:
+        """SQL aggregate over the trigger ``e``'s recent rows ``w`` (``own``: one of the
+        rule's): some limit is crossed at it (the candidate condition, checked once per
+        trigger: the rule joins the candidates statement only in the rare batches with a
+        burst)."""
+        return " OR ".join(
+            f"count(*) FILTER (WHERE {own} AND w.t <= e.t "
+            f"AND w.t > e.t - to_seconds({limit.window.total_seconds()})) >= {limit.count}"
+            for limit in self.config.limits
         )
 
     def evaluate(self, ctx: JobContext) -> Evaluation:
@@ -69,7 +64,7 @@ class VelocityBurst(RuleJob):
             (self.tx.account, self.tx.time),
             self.config.where,
             watermark - self.rules.lateness,
-            prefilter=self._crossing(window),
+            prefilter=self.recent_check(self._crossing),
         )
         limits = ", ".join(
             f"({int(limit.window.total_seconds())}, {limit.count})" for limit in self.config.limits
