@@ -6,12 +6,13 @@ State:
   successful logins seen (a login is from a *new device* when its pair was
   never seen before it; see :mod:`headrace.jobs.first_seen`; the health
   score reads it too, so it is updated once every job has run on the batch);
-- ``jobs.account_takeover__failed``: failed logins within ``failed_window``
-  (plus ``rules.lateness``) of the watermark;
 - ``jobs.account_takeover__marks``: *risky logins* within ``window`` (plus
   lateness): a successful login from a new device (``new_device: true``),
   or a failed login that makes ``failed_logins`` failures of the customer
-  within ``failed_window``.
+  within ``failed_window``. The failures are read from the logins mirror
+  (those within ``failed_window`` plus lateness of the watermark): a window
+  table of them would cost two statements per batch to keep, more than the
+  scan of the mirror it saves.
 
 For each new outflow (``where``, by default ``tables.transactions.outflow``; or one
 whose amount or account changed) of an account with a positive balance:
@@ -38,7 +39,7 @@ import duckdb
 
 from headrace.jobs.base import LATEST, JobContext, TableDelta, TimeRequest
 from headrace.jobs.first_seen import FirstSeen
-from headrace.jobs.state import RowWindow, create_like, latest, mirror_time
+from headrace.jobs.state import create_like, latest, mirror_time
 from headrace.rules.base import (
     Evaluation,
     RuleJob,
@@ -63,6 +64,10 @@ class AccountTakeover(RuleJob):
         self.accounts = rules.tables.accounts
         self.logins_ref = TableRef.parse(self.logins.table)
         self.accounts_ref = TableRef.parse(self.accounts.table)
+        self.mark_times: list[datetime] | None = None
+        """The times of the risky logins in the marks table, when known (read once, then
+        kept from the inserts' RETURNING): a batch deletes the old ones only when some
+        are older than its horizon, not with a statement every batch."""
 
     @property
     def config(self) -> AccountTakeoverConfig:
@@ -89,20 +94,18 @@ class AccountTakeover(RuleJob):
             where=logins.success,
         )
 
-    def failed(self, key: tuple[str, ...]) -> RowWindow:
+    def failures(self, mirror: str) -> str:
+        """SQL: the failed logins (``customer``, ``t``) of the logins ``mirror``."""
         logins = self.logins
-        return RowWindow(
-            table=self.state("failed"),
-            key=key,
-            columns=(
-                ("customer", q(logins.customer)),
-                ("t", f"CAST({q(logins.time)} AS TIMESTAMPTZ)"),
-                ("device", q(logins.device)),
-                ("country", q(logins.country)),
-            ),
-            time="t",
-            where=f"NOT coalesce(({logins.success}), false)",
+        return (
+            f"SELECT {q(logins.customer)} AS customer, CAST({q(logins.time)} AS TIMESTAMPTZ) AS t "
+            f"FROM {mirror} WHERE NOT coalesce(({logins.success}), false)"
         )
+
+    def setup(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Drop the failed-logins window of stores written before it was read from the mirror."""
+        self.mark_times = None  # the engine reloads (e.g. after a rollback): read again
+        con.execute(f"DROP TABLE IF EXISTS {self.state('failed')}")
 
     @property
     def marks(self) -> str:
@@ -124,7 +127,6 @@ class AccountTakeover(RuleJob):
         before: str | None = None,
     ) -> None:
         self.devices().ensure(con, mirror, before)
-        self.failed(key).ensure(con, mirror)
         logins = self.logins
         create_like(
             con,
@@ -151,6 +153,9 @@ class AccountTakeover(RuleJob):
             before = login_delta.before() if login_delta is not None else mirror
             self._ensure(con, mirror, ctx.key(self.logins_ref), before)
             self.ready = True
+        if self.mark_times is None:
+            rows = con.execute(f"SELECT t FROM {self.marks} WHERE t IS NOT NULL").fetchall()
+            self.mark_times = [row[0] for row in rows]
         config = self.config
         if login_delta is not None:
             self._mark(ctx, login_delta, watermark - config.failed_window - self.rules.lateness)
@@ -160,19 +165,27 @@ class AccountTakeover(RuleJob):
             else None
         )
         horizon = watermark - config.window - self.rules.lateness
-        return Evaluation(
-            candidates,
-            after=lambda: con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon]),
-        )
+        return Evaluation(candidates, after=lambda: self._forget_marks(con, horizon))
+
+    def _forget_marks(self, con: duckdb.DuckDBPyConnection, horizon: datetime) -> None:
+        """Delete the risky logins older than ``horizon`` (no statement when there are none)."""
+        times = self.mark_times
+        if times is not None and all(t >= horizon for t in times):
+            return
+        con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon])
+        if times is not None:
+            self.mark_times = [t for t in times if t >= horizon]
 
     def _mark(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> None:
-        """Record the batch's risky logins, then update the device and failure state."""
+        """Record the batch's risky logins, then (once every job ran) update the devices."""
         con, config = ctx.con, self.config
-        devices, failed = self.devices(), self.failed(delta.key)
-        failed.update(con, delta, horizon)
+        devices = self.devices()
         window_s = config.failed_window.total_seconds()
         new_device = "first_seen" if config.new_device else "false"
-        con.execute(
+        # The failures before ``horizon`` are the ones a window of them kept since the
+        # last batch would have dropped (the same rows, whatever the batch's late logins).
+        failures = self.failures(ctx.mirror(self.logins_ref))
+        inserted = con.execute(
             f"""INSERT INTO {self.marks}
             WITH _job_ato_logins AS MATERIALIZED (
                 SELECT * FROM {devices.new_rows(delta, self._login_columns())})
@@ -182,12 +195,16 @@ class AccountTakeover(RuleJob):
             SELECT f.customer, f.t, 'failed_logins', f._k0, f.device, f.country, count(*),
                    f.commit_ts
             FROM _job_ato_logins f
-            JOIN {failed.table} w ON w.customer = f.customer AND w.t <= f.t
-                 AND w.t > f.t - to_seconds({window_s})
+            JOIN ({failures}) w ON w.customer = f.customer AND w.t <= f.t
+                 AND w.t > f.t - to_seconds({window_s}) AND w.t >= ?
             WHERE NOT f.success
             GROUP BY f.customer, f.t, f._k0, f.device, f.country, f.commit_ts
-            HAVING count(*) >= {config.failed_logins}"""
-        )
+            HAVING count(*) >= {config.failed_logins}
+            RETURNING t""",
+            [horizon],
+        ).fetchall()
+        if self.mark_times is not None:
+            self.mark_times += [row[0] for row in inserted if row[0] is not None]
         # Once every job has run: the health score may read the same devices table.
         ctx.after_jobs(devices.table, lambda: devices.update(con, delta))
 
@@ -302,14 +319,11 @@ class AccountTakeover(RuleJob):
                 mirror_time(con, ctx.mirror(self.tx_ref), q(self.tx.time)),
             ),
         )
-        devices, failed = self.devices(), self.failed(key)
-        devices.rebuild(con, mirror)
+        self.devices().rebuild(con, mirror)
+        self.mark_times = None  # read again at the next batch
         con.execute(f"DELETE FROM {self.marks}")
         if watermark is None:
-            failed.rebuild(con, mirror, None)
             return
-        failed_horizon = watermark - config.failed_window - self.rules.lateness
-        failed.rebuild(con, mirror, failed_horizon)
         marks_horizon = watermark - config.window - self.rules.lateness
         window_s = config.failed_window.total_seconds()
         logins = self.logins
