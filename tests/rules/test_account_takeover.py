@@ -71,3 +71,44 @@ def test_restart_between_login_and_outflow(pg_db: PgDatabase, tmp_path: Path) ->
     assert (numbers["balance"], numbers["share"]) == (5000, 0.52)
     assert sorted(numbers["reasons"]) == ["failed_logins", "new_device"]
     bank.close()
+
+
+MARKS = "jobs.account_takeover__marks"
+
+
+def test_failures_read_from_the_mirror_and_old_marks_pruned(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    bank = open_bank(pg_db, tmp_path, only("account_takeover"))
+    # A store written when the failures had a window table of their own: dropped at open.
+    bank.duck("CREATE TABLE jobs.account_takeover__failed (_k0 BIGINT)")
+    bank.restart()
+    tables = {r[0] for r in bank.duck("SELECT table_name FROM duckdb_tables()")}
+    assert "account_takeover__failed" not in tables
+
+    bank.login(6, 0, success=False)
+    first = bank.login(6, 10, success=False)
+    bank.sync()
+    # A failure corrected into a success no longer counts towards a burst.
+    bank.execute(f"UPDATE logins SET success = true, failure_reason = NULL WHERE id = {first}")
+    bank.login(6, 20, success=False)
+    bank.sync()
+    assert bank.duck(f"SELECT count(*) FROM {MARKS} WHERE reason = 'failed_logins'") == [(0,)]
+    third = bank.login(6, 30, success=False)
+    bank.sync()
+    assert bank.duck(f"SELECT login, failed FROM {MARKS} WHERE reason = 'failed_logins'") == [
+        (third, 3)
+    ]
+    _out(bank, 6, 3_000, 2 * MINUTE)
+    bank.sync()
+    (alert,) = bank.alerts("account_takeover")
+    assert alert["payload"]["numbers"]["failed_logins"] == 3
+
+    # Two hours later the risky login is out of the window (30 min + 5 min lateness),
+    # pruned at the batch after (horizons are measured from the watermark before a batch).
+    bank.login(1, 120 * MINUTE)
+    bank.sync()
+    bank.login(1, 121 * MINUTE)
+    bank.sync()
+    assert bank.duck(f"SELECT count(*) FROM {MARKS} WHERE customer = 6") == [(0,)]
+    bank.close()

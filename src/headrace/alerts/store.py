@@ -217,21 +217,29 @@ def emit_incidents(
     if not rows_written(flagged):
         return 0
     written = _insert_opening(con, now, sinks)
+    # MERGE: the upsert INSERT ... ON CONFLICT would do, with less CPU on DuckDB.
     con.execute(
-        f"""INSERT INTO {INCIDENTS}
-        SELECT f.rule, f.dedup_key, a.id, a.started_at, max(f.event_at), count(*), ?
-        FROM _job_flagged f
-        LEFT JOIN (SELECT rule, key, arg_max(id, event_at) AS id,
-                          arg_max(started_at, event_at) AS started_at
-                   FROM _job_new_alerts GROUP BY rule, key) a
-          ON a.rule = f.rule AND a.key = f.dedup_key
-        GROUP BY f.rule, f.dedup_key, a.id, a.started_at
-        ON CONFLICT (rule, key) DO UPDATE SET
-            alert_id = coalesce(excluded.alert_id, {INCIDENTS}.alert_id),
-            started_at = coalesce(excluded.started_at, {INCIDENTS}.started_at),
-            last_seen_at = greatest(excluded.last_seen_at, {INCIDENTS}.last_seen_at),
-            triggers = {INCIDENTS}.triggers + excluded.triggers,
-            updated_at = excluded.updated_at""",
+        f"""MERGE INTO {INCIDENTS} _old
+        USING (SELECT f.rule, f.dedup_key AS key, a.id AS alert_id, a.started_at,
+                      max(f.event_at) AS last_seen_at, count(*) AS triggers,
+                      CAST(? AS TIMESTAMPTZ) AS updated_at
+               FROM _job_flagged f
+               LEFT JOIN (SELECT rule, key, arg_max(id, event_at) AS id,
+                                 arg_max(started_at, event_at) AS started_at
+                          FROM _job_new_alerts GROUP BY rule, key) a
+                 ON a.rule = f.rule AND a.key = f.dedup_key
+               GROUP BY f.rule, f.dedup_key, a.id, a.started_at) _new
+        ON _old.rule = _new.rule AND _old.key = _new.key
+        WHEN MATCHED THEN UPDATE SET
+            alert_id = coalesce(_new.alert_id, _old.alert_id),
+            started_at = coalesce(_new.started_at, _old.started_at),
+            last_seen_at = greatest(_new.last_seen_at, _old.last_seen_at),
+            triggers = _old.triggers + _new.triggers,
+            updated_at = _new.updated_at
+        WHEN NOT MATCHED THEN INSERT
+            (rule, key, alert_id, started_at, last_seen_at, triggers, updated_at)
+            VALUES (_new.rule, _new.key, _new.alert_id, _new.started_at, _new.last_seen_at,
+                    _new.triggers, _new.updated_at)""",
         [now],
     )
     con.execute("DROP TABLE _job_flagged; DROP TABLE _job_new_alerts")
