@@ -39,7 +39,6 @@ from headrace.source.postgres.protocol import (
     KIND_TEXT,
     KIND_UNCHANGED,
     MSG_DELETE,
-    MSG_INSERT,
     MSG_UPDATE,
 )
 from headrace.source.postgres.tuples import (
@@ -57,6 +56,7 @@ from headrace.source.postgres.types import TypeRegistry
 
 _OPS: Final = pa.array(["I", "U", "D", "T"], pa.string())
 _OLD_KINDS: Final = pa.array(["K", "O"], pa.string())
+_TOAST_TYPE: Final = pa.list_(pa.string())
 _N: Final = ord("N")
 _K: Final = ord("K")
 _O: Final = ord("O")
@@ -212,8 +212,29 @@ _COMMIT_TS_TYPE: Final = pa.timestamp("us", tz="UTC")
 
 
 def _ops(kinds: Int64Array) -> pa.Array:
-    codes = np.where(kinds == MSG_INSERT, 0, np.where(kinds == MSG_UPDATE, 1, 2))
-    return _OPS.take(pa.array(codes))
+    """The op column: a row message's type byte (I, U or D) is its op letter."""
+    count = len(kinds)
+    offsets = np.arange(count + 1, dtype=np.int32)
+    letters = kinds.astype(np.uint8)
+    return pa.Array.from_buffers(
+        pa.string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(letters)]
+    )
+
+
+_null_arrays: dict[pa.DataType, pa.Array] = {}
+
+
+def _nulls(count: int, arrow_type: pa.DataType) -> pa.Array:
+    """``pa.nulls(count, arrow_type)``, sliced from one kept per type (most
+    columns of a batch have no old values: making each costs more)."""
+    kept = _null_arrays.get(arrow_type)
+    if kept is None or len(kept) < count:
+        kept = pa.nulls(max(count, _NULLS_KEPT), arrow_type)
+        _null_arrays[arrow_type] = kept
+    return kept.slice(0, count)
+
+
+_NULLS_KEPT: Final = 1024
 
 
 @dataclass
@@ -344,7 +365,7 @@ def _convert_columns(
     for index, group in enumerate(groups):
         new, old = (
             [
-                pa.nulls(group.count, column.arrow_type) if array is None else array
+                _nulls(group.count, column.arrow_type) if array is None else array
                 for array, column in zip(arrays, group.schema.columns, strict=True)
             ]
             for arrays in sides[2 * index : 2 * index + 2]
@@ -401,7 +422,7 @@ def _spread(
 
 def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
     if not has_old.any():
-        return pa.nulls(len(markers), pa.string())
+        return _nulls(len(markers), pa.string())
     codes = pa.array(np.where(markers == _K, 0, 1), mask=~has_old)
     return _OLD_KINDS.take(codes)
 
@@ -409,7 +430,7 @@ def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
 def _toast(schema: TableSchema, new: TupleColumns, new_local: Int64Array, count: int) -> pa.Array:
     unchanged = new.kinds == KIND_UNCHANGED
     if not unchanged.any():
-        return pa.nulls(count, pa.list_(pa.string()))
+        return _nulls(count, _TOAST_TYPE)
     names = [c.name for c in schema.columns]
     cells: list[list[str] | None] = [None] * count
     for local_index in np.flatnonzero(unchanged.any(axis=1)).tolist():
