@@ -228,6 +228,11 @@ def _parse_number(text: str, pg_type: PgType) -> int | float | None:
 
 
 def _decimal(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Array:
+    # The common case first: one cast (it fails on NaN and Infinity too).
+    try:
+        return values.view(pa.string()).cast(arrow_type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     text = values.view(pa.binary())
     special = pc.is_in(text, _NUMERIC_SPECIALS)
     special_count = pc.sum(special).as_py() or 0
