@@ -11,6 +11,7 @@ documented in :mod:`headrace.source.changes`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain
@@ -204,7 +205,8 @@ def _assemble_rows(
             *old_columns,
             _toast(group.schema, group.new, group.new_local, group.count),
         ]
-        out.append((group.schema, pa.Table.from_arrays(data, schema=_change_schema(group.schema))))
+        change_schema = _kit(group.schema, registry).change_schema
+        out.append((group.schema, pa.Table.from_arrays(data, schema=change_schema)))
     return out
 
 
@@ -221,20 +223,13 @@ def _ops(kinds: Int64Array) -> pa.Array:
     )
 
 
-_null_arrays: dict[pa.DataType, pa.Array] = {}
+_STRING_NULLS: Final = pa.nulls(1024, pa.string())
+_TOAST_NULLS: Final = pa.nulls(1024, _TOAST_TYPE)
 
 
-def _nulls(count: int, arrow_type: pa.DataType) -> pa.Array:
-    """``pa.nulls(count, arrow_type)``, sliced from one kept per type (most
-    columns of a batch have no old values: making each costs more)."""
-    kept = _null_arrays.get(arrow_type)
-    if kept is None or len(kept) < count:
-        kept = pa.nulls(max(count, _NULLS_KEPT), arrow_type)
-        _null_arrays[arrow_type] = kept
-    return kept.slice(0, count)
-
-
-_NULLS_KEPT: Final = 1024
+def _nulls(count: int, kept: pa.Array) -> pa.Array:
+    """``count`` NULLs of ``kept``'s type: a slice of it when it is long enough."""
+    return kept.slice(0, count) if count <= len(kept) else pa.nulls(count, kept.type)
 
 
 @dataclass
@@ -328,8 +323,9 @@ def _convert_columns(
     sides: list[list[pa.Array | None]] = []  # per group: new columns, then old columns
     blocks: list[ColumnBlock] = []
     targets: list[list[pa.Array | None]] = []  # per block: where its columns go
-    members: dict[tuple[pa.DataType, PgType, bool], list[tuple[int, int]]] = {}
+    members: dict[tuple[int, bool], list[tuple[int, int]]] = {}
     for group in groups:
+        kit = _kit(group.schema, registry)
         for tuples, local in ((group.new, group.new_local), (group.old, group.old_local)):
             arrays: list[pa.Array | None] = [None] * len(group.schema.columns)
             sides.append(arrays)
@@ -340,21 +336,17 @@ def _convert_columns(
                 continue
             values, binary_columns = found
             for column_index in np.flatnonzero(values.valid.any(axis=1)).tolist():
-                column = group.schema.columns[column_index]
-                key = (
-                    column.arrow_type,
-                    registry.lookup(column.type_oid),
-                    binary_columns[column_index],
-                )
+                key = (kit.conversions[column_index], binary_columns[column_index])
                 members.setdefault(key, []).append((len(blocks), column_index))
             blocks.append(values)
             targets.append(arrays)
     if blocks:
         groups_of_columns = list(members.values())
         raw_groups = cut_columns(block, blocks, groups_of_columns)
-        for (arrow_type, pg_type, binary), group_columns, raw in zip(
+        for (conversion, binary), group_columns, raw in zip(
             members, groups_of_columns, raw_groups, strict=True
         ):
+            arrow_type, pg_type = _conversions[conversion]
             converted = convert_column(raw, arrow_type, pg_type, binary=binary)
             offset = 0
             for block_index, column_index in group_columns:
@@ -363,10 +355,11 @@ def _convert_columns(
                 offset += count
     out: list[tuple[list[pa.Array], list[pa.Array]]] = []
     for index, group in enumerate(groups):
+        kit = _kit(group.schema, registry)
         new, old = (
             [
-                _nulls(group.count, column.arrow_type) if array is None else array
-                for array, column in zip(arrays, group.schema.columns, strict=True)
+                kit.nulls(column_index, group.count) if array is None else array
+                for column_index, array in enumerate(arrays)
             ]
             for arrays in sides[2 * index : 2 * index + 2]
         )
@@ -422,7 +415,7 @@ def _spread(
 
 def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
     if not has_old.any():
-        return _nulls(len(markers), pa.string())
+        return _nulls(len(markers), _STRING_NULLS)
     codes = pa.array(np.where(markers == _K, 0, 1), mask=~has_old)
     return _OLD_KINDS.take(codes)
 
@@ -430,7 +423,7 @@ def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
 def _toast(schema: TableSchema, new: TupleColumns, new_local: Int64Array, count: int) -> pa.Array:
     unchanged = new.kinds == KIND_UNCHANGED
     if not unchanged.any():
-        return _nulls(count, _TOAST_TYPE)
+        return _nulls(count, _TOAST_NULLS)
     names = [c.name for c in schema.columns]
     cells: list[list[str] | None] = [None] * count
     for local_index in np.flatnonzero(unchanged.any(axis=1)).tolist():
@@ -442,29 +435,69 @@ def _toast(schema: TableSchema, new: TupleColumns, new_local: Int64Array, count:
 def _with_meta(
     schema: TableSchema, meta_arrays: list[pa.Array], arrays: dict[str, pa.Array]
 ) -> pa.Table:
-    change_schema = _change_schema(schema)
+    change_schema = schema.change_schema()
     columns = list(meta_arrays)
     columns.extend(arrays[f.name] for f in change_schema if f.name not in _META_NAMES)
     return pa.Table.from_arrays(columns, schema=change_schema)
 
 
-_change_schemas: dict[int, tuple[TableSchema, pa.Schema]] = {}
+@dataclass
+class _SchemaKit:
+    """What assembling a table version's changes needs, made once per version."""
+
+    schema: TableSchema
+    change_schema: pa.Schema
+    conversions: list[int]  # per column: its conversion's number in _conversions
+    kept_nulls: list[pa.Array]  # per column: NULLs to slice from
+
+    def nulls(self, column_index: int, count: int) -> pa.Array:
+        """``count`` NULLs of the column's type (most columns of a batch have no
+        old values: a slice costs less than making them each time)."""
+        kept = self.kept_nulls[column_index]
+        if count > len(kept):
+            kept = pa.nulls(max(count, 2 * len(kept)), kept.type)
+            self.kept_nulls[column_index] = kept
+        return kept.slice(0, count)
 
 
-def _change_schema(schema: TableSchema) -> pa.Schema:
-    """``schema.change_schema()``, made once per schema version (by identity:
-    the batcher keeps one TableSchema object per version)."""
-    known = _change_schemas.get(id(schema))
-    if known is not None and known[0] is schema:
-        return known[1]
-    if len(_change_schemas) > _CHANGE_SCHEMAS_KEPT:
-        _change_schemas.clear()
-    change_schema = schema.change_schema()
-    _change_schemas[id(schema)] = (schema, change_schema)
-    return change_schema
+# A conversion is a (Arrow type, PostgreSQL type) pair; columns of any table
+# with the same one are converted together. Numbered so that grouping a
+# batch's columns hashes small integers, not types.
+_conversions: list[tuple[pa.DataType, PgType]] = []
+_conversion_numbers: dict[tuple[pa.DataType, PgType], int] = {}
+_kits: dict[int, _SchemaKit] = {}
+_kits_lock = threading.Lock()
 
 
-_CHANGE_SCHEMAS_KEPT: Final = 1024
+def _kit(schema: TableSchema, registry: TypeRegistry) -> _SchemaKit:
+    """The kit of a table version (by identity: the batcher keeps one
+    TableSchema object per version and its registry resolves a type once)."""
+    kit = _kits.get(id(schema))
+    if kit is not None and kit.schema is schema:
+        return kit
+    conversions = []
+    with _kits_lock:  # sources in several threads must not number one pair twice
+        if len(_kits) > _KITS_KEPT:
+            _kits.clear()
+        for column in schema.columns:
+            conversion = (column.arrow_type, registry.lookup(column.type_oid))
+            number = _conversion_numbers.get(conversion)
+            if number is None:
+                number = _conversion_numbers[conversion] = len(_conversions)
+                _conversions.append(conversion)
+            conversions.append(number)
+    kit = _SchemaKit(
+        schema=schema,
+        change_schema=schema.change_schema(),
+        conversions=conversions,
+        kept_nulls=[pa.nulls(_NULLS_KEPT, c.arrow_type) for c in schema.columns],
+    )
+    _kits[id(schema)] = kit
+    return kit
+
+
+_KITS_KEPT: Final = 1024
+_NULLS_KEPT: Final = 256
 _META_NAMES: Final = frozenset({SEQ, OP, LSN, COMMIT_TS, XID})
 
 
