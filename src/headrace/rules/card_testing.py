@@ -60,12 +60,12 @@ class CardTesting(RuleJob):
         window_s = config.window.total_seconds()
 
         def crossed(own: str) -> str:
-            # The candidate condition: enough attempts at enough merchants in the window
-            # ending at the trigger.
-            in_window = f"{own} AND w.t <= e.t AND w.t > e.t - to_seconds({window_s})"
+            # Enough attempts in the window ending at the trigger (the candidate condition
+            # but for the distinct merchants: a count(DISTINCT) costs ~3 ms per batch here,
+            # more than the rare candidates statement it would save).
             return (
-                f"count(*) FILTER (WHERE {in_window}) >= {config.min_attempts} AND "
-                f"count(DISTINCT w.merchant) FILTER (WHERE {in_window}) >= {config.min_merchants}"
+                f"count(*) FILTER (WHERE {own} AND w.t <= e.t "
+                f"AND w.t > e.t - to_seconds({window_s})) >= {config.min_attempts}"
             )
 
         triggers = self.tx_triggers(
