@@ -455,7 +455,9 @@ class _SchemaKit:
         old values: a slice costs less than making them each time)."""
         kept = self.kept_nulls[column_index]
         if count > len(kept):
-            kept = pa.nulls(max(count, 2 * len(kept)), kept.type)
+            if count > _NULLS_KEPT_MAX:  # a large batch: making them costs little per row
+                return pa.nulls(count, kept.type)
+            kept = pa.nulls(min(max(count, 2 * len(kept)), _NULLS_KEPT_MAX), kept.type)
             self.kept_nulls[column_index] = kept
         return kept.slice(0, count)
 
@@ -498,6 +500,8 @@ def _kit(schema: TableSchema, registry: TypeRegistry) -> _SchemaKit:
 
 _KITS_KEPT: Final = 1024
 _NULLS_KEPT: Final = 256
+# Kept NULLs stay small: a kit lives as long as its table version, for every column.
+_NULLS_KEPT_MAX: Final = 8192
 _META_NAMES: Final = frozenset({SEQ, OP, LSN, COMMIT_TS, XID})
 
 
