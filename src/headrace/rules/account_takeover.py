@@ -64,10 +64,6 @@ class AccountTakeover(RuleJob):
         self.accounts = rules.tables.accounts
         self.logins_ref = TableRef.parse(self.logins.table)
         self.accounts_ref = TableRef.parse(self.accounts.table)
-        self.mark_times: list[datetime] | None = None
-        """The times of the risky logins in the marks table, when known (read once, then
-        kept from the inserts' RETURNING): a batch deletes the old ones only when some
-        are older than its horizon, not with a statement every batch."""
 
     @property
     def config(self) -> AccountTakeoverConfig:
@@ -104,7 +100,6 @@ class AccountTakeover(RuleJob):
 
     def setup(self, con: duckdb.DuckDBPyConnection) -> None:
         """Drop the failed-logins window of stores written before it was read from the mirror."""
-        self.mark_times = None  # the engine reloads (e.g. after a rollback): read again
         con.execute(f"DROP TABLE IF EXISTS {self.state('failed')}")
 
     @property
@@ -153,9 +148,6 @@ class AccountTakeover(RuleJob):
             before = login_delta.before() if login_delta is not None else mirror
             self._ensure(con, mirror, ctx.key(self.logins_ref), before)
             self.ready = True
-        if self.mark_times is None:
-            rows = con.execute(f"SELECT t FROM {self.marks} WHERE t IS NOT NULL").fetchall()
-            self.mark_times = [row[0] for row in rows]
         config = self.config
         if login_delta is not None:
             self._mark(ctx, login_delta, watermark - config.failed_window - self.rules.lateness)
@@ -165,16 +157,10 @@ class AccountTakeover(RuleJob):
             else None
         )
         horizon = watermark - config.window - self.rules.lateness
-        return Evaluation(candidates, after=lambda: self._forget_marks(con, horizon))
-
-    def _forget_marks(self, con: duckdb.DuckDBPyConnection, horizon: datetime) -> None:
-        """Delete the risky logins older than ``horizon`` (no statement when there are none)."""
-        times = self.mark_times
-        if times is not None and all(t >= horizon for t in times):
-            return
-        con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon])
-        if times is not None:
-            self.mark_times = [t for t in times if t >= horizon]
+        return Evaluation(
+            candidates,
+            after=lambda: con.execute(f"DELETE FROM {self.marks} WHERE t < ?", [horizon]),
+        )
 
     def _mark(self, ctx: JobContext, delta: TableDelta, horizon: datetime) -> None:
         """Record the batch's risky logins, then (once every job ran) update the devices."""
@@ -185,7 +171,7 @@ class AccountTakeover(RuleJob):
         # The failures before ``horizon`` are the ones a window of them kept since the
         # last batch would have dropped (the same rows, whatever the batch's late logins).
         failures = self.failures(ctx.mirror(self.logins_ref))
-        inserted = con.execute(
+        con.execute(
             f"""INSERT INTO {self.marks}
             WITH _job_ato_logins AS MATERIALIZED (
                 SELECT * FROM {devices.new_rows(delta, self._login_columns())})
@@ -199,12 +185,9 @@ class AccountTakeover(RuleJob):
                  AND w.t > f.t - to_seconds({window_s}) AND w.t >= ?
             WHERE NOT f.success
             GROUP BY f.customer, f.t, f._k0, f.device, f.country, f.commit_ts
-            HAVING count(*) >= {config.failed_logins}
-            RETURNING t""",
+            HAVING count(*) >= {config.failed_logins}""",
             [horizon],
-        ).fetchall()
-        if self.mark_times is not None:
-            self.mark_times += [row[0] for row in inserted if row[0] is not None]
+        )
         # Once every job has run: the health score may read the same devices table.
         ctx.after_jobs(devices.table, lambda: devices.update(con, delta))
 
@@ -320,7 +303,6 @@ class AccountTakeover(RuleJob):
             ),
         )
         self.devices().rebuild(con, mirror)
-        self.mark_times = None  # read again at the next batch
         con.execute(f"DELETE FROM {self.marks}")
         if watermark is None:
             return
