@@ -13,10 +13,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from headrace.errors import ProtocolError
 from headrace.source.changes import OLD_KIND, OP, old_name
+from headrace.source.postgres import tuples
+from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.tuples import MessageBlock, read_tuples
 from tests.conftest import PgDatabase
 from tests.source.pgoutput_slot import LogicalSlot, rows_of
@@ -116,3 +119,32 @@ def test_a_bad_value_length_is_reported_at_its_column(length: int, what: str) ->
         read_tuples(block, rows, block.starts + 6, 2)
     assert info.value.lsn == 20
     assert info.value.offset == len(good) - 4
+
+
+def test_a_block_past_the_binary_array_limit_gives_the_same_values(
+    slot: LogicalSlot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2 GiB of values is too much for a test: lower the limit instead, so
+    # the values are cut as large_binary and converted column by column.
+    slot.db.execute(
+        "INSERT INTO a SELECT g, 'name ' || g, g / 8.0, '2024-01-01 00:00:00+00'::timestamptz "
+        "+ g * interval '1 minute' FROM generate_series(1, 40) AS g;"
+        "INSERT INTO b SELECT g, NULL, g / 4.0, g % 2 = 0 FROM generate_series(1, 30) AS g"
+    )
+    messages = slot.changes()
+    registry = slot.registry()
+
+    def decode() -> dict[str, pa.Table]:
+        batcher = Batcher(registry)
+        for lsn, payload in messages:
+            batcher.feed(lsn, payload)
+        batch = batcher.take()
+        assert batch is not None
+        return {t.table.name: t.data for t in batch.tables}
+
+    expected = decode()
+    monkeypatch.setattr(tuples, "_INT32_LIMIT", 64)
+    got = decode()
+    assert got.keys() == expected.keys() == {"a", "b"}
+    for name, data in expected.items():
+        assert got[name].equals(data)

@@ -347,11 +347,17 @@ def _convert_columns(
             members, groups_of_columns, raw_groups, strict=True
         ):
             arrow_type, pg_type = _conversions[conversion]
-            converted = convert_column(raw, arrow_type, pg_type, binary=binary)
+            large = raw.type == pa.large_binary()  # 2 GiB or more: convert column by column
+            converted = None if large else convert_column(raw, arrow_type, pg_type, binary=binary)
             offset = 0
             for block_index, column_index in group_columns:
                 count = blocks[block_index].starts.shape[1]
-                targets[block_index][column_index] = converted.slice(offset, count)
+                if converted is None:
+                    values = raw.slice(offset, count).cast(pa.binary())
+                    column = convert_column(values, arrow_type, pg_type, binary=binary)
+                else:
+                    column = converted.slice(offset, count)
+                targets[block_index][column_index] = column
                 offset += count
     out: list[tuple[list[pa.Array], list[pa.Array]]] = []
     for index, group in enumerate(groups):

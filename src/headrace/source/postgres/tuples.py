@@ -365,14 +365,15 @@ def cut_columns(
 ) -> list[pa.Array]:
     """Each group of columns (``(index into columns, column index)`` pairs) as
     one binary array: the group's columns one after the other, NULL where a
-    value is not valid.
+    value is not valid. When the block holds 2 GiB or more the arrays are
+    ``large_binary`` (a group may not fit a binary array; a column must).
 
-    One Arrow ``take`` per group whatever the number of tables and columns: a
-    batch's cost must not grow with them, which is what made small batches
-    expensive. The valid values of all columns are described by one binary
-    array over the block's buffer (sorted by position, with the gaps between
-    values interleaved, so its offsets only grow); each group takes its
-    values out of it.
+    One Arrow ``take`` whatever the number of tables and columns (the groups
+    are slices of its result): a batch's cost must not grow with them, which
+    is what made small batches expensive. The valid values of all columns are
+    described by one binary array over the block's buffer (sorted by
+    position, with the gaps between values interleaved, so its offsets only
+    grow); the take picks them out of it in the groups' order.
     """
     starts = np.concatenate([c.starts.ravel() for c in columns])
     lengths = np.concatenate([c.lengths.ravel() for c in columns])
@@ -383,19 +384,25 @@ def cut_columns(
     rank[order] = np.arange(0, 2 * len(order), 2, dtype=np.int64)
     interleaved = _interleaved(block, starts[order], lengths[order])
     first = np.cumsum([0] + [c.starts.size for c in columns]).tolist()
-    out = []
+    parts = []
+    sizes = []
     for group in groups:
-        parts = []
+        size = 0
         for index, column in group:
             rows = columns[index].starts.shape[1]
             at = first[index] + column * rows
             parts.append(rank[at : at + rows])
-        taken = np.concatenate(parts)
-        nulls = taken < 0
-        values = interleaved.take(pa.array(taken, mask=nulls if nulls.any() else None))
-        if values.type != pa.binary():
-            values = values.cast(pa.binary())
-        out.append(values)
+            size += rows
+        sizes.append(size)
+    # One take for all groups, sliced per group.
+    taken = np.concatenate(parts)
+    nulls = taken < 0
+    values = interleaved.take(pa.array(taken, mask=nulls if nulls.any() else None))
+    out = []
+    offset = 0
+    for size in sizes:
+        out.append(values.slice(offset, size))
+        offset += size
     return out
 
 
