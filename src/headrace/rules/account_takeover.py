@@ -265,7 +265,7 @@ class AccountTakeover(RuleJob):
                    format('outflow {{}} = {{}}% of the balance {{}} of account {{}}, '
                           '{{}} min after {{}}', t.amount, round(100 * t.amount / t.balance),
                           t.balance, t.account, round((epoch(t.t) - epoch(max(m.t))) / 60, 1),
-                          string_agg(DISTINCT m.reason, ' and ')) AS summary,
+                          string_agg(DISTINCT m.reason, ' and ' ORDER BY m.reason)) AS summary,
                    json_object(
                        'numbers', json_object(
                            'amount', t.amount, 'balance', t.balance,
@@ -273,9 +273,9 @@ class AccountTakeover(RuleJob):
                            'outflow_share', {config.outflow_share},
                            'failed_logins', max(m.failed),
                            'minutes_since_login', round((epoch(t.t) - epoch(max(m.t))) / 60, 2),
-                           'reasons', list(DISTINCT m.reason)),
+                           'reasons', list(DISTINCT m.reason ORDER BY m.reason)),
                        'trigger', t._k0,
-                       'logins', to_json(list({mark} ORDER BY m.t)),
+                       'logins', to_json(list({mark} ORDER BY m.t, m.login, m.reason)),
                        'evidence', {evidence_json(f"[{tx_evidence('t')}]")}
                    ) AS payload
             FROM outflows t
