@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import httpx
@@ -41,7 +42,10 @@ def test_snapshot_stream_resume_equal_postgres(
 
 def test_heartbeats_advance_an_idle_pipeline(pg_db: PgDatabase, tmp_path: Path) -> None:
     pipeline = make_pipeline(pg_db, tmp_path, base_rows=100)
+    before = sys.getswitchinterval()
     with running(pipeline) as (runner, _):
+        # The writer takes the GIL back quickly after each statement (RunSettings).
+        assert sys.getswitchinterval() == pytest.approx(RunSettings().switch_interval_s)
         start = runner.state.position or 0
         wait_until(
             lambda: (runner.state.position or 0) > start and runner.state.empty_batches > 0,
@@ -49,6 +53,7 @@ def test_heartbeats_advance_an_idle_pipeline(pg_db: PgDatabase, tmp_path: Path) 
             "a heartbeat to move the stored position",
         )
         assert runner.state.changes == 0
+    assert sys.getswitchinterval() == pytest.approx(before)
     moved = runner.state.position
     with pg_db.connect() as conn:
         row = conn.execute(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -136,6 +137,14 @@ class Runner:
 
     def run(self) -> RunResult:
         """Snapshot if needed, then stream until stopped; raises :class:`HeadraceError`."""
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(self.settings.switch_interval_s)
+        try:
+            return self._run_locked()
+        finally:
+            sys.setswitchinterval(switch_interval)
+
+    def _run_locked(self) -> RunResult:
         with RunLock(self.files):
             store = DuckDBStore(
                 self.config.store.path,

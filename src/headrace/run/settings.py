@@ -61,6 +61,13 @@ class RunSettings:
     slot_lag_interval_s: float = 2.0
     """How often the slot's WAL lag is read from the server for the status."""
 
+    switch_interval_s: float = 0.0005
+    """Python's thread switch interval (``sys.setswitchinterval``) while the pipeline
+    runs. The writer hands every statement to DuckDB, which releases the GIL, and
+    must take it back afterwards; while the decoder or the web server runs Python,
+    that waits up to the interval. At Python's default (5 ms) and ~50 statements per
+    batch, that wait alone can add a few hundred ms to a batch."""
+
     record_dir: Path | None = None
     """Record every applied batch (and a copy of the store before the first) into
     this directory for ``headrace bench replay`` (:mod:`headrace.run.recorder`).
@@ -76,6 +83,8 @@ class RunSettings:
             problems.append("queue_batches must be >= 1")
         if self.merge_max_changes < 0:
             problems.append("merge_max_changes must be >= 0")
+        if not 0 < self.switch_interval_s <= 0.1:
+            problems.append("switch_interval_s must be > 0 and <= 0.1")
         if self.status_interval_s <= 0 or self.maintain_interval_s <= 0:
             problems.append("status_interval_s and maintain_interval_s must be > 0")
         if self.snapshot_workers < 1:
