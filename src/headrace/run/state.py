@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from headrace.engine.results import AppliedBatch
 from headrace.run.metrics import FreshnessHistogram
@@ -62,8 +61,10 @@ def waiting_of(batch: ChangeBatch) -> dict[str, Waiting]:
         data = table_changes.data
         if not data.num_rows:
             continue
-        oldest = pc.min(data.column(COMMIT_TS)).cast(pa.int64()).as_py()
-        lsn = pc.min(data.column(LSN)).as_py()
+        # A table's rows are in commit order: the first is the oldest (no scan per batch).
+        first = data.slice(0, 1)
+        oldest = first.column(COMMIT_TS).cast(pa.int64())[0].as_py()
+        lsn = first.column(LSN)[0].as_py()
         name = table_changes.table.qualified
         waiting = Waiting(oldest / 1_000_000 if oldest is not None else time.time(), int(lsn or 0))
         known = out.get(name)
