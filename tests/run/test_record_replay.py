@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -81,3 +82,20 @@ def test_recording_needs_an_empty_directory_and_a_whole_recording(tmp_path: Path
         BatchRecorder(tmp_path / "used")
     with pytest.raises(ConfigError, match="not a headrace recording"):
         load_recording(tmp_path / "used")
+
+
+def test_a_recording_from_before_a_new_setting_reads_with_its_default(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=10)
+    config = pipeline.config.model_copy(deep=True)
+    # What unpickling a configuration recorded before the field existed gives.
+    del config.store.__dict__["streaming_threads"]
+    recording = tmp_path / "old"
+    recording.mkdir()
+    (recording / STORE_FILE).write_bytes(b"")
+    (recording / "batch-000001.pkl").write_bytes(b"")
+    with (recording / "pipeline.pkl").open("wb") as out:
+        pickle.dump(config, out)
+    loaded, _ = load_recording(recording)
+    assert loaded.store.streaming_threads == 1

@@ -70,7 +70,8 @@ def load_recording(directory: Path) -> tuple[PipelineConfig, list[Path]]:
         config = pickle.load(source)  # noqa: S301 - our own recording, read back locally
     if not isinstance(config, PipelineConfig):
         raise ConfigError(f"{pipeline} does not hold a pipeline configuration", "record again")
-    return config, batches
+    # Validated again: fields added to the model since the recording get their defaults.
+    return PipelineConfig.model_validate(config.model_dump()), batches
 
 
 def read_batch(path: Path) -> ChangeBatch:
