@@ -38,6 +38,7 @@ from rich.console import Console
 from headrace.bench import fraud_workload
 from headrace.demo.config import HistorySettings, PopulationSettings
 from headrace.demo.history import load_history
+from headrace.demo.schema import ALL_TABLES
 from headrace.errors import HeadraceError
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.postgres.batcher import Batcher
@@ -46,16 +47,7 @@ from headrace.source.postgres.types import TypeRegistry
 
 PUBLICATION = "headrace_bench_cdc_fintech"
 SLOT = "headrace_bench_cdc_fintech"
-TABLES = (
-    "customers",
-    "accounts",
-    "cards",
-    "merchants",
-    "transactions",
-    "ledger_entries",
-    "logins",
-    "fraud_ground_truth",
-)
+TABLES = ALL_TABLES
 BACKLOG_BATCH_CHANGES = 10_000
 _COMMIT = 0x43  # 'C', a pgoutput Commit message
 _SPEED = 60.0  # simulated seconds per wall second, as bench fraud runs it
