@@ -1,18 +1,15 @@
-"""Reusable keyed state for stream jobs: row windows, keyed sums, watermarks.
+"""Reusable keyed state for stream jobs: keyed sums, watermarks.
 
-:class:`RowWindow`
-    a filtered copy of a table's recent rows (a few columns, the rows whose
-    time is within a horizon of the job's watermark), keyed by the table's
-    primary key: each batch deletes the touched keys and inserts their end
-    rows, so updates and deletes (a declined or reversed transaction) show
-    up in the window as they happen.
+(Recent rows per account are kept in one table for all the window rules:
+:mod:`headrace.rules.recent`.)
+
 :class:`KeyedSums`
     sums per group (e.g. per account, or per account and 5-minute bucket)
     maintained by adding each batch's end rows and subtracting its start
     rows; a group whose row count ``_rows`` drops to zero counts as absent
     (it is deleted when a batch deletes rows, or by a rebuild).
 
-Both are rebuilt from the mirror with one statement after a snapshot.
+They are rebuilt from the mirror with one statement after a snapshot.
 
 Watermarks: a job's event-time clock is the largest ``least(event time,
 commit time)`` it has seen (the commit time caps a row dated in the future),
@@ -108,63 +105,6 @@ def create_like(
     if primary_key:
         columns.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in primary_key)})")
     con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)})")
-
-
-@dataclass(frozen=True)
-class RowWindow:
-    """Recent rows of one table that pass a filter, keyed by the table's key (module docstring).
-
-    ``columns`` are (name, SQL over the source row); ``time`` names the
-    column (among ``columns``) holding the row's event time. The table's key
-    columns are stored as ``_k0``, ``_k1``, ...
-    """
-
-    table: str
-    key: tuple[str, ...]
-    columns: tuple[tuple[str, str], ...]
-    time: str
-    where: str = "true"
-
-    def _select(self, source: str) -> str:
-        keys = [f"{quote_ident(k)} AS _k{i}" for i, k in enumerate(self.key)]
-        values = [f"{sql} AS {quote_ident(name)}" for name, sql in self.columns]
-        return f"SELECT {', '.join(keys + values)} FROM {source} WHERE ({self.where})"
-
-    def ensure(self, con: duckdb.DuckDBPyConnection, mirror: str) -> None:
-        create_like(con, self.table, self._select(mirror) + " LIMIT 0")
-
-    def update(self, con: duckdb.DuckDBPyConnection, delta: TableDelta, horizon: datetime) -> None:
-        """Drop rows older than ``horizon`` and the touched keys' rows; insert their end rows."""
-        time = quote_ident(self.time)
-        if delta.truncated:
-            con.execute(f"DELETE FROM {self.table}")
-        else:
-            match = " AND ".join(
-                f"w._k{i} = k.{quote_ident(key)}" for i, key in enumerate(self.key)
-            )
-            con.execute(
-                f"DELETE FROM {self.table} w WHERE w.{time} < ? "
-                f"OR EXISTS (SELECT 1 FROM {delta.keys} k WHERE {match})",
-                [horizon],
-            )
-        if delta.end_count:
-            con.execute(
-                f"INSERT INTO {self.table} SELECT * FROM ({self._select(delta.end)}) "
-                f"WHERE {time} >= ?",
-                [horizon],
-            )
-
-    def rebuild(
-        self, con: duckdb.DuckDBPyConnection, mirror: str, horizon: datetime | None
-    ) -> None:
-        con.execute(f"DELETE FROM {self.table}")
-        if horizon is None:
-            return
-        con.execute(
-            f"INSERT INTO {self.table} SELECT * FROM ({self._select(mirror)}) "
-            f"WHERE {quote_ident(self.time)} >= ?",
-            [horizon],
-        )
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,7 @@ class RecentTransactions:
 
     def rows(self, rule: str) -> str:
         """SQL: ``rule``'s recent transactions (its filter, within its horizon)."""
-        horizon = self.horizons.get(rule)
-        within = "false" if horizon is None else f"t >= {_time_literal(horizon)}"
-        return f"(SELECT * FROM {self.table} WHERE {flag(rule)} AND {within})"
+        return f"(SELECT * FROM {self.table} w WHERE {self.own(rule)})"
 
     def own(self, rule: str, alias: str = "w") -> str:
         """SQL: the recent row ``alias`` is one of ``rule``'s (its flag, within its horizon)."""
