@@ -136,16 +136,14 @@ class StoreReader:
 
         ``kind`` labels the statement in the ``store_queries`` metric.
         """
-        masked = self._masked(cur, sql, policy)
-        self.metrics.tile_queries.inc()
-        self.metrics.store_queries.labels(kind).inc()
-        try:
-            with self._watchdog.guard(cur, self.settings.tile_timeout_s):
-                return cur.sql(masked, params=params or None).to_arrow_table()
-        except duckdb.InterruptException:
-            raise ReadError(
-                f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
-            ) from None
+        # The relation runs when it is read: inside the guard.
+        return self._guarded(
+            cur,
+            sql,
+            policy,
+            kind,
+            lambda masked: cur.sql(masked, params=params or None).to_arrow_table(),
+        )
 
     def read_rows(
         self,
@@ -161,14 +159,28 @@ class StoreReader:
         it for the relation's schema and then again to run it (~1 ms of ~3 ms CPU
         for a small tile query).
         """
+
+        def fetch(masked: str) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+            rows = cur.execute(masked, params or None).fetchall()
+            return [(str(d[0]), str(d[1])) for d in cur.description or ()], rows
+
+        return self._guarded(cur, sql, policy, "tile", fetch)
+
+    def _guarded(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        sql: str,
+        policy: MaskPolicy,
+        kind: str,
+        run: Callable[[str], T],
+    ) -> T:
+        """``run(masked sql)`` under the tile timeout, counted in the metrics."""
         masked = self._masked(cur, sql, policy)
         self.metrics.tile_queries.inc()
-        self.metrics.store_queries.labels("tile").inc()
+        self.metrics.store_queries.labels(kind).inc()
         try:
             with self._watchdog.guard(cur, self.settings.tile_timeout_s):
-                rows = cur.execute(masked, params or None).fetchall()
-                columns = [(str(d[0]), str(d[1])) for d in cur.description or ()]
-                return columns, rows
+                return run(masked)
         except duckdb.InterruptException:
             raise ReadError(
                 f"query took longer than {self.settings.tile_timeout_s:g} s and was cancelled"
