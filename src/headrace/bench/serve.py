@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from headrace.bench.serve_stack import ProcessCpu, ServeStack, WriteLoad
 from headrace.run.metrics import FreshnessHistogram
@@ -95,21 +96,24 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(sorted(values)[index] * 1000, 1)
 
 
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples called ``name`` on a ``/metrics`` page, with their labels."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
 def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    """An unlabelled sample's value (0 when absent)."""
+    return next((value for labels, value in _samples(text, name) if not labels), 0.0)
 
 
 def _labelled(text: str, name: str) -> dict[str, float]:
-    """A one-label counter's values by label value (``name{label="value"} x`` lines)."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, _, value = line.rpartition(" ")
-            values[labels.split('"')[1]] = float(value)
-    return values
+    """A one-label counter's values by label value."""
+    return {next(iter(labels.values())): value for labels, value in _samples(text, name) if labels}
 
 
 def _per_s(after: dict[str, Any], before: dict[str, Any], total: str, digits: int) -> float | None:
