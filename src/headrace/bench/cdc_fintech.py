@@ -29,15 +29,12 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
 from rich.console import Console
 
 from headrace.bench import fraud_workload
-from headrace.demo.config import HistorySettings, PopulationSettings
-from headrace.demo.history import load_history
 from headrace.demo.schema import ALL_TABLES
 from headrace.errors import HeadraceError
 from headrace.sandbox.postgres import ThrowawayPostgres
@@ -96,18 +93,9 @@ def run(
     """Run the benchmark (see module docstring) and print its lines."""
     out = console or Console(highlight=False)
     with ThrowawayPostgres() as cluster:
-        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE bank"))
-        dsn = cluster.dsn("bank", unix=True)
-        anchor = datetime.now(UTC) - timedelta(seconds=seconds * _SPEED + 3600)
         out.print(f"loading a month of history for {customers:,} customers ...")
-        load_history(
-            HistorySettings(
-                dsn=dsn,
-                months=1,
-                anchor=anchor,
-                population=PopulationSettings(customers=customers),
-            )
+        dsn, anchor, _ = fraud_workload.bank_with_history(
+            cluster, customers=customers, seed=1, seconds=seconds, speed=_SPEED
         )
         with psycopg.connect(dsn, autocommit=True) as conn:
             tables = sql.SQL(", ").join(sql.Identifier(t) for t in TABLES)
@@ -119,15 +107,14 @@ def run(
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,))
         out.print(f"writing {rate:,.0f} transactions/s for {seconds:g} s ...")
         written = fraud_workload.run(
-            {
-                "dsn": dsn,
-                "rate": rate / _SPEED,
-                "speed": _SPEED,
-                "tick_ms": max(50, int(20 * _SPEED)),
-                "seconds": seconds,
-                "anchor": anchor.isoformat(),
-                "customers": customers,
-            }
+            fraud_workload.options_for(
+                dsn=dsn,
+                rate=rate,
+                speed=_SPEED,
+                seconds=seconds,
+                anchor=anchor,
+                customers=customers,
+            )
         )
         messages, receive_cpu = _drain(dsn, int(written["end_lsn"]))
     out.print(

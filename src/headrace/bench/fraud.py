@@ -33,22 +33,21 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
 from headrace.alerts.delivery import SUMMARY as DELIVERY_SUMMARY
+from headrace.bench import fraud_workload
 from headrace.bench.fraud_receiver import Received, WebhookReceiver
 from headrace.bench.fraud_score import AlertSeen, Incident, percentile, score_rules
 from headrace.bench.run_process import RunProcess
-from headrace.demo.config import FraudFamily, HistorySettings, PopulationSettings
+from headrace.demo.config import FraudFamily
 from headrace.demo.deployment import deployment_text, pipeline_part, replace_section
-from headrace.demo.history import load_history
 from headrace.pipeline.load import load_pipeline
 from headrace.run.metrics import FreshnessHistogram
 from headrace.sandbox.postgres import ThrowawayPostgres
@@ -145,22 +144,10 @@ def run(
         tempfile.TemporaryDirectory(prefix="hr-bench-fraud-") as tmp,
         WebhookReceiver(secret) as receiver,
     ):
-        with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE bank"))
-        dsn = cluster.dsn("bank", unix=True)
-        # Simulated time must not overtake the wall clock: start it in the past.
-        anchor = datetime.now(UTC) - timedelta(seconds=seconds * speed + 3600)
         out.print(f"loading a month of history for {customers:,} customers ...")
-        report = load_history(
-            HistorySettings(
-                dsn=dsn,
-                seed=seed,
-                months=1,
-                anchor=anchor,
-                population=PopulationSettings(customers=customers),
-            )
+        dsn, anchor, result.history_rows = fraud_workload.bank_with_history(
+            cluster, customers=customers, seed=seed, seconds=seconds, speed=speed
         )
-        result.history_rows = sum(report.rows.values())
         store = Path(tmp) / "bench.duckdb"
         config = _pipeline_file(dsn, store, Path(tmp) / "headrace.yaml", receiver.url, secret)
         extra = ("--batch-wait-ms", "20") + (("--record", str(record.resolve())) if record else ())
@@ -202,17 +189,16 @@ def _measure(
     before = headrace.status()
     before_hist = FreshnessHistogram(before.get("freshness_histogram"))
     cpu_before = headrace.cpu_seconds()
-    options = {
-        "dsn": dsn,
-        "seed": seed,
-        "rate": result.rate_target / result.speed,
-        "speed": result.speed,
-        "tick_ms": max(50, int(20 * result.speed)),  # about 50 commits per wall second
-        "fraud_every": result.fraud_every,
-        "seconds": result.seconds,
-        "anchor": anchor.isoformat(),
-        "customers": result.customers,
-    }
+    options = fraud_workload.options_for(
+        dsn=dsn,
+        rate=result.rate_target,
+        speed=result.speed,
+        seconds=result.seconds,
+        anchor=anchor,
+        customers=result.customers,
+        seed=seed,
+        fraud_every=result.fraud_every,
+    )
     out.print(
         f"writing {result.rate_target:,.0f} transactions/s for {result.seconds:.0f} s "
         f"(simulated clock x{result.speed:g}), one fraud scenario per "

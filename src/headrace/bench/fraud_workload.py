@@ -19,14 +19,65 @@ import json
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from headrace.demo.config import PopulationSettings, WorkloadSettings
+from headrace.demo.config import HistorySettings, PopulationSettings, WorkloadSettings
 from headrace.demo.generator import Workload
+from headrace.demo.history import load_history
 from headrace.errors import parse_lsn
+from headrace.sandbox.postgres import ThrowawayPostgres
+
+
+def bank_with_history(
+    cluster: ThrowawayPostgres, *, customers: int, seed: int, seconds: float, speed: float
+) -> tuple[str, datetime, int]:
+    """A ``bank`` database on ``cluster`` with a month of fintech history, ready for a
+    workload of ``seconds`` wall seconds at ``speed``: its DSN, the simulated clock's
+    start (in the past: simulated time must not overtake the wall clock) and the
+    history's rows."""
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE bank"))
+    dsn = cluster.dsn("bank", unix=True)
+    anchor = datetime.now(UTC) - timedelta(seconds=seconds * speed + 3600)
+    report = load_history(
+        HistorySettings(
+            dsn=dsn,
+            seed=seed,
+            months=1,
+            anchor=anchor,
+            population=PopulationSettings(customers=customers),
+        )
+    )
+    return dsn, anchor, sum(report.rows.values())
+
+
+def options_for(
+    *,
+    dsn: str,
+    rate: float,
+    speed: float,
+    seconds: float,
+    anchor: datetime,
+    customers: int,
+    seed: int = 1,
+    fraud_every: int = 1000,
+) -> dict[str, Any]:
+    """The workload's options for ``rate`` transactions per *wall* second."""
+    return {
+        "dsn": dsn,
+        "seed": seed,
+        "rate": rate / speed,
+        "speed": speed,
+        "tick_ms": max(50, int(20 * speed)),  # about 50 commits per wall second
+        "fraud_every": fraud_every,
+        "seconds": seconds,
+        "anchor": anchor.isoformat(),
+        "customers": customers,
+    }
 
 
 def settings_from(options: dict[str, Any]) -> WorkloadSettings:
