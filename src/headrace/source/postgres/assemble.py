@@ -324,8 +324,8 @@ def _convert_columns(
     blocks: list[ColumnBlock] = []
     targets: list[list[pa.Array | None]] = []  # per block: where its columns go
     members: dict[tuple[int, bool], list[tuple[int, int]]] = {}
-    for group in groups:
-        kit = _kit(group.schema, registry)
+    kits = [_kit(group.schema, registry) for group in groups]
+    for group, kit in zip(groups, kits, strict=True):
         for tuples, local in ((group.new, group.new_local), (group.old, group.old_local)):
             arrays: list[pa.Array | None] = [None] * len(group.schema.columns)
             sides.append(arrays)
@@ -360,8 +360,7 @@ def _convert_columns(
                 targets[block_index][column_index] = column
                 offset += count
     out: list[tuple[list[pa.Array], list[pa.Array]]] = []
-    for index, group in enumerate(groups):
-        kit = _kit(group.schema, registry)
+    for index, (group, kit) in enumerate(zip(groups, kits, strict=True)):
         new, old = (
             [
                 kit.nulls(column_index, group.count) if array is None else array
@@ -529,7 +528,7 @@ def _truncate_table(
         pa.array([r.seq for r in rows], pa.int64()),
         _OPS.take(pa.array([_OP_TRUNCATE] * count)),
         pa.array([meta.commit_lsns[t] for t in txn], pa.uint64()),
-        pa.array([meta.commit_ts[t] for t in txn], pa.int64()).view(pa.timestamp("us", tz="UTC")),
+        pa.array([meta.commit_ts[t] for t in txn], pa.int64()).view(_COMMIT_TS_TYPE),
         pa.array([meta.xids[t] for t in txn], pa.int64()),
     ]
     arrays: dict[str, pa.Array] = {OLD_KIND: pa.nulls(count, pa.string())}
