@@ -60,13 +60,16 @@ FROM c ORDER BY id
 """
 
 
-def _check(bank: Bank, pg_db: PgDatabase) -> dict[int, float]:
-    """Every account's stored score equals the reference at the job's watermark."""
+def check_scores(
+    bank: Bank, pg_db: PgDatabase, config: HealthScoreConfig | None = None
+) -> dict[int, float]:
+    """Every account's stored score equals the reference at the job's watermark (the
+    reference's weights are the defaults; ``config`` may change the window)."""
     ((watermark,),) = bank.duck(
         "SELECT watermark FROM headrace.job_watermarks WHERE job = 'health_score'"
     )
     assert isinstance(watermark, datetime)
-    start = window_start(HealthScoreConfig(), watermark)
+    start = window_start(config or HealthScoreConfig(), watermark)
     expected = pg_db.fetchall(REFERENCE, {"start": start})  # type: ignore[arg-type]
     stored = {
         int(r[0]): (float(r[1]), json.loads(str(r[2])))
@@ -100,7 +103,7 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
         "'2026-03-01 09:00+00', '2026-03-01 09:00+00')",  # 27 h before T0
     )
     bank = open_bank(pg_db, tmp_path, CONFIG, before_snapshot=before)
-    first = _check(bank, pg_db)
+    first = check_scores(bank, pg_db)
     assert first[1] < 100  # a decline
     assert first[2] == 97.0  # a failed login
 
@@ -116,7 +119,7 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
     bank.login(4, 310, success=False)
     bank.login(4, 320)  # customer 4's first login ever: a new device
     bank.sync()
-    _check(bank, pg_db)
+    check_scores(bank, pg_db)
 
     for tx_id in ids[:5]:
         bank.set_status(tx_id, "declined")
@@ -125,7 +128,7 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
     bank.execute(f"DELETE FROM transactions WHERE id = {ids[11]}")
     bank.set_balance(3, -50)
     bank.sync()
-    scores = _check(bank, pg_db)
+    scores = check_scores(bank, pg_db)
     assert scores[3] < scores[5] == 100.0
     worst = worst_accounts(bank.store.writer, 2)
     assert (
@@ -136,10 +139,10 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
     bank.restart()
     bank.tx(5, 10, 23 * HOUR)  # the window still holds everything since T0
     bank.sync()
-    _check(bank, pg_db)
+    check_scores(bank, pg_db)
     bank.tx(5, 10, 25 * HOUR)  # the window moves: T0's first hour leaves it
     bank.sync()
-    later = _check(bank, pg_db)
+    later = check_scores(bank, pg_db)
     assert later[1] > scores[1]
     history = bank.duck("SELECT count(*), count(DISTINCT account_id) FROM headrace.health_history")
     assert history[0][0] > history[0][1]  # several points per account
@@ -150,7 +153,7 @@ def test_health_score_matches_a_from_scratch_computation(pg_db: PgDatabase, tmp_
     bank.execute("DELETE FROM cards WHERE account_id = 6", "DELETE FROM accounts WHERE id = 6")
     bank.set_balance(4, 10)
     bank.sync()
-    closed = _check(bank, pg_db)
+    closed = check_scores(bank, pg_db)
     assert 6 not in closed
     assert 4 in closed
     bank.close()

@@ -203,6 +203,10 @@ class MetricAlerts(StreamJob):
                 "their grains, dimensions and measures)",
             )
 
+    def definition(self) -> dict[str, object]:
+        """The metric alerts' configurations (their state is kept across definitions)."""
+        return {"alerts": [w.config.model_dump(mode="json") for w in self.watched]}
+
     def inputs(self) -> tuple[TableRef, ...]:
         return tuple(dict.fromkeys(w.table for w in self.watched))
 

@@ -79,11 +79,13 @@ class Engine:
 
     def _load(self) -> None:
         con = self.store.writer
+        stored = self.store.read_position(self.source)
         with self.store.transaction():
             self.registry.load(con)
             self.registry.setup_rollups(con)
             self.jobs.setup(con)
-        stored = self.store.read_position(self.source)
+            if stored is not None:  # before the first snapshot, after_snapshot builds them
+                self.jobs.rebuild_redefined(con, self.registry.tables)
         self._position = stored.lsn if stored is not None else None
 
     # ------------------------------------------------------------------ API

@@ -216,6 +216,15 @@ class StreamJob(ABC):
     ready: bool = False
     """Its state tables exist (set by the job after creating them; the runtime clears it
     whenever the engine reloads, e.g. after a rolled-back transaction)."""
+    state_version: int = 1
+    """Version of the layout and meaning of the job's state tables: bump it when a code
+    change makes state built by older code wrong, so stores are rebuilt once on upgrade."""
+
+    @abstractmethod
+    def definition(self) -> dict[str, object]:
+        """What the job's state is built for (JSON-able: windows, tables, columns,
+        conditions). When it differs from what the store recorded at the last build, the
+        state is rebuilt from the mirrors when the engine opens the store."""
 
     @abstractmethod
     def inputs(self) -> tuple[TableRef, ...]:

@@ -6,13 +6,17 @@ The engine calls, from its writer thread and inside its open transaction:
 - :meth:`StreamJobs.apply` after each batch segment's mirrors and rollups
   are written (so the jobs' state commits with the batch and its position),
 - :meth:`StreamJobs.after_snapshot` after a snapshot loaded the mirrors
-  (each job rebuilds its state from them; nothing is alerted for the past).
+  (each job rebuilds its state from them; nothing is alerted for the past),
+- :meth:`StreamJobs.rebuild_redefined` when it opens a store that holds a
+  snapshot: a job whose definition changed since its state was built (a longer
+  window, another table) is rebuilt the same way, as a changed rollup is.
 
 A job runs only when every table it reads is a known, mirrored table.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,7 +29,13 @@ from headrace.alerts.metric import MetricAlerts
 from headrace.alerts.store import setup_alerts
 from headrace.errors import ConfigError
 from headrace.jobs.base import JobContext, MirroredTable, StreamJob, TableDelta
-from headrace.jobs.state import SETUP_DDL, read_watermarks, write_watermarks
+from headrace.jobs.state import (
+    SETUP_DDL,
+    read_definitions,
+    read_watermarks,
+    write_definitions,
+    write_watermarks,
+)
 from headrace.rules.registry import build_rules
 from headrace.rules.ruleset import RuleSet
 from headrace.scores.health import HealthScore
@@ -145,20 +155,59 @@ class StreamJobs:
         tables: Mapping[TableRef, Any],
     ) -> None:
         """Rebuild every job reading a table the snapshot loaded."""
-        if not self.jobs:
-            return
         refs = set(loaded)
+        self._rebuild(con, [job for job in self.jobs if not refs.isdisjoint(job.reads())], tables)
+
+    def rebuild_redefined(
+        self, con: duckdb.DuckDBPyConnection, tables: Mapping[TableRef, Any]
+    ) -> list[str]:
+        """Rebuild, from the mirrors, every job whose definition differs from the one its
+        state was built for (a window, table or condition changed in the configuration, or
+        its :attr:`~headrace.jobs.base.StreamJob.state_version`), and return their names.
+
+        Call once the store holds a snapshot: before it, :meth:`after_snapshot` builds
+        every job. Nothing is alerted for the past; incidents already open stay open.
+        """
+        if not self.jobs:
+            return []
+        stored = read_definitions(con)
+        redefined = [job for job in self.jobs if stored.get(job.name) != job_definition(job)]
+        for job in redefined:
+            reason = "is new to this store" if job.name not in stored else "changed"
+            log.info("stream job %s %s: rebuilding its state from the mirrors", job.name, reason)
+        return self._rebuild(con, redefined, tables)
+
+    def _rebuild(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        jobs: Sequence[StreamJob],
+        tables: Mapping[TableRef, Any],
+    ) -> list[str]:
+        """Rebuild ``jobs`` whose tables are all mirrored; record their definitions."""
+        if not jobs:
+            return []
         ctx = JobContext(
             con, {}, datetime.now(UTC), mirrored(tables), watermarks=read_watermarks(con)
         )
-        for job in self.jobs:
-            if refs.isdisjoint(job.reads()) or not all(r in ctx.tables for r in job.reads()):
+        built = {}
+        for job in jobs:
+            if not all(r in ctx.tables for r in job.reads()):
                 continue
             started = time.perf_counter()
             job.rebuild(ctx)
+            built[job.name] = job_definition(job)
             log.info("stream job %s rebuilt in %.2f s", job.name, time.perf_counter() - started)
         write_watermarks(con, {job: ctx.watermarks[job] for job in ctx.changed})
+        write_definitions(con, built)
         self._watermarks = None
+        return list(built)
+
+
+def job_definition(job: StreamJob) -> str:
+    """``job``'s definition as stored: canonical JSON with its state version."""
+    return json.dumps(
+        {"state_version": job.state_version, **job.definition()}, sort_keys=True, default=str
+    )
 
 
 def mirrored(tables: Mapping[TableRef, Any]) -> dict[TableRef, MirroredTable]:

@@ -11,6 +11,11 @@
 
 They are rebuilt from the mirror with one statement after a snapshot.
 
+Definitions: what each job's state was built for (``headrace.job_definitions``,
+see :meth:`headrace.jobs.base.StreamJob.definition`), so a job whose definition
+changed between runs is rebuilt from the mirrors instead of carrying on with
+state built for another window or table.
+
 Watermarks: a job's event-time clock is the largest ``least(event time,
 commit time)`` it has seen (the commit time caps a row dated in the future),
 kept in ``headrace.job_watermarks`` in the batch's transaction.
@@ -29,6 +34,7 @@ from headrace.pipeline.model import quote_ident
 from headrace.store.duckdb.schema import META
 
 WATERMARKS = f"{META}.job_watermarks"
+DEFINITIONS = f"{META}.job_definitions"
 
 SETUP_DDL: tuple[str, ...] = (
     f"CREATE SCHEMA IF NOT EXISTS {JOBS_SCHEMA}",
@@ -38,7 +44,29 @@ SETUP_DDL: tuple[str, ...] = (
         horizon TIMESTAMPTZ,
         updated_at TIMESTAMPTZ NOT NULL
     )""",
+    f"""CREATE TABLE IF NOT EXISTS {DEFINITIONS} (
+        job TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        built_at TIMESTAMPTZ NOT NULL
+    )""",
 )
+
+
+def read_definitions(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Every job's definition as of its last build (job name → definition)."""
+    rows = con.execute(f"SELECT job, definition FROM {DEFINITIONS}").fetchall()
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def write_definitions(con: duckdb.DuckDBPyConnection, values: dict[str, str]) -> None:
+    """Record that the given jobs' state is now built for these definitions."""
+    for job, definition in values.items():
+        con.execute(
+            f"""INSERT INTO {DEFINITIONS} (job, definition, built_at) VALUES (?, ?, now())
+                ON CONFLICT (job) DO UPDATE SET definition = excluded.definition,
+                    built_at = excluded.built_at""",
+            [job, definition],
+        )
 
 
 def read_watermarks(

@@ -51,6 +51,11 @@ class RuleSet(StreamJob):
         for rule in self.rules:
             rule.recent = self.recent if rule.name in filters else None
 
+    def definition(self) -> dict[str, object]:
+        """The rules' configuration but their severities (which no state depends on)."""
+        exclude = {rule.name: {"severity"} for rule in self.rules}
+        return {"rules": self.rules[0].rules.model_dump(mode="json", exclude=exclude)}
+
     def inputs(self) -> tuple[TableRef, ...]:
         return tuple(dict.fromkeys(ref for rule in self.rules for ref in rule.inputs()))
 

@@ -159,6 +159,13 @@ class HealthScore(StreamJob):
         self.logins_ref = TableRef.parse(self.logins.table)
         self.bucket_s = int(self.config.bucket.total_seconds())
 
+    def definition(self) -> dict[str, object]:
+        """The score's configuration and the tables and columns it reads."""
+        return {
+            "health": self.config.model_dump(mode="json"),
+            "tables": [t.model_dump(mode="json") for t in (self.tx, self.accounts, self.logins)],
+        }
+
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.tx_ref, self.logins_ref, self.accounts_ref)
 
