@@ -149,6 +149,15 @@ def test_read_only_and_one_writer(tmp_path: Path) -> None:
     reader.close()
 
 
+def test_a_new_store_in_a_new_directory_and_a_missing_one_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "pipelines" / "s.duckdb"
+    with pytest.raises(StoreError, match=r"there is no store at .*s\.duckdb") as caught:
+        DuckDBStore(path, read_only=True)
+    assert "headrace run" in caught.value.fix
+    DuckDBStore(path).close()  # the writer creates the directories
+    DuckDBStore(path, read_only=True).close()
+
+
 def test_not_a_store(tmp_path: Path) -> None:
     path = tmp_path / "other.duckdb"
     con = duckdb.connect(str(path))

@@ -61,6 +61,15 @@ class DuckDBStore(Store):
         listener holding what a transaction wrote for its commit (alert delivery) drops
         it when this moved."""
         self._in_transaction = False
+        if read_only and not self.path.exists():
+            raise StoreError(
+                f"there is no store at {self.path}",
+                "check the path, or create the store by running the pipeline "
+                "(`headrace run --config FILE`) once",
+            )
+        if not read_only:
+            # A new store in a new directory, as a database server creates its data directory.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._con = open_store(self.path, read_only=read_only)
         except duckdb.Error as exc:
