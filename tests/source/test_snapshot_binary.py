@@ -94,7 +94,8 @@ def test_binary_copy_equals_csv_copy(pg_db: PgDatabase, block_rows: int) -> None
         plan = _plan(conn, registry)
         schema = plan.schema
         assert binary_copyable(schema)
-        assert text_cast_columns(schema) == {"n", "nu"}
+        # numeric(18, 2) is decoded from binary, unconstrained numeric from its text.
+        assert text_cast_columns(schema) == {"nu"}
         whole = plan.ranges[0]
         stop = threading.Event()
         binary = [
@@ -130,6 +131,77 @@ def _comparable(values: pa.ChunkedArray) -> list[object]:
         storage = pa.int32() if values.type.bit_width == 32 else pa.int64()
         values = pa.chunked_array([c.view(storage) for c in values.chunks], type=storage)
     return ["NaN" if isinstance(v, float) and math.isnan(v) else v for v in values.to_pylist()]
+
+
+_NUMERICS = """
+CREATE TABLE money (
+    k  int4 PRIMARY KEY,
+    n  numeric(18, 2),
+    n0 numeric(18, 0),
+    n6 numeric(10, 6),
+    n4 numeric(4, 4),
+    n1 numeric(1, 0)
+)
+"""
+_NUMERIC_ROWS = [
+    "(1, 'NaN', 'NaN', 'NaN', 'NaN', 'NaN')",
+    "(2, 0, 0, 0, 0, 0)",
+    "(3, -0.01, -1, -0.000001, -0.0001, -9)",
+    "(4, 0.05, 999999999999999999, 1234.5678, 0.9999, 9)",
+    "(5, -9999999999999999.99, -999999999999999999, -9999.999999, -0.9999, -1)",
+    "(6, 10000.00, 100000000, 1000, 0.1, 1)",
+    "(7, 12345678.9, 10000000000000000, 0.0001, 0.001, 5)",
+    "(8, NULL, NULL, NULL, NULL, NULL)",
+]
+
+
+@pytest.mark.parametrize("block_rows", [1, 1000])
+def test_binary_numerics_equal_their_text(pg_db: PgDatabase, block_rows: int) -> None:
+    """numeric(p <= 18, s) from its binary digits: every digit group position,
+    signs, zero, the precision's limits, NULL, and NaN (NULL, as the text
+    converter makes it)."""
+    pg_db.execute(_NUMERICS)
+    pg_db.execute("INSERT INTO money VALUES " + ", ".join(_NUMERIC_ROWS))
+    pg_db.execute(
+        "INSERT INTO money SELECT g, (g * 7919.37 - 5000000)::numeric(18, 2), g * -104729, "
+        "(g % 9973) / 997.0, (g % 9999) / 10000.0, g % 10 - 5 FROM generate_series(10, 2000) g"
+    )
+    with snapshot_connection(pg_db) as conn:
+        registry = TypeRegistry.load(conn)
+        (plan,) = read_table_plans(
+            conn, (TableRef("public", "money"),), registry=registry, publication=None, range_pages=0
+        )
+        schema = plan.schema
+        assert text_cast_columns(schema) == set()
+        stop = threading.Event()
+        binary = [
+            binary_block_to_arrow(block, schema, registry)
+            for block in read_binary_copy_blocks(
+                conn,
+                copy_statement(plan, plan.ranges[0], "binary"),
+                block_rows=block_rows,
+                block_bytes=1 << 20,
+                stop=stop,
+            )
+        ]
+        csv = [
+            csv_block_to_arrow(block, schema, registry)
+            for block in read_copy_blocks(
+                conn,
+                copy_statement(plan, plan.ranges[0]),
+                block_rows=1000,
+                block_bytes=1 << 20,
+                stop=stop,
+            )
+        ]
+    got = pa.concat_tables(binary)
+    expected = pa.concat_tables(csv)
+    assert got.schema == expected.schema
+    assert got.num_rows == expected.num_rows == len(_NUMERIC_ROWS) + 1991
+    for name in got.column_names:
+        assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    first = got.slice(0, 1).to_pylist()[0]
+    assert first == {"k": 1, "n": None, "n0": None, "n6": None, "n4": None, "n1": None}
 
 
 def test_binary_copy_of_an_empty_table(pg_db: PgDatabase) -> None:

@@ -22,6 +22,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -144,36 +145,58 @@ def read_binary_copy_blocks(
     stop: threading.Event,
 ) -> Iterator[BinaryBlock]:
     """Run a ``COPY ... TO STDOUT (FORMAT binary)`` and yield its rows in blocks,
-    with where each row starts (see :func:`read_copy_blocks`; header and
-    trailer are left out)."""
+    with where each row starts (header and trailer are left out).
+
+    A block closes at ``block_rows`` rows, or once it holds ``block_bytes``
+    bytes when the receive loop next runs out of buffered messages (so it may
+    exceed ``block_bytes`` by what one read of the socket brought). Raises
+    :class:`CopyCancelled` soon after ``stop`` is set (the connection is then
+    unusable and must be closed).
+
+    The per-row loop is the snapshot's costliest Python: per message it only
+    records the message's length and appends its bytes (row starts are
+    summed up per block, in numpy).
+    """
     pgconn = conn.pgconn
     _start_copy(conn, statement)
     get_copy_data = pgconn.get_copy_data
     buffer = bytearray()
-    starts = array("q")
-    header = True
+    lengths = array("q")
+    add_length = lengths.append
     with selectors.DefaultSelector() as readable:
         readable.register(pgconn.socket, selectors.EVENT_READ)
+        # The header comes first, in the first row's message (or the
+        # trailer's, when there is no row).
+        while (first := get_copy_data(1))[0] == 0:
+            _wait_for_data(pgconn, readable, stop)
+        if first[0] > 0:
+            message = bytes(first[1])
+            row = message[header_length(message) :]
+            if len(row) > len(BINARY_TRAILER):
+                add_length(len(row))
+                buffer += row
+                if block_rows <= 1:
+                    yield _binary_block(buffer, lengths)
+                    buffer = bytearray()
+                    lengths = array("q")
+                    add_length = lengths.append
+        # A row of at least one field is at least 6 bytes; the trailer is 2.
         while True:
             nbytes, data = get_copy_data(1)
-            # A row of at least one field is at least 6 bytes; the trailer is 2.
             if nbytes > 2:
-                row: bytes | memoryview = data
-                if header:
-                    # The header comes first, in the first row's message
-                    # (or the trailer's, when there is no row).
-                    header = False
-                    first = bytes(data)
-                    row = first[header_length(first) :]
-                    if len(row) <= len(BINARY_TRAILER):
-                        continue
-                starts.append(len(buffer))
-                buffer += row
-                if len(starts) >= block_rows or len(buffer) >= block_bytes:
-                    yield _binary_block(buffer, starts)
+                add_length(nbytes)
+                buffer += data
+                if len(lengths) >= block_rows:
+                    yield _binary_block(buffer, lengths)
                     buffer = bytearray()
-                    starts = array("q")
+                    lengths = array("q")
+                    add_length = lengths.append
             elif nbytes == 0:
+                if len(buffer) >= block_bytes:
+                    yield _binary_block(buffer, lengths)
+                    buffer = bytearray()
+                    lengths = array("q")
+                    add_length = lengths.append
                 _wait_for_data(pgconn, readable, stop)
             elif nbytes < 0:
                 break
@@ -182,14 +205,17 @@ def read_binary_copy_blocks(
                     "the binary COPY output holds a message that is neither a row nor its end",
                     "this is a bug in headrace; report it with the server version",
                 )
-    if starts:
-        yield _binary_block(buffer, starts)
+    if lengths:
+        yield _binary_block(buffer, lengths)
     _finish_copy(pgconn)
 
 
-def _binary_block(buffer: bytearray, starts: array[int]) -> BinaryBlock:
+def _binary_block(buffer: bytearray, lengths: array[int]) -> BinaryBlock:
     size = len(buffer)
     buffer += bytes(PADDING)
+    row_lengths = np.frombuffer(lengths, dtype=np.int64)
+    starts = np.zeros(len(row_lengths), dtype=np.int64)
+    np.cumsum(row_lengths[:-1], out=starts[1:])
     return BinaryBlock(buffer, size, starts)
 
 
