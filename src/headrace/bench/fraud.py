@@ -45,6 +45,12 @@ from headrace.alerts.delivery import SUMMARY as DELIVERY_SUMMARY
 from headrace.bench import fraud_workload
 from headrace.bench.fraud_receiver import Received, WebhookReceiver
 from headrace.bench.fraud_score import AlertSeen, Incident, percentile, score_rules
+from headrace.bench.process_cpu import (
+    ProcessCpu,
+    describe_cores,
+    load_cpu_share,
+    postgres_cpu,
+)
 from headrace.bench.run_process import RunProcess
 from headrace.demo.config import FraudFamily
 from headrace.demo.deployment import deployment_text, pipeline_part, replace_section
@@ -96,6 +102,9 @@ class FraudBenchResult:
     freshness_p99_ms: float | None = None
     freshness_max_ms: float | None = None
     headrace_cpu_cores: float | None = None
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
+    walsender), the generator process and headrace: the machine's budget."""
     meets_target: bool | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -153,7 +162,16 @@ def run(
         extra = ("--batch-wait-ms", "20") + (("--record", str(record.resolve())) if record else ())
         headrace = RunProcess(config, store, Path(tmp) / "headrace.log", extra)
         try:
-            _measure(result, headrace, receiver, dsn=dsn, anchor=anchor, seed=seed, out=out)
+            _measure(
+                result,
+                headrace,
+                receiver,
+                postgres=postgres_cpu(cluster.datadir),
+                dsn=dsn,
+                anchor=anchor,
+                seed=seed,
+                out=out,
+            )
         finally:
             code = headrace.stop()
             _delivery_figures(result, headrace.log_path)
@@ -173,6 +191,7 @@ def _measure(
     headrace: RunProcess,
     receiver: WebhookReceiver,
     *,
+    postgres: ProcessCpu,
     dsn: str,
     anchor: datetime,
     seed: int,
@@ -204,6 +223,7 @@ def _measure(
         f"(simulated clock x{result.speed:g}), one fraud scenario per "
         f"{result.fraud_every:,} transactions ..."
     )
+    share = load_cpu_share(postgres, headrace.cpu_seconds)
     started = time.monotonic()
     generator = subprocess.Popen(
         [sys.executable, "-m", "headrace.bench.fraud_workload", json.dumps(options)],
@@ -236,6 +256,7 @@ def _measure(
     result.catch_up_s = round(time.monotonic() - load_end, 2)
     cpu_after = headrace.cpu_seconds()
     result.headrace_cpu_cores = round((cpu_after - cpu_before) / (time.monotonic() - started), 2)
+    result.cpu_cores = share.stop()
     freshness = FreshnessHistogram(done.get("freshness_histogram")).since(before_hist)
     result.freshness_p50_ms = freshness.percentile(0.5)
     result.freshness_p99_ms = freshness.percentile(0.99)
@@ -253,6 +274,7 @@ def _measure(
         f"while paced), {written['changes']:,} row changes, scenarios {written['scenarios']}; "
         f"store caught up {result.catch_up_s} s after the load"
     )
+    out.print(describe_cores(result.cpu_cores))
 
 
 def _score(

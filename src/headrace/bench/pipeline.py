@@ -40,6 +40,12 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.pipeline_workload import create_schema, tx_rows_for
+from headrace.bench.process_cpu import (
+    ProcessCpu,
+    describe_cores,
+    load_cpu_share,
+    postgres_cpu,
+)
 from headrace.bench.run_process import RunProcess
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
@@ -113,6 +119,9 @@ class PipelineBenchResult:
     freshness_p99_ms: float | None = None
     freshness_max_ms: float | None = None
     headrace_cpu_cores: float = 0.0
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
+    walsender), the generator process and headrace: the machine's budget."""
     headrace_peak_rss_mb: float = 0.0
     headrace_streaming_rss_mb: float = 0.0
     store_transactions: int = 0
@@ -156,6 +165,7 @@ def run(
             _measure(
                 result,
                 headrace,
+                postgres=postgres_cpu(cluster.datadir),
                 dsn=dsn,
                 rate=rate,
                 seconds=seconds,
@@ -180,6 +190,7 @@ def _measure(
     result: PipelineBenchResult,
     headrace: RunProcess,
     *,
+    postgres: ProcessCpu,
     dsn: str,
     rate: float,
     seconds: float,
@@ -214,6 +225,7 @@ def _measure(
         f"writing {mode} for {seconds:.0f} s ({options['tx_rows']} rows per transaction, "
         f"{writers} connections)"
     )
+    share = load_cpu_share(postgres, headrace.cpu_seconds)
     started = time.monotonic()
     generator = subprocess.Popen(
         [sys.executable, "-m", "headrace.bench.pipeline_workload", json.dumps(options)],
@@ -240,6 +252,7 @@ def _measure(
     )
     caught_up = time.monotonic()
     cpu_after = headrace.cpu_seconds()
+    result.cpu_cores = share.stop()
     # The exactness check needs the very position of the last commit (a heartbeat may be
     # needed to pass WAL records written after it).
     headrace.wait_for(lambda d: (d.get("position") or 0) >= end_lsn, 120, "the last commit")
@@ -260,6 +273,11 @@ def _measure(
     code = headrace.stop()
     if code != 0:
         raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
+    _print_load(result, out)
+
+
+def _print_load(result: PipelineBenchResult, out: Console) -> None:
+    """The load's figures: what was written and applied, freshness, CPU."""
     out.print(
         f"written {result.written_changes:,} changes at {result.written_rate:,.0f}/s; "
         f"headrace applied {result.applied_rate_under_load:,.0f}/s under load, caught up "
@@ -273,6 +291,7 @@ def _measure(
         f"headrace CPU {result.headrace_cpu_cores} cores, RSS peak "
         f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
     )
+    out.print(describe_cores(result.cpu_cores))
 
 
 def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
@@ -306,12 +325,18 @@ def _old_way(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out:
             result.refresh_seconds[rollup.name] = round(time.perf_counter() - started, 3)
     result.refresh_total_s = round(sum(result.refresh_seconds.values()), 3)
     p99 = result.freshness_p99_ms
+    compared = "no freshness was measured"
     if p99:
-        result.ratio_time_to_fresh = round(result.refresh_total_s * 1000 / p99, 1)
+        ratio = result.refresh_total_s * 1000 / p99
+        result.ratio_time_to_fresh = round(ratio, 1)
+        if ratio >= 1:
+            compared = f"headrace's p99 time to a fresh result is {ratio:.1f}x shorter"
+        elif ratio > 0:
+            compared = f"headrace's p99 time to a fresh result is {1 / ratio:.1f}x longer"
     out.print(
         f"old way: REFRESH MATERIALIZED VIEW of the {len(result.refresh_seconds)} rollups takes "
         f"{result.refresh_total_s:.2f} s on PostgreSQL ({result.refresh_seconds}); "
-        f"headrace's p99 time to a fresh result is {result.ratio_time_to_fresh}x shorter"
+        f"{compared}"
     )
 
 

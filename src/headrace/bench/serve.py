@@ -51,7 +51,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from headrace.bench.serve_stack import ProcessCpu, ServeStack, WriteLoad
+from headrace.bench.process_cpu import ProcessCpu
+from headrace.bench.serve_stack import ServeStack, WriteLoad
 from headrace.run.metrics import FreshnessHistogram
 
 SQL = (

@@ -14,8 +14,9 @@ reference fintech deployment runs:
 - :class:`WriteLoad`: the fintech workload generator as another child
   process, paced at a number of changes/s, reporting what it wrote.
 
-:class:`ProcessCpu` reads CPU seconds and RSS of a process (and, for
-PostgreSQL, of its children) so the benchmark can say where the two cores went.
+:class:`~headrace.bench.process_cpu.ProcessCpu` reads CPU seconds and RSS of a
+process (and, for PostgreSQL, of its children) so the benchmark can say where the
+two cores went.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from types import TracebackType
 from typing import IO, Any
 
 import httpx
-import psutil
 import psycopg
 from psycopg import sql
 
+from headrace.bench.process_cpu import ProcessCpu, postgres_cpu
 from headrace.bench.run_process import RunProcess
 from headrace.bench.serve_workload import CHANGES_PER_TRANSACTION
 from headrace.demo.config import HistorySettings, PopulationSettings
@@ -51,37 +52,6 @@ from headrace.serve.users import Role, UserStore
 DATABASE = "bank"
 _SERVING = re.compile(r"serving the live store on http://[^/\s]+:(\d+)")
 BENCH_USER = "bench"
-
-
-class ProcessCpu:
-    """CPU seconds (user + system) and RSS of a process, optionally with its children."""
-
-    def __init__(self, pid: int, *, children: bool = False) -> None:
-        self.process = psutil.Process(pid)
-        self.children = children
-
-    def _all(self) -> list[psutil.Process]:
-        if not self.children:
-            return [self.process]
-        return [self.process, *self.process.children(recursive=True)]
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds used so far (children that already exited are not counted)."""
-        total = 0.0
-        for each in self._all():
-            try:
-                times = each.cpu_times()
-            except psutil.Error:
-                continue
-            total += times.user + times.system
-        return total
-
-    def rss(self) -> int:
-        """Resident bytes now (of the process alone)."""
-        try:
-            return int(self.process.memory_info().rss)
-        except psutil.Error:
-            return 0
 
 
 class HeadraceRun(RunProcess):
@@ -275,8 +245,7 @@ class ServeStack:
 
     def postgres_cpu(self) -> ProcessCpu:
         """The cluster's processes (postmaster and every backend, walsender included)."""
-        pid_file = self.postgres.datadir / "postmaster.pid"
-        return ProcessCpu(int(pid_file.read_text().split()[0]), children=True)
+        return postgres_cpu(self.postgres.datadir)
 
     def log_tail(self, chars: int = 3000) -> str:
         path = self.workdir / "headrace.log"

@@ -1,0 +1,109 @@
+"""Where a benchmark's CPU went: PostgreSQL, the workload generator, headrace.
+
+The benchmarks run everything on one machine (2 cores on the development
+machine): PostgreSQL executing the workload and decoding it for the
+walsender, the generator process, and headrace. A latency or throughput
+figure means little without knowing how much of the machine headrace had, so
+the benchmarks report each party's CPU over the load window, in cores.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+
+class ProcessCpu:
+    """CPU seconds (user + system) and RSS of a process, optionally with its children."""
+
+    def __init__(self, pid: int, *, children: bool = False) -> None:
+        self.process = psutil.Process(pid)
+        self.children = children
+
+    def _all(self) -> list[psutil.Process]:
+        if not self.children:
+            return [self.process]
+        return [self.process, *self.process.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far; with ``children``, also those of children that
+        exited and were waited for (PostgreSQL's backends of closed connections)."""
+        total = 0.0
+        for each in self._all():
+            try:
+                times = each.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+            if self.children and each.pid == self.process.pid:
+                total += times.children_user + times.children_system
+        return total
+
+    def rss(self) -> int:
+        """Resident bytes now (of the process alone)."""
+        try:
+            return int(self.process.memory_info().rss)
+        except psutil.Error:
+            return 0
+
+
+def postgres_cpu(datadir: Path) -> ProcessCpu:
+    """The cluster's processes (postmaster and every backend, walsender included)."""
+    pid_file = datadir / "postmaster.pid"
+    return ProcessCpu(int(pid_file.read_text().split()[0]), children=True)
+
+
+def waited_children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that exited and were waited for (a
+    generator process, once :meth:`subprocess.Popen.wait` returned)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuShare:
+    """CPU of named parties between :meth:`start` and :meth:`stop`, in cores."""
+
+    def __init__(self, meters: dict[str, Callable[[], float]]) -> None:
+        self.meters = meters
+        self._start: dict[str, float] = {}
+        self._started = 0.0
+
+    def start(self) -> None:
+        self._start = {name: meter() for name, meter in self.meters.items()}
+        self._started = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Each party's cores over the window (CPU seconds / wall seconds)."""
+        window = max(time.monotonic() - self._started, 1e-9)
+        return {
+            name: round((meter() - self._start[name]) / window, 2)
+            for name, meter in self.meters.items()
+        }
+
+
+def load_cpu_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuShare:
+    """A started :class:`CpuShare` of PostgreSQL, the generator (a child process that is
+    waited for before :meth:`CpuShare.stop`) and headrace (its CPU seconds reader)."""
+    share = CpuShare(
+        {
+            "postgres": postgres.cpu_seconds,
+            "generator": waited_children_cpu_seconds,
+            "headrace": headrace,
+        }
+    )
+    share.start()
+    return share
+
+
+def describe_cores(cores: dict[str, float]) -> str:
+    """One line: each party's cores and what was left of the machine."""
+    machine = os.cpu_count() or 1
+    used = sum(cores.values())
+    parts = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+    rest = max(0.0, machine - used)
+    return f"CPU over the load, in cores of {machine}: {parts}; the rest (idle or other) {rest:.2f}"

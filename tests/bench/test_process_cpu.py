@@ -1,0 +1,45 @@
+"""The benchmarks' CPU budget: PostgreSQL with its exited backends, a waited-for generator."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from headrace.bench.process_cpu import (
+    describe_cores,
+    load_cpu_share,
+    postgres_cpu,
+    waited_children_cpu_seconds,
+)
+from headrace.sandbox.postgres import ThrowawayPostgres
+from tests.conftest import PgDatabase
+
+BUSY = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+
+
+def test_postgres_cpu_counts_backends_that_exited(
+    pg_cluster: ThrowawayPostgres, pg_db: PgDatabase
+) -> None:
+    meter = postgres_cpu(pg_cluster.datadir)
+    before = meter.cpu_seconds()
+    with pg_db.connect() as conn:  # its backend exits when the connection closes
+        conn.execute(b"SELECT count(*) FROM generate_series(1, 4000000)").fetchall()
+    deadline = time.monotonic() + 10
+    while meter.cpu_seconds() - before < 0.1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the postmaster waits for the backend, then counts its CPU
+    assert meter.cpu_seconds() - before >= 0.1
+
+
+def test_a_waited_for_child_counts_and_the_share_is_in_cores(
+    pg_cluster: ThrowawayPostgres,
+) -> None:
+    share = load_cpu_share(postgres_cpu(pg_cluster.datadir), lambda: 0.0)
+    before = waited_children_cpu_seconds()
+    subprocess.run([sys.executable, "-c", BUSY], check=True)
+    assert waited_children_cpu_seconds() - before >= 0.25
+    cores = share.stop()
+    assert set(cores) == {"postgres", "generator", "headrace"}
+    assert 0.0 < cores["generator"] <= 1.5
+    assert cores["headrace"] == 0.0
+    assert describe_cores(cores).startswith("CPU over the load, in cores of ")
