@@ -33,7 +33,7 @@ from headrace.engine.resolve import (
     fill_inherited,
     load_changes,
 )
-from headrace.engine.rollup import BUCKET, RollupPlan
+from headrace.engine.rollup import RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
 from headrace.source.changes import TableRef, TableSchema
@@ -180,36 +180,12 @@ def _merge_extremes(
     value recomputed from the updated mirror. ``rows``: the batch's rows (weighted or
     netted) and their parameters."""
     source, params = rows
-    bounds = _retracted_range(con, plan, work)
-    if bounds is None:
+    if not work.start_rows:  # insert-only: nothing retracted, nothing to recompute
         con.execute(plan.merge_sql(f"({plan.delta_sql(source)})"), params)
         return
-    # The flagged groups are read from the state before the MERGE changes it
-    # (a MERGE reading its own target in its source is not safe).
-    delta, flagged = f"_hr_d_{index}", f"_hr_f_{index}"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.delta_sql(source)}", params)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {flagged} AS {plan.flagged_sql(delta)}")
-    recomputed = plan.recomputed_delta_sql(delta, flagged, bool(bounds))
-    con.execute(plan.merge_sql(f"({recomputed})", recomputed=True), bounds)
-
-
-def _retracted_range(
-    con: duckdb.DuckDBPyConnection, plan: RollupPlan, work: TableWork
-) -> list[object] | None:
-    """Time bounds of the mirror rows a min/max recompute must read: those of the
-    batch's retracted row versions' buckets; ``[]`` for unbounded, ``None`` when the
-    batch retracts nothing (insert-only: no recompute at all)."""
-    if not work.start_rows:
-        return None
-    low, high, count, nulls = con.execute(
-        f"SELECT min({BUCKET}), max({BUCKET}), count(*), "
-        f"count(*) FILTER (WHERE {BUCKET} IS NULL) FROM ({plan.projection(work.start)})"
-    ).fetchall()[0]
-    if not count:
-        return None
-    if nulls or low is None:
-        return []
-    return [low, high + plan.config.grain]
+    delta = f"_hr_d_{index}"
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.flagged_delta_sql(source)}", params)
+    con.execute(plan.merge_sql(f"({plan.recomputed_delta_sql(delta)})", recomputed=True))
 
 
 def write_table_meta(con: duckdb.DuckDBPyConnection, works: Sequence[TableWork]) -> None:

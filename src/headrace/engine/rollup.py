@@ -11,9 +11,11 @@ the batch's transaction:
 - :meth:`RollupPlan.delta_sql` / :meth:`RollupPlan.merge_sql`: the per-group
   delta merged into ``rollup.<name>__state`` (groups reaching 0 rows are
   deleted), side tables likewise;
-- :meth:`RollupPlan.recomputed_delta_sql`: with min/max, the delta also
-  carries the extremes of groups with retracted values, recomputed from the
-  mirror; the MERGE uses them where the retracted value was the extreme;
+- :meth:`RollupPlan.flagged_delta_sql` / :meth:`RollupPlan.recomputed_delta_sql`:
+  with min/max, the delta flags the groups whose extreme the batch retracted
+  and carries their extremes recomputed from the mirror (only the mirror rows
+  of those groups are projected); the MERGE uses them where the retracted
+  value was the extreme;
 - :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
   GROUP BY), for creation, rebuild and the snapshot;
 - :meth:`RollupPlan.view_sql`: ``rollup.<name>_<grain>`` for each grain.
@@ -56,6 +58,8 @@ from headrace.store.duckdb.schema import (
 )
 
 BUCKET = "bucket"
+FLAG = "_hr_flag"
+"""Column of a min/max delta: the batch retracted the group's current extreme."""
 
 
 def _us(grain: timedelta) -> int:
@@ -82,6 +86,9 @@ class Dimension:
     name: str
     sql: str
     column: str
+    mirror_column: str | None = None
+    """The mirror column the dimension's value is (a plain or looked-up column), if it is
+    one: the min/max recompute prefilters the mirror on it."""
 
 
 def definition_json(config: RollupConfig, time_column: str) -> str:
@@ -152,9 +159,11 @@ class RollupPlan:
         for index, dim in enumerate(self.config.dimensions):
             if dim.column is not None:
                 sql = quote_ident(dim.column)
+                mirror_column: str | None = dim.column
                 columns.add(dim.column)
             elif dim.expr is not None:
                 sql = f"({dim.expr})"
+                mirror_column = None
                 columns |= expression_columns(dim.expr)
             elif dim.lookup is not None:
                 hidden = LookupColumn.column_name(dim.lookup)
@@ -164,12 +173,13 @@ class RollupPlan:
                         "capture it under source.tables",
                     )
                 sql = quote_ident(hidden)
+                mirror_column = hidden
                 columns |= set(dim.lookup.on)
                 self.lookup_deps.add((TableRef.parse(dim.lookup.table), dim.lookup.column))
                 self.lookup_columns.append(hidden)
             else:
                 raise ConfigError(f"rollup {self.name}: dimension {dim.name} has no source")
-            self.dimensions.append(Dimension(dim.name, sql, f"_hr_d{index}"))
+            self.dimensions.append(Dimension(dim.name, sql, f"_hr_d{index}", mirror_column))
         return columns
 
     def _plan_inputs(self) -> tuple[list[MeasureInputs], set[str]]:
@@ -306,26 +316,28 @@ class RollupPlan:
             parts += [f"{expr} AS {name}" for name, expr in measure.delta()]
         return f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
 
-    def flagged_sql(self, delta: str) -> str:
-        """The groups of a delta whose current extreme the batch retracted (state read)."""
+    def flagged_delta_sql(self, rows: str) -> str:
+        """:meth:`delta_sql` plus ``_hr_flag``: whether the batch retracted the group's
+        current extreme (the state as it is before the MERGE: a MERGE reading its own
+        target in its source is not safe, hence a statement of its own)."""
         conditions = [
             c for m in self.extremes() if (c := m.recompute_condition("s", "d")) is not None
         ]
-        groups = ", ".join(f"d.{c}" for c in self.group_columns)
         return (
-            f"SELECT {groups} FROM {delta} d JOIN {self.state} s ON {self.match('s', 'd')} "
-            f"WHERE {' OR '.join(conditions)}"
+            f"SELECT d.*, coalesce({' OR '.join(conditions)}, false) AS {FLAG} "
+            f"FROM ({self.delta_sql(rows)}) d LEFT JOIN {self.state} s ON {self.match('s', 'd')}"
         )
 
-    def recomputed_delta_sql(self, delta: str, flagged: str, time_range: bool) -> str:
-        """``delta`` plus, for the ``flagged`` groups, the extremes recomputed from the
-        (already updated) mirror (``_hr_m<i>_r``); with ``time_range`` the mirror scan
-        is limited by two parameters (zone maps)."""
-        where = None
-        if time_range:
-            column = quote_ident(self.time_column)
-            typed = f"CAST(? AS {self.time_type})"
-            where = f"{column} >= {typed} AND {column} < {typed}"
+    def recomputed_delta_sql(self, delta: str) -> str:
+        """``delta`` (a :meth:`flagged_delta_sql` table) plus, for its flagged groups, the
+        extremes recomputed from the (already updated) mirror (``_hr_m<i>_r``).
+
+        Only mirror rows that can belong to a flagged group are projected: those
+        whose plain (and looked-up) dimension columns match a flagged group's, with a
+        time within the flagged buckets' range. Projecting every mirror row (bucket
+        arithmetic, expressions) and probing it costs milliseconds per 100k rows.
+        """
+        flagged = f"(SELECT * FROM {delta} WHERE {FLAG})"
         groups = ", ".join(f"p.{c}" for c in self.group_columns)
         aggregates = []
         recomputed = []
@@ -333,13 +345,34 @@ class RollupPlan:
             for part, build in zip(measure.state_parts(), measure.build(), strict=True):
                 aggregates.append(f"{build} AS {part}")
                 recomputed.append(f"r.{part} AS {measure.part('r')}")
-        rows = self.projection(self.table.mirror, where)
+        rows = self.projection(self._flagged_mirror_rows(flagged))
         return (
             f"SELECT d.*, {', '.join(recomputed)} FROM {delta} d LEFT JOIN ("
             f"SELECT {groups}, {', '.join(aggregates)} FROM ({rows}) p "
             f"SEMI JOIN {flagged} f ON {self.match('p', 'f')} GROUP BY {groups}"
             f") r ON {self.match('d', 'r')}"
         )
+
+    def _flagged_mirror_rows(self, flagged: str) -> str:
+        """A superset of the mirror rows of the ``flagged`` groups (see
+        :meth:`recomputed_delta_sql`): prefiltered on raw mirror columns only."""
+        g = _us(self.config.grain)
+        bucket_us = f"epoch_us({BUCKET})"
+        # Buckets are aligned: bucket(t) in [low, high] <=> low <= t < high + grain.
+        time = (
+            f"(({self.epoch_us} >= (SELECT min({bucket_us}) FROM {flagged}) "
+            f"AND {self.epoch_us} < (SELECT max({bucket_us}) + {g} FROM {flagged})) "
+            f"OR ({quote_ident(self.time_column)} IS NULL "
+            f"AND EXISTS (SELECT 1 FROM {flagged} WHERE {BUCKET} IS NULL)))"
+        )
+        plain = [d for d in self.dimensions if d.mirror_column is not None]
+        if not plain:
+            return f"(SELECT * FROM {self.table.mirror} WHERE {time})"
+        on = " AND ".join(
+            f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}"
+            for d in plain
+        )
+        return f"(SELECT m.* FROM {self.table.mirror} m SEMI JOIN {flagged} k ON {on} WHERE {time})"
 
     def merge_sql(self, delta: str, recomputed: bool = False) -> str:
         """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups.
