@@ -26,7 +26,6 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
-import psycopg
 import pyarrow as pa
 
 from headrace.engine.engine import Engine
@@ -38,6 +37,7 @@ from headrace.run.pipeline_source import snapshot_settings, source_dsn
 from headrace.run.settings import RunSettings
 from headrace.source.changes import SnapshotChunk, TableRef
 from headrace.source.postgres import preflight
+from headrace.source.postgres.connect_errors import connect_sql
 from headrace.source.postgres.snapshot import Snapshotter, describe
 from headrace.source.postgres.snapshot_progress import ProgressCallback
 from headrace.store.duckdb.schema import META
@@ -93,7 +93,7 @@ def _clear_leftovers(engine: Engine) -> None:
 
 def _slot_exists(config: PipelineConfig) -> bool:
     source = config.source
-    with psycopg.connect(source_dsn(config), autocommit=True) as conn:
+    with connect_sql(source_dsn(config), autocommit=True) as conn:
         preflight.check_server(conn)
         preflight.ensure_publication(
             conn, source.publication, tuple(config.table_refs), create=True

@@ -1,6 +1,8 @@
-"""Why a replication connection failed, and whether a retry can help."""
+"""Why a connection to the source failed, and whether a retry can help."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import psycopg
 
@@ -37,6 +39,17 @@ _FINAL_CONNECT_ERRORS = {
     ),
 }
 
+# The same for an ordinary SQL connection (no replication privilege needed).
+_FINAL_SQL_CONNECT_ERRORS = {
+    "no pg_hba.conf entry": (
+        "pg_hba.conf does not allow this connection",
+        "add a line such as 'host <database> <user> <client address>/32 scram-sha-256' to "
+        "pg_hba.conf and reload PostgreSQL",
+    ),
+    "password authentication failed": _FINAL_CONNECT_ERRORS["password authentication failed"],
+    "does not exist": _FINAL_CONNECT_ERRORS["does not exist"],
+}
+
 
 def connect_error(exc: psycopg.OperationalError) -> SourceError:
     """The error for a failed replication connection: final or worth a retry."""
@@ -48,3 +61,22 @@ def connect_error(exc: psycopg.OperationalError) -> SourceError:
         f"could not open a replication connection: {first_line(exc)}",
         "check that the server is up and the DSN is right; headrace retries by itself",
     )
+
+
+def connect_sql(dsn: str, **settings: Any) -> psycopg.Connection[tuple[Any, ...]]:
+    """An ordinary SQL connection to the source database (``settings`` go to
+    :func:`psycopg.connect`). A failure raises a :class:`SourceError` saying what
+    went wrong and what to do (a :class:`ConnectionLostError` when it may pass by
+    itself: the server down or restarting), never a bare driver error."""
+    try:
+        return psycopg.connect(dsn, **settings)
+    except psycopg.OperationalError as exc:
+        text = str(exc)
+        for needle, (what, fix) in _FINAL_SQL_CONNECT_ERRORS.items():
+            if needle in text:
+                raise SourceError(f"{what}: {first_line(exc)}", fix) from exc
+        raise ConnectionLostError(
+            f"cannot connect to the source database: {first_line(exc)}",
+            "check that PostgreSQL is running and that source.dsn (or the variable named by "
+            "source.dsn_env) points at it: host, port, database and user",
+        ) from exc

@@ -54,6 +54,7 @@ from psycopg import sql
 
 from headrace.errors import ConfigError, SourceError, format_lsn
 from headrace.source.changes import SnapshotChunk, TableRef, TableSchema
+from headrace.source.postgres.connect_errors import connect_sql
 from headrace.source.postgres.preflight import (
     check_server,
     check_slot_capacity,
@@ -295,7 +296,7 @@ class Snapshotter:
     def _prepare_slot(self) -> None:
         """Check the server, and drop a leftover slot when told to replace it."""
         settings = self.settings
-        with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        with connect_sql(settings.dsn, autocommit=True) as conn:
             check_server(conn)
             state = slot_state(conn, settings.slot)
             if state is None:
@@ -325,7 +326,7 @@ def drop_slot(dsn: str, slot: str, timeout_s: float = 10.0) -> bool:
     then raises :class:`SourceError` naming the process that holds it.
     """
     deadline = time.monotonic() + timeout_s
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect_sql(dsn, autocommit=True) as conn:
         while True:
             state = slot_state(conn, slot)
             if state is None:

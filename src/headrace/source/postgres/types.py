@@ -40,6 +40,7 @@ import psycopg
 import pyarrow as pa
 
 from headrace.source.changes import Column
+from headrace.source.postgres.connect_errors import connect_sql
 from headrace.source.postgres.convert import convert_column
 from headrace.source.postgres.pgtypes import (
     BOX_OID,
@@ -146,7 +147,7 @@ class TypeRegistry:
 
     def load_catalog_from_dsn(self, dsn: str, oids: Iterable[int] | None = None) -> int:
         """:meth:`load_catalog` over a new short-lived connection."""
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with connect_sql(dsn, autocommit=True) as conn:
             return self.load_catalog(conn, oids)
 
     def _add_rows(self, rows: list[tuple[Any, ...]]) -> int:
