@@ -140,18 +140,20 @@ CREATE TABLE money (
     n0 numeric(18, 0),
     n6 numeric(10, 6),
     n4 numeric(4, 4),
-    n1 numeric(1, 0)
+    n1 numeric(1, 0),
+    n9 numeric(18, 9)
 )
 """
 _NUMERIC_ROWS = [
-    "(1, 'NaN', 'NaN', 'NaN', 'NaN', 'NaN')",
-    "(2, 0, 0, 0, 0, 0)",
-    "(3, -0.01, -1, -0.000001, -0.0001, -9)",
-    "(4, 0.05, 999999999999999999, 1234.5678, 0.9999, 9)",
-    "(5, -9999999999999999.99, -999999999999999999, -9999.999999, -0.9999, -1)",
-    "(6, 10000.00, 100000000, 1000, 0.1, 1)",
-    "(7, 12345678.9, 10000000000000000, 0.0001, 0.001, 5)",
-    "(8, NULL, NULL, NULL, NULL, NULL)",
+    "(1, 'NaN', 'NaN', 'NaN', 'NaN', 'NaN', 'NaN')",
+    "(2, 0, 0, 0, 0, 0, 0)",
+    "(3, -0.01, -1, -0.000001, -0.0001, -9, -0.000000001)",
+    "(4, 0.05, 999999999999999999, 1234.5678, 0.9999, 9, 123456789.123456789)",
+    "(5, -9999999999999999.99, -999999999999999999, -9999.999999, -0.9999, -1, "
+    "-999999999.999999999)",
+    "(6, 10000.00, 100000000, 1000, 0.1, 1, 100000000)",
+    "(7, 12345678.9, 10000000000000000, 0.0001, 0.001, 5, 0.1)",
+    "(8, NULL, NULL, NULL, NULL, NULL, NULL)",
 ]
 
 
@@ -164,7 +166,8 @@ def test_binary_numerics_equal_their_text(pg_db: PgDatabase, block_rows: int) ->
     pg_db.execute("INSERT INTO money VALUES " + ", ".join(_NUMERIC_ROWS))
     pg_db.execute(
         "INSERT INTO money SELECT g, (g * 7919.37 - 5000000)::numeric(18, 2), g * -104729, "
-        "(g % 9973) / 997.0, (g % 9999) / 10000.0, g % 10 - 5 FROM generate_series(10, 2000) g"
+        "(g % 9973) / 997.0, (g % 9999) / 10000.0, g % 10 - 5, g * -123456.789012345 "
+        "FROM generate_series(10, 2000) g"
     )
     with snapshot_connection(pg_db) as conn:
         registry = TypeRegistry.load(conn)
@@ -201,7 +204,7 @@ def test_binary_numerics_equal_their_text(pg_db: PgDatabase, block_rows: int) ->
     for name in got.column_names:
         assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
     first = got.slice(0, 1).to_pylist()[0]
-    assert first == {"k": 1, "n": None, "n0": None, "n6": None, "n4": None, "n1": None}
+    assert first == {"k": 1} | dict.fromkeys(["n", "n0", "n6", "n4", "n1", "n9"])
 
 
 def test_binary_copy_of_an_empty_table(pg_db: PgDatabase) -> None:

@@ -87,7 +87,23 @@ _NUMERIC_HEADER: Final = 8
 _NUMERIC_POS, _NUMERIC_NEG = 0x0000, 0x4000
 # Up to this precision every unscaled value (< 10**18) fits int64.
 _NUMERIC_BINARY_MAX_PRECISION: Final = 18
-_POWERS_OF_TEN: Final = 10 ** np.arange(19, dtype=np.int64)
+_MAX_EXPONENT: Final = 18
+# 10 ** max(e, 0) and 10 ** max(-e, 0) for e = -18 .. 18 (at index e + 18).
+_TEN_TO_UP: Final = np.array(
+    [10 ** max(e, 0) for e in range(-_MAX_EXPONENT, _MAX_EXPONENT + 1)], dtype=np.int64
+)
+_TEN_TO_DOWN: Final = np.array(
+    [10 ** max(-e, 0) for e in range(-_MAX_EXPONENT, _MAX_EXPONENT + 1)], dtype=np.int64
+)
+# 18 decimal digits span at most 6 base-10000 digits.
+_NUMERIC_MAX_DIGITS: Final = 6
+_U64: Final = np.dtype(">u8")
+# Which of the 4 digits in an 8-byte read belong to a value of 0-4 digits
+# (the rest are bytes past its end), and of the 2 after them for 4-6 digits.
+_DIGIT_MASKS: Final = np.array(
+    [0, 0xFFFF << 48, 0xFFFFFFFF << 32, 0xFFFFFFFFFFFF << 16, 0xFFFFFFFFFFFFFFFF], dtype=np.uint64
+)
+_LOW_DIGIT_MASKS: Final = np.array([0, 0xFFFF0000, 0xFFFFFFFF], dtype=np.uint64)
 
 # Padding after the data, so gathering a fixed-width value at a NULL field's
 # position (whose bytes belong to the next field) never reads past the end.
@@ -254,23 +270,36 @@ def _numeric(
     n = len(values_at)
     # A NULL field has no header: read it at a harmless place instead.
     at = np.where(valid, values_at, 0)
-    ndigits = _gather(buffer, at, np.dtype(">i2")).astype(np.int64)
-    weight = _gather(buffer, at + 2, np.dtype(">i2")).astype(np.int64)
-    sign = _gather(buffer, at + 4, np.dtype(">u2"))
-    ndigits[~valid] = 0
+    # One gather for the whole header (gathers are the costly part).
+    header = _gather(buffer, at, _U64)
+    ndigits = np.where(valid, header >> 48, 0).astype(np.int64)
+    weight = ((header >> 32) & 0xFFFF).astype(np.uint16).view(np.int16).astype(np.int64)
+    sign = (header >> 16) & 0xFFFF
     if np.any(valid & (sizes != _NUMERIC_HEADER + 2 * ndigits)):
         raise _malformed(schema, f"a value of column {column.name} has the wrong width")
+    # The first digit (never 0) is worth 10 ** first_exponent units, and
+    # the value (< 10 ** p units) at least that: checked, no sum below can
+    # overflow int64. At most 6 digits span 18 decimal digits (this also keeps
+    # the 8-byte reads below inside the block's padding).
+    first_exponent = 4 * weight + arrow_type.scale
+    most = int(ndigits.max(initial=0))
+    if most > _NUMERIC_MAX_DIGITS or np.any(
+        (ndigits > 0) & (first_exponent >= arrow_type.precision)
+    ):
+        raise _malformed(schema, f"a value of column {column.name} exceeds its precision")
     special = valid & (sign != _NUMERIC_POS) & (sign != _NUMERIC_NEG)
+    # Digits 0-3 as one integer (Horner, digits past a value's end masked to
+    # 0), worth 10 ** (first_exponent - 12) units each; digits 4-5 likewise.
+    # A negative exponent divides exactly: the digits below s are zeros.
     unscaled = np.zeros(n, dtype=np.int64)
-    for k in range(int(ndigits.max(initial=0))):
-        present = ndigits > k
-        digit_at = np.where(present, at + _NUMERIC_HEADER + 2 * k, 0)
-        digits = np.where(present, _gather(buffer, digit_at, np.dtype(">i2")).astype(np.int64), 0)
-        exponent = 4 * (weight - k) + arrow_type.scale
-        if np.any((exponent >= len(_POWERS_OF_TEN)) & (digits != 0)):
-            raise _malformed(schema, f"a value of column {column.name} exceeds its precision")
-        power = _POWERS_OF_TEN[np.clip(np.abs(exponent), 0, len(_POWERS_OF_TEN) - 1)]
-        unscaled += np.where(exponent >= 0, digits * power, digits // power)
+    if most:
+        word = _gather(buffer, at + _NUMERIC_HEADER, _U64) & _DIGIT_MASKS[np.minimum(ndigits, 4)]
+        unscaled = _times_ten_to(_horner(word), first_exponent - 12)
+    if most > 4:
+        low = (_gather(buffer, at + _NUMERIC_HEADER + 8, _U64) >> 32) & _LOW_DIGIT_MASKS[
+            np.clip(ndigits - 4, 0, 2)
+        ]
+        unscaled += _times_ten_to(_horner(low), first_exponent - 20)
     unscaled = np.where(sign == _NUMERIC_NEG, -unscaled, unscaled)
     if special.any():
         # NaN: the text converter's verdict (NULL) and its accounting.
@@ -285,6 +314,27 @@ def _numeric(
     wide[:, 1] = unscaled >> 63
     validity = None if valid.all() else pa.array(valid, type=pa.bool_()).buffers()[1]
     return pa.Array.from_buffers(arrow_type, n, [validity, pa.py_buffer(wide)])
+
+
+def _horner(word: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
+    """The base-10000 digits packed in ``word`` (16 bits each, most
+    significant first) as one integer (in place: this runs per block)."""
+    value = word >> 48
+    digit = np.empty_like(word)
+    for shift in (32, 16, 0):
+        value *= 10_000
+        np.right_shift(word, shift, out=digit)
+        digit &= 0xFFFF
+        value += digit
+    return value.view(np.int64)
+
+
+def _times_ten_to(
+    value: npt.NDArray[np.int64], exponent: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """``value * 10 ** exponent``, dividing (exactly, as the caller knows) for a negative one."""
+    at = np.clip(exponent, -_MAX_EXPONENT, _MAX_EXPONENT) + _MAX_EXPONENT
+    return value * _TEN_TO_UP[at] // _TEN_TO_DOWN[at]
 
 
 def _gather(
