@@ -332,9 +332,8 @@ class RollupPlan:
         """``delta`` (a :meth:`flagged_delta_sql` table) plus, for its flagged groups, the
         extremes recomputed from the (already updated) mirror (``_hr_m<i>_r``).
 
-        Only mirror rows that can belong to a flagged group are projected: those
-        whose plain (and looked-up) dimension columns match a flagged group's, with a
-        time within the flagged buckets' range. Projecting every mirror row (bucket
+        Only mirror rows that can belong to a flagged group are projected (see
+        :meth:`_flagged_mirror_rows`): projecting every mirror row (bucket
         arithmetic, expressions) and probing it costs milliseconds per 100k rows.
         """
         flagged = f"(SELECT * FROM {delta} WHERE {FLAG})"
@@ -345,34 +344,47 @@ class RollupPlan:
             for part, build in zip(measure.state_parts(), measure.build(), strict=True):
                 aggregates.append(f"{build} AS {part}")
                 recomputed.append(f"r.{part} AS {measure.part('r')}")
-        rows = self.projection(self._flagged_mirror_rows(flagged))
+        mirror_rows, exact = self._flagged_mirror_rows(flagged)
+        semi = "" if exact else f"SEMI JOIN {flagged} f ON {self.match('p', 'f')} "
         return (
             f"SELECT d.*, {', '.join(recomputed)} FROM {delta} d LEFT JOIN ("
-            f"SELECT {groups}, {', '.join(aggregates)} FROM ({rows}) p "
-            f"SEMI JOIN {flagged} f ON {self.match('p', 'f')} GROUP BY {groups}"
-            f") r ON {self.match('d', 'r')}"
+            f"SELECT {groups}, {', '.join(aggregates)} FROM ({self.projection(mirror_rows)}) p "
+            f"{semi}GROUP BY {groups}) r ON {self.match('d', 'r')}"
         )
 
-    def _flagged_mirror_rows(self, flagged: str) -> str:
-        """A superset of the mirror rows of the ``flagged`` groups (see
-        :meth:`recomputed_delta_sql`): prefiltered on raw mirror columns only."""
+    def _flagged_mirror_rows(self, flagged: str) -> tuple[str, bool]:
+        """The mirror rows of the ``flagged`` groups, selected on raw mirror columns; and
+        whether exactly those (else a superset, to be matched on the projection).
+
+        With dimensions that are mirror columns (plain or looked up): a semi join on
+        them (DuckDB pushes the few values into the scan as a filter) with each
+        group's bucket as a time range, exact when every dimension is such a
+        column. Otherwise only the range of the flagged buckets."""
         g = _us(self.config.grain)
-        bucket_us = f"epoch_us({BUCKET})"
-        # Buckets are aligned: bucket(t) in [low, high] <=> low <= t < high + grain.
-        time = (
-            f"(({self.epoch_us} >= (SELECT min({bucket_us}) FROM {flagged}) "
-            f"AND {self.epoch_us} < (SELECT max({bucket_us}) + {g} FROM {flagged})) "
-            f"OR ({quote_ident(self.time_column)} IS NULL "
-            f"AND EXISTS (SELECT 1 FROM {flagged} WHERE {BUCKET} IS NULL)))"
-        )
+        time = f"m.{quote_ident(self.time_column)}"
+        t = time_to_epoch_us(time, self.time_type)
+        # Buckets are aligned: bucket(t) = b <=> b <= t < b + grain.
         plain = [d for d in self.dimensions if d.mirror_column is not None]
-        if not plain:
-            return f"(SELECT * FROM {self.table.mirror} WHERE {time})"
-        on = " AND ".join(
-            f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}"
-            for d in plain
+        if plain:
+            on = [
+                f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}"
+                for d in plain
+            ]
+            b = f"epoch_us(k.{BUCKET})"
+            on.append(
+                f"(({t} >= {b} AND {t} < {b} + {g}) OR ({time} IS NULL AND k.{BUCKET} IS NULL))"
+            )
+            semi = f"SEMI JOIN {flagged} k ON {' AND '.join(on)}"
+            return f"(SELECT m.* FROM {self.table.mirror} m {semi})", len(plain) == len(
+                self.dimensions
+            )
+        b = f"epoch_us({BUCKET})"
+        within = (
+            f"(({t} >= (SELECT min({b}) FROM {flagged}) "
+            f"AND {t} < (SELECT max({b}) + {g} FROM {flagged})) "
+            f"OR ({time} IS NULL AND EXISTS (SELECT 1 FROM {flagged} WHERE {BUCKET} IS NULL)))"
         )
-        return f"(SELECT m.* FROM {self.table.mirror} m SEMI JOIN {flagged} k ON {on} WHERE {time})"
+        return f"(SELECT m.* FROM {self.table.mirror} m WHERE {within})", False
 
     def merge_sql(self, delta: str, recomputed: bool = False) -> str:
         """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups.
