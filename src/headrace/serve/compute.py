@@ -20,13 +20,15 @@ import duckdb
 import pyarrow as pa
 
 from headrace.serve.catalog import Catalog, MaskPolicy, load_catalog
+from headrace.serve.http import dumps
 from headrace.serve.metrics import ServeMetrics
 from headrace.serve.results import rows_to_json
 from headrace.serve.settings import LiveSettings
 from headrace.serve.shared_tiles import SharedTiles, SnapshotKey, TileKey, TileResult
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
 from headrace.serve.store import ServedStore, read_position
-from headrace.serve.tiles import Dashboard, TimeRange, render_tile_query
+from headrace.serve.tile_json import TileShape, describe_sql, rows_json, shape_from_description
+from headrace.serve.tiles import Dashboard, Tile, TimeRange, render_tile_query
 from headrace.serve.watchdog import Watchdog
 
 T = TypeVar("T")
@@ -45,6 +47,20 @@ class ViewSpec:
     def key(self) -> tuple[str, str, tuple[tuple[str, str], ...], str]:
         """Viewers with equal keys share every computation."""
         return (self.dashboard.name, self.range.key, self.filters, self.policy.key)
+
+
+@dataclass(frozen=True)
+class ViewResult:
+    """A computed view: what the live hub needs, and the view as JSON."""
+
+    version: int
+    """Store version seen before the read transaction began."""
+    seq: int
+    as_of: datetime | None
+    """Newest source commit visible in the snapshot the tiles were read from."""
+    payload: bytes
+    """The view as JSON (``dashboard``, ``version``, ``seq``, ``as_of``, ``range``,
+    ``filters``, ``tiles``, ...), encoded once on the read thread for every viewer."""
 
 
 class ReadError(Exception):
@@ -68,6 +84,9 @@ class StoreReader:
         # or columns changed starts a new generation (and empties this).
         self._masked_sql: dict[tuple[str, str, int], str] = {}
         self._catalog_generation = 0
+        # Tile query shapes (columns, JSON rendering) by (masked SQL, catalog
+        # generation); see tile_json.
+        self._shapes: dict[tuple[str, int], TileShape] = {}
         self.shared = SharedTiles(keep_s=max(settings.view_grace_s, 60.0))
 
     # threads and cursors ---------------------------------------------------
@@ -119,6 +138,7 @@ class StoreReader:
             with self._lock:
                 self._catalog_generation += 1
                 self._masked_sql.clear()
+                self._shapes.clear()
         self._catalog = (version, now, catalog)
         return catalog
 
@@ -139,43 +159,95 @@ class StoreReader:
         # The relation runs when it is read: inside the guard.
         return self._guarded(
             cur,
-            sql,
-            policy,
+            self._masked(cur, sql, policy),
             kind,
             lambda masked: cur.sql(masked, params=params or None).to_arrow_table(),
         )
 
-    def read_rows(
+    def read_tile(
         self,
         cur: duckdb.DuckDBPyConnection,
-        sql: str,
-        params: dict[str, Any] | None,
-        policy: MaskPolicy,
-    ) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
-        """A tile query's ``(name, DuckDB type)`` columns and rows, masked, with a timeout.
+        masked: str,
+        params: dict[str, Any],
+        shape: TileShape | None,
+    ) -> TileResult:
+        """A tile's ``"columns":[...],"rows":[...],"truncated":...`` JSON members, with a
+        timeout. ``masked`` has the masks applied already.
 
-        Tiles are turned into JSON rows anyway, so this skips Arrow: DuckDB's
-        ``execute().fetchall()`` also plans the statement once, where ``sql()`` binds
-        it for the relation's schema and then again to run it (~1 ms of ~3 ms CPU
-        for a small tile query).
+        With a shape that renders in DuckDB (see tile_json) the GIL is held for one
+        string per row; otherwise the rows come as Python objects, converted here.
         """
+        limit = self.settings.tile_row_limit
+        if shape is not None and shape.render_sql is not None:
+            render_sql = shape.render_sql
 
-        def fetch(masked: str) -> tuple[list[tuple[str, str]], list[tuple[Any, ...]]]:
+            def render(_: str) -> TileResult:
+                rows, truncated = rows_json(
+                    cur.execute(render_sql, params or None).fetchall(), limit
+                )
+                return (
+                    f'"columns":{shape.columns_json},"rows":{rows},'
+                    f'"truncated":{"true" if truncated else "false"}'
+                )
+
+            try:
+                return self._guarded(cur, masked, "tile", render)
+            except duckdb.Error:
+                # Perhaps the columns changed: describe again next time.
+                with self._lock:
+                    self._shapes.pop((masked, self._catalog_generation), None)
+                raise
+
+        def fetch(_: str) -> TileResult:
             rows = cur.execute(masked, params or None).fetchall()
-            return [(str(d[0]), str(d[1])) for d in cur.description or ()], rows
+            columns = [(str(d[0]), str(d[1])) for d in cur.description or ()]
+            table = rows_to_json(columns, rows[:limit])
+            return (
+                f'"columns":{dumps(table["columns"]).decode()},'
+                f'"rows":{dumps(table["rows"]).decode()},'
+                f'"truncated":{"true" if len(rows) > limit else "false"}'
+            )
 
-        return self._guarded(cur, sql, policy, "tile", fetch)
+        return self._guarded(cur, masked, "tile", fetch)
+
+    def tile_shape(
+        self, cur: duckdb.DuckDBPyConnection, masked: str, params: dict[str, Any]
+    ) -> TileShape | None:
+        """The shape of a (masked) tile query, described once per catalog; None when
+        it cannot be described now (the tile then takes the Python path, which
+        reports its error).
+
+        Runs outside the view's read transaction: a failure here must not end it.
+        """
+        # The catalog (reloaded at most once a second) tells when columns changed.
+        self.catalog(cur)
+        key = (masked, self._catalog_generation)
+        shape = self._shapes.get(key)
+        if shape is not None:
+            return shape
+        try:
+            with self._watchdog.guard(cur, self.settings.tile_timeout_s):
+                cur.execute(describe_sql(masked), params or None).fetchall()
+            description = cur.description or ()
+        except duckdb.Error:
+            return None
+        finally:
+            self.metrics.store_queries.labels("describe").inc()
+        shape = shape_from_description(masked, [(str(d[0]), str(d[1])) for d in description])
+        with self._lock:
+            if len(self._shapes) >= 4096:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
 
     def _guarded(
         self,
         cur: duckdb.DuckDBPyConnection,
-        sql: str,
-        policy: MaskPolicy,
+        masked: str,
         kind: str,
         run: Callable[[str], T],
     ) -> T:
         """``run(masked sql)`` under the tile timeout, counted in the metrics."""
-        masked = self._masked(cur, sql, policy)
         self.metrics.tile_queries.inc()
         self.metrics.store_queries.labels(kind).inc()
         try:
@@ -208,17 +280,23 @@ class StoreReader:
         spec: ViewSpec,
         seq: int,
         now: datetime | None = None,
-    ) -> dict[str, Any]:
+    ) -> ViewResult:
         """Every tile of ``spec`` in one read transaction (blocking; on a read thread).
 
         ``now`` places relative time ranges (default: the clock). Tile results are
         shared with other views computed on the same snapshot (see shared_tiles).
+        The view is encoded to JSON here, from tile results that are JSON already.
         """
         started = time.perf_counter()
         version = self.store.version
         lo, hi = spec.range.bounds(now)
         filters = dict(spec.filters)
-        tiles: list[dict[str, Any]] = []
+        # Queries rendered, masked and described before the transaction: a failure
+        # there must not end it (each tile reports its own error).
+        prepared = [
+            self._prepare(cur, spec, tile, filters, (lo, hi)) for tile in spec.dashboard.tiles
+        ]
+        entries: list[str] = []
         cur.execute("BEGIN TRANSACTION")
         in_tx = True
         try:
@@ -230,77 +308,106 @@ class StoreReader:
                 if self.store.version == version
                 else None
             )
-            for tile in spec.dashboard.tiles:
+            for tile, query in zip(spec.dashboard.tiles, prepared, strict=True):
                 tile_started = time.perf_counter()
-                sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, (lo, hi))
-                entry: dict[str, Any] = {
-                    "name": tile.name,
-                    "chart": tile.chart.value,
-                    "ignored_filters": ignored,
-                }
+                head = (
+                    f'{{"name":{_text(tile.name)},"chart":{_text(tile.chart.value)},'
+                    f'"ignored_filters":{_text(query.ignored)},'
+                )
                 if not in_tx:
                     # A failed tile rolled the transaction back: the next ones read a
                     # newer snapshot, which they must not share under the old name.
                     cur.execute("BEGIN TRANSACTION")
                     in_tx = True
                     snapshot = None
-                result, error = self._tile_result(cur, sql, params, spec.policy, snapshot)
-                if error is None:
-                    entry.update(result)
-                else:
+                body, error = self._tile_result(cur, query, spec.policy, snapshot)
+                if error is not None:
                     self.metrics.errors.labels("tile").inc()
-                    entry["error"] = _tile_error(error)
-                    entry["columns"], entry["rows"] = [], []
+                    body = f'"error":{_text(_tile_error(error))},"columns":[],"rows":[]'
                     cur.execute("ROLLBACK")
                     in_tx = False
-                entry["elapsed_ms"] = round((time.perf_counter() - tile_started) * 1000, 1)
-                tiles.append(entry)
+                elapsed_ms = round((time.perf_counter() - tile_started) * 1000, 1)
+                entries.append(f'{head}{body},"elapsed_ms":{elapsed_ms}}}')
         finally:
             if in_tx:
                 cur.execute("COMMIT")
         elapsed = time.perf_counter() - started
         self.metrics.view_computations.inc()
         self.metrics.view_seconds.observe(elapsed)
-        return {
-            "dashboard": spec.dashboard.name,
-            "version": version,
-            "seq": seq,
-            "as_of": position.commit_ts.isoformat() if position.commit_ts else None,
-            "computed_at": datetime.now(UTC).isoformat(),
-            "range": {"spec": spec.range.spec, "from": lo.isoformat(), "to": hi.isoformat()},
-            "filters": filters,
-            "elapsed_ms": round(elapsed * 1000, 1),
-            "tiles": tiles,
-        }
+        view = dumps(
+            {
+                "dashboard": spec.dashboard.name,
+                "version": version,
+                "seq": seq,
+                "as_of": position.commit_ts.isoformat() if position.commit_ts else None,
+                "computed_at": datetime.now(UTC).isoformat(),
+                "range": {"spec": spec.range.spec, "from": lo.isoformat(), "to": hi.isoformat()},
+                "filters": filters,
+                "elapsed_ms": round(elapsed * 1000, 1),
+            }
+        )
+        payload = b"".join((view[:-1], b',"tiles":[', ",".join(entries).encode(), b"]}"))
+        return ViewResult(version, seq, position.commit_ts, payload)
+
+    def _prepare(
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        spec: ViewSpec,
+        tile: Tile,
+        filters: dict[str, str],
+        bounds: tuple[datetime, datetime],
+    ) -> _TileQuery:
+        sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, bounds)
+        try:
+            masked = self._masked(cur, sql, spec.policy)
+        except (duckdb.Error, SqlRejectedError) as exc:
+            return _TileQuery(sql, params, ignored, None, None, exc)
+        return _TileQuery(sql, params, ignored, masked, self.tile_shape(cur, masked, params), None)
 
     def _tile_result(
         self,
         cur: duckdb.DuckDBPyConnection,
-        sql: str,
-        params: dict[str, Any],
+        query: _TileQuery,
         policy: MaskPolicy,
         snapshot: SnapshotKey | None,
     ) -> tuple[TileResult, BaseException | None]:
-        """One tile's rows: shared when another view ran the same query on ``snapshot``,
-        else run here (and shared). Failures are returned, not raised or shared."""
-        key: TileKey = (sql, tuple(sorted(params.items())), policy.key)
+        """One tile's JSON members: shared when another view ran the same query on
+        ``snapshot``, else run here (and shared). Failures are returned, not raised or
+        shared."""
+        if query.masked is None:
+            return "", query.error
+        key: TileKey = (query.sql, tuple(sorted(query.params.items())), policy.key)
         claimed = False
         if snapshot is not None:
             shared, claimed = self.shared.take(key, snapshot, self.settings.tile_timeout_s)
             if shared is not None:
                 self.metrics.tile_reuses.inc()
-                return {**shared, "shared": True}, None
+                return shared + ',"shared":true', None
         result: TileResult | None = None
         try:
-            columns, rows = self.read_rows(cur, sql, params, policy)
-            limit = self.settings.tile_row_limit
-            result = {"truncated": len(rows) > limit, **rows_to_json(columns, rows[:limit])}
+            result = self.read_tile(cur, query.masked, query.params, query.shape)
             return result, None
         except (duckdb.Error, ReadError, SqlRejectedError) as exc:
-            return {}, exc
+            return "", exc
         finally:
             if claimed and snapshot is not None:
                 self.shared.finish(key, snapshot, result)
+
+
+@dataclass(frozen=True)
+class _TileQuery:
+    """A tile's query for one view: rendered, masked (None: masking failed) and described."""
+
+    sql: str
+    params: dict[str, Any]
+    ignored: list[str]
+    masked: str | None
+    shape: TileShape | None
+    error: BaseException | None
+
+
+def _text(value: Any) -> str:
+    return dumps(value).decode()
 
 
 def _tile_error(exc: BaseException) -> str:

@@ -27,7 +27,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from headrace.serve.compute import StoreReader, ViewSpec
-from headrace.serve.http import dumps
 from headrace.serve.metrics import ServeMetrics
 from headrace.serve.settings import LiveSettings
 
@@ -270,19 +269,24 @@ class LiveHub:
             result = await self.reader.call(
                 lambda cur: self.reader.compute_view(cur, view.spec, seq, now)
             )
-            payload = dumps(result)
-            view.computed_version = int(result["version"])
-            view.event_id = f"{result['version']}-{seq}"
-            view.snapshot = payload
-            view.event = (
-                b"id: " + view.event_id.encode() + b"\nevent: tiles\ndata: " + payload + b"\n\n"
+            # Encoded once on the read thread; every viewer is offered the same bytes.
+            view.computed_version = result.version
+            view.event_id = f"{result.version}-{seq}"
+            view.snapshot = result.payload
+            view.event = b"".join(
+                (
+                    b"id: ",
+                    view.event_id.encode(),
+                    b"\nevent: tiles\ndata: ",
+                    result.payload,
+                    b"\n\n",
+                )
             )
             for viewer in view.viewers:
                 viewer.offer(view.event)
-            if result["as_of"] and view.viewers:
-                as_of = datetime.fromisoformat(result["as_of"])
+            if result.as_of is not None and view.viewers:
                 self.metrics.update_lag.observe(
-                    max(0.0, (datetime.now(UTC) - as_of).total_seconds())
+                    max(0.0, (datetime.now(UTC) - result.as_of).total_seconds())
                 )
         except Exception:
             # A view that cannot be computed must not stop the others; the error is

@@ -33,8 +33,9 @@ SnapshotKey = tuple[int, int | None, datetime | None]
 TileKey = tuple[str, tuple[tuple[str, Any], ...], str]
 """(rendered SQL, its parameters sorted by name, the mask policy's key)."""
 
-TileResult = dict[str, Any]
-"""What a tile query produced: ``columns``, ``rows`` and ``truncated`` (JSON-ready)."""
+TileResult = str
+"""What a tile query produced: the JSON members ``"columns":[...],"rows":[...],"truncated":...``
+(encoded once, spliced into every view that shows the tile)."""
 
 
 class SharedTiles:
