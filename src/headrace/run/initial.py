@@ -31,6 +31,9 @@ import pyarrow as pa
 from headrace.engine.engine import Engine
 from headrace.engine.results import SnapshotLoaded
 from headrace.errors import SourceError
+from headrace.pipeline.catalog import read_table_catalog
+from headrace.pipeline.check_catalog import check_against_catalog
+from headrace.pipeline.load import raise_problems
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.faults import Faults
 from headrace.run.pipeline_source import snapshot_settings, source_dsn
@@ -91,13 +94,18 @@ def _clear_leftovers(engine: Engine) -> None:
                 con.execute(f"DELETE FROM {model.history}")  # noqa: S608 - quoted name
 
 
-def _slot_exists(config: PipelineConfig) -> bool:
+def _check_source(config: PipelineConfig, config_file: str) -> bool:
+    """Check the server, the publication and every column the pipeline names against
+    the tables as they are, before a slot is created (a mistake found later would leave
+    a slot behind, holding WAL); returns whether the slot exists already."""
     source = config.source
     with connect_sql(source_dsn(config), autocommit=True) as conn:
         preflight.check_server(conn)
         preflight.ensure_publication(
             conn, source.publication, tuple(config.table_refs), create=True
         )
+        catalogs = {ref: read_table_catalog(conn, ref) for ref in config.table_refs}
+        raise_problems(check_against_catalog(config, catalogs), config_file)
         return preflight.slot_state(conn, source.slot) is not None
 
 
@@ -160,13 +168,15 @@ def snapshot_into_store(
     progress: ProgressCallback | None = None,
     on_chunk: Callable[[], None] = lambda: None,
     replace_slot: bool = False,
+    config_file: str = "the pipeline file",
 ) -> SnapshotLoaded:
-    """Snapshot every configured table into the store (see module docstring)."""
+    """Snapshot every configured table into the store (see module docstring);
+    ``config_file`` names the pipeline file in errors about it."""
     store = engine.store
     marker = read_marker(store)
     interrupted = marker is not None and marker.get("state") == IN_PROGRESS
     slot = config.source.slot
-    if _slot_exists(config) and not (interrupted or replace_slot):
+    if _check_source(config, config_file) and not (interrupted or replace_slot):
         raise SourceError(
             f"the replication slot {slot} exists but the store {store.path} has no position: "
             "this store never loaded a snapshot from it",

@@ -235,6 +235,7 @@ class Runner:
                 stop=self.stop,
                 progress=progress,
                 replace_slot=self.replace_slot,
+                config_file=str(self.config_path or "the pipeline file"),
             )
         except SnapshotInterruptedError:
             self.display.snapshot_ended()
