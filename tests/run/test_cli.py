@@ -79,6 +79,7 @@ def test_status_while_running_and_after(pg_db: PgDatabase, tmp_path: Path) -> No
     empty = headrace("status", "--config", config, "--json")
     assert empty.returncode == 0, empty.stderr
     assert json.loads(empty.stdout)["phase"] == "empty"
+    assert "nothing loaded yet" in headrace("status", "--config", config).stdout
     run = RunProcess(pipeline)
     run.wait_streaming()
     with BackgroundWriter(pipeline, rate=1000):

@@ -323,6 +323,12 @@ def render_status(document: dict[str, Any], console: Console) -> None:
     if running and document.get("pid"):
         head += f"  (pid {document['pid']})"
     console.print(head)
+    if phase == "empty" and not running:
+        console.print(
+            "nothing loaded yet: `headrace run --config FILE` snapshots the tables into this "
+            "store, then streams"
+        )
+        return
     line = [
         f"position {document.get('position_lsn') or '-'}",
         f"last commit {_when(document.get('position_commit_ts'))}",
