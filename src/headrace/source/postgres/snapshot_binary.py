@@ -10,13 +10,10 @@ CPU-s instead of 0.85-1.0 for CSV; client decoding ~0.1 s instead of ~0.65
 
 Only built-in types whose binary form is simple and whose values come out
 exactly as the stream's text conversion gives them are decoded from binary
-(:data:`BINARY_TYPE_OIDS`). ``numeric(p, s)`` with ``p <= 18`` is decoded
-from its binary form too (base-10000 digits summed into the int64 unscaled
-value of its ``decimal128(p, s)``; exact, as the declared precision bounds
-every value); any other ``numeric`` is selected as ``col::text`` (an I/O
-conversion, i.e. ``numeric_out``, the text the stream sees) and goes through
-the text converter. A table with any other column type (domains included)
-is copied as CSV (:mod:`.snapshot_copy`).
+(:data:`BINARY_TYPE_OIDS`); ``numeric`` is selected as ``col::text`` (an
+I/O conversion, i.e. ``numeric_out``, the text the stream sees) and goes
+through the text converter. A table with any other column type (domains
+included) is copied as CSV (:mod:`.snapshot_copy`).
 
 How a block is decoded: the receive loop records where each row (one
 CopyData message) starts. For each column in turn, the field lengths of all
@@ -80,31 +77,6 @@ text form may differ by their base type's rules, so they go through CSV)."""
 
 _OUTSIDE: Final = "value outside the Arrow type's range"
 
-# numeric's binary form: ndigits, weight, sign, dscale (int16 each), then
-# ndigits base-10000 digits (int16), most significant first; the value is
-# sum(digit[k] * 10000 ** (weight - k)).
-_NUMERIC_HEADER: Final = 8
-_NUMERIC_POS, _NUMERIC_NEG = 0x0000, 0x4000
-# Up to this precision every unscaled value (< 10**18) fits int64.
-_NUMERIC_BINARY_MAX_PRECISION: Final = 18
-_MAX_EXPONENT: Final = 18
-# 10 ** max(e, 0) and 10 ** max(-e, 0) for e = -18 .. 18 (at index e + 18).
-_TEN_TO_UP: Final = np.array(
-    [10 ** max(e, 0) for e in range(-_MAX_EXPONENT, _MAX_EXPONENT + 1)], dtype=np.int64
-)
-_TEN_TO_DOWN: Final = np.array(
-    [10 ** max(-e, 0) for e in range(-_MAX_EXPONENT, _MAX_EXPONENT + 1)], dtype=np.int64
-)
-# 18 decimal digits span at most 6 base-10000 digits.
-_NUMERIC_MAX_DIGITS: Final = 6
-_U64: Final = np.dtype(">u8")
-# Which of the 4 digits in an 8-byte read belong to a value of 0-4 digits
-# (the rest are bytes past its end), and of the 2 after them for 4-6 digits.
-_DIGIT_MASKS: Final = np.array(
-    [0, 0xFFFF << 48, 0xFFFFFFFF << 32, 0xFFFFFFFFFFFF << 16, 0xFFFFFFFFFFFFFFFF], dtype=np.uint64
-)
-_LOW_DIGIT_MASKS: Final = np.array([0, 0xFFFF0000, 0xFFFFFFFF], dtype=np.uint64)
-
 # Padding after the data, so gathering a fixed-width value at a NULL field's
 # position (whose bytes belong to the next field) never reads past the end.
 PADDING: Final = 16
@@ -133,21 +105,7 @@ def binary_copyable(schema: TableSchema) -> bool:
 
 def text_cast_columns(schema: TableSchema) -> frozenset[str]:
     """Columns selected as ``col::text`` in a binary COPY (their text form is decoded)."""
-    return frozenset(
-        c.name
-        for c in schema.columns
-        if c.type_oid not in BINARY_TYPE_OIDS and not _binary_numeric(c)
-    )
-
-
-def _binary_numeric(column: Column) -> bool:
-    """A ``numeric(p, s)`` whose unscaled values fit int64 (decoded from binary)."""
-    arrow_type = column.arrow_type
-    return (
-        column.type_oid == NUMERIC_OID
-        and pa.types.is_decimal128(arrow_type)
-        and arrow_type.precision <= _NUMERIC_BINARY_MAX_PRECISION
-    )
+    return frozenset(c.name for c in schema.columns if c.type_oid not in BINARY_TYPE_OIDS)
 
 
 def header_length(first_message: bytes) -> int:
@@ -186,9 +144,8 @@ def binary_block_to_arrow(
         position = values_at + sizes
         if np.any(position > ends):
             raise _malformed(schema, f"a value of column {column.name} runs past its row")
-        decode = _numeric if _binary_numeric(column) else _column
         arrays.append(
-            decode(
+            _column(
                 buffer,
                 data,
                 column,
@@ -245,96 +202,6 @@ def _column(
         return pa.array(days.astype(np.int32), type=pa.int32(), mask=mask).view(column.arrow_type)
     native = values.astype(dtype.newbyteorder("="))
     return pa.array(native, type=column.arrow_type, mask=mask)
-
-
-def _numeric(
-    buffer: npt.NDArray[np.uint8],
-    data: pa.Buffer,  # unused: the same signature as _column
-    column: Column,
-    *,
-    values_at: npt.NDArray[np.int64],
-    sizes: npt.NDArray[np.int64],
-    valid: npt.NDArray[np.bool_],
-    registry: TypeRegistry,
-    schema: TableSchema,
-) -> pa.Array:
-    """A ``numeric(p, s)`` column (``p <= 18``) from its binary form, as ``decimal128(p, s)``.
-
-    Digit k is worth ``10 ** (4 * (weight - k) + s)`` units of the unscaled
-    value; a negative exponent divides exactly (PostgreSQL rounded the value
-    to ``s`` decimals, so the digits below are zeros). ``NaN`` (a numeric
-    with a declared precision cannot hold infinities) goes through the text
-    converter, which makes it NULL and reports it, as for streamed values.
-    """
-    arrow_type = column.arrow_type
-    n = len(values_at)
-    # A NULL field has no header: read it at a harmless place instead.
-    at = np.where(valid, values_at, 0)
-    # One gather for the whole header (gathers are the costly part).
-    header = _gather(buffer, at, _U64)
-    ndigits = np.where(valid, header >> 48, 0).astype(np.int64)
-    weight = ((header >> 32) & 0xFFFF).astype(np.uint16).view(np.int16).astype(np.int64)
-    sign = (header >> 16) & 0xFFFF
-    if np.any(valid & (sizes != _NUMERIC_HEADER + 2 * ndigits)):
-        raise _malformed(schema, f"a value of column {column.name} has the wrong width")
-    # The first digit (never 0) is worth 10 ** first_exponent units, and
-    # the value (< 10 ** p units) at least that: checked, no sum below can
-    # overflow int64. At most 6 digits span 18 decimal digits (this also keeps
-    # the 8-byte reads below inside the block's padding).
-    first_exponent = 4 * weight + arrow_type.scale
-    most = int(ndigits.max(initial=0))
-    if most > _NUMERIC_MAX_DIGITS or np.any(
-        (ndigits > 0) & (first_exponent >= arrow_type.precision)
-    ):
-        raise _malformed(schema, f"a value of column {column.name} exceeds its precision")
-    special = valid & (sign != _NUMERIC_POS) & (sign != _NUMERIC_NEG)
-    # Digits 0-3 as one integer (Horner, digits past a value's end masked to
-    # 0), worth 10 ** (first_exponent - 12) units each; digits 4-5 likewise.
-    # A negative exponent divides exactly: the digits below s are zeros.
-    unscaled = np.zeros(n, dtype=np.int64)
-    if most:
-        word = _gather(buffer, at + _NUMERIC_HEADER, _U64) & _DIGIT_MASKS[np.minimum(ndigits, 4)]
-        unscaled = _times_ten_to(_horner(word), first_exponent - 12)
-    if most > 4:
-        low = (_gather(buffer, at + _NUMERIC_HEADER + 8, _U64) >> 32) & _LOW_DIGIT_MASKS[
-            np.clip(ndigits - 4, 0, 2)
-        ]
-        unscaled += _times_ten_to(_horner(low), first_exponent - 20)
-    unscaled = np.where(sign == _NUMERIC_NEG, -unscaled, unscaled)
-    if special.any():
-        # NaN: the text converter's verdict (NULL) and its accounting.
-        specials = pa.array(["NaN"] * int(special.sum()), type=pa.string())
-        converted = text_column_to_arrow(specials, arrow_type, registry=registry, column=column)
-        if converted.null_count != len(converted):  # pragma: no cover - the converter's rule
-            raise _malformed(schema, f"NaN in column {column.name} did not become NULL")
-        valid = valid & ~special
-    # decimal128: 16-byte little-endian two's complement per value.
-    wide = np.empty((n, 2), dtype=np.int64)
-    wide[:, 0] = unscaled
-    wide[:, 1] = unscaled >> 63
-    validity = None if valid.all() else pa.array(valid, type=pa.bool_()).buffers()[1]
-    return pa.Array.from_buffers(arrow_type, n, [validity, pa.py_buffer(wide)])
-
-
-def _horner(word: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
-    """The base-10000 digits packed in ``word`` (16 bits each, most
-    significant first) as one integer (in place: this runs per block)."""
-    value = word >> 48
-    digit = np.empty_like(word)
-    for shift in (32, 16, 0):
-        value *= 10_000
-        np.right_shift(word, shift, out=digit)
-        digit &= 0xFFFF
-        value += digit
-    return value.view(np.int64)
-
-
-def _times_ten_to(
-    value: npt.NDArray[np.int64], exponent: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64]:
-    """``value * 10 ** exponent``, dividing (exactly, as the caller knows) for a negative one."""
-    at = np.clip(exponent, -_MAX_EXPONENT, _MAX_EXPONENT) + _MAX_EXPONENT
-    return value * _TEN_TO_UP[at] // _TEN_TO_DOWN[at]
 
 
 def _gather(
