@@ -8,6 +8,7 @@ share one "as of" (the newest source commit in ``headrace.position``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -310,10 +311,7 @@ class StoreReader:
             )
             for tile, query in zip(spec.dashboard.tiles, prepared, strict=True):
                 tile_started = time.perf_counter()
-                head = (
-                    f'{{"name":{_text(tile.name)},"chart":{_text(tile.chart.value)},'
-                    f'"ignored_filters":{_text(query.ignored)},'
-                )
+                head = _tile_head(tile.name, tile.chart.value, tuple(query.ignored))
                 if not in_tx:
                     # A failed tile rolled the transaction back: the next ones read a
                     # newer snapshot, which they must not share under the old name.
@@ -408,6 +406,14 @@ class _TileQuery:
 
 def _text(value: Any) -> str:
     return dumps(value).decode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile_head(name: str, chart: str, ignored: tuple[str, ...]) -> str:
+    """A tile entry's first members (the same for every computation of the tile)."""
+    return (
+        f'{{"name":{_text(name)},"chart":{_text(chart)},"ignored_filters":{_text(list(ignored))},'
+    )
 
 
 def _tile_error(exc: BaseException) -> str:
