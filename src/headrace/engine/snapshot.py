@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 
 import duckdb
@@ -53,8 +54,13 @@ def append_chunk(
             con.execute(
                 f"INSERT INTO {model.history} ({names}) SELECT {values} FROM _hr_snapshot", [at]
             )
-    finally:
-        con.unregister("_hr_snapshot")
+    except BaseException:
+        # A failed INSERT aborts the transaction, and then unregister fails too:
+        # the INSERT's error is the one that says what happened.
+        with contextlib.suppress(duckdb.Error):
+            con.unregister("_hr_snapshot")
+        raise
+    con.unregister("_hr_snapshot")
 
 
 def write_snapshot_meta(
