@@ -26,3 +26,9 @@ def test_bench_snapshot_prints_rates_and_a_json_line() -> None:
     assert last["ratio_store_vs_arrow"] == result.ratio_store_vs_arrow
     assert {"store_client_cpu_s", "meets_target_end_to_end"} <= set(last)
     assert any("end to end into DuckDB" in line for line in lines)
+    # The CPU budget: where the CPU goes and the rate it allows on these cores.
+    assert last["end_to_end_cpu_per_million_s"] > 0
+    assert last["cpu_ceiling_rows_per_s"] > 0
+    assert last["target_reachable"] == (last["cpu_ceiling_rows_per_s"] >= 1_000_000)
+    budget = next(line for line in lines if line.startswith("CPU per 1M rows end to end"))
+    assert ("out of reach" in budget) != last["target_reachable"]

@@ -22,6 +22,17 @@ processes): on a shared machine they are steadier than wall time, and their
 sum bounds the rate on an idle one (rows / (client + server CPU) x cores).
 The last line is one JSON object.
 Target (issue 3): >= 1M rows/s end to end into DuckDB.
+
+The CPU budget line splits the end-to-end CPU per 1M rows into the server's
+COPY, the client's copy (receive + decode, from run 3) and the store's share
+(the rest of run 4's client CPU). With PostgreSQL on the same cores, no
+overlap can beat ``cores / CPU-s per row``: when that ceiling is below the
+target, the bench says the target is out of reach on this machine.
+Measured on the 2-core development machine (medians, CPU-s per 1M rows of
+the bench's table): server 0.5-0.6, client receive 0.45-0.5 (the Python loop
+libpq's one-message-per-row forces), decode 0.22-0.25, DuckDB append
+0.5-0.65: 1.8-2.0 CPU-s, i.e. at most 1.0-1.1M rows/s with both cores busy
+and nothing else running, before GIL hand-offs; in practice 0.6-0.8M.
 """
 
 from __future__ import annotations
@@ -133,6 +144,20 @@ class SnapshotBenchResult:
     ratio_store_vs_arrow: float
     """End-to-end rate over the into-Arrow rate (1.0: storing costs no wall time)."""
     ratio_store_vs_raw_parallel: float
+    cores: int
+    server_cpu_per_million_s: float
+    """Server CPU-seconds per 1M rows of the end-to-end run (the COPY backends)."""
+    copy_client_cpu_per_million_s: float
+    """Client CPU-seconds per 1M rows to receive and decode into Arrow (run 3)."""
+    store_client_cpu_per_million_s: float
+    """The store's share: end-to-end client CPU minus the copy's, per 1M rows."""
+    end_to_end_cpu_per_million_s: float
+    """Client + server CPU-seconds per 1M rows end to end."""
+    cpu_ceiling_rows_per_s: float
+    """``cores / CPU-s per row``: the end-to-end rate if every core did nothing
+    else, with perfect overlap (PostgreSQL runs on the same cores)."""
+    target_reachable: bool
+    """The CPU ceiling reaches the target (else no overlap can reach it here)."""
     target_rows_per_s: int
     meets_target: bool
     """The into-Arrow rate reaches the target."""
@@ -171,6 +196,10 @@ def run(
         drop_slot(dsn, SLOT)
     rate = rows / snapshot.seconds
     store_rate = rows / stored.seconds
+    cores = os.cpu_count() or 1
+    per_million = 1_000_000 / rows
+    end_to_end_cpu = stored.client_cpu_s + stored.server_cpu_s
+    ceiling = rows * cores / max(end_to_end_cpu, 1e-9)
     result = SnapshotBenchResult(
         rows=rows,
         workers=workers,
@@ -198,11 +227,19 @@ def run(
         store_rows_per_cpu_s=round(rows / max(stored.client_cpu_s + stored.server_cpu_s, 1e-9)),
         ratio_store_vs_arrow=round(snapshot.seconds / stored.seconds, 3),
         ratio_store_vs_raw_parallel=round(raw_parallel.seconds / stored.seconds, 3),
+        cores=cores,
+        server_cpu_per_million_s=round(stored.server_cpu_s * per_million, 3),
+        copy_client_cpu_per_million_s=round(snapshot.client_cpu_s * per_million, 3),
+        store_client_cpu_per_million_s=round(
+            max(stored.client_cpu_s - snapshot.client_cpu_s, 0.0) * per_million, 3
+        ),
+        end_to_end_cpu_per_million_s=round(end_to_end_cpu * per_million, 3),
+        cpu_ceiling_rows_per_s=round(ceiling),
+        target_reachable=ceiling >= TARGET_ROWS_PER_S,
         target_rows_per_s=TARGET_ROWS_PER_S,
         meets_target=rate >= TARGET_ROWS_PER_S,
         meets_target_end_to_end=store_rate >= TARGET_ROWS_PER_S,
     )
-    cores = os.cpu_count() or 1
     if load > cores / 2:
         out.print(
             f"note: the machine was busy (load average {load:.1f} on {cores} cores); "
@@ -214,8 +251,29 @@ def run(
         f"{result.ratio_store_vs_arrow:.2f}x; target {TARGET_ROWS_PER_S:,} rows/s end to end "
         + ("met" if result.meets_target_end_to_end else "NOT met")
     )
+    out.print(_budget_line(result), soft_wrap=True)
     out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
     return result
+
+
+def _budget_line(result: SnapshotBenchResult) -> str:
+    """Where the end-to-end CPU goes, and what it allows on this machine."""
+    budget = (
+        f"CPU per 1M rows end to end: server {result.server_cpu_per_million_s:.2f} + client copy "
+        f"{result.copy_client_cpu_per_million_s:.2f} + store "
+        f"{result.store_client_cpu_per_million_s:.2f} = "
+        f"{result.end_to_end_cpu_per_million_s:.2f} CPU-s; {result.cores} cores allow at most "
+        f"{result.cpu_ceiling_rows_per_s:,.0f} rows/s"
+    )
+    if result.target_reachable:
+        return budget
+    needed = result.cores * 1_000_000 / result.target_rows_per_s
+    return (
+        f"{budget}. {result.target_rows_per_s:,} rows/s end to end is out of reach on "
+        f"{result.cores} cores with PostgreSQL on the same cores: it needs at most "
+        f"{needed:.2f} CPU-s per 1M rows (server + client), this path spends "
+        f"{result.end_to_end_cpu_per_million_s:.2f}"
+    )
 
 
 def _postmaster(cluster: ThrowawayPostgres) -> psutil.Process:
