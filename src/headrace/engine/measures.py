@@ -20,8 +20,9 @@ approx_count_distinct       side table (bucket, dims, reg, rho,  HyperLogLog est
 ==========================  ===================================  =========================
 
 min/max under retraction: when a batch retracts a value equal to (or
-beyond) the current extreme of a group, the group is recomputed from the
-mirror after the batch (see :meth:`Extreme.recompute_condition`).
+beyond) the current extreme of a group and adds none at or beyond it, the
+group is recomputed from the mirror after the batch (see
+:meth:`Extreme.recompute_condition`).
 
 approx_count_distinct keeps, per group, register and rank (the HyperLogLog
 register index and the position of the lowest set bit of the rest of the
@@ -248,8 +249,15 @@ class Extreme(Measure):
         return f"{state}.{self.part('v')}"
 
     def recompute_condition(self, state: str, delta: str) -> str | None:
+        """The batch retracted a value at (or beyond) the current extreme and added none
+        at or beyond it: when it added one, every remaining row is on the other side of
+        the old extreme, so the added extreme is the new one (no recompute)."""
         retracted, v = f"{delta}.{self.part('retracted')}", f"{state}.{self.part('v')}"
-        return f"({retracted} IS NOT NULL AND {retracted} {self.beyond} {v})"
+        added = f"{delta}.{self.part('v')}"
+        return (
+            f"({retracted} IS NOT NULL AND {retracted} {self.beyond} {v} "
+            f"AND ({added} IS NULL OR NOT ({added} {self.beyond} {v})))"
+        )
 
     def merge_recomputed(self, state: str, delta: str) -> list[str]:
         """:meth:`merge`, taking the recomputed extreme (``_hr_m<i>_r``) when the batch
