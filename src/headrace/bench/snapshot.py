@@ -29,10 +29,13 @@ COPY, the client's copy (receive + decode, from run 3) and the store's share
 overlap can beat ``cores / CPU-s per row``: when that ceiling is below the
 target, the bench says the target is out of reach on this machine.
 Measured on the 2-core development machine (medians, CPU-s per 1M rows of
-the bench's table): server 0.5-0.6, client receive 0.45-0.5 (the Python loop
-libpq's one-message-per-row forces), decode 0.22-0.25, DuckDB append
-0.5-0.65: 1.8-2.0 CPU-s, i.e. at most 1.0-1.1M rows/s with both cores busy
-and nothing else running, before GIL hand-offs; in practice 0.6-0.8M.
+the bench's table, quiet to busy): server 0.4-0.6, client receive 0.45-0.5
+(the Python loop libpq's one-message-per-row forces), decode 0.22-0.25,
+DuckDB append 0.5-0.65: 1.6-2.0 CPU-s, i.e. at most 1.0-1.25M rows/s with
+both cores doing nothing else and perfect overlap. Five busy threads (two
+COPY backends, two receivers, DuckDB), GIL hand-offs and the pipeline's fill
+and drain leave 0.5-0.8M rows/s in practice: 1M rows/s end to end is out of
+reach on 2 cores shared with PostgreSQL.
 """
 
 from __future__ import annotations
@@ -263,7 +266,8 @@ def _budget_line(result: SnapshotBenchResult) -> str:
         f"{result.copy_client_cpu_per_million_s:.2f} + store "
         f"{result.store_client_cpu_per_million_s:.2f} = "
         f"{result.end_to_end_cpu_per_million_s:.2f} CPU-s; {result.cores} cores allow at most "
-        f"{result.cpu_ceiling_rows_per_s:,.0f} rows/s"
+        f"{result.cpu_ceiling_rows_per_s:,.0f} rows/s (this run reached "
+        f"{result.store_rows_per_s / max(result.cpu_ceiling_rows_per_s, 1):.0%} of it)"
     )
     if result.target_reachable:
         return budget

@@ -28,16 +28,16 @@ version numbers.
 
 Cost (measured on 2 cores, 1M rows of int8, numeric(18,2), text,
 timestamptz, bool): tables whose column types all have a simple binary form
-are copied in binary (:mod:`.snapshot_binary`): the server spends ~0.5-0.6
+are copied in binary (:mod:`.snapshot_binary`): the server spends ~0.4-0.6
 CPU-s instead of ~0.9 for CSV, and the client ~0.45-0.5 receiving (one
 Python call per row, holding the GIL: libpq hands over one message per row)
 plus ~0.22-0.25 decoding (instead of ~0.65 CSV parsing and conversion).
 Other tables are copied as CSV. Storing into DuckDB costs another ~0.5-0.65
 CPU-s, in DuckDB's threads, concurrently with the copy (the consumer appends
-while the workers receive the next chunks). End to end that is 1.8-2.0
-CPU-s per 1M rows: with PostgreSQL on the same 2 cores, at most ~1M rows/s
-even with perfect overlap; ``headrace bench snapshot`` prints the budget of
-each run.
+while the workers receive the next chunks). End to end that is 1.6-2.0
+CPU-s per 1M rows: with PostgreSQL on the same 2 cores, at most 1.0-1.25M
+rows/s even with perfect overlap, 0.5-0.8M in practice; ``headrace bench
+snapshot`` prints the budget of each run.
 
 Interrupted snapshots: when the copy fails or the consumer stops early (the
 chunk iterator is closed), the half-made slot is dropped. After a crash that
