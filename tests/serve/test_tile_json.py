@@ -21,10 +21,11 @@ from headrace.serve.settings import LiveSettings
 from headrace.serve.tile_json import (
     TileShape,
     describe_sql,
+    render_sql,
     rows_json,
     shape_from_description,
 )
-from headrace.serve.tiles import ChartType, Dashboard, Tile, TimeRange
+from headrace.serve.tiles import ChartType, Dashboard, Dimension, Tile, TimeRange
 
 CELLS = """
 SELECT * FROM (VALUES
@@ -56,20 +57,24 @@ def con(tmp_path: Path) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def shape_of(con: duckdb.DuckDBPyConnection, sql: str) -> TileShape:
     con.execute(describe_sql(sql)).fetchall()
-    return shape_from_description(sql, [(str(d[0]), str(d[1])) for d in con.description or ()])
+    return shape_from_description([(str(d[0]), str(d[1])) for d in con.description or ()])
 
 
-def rendered(con: duckdb.DuckDBPyConnection, shape: TileShape, limit: int = 5000) -> Any:
-    assert shape.render_sql is not None
-    text, _ = rows_json(con.execute(shape.render_sql).fetchall(), limit)
-    return json.loads(text, parse_float=Decimal)
+def render(con: duckdb.DuckDBPyConnection, shape: TileShape, sql: str, limit: int) -> Any:
+    rendering = render_sql(shape, sql)
+    assert rendering is not None
+    return rows_json(con.execute(rendering).fetchall(), limit)
+
+
+def rendered(con: duckdb.DuckDBPyConnection, shape: TileShape, sql: str, limit: int = 5000) -> Any:
+    return json.loads(render(con, shape, sql, limit)[0], parse_float=Decimal)
 
 
 def test_cells_render_as_the_python_path_renders_them_with_exact_decimals(
     con: duckdb.DuckDBPyConnection,
 ) -> None:
     shape = shape_of(con, CELLS)
-    rows = rendered(con, shape)
+    rows = rendered(con, shape, CELLS)
     con.execute(CELLS)
     python_rows = con.fetchall()
     columns = [(str(d[0]), str(d[1])) for d in con.description or ()]
@@ -105,20 +110,18 @@ def test_rows_keep_the_query_order_and_are_cut_at_the_limit(
     sql = "SELECT k, i FROM t ORDER BY k DESC, i"
     expected = [list(r) for r in con.execute(sql).fetchall()]
     shape = shape_of(con, sql)
-    assert rendered(con, shape, limit=50_000) == expected
-    assert shape.render_sql is not None
-    text, truncated = rows_json(con.execute(shape.render_sql).fetchall(), 5000)
+    assert rendered(con, shape, sql, limit=50_000) == expected
+    text, truncated = render(con, shape, sql, 5000)
     assert truncated
     assert json.loads(text) == expected[:5000]
-    empty = shape_of(con, "SELECT k FROM t WHERE false")
-    assert empty.render_sql is not None
-    assert rows_json(con.execute(empty.render_sql).fetchall(), 10) == ("[]", False)
+    empty = "SELECT k FROM t WHERE false"
+    assert render(con, shape_of(con, empty), empty, 10) == ("[]", False)
 
 
 def test_types_without_a_rendering_take_the_python_path(con: duckdb.DuckDBPyConnection) -> None:
     for sql in ("SELECT [1, 2] AS l", "SELECT {'a': 1} AS s", "SELECT 1 AS x, MAP {'k': 1} AS m"):
         shape = shape_of(con, sql)
-        assert shape.render_sql is None
+        assert render_sql(shape, sql) is None
         assert json.loads(shape.columns_json)[0]["name"] in ("l", "s", "x")
 
 
@@ -147,14 +150,27 @@ def test_a_view_renders_in_duckdb_falls_back_and_follows_column_changes(tmp_path
     store.con.execute("CREATE TABLE mirror.t AS SELECT 1 AS id, 2.50::DECIMAL(10, 2) AS amount")
     dashboard = Dashboard(
         name="d",
+        dimensions=[Dimension(name="id")],
         tiles=[
             Tile(name="rows", chart=ChartType.TABLE, query="SELECT * FROM mirror.t;\n-- end"),
             Tile(name="nested", query="SELECT [id, id] AS pair FROM mirror.t"),
             Tile(name="missing", query="SELECT * FROM mirror.nowhere"),
-            Tile(name="after", chart=ChartType.STAT, query="SELECT count(*) AS n FROM mirror.t"),
+            Tile(
+                name="after",
+                chart=ChartType.STAT,
+                query="SELECT count(*) AS n FROM mirror.t WHERE {filters}",
+            ),
         ],
     )
-    reader = StoreReader(store, LiveSettings(), ServeMetrics(store.cursor))
+    metrics = ServeMetrics(store.cursor)
+    reader = StoreReader(store, LiveSettings(), metrics)
+
+    def describes() -> float:
+        value = metrics.registry.get_sample_value(
+            "headrace_serve_store_queries_total", {"kind": "describe"}
+        )
+        return value or 0.0
+
     cur = store.cursor()
     spec = ViewSpec(dashboard, TimeRange.parse("1h"), (), MaskPolicy())
     try:
@@ -172,6 +188,14 @@ def test_a_view_renders_in_duckdb_falls_back_and_follows_column_changes(tmp_path
         assert tiles["missing"]["error"].startswith("not in the store yet")
         assert tiles["missing"]["rows"] == []
         assert tiles["after"]["rows"] == [[1]]
+
+        # Another filter set: other SQL, same columns, nothing described again.
+        before = describes()
+        filtered = ViewSpec(dashboard, TimeRange.parse("1h"), (("id", "2"),), MaskPolicy())
+        view = json.loads(reader.compute_view(cur, filtered, 2).payload)
+        assert {t["name"]: t["rows"] for t in view["tiles"]}["after"] == [[0]]
+        # Only the tile that failed to describe (missing relation) tries again.
+        assert describes() - before == 1
 
         # The table is replaced with other columns: the catalog, reloaded at most once
         # a second when the version moved, makes the tiles be described again.

@@ -28,7 +28,13 @@ from headrace.serve.settings import LiveSettings
 from headrace.serve.shared_tiles import SharedTiles, SnapshotKey, TileKey, TileResult
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
 from headrace.serve.store import ServedStore, read_position
-from headrace.serve.tile_json import TileShape, describe_sql, rows_json, shape_from_description
+from headrace.serve.tile_json import (
+    TileShape,
+    describe_sql,
+    render_sql,
+    rows_json,
+    shape_from_description,
+)
 from headrace.serve.tiles import Dashboard, Tile, TimeRange, render_tile_query
 from headrace.serve.watchdog import Watchdog
 
@@ -85,9 +91,11 @@ class StoreReader:
         # or columns changed starts a new generation (and empties this).
         self._masked_sql: dict[tuple[str, str, int], str] = {}
         self._catalog_generation = 0
-        # Tile query shapes (columns, JSON rendering) by (masked SQL, catalog
-        # generation); see tile_json.
-        self._shapes: dict[tuple[str, int], TileShape] = {}
+        # Tile query shapes (columns, JSON rendering) by (configured query, mask
+        # policy, catalog generation), and rendering queries by masked SQL; see
+        # tile_json. Emptied with the masked SQL when the catalog changes.
+        self._shapes: dict[tuple[str, str, int], TileShape] = {}
+        self._renders: dict[str, str] = {}
         self.shared = SharedTiles(keep_s=max(settings.view_grace_s, 60.0))
 
     # threads and cursors ---------------------------------------------------
@@ -140,6 +148,7 @@ class StoreReader:
                 self._catalog_generation += 1
                 self._masked_sql.clear()
                 self._shapes.clear()
+                self._renders.clear()
         self._catalog = (version, now, catalog)
         return catalog
 
@@ -165,29 +174,25 @@ class StoreReader:
             lambda masked: cur.sql(masked, params=params or None).to_arrow_table(),
         )
 
-    def read_tile(
-        self,
-        cur: duckdb.DuckDBPyConnection,
-        masked: str,
-        params: dict[str, Any],
-        shape: TileShape | None,
-    ) -> TileResult:
+    def read_tile(self, cur: duckdb.DuckDBPyConnection, query: _TileQuery) -> TileResult:
         """A tile's ``"columns":[...],"rows":[...],"truncated":...`` JSON members, with a
-        timeout. ``masked`` has the masks applied already.
+        timeout.
 
-        With a shape that renders in DuckDB (see tile_json) the GIL is held for one
-        string per row; otherwise the rows come as Python objects, converted here.
+        With a rendering query (see tile_json) the GIL is held for one string per
+        row; otherwise the rows come as Python objects, converted here.
         """
         limit = self.settings.tile_row_limit
-        if shape is not None and shape.render_sql is not None:
-            render_sql = shape.render_sql
+        masked, params, shape = query.masked or "", query.params, query.shape
+        rendering = self._rendering(masked, shape)
+        if shape is not None and rendering is not None:
+            columns_json = shape.columns_json
 
             def render(_: str) -> TileResult:
                 rows, truncated = rows_json(
-                    cur.execute(render_sql, params or None).fetchall(), limit
+                    cur.execute(rendering, params or None).fetchall(), limit
                 )
                 return (
-                    f'"columns":{shape.columns_json},"rows":{rows},'
+                    f'"columns":{columns_json},"rows":{rows},'
                     f'"truncated":{"true" if truncated else "false"}'
                 )
 
@@ -196,7 +201,8 @@ class StoreReader:
             except duckdb.Error:
                 # Perhaps the columns changed: describe again next time.
                 with self._lock:
-                    self._shapes.pop((masked, self._catalog_generation), None)
+                    self._shapes.pop(query.shape_key, None)
+                    self._renders.pop(masked, None)
                 raise
 
         def fetch(_: str) -> TileResult:
@@ -211,18 +217,34 @@ class StoreReader:
 
         return self._guarded(cur, masked, "tile", fetch)
 
+    def _rendering(self, masked: str, shape: TileShape | None) -> str | None:
+        """The rendering query of ``masked`` (made once per SQL text)."""
+        if shape is None or shape.cells is None:
+            return None
+        rendering = self._renders.get(masked)
+        if rendering is None:
+            rendering = render_sql(shape, masked)
+            with self._lock:
+                if len(self._renders) >= 4096:
+                    self._renders.clear()
+                if rendering is not None:
+                    self._renders[masked] = rendering
+        return rendering
+
     def tile_shape(
-        self, cur: duckdb.DuckDBPyConnection, masked: str, params: dict[str, Any]
+        self,
+        cur: duckdb.DuckDBPyConnection,
+        key: tuple[str, str, int],
+        masked: str,
+        params: dict[str, Any],
     ) -> TileShape | None:
-        """The shape of a (masked) tile query, described once per catalog; None when
-        it cannot be described now (the tile then takes the Python path, which
-        reports its error).
+        """The shape of a tile query, described once per ``key`` (configured query,
+        mask policy, catalog generation: filters do not change a tile's columns);
+        None when it cannot be described now (the tile then takes the Python path,
+        which reports its error).
 
         Runs outside the view's read transaction: a failure here must not end it.
         """
-        # The catalog (reloaded at most once a second) tells when columns changed.
-        self.catalog(cur)
-        key = (masked, self._catalog_generation)
         shape = self._shapes.get(key)
         if shape is not None:
             return shape
@@ -234,11 +256,12 @@ class StoreReader:
             return None
         finally:
             self.metrics.store_queries.labels("describe").inc()
-        shape = shape_from_description(masked, [(str(d[0]), str(d[1])) for d in description])
+        shape = shape_from_description([(str(d[0]), str(d[1])) for d in description])
         with self._lock:
             if len(self._shapes) >= 4096:
                 self._shapes.clear()
-            self._shapes[key] = shape
+            if key[2] == self._catalog_generation:
+                self._shapes[key] = shape
         return shape
 
     def _guarded(
@@ -356,11 +379,15 @@ class StoreReader:
         bounds: tuple[datetime, datetime],
     ) -> _TileQuery:
         sql, params, ignored = render_tile_query(spec.dashboard, tile, filters, bounds)
+        # The catalog (reloaded at most once a second) tells when columns changed.
+        self.catalog(cur)
+        shape_key = (tile.query, spec.policy.key, self._catalog_generation)
         try:
             masked = self._masked(cur, sql, spec.policy)
         except (duckdb.Error, SqlRejectedError) as exc:
-            return _TileQuery(sql, params, ignored, None, None, exc)
-        return _TileQuery(sql, params, ignored, masked, self.tile_shape(cur, masked, params), None)
+            return _TileQuery(sql, params, ignored, None, None, shape_key, exc)
+        shape = self.tile_shape(cur, shape_key, masked, params)
+        return _TileQuery(sql, params, ignored, masked, shape, shape_key, None)
 
     def _tile_result(
         self,
@@ -383,7 +410,7 @@ class StoreReader:
                 return shared + ',"shared":true', None
         result: TileResult | None = None
         try:
-            result = self.read_tile(cur, query.masked, query.params, query.shape)
+            result = self.read_tile(cur, query)
             return result, None
         except (duckdb.Error, ReadError, SqlRejectedError) as exc:
             return "", exc
@@ -401,6 +428,7 @@ class _TileQuery:
     ignored: list[str]
     masked: str | None
     shape: TileShape | None
+    shape_key: tuple[str, str, int]
     error: BaseException | None
 
 

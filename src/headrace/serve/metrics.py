@@ -103,7 +103,7 @@ class ServeMetrics:
             "headrace_serve_store_queries",
             "Statements the read threads ran against the store, by kind: tile (a dashboard "
             "tile), read (an API read), position (a view's 'as of'), catalog (relations and "
-            "columns, for masking).",
+            "columns, for masking), describe (a tile query's columns, once per query).",
             ["kind"],
             registry=r,
         )

@@ -42,13 +42,17 @@ _ISO = "'%Y-%m-%dT%H:%M:%S.%f'"
 
 @dataclass(frozen=True)
 class TileShape:
-    """A tile query's columns and the query rendering its rows as JSON arrays."""
+    """A tile query's columns and how its rows render as JSON arrays.
+
+    Filters only change a tile query's WHERE clause, so one shape serves the
+    query under every filter set (see :func:`render_sql`).
+    """
 
     columns_json: str
     """``[{"name": ..., "type": ...}, ...]`` as JSON text (DuckDB type names)."""
-    render_sql: str | None
-    """One VARCHAR column, a JSON array per row, in the query's order; None when a
-    column's type has no rendering here (the tile takes the Python path)."""
+    cells: str | None
+    """``json_array``'s arguments, one per column; None when a column's type has no
+    rendering here (the tile takes the Python path)."""
 
 
 def describe_sql(sql: str) -> str:
@@ -57,8 +61,8 @@ def describe_sql(sql: str) -> str:
     return f"SELECT * FROM (\n{_statement(sql)}\n) LIMIT 0"  # noqa: S608
 
 
-def shape_from_description(sql: str, columns: list[tuple[str, str]]) -> TileShape:
-    """The shape of ``sql`` from its ``(name, DuckDB type)`` columns."""
+def shape_from_description(columns: list[tuple[str, str]]) -> TileShape:
+    """The shape of a query with these ``(name, DuckDB type)`` columns."""
     columns_json = json.dumps(
         [{"name": name, "type": dtype} for name, dtype in columns],
         separators=(",", ":"),
@@ -67,12 +71,16 @@ def shape_from_description(sql: str, columns: list[tuple[str, str]]) -> TileShap
     cells = [cell_expression(f"#{i}", dtype) for i, (_, dtype) in enumerate(columns, start=1)]
     if not columns or any(cell is None for cell in cells):
         return TileShape(columns_json, None)
+    return TileShape(columns_json, ", ".join(c for c in cells if c is not None))
+
+
+def render_sql(shape: TileShape, sql: str) -> str | None:
+    """One VARCHAR column, a JSON array per row of ``sql``, in its order (None: the
+    shape has no rendering). ``sql`` keeps its parameters."""
+    if shape.cells is None:
+        return None
     # S608: the trusted tile query and expressions made here from its column types.
-    render = (
-        f"SELECT json_array({', '.join(c for c in cells if c is not None)})::VARCHAR "  # noqa: S608
-        f"FROM (\n{_statement(sql)}\n) AS q"
-    )
-    return TileShape(columns_json, render)
+    return f"SELECT json_array({shape.cells})::VARCHAR FROM (\n{_statement(sql)}\n) AS q"  # noqa: S608
 
 
 def cell_expression(ref: str, dtype: str) -> str | None:
