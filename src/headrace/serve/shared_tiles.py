@@ -38,6 +38,16 @@ TileResult = str
 (encoded once, spliced into every view that shows the tile)."""
 
 
+class _Running:
+    """A query being run for everyone: on which snapshot, and its waiters' Event."""
+
+    __slots__ = ("done", "snapshot")
+
+    def __init__(self, snapshot: SnapshotKey) -> None:
+        self.snapshot = snapshot
+        self.done: threading.Event | None = None
+
+
 class SharedTiles:
     """Tile results of the newest snapshot each query ran on, and the queries running now."""
 
@@ -46,7 +56,9 @@ class SharedTiles:
         self._keep_s = keep_s
         self._lock = threading.Lock()
         self._results: dict[TileKey, tuple[SnapshotKey, TileResult, float]] = {}
-        self._running: dict[TileKey, tuple[SnapshotKey, threading.Event]] = {}
+        # Queries running now: their snapshot, and an Event made only once somebody
+        # waits (most queries have no waiter; an Event is a Condition and two locks).
+        self._running: dict[TileKey, _Running] = {}
         self._stored = 0
 
     def take(
@@ -67,12 +79,14 @@ class SharedTiles:
                     return stored[1], False
                 running = self._running.get(key)
                 if running is None:
-                    self._running[key] = (snapshot, threading.Event())
+                    self._running[key] = _Running(snapshot)
                     return None, True
-                if running[0] != snapshot:
+                if running.snapshot != snapshot:
                     # Someone computes it on another snapshot: no use waiting for that.
                     return None, False
-                done = running[1]
+                if running.done is None:
+                    running.done = threading.Event()
+                done = running.done
             left = deadline - time.monotonic()
             if left <= 0 or not done.wait(left):
                 return None, False
@@ -82,8 +96,10 @@ class SharedTiles:
         now = time.monotonic()
         with self._lock:
             running = self._running.get(key)
-            if running is not None and running[0] == snapshot:
+            if running is not None and running.snapshot == snapshot:
                 del self._running[key]
+            else:
+                running = None
             if result is not None:
                 stored = self._results.get(key)
                 # Never replace a newer snapshot's result with an older one.
@@ -92,8 +108,9 @@ class SharedTiles:
                     self._stored += 1
                     if self._stored % 256 == 0:
                         self._drop_unused(now)
-        if running is not None and running[0] == snapshot:
-            running[1].set()
+            done = running.done if running is not None else None
+        if done is not None:
+            done.set()
 
     def _drop_unused(self, now: float) -> None:
         for key in [k for k, (_, _, used) in self._results.items() if now - used > self._keep_s]:
