@@ -61,7 +61,7 @@ def shape_of(con: duckdb.DuckDBPyConnection, sql: str) -> TileShape:
 
 
 def render(con: duckdb.DuckDBPyConnection, shape: TileShape, sql: str, limit: int) -> Any:
-    rendering = render_sql(shape, sql)
+    rendering = render_sql(shape, sql, limit)
     assert rendering is not None
     return rows_json(con.execute(rendering).fetchall(), limit)
 
@@ -121,7 +121,7 @@ def test_rows_keep_the_query_order_and_are_cut_at_the_limit(
 def test_types_without_a_rendering_take_the_python_path(con: duckdb.DuckDBPyConnection) -> None:
     for sql in ("SELECT [1, 2] AS l", "SELECT {'a': 1} AS s", "SELECT 1 AS x, MAP {'k': 1} AS m"):
         shape = shape_of(con, sql)
-        assert render_sql(shape, sql) is None
+        assert render_sql(shape, sql, 10) is None
         assert json.loads(shape.columns_json)[0]["name"] in ("l", "s", "x")
 
 

@@ -223,7 +223,7 @@ class StoreReader:
             return None
         rendering = self._renders.get(masked)
         if rendering is None:
-            rendering = render_sql(shape, masked)
+            rendering = render_sql(shape, masked, self.settings.tile_row_limit)
             with self._lock:
                 if len(self._renders) >= 4096:
                     self._renders.clear()

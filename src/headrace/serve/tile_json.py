@@ -74,13 +74,17 @@ def shape_from_description(columns: list[tuple[str, str]]) -> TileShape:
     return TileShape(columns_json, ", ".join(c for c in cells if c is not None))
 
 
-def render_sql(shape: TileShape, sql: str) -> str | None:
-    """One VARCHAR column, a JSON array per row of ``sql``, in its order (None: the
-    shape has no rendering). ``sql`` keeps its parameters."""
+def render_sql(shape: TileShape, sql: str, limit: int) -> str | None:
+    """One VARCHAR column, a JSON array per row of ``sql``, in its order, at most
+    ``limit + 1`` rows (one more tells the tile was cut); None when the shape has
+    no rendering. ``sql`` keeps its parameters."""
     if shape.cells is None:
         return None
     # S608: the trusted tile query and expressions made here from its column types.
-    return f"SELECT json_array({shape.cells})::VARCHAR FROM (\n{_statement(sql)}\n) AS q"  # noqa: S608
+    return (
+        f"SELECT json_array({shape.cells})::VARCHAR "  # noqa: S608
+        f"FROM (\n{_statement(sql)}\n) AS q LIMIT {int(limit) + 1}"
+    )
 
 
 def cell_expression(ref: str, dtype: str) -> str | None:
