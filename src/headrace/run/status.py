@@ -323,7 +323,8 @@ def render_status(document: dict[str, Any], console: Console) -> None:
     if running and document.get("pid"):
         head += f"  (pid {document['pid']})"
     console.print(head)
-    if phase == "empty" and not running:
+    nothing = not (document.get("tables") or document.get("alert_deliveries"))
+    if phase == "empty" and not running and nothing:
         console.print(
             "nothing loaded yet: `headrace run --config FILE` snapshots the tables into this "
             "store, then streams"
