@@ -84,6 +84,33 @@ def _plan(conn: psycopg.Connection[tuple[object, ...]], registry: TypeRegistry) 
     return plan
 
 
+def _binary_and_csv_copies(
+    conn: psycopg.Connection[tuple[object, ...]],
+    plan: TablePlan,
+    registry: TypeRegistry,
+    block_rows: int,
+) -> tuple[list[pa.Table], list[pa.Table]]:
+    """The table's first range copied in binary (in blocks of ``block_rows``) and as CSV."""
+    schema, whole, stop = plan.schema, plan.ranges[0], threading.Event()
+    binary = [
+        binary_block_to_arrow(block, schema, registry)
+        for block in read_binary_copy_blocks(
+            conn,
+            copy_statement(plan, whole, "binary", text_cast_columns(schema)),
+            block_rows=block_rows,
+            block_bytes=1 << 20,
+            stop=stop,
+        )
+    ]
+    csv = [
+        csv_block_to_arrow(block, schema, registry)
+        for block in read_copy_blocks(
+            conn, copy_statement(plan, whole), block_rows=1000, block_bytes=1 << 20, stop=stop
+        )
+    ]
+    return binary, csv
+
+
 @pytest.mark.parametrize("block_rows", [1, 2, 1000])
 def test_binary_copy_equals_csv_copy(pg_db: PgDatabase, block_rows: int) -> None:
     pg_db.execute(_CREATE)
@@ -95,24 +122,7 @@ def test_binary_copy_equals_csv_copy(pg_db: PgDatabase, block_rows: int) -> None
         schema = plan.schema
         assert binary_copyable(schema)
         assert text_cast_columns(schema) == {"n", "nu"}
-        whole = plan.ranges[0]
-        stop = threading.Event()
-        binary = [
-            binary_block_to_arrow(block, schema, registry)
-            for block in read_binary_copy_blocks(
-                conn,
-                copy_statement(plan, whole, "binary", text_cast_columns(schema)),
-                block_rows=block_rows,
-                block_bytes=1 << 20,
-                stop=stop,
-            )
-        ]
-        csv = [
-            csv_block_to_arrow(block, schema, registry)
-            for block in read_copy_blocks(
-                conn, copy_statement(plan, whole), block_rows=1000, block_bytes=1 << 20, stop=stop
-            )
-        ]
+        binary, csv = _binary_and_csv_copies(conn, plan, registry, block_rows)
     got = pa.concat_tables(binary)
     expected = pa.concat_tables(csv)
     assert got.num_rows == expected.num_rows == len(_ROWS) + 291
@@ -175,27 +185,7 @@ def test_numerics_of_a_binary_copy_equal_the_csv_copy(pg_db: PgDatabase, block_r
         )
         schema = plan.schema
         assert text_cast_columns(schema) == {"n", "n0", "n6", "n4", "n1", "n9"}
-        stop = threading.Event()
-        binary = [
-            binary_block_to_arrow(block, schema, registry)
-            for block in read_binary_copy_blocks(
-                conn,
-                copy_statement(plan, plan.ranges[0], "binary", text_cast_columns(schema)),
-                block_rows=block_rows,
-                block_bytes=1 << 20,
-                stop=stop,
-            )
-        ]
-        csv = [
-            csv_block_to_arrow(block, schema, registry)
-            for block in read_copy_blocks(
-                conn,
-                copy_statement(plan, plan.ranges[0]),
-                block_rows=1000,
-                block_bytes=1 << 20,
-                stop=stop,
-            )
-        ]
+        binary, csv = _binary_and_csv_copies(conn, plan, registry, block_rows)
     got = pa.concat_tables(binary)
     expected = pa.concat_tables(csv)
     assert got.schema == expected.schema
