@@ -7,6 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from headrace.cli.main import app
+from headrace.sandbox.postgres import free_port
 from tests.conftest import PgDatabase
 
 PIPELINE = """\
@@ -66,3 +67,12 @@ def test_against_the_source(pg_db: PgDatabase, tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "rollups[0].measures[1].column: no column 'amont' in transactions" in result.output
     assert "allowed: id, account_id, amount, status, created_at" in result.output
+
+
+def test_against_a_source_that_is_not_there(tmp_path: Path) -> None:
+    dsn = f"postgresql://nobody@127.0.0.1:{free_port()}/bank"
+    path = write(tmp_path, dsn)
+    result = CliRunner().invoke(app, ["validate", "--config", str(path), "--connect"])
+    assert result.exit_code == 1
+    assert "cannot connect to the source database" in result.output
+    assert "--offline" in result.output

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import psycopg
 import typer
 
 from headrace.errors import ConfigError, HeadraceError, SourceError
@@ -14,6 +13,7 @@ from headrace.pipeline.check_catalog import check_against_catalog
 from headrace.pipeline.durations import format_duration
 from headrace.pipeline.load import load_pipeline, raise_problems
 from headrace.pipeline.model import PipelineConfig
+from headrace.source.postgres.connect_errors import connect_sql
 
 
 def validate(
@@ -52,18 +52,16 @@ def _check_source(pipeline: PipelineConfig, file: str) -> None:
             "set the environment variable, or run with --offline",
         )
     try:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
-            catalogs: dict[object, TableCatalog] = {}
-            for ref in pipeline.table_refs:
-                try:
-                    catalogs[ref] = read_table_catalog(conn, ref)
-                except SourceError:
-                    continue  # reported as a missing table below
-    except psycopg.OperationalError as exc:
-        raise SourceError(
-            f"cannot connect to the source: {str(exc).strip().splitlines()[0]}",
-            "check the DSN, or run with --offline",
-        ) from exc
+        conn = connect_sql(dsn, connect_timeout=10)
+    except SourceError as exc:
+        raise SourceError(exc.what, f"{exc.fix}; or run with --offline") from exc
+    with conn:
+        catalogs: dict[object, TableCatalog] = {}
+        for ref in pipeline.table_refs:
+            try:
+                catalogs[ref] = read_table_catalog(conn, ref)
+            except SourceError:
+                continue  # reported as a missing table below
     raise_problems(check_against_catalog(pipeline, catalogs), file)  # type: ignore[arg-type]
 
 
