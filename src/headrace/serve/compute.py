@@ -224,11 +224,9 @@ class StoreReader:
         rendering = self._renders.get(masked)
         if rendering is None:
             rendering = render_sql(shape, masked, self.settings.tile_row_limit)
-            with self._lock:
-                if len(self._renders) >= 4096:
-                    self._renders.clear()
-                if rendering is not None:
-                    self._renders[masked] = rendering
+            if rendering is not None:
+                with self._lock:
+                    _remember(self._renders, masked, rendering)
         return rendering
 
     def tile_shape(
@@ -258,10 +256,8 @@ class StoreReader:
             self.metrics.store_queries.labels("describe").inc()
         shape = shape_from_description([(str(d[0]), str(d[1])) for d in description])
         with self._lock:
-            if len(self._shapes) >= 4096:
-                self._shapes.clear()
-            if key[2] == self._catalog_generation:
-                self._shapes[key] = shape
+            if key[2] == self._catalog_generation:  # only while that catalog is current
+                _remember(self._shapes, key, shape)
         return shape
 
     def _guarded(
@@ -293,9 +289,8 @@ class StoreReader:
         if masked is None:
             masked = mask_trusted_sql(sql, catalog, policy)
             with self._lock:
-                # Only while that catalog is still the current one.
-                if generation == self._catalog_generation and len(self._masked_sql) < 4096:
-                    self._masked_sql[key] = masked
+                if generation == self._catalog_generation:  # only while that catalog is current
+                    _remember(self._masked_sql, key, masked)
         return masked
 
     def compute_view(
@@ -434,6 +429,21 @@ class _TileQuery:
 
 def _text(value: Any) -> str:
     return dumps(value).decode()
+
+
+_CACHE_ENTRIES = 4096
+"""Entries a per-catalog cache of the reader keeps before it starts over (bounds memory
+when filter sets or ad-hoc queries keep coming)."""
+
+K = TypeVar("K")
+
+
+def _remember(cache: dict[K, T], key: K, value: T) -> None:
+    """Keep ``value`` under ``key``, emptying ``cache`` first when it is full (caller
+    holds the reader's lock)."""
+    if len(cache) >= _CACHE_ENTRIES:
+        cache.clear()
+    cache[key] = value
 
 
 @functools.lru_cache(maxsize=4096)
