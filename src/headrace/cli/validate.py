@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 
 from headrace.errors import ConfigError, HeadraceError, SourceError
-from headrace.pipeline.catalog import TableCatalog, read_table_catalog
-from headrace.pipeline.check_catalog import check_against_catalog
+from headrace.pipeline.check_catalog import raise_source_problems
 from headrace.pipeline.durations import format_duration
-from headrace.pipeline.load import load_pipeline, raise_problems
+from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
 from headrace.source.postgres.connect_errors import connect_sql
 
@@ -56,13 +55,7 @@ def _check_source(pipeline: PipelineConfig, file: str) -> None:
     except SourceError as exc:
         raise SourceError(exc.what, f"{exc.fix}; or run with --offline") from exc
     with conn:
-        catalogs: dict[object, TableCatalog] = {}
-        for ref in pipeline.table_refs:
-            try:
-                catalogs[ref] = read_table_catalog(conn, ref)
-            except SourceError:
-                continue  # reported as a missing table below
-    raise_problems(check_against_catalog(pipeline, catalogs), file)  # type: ignore[arg-type]
+        raise_source_problems(conn, pipeline, file)
 
 
 def summary(pipeline: PipelineConfig, *, checked_source: bool) -> str:

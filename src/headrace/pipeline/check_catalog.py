@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from headrace.pipeline.catalog import TableCatalog
+import psycopg
+
+from headrace.errors import SourceError
+from headrace.pipeline.catalog import TableCatalog, read_table_catalog
 from headrace.pipeline.expressions import ExpressionError, unknown_columns
-from headrace.pipeline.load import Path_, Problem
+from headrace.pipeline.load import Path_, Problem, raise_problems
 from headrace.pipeline.model import (
     COMMIT_TIME,
     LookupConfig,
@@ -18,6 +21,21 @@ from headrace.pipeline.model import (
     RollupConfig,
 )
 from headrace.source.changes import TableRef
+
+
+def raise_source_problems(
+    conn: psycopg.Connection[tuple[object, ...]], config: PipelineConfig, file: str
+) -> None:
+    """Read every configured table's columns from the source and raise one
+    :class:`~headrace.errors.ConfigError` listing every problem :func:`check_against_catalog`
+    finds (a missing table is one of them), with ``file`` named in each."""
+    catalogs: dict[TableRef, TableCatalog] = {}
+    for ref in config.table_refs:
+        try:
+            catalogs[ref] = read_table_catalog(conn, ref)
+        except SourceError:
+            continue  # reported as a missing table
+    raise_problems(check_against_catalog(config, catalogs), file)
 
 
 def check_against_catalog(

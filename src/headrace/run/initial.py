@@ -31,9 +31,7 @@ import pyarrow as pa
 from headrace.engine.engine import Engine
 from headrace.engine.results import SnapshotLoaded
 from headrace.errors import SourceError
-from headrace.pipeline.catalog import read_table_catalog
-from headrace.pipeline.check_catalog import check_against_catalog
-from headrace.pipeline.load import raise_problems
+from headrace.pipeline.check_catalog import raise_source_problems
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.faults import Faults
 from headrace.run.pipeline_source import snapshot_settings, source_dsn
@@ -104,8 +102,7 @@ def _check_source(config: PipelineConfig, config_file: str) -> bool:
         preflight.ensure_publication(
             conn, source.publication, tuple(config.table_refs), create=True
         )
-        catalogs = {ref: read_table_catalog(conn, ref) for ref in config.table_refs}
-        raise_problems(check_against_catalog(config, catalogs), config_file)
+        raise_source_problems(conn, config, config_file)
         return preflight.slot_state(conn, source.slot) is not None
 
 
