@@ -53,11 +53,9 @@ _FINAL_SQL_CONNECT_ERRORS = {
 
 def connect_error(exc: psycopg.OperationalError) -> SourceError:
     """The error for a failed replication connection: final or worth a retry."""
-    text = str(exc)
-    for needle, (what, fix) in _FINAL_CONNECT_ERRORS.items():
-        if needle in text:
-            return SourceError(f"{what}: {first_line(exc)}", fix)
-    return ConnectionLostError(
+    return _explained(
+        exc,
+        _FINAL_CONNECT_ERRORS,
         f"could not open a replication connection: {first_line(exc)}",
         "check that the server is up and the DSN is right; headrace retries by itself",
     )
@@ -71,12 +69,22 @@ def connect_sql(dsn: str, **settings: Any) -> psycopg.Connection[tuple[Any, ...]
     try:
         return psycopg.connect(dsn, **settings)
     except psycopg.OperationalError as exc:
-        text = str(exc)
-        for needle, (what, fix) in _FINAL_SQL_CONNECT_ERRORS.items():
-            if needle in text:
-                raise SourceError(f"{what}: {first_line(exc)}", fix) from exc
-        raise ConnectionLostError(
+        raise _explained(
+            exc,
+            _FINAL_SQL_CONNECT_ERRORS,
             f"cannot connect to the source database: {first_line(exc)}",
             "check that PostgreSQL is running and that source.dsn (or the variable named by "
             "source.dsn_env) points at it: host, port, database and user",
         ) from exc
+
+
+def _explained(
+    exc: psycopg.OperationalError, final: dict[str, tuple[str, str]], what: str, fix: str
+) -> SourceError:
+    """The final error of ``final`` whose text the driver's message holds, else a
+    :class:`ConnectionLostError` (``what``, ``fix``): worth a retry."""
+    text = str(exc)
+    for needle, (final_what, final_fix) in final.items():
+        if needle in text:
+            return SourceError(f"{final_what}: {first_line(exc)}", final_fix)
+    return ConnectionLostError(what, fix)
