@@ -18,12 +18,19 @@ NEXT: SnapshotKey = (4, 101, datetime(2026, 11, 29, 0, 0, 1, tzinfo=UTC))
 ROWS = '"columns":[{"name":"x","type":"INTEGER"}],"rows":[[1]],"truncated":false'
 
 
-def test_the_first_taker_computes_and_the_others_get_its_result() -> None:
+def _claimed_with_a_waiter() -> tuple[SharedTiles, threading.Thread, list[tuple[Any, bool]]]:
+    """Tiles whose KEY one caller claimed on SNAPSHOT, and a thread that then takes it
+    too (what it got lands in the list)."""
     shared = SharedTiles(keep_s=60)
     assert shared.take(KEY, SNAPSHOT, 1.0) == (None, True)
     got: list[tuple[Any, bool]] = []
     waiter = threading.Thread(target=lambda: got.append(shared.take(KEY, SNAPSHOT, 5.0)))
     waiter.start()
+    return shared, waiter, got
+
+
+def test_the_first_taker_computes_and_the_others_get_its_result() -> None:
+    shared, waiter, got = _claimed_with_a_waiter()
     time.sleep(0.1)
     assert not got  # waits for the running query instead of running it too
     shared.finish(KEY, SNAPSHOT, ROWS)
@@ -35,11 +42,7 @@ def test_the_first_taker_computes_and_the_others_get_its_result() -> None:
 
 
 def test_a_failed_query_is_not_shared_and_its_waiters_run_it_themselves() -> None:
-    shared = SharedTiles(keep_s=60)
-    assert shared.take(KEY, SNAPSHOT, 1.0) == (None, True)
-    got: list[tuple[Any, bool]] = []
-    waiter = threading.Thread(target=lambda: got.append(shared.take(KEY, SNAPSHOT, 5.0)))
-    waiter.start()
+    shared, waiter, got = _claimed_with_a_waiter()
     time.sleep(0.05)
     shared.finish(KEY, SNAPSHOT, None)
     waiter.join(5)
