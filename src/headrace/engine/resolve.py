@@ -20,10 +20,12 @@ Python). For table number ``i`` of a batch:
 
 ``_hr_s_i`` / ``_hr_e_i`` (start / end rows)
     the mirror rows of the touched keys before the batch (all rows when the
-    batch truncates the table), and the row versions alive at the end of the
-    batch. Every aggregate is a function of the table's current rows, so
-    ``end - start`` is exactly the batch's effect, however many times a key
-    changed in between (insert → update → delete, key-moving updates).
+    batch truncates the table; none, without reading the mirror, when every
+    change inserts a row under a key the source keeps unique), and the row
+    versions alive at the end of the batch. Every aggregate is a function of
+    the table's current rows, so ``end - start`` is exactly the batch's
+    effect, however many times a key changed in between (insert → update →
+    delete, key-moving updates).
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class TableWork:
     deletes: int = 0
     toasted: int = 0
     has_prev: bool = False
+    only_new_keys: bool = False
+    """Every change inserts a row and the key is one the source keeps unique (its
+    replica identity, or more columns): no touched key is in the mirror, so the
+    start rows are empty without a scan of the mirror (append-only tables)."""
     start_rows: int = 0
     """Rows in ``start`` / ``end`` (set by :func:`compute_net`)."""
     end_rows: int = 0
@@ -164,6 +170,7 @@ def load_changes(
     """
     work = TableWork(model, index)
     _measure(work, data)
+    work.only_new_keys = _only_new_keys(work, schema)
     data, new_names, old_names = positional(schema, storable_table(data))
     data = data.take(pc.sort_indices(data[SEQ]))
     columns: dict[str, pa.ChunkedArray] = {
@@ -344,6 +351,19 @@ def _measure(work: TableWork, data: pa.Table) -> None:
     work.toasted = int(pc.sum(pc.greater(pc.fill_null(toast, 0), 0)).as_py() or 0)
 
 
+def _only_new_keys(work: TableWork, schema: TableSchema) -> bool:
+    """See :attr:`TableWork.only_new_keys` (``_measure`` has run)."""
+    if work.updates or work.deletes or work.truncated_at is not None or work.toasted:
+        return False
+    source_key = set(schema.key_columns)
+    # All columns flagged: REPLICA IDENTITY FULL, which promises no uniqueness.
+    if not source_key or len(source_key) == len(schema.columns):
+        return False
+    # A key made of the source's unique key (and perhaps more columns) is unique too;
+    # a configured key without it is not, and a row under it may already exist.
+    return source_key <= set(work.model.key)
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -488,6 +508,9 @@ def compute_net(
     )
     if work.truncated_at is not None:
         source = f"SELECT * FROM {model.mirror}"
+    elif work.only_new_keys:
+        # Planned as an empty result: the mirror is not read.
+        source = f"SELECT * FROM {model.mirror} LIMIT 0"
     else:
         on = " AND ".join(f"m.{k} = k.{k}" for k in keys)
         source = f"SELECT m.* FROM {model.mirror} m SEMI JOIN {work.keys} k ON {on}"
