@@ -2,7 +2,7 @@
 
 Freshness of a change = the moment its batch became visible in the store
 (after COMMIT) minus its transaction's commit time on PostgreSQL. It is
-counted per change in a histogram with ~10%-wide buckets (1 ms to 10 min),
+counted per change in a histogram with 2%-wide buckets (1 ms to 10 min),
 so percentiles cost nothing to keep and can be compared between two moments
 (:meth:`FreshnessHistogram.since`), e.g. over a benchmark's measured window.
 """
@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from headrace.source.changes import COMMIT_TS, ChangeBatch
 
-_RATIO = 1.1
+_RATIO = 1.02
 EDGES_MS: tuple[float, ...] = tuple(
     round(_RATIO**i, 3) for i in range(int(math.log(600_000) / math.log(_RATIO)) + 2)
 )
@@ -57,7 +57,7 @@ class FreshnessHistogram:
 
     def percentile(self, fraction: float) -> float | None:
         """The freshness (ms) below which ``fraction`` of the changes fall (bucket's upper
-        edge, so within ~10% above the truth); None when nothing was counted."""
+        edge, so at most 2% above the truth); None when nothing was counted."""
         total = self.total
         if total == 0:
             return None
