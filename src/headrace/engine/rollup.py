@@ -537,8 +537,11 @@ class RollupPlan:
         bucket = BUCKET if base else bucket_sql(f"epoch_us({BUCKET})", grain)
         ctes = []
         if base and not self.appends_state:
-            ctes.append(f"s AS (SELECT * FROM {self.state})")
+            # A merged state at its own grain is the view's rows: read directly (a CTE
+            # around it cost every query on the view ~0.5 ms more of binding).
+            source = f"{self.state} AS s"
         else:
+            source = "s"
             parts = [f"{bucket} AS {BUCKET}", *dims, f"sum({ROWS}) AS {ROWS}"]
             for measure in self.measures:
                 parts += [
@@ -580,7 +583,8 @@ class RollupPlan:
         for measure in self.measures:
             state = f"x{measure.index}" if isinstance(measure, CountDistinct) else "s"
             outputs.append(f"{measure.final(state)} AS {output_name(measure.name)}")
+        with_ctes = f"WITH {', '.join(ctes)} " if ctes else ""
         return (
             f"CREATE OR REPLACE VIEW {rollup_view(self.name, grain)} AS "
-            f"WITH {', '.join(ctes)} SELECT {', '.join(outputs)} FROM s {' '.join(joins)}"
+            f"{with_ctes}SELECT {', '.join(outputs)} FROM {source} {' '.join(joins)}"
         )
