@@ -8,7 +8,10 @@ share one "as of" (the newest source commit in ``headrace.position``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import itertools
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from headrace.serve.results import rows_to_json
 from headrace.serve.settings import LiveSettings
 from headrace.serve.shared_tiles import SharedTiles, SnapshotKey, TileKey, TileResult
 from headrace.serve.sql import SqlRejectedError, mask_trusted_sql
-from headrace.serve.store import ServedStore, read_position
+from headrace.serve.store import POSITION_RELATION, Position, ServedStore, read_position
 from headrace.serve.tile_json import (
     TileShape,
     describe_sql,
@@ -74,6 +77,11 @@ class ReadError(Exception):
     """A server-built read query failed; the message is for the user."""
 
 
+class RenderingFailedError(Exception):
+    """A tile's rendering query, made from its cached shape, failed: the columns may
+    have changed since the shape was described (the error is ``args[0]``)."""
+
+
 class StoreReader:
     """Thread pool of read cursors over a served store, with a catalog cache."""
 
@@ -85,7 +93,7 @@ class StoreReader:
         self._local = threading.local()
         self._cursors: list[duckdb.DuckDBPyConnection] = []
         self._lock = threading.Lock()
-        self._catalog: tuple[int, float, Catalog] | None = None
+        self._catalog: tuple[int, Catalog] | None = None  # (store version, catalog)
         self._watchdog = Watchdog("hr-read-watchdog")
         # Masked SQL by (sql, policy key, catalog generation); a catalog whose relations
         # or columns changed starts a new generation (and empties this).
@@ -133,23 +141,30 @@ class StoreReader:
     # catalog ---------------------------------------------------------------
 
     def catalog(self, cur: duckdb.DuckDBPyConnection) -> Catalog:
-        """Visible relations, reloaded at most once a second when the version moved."""
+        """Visible relations, read again once per store version.
+
+        Schema changes come with a committed batch (a column added to a mirror, a
+        rollup view re-created), so the tile shapes kept per catalog follow them at
+        the next version. Reading the catalog costs ~5 ms (two statements), once per
+        version for all views. A change committed between this read and a view's
+        read transaction is caught by the rendering query failing (see
+        :meth:`compute_view`), or at the next version.
+        """
         cached = self._catalog
         version = self.store.version
-        now = time.monotonic()
-        if cached is not None and (cached[0] == version or now - cached[1] < 1.0):
-            return cached[2]
+        if cached is not None and cached[0] == version:
+            return cached[1]
         catalog = load_catalog(cur)
         self.metrics.store_queries.labels("catalog").inc(2)
-        if cached is not None and cached[2] == catalog:
-            catalog = cached[2]  # unchanged: keep the object (and what was masked with it)
+        if cached is not None and cached[1] == catalog:
+            catalog = cached[1]  # unchanged: keep the object (and what was masked with it)
         else:
             with self._lock:
                 self._catalog_generation += 1
                 self._masked_sql.clear()
                 self._shapes.clear()
                 self._renders.clear()
-        self._catalog = (version, now, catalog)
+        self._catalog = (version, catalog)
         return catalog
 
     # reads -----------------------------------------------------------------
@@ -198,12 +213,13 @@ class StoreReader:
 
             try:
                 return self._guarded(cur, masked, "tile", render)
-            except duckdb.Error:
-                # Perhaps the columns changed: describe again next time.
+            except duckdb.Error as exc:
+                # Perhaps the columns changed: describe again next time, and let the
+                # caller read this tile again without the shape.
                 with self._lock:
                     self._shapes.pop(query.shape_key, None)
                     self._renders.pop(masked, None)
-                raise
+                raise RenderingFailedError(exc) from exc
 
         def fetch(_: str) -> TileResult:
             rows = cur.execute(masked, params or None).fetchall()
@@ -308,6 +324,10 @@ class StoreReader:
         """
         started = time.perf_counter()
         version = self.store.version
+        # A store may have no headrace.position (a DuckDB file not written by the
+        # pipeline, or one whose first batch never committed): "as of" is unknown
+        # then, and the failing read must not end the transaction the tiles use.
+        has_position = self.catalog(cur).has(POSITION_RELATION)
         lo, hi = spec.range.bounds(now)
         filters = dict(spec.filters)
         # Queries rendered, masked and described before the transaction: a failure
@@ -319,8 +339,10 @@ class StoreReader:
         cur.execute("BEGIN TRANSACTION")
         in_tx = True
         try:
-            position = read_position(cur)
-            self.metrics.store_queries.labels("position").inc()
+            position = Position(None, None)
+            if has_position:
+                position = read_position(cur)
+                self.metrics.store_queries.labels("position").inc()
             # Share only when no commit was published while the transaction began.
             snapshot: SnapshotKey | None = (
                 (version, position.lsn, position.commit_ts)
@@ -337,6 +359,16 @@ class StoreReader:
                     in_tx = True
                     snapshot = None
                 body, error = self._tile_result(cur, query, spec.policy, snapshot)
+                if isinstance(error, RenderingFailedError):
+                    # Read it again at once, taking the columns from the result: the
+                    # failed statement ended the transaction, so the rest of the view
+                    # reads a newer snapshot (not shared under the old name).
+                    cur.execute("ROLLBACK")
+                    cur.execute("BEGIN TRANSACTION")
+                    snapshot = None
+                    self.metrics.tile_retries.inc()
+                    retry = dataclasses.replace(query, shape=None)
+                    body, error = self._tile_result(cur, retry, spec.policy, snapshot)
                 if error is not None:
                     self.metrics.errors.labels("tile").inc()
                     body = f'"error":{_text(_tile_error(error))},"columns":[],"rows":[]'
@@ -407,7 +439,7 @@ class StoreReader:
         try:
             result = self.read_tile(cur, query)
             return result, None
-        except (duckdb.Error, ReadError, SqlRejectedError) as exc:
+        except (duckdb.Error, ReadError, SqlRejectedError, RenderingFailedError) as exc:
             return "", exc
         finally:
             if claimed and snapshot is not None:
@@ -457,5 +489,22 @@ def _tile_head(name: str, chart: str, ignored: tuple[str, ...]) -> str:
 def _tile_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, duckdb.CatalogException) and "does not exist" in text:
-        return f"not in the store yet: {text}"
+        return f"not in the store yet: {_missing_relation(str(exc)) or text}"
     return text
+
+
+_CARETS = re.compile(r"\^+")
+
+
+def _missing_relation(message: str) -> str | None:
+    """The relation a DuckDB catalog error points at, as the query wrote it.
+
+    DuckDB names only the last part (``Table with name t does not exist!``) but
+    underlines the whole reference (``mirror.t``) below the query's line.
+    """
+    lines = message.splitlines()
+    for above, below in itertools.pairwise(lines):
+        carets = _CARETS.search(below)
+        if above.startswith("LINE ") and carets is not None:
+            return above[carets.start() : carets.end()].strip() or None
+    return None

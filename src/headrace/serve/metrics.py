@@ -103,7 +103,8 @@ class ServeMetrics:
             "headrace_serve_store_queries",
             "Statements the read threads ran against the store, by kind: tile (a dashboard "
             "tile), read (an API read), position (a view's 'as of'), catalog (relations and "
-            "columns, for masking), describe (a tile query's columns, once per query).",
+            "columns, read once per store version), describe (a tile query's columns, once per "
+            "query).",
             ["kind"],
             registry=r,
         )
@@ -111,6 +112,12 @@ class ServeMetrics:
             "headrace_serve_tile_reuses",
             "Tile results taken from another view's computation of the same store snapshot "
             "(same query, parameters and masks) instead of running the query again.",
+            registry=r,
+        )
+        self.tile_retries = Counter(
+            "headrace_serve_tile_retries",
+            "Tiles read a second time at once because the rendering query made from their "
+            "cached columns failed (the store's schema changed since they were described).",
             registry=r,
         )
         self.compute_cpu = Counter(
