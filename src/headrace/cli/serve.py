@@ -79,15 +79,17 @@ def serve(
         settings = _settings(store, config, **overrides)
         stop = threading.Event()
         served: ServedStore
+        position_note: str | None = None
         if sample:
             served = _sample_store(settings, stop)
         else:
-            served = ReadOnlyStore(
+            served = read_only = ReadOnlyStore(
                 settings.store,
                 memory_limit=settings.sql.memory_limit,
                 threads=settings.sql.threads,
                 poll_s=settings.live.poll_s,
             )
+            position_note = read_only.position_note
         app = create_app(settings, served)
     except HeadraceError as exc:
         _fail(exc)
@@ -98,6 +100,8 @@ def serve(
             f"`headrace user add NAME --role admin --store {settings.store}`",
             err=True,
         )
+    if position_note:
+        typer.echo(f"note: {position_note}", err=True)
     typer.echo(f"serving {settings.store} on http://{settings.host}:{settings.port}/", err=True)
     server = HeadraceServer(
         uvicorn.Config(

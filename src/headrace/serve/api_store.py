@@ -24,6 +24,7 @@ from headrace.serve.http import ApiError, int_param, json_response
 from headrace.serve.openapi import ApiRoute, Param
 from headrace.serve.results import json_value, table_to_json
 from headrace.serve.state import ServeState, state
+from headrace.serve.store import position_status
 from headrace.serve.tiles import quote_ident, quote_qualified
 
 _AGGREGATES = frozenset({"sum", "min", "max", "avg", "count"})
@@ -34,6 +35,7 @@ async def tables(request: Request) -> Response:
     st.auth.require(request)
     catalog = await read_catalog(st)
     result: dict[str, Any] = {"tables": [], "rollups": []}
+    result["position"] = await st.reader.call(position_status)
     if catalog.has("headrace.tables"):
         table = await read_table(
             st,
@@ -209,7 +211,12 @@ def routes() -> list[ApiRoute]:
     """The store contents routes."""
     limit = Param("limit", type="integer")
     return [
-        get_route("store", "/api/tables", tables, "Per-table freshness and rollup status"),
+        get_route(
+            "store",
+            "/api/tables",
+            tables,
+            "Per-table freshness, rollup status and the store's source position",
+        ),
         get_route(
             "store",
             "/api/tables/{table}/rows",

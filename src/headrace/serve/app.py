@@ -13,6 +13,7 @@ Standalone (``headrace serve``): ``create_app(settings, ReadOnlyStore(path))``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -41,7 +42,7 @@ from headrace.serve.openapi import ApiRoute, build_openapi
 from headrace.serve.settings import ServeSettings, is_loopback
 from headrace.serve.sqlrun import SqlRunner
 from headrace.serve.state import ServeState, state
-from headrace.serve.store import ServedStore, harden
+from headrace.serve.store import ServedStore, harden, position_status
 from headrace.serve.users import UserStore
 from headrace.store.duckdb.store import DuckDBStore
 
@@ -158,8 +159,18 @@ def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
 
     async def health(request: Request) -> Response:
         st = state(request)
+        try:
+            # A tiny read, but on the read threads: bounded, health must answer.
+            position = await asyncio.wait_for(st.reader.call(position_status), 2.0)
+        except TimeoutError:
+            position = {"lsn": None, "as_of": None, "note": "read threads busy"}
         return json_response(
-            {"status": "ok", "version": st.store.version, "viewers": st.hub.viewer_count}
+            {
+                "status": "ok",
+                "version": st.store.version,
+                "viewers": st.hub.viewer_count,
+                "position": position,
+            }
         )
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -57,12 +57,43 @@ class Position:
     commit_ts: datetime | None
 
 
+POSITION_RELATION = "headrace.position"
+"""The table holding the newest source position a store has committed (absent in a
+store the pipeline never wrote to)."""
+
+NO_POSITION_TABLE = (
+    "the store has no headrace.position table (not written by 'headrace run', or its "
+    "first batch never committed): tiles show 'as of' unknown"
+)
+NO_COMMIT_YET = "no source commit in the store yet: tiles show 'as of' unknown"
+
+
 def read_position(cur: duckdb.DuckDBPyConnection) -> Position:
-    """Newest source position; (None, None) for a store without ``headrace.position``."""
+    """Newest source position; (None, None) for a store without ``headrace.position``.
+
+    Outside a transaction only: the failed read of a missing table would end it.
+    """
+    return _position_or_none(cur) or Position(None, None)
+
+
+def position_status(cur: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """The newest source position as the status endpoints report it: ``lsn`` and
+    ``as_of`` (null when unknown), and a ``note`` saying why when there is none."""
+    position = _position_or_none(cur)
+    if position is None:
+        return {"lsn": None, "as_of": None, "note": NO_POSITION_TABLE}
+    if position.lsn is None:
+        return {"lsn": None, "as_of": None, "note": NO_COMMIT_YET}
+    as_of = position.commit_ts.isoformat() if position.commit_ts else None
+    return {"lsn": position.lsn, "as_of": as_of}
+
+
+def _position_or_none(cur: duckdb.DuckDBPyConnection) -> Position | None:
+    """The newest source position, or None when the store has no position table."""
     try:
         rows = cur.execute("SELECT max(lsn), max(commit_ts) FROM headrace.position").fetchall()
     except duckdb.CatalogException:
-        return Position(None, None)
+        return None
     return Position(rows[0][0], rows[0][1])
 
 
@@ -173,7 +204,13 @@ class ReadOnlyStore:
         self._version = 0
         self._listeners = _Listeners()
         self._stop = threading.Event()
-        self._last = read_position(store_cursor(self._con))
+        cur = store_cursor(self._con)
+        try:
+            self._last = read_position(cur)
+            self.position_note: str | None = position_status(cur).get("note")
+            """Why the store has no source position at start (None when it has one)."""
+        finally:
+            cur.close()
         self._thread = threading.Thread(target=self._poll, name="headrace-store-poll", daemon=True)
         self._thread.start()
 

@@ -54,7 +54,8 @@ const HR = {
     return `<table class="rows"><thead><tr>${head}</tr></thead><tbody>${body}</tbody></table>`;
   },
   lagText(asOf) {
-    if (!asOf) return { text: "no data yet", stale: true };
+    // No source position in the store (none committed yet, or not a pipeline store).
+    if (!asOf) return { text: "as of unknown", stale: true };
     const s = Math.max(0, (Date.now() - Date.parse(asOf)) / 1000);
     const t = s < 90 ? s.toFixed(1) + " s" : s < 5400 ? (s / 60).toFixed(0) + " min" : (s / 3600).toFixed(1) + " h";
     return { text: `as of ${new Date(asOf).toLocaleTimeString()} · lag ${t}`, stale: s > 60 };
