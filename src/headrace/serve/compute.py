@@ -360,14 +360,14 @@ class StoreReader:
                     snapshot = None
                 body, error = self._tile_result(cur, query, spec.policy, snapshot)
                 if isinstance(error, RenderingFailedError):
-                    # Read it again at once, taking the columns from the result: the
-                    # failed statement ended the transaction, so the rest of the view
-                    # reads a newer snapshot (not shared under the old name).
+                    # Read it again at once: the failed statement ended the transaction,
+                    # so the rest of the view reads a newer snapshot (not shared under
+                    # the old name).
                     cur.execute("ROLLBACK")
                     cur.execute("BEGIN TRANSACTION")
                     snapshot = None
                     self.metrics.tile_retries.inc()
-                    retry = dataclasses.replace(query, shape=None)
+                    retry = self._retry_query(cur, query, spec.policy)
                     body, error = self._tile_result(cur, retry, spec.policy, snapshot)
                 if error is not None:
                     self.metrics.errors.labels("tile").inc()
@@ -415,6 +415,21 @@ class StoreReader:
             return _TileQuery(sql, params, ignored, None, None, shape_key, exc)
         shape = self.tile_shape(cur, shape_key, masked, params)
         return _TileQuery(sql, params, ignored, masked, shape, shape_key, None)
+
+    def _retry_query(
+        self, cur: duckdb.DuckDBPyConnection, query: _TileQuery, policy: MaskPolicy
+    ) -> _TileQuery:
+        """``query`` to read again after its rendering failed: masked with the catalog
+        read again (masks list a relation's columns), without a shape (the columns
+        are taken from the result)."""
+        cached = self._catalog
+        if cached is not None:
+            self._catalog = (-1, cached[1])  # read again; a new generation if it changed
+        try:
+            masked = self._masked(cur, query.sql, policy)
+        except (duckdb.Error, SqlRejectedError) as exc:
+            return dataclasses.replace(query, masked=None, shape=None, error=exc)
+        return dataclasses.replace(query, masked=masked, shape=None)
 
     def _tile_result(
         self,
