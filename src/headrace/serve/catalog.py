@@ -34,6 +34,9 @@ class Catalog:
     """Visible relations, keyed by lower-case (schema, name)."""
 
     relations: dict[tuple[str, str], Relation] = field(default_factory=dict)
+    columns: tuple[tuple[str, str, str, str], ...] = field(default=(), compare=False)
+    """Every visible column as read (schema, relation, column, type), hidden ones too:
+    when a new read finds the same, the catalog is unchanged."""
 
     def get(self, schema: str, name: str) -> Relation | None:
         """The relation ``schema.name`` (case-insensitive), if visible."""
@@ -50,9 +53,23 @@ def is_hidden(schema: str, name: str) -> bool:
     return schema == "rollup" and "__" in name
 
 
-def load_catalog(cur: duckdb.DuckDBPyConnection) -> Catalog:
-    """Read the visible relations and their columns from DuckDB's catalog."""
+def load_catalog(cur: duckdb.DuckDBPyConnection, previous: Catalog | None = None) -> Catalog:
+    """Read the visible relations and their columns from DuckDB's catalog.
+
+    Returns ``previous`` itself when no column changed (one statement instead of
+    two: which relations are views is then not read again; a table replaced by a
+    view with the very same columns keeps its old kind until a column changes).
+    """
     schemas = ", ".join(f"'{s}'" for s in VISIBLE_SCHEMAS)
+    rows = tuple(
+        cur.execute(
+            "SELECT schema_name, table_name, column_name, data_type FROM duckdb_columns() "
+            f"WHERE schema_name IN ({schemas}) AND database_name = current_database() "
+            "ORDER BY schema_name, table_name, column_index"
+        ).fetchall()
+    )
+    if previous is not None and previous.columns == rows:
+        return previous
     kinds = dict(
         ((s, n), "view")
         for s, n in cur.execute(
@@ -61,11 +78,6 @@ def load_catalog(cur: duckdb.DuckDBPyConnection) -> Catalog:
             "AND database_name = current_database()"
         ).fetchall()
     )
-    rows = cur.execute(
-        "SELECT schema_name, table_name, column_name, data_type FROM duckdb_columns() "
-        f"WHERE schema_name IN ({schemas}) AND database_name = current_database() "
-        "ORDER BY schema_name, table_name, column_index"
-    ).fetchall()
     grouped: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for schema, name, column, dtype in rows:
         if is_hidden(schema, name):
@@ -75,7 +87,7 @@ def load_catalog(cur: duckdb.DuckDBPyConnection) -> Catalog:
         (s.lower(), n.lower()): Relation(s, n, kinds.get((s, n), "table"), tuple(cols))
         for (s, n), cols in grouped.items()
     }
-    return Catalog(relations)
+    return Catalog(relations, rows)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ A description is kept until the store's catalog changes (see
 the rendering query (``typeof`` of the row against the described one) was
 measured at +0.5-0.8 ms of planning per tile query, more than the rendering
 saves on small tiles; the catalog is read again once per store version
-instead (~5 ms for every view of that version), and a tile whose rendering
+instead (~3 ms for every view of that version), and a tile whose rendering
 query fails is read again at once without it (its columns taken from the
 result), so a schema change never shows as an error.
 """
