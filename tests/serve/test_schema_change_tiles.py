@@ -20,9 +20,11 @@ import pytest
 from headrace.serve.app import ServerThread, create_app
 from headrace.serve.catalog import MaskPolicy
 from headrace.serve.compute import ViewSpec
-from headrace.serve.settings import AuthSettings
+from headrace.serve.settings import AuthSettings, ServeSettings
 from headrace.serve.tiles import ChartType, Dashboard, Tile, TimeRange
 from headrace.store.duckdb.store import DuckDBStore
+from tests.conftest import PgDatabase
+from tests.run.pipeline import make_pipeline, running, wait_until
 from tests.serve.conftest import make_settings
 
 DASHBOARD = Dashboard(
@@ -197,3 +199,61 @@ def test_a_genuine_error_is_still_reported_once_retried(pipeline: Pipeline) -> N
     tiles = pipeline.view()
     assert "Could not convert string 'x'" in tiles["volume"]["error"]
     assert tiles["rows"]["rows"] == [[1, 2.5], [2, 4]]  # the other tiles still read
+
+
+def test_a_column_added_in_postgres_reaches_the_served_tile(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """The whole way: ``ALTER TABLE ... ADD COLUMN`` in PostgreSQL, the engine adds it
+    to the mirror, the embedded server's next view shows it."""
+    pipeline = make_pipeline(pg_db, tmp_path, base_rows=100)
+    latest = Dashboard(
+        name="latest",
+        tiles=[
+            Tile(
+                name="latest",
+                query="SELECT * EXCLUDE (_hr_lsn) FROM mirror.transactions ORDER BY id DESC "
+                "LIMIT 1",
+            )
+        ],
+    )
+    serve = ServeSettings(
+        store=Path(pipeline.config.store.path),
+        port=0,
+        dashboards=[latest],
+        auth=AuthSettings(enabled=False),
+    )
+    with running(pipeline, serve=serve) as (runner, _):
+        assert runner.server_url is not None
+        with httpx.Client(base_url=runner.server_url, timeout=30) as client:
+
+            def view() -> tuple[int, dict[str, Any]]:
+                reply = client.get("/api/dashboards/latest/data")
+                assert reply.status_code == 200, reply.text
+                data = reply.json()
+                return int(data["version"]), dict(data["tiles"][0])
+
+            assert "note" not in [c["name"] for c in view()[1]["columns"]]
+            pg_db.execute("ALTER TABLE transactions ADD COLUMN note text")
+            pg_db.execute(
+                "INSERT INTO transactions (id, account_id, amount, status, merchant, "
+                "created_at, note) VALUES (100000, 1, 12.34, 'approved', 'm1', now(), 'hello')"
+            )
+            seen: list[tuple[int, dict[str, Any]]] = []
+
+            def shows_the_row() -> bool:
+                seen.append(view())
+                rows = seen[-1][1]["rows"]
+                return bool(rows) and rows[0][0] == 100000
+
+            wait_until(shows_the_row, 30, "the new row on the dashboard")
+            version, shown = seen[-1]
+            if "note" not in [c["name"] for c in shown["columns"]]:
+                # Only when the batch committed between the catalog's read and the
+                # view's read transaction: then the next version must show it.
+                wait_until(lambda: view()[0] > version, 10, "the next version")
+                version, shown = view()
+    assert "error" not in shown, shown["error"]
+    assert [c["name"] for c in shown["columns"]][-1] == "note"
+    assert shown["rows"][0][0] == 100000
+    assert shown["rows"][0][-1] == "hello"
