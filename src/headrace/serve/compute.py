@@ -326,9 +326,9 @@ class StoreReader:
         """
         started = time.perf_counter()
         version = self.store.version
-        # A store may have no headrace.position (a DuckDB file not written by the
-        # pipeline, or one whose first batch never committed): "as of" is unknown
-        # then, and the failing read must not end the transaction the tiles use.
+        # A store may have no headrace.position (a DuckDB file the pipeline never
+        # wrote to): "as of" is unknown then, and reading the missing table must not
+        # end the transaction the tiles use (a failed statement ends it).
         has_position = self.catalog(cur).has(POSITION_RELATION)
         lo, hi = spec.range.bounds(now)
         filters = dict(spec.filters)

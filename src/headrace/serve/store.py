@@ -62,8 +62,8 @@ POSITION_RELATION = "headrace.position"
 store the pipeline never wrote to)."""
 
 NO_POSITION_TABLE = (
-    "the store has no headrace.position table (not written by 'headrace run', or its "
-    "first batch never committed): tiles show 'as of' unknown"
+    "the store has no headrace.position table (a DuckDB file 'headrace run' never "
+    "wrote to): tiles show 'as of' unknown"
 )
 NO_COMMIT_YET = "no source commit in the store yet: tiles show 'as of' unknown"
 
