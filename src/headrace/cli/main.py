@@ -8,6 +8,7 @@ from headrace import __version__
 from headrace.cli.bench import bench_app
 from headrace.cli.capture import capture
 from headrace.cli.demo import demo_app
+from headrace.cli.init import init
 from headrace.cli.run import rebuild, run, status
 from headrace.cli.serve import serve, user_app
 from headrace.cli.validate import validate
@@ -43,4 +44,5 @@ app.add_typer(user_app, name="user")
 app.command("run")(run)
 app.command("status")(status)
 app.command("rebuild")(rebuild)
+app.command("init")(init)
 app.command("validate")(validate)
