@@ -11,6 +11,7 @@ from headrace.cli.demo import demo_app
 from headrace.cli.init import init
 from headrace.cli.run import rebuild, run, status
 from headrace.cli.serve import serve, user_app
+from headrace.cli.teardown import teardown
 from headrace.cli.validate import validate
 
 app = typer.Typer(
@@ -44,5 +45,6 @@ app.add_typer(user_app, name="user")
 app.command("run")(run)
 app.command("status")(status)
 app.command("rebuild")(rebuild)
+app.command("teardown")(teardown)
 app.command("init")(init)
 app.command("validate")(validate)

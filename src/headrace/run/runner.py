@@ -309,7 +309,9 @@ class Runner:
                 source_open[0] = False
             source.close()
         log.info(
-            "stopped at %s (store and slot): %s changes in %s batches this run",
+            "stopped at %s (store and slot): %s changes in %s batches this run; the slot "
+            "keeps the source's WAL from there for the next run (`headrace teardown` drops it "
+            "when the pipeline is retired)",
             format_lsn(engine.position() or 0),
             f"{self.state.changes:,}",
             f"{self.state.batches:,}",
