@@ -18,7 +18,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from headrace.errors import SourceError
-from headrace.pipeline.catalog import TIME_TYPES
+from headrace.pipeline.catalog import TIME_TYPES, read_table_catalog
 from headrace.source.changes import TableRef
 
 NUMERIC_TYPES = re.compile(r"^(smallint|integer|bigint|numeric|real|double precision|money)")
@@ -55,27 +55,6 @@ SELECT n.nspname, c.relname, c.relreplident, greatest(c.reltuples, 0)::bigint,
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s)
 ORDER BY n.nspname, c.relname
-"""
-
-_COLUMNS_SQL = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-FROM pg_attribute a
-WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
-"""
-
-# The primary key, else the replica identity index (what pgoutput sends as the old key).
-_KEY_SQL = """
-WITH idx AS (
-    SELECT indrelid, indkey::int2[] AS attnums FROM pg_index
-    WHERE indrelid = %s::regclass AND (indisprimary OR indisreplident)
-    ORDER BY indisprimary DESC LIMIT 1
-)
-SELECT a.attname
-FROM idx
-CROSS JOIN LATERAL unnest(idx.attnums) WITH ORDINALITY AS k(attnum, ord)
-JOIN pg_attribute a ON a.attrelid = idx.indrelid AND a.attnum = k.attnum
-ORDER BY k.ord
 """
 
 _FEW_VALUES_SQL = """
@@ -171,18 +150,13 @@ def discover_tables(
     out = []
     for ref in wanted or list(found):
         _, _, identity, estimated, _ = found[ref]
-        qualified = f'"{ref.schema}"."{ref.name}"'
-        columns = {
-            str(name): str(type_name)
-            for name, type_name in conn.execute(_COLUMNS_SQL, (qualified,)).fetchall()
-        }
-        key = tuple(str(n) for (n,) in conn.execute(_KEY_SQL, (qualified,)).fetchall())
+        catalog = read_table_catalog(conn, ref)
         few = conn.execute(_FEW_VALUES_SQL, (ref.schema, ref.name, MAX_DIMENSION_VALUES)).fetchall()
         out.append(
             DiscoveredTable(
                 table=ref,
-                columns=columns,
-                key=key,
+                columns=dict(catalog.columns),
+                key=catalog.primary_key,
                 identity=str(identity),
                 estimated_rows=int(str(estimated)),
                 few_values=frozenset(str(n) for (n,) in few),
