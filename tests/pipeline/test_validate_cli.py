@@ -69,6 +69,23 @@ def test_against_the_source(pg_db: PgDatabase, tmp_path: Path) -> None:
     assert "allowed: id, account_id, amount, status, created_at" in result.output
 
 
+def test_a_server_not_ready_is_noted(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """The file is right, the user cannot replicate: validate says so, and passes."""
+    pg_db.execute(
+        "CREATE TABLE accounts (id int PRIMARY KEY, tier text);"
+        "CREATE TABLE transactions (id int PRIMARY KEY, account_id int, amount numeric,"
+        " status text, created_at timestamptz);"
+        "CREATE ROLE validator LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO validator"
+    )
+    path = write(tmp_path, f"{pg_db.dsn} user=validator")
+    result = CliRunner().invoke(app, ["validate", "--config", str(path), "--connect"])
+    assert result.exit_code == 0, result.output
+    assert "ok: 2 table(s), 1 rollup(s)" in result.stdout
+    assert "note: headrace run would stop here: the user validator has no REPLICATION" in (
+        result.stderr
+    )
+
+
 def test_against_a_source_that_is_not_there(tmp_path: Path) -> None:
     dsn = f"postgresql://nobody@127.0.0.1:{free_port()}/bank"
     path = write(tmp_path, dsn)

@@ -7,11 +7,11 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from headrace.errors import HeadraceError, SourceError
+from headrace.errors import HeadraceError
 from headrace.pipeline.discover import discover_tables, dsn_for_file, pipeline_yaml
 from headrace.pipeline.load import parse_pipeline
 from headrace.source.postgres.connect_errors import connect_sql
-from headrace.source.postgres.preflight import Connection, check_server
+from headrace.source.postgres.preflight import server_not_ready
 
 
 def init(
@@ -58,7 +58,7 @@ def init(
     try:
         conn = connect_sql(dsn, connect_timeout=10)
         with conn:
-            notes = _server_notes(conn)
+            not_ready = server_not_ready(conn)
             tables = discover_tables(conn, schema or ["public"], table or [])
             origin = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
     except HeadraceError as exc:
@@ -86,23 +86,15 @@ def init(
             "from $HEADRACE_DSN (export it before headrace run)",
             err=True,
         )
-    for note in notes:
-        typer.echo(note, err=True)
+    if not_ready is not None:
+        typer.echo(f"note: {not_ready.what}", err=True)
+        typer.echo(f"  what to do: {not_ready.fix}", err=True)
     target = "headrace.yaml" if str(output) == "-" else str(output)
     typer.echo(
         f"next: headrace validate --config {target} --connect, "
         f"then headrace run --config {target} --serve",
         err=True,
     )
-
-
-def _server_notes(conn: Connection) -> list[str]:
-    """What would stop ``headrace run`` on this server, as notes (the file is written anyway)."""
-    try:
-        check_server(conn)
-    except SourceError as exc:
-        return [f"note: {exc.what}", f"  what to do: {exc.fix}"]
-    return []
 
 
 def _fail(what: str, fix: str | None) -> NoReturn:

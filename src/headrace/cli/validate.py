@@ -13,6 +13,7 @@ from headrace.pipeline.durations import format_duration
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
 from headrace.source.postgres.connect_errors import connect_sql
+from headrace.source.postgres.preflight import server_not_ready
 
 
 def validate(
@@ -31,19 +32,26 @@ def validate(
     ] = False,
 ) -> None:
     """Check headrace.yaml: every mistake is reported with its line, field and what is allowed."""
+    not_ready = None
     try:
         pipeline = load_pipeline(config)
         if connect:
-            _check_source(pipeline, str(config))
+            not_ready = _check_source(pipeline, str(config))
     except HeadraceError as exc:
         typer.echo(f"error: {exc.what}", err=True)
         if exc.fix:
             typer.echo(f"  what to do: {exc.fix}", err=True)
         raise typer.Exit(1) from None
     typer.echo(summary(pipeline, checked_source=connect))
+    if not_ready is not None:
+        # The file is right; the server is not ready yet: said, not failed.
+        typer.echo(f"note: headrace run would stop here: {not_ready.what}", err=True)
+        typer.echo(f"  what to do: {not_ready.fix}", err=True)
 
 
-def _check_source(pipeline: PipelineConfig, file: str) -> None:
+def _check_source(pipeline: PipelineConfig, file: str) -> SourceError | None:
+    """Raise every problem of the pipeline against the source's tables; return what
+    would stop a run on the server itself (wal_level, the REPLICATION privilege)."""
     dsn = pipeline.source.resolved_dsn()
     if not dsn:
         raise ConfigError(
@@ -56,6 +64,7 @@ def _check_source(pipeline: PipelineConfig, file: str) -> None:
         raise SourceError(exc.what, f"{exc.fix}; or run with --offline") from exc
     with conn:
         raise_source_problems(conn, pipeline, file)
+        return server_not_ready(conn)
 
 
 def summary(pipeline: PipelineConfig, *, checked_source: bool) -> str:

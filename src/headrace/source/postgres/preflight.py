@@ -61,6 +61,16 @@ def check_server(conn: Connection) -> None:
         )
 
 
+def server_not_ready(conn: Connection) -> SourceError | None:
+    """What :func:`check_server` would raise, or None: for commands that report it
+    without stopping (``headrace init``, ``headrace validate --connect``)."""
+    try:
+        check_server(conn)
+    except SourceError as exc:
+        return exc
+    return None
+
+
 def check_tables(conn: Connection, tables: Sequence[TableRef]) -> dict[TableRef, str]:
     """Every configured table exists; returns each table's replica identity letter."""
     identities: dict[TableRef, str] = {}
