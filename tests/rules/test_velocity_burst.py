@@ -61,3 +61,29 @@ def test_five_minute_limit_and_deletes(pg_db: PgDatabase, tmp_path: Path) -> Non
     numbers = alert["payload"]["numbers"]
     assert (numbers["transactions"], numbers["limit"], numbers["window_seconds"]) == (20, 20, 300)
     bank.close()
+
+
+SMALL = """
+rules:
+  lateness: 2m
+  velocity_burst:
+    limits: [{window: 1m, count: 3}, {window: 5m, count: 5}]
+    rearm_after: 1m
+"""
+
+
+def test_rearm_counts_from_the_incident_last_seen(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """An incident last seen at 100 s (re-arm 1 minute): a later batch with late candidates
+    (50 s) and then candidates at 130 s extends it. Found by the in-memory lane's equality
+    test: a candidate was compared with the batch's previous candidate only (50 s), so
+    130 s opened a second alert 30 s after the incident was last seen."""
+    bank = open_bank(pg_db, tmp_path, SMALL)
+    for n in (80, 90, 100):
+        bank.tx(1, 20, n)
+    bank.sync()
+    assert len(bank.alerts("velocity_burst")) == 1
+    for n in (30, 40, 50, 130, 140, 150):
+        bank.tx(1, 20, n)
+    bank.sync()
+    assert len(bank.alerts("velocity_burst")) == 1
+    bank.close()

@@ -207,7 +207,11 @@ def emit_incidents(
                CASE WHEN lag(c.event_at) OVER w IS NULL
                     THEN i.last_seen_at IS NULL
                          OR c.event_at > i.last_seen_at + to_seconds(r.seconds)
-                    ELSE c.event_at > lag(c.event_at) OVER w + to_seconds(r.seconds)
+                    -- The stored incident counts too: late candidates earlier in the
+                    -- batch must not make a later one look like a new incident.
+                    ELSE c.event_at > greatest(lag(c.event_at) OVER w,
+                                               coalesce(i.last_seen_at, lag(c.event_at) OVER w))
+                                      + to_seconds(r.seconds)
                END AS opens
         FROM {candidates} c
         JOIN (VALUES {rearm_values}) r(rule, seconds) ON r.rule = c.rule
