@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
-from headrace.errors import HeadraceError
+from headrace.cli.problems import echo_problem, fail
+from headrace.errors import ConfigError, HeadraceError, SourceError
 from headrace.pipeline.discover import discover_tables, dsn_for_file, pipeline_yaml
 from headrace.pipeline.load import parse_pipeline
 from headrace.source.postgres.connect_errors import connect_sql
@@ -51,9 +52,11 @@ def init(
     check it with `headrace validate --connect`.
     """
     if str(output) != "-" and output.exists() and not force:
-        _fail(
-            f"{output} already exists",
-            "choose another file with --output, or replace it with --force",
+        fail(
+            ConfigError(
+                f"{output} already exists",
+                "choose another file with --output, or replace it with --force",
+            )
         )
     try:
         conn = connect_sql(dsn, connect_timeout=10)
@@ -62,11 +65,13 @@ def init(
             tables = discover_tables(conn, schema or ["public"], table or [])
             origin = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
     except HeadraceError as exc:
-        _fail(exc.what, exc.fix)
+        fail(exc)
     if not tables:
-        _fail(
-            f"no tables in schema(s) {', '.join(schema or ['public'])}",
-            "name the schema with --schema, or the tables with --table",
+        fail(
+            SourceError(
+                f"no tables in schema(s) {', '.join(schema or ['public'])}",
+                "name the schema with --schema, or the tables with --table",
+            )
         )
     file_dsn, had_password = dsn_for_file(dsn)
     text = pipeline_yaml(tables, dsn=file_dsn, dsn_env="HEADRACE_DSN", origin=origin)
@@ -79,7 +84,7 @@ def init(
         typer.echo(f"wrote {output}: {followed} of {len(tables)} table(s) followed", err=True)
     for t in tables:
         if t.problem is not None:
-            typer.echo(f"note: {t.table} is not followed: {t.problem}", err=True)
+            echo_problem("note", f"{t.table} is not followed: {t.problem}", None)
     if had_password:
         typer.echo(
             "note: the DSN's password is not written to the file; the file reads the DSN "
@@ -87,18 +92,10 @@ def init(
             err=True,
         )
     if not_ready is not None:
-        typer.echo(f"note: {not_ready.what}", err=True)
-        typer.echo(f"  what to do: {not_ready.fix}", err=True)
+        echo_problem("note", not_ready.what, not_ready.fix)
     target = "headrace.yaml" if str(output) == "-" else str(output)
     typer.echo(
         f"next: headrace validate --config {target} --connect, "
         f"then headrace run --config {target} --serve",
         err=True,
     )
-
-
-def _fail(what: str, fix: str | None) -> NoReturn:
-    typer.echo(f"error: {what}", err=True)
-    if fix:
-        typer.echo(f"  what to do: {fix}", err=True)
-    raise typer.Exit(1)

@@ -10,18 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
-from headrace.errors import HeadraceError
+from headrace.cli.problems import fail
+from headrace.errors import ConfigError, HeadraceError
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="The pipeline file (headrace.yaml).")
 ]
-
-
-def _fail(exc: HeadraceError) -> None:
-    typer.echo(f"error: {exc.what}", err=True)
-    if exc.fix:
-        typer.echo(f"  what to do: {exc.fix}", err=True)
-    raise typer.Exit(1)
 
 
 def _serve_settings(
@@ -138,7 +132,7 @@ def run(
             )
             result = runner.run()
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if result.interrupted_snapshot:
         typer.echo("stopped during the snapshot; the next run starts it over", err=True)
@@ -192,7 +186,7 @@ def status(
                 finally:
                     store.close()
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if as_json:
         typer.echo(json.dumps(document, default=str))
@@ -230,9 +224,7 @@ def rebuild(
         definition = pipeline.rollup(rollup) if rollup in known else None
         if definition is None:
             names = ", ".join(r.name for r in pipeline.rollups) or "(none)"
-            typer.echo(f"error: no rollup named {rollup!r} in {config}", err=True)
-            typer.echo(f"  what to do: use one of: {names}", err=True)
-            raise typer.Exit(1)
+            raise ConfigError(f"no rollup named {rollup!r} in {config}", f"use one of: {names}")
         files = RunFiles(Path(pipeline.store.path))
         pid = active_run(files)
         if pid is not None:
@@ -252,7 +244,7 @@ def rebuild(
         with RunLock(files):
             typer.echo(_rebuild_here(pipeline, rollup, definition))
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _rebuild_here(pipeline: Any, name: str, definition: Any) -> str:

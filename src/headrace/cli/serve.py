@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from headrace.cli.problems import fail
 from headrace.errors import HeadraceError
 
 user_app = typer.Typer(
@@ -25,13 +26,6 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="Pipeline config whose 'serve:' section is read."),
 ]
-
-
-def _fail(exc: HeadraceError) -> None:
-    typer.echo(f"error: {exc.what}", err=True)
-    if exc.fix:
-        typer.echo(f"  what to do: {exc.fix}", err=True)
-    raise typer.Exit(1)
 
 
 def _settings(store: Path, config: Path | None, **overrides: Any) -> Any:
@@ -92,7 +86,7 @@ def serve(
             position_note = read_only.position_note
         app = create_app(settings, served)
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if settings.auth.enabled and app.state.hr.users.count() == 0:
         typer.echo(
@@ -169,7 +163,7 @@ def user_add(
         finally:
             users.close()
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
         return
     typer.echo(f"created {name} ({Role.parse(role).label})")
     if password is None:
@@ -223,6 +217,6 @@ def user_token(
         finally:
             users.close()
     except HeadraceError as exc:
-        _fail(exc)
+        fail(exc)
         return
     typer.echo(secret)

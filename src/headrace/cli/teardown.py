@@ -10,11 +10,12 @@ without reaching for psql.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import psycopg
 import typer
 
+from headrace.cli.problems import fail
 from headrace.errors import ConfigError, HeadraceError, SourceError
 from headrace.pipeline.load import load_pipeline
 from headrace.source.postgres.connect_errors import connect_sql
@@ -81,7 +82,7 @@ def teardown(
         elif has_publication:
             typer.echo(f"kept publication {pub} (drop it too with --publication)")
     except HeadraceError as exc:
-        _fail(exc.what, exc.fix)
+        fail(exc)
 
 
 def _retained_wal(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> str:
@@ -113,10 +114,3 @@ def _drop_publication(dsn: str, name: str, *, exists: bool) -> None:
                 f"ask its owner (or a superuser) to run DROP PUBLICATION {sql_ident(name)};",
             ) from exc
     typer.echo(f"dropped publication {name}")
-
-
-def _fail(what: str, fix: str | None) -> NoReturn:
-    typer.echo(f"error: {what}", err=True)
-    if fix:
-        typer.echo(f"  what to do: {fix}", err=True)
-    raise typer.Exit(1)

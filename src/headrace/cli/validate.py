@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from headrace.cli.problems import echo_problem, fail
 from headrace.errors import ConfigError, HeadraceError, SourceError
 from headrace.pipeline.check_catalog import raise_source_problems
 from headrace.pipeline.durations import format_duration
@@ -38,15 +39,11 @@ def validate(
         if connect:
             not_ready = _check_source(pipeline, str(config))
     except HeadraceError as exc:
-        typer.echo(f"error: {exc.what}", err=True)
-        if exc.fix:
-            typer.echo(f"  what to do: {exc.fix}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     typer.echo(summary(pipeline, checked_source=connect))
     if not_ready is not None:
         # The file is right; the server is not ready yet: said, not failed.
-        typer.echo(f"note: headrace run would stop here: {not_ready.what}", err=True)
-        typer.echo(f"  what to do: {not_ready.fix}", err=True)
+        echo_problem("note", f"headrace run would stop here: {not_ready.what}", not_ready.fix)
 
 
 def _check_source(pipeline: PipelineConfig, file: str) -> SourceError | None:
