@@ -50,8 +50,7 @@ MAX_DIMENSION_VALUES = 50
 """A column with at most this many distinct values (PostgreSQL's statistics) is a dimension."""
 
 _TABLES_SQL = """
-SELECT n.nspname, c.relname, c.relreplident, greatest(c.reltuples, 0)::bigint,
-       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+SELECT n.nspname, c.relname, c.relreplident, greatest(c.reltuples, 0)::bigint
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname = ANY(%s)
 ORDER BY n.nspname, c.relname
@@ -149,7 +148,7 @@ def discover_tables(
         )
     out = []
     for ref in wanted or list(found):
-        _, _, identity, estimated, _ = found[ref]
+        _, _, identity, estimated = found[ref]
         catalog = read_table_catalog(conn, ref)
         few = conn.execute(_FEW_VALUES_SQL, (ref.schema, ref.name, MAX_DIMENSION_VALUES)).fetchall()
         out.append(
