@@ -208,9 +208,9 @@ def emit_incidents(
                     THEN i.last_seen_at IS NULL
                          OR c.event_at > i.last_seen_at + to_seconds(r.seconds)
                     -- The stored incident counts too: late candidates earlier in the
-                    -- batch must not make a later one look like a new incident.
-                    ELSE c.event_at > greatest(lag(c.event_at) OVER w,
-                                               coalesce(i.last_seen_at, lag(c.event_at) OVER w))
+                    -- batch must not make a later one look like a new incident
+                    -- (greatest skips a NULL: no stored incident).
+                    ELSE c.event_at > greatest(lag(c.event_at) OVER w, i.last_seen_at)
                                       + to_seconds(r.seconds)
                END AS opens
         FROM {candidates} c
