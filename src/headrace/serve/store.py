@@ -80,12 +80,18 @@ def position_status(cur: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The newest source position as the status endpoints report it: ``lsn`` and
     ``as_of`` (null when unknown), and a ``note`` saying why when there is none."""
     position = _position_or_none(cur)
-    if position is None:
-        return {"lsn": None, "as_of": None, "note": NO_POSITION_TABLE}
-    if position.lsn is None:
-        return {"lsn": None, "as_of": None, "note": NO_COMMIT_YET}
+    note = _missing_position_note(position)
+    if position is None or note is not None:
+        return {"lsn": None, "as_of": None, "note": note}
     as_of = position.commit_ts.isoformat() if position.commit_ts else None
     return {"lsn": position.lsn, "as_of": as_of}
+
+
+def _missing_position_note(position: Position | None) -> str | None:
+    """Why a store has no source position (:func:`_position_or_none`'s result), or None."""
+    if position is None:
+        return NO_POSITION_TABLE
+    return NO_COMMIT_YET if position.lsn is None else None
 
 
 def _position_or_none(cur: duckdb.DuckDBPyConnection) -> Position | None:
@@ -206,11 +212,12 @@ class ReadOnlyStore:
         self._stop = threading.Event()
         cur = store_cursor(self._con)
         try:
-            self._last = read_position(cur)
-            self.position_note: str | None = position_status(cur).get("note")
-            """Why the store has no source position at start (None when it has one)."""
+            position = _position_or_none(cur)
         finally:
             cur.close()
+        self._last = position or Position(None, None)
+        self.position_note = _missing_position_note(position)
+        """Why the store has no source position at start (None when it has one)."""
         self._thread = threading.Thread(target=self._poll, name="headrace-store-poll", daemon=True)
         self._thread.start()
 
