@@ -1,0 +1,128 @@
+"""A batch's net change of one table, per key, as the lane's evaluators read it.
+
+The engine's ``TableDelta`` in memory: per key touched by the batch, its *end* row
+(after the batch; ``None`` when deleted). An update changing the key ends the old
+key (``_hr_old_<key>`` when it was sent, else the new key) and writes the new one;
+a truncate forgets every earlier change and says so (``truncated``). Per changed row
+this is Python (``to_pylist`` once per column, then dicts): the lane's evaluators
+keep per-key state, which nothing vectorized holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from headrace.rules.lane.condition import RowCondition
+from headrace.source.changes import COMMIT_TS, LSN, OP, SEQ, ChangeBatch, TableRef, old_name
+from headrace.store.duckdb.schema import META
+
+
+@dataclass(frozen=True)
+class End:
+    """A key's end row in the batch (``values`` None: deleted)."""
+
+    values: dict[str, object] | None
+    commit_us: int
+    lsn: int
+
+
+@dataclass(frozen=True)
+class NetChange:
+    """Per touched key its end row, in change order; whether a truncate came first."""
+
+    ends: dict[Hashable, End]
+    truncated: bool
+
+
+def keys_of(data: pa.Table, columns: Sequence[str]) -> list[Hashable]:
+    """Each row's key: the value for a one-column key, else a tuple."""
+    values = [data.column(c).to_pylist() for c in columns]
+    if len(values) == 1:
+        return list(values[0])
+    return list(zip(*values, strict=True))
+
+
+Convert = Callable[[pa.ChunkedArray], pa.ChunkedArray]
+"""A column as the caller wants it (e.g. :func:`micros`, :func:`integers`)."""
+
+
+def net_change(
+    batch: ChangeBatch,
+    ref: TableRef,
+    columns: Mapping[str, Convert | None],
+    conditions: Mapping[str, RowCondition] | None = None,
+) -> NetChange | None:
+    """The batch's net change of ``ref`` (None: the batch has no change of it).
+
+    ``columns`` maps each source column the caller reads to how it wants it (``None``:
+    as it comes); ``conditions`` (name -> compiled row condition) are evaluated over
+    the rows and given as booleans (NULL: false) under their names.
+    """
+    parts = [c for c in batch.tables if c.table == ref]
+    if not parts:
+        return None
+    data = pa.concat_tables([p.data for p in parts], promote_options="default")
+    if len(parts) > 1:
+        data = data.sort_by(SEQ)
+    key = parts[0].schema.key_columns
+    ops = data.column(OP).to_pylist()
+    new_keys = keys_of(data, key)
+    # The old key is sent (updates) only when it changed: all its columns present.
+    old_present = functools.reduce(
+        pc.and_kleene, [pc.is_valid(data.column(old_name(k))) for k in key]
+    )
+    old_keys = keys_of(data, [old_name(k) for k in key])
+    old_sent = old_present.to_pylist()
+    read: dict[str, list[object]] = {}
+    for name, kind in columns.items():
+        column = data.column(name)
+        read[name] = (column if kind is None else kind(column)).to_pylist()
+    for name, condition in (conditions or {}).items():
+        met = condition(data)
+        if isinstance(met, pa.Scalar):
+            read[name] = [bool(met.as_py())] * data.num_rows
+        else:
+            read[name] = pc.fill_null(met, False).to_pylist()
+    commits = data.column(COMMIT_TS).cast(pa.int64()).to_pylist()
+    lsns = data.column(LSN).to_pylist()
+    ends: dict[Hashable, End] = {}
+    truncated = False
+    for i, op in enumerate(ops):
+        if op == "T":
+            ends.clear()
+            truncated = True
+            continue
+        if op in ("U", "D"):
+            ends[old_keys[i] if old_sent[i] else new_keys[i]] = End(None, commits[i], lsns[i])
+        if op == "D":
+            continue
+        values = {name: read[name][i] for name in read}
+        ends[new_keys[i]] = End(values, commits[i], int(lsns[i]))
+    return NetChange(ends, truncated)
+
+
+def micros(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A timestamp column as µs since the epoch (int64)."""
+    return column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+
+
+def integers(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column as int64 (account ids of any integer type)."""
+    return column.cast(pa.int64())
+
+
+def key_columns(con: duckdb.DuckDBPyConnection, ref: TableRef) -> list[str]:
+    """The table's key as the engine recorded it (the mirror has no constraint)."""
+    rows = con.execute(
+        f"SELECT key_columns FROM {META}.tables WHERE table_name = ?", [ref.qualified]
+    ).fetchall()
+    if not rows or rows[0][0] is None:
+        raise ValueError(f"the store knows no key of {ref.qualified}")
+    return [str(c) for c in json.loads(rows[0][0])]

@@ -1,0 +1,332 @@
+"""Velocity burst evaluated in memory, batch by batch, exactly as the SQL rule does.
+
+The rules lane gives every :class:`ChangeBatch` to
+:meth:`VelocityBurstLane.apply`, in the order of the source; given the same batches
+as the engine it returns the alerts the SQL rule
+(:mod:`headrace.rules.velocity_burst` + :func:`headrace.alerts.store.emit_incidents`)
+writes for that batch. ``tests/rules/test_lane_velocity.py`` checks the equality on
+real PostgreSQL change streams. The semantics ported, per batch of the transactions
+table (every step is the SQL rule's, named after its code):
+
+- **Net change** (the engine's ``TableDelta``): per key, the *start* row (before the
+  batch) and the *end* row (after it; none when deleted). An update changing the key
+  deletes the old key (``_hr_old_<key>``, else the new key) and writes the new one. A
+  truncate clears the state (the changes after it are new rows).
+- **Watermark** (``RuleJob.advance``): ``W`` is the rule's watermark *before* the batch
+  (earliest possible before any); after it, ``max(W, max(least(t, commit_ts)))`` over
+  the batch's end rows (any row, matching ``where`` or not; NULL ``t``: commit time).
+  Batches without changes of the table leave it alone.
+- **Window state** (``RecentTransactions``): the rows matching ``where`` with event time
+  ``>= W - span`` (``span`` = longest window + ``rules.lateness``) as of *after* the
+  batch: the touched keys' rows are replaced by their end rows, rows older than the
+  horizon dropped. A delete takes the row out; every attempt counts whatever its
+  status (only ``where`` decides).
+- **Triggers** (``create_tx_triggers``): end rows matching ``where`` whose start row is
+  absent, did not match ``where``, or had another account or event time, with
+  ``t >= W - rules.lateness`` (so a transaction moved in time or to another account is
+  checked again at its new place; a late one is counted but never triggers). A key
+  missing from the window state stands for "no start row": a start row that matched
+  but was dropped has ``t < W - span <= W - lateness``, so it could only trigger by
+  changing ``t`` or the account, as in SQL.
+- **Candidates** (``VelocityBurst.evaluate``): for each trigger ``e`` and limit
+  ``(window, count)``: ``n`` = the account's window rows with ``t`` in
+  ``(e.t - window, e.t]`` (the trigger included; the window in whole seconds, as the
+  candidates statement has it); ``n >= count`` is a candidate. Of several limits
+  crossed, the largest ``n / count`` wins, then the shorter window.
+  ``started_at`` = the earliest ``t`` counted.
+- **Incidents** (dedup key ``velocity_burst:<account>``): :class:`Incidents`.
+- **Payload**: the numbers (transactions, limit, window seconds, the amount summed
+  over the window), the trigger's key and the window's rows as evidence, ordered by
+  ``(t, key)``, at most :data:`~headrace.rules.base.EVIDENCE_LIMIT`.
+
+Not ported: unchanged TOAST values (the rule's columns are never TOASTed). Per changed row of the
+transactions table the work is Python (dicts, ``bisect`` on per-account sorted
+lists): the state stays sorted incrementally (a batch costs its own rows' inserts
+and evictions, never a sort of the whole state).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+
+from headrace.alerts.store import INCIDENTS
+from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
+from headrace.rules.config import RulesConfig
+from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.triggers import TX_FIELDS
+from headrace.source.changes import ChangeBatch, TableRef
+from headrace.store.duckdb.schema import mirror_table
+
+RULE = "velocity_burst"
+MATCHES = "_lane_matches"
+"""Name of the rule's ``where`` among a net change's values."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What decides a trigger: the account and the event time (µs)."""
+
+    account: int
+    t: int
+
+
+@dataclass
+class VelocityBurstLane:
+    """The velocity-burst rule over change batches, in memory (module docstring)."""
+
+    rules: RulesConfig
+    name: str = RULE
+    watermark_us: int | None = None
+    rows: dict[Hashable, _Row] = field(default_factory=dict)
+    """The window state: key -> (account, t) of rows matching ``where`` within the span."""
+    fields: dict[Hashable, dict[str, Any]] = field(default_factory=dict)
+    """The window rows' evidence fields (:data:`TX_FIELDS` but ``t``)."""
+    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+    """Each account's window rows as sorted (t, key) pairs."""
+    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
+    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
+
+    def __post_init__(self) -> None:
+        burst = self.rules.velocity_burst
+        if burst is None:
+            raise ValueError("the velocity burst lane needs rules.velocity_burst")
+        self.config = burst
+        tx = self.rules.tables.transactions
+        self.ref = TableRef.parse(tx.table)
+        self.columns = {
+            "account": tx.account,
+            "t": tx.time,
+            "amount": tx.amount,
+            "merchant": tx.merchant,
+            "card": tx.card,
+            "country": tx.country,
+            "device": tx.device,
+            "status": tx.status,
+            "channel": tx.channel,
+            "type": tx.type,
+        }
+        self.where = arrow_condition(burst.where)
+        # the candidates statement joins on whole seconds (VALUES of int seconds)
+        self.limits = [(int(limit.window.total_seconds()), limit.count) for limit in burst.limits]
+        self.span_us = us_delta(max(limit.window for limit in burst.limits) + self.rules.lateness)
+        self.lateness_us = us_delta(self.rules.lateness)
+        self.earliest_us = to_us(EARLIEST)
+        self.incidents = Incidents(us_delta(burst.rearm_after))
+
+    def inputs(self) -> tuple[TableRef, ...]:
+        return (self.ref,)
+
+    # ----------------------------------------------------------- seeding
+
+    def seed(self, con: duckdb.DuckDBPyConnection, saved: RuleSaved | None = None) -> None:
+        """Start from the store's mirror, as a snapshot rebuild does: the watermark is the
+        mirror's newest ``least(t, now())``, the window its rows within the span, the
+        incidents' last-seen times the store's. ``saved`` (the lane's own record) gives
+        the watermark and incidents instead."""
+        mirror = mirror_table(self.ref)
+        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
+        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
+        self.watermark_us = None if newest is None else to_us(newest)
+        if saved is not None:
+            self.watermark_us = saved.watermark_us
+        self.rows.clear()
+        self.fields.clear()
+        self.by_account.clear()
+        self.expiry.clear()
+        if self.watermark_us is not None:
+            key = key_columns(con, self.ref)
+            names = [f'"{k}"' for k in key]
+            values = ", ".join(
+                f'"{column}"'
+                for name, column in self.columns.items()
+                if name not in ("account", "t")
+            )
+            cursor = con.execute(
+                f"""SELECT {", ".join(names)}, "{self.columns["account"]}"::BIGINT,
+                           epoch_us({t}), {values} FROM {mirror}
+                    WHERE coalesce(({self.config.where}), false) AND {t} >= ?
+                      AND "{self.columns["account"]}" IS NOT NULL""",
+                [from_us(self.watermark_us - self.span_us)],
+            )
+            width = len(key)
+            others = [n for n in self.columns if n not in ("account", "t")]
+            for row in cursor.fetchall():
+                k: Hashable = row[0] if width == 1 else tuple(row[:width])
+                extra = dict(zip(others, row[width + 2 :], strict=True))
+                self._add(k, _Row(int(row[width]), int(row[width + 1])), extra)
+        self.incidents.last_seen.clear()
+        self.incidents.touched.clear()
+        if saved is not None:
+            self.incidents.last_seen.update(saved.last_seen)
+            return
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+            INCIDENTS.split("."),
+        ).fetchall()[0][0]
+        if exists:
+            for key_text, seen in con.execute(
+                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
+            ).fetchall():
+                if seen is not None:
+                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+
+    def take_saved(self) -> RuleSaved:
+        """What to record with the lane's position: the watermark and the incidents changed."""
+        return RuleSaved(self.watermark_us, self.incidents.take_touched())
+
+    # ----------------------------------------------------------- state
+
+    def _add(self, key: Hashable, row: _Row, extra: dict[str, Any]) -> None:
+        self.rows[key] = row
+        self.fields[key] = extra
+        bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
+        heapq.heappush(self.expiry, (row.t, key))
+
+    def _remove(self, key: Hashable) -> None:
+        row = self.rows.pop(key, None)
+        if row is None:
+            return
+        del self.fields[key]
+        entries = self.by_account[row.account]
+        del entries[bisect.bisect_left(entries, (row.t, key))]
+        if not entries:
+            del self.by_account[row.account]
+
+    def _evict(self, horizon_us: int) -> None:
+        while self.expiry and self.expiry[0][0] < horizon_us:
+            t, key = heapq.heappop(self.expiry)
+            row = self.rows.get(key)
+            if row is not None and row.t == t:
+                self._remove(key)
+
+    # ----------------------------------------------------------- per batch
+
+    def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
+        """Evaluate one batch (module docstring); the alerts it opens, in event order."""
+        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        wanted[self.columns["account"]] = integers
+        wanted[self.columns["t"]] = micros
+        change = net_change(batch, self.ref, wanted, {MATCHES: self.where})
+        if change is None:
+            return []
+        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
+        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
+        if marks:
+            newest = max(marks)
+            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        if change.truncated:
+            self.rows.clear()
+            self.fields.clear()
+            self.by_account.clear()
+            self.expiry.clear()
+        # Triggers read the start rows: before the state is updated.
+        cutoff = previous - self.lateness_us
+        triggers: list[tuple[Hashable, _Row, End]] = []
+        ends: dict[Hashable, tuple[_Row | None, bool, dict[str, Any]]] = {}
+        for key, end in change.ends.items():
+            row, matches, extra = self._row(end)
+            ends[key] = (row, matches, extra)
+            if row is None or not matches or row.t < cutoff:
+                continue
+            if self.rows.get(key) != row:
+                triggers.append((key, row, end))
+        horizon = previous - self.span_us
+        for key, (row, matches, extra) in ends.items():
+            self._remove(key)
+            if row is not None and matches and row.t >= horizon:
+                self._add(key, row, extra)
+        self._evict(horizon)
+        found = [self._candidate(*trigger) for trigger in triggers]
+        return self.incidents.open([c for c in found if c is not None])
+
+    def _mark(self, end: End) -> int:
+        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
+        t = end.values[self.columns["t"]] if end.values is not None else None
+        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
+
+    def _row(self, end: End) -> tuple[_Row | None, bool, dict[str, Any]]:
+        values = end.values
+        if values is None:
+            return None, False, {}
+        account, t = values[self.columns["account"]], values[self.columns["t"]]
+        extra = {
+            name: values[column]
+            for name, column in self.columns.items()
+            if name not in ("account", "t")
+        }
+        row = None if account is None or t is None else _Row(int(str(account)), int(str(t)))
+        return row, bool(values[MATCHES]), extra
+
+    def _candidate(self, key: Hashable, row: _Row, end: End) -> LaneAlert | None:
+        entries = self.by_account.get(row.account, [])
+        # every entry of time <= t (keys compare only among equal times)
+        upper = bisect.bisect_right(entries, (row.t, _Top()))
+        best: tuple[float, int, int, int, int] | None = None  # factor, -seconds, n, count, lower
+        for seconds, count in self.limits:
+            lower = bisect.bisect_right(entries, (row.t - seconds * 1_000_000, _Top()))
+            n = upper - lower
+            if n >= count:
+                choice = (n / count, -seconds, n, count, lower)
+                if best is None or choice[:2] > best[:2]:
+                    best = choice
+        if best is None:
+            return None
+        _, minus_seconds, n, count, lower = best
+        window = entries[lower:upper]
+        amount = sum((self._amount(k) for _, k in window), Decimal(0))
+        evidence = [self._evidence(t, k) for t, k in window[:EVIDENCE_LIMIT]]
+        return LaneAlert(
+            rule=RULE,
+            account=row.account,
+            key=f"{RULE}:{row.account}",
+            trigger=key,
+            event_us=row.t,
+            started_us=window[0][0],
+            commit_us=end.commit_us,
+            lsn=end.lsn,
+            severity=self.config.severity.value,
+            summary=(
+                f"{n} transactions in {-minus_seconds} s on account {row.account} (limit {count})"
+            ),
+            numbers={
+                "transactions": n,
+                "limit": count,
+                "window_seconds": -minus_seconds,
+                "amount": amount,
+            },
+            evidence=evidence,
+        )
+
+    def _amount(self, key: Hashable) -> Decimal:
+        value = self.fields[key]["amount"]
+        return Decimal(0) if value is None else Decimal(str(value))
+
+    def _evidence(self, t: int, key: Hashable) -> dict[str, Any]:
+        row = self.rows[key]
+        fields = self.fields[key]
+        return {
+            "id": key,
+            "at": from_us(t),
+            "account": row.account,
+            **{name: fields[name] for name in TX_FIELDS if name not in ("account", "t")},
+        }
+
+
+class _Top:
+    """Greater than any key: ``(t, _Top())`` sorts after every ``(t, key)``."""
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return True
