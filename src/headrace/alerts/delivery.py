@@ -162,7 +162,6 @@ class AlertDelivery:
 
     def _on_commit(self, event: CommitEvent) -> None:
         """In the writer's thread, right after a commit: hand what it wrote to the sinks."""
-        committed_at = time.time()
         with self._lock:
             held, self._held = self._held, []
             failed = self.store.failed_transactions
@@ -173,8 +172,17 @@ class AlertDelivery:
                 resync = True
             else:
                 resync = False
-            woken: set[str] = set()
-            for new in held:
+        self.hand_over(held)
+        if resync:
+            self.wake()
+
+    def hand_over(self, committed: Sequence[handoff.NewAlerts]) -> None:
+        """Send alerts whose transaction committed (the rules lane calls this after its
+        own commits; the writer's come through :meth:`_on_commit`)."""
+        committed_at = time.time()
+        woken: set[str] = set()
+        with self._lock:
+            for new in committed:
                 rows = {int(row[ALERT_ID]): row for row in new.alerts}
                 for alert_id, sink, key in new.deliveries:
                     handed = self._handed.get(str(sink))
@@ -182,8 +190,6 @@ class AlertDelivery:
                     if handed is not None and row is not None:
                         handed.append(HandedOver(row, str(key), committed_at))
                         woken.add(str(sink))
-        if resync:
-            self.wake()
         for name in woken:
             self._wakes[name].set()
 

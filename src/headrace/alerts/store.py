@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 import duckdb
 
 from headrace.alerts import handoff
+from headrace.alerts import ids as alert_ids
 from headrace.alerts.config import SEVERITY_RANK, SinkConfig
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
@@ -139,41 +140,54 @@ def insert_alerts(
 
     The inserted rows stay in the temp table ``_job_new_alerts`` until the next call.
     """
+    ids = alert_ids.registered(con)
+    # One writer numbers after the table's maximum in the same statement; beside the
+    # rules lane the ids come from the shared allocator (headrace.alerts.ids).
+    base = "0" if ids is not None else f"(SELECT coalesce(max(id), 0) FROM {ALERTS})"
     created = con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _job_new_alerts AS
-        SELECT (SELECT coalesce(max(id), 0) FROM {ALERTS})
-                   + row_number() OVER (ORDER BY s.event_at, s.rule, s.key) AS id, s.*
+        SELECT {base} + row_number() OVER (ORDER BY s.event_at, s.rule, s.key) AS id, s.*
         FROM ({source}) s"""
     )
     count = rows_written(created)
+    if count and ids is not None:
+        con.execute("UPDATE _job_new_alerts SET id = id + ?", [ids.reserve(con, count) - 1])
     if count:
-        columns = ", ".join(ALERT_COLUMNS)
-        # A watched writer hands the rows to the delivery threads (handoff module):
-        # RETURNING gives them back without another statement.
-        watched = bool(sinks) and handoff.watching(con)
-        returning = f" RETURNING {columns}" if watched else ""
-        inserted = con.execute(
-            f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
-        )
-        alert_rows = inserted.fetchall() if watched else []
-        if sinks:
-            returning = " RETURNING alert_id, sink, idempotency_key" if watched else ""
-            outbox = con.execute(
-                f"""INSERT INTO {DELIVERIES}
-                SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
-                       'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
-                                              || CAST(a.detected_at AS VARCHAR)), 1, 32)
-                FROM _job_new_alerts a
-                JOIN (VALUES {_sinks_values(sinks)}) k(sink, min_rank, rules, kinds)
-                  ON (CASE a.severity WHEN 'low' THEN 1 WHEN 'medium' THEN 2 WHEN 'high' THEN 3
-                      ELSE 4 END) >= k.min_rank
-                 AND (k.rules IS NULL OR list_contains(k.rules, a.rule))
-                 AND (k.kinds IS NULL OR list_contains(k.kinds, a.kind)){returning}""",
-                [now, now],
-            )
-            if watched:
-                handoff.offer(con, handoff.NewAlerts(alert_rows, outbox.fetchall()))
+        write_new_alerts(con, sinks, now)
     return count
+
+
+def write_new_alerts(
+    con: duckdb.DuckDBPyConnection, sinks: Sequence[SinkConfig], now: datetime
+) -> None:
+    """Insert the rows of the temp table ``_job_new_alerts`` (every column of ``alerts``)
+    and their pending deliveries; hand them to the connection's watcher, if any."""
+    columns = ", ".join(ALERT_COLUMNS)
+    # A watched writer hands the rows to the delivery threads (handoff module):
+    # RETURNING gives them back without another statement.
+    watched = bool(sinks) and handoff.watching(con)
+    returning = f" RETURNING {columns}" if watched else ""
+    inserted = con.execute(
+        f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
+    )
+    alert_rows = inserted.fetchall() if watched else []
+    if sinks:
+        returning = " RETURNING alert_id, sink, idempotency_key" if watched else ""
+        outbox = con.execute(
+            f"""INSERT INTO {DELIVERIES}
+            SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
+                   'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
+                                          || CAST(a.detected_at AS VARCHAR)), 1, 32)
+            FROM _job_new_alerts a
+            JOIN (VALUES {_sinks_values(sinks)}) k(sink, min_rank, rules, kinds)
+              ON (CASE a.severity WHEN 'low' THEN 1 WHEN 'medium' THEN 2 WHEN 'high' THEN 3
+                  ELSE 4 END) >= k.min_rank
+             AND (k.rules IS NULL OR list_contains(k.rules, a.rule))
+             AND (k.kinds IS NULL OR list_contains(k.kinds, a.kind)){returning}""",
+            [now, now],
+        )
+        if watched:
+            handoff.offer(con, handoff.NewAlerts(alert_rows, outbox.fetchall()))
 
 
 def emit_incidents(

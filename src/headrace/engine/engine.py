@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -75,6 +75,9 @@ class Engine:
         """The rebuild running while batches go on, if any (one at a time)."""
         self.rebuild_gate: threading.Event | None = None
         """Tests only: a running rebuild computes once this is set (batches go on)."""
+        self.before_commit: Callable[[int], None] | None = None
+        """Called with a batch's position just before its COMMIT (the rules lane waits
+        there until it recorded the batch: :meth:`headrace.rules.lane.lane.RulesLane.wait_for`)."""
         self._load()
 
     def _load(self) -> None:
@@ -127,6 +130,8 @@ class Engine:
                     name = work.model.name
                     per_table[name] = per_table.get(name, 0) + work.num_changes
             self.store.write_position(con, self.source, position, batch.last_commit_ts)
+            if self.before_commit is not None:
+                self.before_commit(position)
         self._position = position
         total = sum(per_table.values())
         event = self.store.publish(position, batch.last_commit_ts, sorted(per_table), total)

@@ -299,6 +299,10 @@ class AccountTakeoverConfig(BaseRuleConfig):
     severity: Severity = Field(default=Severity.CRITICAL, description="Severity of its alerts.")
 
 
+IN_MEMORY_RULES = ("velocity_burst",)
+"""Rules with an in-memory implementation (:mod:`headrace.rules.lane`)."""
+
+
 class RulesConfig(_Model):
     """The fraud rules; each runs when its section is present."""
 
@@ -324,3 +328,30 @@ class RulesConfig(_Model):
     account_takeover: AccountTakeoverConfig | None = Field(
         default=None, description="(6) Account takeover."
     )
+    in_memory: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Rules evaluated in memory on every decoded batch, beside the engine (the rules "
+            "lane): their alerts are committed and sent within milliseconds of the source's "
+            "commit instead of after the engine's batch, and the engine no longer runs their "
+            "SQL. Each must be configured and have an in-memory implementation "
+            "(headrace.rules.lane; velocity_burst so far)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _in_memory_rules_exist(self) -> RulesConfig:
+        for name in self.in_memory:
+            if name not in IN_MEMORY_RULES:
+                raise ValueError(
+                    f"rules.in_memory: {name!r} has no in-memory implementation "
+                    f"(available: {', '.join(IN_MEMORY_RULES)}); remove it to run it as SQL"
+                )
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"rules.in_memory names {name!r}, which is not configured: "
+                    f"add a `{name}:` section under rules, or remove it from in_memory"
+                )
+        if len(set(self.in_memory)) != len(self.in_memory):
+            raise ValueError("rules.in_memory names a rule twice")
+        return self

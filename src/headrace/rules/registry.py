@@ -23,5 +23,10 @@ RULES: tuple[type[RuleJob], ...] = (
 
 
 def build_rules(rules: RulesConfig) -> list[RuleJob]:
-    """The rules whose section is present in ``rules``."""
-    return [rule(rules) for rule in RULES if getattr(rules, rule.name) is not None]
+    """The rules whose section is present in ``rules`` and that run as SQL in the engine
+    (not in memory: ``rules.in_memory``)."""
+    return [
+        rule(rules)
+        for rule in RULES
+        if getattr(rules, rule.name) is not None and rule.name not in rules.in_memory
+    ]

@@ -41,10 +41,13 @@ from typing import Any
 from rich.console import Console
 
 from headrace.alerts.delivery import AlertDelivery
+from headrace.alerts.ids import AlertIds
+from headrace.alerts.store import ALERTS
 from headrace.engine.engine import Engine
 from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
+from headrace.rules.lane.lane import RulesLane
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
@@ -186,7 +189,7 @@ class Runner:
                 clear_marker(store)  # the snapshot committed; only the marker was left
             if not interrupted and not self.stop.is_set():
                 store.set_threads(self.config.store.streaming_threads)
-                self._stream(engine)
+                self._stream(engine, delivery)
         except BaseException as exc:
             what = exc.what if isinstance(exc, HeadraceError) else f"{type(exc).__name__}: {exc}"
             self.state.set_phase(FAILED, what)
@@ -259,9 +262,38 @@ class Runner:
 
     # ------------------------------------------------------------- streaming
 
-    def _stream(self, engine: Engine) -> None:
+    def _start_lane(self, engine: Engine, delivery: AlertDelivery | None) -> RulesLane | None:
+        """The rules lane (``rules.in_memory``), started on the store's position; None
+        when every rule runs as SQL in the engine."""
+        rules = self.config.rules
+        if rules is None or not rules.in_memory:
+            return None
+        store = engine.store
+        ids = AlertIds(ALERTS)
+        ids.register(store.writer)  # the engine's alerts beside the lane's
+        lane = RulesLane(
+            rules,
+            store,
+            tuple(self.config.sinks),
+            ids,
+            deliver=delivery.hand_over if delivery is not None else None,
+        )
+        engine.before_commit = lane.wait_for
+        return lane
+
+    def _stop_lane(self, engine: Engine, lane: RulesLane | None) -> None:
+        if lane is None:
+            return
+        engine.before_commit = None
+        try:
+            lane.stop()
+        finally:
+            lane.ids.forget(engine.store.writer)
+
+    def _stream(self, engine: Engine, delivery: AlertDelivery | None = None) -> None:
         source = PostgresSource(source_settings(self.config, self.settings))
         start = engine.position() or 0
+        lane = self._start_lane(engine, delivery)
         items: ChangeQueue[_Item] = ChangeQueue(
             self.settings.queue_batches, self.settings.merge_max_changes
         )
@@ -285,7 +317,7 @@ class Runner:
             }
         receiver = threading.Thread(
             target=self._receive,
-            args=(source, start, items, source_stop),
+            args=(source, start, items, source_stop, lane),
             name="headrace-source",
             daemon=True,
         )
@@ -308,6 +340,7 @@ class Runner:
             with lag_lock:
                 source_open[0] = False
             source.close()
+            self._stop_lane(engine, lane)
         log.info(
             "stopped at %s (store and slot): %s changes in %s batches this run; the slot "
             "keeps the source's WAL from there for the next run (`headrace teardown` drops it "
@@ -323,13 +356,17 @@ class Runner:
         start: int,
         items: ChangeQueue[_Item],
         source_stop: threading.Event,
+        lane: RulesLane | None = None,
     ) -> None:
-        """Source thread: batches into the bounded queue (waiting when it is full)."""
+        """Source thread: batches into the bounded queue (waiting when it is full), and
+        first to the rules lane, if any."""
         error: BaseException | None = None
         try:
             batches = source.batches(start)
             try:
                 for batch in batches:
+                    if lane is not None:
+                        lane.offer(batch)
                     item = _Item(batch, self.state.received(batch))
                     if not _put(items, item, source_stop):
                         return

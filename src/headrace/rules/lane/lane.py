@@ -1,0 +1,236 @@
+"""The rules lane: the in-memory rules evaluated on every decoded batch, on a thread of
+their own, committing their alerts in small transactions of their own.
+
+The source thread hands each decoded :class:`ChangeBatch` to :meth:`RulesLane.offer`
+before the engine's queue; the lane's thread takes every batch waiting, evaluates each
+in order with every rule of ``rules.in_memory`` (:mod:`headrace.rules.lane.velocity`,
+...), and commits once on its own connection: the alerts (``headrace.alerts`` and the
+delivery outbox, as the engine writes them; ids from the store's shared allocator),
+the incidents touched, and its position (:mod:`headrace.rules.lane.store`). The alerts
+then go to the delivery threads at once. Commit-to-alert is the source's cut plus the
+evaluation plus one small commit, not an engine batch.
+
+Exactly once, across crashes:
+
+- The engine never commits a batch the lane has not committed (:meth:`wait_for`, called
+  by the engine just before its COMMIT): the lane's position is always at or after the
+  store's, so the slot (confirmed up to the store's position) still holds everything
+  the lane has not recorded.
+- On start, each rule's state is rebuilt from the store's mirrors (at the store's
+  position) and its record (watermark, incidents); the batches from the store's
+  position up to the lane's are evaluated again to rebuild the windows, and their
+  alerts, already written, are dropped.
+- An alert is written in the transaction that moves the lane's position past its
+  batch: it is never written twice, and delivery is the engine's (outbox, idempotency
+  keys).
+
+The lane sees the source's batches, the engine merges several: the SQL rules'
+semantics depend on batch boundaries in corner cases (net change per batch, the
+watermark before a batch), so the lane's alerts equal the SQL rule's given the same
+batches (``tests/rules/lane_harness.py``), not necessarily in a live run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from headrace.alerts import handoff
+from headrace.alerts.config import SinkConfig
+from headrace.alerts.ids import AlertIds
+from headrace.errors import HeadraceError
+from headrace.rules.config import RulesConfig
+from headrace.rules.lane.alert import LaneAlert
+from headrace.rules.lane.evaluators import Evaluator, make_evaluator
+from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.store import LaneStore
+from headrace.source.changes import ChangeBatch
+from headrace.store.duckdb.store import DuckDBStore
+
+log = logging.getLogger("headrace.rules.lane")
+
+QUEUE_BATCHES = 256
+"""Batches the source may hand over ahead of the lane (then it waits: backpressure)."""
+DRAIN_BATCHES = 64
+"""Batches evaluated into one commit at most."""
+
+
+class LaneError(HeadraceError):
+    """The rules lane stopped on an error (the run stops with it)."""
+
+
+@dataclass
+class LaneStats:
+    batches: int = 0
+    commits: int = 0
+    alerts: int = 0
+    replayed: int = 0
+    evaluate_s: float = 0.0
+    commit_s: float = 0.0
+
+
+class RulesLane:
+    """The rules of ``rules.in_memory`` beside the engine (module docstring)."""
+
+    def __init__(
+        self,
+        rules: RulesConfig,
+        store: DuckDBStore,
+        sinks: tuple[SinkConfig, ...],
+        ids: AlertIds,
+        deliver: Callable[[list[handoff.NewAlerts]], None] | None = None,
+    ) -> None:
+        self.names = list(rules.in_memory)
+        self.deliver = deliver
+        self.con = store.cursor()
+        ids.register(self.con)
+        self.ids = ids
+        self._collected: list[handoff.NewAlerts] = []
+        self._unwatch = handoff.watch(self.con, self._collected.append) if deliver else None
+        self.lane_store = LaneStore(self.con, sinks, ids)
+        saved = self.lane_store.load(self.names)
+        self.evaluators: list[Evaluator] = []
+        for name in self.names:
+            evaluator = make_evaluator(name, rules)
+            evaluator.seed(self.con, saved.rules.get(name))
+            self.evaluators.append(evaluator)
+        self.replay_until = saved.position or 0
+        """Batches at or below it were evaluated and recorded before a restart."""
+        self.committed = saved.position or 0
+        """The lane's recorded position (every batch at or below it is in the store)."""
+        self.stats = LaneStats()
+        self._queue: queue.Queue[ChangeBatch | None] = queue.Queue(QUEUE_BATCHES)
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="headrace-rules-lane", daemon=True)
+        self._thread.start()
+        log.info(
+            "rules lane: %s in memory%s",
+            ", ".join(self.names),
+            f", recorded up to {saved.position}" if saved.position else "",
+        )
+
+    # ------------------------------------------------------------ the source's side
+
+    def offer(self, batch: ChangeBatch) -> None:
+        """Hand a decoded batch over (the source thread; waits when the lane is behind)."""
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(batch, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # ------------------------------------------------------------ the engine's side
+
+    def wait_for(self, position: int) -> None:
+        """Return once the lane recorded every batch up to ``position`` (the engine calls
+        this before committing ``position``); raise if the lane failed."""
+        with self._cond:
+            while self.committed < position:
+                if self._error is not None or self._stopped:
+                    break
+                self._cond.wait(0.5)
+        self._raise_if_failed()
+        if self.committed < position:
+            raise LaneError(
+                f"the rules lane stopped before recording position {position}",
+                "see the log for why; the run resumes from the store's position",
+            )
+
+    def stop(self) -> None:
+        """Evaluate and record what was handed over, then stop; raise if the lane failed."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._unwatch is not None:
+            self._unwatch()
+        self.ids.forget(self.con)
+        self.con.close()
+        s = self.stats
+        log.info(
+            "rules lane: %s batches (%s evaluated again after a restart), %s commits, %s alerts; "
+            "evaluation %.1f s, commits %.1f s",
+            s.batches,
+            s.replayed,
+            s.commits,
+            s.alerts,
+            s.evaluate_s,
+            s.commit_s,
+        )
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        error = self._error
+        if error is not None:
+            raise LaneError(
+                f"the rules lane failed: {type(error).__name__}: {error}",
+                "the run stops; it resumes from the store's position, where the lane "
+                "re-evaluates what it had not recorded",
+            ) from error
+
+    # ------------------------------------------------------------ the lane's thread
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batches = [first]
+                done = False
+                while len(batches) < DRAIN_BATCHES:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        done = True
+                        break
+                    batches.append(more)
+                self._evaluate(batches)
+                if done:
+                    return
+        except BaseException as exc:
+            log.exception("rules lane failed")
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+
+    def _evaluate(self, batches: list[ChangeBatch]) -> None:
+        started = time.perf_counter()
+        alerts: list[LaneAlert] = []
+        for batch in batches:
+            self.stats.batches += 1
+            for evaluator in self.evaluators:
+                opened = evaluator.apply(batch)
+                if batch.position > self.replay_until:
+                    alerts.extend(opened)
+            if batch.position <= self.replay_until:
+                self.stats.replayed += 1
+        position = max(self.committed, batches[-1].position)
+        records: dict[str, RuleSaved] = {e.name: e.take_saved() for e in self.evaluators}
+        evaluated = time.perf_counter()
+        self.stats.evaluate_s += evaluated - started
+        if position <= self.committed and not alerts:
+            return  # nothing new to record (batches evaluated again after a restart)
+        self.lane_store.commit(alerts, records, position, datetime.now(UTC))
+        self.stats.commit_s += time.perf_counter() - evaluated
+        self.stats.commits += 1
+        self.stats.alerts += len(alerts)
+        with self._cond:
+            self.committed = position
+            self._cond.notify_all()
+        if self.deliver is not None and self._collected:
+            collected, self._collected[:] = list(self._collected), []
+            self.deliver(collected)
