@@ -63,7 +63,7 @@ def _wal_lsn(db: PgDatabase) -> int:
     with db.connect() as conn:
         row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
     assert row is not None
-    return int(row[0])
+    return int(str(row[0]))
 
 
 def _store_rows(pipeline: Pipeline, sql: str) -> list[tuple[object, ...]]:
