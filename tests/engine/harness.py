@@ -17,10 +17,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from headrace.alerts.ids import AlertIds
+from headrace.alerts.store import ALERTS
 from headrace.engine.engine import Engine
 from headrace.engine.results import AppliedBatch, SnapshotLoaded
 from headrace.pipeline.load import parse_pipeline
 from headrace.pipeline.model import MeasureFn, PipelineConfig, RollupConfig
+from headrace.rules.lane.lane import RulesLane
 from headrace.source.changes import ChangeBatch
 from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter
@@ -44,9 +47,30 @@ class Harness:
     store: DuckDBStore = field(init=False)
     engine: Engine = field(init=False)
     applied: list[AppliedBatch] = field(default_factory=list)
+    lane: RulesLane | None = None
+    """The rules lane, when :meth:`start_lane` started it (``rules.in_memory``)."""
 
     def __post_init__(self) -> None:
         self.open()
+
+    def start_lane(self) -> RulesLane:
+        """Run the rules of ``rules.in_memory`` in the real rules lane, as ``headrace run``
+        does: every synced batch goes to the lane first; the engine waits for it."""
+        rules = self.config.rules
+        assert rules is not None
+        assert rules.in_memory
+        ids = AlertIds(ALERTS)
+        ids.register(self.store.writer)
+        self.lane = RulesLane(rules, self.store, tuple(self.config.sinks), ids).start()
+        self.engine.before_commit = self.lane.before_engine_commit
+        return self.lane
+
+    def stop_lane(self) -> None:
+        if self.lane is not None:
+            self.engine.before_commit = None
+            self.lane.stop()
+            self.lane.ids.forget(self.store.writer)
+            self.lane = None
 
     def open(self) -> None:
         self.store = DuckDBStore(self.store_path)
@@ -71,6 +95,7 @@ class Harness:
         self.open()
 
     def close(self) -> None:
+        self.stop_lane()
         self.store.close()
 
     def execute(self, *statements: str) -> None:
@@ -101,7 +126,11 @@ class Harness:
 
     def sync(self, cut: Callable[[], bool] | None = None) -> list[AppliedBatch]:
         """Apply everything committed in PostgreSQL so far."""
-        applied = [self.engine.apply(batch) for batch in self.batches(cut)]
+        applied = []
+        for batch in self.batches(cut):
+            if self.lane is not None:
+                self.lane.offer(batch)
+            applied.append(self.engine.apply(batch))
         self.applied.extend(applied)
         return applied
 

@@ -56,6 +56,8 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
     sections = yaml.safe_load(FINTECH)
     del sections["metric_alerts"]  # they watch the deployment's rollups, not needed here
     harness = make_harness(pg_db, tmp_path, TABLES + yaml.safe_dump(sections))
+    assert sections["rules"]["in_memory"] == ["velocity_burst"]
+    harness.start_lane()  # velocity burst in memory, as the deployment runs it
     settings = workload_settings(
         pg_db.dsn,
         rate=10.0,
@@ -74,6 +76,7 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
         workload.drain()
         assert workload.stats.envelope_breaches == 0  # normal traffic stayed normal
     harness.sync()
+    harness.stop_lane()
     truth = harness.pg("SELECT family, account_id, started_at, ended_at FROM fraud_ground_truth")
     alerts = harness.duck("SELECT rule, account_id, event_at, summary FROM headrace.alerts")
     seconds = time.monotonic() - started

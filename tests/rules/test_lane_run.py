@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 
 from headrace.pipeline.load import load_pipeline
-from headrace.rules.lane.store import RULES_TABLE
+from headrace.rules.lane.store import LANE_DB, LANE_OUTBOX, RULES_TABLE, lane_file
 from tests.alerts.receivers import http_receiver
 from tests.conftest import PgDatabase
 from tests.rules.bank import T0, seed
@@ -69,6 +69,8 @@ def _wal_lsn(db: PgDatabase) -> int:
 def _store_rows(pipeline: Pipeline, sql: str) -> list[tuple[object, ...]]:
     con = duckdb.connect(pipeline.config.store.path, read_only=True)
     try:
+        lane = lane_file(pipeline.config.store.path)
+        con.execute(f"ATTACH '{lane}' AS {LANE_DB} (READ_ONLY)")
         return con.execute(sql).fetchall()
     finally:
         con.close()
@@ -97,6 +99,10 @@ def test_lane_alert_once_per_incident_across_restarts(pg_db: PgDatabase, tmp_pat
         _store_rows(pipeline, "SELECT lsn FROM headrace.position")[0],
     )
     assert int(str(lane_position)) >= int(str(store_position))
+    # the lane's outbox says delivered, once each
+    assert _store_rows(
+        pipeline, f"SELECT state, attempts FROM {LANE_OUTBOX.deliveries} ORDER BY alert_id"
+    ) == [("delivered", 1), ("delivered", 1)]
 
 
 def test_lane_after_kill_9(pg_db: PgDatabase, tmp_path: Path) -> None:

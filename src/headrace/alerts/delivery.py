@@ -56,7 +56,7 @@ import duckdb
 from headrace.alerts import handoff
 from headrace.alerts.config import DEFAULT_KEEP_DELIVERED, SinkConfig
 from headrace.alerts.sinks import make_sink
-from headrace.alerts.store import ALERT_COLUMNS, DELIVERIES
+from headrace.alerts.store import ALERT_COLUMNS, DELIVERIES, STORE_OUTBOX, Outbox
 from headrace.alerts.worker import Attempt, HandedOver, SinkWorker
 from headrace.store.base import CommitEvent
 from headrace.store.duckdb.store import DuckDBStore
@@ -70,9 +70,16 @@ class AlertDelivery:
     """Sends the alerts of the outbox through the configured sinks (module docstring)."""
 
     def __init__(
-        self, store: DuckDBStore, sinks: Sequence[SinkConfig], poll_interval: float = 1.0
+        self,
+        store: DuckDBStore,
+        sinks: Sequence[SinkConfig],
+        poll_interval: float = 1.0,
+        outbox: Outbox = STORE_OUTBOX,
     ) -> None:
         self.store = store
+        self.outbox = outbox
+        """The tables it drains: the engine's (handed over at the store's commits), or the
+        rules lane's (handed over by the lane: :meth:`hand_over`)."""
         self.configs = list(sinks)
         self.poll_interval = poll_interval
         """Longest time between two reads of the outbox (retries of an earlier process,
@@ -99,8 +106,9 @@ class AlertDelivery:
 
     def start(self) -> AlertDelivery:
         self._failed_seen = self.store.failed_transactions
-        self._unwatch = handoff.watch(self.store.writer, self._offered)
-        self._unsubscribe = self.store.subscribe(self._on_commit)
+        if self.outbox == STORE_OUTBOX:
+            self._unwatch = handoff.watch(self.store.writer, self._offered)
+            self._unsubscribe = self.store.subscribe(self._on_commit)
         for config in self.configs:
             worker = SinkWorker(
                 make_sink(config),
@@ -110,11 +118,13 @@ class AlertDelivery:
                 take=functools.partial(self._take, config.name),
                 poll_interval=self.poll_interval,
                 on_attempt=self._attempted,
+                outbox=self.outbox,
             )
             thread = threading.Thread(
                 target=self._run,
                 args=(worker,),
-                name=f"headrace-alerts-{config.name}",
+                name=f"headrace-alerts-{config.name}"
+                + ("" if self.outbox == STORE_OUTBOX else "-lane"),
                 daemon=True,
             )
             thread.start()
@@ -340,7 +350,10 @@ def prune_deliveries(
 
 
 def prune_delivered(
-    con: duckdb.DuckDBPyConnection, sinks: Sequence[SinkConfig], now: datetime
+    con: duckdb.DuckDBPyConnection,
+    sinks: Sequence[SinkConfig],
+    now: datetime,
+    outbox: Outbox = STORE_OUTBOX,
 ) -> int:
     """Apply every sink's ``keep_delivered`` in one statement (rows of a sink no longer
     configured keep the default); returns the rows deleted. Does nothing (and runs
@@ -354,7 +367,7 @@ def prune_delivered(
         params += [sink.name, now - sink.keep_delivered]
     params.append(now - DEFAULT_KEEP_DELIVERED)
     rows = con.execute(
-        f"""DELETE FROM {DELIVERIES} WHERE state = 'delivered'
+        f"""DELETE FROM {outbox.deliveries} WHERE state = 'delivered'
             AND delivered_at < CASE sink {cutoffs} ELSE CAST(? AS TIMESTAMPTZ) END""",
         params,
     ).fetchall()

@@ -24,6 +24,7 @@ Tables (schema ``headrace``), written in the batch's transaction:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import duckdb
@@ -37,6 +38,25 @@ from headrace.store.duckdb.schema import META
 ALERTS = f"{META}.alerts"
 INCIDENTS = f"{META}.alert_incidents"
 DELIVERIES = f"{META}.alert_deliveries"
+
+
+@dataclass(frozen=True)
+class Outbox:
+    """Where alerts and their deliveries are written: the engine's tables in the store, or
+    the rules lane's in a file of its own (:mod:`headrace.rules.lane.store`)."""
+
+    alerts: str = ALERTS
+    deliveries: str = DELIVERIES
+
+    def ddl(self) -> tuple[str, str]:
+        """CREATE statements of the two tables (the columns of the store's)."""
+        return (
+            ALERTS_DDL[0].replace(ALERTS, self.alerts, 1),
+            ALERTS_DDL[2].replace(DELIVERIES, self.deliveries, 1),
+        )
+
+
+STORE_OUTBOX = Outbox()
 
 ALERT_COLUMNS: tuple[str, ...] = (
     "id",
@@ -158,23 +178,27 @@ def insert_alerts(
 
 
 def write_new_alerts(
-    con: duckdb.DuckDBPyConnection, sinks: Sequence[SinkConfig], now: datetime
+    con: duckdb.DuckDBPyConnection,
+    sinks: Sequence[SinkConfig],
+    now: datetime,
+    outbox: Outbox = STORE_OUTBOX,
 ) -> None:
     """Insert the rows of the temp table ``_job_new_alerts`` (every column of ``alerts``)
-    and their pending deliveries; hand them to the connection's watcher, if any."""
+    and their pending deliveries into ``outbox``; hand them to the connection's watcher,
+    if any."""
     columns = ", ".join(ALERT_COLUMNS)
     # A watched writer hands the rows to the delivery threads (handoff module):
     # RETURNING gives them back without another statement.
     watched = bool(sinks) and handoff.watching(con)
     returning = f" RETURNING {columns}" if watched else ""
     inserted = con.execute(
-        f"INSERT INTO {ALERTS} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
+        f"INSERT INTO {outbox.alerts} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
     )
     alert_rows = inserted.fetchall() if watched else []
     if sinks:
         returning = " RETURNING alert_id, sink, idempotency_key" if watched else ""
-        outbox = con.execute(
-            f"""INSERT INTO {DELIVERIES}
+        pending = con.execute(
+            f"""INSERT INTO {outbox.deliveries}
             SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
                    'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
                                           || CAST(a.detected_at AS VARCHAR)), 1, 32)
@@ -187,7 +211,7 @@ def write_new_alerts(
             [now, now],
         )
         if watched:
-            handoff.offer(con, handoff.NewAlerts(alert_rows, outbox.fetchall()))
+            handoff.offer(con, handoff.NewAlerts(alert_rows, pending.fetchall()))
 
 
 def emit_incidents(

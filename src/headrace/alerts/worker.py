@@ -40,7 +40,7 @@ import duckdb
 from headrace.alerts.config import RetryConfig
 from headrace.alerts.message import Alert
 from headrace.alerts.sinks import DeliveryFailed, Sink
-from headrace.alerts.store import ALERT_COLUMNS, ALERTS, DELIVERIES
+from headrace.alerts.store import ALERT_COLUMNS, STORE_OUTBOX, Outbox
 
 log = logging.getLogger("headrace.alerts")
 
@@ -138,9 +138,12 @@ class SinkWorker:
         take: Callable[[], list[HandedOver]],
         poll_interval: float,
         on_attempt: Callable[[Attempt], None],
+        outbox: Outbox = STORE_OUTBOX,
     ) -> None:
         self.sink = sink
         self.cursor = cursor
+        self.outbox = outbox
+        """The tables this worker reads and records in (the store's, or the rules lane's)."""
         self.wake = wake
         self.stop = stop
         self.take = take
@@ -221,7 +224,8 @@ class SinkWorker:
             try:
                 rows = self.cursor.execute(
                     f"""SELECT d.attempts, d.idempotency_key, {_OUTBOX_SELECT}
-                        FROM {DELIVERIES} d JOIN {ALERTS} a ON a.id = d.alert_id
+                        FROM {self.outbox.deliveries} d
+                        JOIN {self.outbox.alerts} a ON a.id = d.alert_id
                         WHERE d.sink = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
                           AND d.alert_id > ?
                         ORDER BY d.alert_id LIMIT {PAGE}""",
@@ -293,6 +297,7 @@ class SinkWorker:
         (e.g. a conflict with a concurrent CHECKPOINT) for the next round."""
         if not self._records:
             return
+        deliveries = self.outbox.deliveries
         records = list(self._records.items())
         row = (
             "("
@@ -309,14 +314,14 @@ class SinkWorker:
         for attempt in range(tries):
             try:
                 self.cursor.execute(
-                    f"""UPDATE {DELIVERIES} SET state = v.state, attempts = v.attempts,
+                    f"""UPDATE {deliveries} SET state = v.state, attempts = v.attempts,
                            last_attempt_at = v.attempted_at, next_attempt_at = v.next_at,
                            delivered_at = CASE WHEN v.state = 'delivered' THEN v.attempted_at END,
                            last_error = v.error
                         FROM (VALUES {", ".join(row for _ in records)})
                              v(alert_id, attempts, state, attempted_at, next_at, error)
-                        WHERE {DELIVERIES}.alert_id = v.alert_id AND {DELIVERIES}.sink = ?
-                          AND {DELIVERIES}.attempts < v.attempts""",
+                        WHERE {deliveries}.alert_id = v.alert_id AND {deliveries}.sink = ?
+                          AND {deliveries}.attempts < v.attempts""",
                     params,
                 ).fetchall()
             except duckdb.Error as exc:

@@ -75,9 +75,10 @@ class Engine:
         """The rebuild running while batches go on, if any (one at a time)."""
         self.rebuild_gate: threading.Event | None = None
         """Tests only: a running rebuild computes once this is set (batches go on)."""
-        self.before_commit: Callable[[int], None] | None = None
-        """Called with a batch's position just before its COMMIT (the rules lane waits
-        there until it recorded the batch: :meth:`headrace.rules.lane.lane.RulesLane.wait_for`)."""
+        self.before_commit: Callable[[duckdb.DuckDBPyConnection, int], None] | None = None
+        """Called with the batch's transaction and position just before its COMMIT (the
+        rules lane waits there until it recorded the batch, and its alerts are copied:
+        :meth:`headrace.rules.lane.lane.RulesLane.before_engine_commit`)."""
         self._load()
 
     def _load(self) -> None:
@@ -131,7 +132,7 @@ class Engine:
                     per_table[name] = per_table.get(name, 0) + work.num_changes
             self.store.write_position(con, self.source, position, batch.last_commit_ts)
             if self.before_commit is not None:
-                self.before_commit(position)
+                self.before_commit(con, position)
         self._position = position
         total = sum(per_table.values())
         event = self.store.publish(position, batch.last_commit_ts, sorted(per_table), total)

@@ -48,6 +48,7 @@ from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.rules.lane.lane import RulesLane
+from headrace.rules.lane.store import LANE_OUTBOX
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
@@ -189,7 +190,7 @@ class Runner:
                 clear_marker(store)  # the snapshot committed; only the marker was left
             if not interrupted and not self.stop.is_set():
                 store.set_threads(self.config.store.streaming_threads)
-                self._stream(engine, delivery)
+                self._stream(engine)
         except BaseException as exc:
             what = exc.what if isinstance(exc, HeadraceError) else f"{type(exc).__name__}: {exc}"
             self.state.set_phase(FAILED, what)
@@ -262,38 +263,41 @@ class Runner:
 
     # ------------------------------------------------------------- streaming
 
-    def _start_lane(self, engine: Engine, delivery: AlertDelivery | None) -> RulesLane | None:
-        """The rules lane (``rules.in_memory``), started on the store's position; None
-        when every rule runs as SQL in the engine."""
+    def _start_lane(self, engine: Engine) -> tuple[RulesLane, AlertDelivery | None] | None:
+        """The rules lane (``rules.in_memory``) and its outbox's delivery, started on the
+        store's position; None when every rule runs as SQL in the engine."""
         rules = self.config.rules
         if rules is None or not rules.in_memory:
             return None
         store = engine.store
         ids = AlertIds(ALERTS)
         ids.register(store.writer)  # the engine's alerts beside the lane's
-        lane = RulesLane(
-            rules,
-            store,
-            tuple(self.config.sinks),
-            ids,
-            deliver=delivery.hand_over if delivery is not None else None,
-        )
-        engine.before_commit = lane.wait_for
-        return lane
+        sinks = tuple(self.config.sinks)
+        lane = RulesLane(rules, store, sinks, ids)
+        delivery = AlertDelivery(store, sinks, outbox=LANE_OUTBOX).start() if sinks else None
+        lane.start(delivery.hand_over if delivery is not None else None)
+        engine.before_commit = lane.before_engine_commit
+        return lane, delivery
 
-    def _stop_lane(self, engine: Engine, lane: RulesLane | None) -> None:
-        if lane is None:
+    def _stop_lane(
+        self, engine: Engine, started: tuple[RulesLane, AlertDelivery | None] | None
+    ) -> None:
+        if started is None:
             return
+        lane, delivery = started
         engine.before_commit = None
         try:
             lane.stop()
         finally:
             lane.ids.forget(engine.store.writer)
+            if delivery is not None:
+                delivery.stop()
 
-    def _stream(self, engine: Engine, delivery: AlertDelivery | None = None) -> None:
+    def _stream(self, engine: Engine) -> None:
         source = PostgresSource(source_settings(self.config, self.settings))
         start = engine.position() or 0
-        lane = self._start_lane(engine, delivery)
+        started_lane = self._start_lane(engine)
+        lane = started_lane[0] if started_lane is not None else None
         items: ChangeQueue[_Item] = ChangeQueue(
             self.settings.queue_batches, self.settings.merge_max_changes
         )
@@ -340,7 +344,7 @@ class Runner:
             with lag_lock:
                 source_open[0] = False
             source.close()
-            self._stop_lane(engine, lane)
+            self._stop_lane(engine, started_lane)
         log.info(
             "stopped at %s (store and slot): %s changes in %s batches this run; the slot "
             "keeps the source's WAL from there for the next run (`headrace teardown` drops it "

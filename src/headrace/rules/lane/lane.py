@@ -40,6 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import duckdb
+
 from headrace.alerts import handoff
 from headrace.alerts.config import SinkConfig
 from headrace.alerts.ids import AlertIds
@@ -54,6 +56,8 @@ from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.rules.lane")
 
+PRUNE_INTERVAL_S = 600.0
+"""How often the lane deletes its outbox's rows delivered long enough ago."""
 QUEUE_BATCHES = 256
 """Batches the source may hand over ahead of the lane (then it waits: backpressure)."""
 DRAIN_BATCHES = 64
@@ -83,16 +87,16 @@ class RulesLane:
         store: DuckDBStore,
         sinks: tuple[SinkConfig, ...],
         ids: AlertIds,
-        deliver: Callable[[list[handoff.NewAlerts]], None] | None = None,
     ) -> None:
         self.names = list(rules.in_memory)
-        self.deliver = deliver
+        self.deliver: Callable[[list[handoff.NewAlerts]], None] | None = None
         self.con = store.cursor()
         ids.register(self.con)
         self.ids = ids
         self._collected: list[handoff.NewAlerts] = []
-        self._unwatch = handoff.watch(self.con, self._collected.append) if deliver else None
-        self.lane_store = LaneStore(self.con, sinks, ids)
+        self._unwatch = handoff.watch(self.con, self._collected.append) if sinks else None
+        self.lane_store = LaneStore(self.con, store.path, sinks, ids)
+        self.lane_store.start_copies()
         saved = self.lane_store.load(self.names)
         self.evaluators: list[Evaluator] = []
         for name in self.names:
@@ -108,13 +112,20 @@ class RulesLane:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stopped = False
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
         self._thread = threading.Thread(target=self._loop, name="headrace-rules-lane", daemon=True)
-        self._thread.start()
         log.info(
             "rules lane: %s in memory%s",
             ", ".join(self.names),
             f", recorded up to {saved.position}" if saved.position else "",
         )
+
+    def start(self, deliver: Callable[[list[handoff.NewAlerts]], None] | None = None) -> RulesLane:
+        """Start evaluating; ``deliver`` gets the alerts of each commit (the lane outbox's
+        delivery: :meth:`headrace.alerts.delivery.AlertDelivery.hand_over`)."""
+        self.deliver = deliver
+        self._thread.start()
+        return self
 
     # ------------------------------------------------------------ the source's side
 
@@ -130,9 +141,15 @@ class RulesLane:
 
     # ------------------------------------------------------------ the engine's side
 
+    def before_engine_commit(self, con: duckdb.DuckDBPyConnection, position: int) -> None:
+        """The engine's hook before it commits ``position`` (on its transaction ``con``):
+        wait until the lane recorded it, and copy the lane's new alerts into the store."""
+        self.wait_for(position)
+        self.lane_store.copy_alerts(con)
+
     def wait_for(self, position: int) -> None:
-        """Return once the lane recorded every batch up to ``position`` (the engine calls
-        this before committing ``position``); raise if the lane failed."""
+        """Return once the lane recorded every batch up to ``position``; raise if the lane
+        failed."""
         with self._cond:
             while self.committed < position:
                 if self._error is not None or self._stopped:
@@ -147,12 +164,13 @@ class RulesLane:
 
     def stop(self) -> None:
         """Evaluate and record what was handed over, then stop; raise if the lane failed."""
-        self._queue.put(None)
-        self._thread.join()
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         if self._unwatch is not None:
             self._unwatch()
         self.ids.forget(self.con)
-        self.con.close()
+        self.con.close()  # the file stays attached to the store's instance until it closes
         s = self.stats
         log.info(
             "rules lane: %s batches (%s evaluated again after a restart), %s commits, %s alerts; "
@@ -195,6 +213,9 @@ class RulesLane:
                         break
                     batches.append(more)
                 self._evaluate(batches)
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                    self.lane_store.prune(datetime.now(UTC))
                 if done:
                     return
         except BaseException as exc:
@@ -231,6 +252,7 @@ class RulesLane:
         with self._cond:
             self.committed = position
             self._cond.notify_all()
-        if self.deliver is not None and self._collected:
+        if self._collected:
             collected, self._collected[:] = list(self._collected), []
-            self.deliver(collected)
+            if self.deliver is not None:
+                self.deliver(collected)

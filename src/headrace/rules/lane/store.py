@@ -1,25 +1,37 @@
-"""The rules lane's record in the store: its position, the rules' watermarks, incidents.
+"""The rules lane's record: a DuckDB file of its own, ATTACHed to the store's database.
 
-Written by the lane's own connection, in the same small transaction as the alerts it
-opens (``headrace.alerts`` and the delivery outbox, as the engine writes them), so its
-alerts, incidents and position always agree. Only the lane writes these tables, so its
-transactions never conflict with the engine's:
+A commit into the store's file waits for a running CHECKPOINT of it (0.4-1 s in
+``bench fraud``, a few times a minute); the lane's commits must not. So the lane
+writes into ``<store>.lane.duckdb`` (own WAL, own checkpoints), attached as
+:data:`LANE_DB` to the store's DuckDB instance (every cursor of the store sees it).
+One transaction per lane commit writes:
 
-``headrace.lane_rules``
-    per rule in memory: the source position of the last batch the lane evaluated and
-    the rule's watermark (the restart point: batches at or below the position only
-    rebuild state);
-``headrace.lane_incidents``
-    per rule and dedup key: the incident's last candidate time (what re-arming reads).
+``alerts``, ``alert_deliveries``
+    the alerts it opens and their delivery outbox, the columns of the store's
+    (:class:`~headrace.alerts.store.Outbox`); the lane's delivery threads drain this
+    outbox. The engine copies the alerts into ``headrace.alerts`` in its next batch
+    (:meth:`LaneStore.copy_alerts`), so the store holds every alert for SQL and
+    dashboards, a batch later; ids come from one allocator for both.
+``rules``
+    per rule: the source position of the last batch evaluated and the rule's watermark
+    (the restart point: batches at or below it only rebuild state);
+``incidents``
+    per rule and dedup key: the incident's last candidate time (re-arming).
+``link``
+    the id of the store the file belongs to (``headrace.lane_link`` in the store): a
+    lane file left from another store is emptied, not trusted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -27,22 +39,39 @@ import pyarrow as pa
 
 from headrace.alerts import ids as alert_ids
 from headrace.alerts.config import SinkConfig
-from headrace.alerts.store import setup_alerts, write_new_alerts
+from headrace.alerts.delivery import prune_delivered
+from headrace.alerts.store import ALERT_COLUMNS, ALERTS, Outbox, setup_alerts, write_new_alerts
 from headrace.rules.lane.alert import LaneAlert, from_us, to_us
 from headrace.rules.lane.saved import RuleSaved
 from headrace.store.duckdb.schema import META
 
-RULES_TABLE = f"{META}.lane_rules"
-INCIDENTS_TABLE = f"{META}.lane_incidents"
+log = logging.getLogger("headrace.rules.lane")
+
+LANE_DB = "hr_lane"
+"""Alias of the lane's file in the store's DuckDB instance."""
+RULES_TABLE = f"{LANE_DB}.main.rules"
+INCIDENTS_TABLE = f"{LANE_DB}.main.incidents"
+LINK_TABLE = f"{LANE_DB}.main.link"
+STORE_LINK = f"{META}.lane_link"
+LANE_OUTBOX = Outbox(alerts=f"{LANE_DB}.main.alerts", deliveries=f"{LANE_DB}.main.alert_deliveries")
 
 _DDL = (
+    *LANE_OUTBOX.ddl(),
     f"""CREATE TABLE IF NOT EXISTS {RULES_TABLE} (
         rule TEXT PRIMARY KEY, position UBIGINT NOT NULL, watermark TIMESTAMPTZ,
         updated_at TIMESTAMPTZ NOT NULL)""",
     f"""CREATE TABLE IF NOT EXISTS {INCIDENTS_TABLE} (
         rule TEXT NOT NULL, key TEXT NOT NULL, last_seen_at TIMESTAMPTZ NOT NULL,
         PRIMARY KEY (rule, key))""",
+    f"CREATE TABLE IF NOT EXISTS {LINK_TABLE} (store_id TEXT NOT NULL)",
 )
+
+
+def lane_file(store_path: str | Path) -> Path:
+    """The lane's file beside the store's: ``x.duckdb`` -> ``x.lane.duckdb``."""
+    path = Path(store_path)
+    return path.with_name(f"{path.stem}.lane{path.suffix or '.duckdb'}")
+
 
 _ALERT_SCHEMA = pa.schema(
     [
@@ -86,20 +115,57 @@ def payload_json(alert: LaneAlert) -> str:
 
 
 class LaneStore:
-    """The lane's tables on its own cursor of the store (module docstring)."""
+    """The lane's file on its own cursor of the store (module docstring)."""
 
     def __init__(
         self,
         con: duckdb.DuckDBPyConnection,
+        store_path: str | Path,
         sinks: Sequence[SinkConfig],
         ids: alert_ids.AlertIds,
     ) -> None:
         self.con = con
         self.sinks = tuple(sinks)
         self.ids = ids
-        setup_alerts(con)
+        self.path = lane_file(store_path)
+        con.execute(f"ATTACH IF NOT EXISTS '{self.path}' AS {LANE_DB}")
         for statement in _DDL:
             con.execute(statement)
+        setup_alerts(con)  # the store's tables the alerts are copied into
+        self._link()
+        self.copied = 0
+        """Highest lane alert id known to be in ``headrace.alerts``."""
+        self.newest = 0
+        """Highest lane alert id committed."""
+
+    def _link(self) -> None:
+        """Tie the file to the store; empty a file left from another store."""
+        con = self.con
+        con.execute(f"CREATE TABLE IF NOT EXISTS {STORE_LINK} (store_id TEXT NOT NULL)")
+        rows = con.execute(f"SELECT store_id FROM {STORE_LINK}").fetchall()
+        if rows:
+            store_id = str(rows[0][0])
+        else:
+            store_id = uuid.uuid4().hex
+            con.execute(f"INSERT INTO {STORE_LINK} VALUES (?)", [store_id])
+        linked = con.execute(f"SELECT store_id FROM {LINK_TABLE}").fetchall()
+        if linked and str(linked[0][0]) == store_id:
+            return
+        if linked:
+            log.warning(
+                "%s belongs to another store: its rules-lane record is discarded", self.path
+            )
+        con.execute("BEGIN TRANSACTION")
+        for table in (
+            LANE_OUTBOX.alerts,
+            LANE_OUTBOX.deliveries,
+            RULES_TABLE,
+            INCIDENTS_TABLE,
+            LINK_TABLE,
+        ):
+            con.execute(f"DELETE FROM {table}")
+        con.execute(f"INSERT INTO {LINK_TABLE} VALUES (?)", [store_id])
+        con.execute("COMMIT")
 
     def load(self, rules: Sequence[str]) -> LaneSaved:
         """The lane's record for ``rules`` (rules it never evaluated are absent)."""
@@ -134,8 +200,7 @@ class LaneStore:
         con = self.con
         con.execute("BEGIN TRANSACTION")
         try:
-            if alerts:
-                self._insert_alerts(alerts, now)
+            newest = self._insert_alerts(alerts, now) if alerts else 0
             seen = [
                 (rule, key, from_us(at))
                 for rule, record in rules.items()
@@ -159,8 +224,10 @@ class LaneStore:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+        self.newest = max(self.newest, newest)
 
-    def _insert_alerts(self, alerts: Sequence[LaneAlert], now: datetime) -> None:
+    def _insert_alerts(self, alerts: Sequence[LaneAlert], now: datetime) -> int:
+        """Write the alerts and their outbox rows; the highest id."""
         detected_us = to_us(now)
         rows: dict[str, list[Any]] = {name: [] for name in _ALERT_SCHEMA.names}
         for alert in sorted(alerts, key=lambda a: (a.event_us, a.rule, a.key)):
@@ -193,5 +260,49 @@ class LaneStore:
             )
         finally:
             self.con.unregister("_lane_alerts")
-        write_new_alerts(self.con, self.sinks, now)
+        write_new_alerts(self.con, self.sinks, now, LANE_OUTBOX)
         self.con.execute("DROP TABLE _job_new_alerts")
+        return first + len(alerts) - 1
+
+    # ------------------------------------------------------------ into the store
+
+    def start_copies(self) -> None:
+        """Find what the store already holds, and copy the rest (at start, on the lane's
+        cursor: nothing else writes the store yet)."""
+        rows = self.con.execute(
+            f"""SELECT coalesce(max(l.id), 0),
+                       coalesce(max(l.id) FILTER (WHERE a.id IS NOT NULL), 0)
+                FROM {LANE_OUTBOX.alerts} l LEFT JOIN {ALERTS} a ON a.id = l.id"""
+        ).fetchall()
+        self.newest, self.copied = int(rows[0][0]), int(rows[0][1])
+        if self.newest > self.copied:
+            self.con.execute("BEGIN TRANSACTION")
+            self.copy_alerts(self.con)
+            self.con.execute("COMMIT")
+
+    def copy_alerts(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Copy the lane's alerts the store lacks into ``headrace.alerts``, in the caller's
+        transaction of the store (the engine's, before its commit)."""
+        if self.newest <= self.copied:
+            return
+        columns = ", ".join(ALERT_COLUMNS)
+        # Only what the caller's snapshot sees: a lane commit after its BEGIN waits for
+        # the next copy (the lane's ids grow with its commits, so what is seen is a prefix).
+        rows = con.execute(
+            f"""INSERT INTO {ALERTS} ({columns})
+                SELECT {columns} FROM {LANE_OUTBOX.alerts} WHERE id > ? RETURNING id""",
+            [self.copied],
+        ).fetchall()
+        if rows:
+            self.copied = max(self.copied, *(int(row[0]) for row in rows))
+
+    def prune(self, now: datetime) -> int:
+        """Delete the lane outbox's delivered rows past their sink's ``keep_delivered``."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            pruned = prune_delivered(self.con, self.sinks, now, LANE_OUTBOX)
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+        return pruned
