@@ -8,8 +8,9 @@ from pathlib import Path
 
 import duckdb
 
+from headrace.alerts.store import LANE_DB, LANE_OUTBOX
 from headrace.pipeline.load import load_pipeline
-from headrace.rules.lane.store import LANE_DB, LANE_OUTBOX, RULES_TABLE, lane_file
+from headrace.rules.lane.store import RULES_TABLE, lane_file
 from tests.alerts.receivers import http_receiver
 from tests.conftest import PgDatabase
 from tests.rules.bank import T0, seed

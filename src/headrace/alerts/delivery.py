@@ -56,7 +56,13 @@ import duckdb
 from headrace.alerts import handoff
 from headrace.alerts.config import DEFAULT_KEEP_DELIVERED, SinkConfig
 from headrace.alerts.sinks import make_sink
-from headrace.alerts.store import ALERT_COLUMNS, DELIVERIES, STORE_OUTBOX, Outbox
+from headrace.alerts.store import (
+    ALERT_COLUMNS,
+    DELIVERIES,
+    STORE_OUTBOX,
+    Outbox,
+    deliveries_seen,
+)
 from headrace.alerts.worker import Attempt, HandedOver, SinkWorker
 from headrace.store.base import CommitEvent
 from headrace.store.duckdb.store import DuckDBStore
@@ -248,11 +254,16 @@ def summary(worker: SinkWorker) -> str:
 
 def delivery_status(store: DuckDBStore) -> list[dict[str, Any]]:
     """Per sink and state: deliveries, attempts, the last error (from the outbox)."""
+    cursor = store.cursor()
+    try:
+        source = deliveries_seen(cursor)
+    finally:
+        cursor.close()
     table = store.query(
         f"""SELECT sink, state, count(*) AS deliveries, sum(attempts) AS attempts,
                    max(last_attempt_at) AS last_attempt_at,
                    arg_max(last_error, last_attempt_at) AS last_error
-            FROM {DELIVERIES} GROUP BY sink, state ORDER BY sink, state"""
+            FROM {source} GROUP BY sink, state ORDER BY sink, state"""
     )
     rows: list[dict[str, Any]] = table.to_pylist()
     return rows
@@ -286,7 +297,7 @@ def sink_summaries(cursor: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
                        max(last_attempt_at),
                        arg_max(last_error, last_attempt_at) FILTER (WHERE last_error IS NOT NULL),
                        arg_max(last_error, last_attempt_at) FILTER (WHERE state = 'failed')
-                FROM {DELIVERIES} GROUP BY sink ORDER BY sink"""
+                FROM {deliveries_seen(cursor)} GROUP BY sink ORDER BY sink"""
         ).fetchall()
     except duckdb.CatalogException:  # no alerts configured: no outbox
         return []
@@ -312,7 +323,7 @@ def recent_failures(
     try:
         rows = cursor.execute(
             f"""SELECT alert_id, sink, attempts, last_error, last_attempt_at
-                FROM {DELIVERIES} WHERE state = 'failed'
+                FROM {deliveries_seen(cursor)} WHERE state = 'failed'
                 ORDER BY last_attempt_at DESC NULLS LAST, alert_id DESC, sink LIMIT ?""",
             [limit],
         ).fetchall()

@@ -58,6 +58,23 @@ class Outbox:
 
 STORE_OUTBOX = Outbox()
 
+LANE_DB = "hr_lane"
+"""Alias of the rules lane's file in the store's DuckDB instance (headrace.rules.lane.store)."""
+LANE_OUTBOX = Outbox(alerts=f"{LANE_DB}.main.alerts", deliveries=f"{LANE_DB}.main.alert_deliveries")
+"""The rules lane's alerts and outbox."""
+
+
+def deliveries_seen(cursor: duckdb.DuckDBPyConnection) -> str:
+    """SQL: every outbox row ``cursor`` can see (the store's, and the rules lane's when its
+    file is attached), as one relation."""
+    attached = cursor.execute(
+        "SELECT count(*) FROM duckdb_databases() WHERE database_name = ?", [LANE_DB]
+    ).fetchall()[0][0]
+    if not attached:
+        return DELIVERIES
+    return f"(SELECT * FROM {DELIVERIES} UNION ALL SELECT * FROM {LANE_OUTBOX.deliveries})"
+
+
 ALERT_COLUMNS: tuple[str, ...] = (
     "id",
     "rule",

@@ -42,13 +42,12 @@ from rich.console import Console
 
 from headrace.alerts.delivery import AlertDelivery
 from headrace.alerts.ids import AlertIds
-from headrace.alerts.store import ALERTS
+from headrace.alerts.store import ALERTS, LANE_OUTBOX
 from headrace.engine.engine import Engine
 from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.rules.lane.lane import RulesLane
-from headrace.rules.lane.store import LANE_OUTBOX
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (

@@ -40,20 +40,24 @@ import pyarrow as pa
 from headrace.alerts import ids as alert_ids
 from headrace.alerts.config import SinkConfig
 from headrace.alerts.delivery import prune_delivered
-from headrace.alerts.store import ALERT_COLUMNS, ALERTS, Outbox, setup_alerts, write_new_alerts
+from headrace.alerts.store import (
+    ALERT_COLUMNS,
+    ALERTS,
+    LANE_DB,
+    LANE_OUTBOX,
+    setup_alerts,
+    write_new_alerts,
+)
 from headrace.rules.lane.alert import LaneAlert, from_us, to_us
 from headrace.rules.lane.saved import RuleSaved
 from headrace.store.duckdb.schema import META
 
 log = logging.getLogger("headrace.rules.lane")
 
-LANE_DB = "hr_lane"
-"""Alias of the lane's file in the store's DuckDB instance."""
 RULES_TABLE = f"{LANE_DB}.main.rules"
 INCIDENTS_TABLE = f"{LANE_DB}.main.incidents"
 LINK_TABLE = f"{LANE_DB}.main.link"
 STORE_LINK = f"{META}.lane_link"
-LANE_OUTBOX = Outbox(alerts=f"{LANE_DB}.main.alerts", deliveries=f"{LANE_DB}.main.alert_deliveries")
 
 _DDL = (
     *LANE_OUTBOX.ddl(),
