@@ -48,6 +48,7 @@ from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.rules.lane.lane import RulesLane
+from headrace.rules.lane.store import attach_lane_file
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
@@ -177,6 +178,9 @@ class Runner:
             target=self._status_loop, name="headrace-status", daemon=True
         )
         status_thread.start()
+        if self.config.rules is not None and self.config.rules.in_memory:
+            # Before the dashboard hardens the instance against file access.
+            attach_lane_file(store.writer, store.path)
         server = self._start_server(store) if self.serve is not None else None
         delivery = AlertDelivery.from_config(self.config, store)  # alert sinks, if any
         if delivery is not None:

@@ -77,6 +77,18 @@ def lane_file(store_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.lane{path.suffix or '.duckdb'}")
 
 
+def attach_lane_file(con: duckdb.DuckDBPyConnection, store_path: str | Path) -> Path:
+    """ATTACH the lane's file to the store's instance (every cursor sees it), unless it is
+    already. Must come before the dashboard hardens the instance (no file access after)."""
+    path = lane_file(store_path)
+    attached = con.execute(
+        "SELECT count(*) FROM duckdb_databases() WHERE database_name = ?", [LANE_DB]
+    ).fetchall()[0][0]
+    if not attached:
+        con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {LANE_DB}")
+    return path
+
+
 _ALERT_SCHEMA = pa.schema(
     [
         ("rule", pa.string()),
@@ -131,8 +143,7 @@ class LaneStore:
         self.con = con
         self.sinks = tuple(sinks)
         self.ids = ids
-        self.path = lane_file(store_path)
-        con.execute(f"ATTACH IF NOT EXISTS '{self.path}' AS {LANE_DB}")
+        self.path = attach_lane_file(con, store_path)
         for statement in _DDL:
             con.execute(statement)
         setup_alerts(con)  # the store's tables the alerts are copied into
