@@ -289,6 +289,8 @@ class Runner:
             return
         lane, delivery = started
         engine.before_commit = None
+        if self._reporter is not None:
+            self._reporter.lane_info = None
         try:
             lane.stop()
         finally:
@@ -301,6 +303,8 @@ class Runner:
         start = engine.position() or 0
         started_lane = self._start_lane(engine)
         lane = started_lane[0] if started_lane is not None else None
+        if self._reporter is not None and lane is not None:
+            self._reporter.lane_info = lane.status
         items: ChangeQueue[_Item] = ChangeQueue(
             self.settings.queue_batches, self.settings.merge_max_changes
         )

@@ -139,6 +139,8 @@ class StatusReporter:
         """Set once streaming starts: reads the slot's lag from the server."""
         self.slot_name: str | None = None
         self.source_info: Callable[[], dict[str, Any]] | None = None
+        self.lane_info: Callable[[], dict[str, Any]] | None = None
+        """The rules lane's figures (``rules.in_memory``), while it runs."""
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
         self._deliveries: list[dict[str, Any]] = []
@@ -233,6 +235,10 @@ class StatusReporter:
         )
         if self.source_info is not None:
             document["source"] = self.source_info()
+        if self.lane_info is not None:
+            lane = self.lane_info()
+            lane["freshness_ms"] = _freshness(FreshnessHistogram(lane["freshness_histogram"]))
+            document["rules_lane"] = lane
         document["changes_per_s"] = round(self.window.rate("changes"), 1)
         document["batches_per_s"] = round(self.window.rate("batches"), 2)
         document["freshness_ms"] = _freshness(self.window.freshness())
@@ -343,6 +349,15 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}",
         ]
     console.print("  ".join(line))
+    lane = document.get("rules_lane")
+    if running and lane:
+        lane_freshness = lane.get("freshness_ms") or {}
+        console.print(
+            f"rules lane ({', '.join(lane.get('rules', []))}): {lane.get('alerts', 0):,} alerts, "
+            f"{lane.get('commits', 0):,} commits, recorded p50 {_ms(lane_freshness.get('p50'))} "
+            f"p99 {_ms(lane_freshness.get('p99'))} after the source's commit"
+            + ("  [red]failed[/red]" if lane.get("failed") else "")
+        )
     if document.get("error"):
         console.print(f"[red]error: {document['error']}[/red]")
     snapshot = document.get("snapshot")

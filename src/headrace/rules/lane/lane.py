@@ -51,6 +51,7 @@ from headrace.rules.lane.alert import LaneAlert
 from headrace.rules.lane.evaluators import Evaluator, make_evaluator
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.store import LaneStore
+from headrace.run.metrics import FreshnessHistogram
 from headrace.source.changes import ChangeBatch
 from headrace.store.duckdb.store import DuckDBStore
 
@@ -108,6 +109,8 @@ class RulesLane:
         self.committed = saved.position or 0
         """The lane's recorded position (every batch at or below it is in the store)."""
         self.stats = LaneStats()
+        self.freshness = FreshnessHistogram()
+        """Per change: its source commit -> the lane recorded its batch (ms)."""
         self._queue: queue.Queue[ChangeBatch | None] = queue.Queue(QUEUE_BATCHES)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
@@ -184,6 +187,21 @@ class RulesLane:
         )
         self._raise_if_failed()
 
+    def status(self) -> dict[str, object]:
+        """For ``headrace status``: the rules, the recorded position, counts, freshness."""
+        s = self.stats
+        return {
+            "rules": list(self.names),
+            "position": self.committed,
+            "batches": s.batches,
+            "commits": s.commits,
+            "alerts": s.alerts,
+            "evaluate_s": round(s.evaluate_s, 3),
+            "commit_s": round(s.commit_s, 3),
+            "freshness_histogram": self.freshness.to_list(),
+            "failed": self._error is not None,
+        }
+
     def _raise_if_failed(self) -> None:
         error = self._error
         if error is not None:
@@ -252,6 +270,10 @@ class RulesLane:
         with self._cond:
             self.committed = position
             self._cond.notify_all()
+        recorded_at = time.time()
+        for batch in batches:
+            if batch.position > self.replay_until:
+                self.freshness.add_batch(batch, recorded_at)
         if self._collected:
             collected, self._collected[:] = list(self._collected), []
             if self.deliver is not None:
