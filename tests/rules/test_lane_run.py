@@ -126,6 +126,15 @@ def test_lane_after_kill_9(pg_db: PgDatabase, tmp_path: Path) -> None:
             30,
             "an alert per account",
         )
+        wait_until(
+            lambda: bool((pipeline.status().get("rules_lane") or {}).get("alerts")),
+            10,
+            "the lane figures in the status",
+        )
+        lane = pipeline.status()["rules_lane"]
+        assert isinstance(lane, dict)
+        assert lane["rules"] == ["velocity_burst"]
+        assert lane["freshness_ms"]["changes"] > 0
         process.terminate()
         documents = [json.loads(r.body) for r in receiver.requests]
         keys = {r.headers["Idempotency-Key"] for r in receiver.requests}
