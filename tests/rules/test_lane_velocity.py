@@ -146,6 +146,24 @@ def test_restart_from_saved_state(pg_db: PgDatabase, tmp_path: Path) -> None:
     bank.close()
 
 
+def test_truncate_then_the_same_rows(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """A batch that truncates and writes rows again: triggers compare with the table as it
+    was before the batch (the engine's start rows), so unchanged rows do not trigger."""
+    both = Both(open_bank(pg_db, tmp_path, SMALL), VelocityBurstLane)
+    bank = both.bank
+    bank.tx(1, 20, 0, id=100, type="transfer_in", channel="transfer")
+    bank.tx(1, 20, 5, id=101)
+    bank.tx(1, 20, 10, id=102)
+    both.sync()
+    bank.execute("TRUNCATE transactions CASCADE")
+    bank.tx(1, 20, 0, id=100)
+    bank.tx(1, 20, 5, id=101)
+    bank.tx(1, 20, 10, id=102)
+    both.sync()
+    both.assert_equal()
+    bank.close()
+
+
 SMALL = """
 rules:
   lateness: 2m

@@ -224,12 +224,8 @@ class VelocityBurstLane:
         if marks:
             newest = max(marks)
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
-        if change.truncated:
-            self.rows.clear()
-            self.fields.clear()
-            self.by_account.clear()
-            self.expiry.clear()
-        # Triggers read the start rows: before the state is updated.
+        # Triggers read the start rows, the table as it was before the batch (the engine's
+        # TableDelta.start), even when the batch truncates it: before the state changes.
         cutoff = previous - self.lateness_us
         triggers: list[tuple[Hashable, _Row, End]] = []
         ends: dict[Hashable, tuple[_Row | None, bool, dict[str, Any]]] = {}
@@ -240,6 +236,11 @@ class VelocityBurstLane:
                 continue
             if self.rows.get(key) != row:
                 triggers.append((key, row, end))
+        if change.truncated:
+            self.rows.clear()
+            self.fields.clear()
+            self.by_account.clear()
+            self.expiry.clear()
         horizon = previous - self.span_us
         for key, (row, matches, extra) in ends.items():
             self._remove(key)
