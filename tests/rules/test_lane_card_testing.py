@@ -194,13 +194,15 @@ def test_seeded_from_a_snapshot(pg_db: PgDatabase, tmp_path: Path) -> None:
 
 ACCOUNTS = (1, 2, 3)
 TIMES = st.one_of(
-    st.integers(0, 30).map(lambda n: n * 5),  # dense: patterns (and ties) happen
-    st.integers(0, 30).map(lambda n: n * 5),
-    st.integers(0, 40).map(lambda n: n * 10),  # spread: quiet periods, re-arming, late rows
+    st.integers(-12, 12),  # near the writer's clock: patterns (and ties) happen
+    st.integers(-12, 12),
+    st.integers(-12, 12),
+    st.integers(-240, 40),  # far: late rows (lateness 2 min), quiet periods, re-arming
 )
+"""Event times as offsets (s) from the writer's clock, which moves 3 s per insert."""
 AMOUNTS = st.sampled_from(["0.50", "1.00", "1.99", "2.00", "25.00"])
 MERCHANTS = st.sampled_from((1, 2, 3, 4))
-CHANNELS = st.sampled_from(("online", "online", "online", "pos"))
+CHANNELS = st.sampled_from(("online", "online", "online", "online", "pos"))
 STATUSES = st.sampled_from(("settled", "settled", "pending", "declined"))
 
 
@@ -229,7 +231,13 @@ class Row:
 
 
 insert = st.tuples(
-    st.just("insert"), st.sampled_from((1, 1, 2, 3)), TIMES, AMOUNTS, MERCHANTS, CHANNELS, STATUSES
+    st.just("insert"),
+    st.sampled_from((1, 1, 1, 2, 3)),
+    TIMES,
+    AMOUNTS,
+    MERCHANTS,
+    CHANNELS,
+    STATUSES,
 )
 update_amount = st.tuples(st.just("amount"), st.integers(0, 1000), AMOUNTS)
 update_status = st.tuples(st.just("status"), st.integers(0, 1000), STATUSES)
@@ -270,11 +278,15 @@ class Writer:
         self.live: dict[int, Row] = {}
         self.gone: dict[int, Row] = {}
         self.next_id = 5000
+        self.clock = 0
+        """Seconds after T0 that the inserts' times are near."""
 
     def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911 - one per kind
         kind = op[0]
         if kind == "insert":
-            _, account, seconds, amount, merchant, channel, status = op
+            _, account, offset, amount, merchant, channel, status = op
+            self.clock += 3
+            seconds = self.clock + offset
             row = Row(self.next_id, account, seconds, amount, merchant, channel, status)
             self.next_id += 1
             self.live[row.id] = row
@@ -304,25 +316,18 @@ class Writer:
             del self.live[row.id]
             self.live[new.id] = new
             return f"UPDATE transactions SET id = {new.id} WHERE id = {row.id}"
-        changes = {
-            "amount": ("amount", value, f"amount = {value}"),
-            "merchant": ("merchant", value, f"merchant_id = {value}"),
-            "channel": ("channel", value, f"channel = '{value}'"),
-            "account": ("account", value, f"account_id = {value}"),
-            "time": (
-                "seconds",
-                value,
-                f"created_at = '{at(value).isoformat()}', updated_at = '{at(value).isoformat()}'",
-            ),
-            "status": (
-                "status",
-                value,
-                f"status = '{value}', decline_reason = "
-                + ("'do_not_honor'" if value == "declined" else "NULL"),
-            ),
-        }
-        name, new_value, sql = changes[kind]
-        self.live[row.id] = replace(row, **{name: new_value})
+        if kind == "time":
+            value += self.clock
+            when = at(value).isoformat()
+            name, sql = "seconds", f"created_at = '{when}', updated_at = '{when}'"
+        elif kind == "status":
+            reason = "'do_not_honor'" if value == "declined" else "NULL"
+            name, sql = "status", f"status = '{value}', decline_reason = {reason}"
+        else:
+            column = {"amount": "amount", "merchant": "merchant_id", "account": "account_id"}
+            name = kind
+            sql = f"channel = '{value}'" if kind == "channel" else f"{column[kind]} = {value}"
+        self.live[row.id] = replace(row, **{name: value})
         return f"UPDATE transactions SET {sql} WHERE id = {row.id}"
 
     def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
