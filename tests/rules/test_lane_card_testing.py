@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from headrace.rules.lane.card_testing import CardTestingLane
 from tests.conftest import PgDatabase
-from tests.rules.bank import Bank, at, only, open_bank
+from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
 from tests.rules.lane_harness import Both
 
 
@@ -38,8 +38,10 @@ def _online(
 # ------------------------------------------------------- the rule's own cases
 
 
-def test_small_attempts_across_merchants(pg_db: PgDatabase, tmp_path: Path) -> None:
-    both = Both(open_bank(pg_db, tmp_path, only("card_testing")), CardTestingLane)
+@pytest.mark.parametrize("config", [only("card_testing"), ALL_RULES], ids=["alone", "all_rules"])
+def test_small_attempts_across_merchants(pg_db: PgDatabase, tmp_path: Path, config: str) -> None:
+    """(All rules: the recent transactions and triggers shared with the other rules.)"""
+    both = Both(open_bank(pg_db, tmp_path, config), CardTestingLane)
     bank = both.bank
     for n in range(5):
         _online(bank, 1, 0.99, n * 20, merchant=1 + n % 4)  # 5 attempts at 4 merchants
@@ -77,6 +79,31 @@ def test_a_later_decline_creates_the_pattern(pg_db: PgDatabase, tmp_path: Path) 
         5,
         1,
     )
+    both.assert_equal()
+    bank.close()
+
+
+def test_a_pattern_completed_behind_the_newest_attempt_waits(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """The SQL rule's finding (kept by the lane): an attempt completes a pattern only in
+    the window *ending* at it. An attempt arriving late (within ``rules.lateness``), or
+    an earlier one declined now, whose pattern lies in the window ending at a later
+    attempt raises nothing until the next attempt of the account comes."""
+    both = Both(open_bank(pg_db, tmp_path, only("card_testing")), CardTestingLane)
+    bank = both.bank
+    for n in range(4):
+        _online(bank, 6, 0.99, 60 + n * 60, merchant=1 + n)
+        _online(bank, 7, 0.99, n * 60, merchant=1 + n)
+    pending = _online(bank, 7, 49.0, 30, merchant=5, status="pending")
+    both.sync()
+    _online(bank, 6, 0.99, 0, merchant=5)  # late: 5 attempts at 5 merchants in 4 minutes
+    bank.set_status(pending, "declined")  # 5 attempts at 5 merchants in 3 minutes
+    both.sync()
+    assert both.lane() == [] == both.sql()
+    _online(bank, 6, 0.99, 250, merchant=1)  # the next attempt sees the pattern
+    both.sync()
+    assert [alert[0] for alert in both.lane()] == [6]
     both.assert_equal()
     bank.close()
 

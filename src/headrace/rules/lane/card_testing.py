@@ -49,6 +49,14 @@ step is the SQL rule's, named after its code):
   account <a> (<d> declined)"``, ``<w>`` as DuckDB renders the DECIMAL literal
   ``600.0`` (durations are whole seconds, so Python's ``str`` of the float).
 
+**SQL rule finding, kept on purpose** (the lane equals the SQL rule; see
+``test_a_pattern_completed_behind_the_newest_attempt_waits``): a trigger is checked
+only against the window *ending* at it, never against the later windows that now
+contain it. So an attempt arriving out of order (within ``rules.lateness``), or an
+earlier attempt declined now (pending -> declined), whose pattern lies in the window
+ending at an attempt already evaluated raises no alert until the account's next
+attempt (and none if no attempt follows within ``window``).
+
 For a key of several columns the SQL rule names only its first column (``_k0``) as
 the trigger and evidence id; so does the lane (the state is keyed by the whole key).
 
@@ -301,18 +309,18 @@ class CardTestingLane:
         return _Attempt(account, t, amount, extra["merchant"], small, declined)
 
     def _attempt(self, end: End) -> tuple[_Attempt | None, dict[str, Any]]:
-        """The end row as an attempt (None: deleted, no attempt, or no account or time:
-        such a row never joins a window) and its evidence fields."""
+        """The end row as an attempt and its evidence fields (None: deleted, no attempt,
+        or no account or time: such a row never joins a window nor completes one)."""
         values = end.values
-        if values is None:
+        if values is None or not values[ONLINE]:
+            return None, {}  # most rows of a payments stream: no dict built for them
+        account, t = values[self.columns["account"]], values[self.columns["t"]]
+        if account is None or t is None:
             return None, {}
         extra = {name: values[self.columns[name]] for name in OTHERS}
-        account, t = values[self.columns["account"]], values[self.columns["t"]]
-        if account is None or t is None or not values[ONLINE]:
-            return None, extra
         attempt = self._make(int(str(account)), int(str(t)), extra, bool(values[DECLINED]))
         if not (attempt.small or values.get(DECLINES, False)):
-            return None, extra
+            return None, {}
         return attempt, extra
 
     def _candidate(self, key: Hashable, row: _Attempt, end: End) -> LaneAlert | None:
