@@ -163,6 +163,24 @@ def test_status_amount_and_merchant_changes(pg_db: PgDatabase, tmp_path: Path) -
     bank.close()
 
 
+def test_attempts_without_a_merchant(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """An attempt without a merchant counts as an attempt, not as a merchant
+    (``count(DISTINCT)`` skips NULL); its evidence shows no merchant."""
+    both = Both(open_bank(pg_db, tmp_path, SMALL), CardTestingLane)
+    bank = both.bank
+    for n, merchant in enumerate((None, 1, None)):
+        bank.tx(1, 1.0, n * 5, channel="online", merchant=merchant)
+    both.sync()
+    assert both.lane() == []
+    bank.tx(1, 1.0, 15, channel="online", merchant=2)
+    both.sync()
+    ((*_, numbers, _, evidence),) = both.lane()
+    assert (dict(numbers)["attempts"], dict(numbers)["merchants"]) == (4, 2)
+    assert [dict(row)["merchant"] for row in evidence] == [None, 1, None, 2]
+    both.assert_equal()
+    bank.close()
+
+
 def test_truncate_and_the_same_row_again(pg_db: PgDatabase, tmp_path: Path) -> None:
     """A batch truncating the table and writing a key again with the values it had does
     not trigger on it: the engine's start rows are then the whole table before the batch.
