@@ -1,0 +1,390 @@
+"""Card testing evaluated in memory, batch by batch, exactly as the SQL rule does.
+
+The rules lane gives every :class:`ChangeBatch` to :meth:`CardTestingLane.apply`, in
+the order of the source; given the same batches as the engine it returns the alerts
+the SQL rule (:mod:`headrace.rules.card_testing` +
+:func:`headrace.alerts.store.emit_incidents`) writes for that batch.
+``tests/rules/test_lane_card_testing.py`` checks the equality on real PostgreSQL
+change streams. The semantics ported, per batch of the transactions table (every
+step is the SQL rule's, named after its code):
+
+- **Net change** (the engine's ``TableDelta``): per key its end row (none when
+  deleted), see :func:`~headrace.rules.lane.changes.net_change`.
+- **Attempt** (``CardTesting.qualifies``): a row is an attempt when ``online`` holds
+  and (``amount < small_amount`` or ``declines`` holds), each condition NULL as false.
+  ``amount < small_amount`` compares the amount with the literal the SQL text has
+  (``str(small_amount)``: a DuckDB DECIMAL literal, compared exactly, so as a
+  :class:`~decimal.Decimal`; with an exponent a DOUBLE, compared as a float).
+- **Watermark** (``RuleJob.advance``): ``W`` is the rule's watermark *before* the batch
+  (earliest possible before any); after it, ``max(W, max(least(t, commit_ts)))`` over
+  the batch's end rows (attempts or not; NULL ``t``: the commit time).
+- **Window state** (``RecentTransactions``): the attempts with event time
+  ``>= W - span`` (``span`` = ``window`` + ``rules.lateness``) as of *after* the batch:
+  the touched keys' rows are replaced by their end rows, rows older than the horizon
+  dropped; a truncate empties it first. Per row: account, time, amount, merchant, and
+  ``declined`` (``tables.transactions.declined``, NULL as false: the evidence count,
+  not the rule's ``declines``).
+- **Triggers** (``create_tx_triggers`` with the columns account, amount, merchant,
+  time): end rows that are attempts whose start row is absent, was no attempt, or had
+  another account, amount, merchant or event time, with ``t >= W - rules.lateness``. A
+  status change of a row that already was an attempt (e.g. a small attempt declined)
+  does not trigger; one that makes it an attempt (a large one declined) does. A key
+  missing from the window state stands for "no start row": a start row that was an
+  attempt but was dropped has ``t < W - span <= W - lateness``, so it could only
+  trigger by changing ``t``, as in SQL. The start rows are the table *before the
+  batch* even when the batch truncates it (the engine's ``start`` is then the whole
+  mirror): a key truncated and written again in the same batch with the same values
+  does not trigger, so the triggers are taken before the truncate clears the state.
+- **Candidates** (``CardTesting.evaluate``): for each trigger ``e``: the account's
+  window rows with ``t`` in ``(e.t - window, e.t]`` (the trigger included); at least
+  ``min_attempts`` of them at at least ``min_merchants`` distinct merchants (NULL
+  merchants count as attempts, not as merchants: ``count(DISTINCT)``) is a candidate.
+  ``started_at`` = the earliest ``t`` counted.
+- **Incidents** (dedup key ``card_testing:<account>``): :class:`Incidents`.
+- **Payload**: the numbers (attempts, merchants, declined, small: the rows with
+  ``amount < small_amount``, the three settings; ``window_seconds`` as the float
+  ``window.total_seconds()``), the trigger's key and the window's rows as evidence,
+  ordered by ``(t, key)``, at most :data:`~headrace.rules.base.EVIDENCE_LIMIT`.
+  Summary: ``"<n> small or declined online attempts at <m> merchants within <w> s on
+  account <a> (<d> declined)"``, ``<w>`` as DuckDB renders the DECIMAL literal
+  ``600.0`` (durations are whole seconds, so Python's ``str`` of the float).
+
+**SQL rule finding, kept on purpose** (the lane equals the SQL rule; see
+``test_a_pattern_completed_behind_the_newest_attempt_waits``): a trigger is checked
+only against the window *ending* at it, never against the later windows that now
+contain it. So an attempt arriving out of order (within ``rules.lateness``), or an
+earlier attempt declined now (pending -> declined), whose pattern lies in the window
+ending at an attempt already evaluated raises no alert until the account's next
+attempt (and none if no attempt follows within ``window``).
+
+For a key of several columns the SQL rule names only its first column (``_k0``) as
+the trigger and evidence id; so does the lane (the state is keyed by the whole key).
+
+Not ported: unchanged TOAST values (the rule's columns are never TOASTed). Per changed
+row of the transactions table the work is Python (dicts, ``bisect`` on per-account
+sorted lists, a heap for eviction); per trigger a scan of its window (the attempts of
+one account within ``window``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import duckdb
+
+from headrace.alerts.store import INCIDENTS
+from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
+from headrace.rules.config import RulesConfig
+from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.condition import RowCondition, arrow_condition
+from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.triggers import TX_FIELDS
+from headrace.source.changes import ChangeBatch, TableRef
+from headrace.store.duckdb.schema import mirror_table
+
+RULE = "card_testing"
+ONLINE = "_lane_online"
+"""Name of ``tables.transactions.online`` among a net change's values."""
+DECLINES = "_lane_declines"
+"""Name of the rule's ``declines`` (declined attempts counting whatever their amount)."""
+DECLINED = "_lane_declined"
+"""Name of ``tables.transactions.declined`` (the payload's ``declined`` count)."""
+OTHERS = tuple(name for name in TX_FIELDS if name not in ("account", "t"))
+"""The evidence fields kept beside account and time."""
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt of the window state: what decides a trigger (account, time, amount,
+    merchant) and what the numbers count (small, declined)."""
+
+    account: int
+    t: int
+    amount: Any
+    merchant: Any
+    small: bool
+    declined: bool
+
+    def watched(self) -> tuple[Any, ...]:
+        """The trigger's columns: another value re-triggers the row."""
+        return (self.account, self.t, self.amount, self.merchant)
+
+
+@dataclass
+class CardTestingLane:
+    """The card-testing rule over change batches, in memory (module docstring)."""
+
+    rules: RulesConfig
+    name: str = RULE
+    watermark_us: int | None = None
+    rows: dict[Hashable, _Attempt] = field(default_factory=dict)
+    """The window state: key -> attempt within the span."""
+    fields: dict[Hashable, dict[str, Any]] = field(default_factory=dict)
+    """The window rows' evidence fields (:data:`OTHERS`)."""
+    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+    """Each account's window rows as sorted (t, key) pairs."""
+    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
+    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
+
+    def __post_init__(self) -> None:
+        config = self.rules.card_testing
+        if config is None:
+            raise ValueError("the card testing lane needs rules.card_testing")
+        self.config = config
+        tx = self.rules.tables.transactions
+        self.tx = tx
+        self.ref = TableRef.parse(tx.table)
+        self.columns = {name: getattr(tx, "time" if name == "t" else name) for name in TX_FIELDS}
+        self.conditions: dict[str, RowCondition] = {
+            ONLINE: arrow_condition(tx.online),
+            DECLINED: arrow_condition(tx.declined),
+        }
+        if config.declines:
+            self.conditions[DECLINES] = arrow_condition(config.declines)
+        # The SQL text compares with the literal str(small_amount): DECIMAL unless it has
+        # an exponent (then DOUBLE, and DuckDB compares as doubles).
+        literal = str(config.small_amount)
+        self.small_amount: Decimal | float = (
+            float(literal) if "e" in literal.lower() else Decimal(literal)
+        )
+        self.window_seconds = config.window.total_seconds()
+        self.window_us = us_delta(config.window)
+        self.span_us = us_delta(config.window + self.rules.lateness)
+        self.lateness_us = us_delta(self.rules.lateness)
+        self.earliest_us = to_us(EARLIEST)
+        self.incidents = Incidents(us_delta(config.rearm_after))
+
+    def inputs(self) -> tuple[TableRef, ...]:
+        return (self.ref,)
+
+    # ----------------------------------------------------------- seeding
+
+    def _qualifies_sql(self) -> str:
+        """``CardTesting.qualifies`` (SQL over a source row)."""
+        small = f'"{self.tx.amount}" < {self.config.small_amount}'
+        if self.config.declines:
+            small = f"{small} OR coalesce(({self.config.declines}), false)"
+        return f"({self.tx.online}) AND ({small})"
+
+    def seed(self, con: duckdb.DuckDBPyConnection, saved: RuleSaved | None = None) -> None:
+        """Start from the store's mirror, as a snapshot rebuild does: the watermark is the
+        mirror's newest ``least(t, now())``, the window its attempts within the span, the
+        incidents' last-seen times the store's. ``saved`` (the lane's own record) gives
+        the watermark and incidents instead."""
+        mirror = mirror_table(self.ref)
+        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
+        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
+        self.watermark_us = None if newest is None else to_us(newest)
+        if saved is not None:
+            self.watermark_us = saved.watermark_us
+        self._clear()
+        if self.watermark_us is not None:
+            self._seed_rows(con, mirror, t, self.watermark_us)
+        self.incidents.last_seen.clear()
+        self.incidents.touched.clear()
+        if saved is not None:
+            self.incidents.last_seen.update(saved.last_seen)
+            return
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+            INCIDENTS.split("."),
+        ).fetchall()[0][0]
+        if exists:
+            for key_text, seen in con.execute(
+                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
+            ).fetchall():
+                if seen is not None:
+                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+
+    def _seed_rows(
+        self, con: duckdb.DuckDBPyConnection, mirror: str, t: str, watermark_us: int
+    ) -> None:
+        """The mirror's attempts within the span of the watermark (``rebuild_recent``)."""
+        key = key_columns(con, self.ref)
+        names = [f'"{k}"' for k in key]
+        values = ", ".join(f'"{self.columns[name]}"' for name in OTHERS)
+        cursor = con.execute(
+            f"""SELECT {", ".join(names)}, "{self.columns["account"]}"::BIGINT, epoch_us({t}),
+                       coalesce(({self.tx.declined}), false), {values} FROM {mirror}
+                WHERE coalesce(({self._qualifies_sql()}), false) AND {t} >= ?
+                  AND "{self.columns["account"]}" IS NOT NULL""",
+            [from_us(watermark_us - self.span_us)],
+        )
+        width = len(key)
+        for row in cursor.fetchall():
+            k: Hashable = row[0] if width == 1 else tuple(row[:width])
+            account, t_us, declined = row[width : width + 3]
+            extra = dict(zip(OTHERS, row[width + 3 :], strict=True))
+            attempt = self._make(int(account), int(t_us), extra, bool(declined))
+            self._add(k, attempt, extra)
+
+    def take_saved(self) -> RuleSaved:
+        """What to record with the lane's position: the watermark and the incidents changed."""
+        return RuleSaved(self.watermark_us, self.incidents.take_touched())
+
+    # ----------------------------------------------------------- state
+
+    def _clear(self) -> None:
+        self.rows.clear()
+        self.fields.clear()
+        self.by_account.clear()
+        self.expiry.clear()
+
+    def _add(self, key: Hashable, row: _Attempt, extra: dict[str, Any]) -> None:
+        self.rows[key] = row
+        self.fields[key] = extra
+        bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
+        heapq.heappush(self.expiry, (row.t, key))
+
+    def _remove(self, key: Hashable) -> None:
+        row = self.rows.pop(key, None)
+        if row is None:
+            return
+        del self.fields[key]
+        entries = self.by_account[row.account]
+        del entries[bisect.bisect_left(entries, (row.t, key))]
+        if not entries:
+            del self.by_account[row.account]
+
+    def _evict(self, horizon_us: int) -> None:
+        while self.expiry and self.expiry[0][0] < horizon_us:
+            t, key = heapq.heappop(self.expiry)
+            row = self.rows.get(key)
+            if row is not None and row.t == t:
+                self._remove(key)
+
+    # ----------------------------------------------------------- per batch
+
+    def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
+        """Evaluate one batch (module docstring); the alerts it opens, in event order."""
+        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        wanted[self.columns["account"]] = integers
+        wanted[self.columns["t"]] = micros
+        change = net_change(batch, self.ref, wanted, self.conditions)
+        if change is None:
+            return []
+        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
+        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
+        if marks:
+            newest = max(marks)
+            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        # Triggers compare with the start rows (the table before the batch, a truncate in
+        # it or not): before the state is updated.
+        cutoff = previous - self.lateness_us
+        triggers: list[tuple[Hashable, _Attempt, End]] = []
+        ends: dict[Hashable, tuple[_Attempt | None, dict[str, Any]]] = {}
+        for key, end in change.ends.items():
+            attempt, extra = self._attempt(end)
+            ends[key] = (attempt, extra)
+            if attempt is None or attempt.t < cutoff:
+                continue
+            before = self.rows.get(key)
+            if before is None or before.watched() != attempt.watched():
+                triggers.append((key, attempt, end))
+        if change.truncated:
+            self._clear()
+        horizon = previous - self.span_us
+        for key, (attempt, extra) in ends.items():
+            self._remove(key)
+            if attempt is not None and attempt.t >= horizon:
+                self._add(key, attempt, extra)
+        self._evict(horizon)
+        found = [self._candidate(*trigger) for trigger in triggers]
+        return self.incidents.open([c for c in found if c is not None])
+
+    def _mark(self, end: End) -> int:
+        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
+        t = end.values[self.columns["t"]] if end.values is not None else None
+        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
+
+    def _make(self, account: int, t: int, extra: dict[str, Any], declined: bool) -> _Attempt:
+        amount = extra["amount"]
+        small = amount is not None and amount < self.small_amount
+        return _Attempt(account, t, amount, extra["merchant"], small, declined)
+
+    def _attempt(self, end: End) -> tuple[_Attempt | None, dict[str, Any]]:
+        """The end row as an attempt and its evidence fields (None: deleted, no attempt,
+        or no account or time: such a row never joins a window nor completes one)."""
+        values = end.values
+        if values is None or not values[ONLINE]:
+            return None, {}  # most rows of a payments stream: no dict built for them
+        account, t = values[self.columns["account"]], values[self.columns["t"]]
+        if account is None or t is None:
+            return None, {}
+        extra = {name: values[self.columns[name]] for name in OTHERS}
+        attempt = self._make(int(str(account)), int(str(t)), extra, bool(values[DECLINED]))
+        if not (attempt.small or values.get(DECLINES, False)):
+            return None, {}
+        return attempt, extra
+
+    def _candidate(self, key: Hashable, row: _Attempt, end: End) -> LaneAlert | None:
+        entries = self.by_account.get(row.account, [])
+        # every entry of time <= t (keys compare only among equal times)
+        upper = bisect.bisect_right(entries, (row.t, _Top()))
+        lower = bisect.bisect_right(entries, (row.t - self.window_us, _Top()))
+        config = self.config
+        n = upper - lower
+        if n < config.min_attempts:
+            return None
+        window = [(t, k, self.rows[k]) for t, k in entries[lower:upper]]
+        merchants = len({w.merchant for _, _, w in window if w.merchant is not None})
+        if merchants < config.min_merchants:
+            return None
+        declined = sum(1 for _, _, w in window if w.declined)
+        small = sum(1 for _, _, w in window if w.small)
+        evidence = [self._evidence(t, k, w) for t, k, w in window[:EVIDENCE_LIMIT]]
+        return LaneAlert(
+            rule=RULE,
+            account=row.account,
+            key=f"{RULE}:{row.account}",
+            trigger=_first(key),
+            event_us=row.t,
+            started_us=window[0][0],
+            commit_us=end.commit_us,
+            lsn=end.lsn,
+            severity=config.severity.value,
+            summary=(
+                f"{n} small or declined online attempts at {merchants} merchants within "
+                f"{self.window_seconds} s on account {row.account} ({declined} declined)"
+            ),
+            numbers={
+                "attempts": n,
+                "merchants": merchants,
+                "declined": declined,
+                "small": small,
+                "min_attempts": config.min_attempts,
+                "min_merchants": config.min_merchants,
+                "window_seconds": self.window_seconds,
+            },
+            evidence=evidence,
+        )
+
+    def _evidence(self, t: int, key: Hashable, row: _Attempt) -> dict[str, Any]:
+        fields = self.fields[key]
+        return {
+            "id": _first(key),
+            "at": from_us(t),
+            "account": row.account,
+            **{name: fields[name] for name in OTHERS},
+        }
+
+
+def _first(key: Hashable) -> Hashable:
+    """The key's first column (``_k0``: what the SQL rule names a row by)."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+class _Top:
+    """Greater than any key: ``(t, _Top())`` sorts after every ``(t, key)``."""
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __gt__(self, other: object) -> bool:
+        return True
