@@ -56,8 +56,8 @@ def test_every_scenario_and_nothing_else(pg_db: PgDatabase, tmp_path: Path) -> N
     sections = yaml.safe_load(FINTECH)
     del sections["metric_alerts"]  # they watch the deployment's rollups, not needed here
     harness = make_harness(pg_db, tmp_path, TABLES + yaml.safe_dump(sections))
-    assert sections["rules"]["in_memory"] == ["velocity_burst"]
-    harness.start_lane()  # velocity burst in memory, as the deployment runs it
+    assert sections["rules"]["in_memory"]  # the deployment runs some rules in memory
+    harness.start_lane()  # as the deployment runs them
     settings = workload_settings(
         pg_db.dsn,
         rate=10.0,

@@ -299,7 +299,7 @@ class AccountTakeoverConfig(BaseRuleConfig):
     severity: Severity = Field(default=Severity.CRITICAL, description="Severity of its alerts.")
 
 
-IN_MEMORY_RULES = ("velocity_burst",)
+IN_MEMORY_RULES = ("velocity_burst", "card_testing")
 """Rules with an in-memory implementation (:mod:`headrace.rules.lane`)."""
 
 
@@ -335,7 +335,7 @@ class RulesConfig(_Model):
             "lane): their alerts are committed and sent within milliseconds of the source's "
             "commit instead of after the engine's batch, and the engine no longer runs their "
             "SQL. Each must be configured and have an in-memory implementation "
-            "(headrace.rules.lane; velocity_burst so far)."
+            "(headrace.rules.lane: see IN_MEMORY_RULES)."
         ),
     )
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import duckdb
 
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import LaneAlert
+from headrace.rules.lane.card_testing import CardTestingLane
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.velocity import VelocityBurstLane
 from headrace.source.changes import ChangeBatch
@@ -30,6 +32,11 @@ class Evaluator(Protocol):
 
 def make_evaluator(name: str, rules: RulesConfig) -> Evaluator:
     """The evaluator of rule ``name`` (see :data:`headrace.rules.config.IN_MEMORY_RULES`)."""
-    if name == "velocity_burst":
-        return VelocityBurstLane(rules)
+    makers: dict[str, Callable[[RulesConfig], Evaluator]] = {
+        "velocity_burst": VelocityBurstLane,
+        "card_testing": CardTestingLane,
+    }
+    maker = makers.get(name)
+    if maker is not None:
+        return maker(rules)
     raise ValueError(f"no in-memory implementation of rule {name!r}")
