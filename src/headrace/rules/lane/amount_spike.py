@@ -62,6 +62,7 @@ state).
 from __future__ import annotations
 
 import decimal
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -109,7 +110,7 @@ def duck_round(value: float, places: int) -> float:
     scaled = value * modifier
     if abs(scaled) >= 2.0**52:
         rounded = scaled / modifier
-        return value if rounded != rounded or abs(rounded) == float("inf") else rounded
+        return rounded if math.isfinite(rounded) else value
     step = Decimal(1).scaleb(-places)
     return float(Decimal(value).quantize(step, context=_ROUNDING))
 
