@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from headrace.rules.lane.amount_spike import AmountSpikeLane, duck_round, duck_text
+from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept, duck_round, duck_text
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, at, only, open_bank
 from tests.rules.lane_harness import Both
@@ -189,6 +190,17 @@ def test_duckdb_round_and_format() -> None:
     for x, one, two, text in rows:
         assert (duck_round(x, 1), duck_round(x, 2), duck_text(x)) == (one, two, text), x
     con.close()
+
+
+def test_amounts_compare_exactly() -> None:
+    """Start and end amounts compare as DECIMALs do (``IS DISTINCT FROM``), though kept as
+    the history's 1/10,000ths."""
+    kept = _Kept.of
+    assert kept(1, Decimal("700.00"), True).same(kept(1, Decimal("700.0"), False))
+    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.0001"), True))
+    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.00004"), True))
+    assert not kept(1, None, True).same(kept(1, Decimal(0), True))
+    assert not kept(1, Decimal(5), True).same(kept(2, Decimal(5), True))
 
 
 SMALL = """

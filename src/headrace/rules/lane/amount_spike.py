@@ -18,11 +18,12 @@ table (every step is the SQL rule's, named after its code):
   the batch's end rows (NULL ``t``: commit time). Batches without changes of the table
   leave it alone.
 - **Rows** (the mirror's start rows, which the SQL rule reads through the engine): per
-  key of a row matching ``where``, its account, amount and whether it also matches
-  ``history_where``; a row not matching ``where`` is neither history nor a start row
-  that can stop a trigger, so it is not kept. Unlike the window rules this is not
-  bounded by time: a reversal or delete arrives as the key alone (no old values under
-  the default replica identity), and the history must take out the amount it counted.
+  key of a row matching ``where``, its account, amount (as the history's integer units)
+  and whether it also matches ``history_where``; a row not matching ``where`` is
+  neither history nor a start row that can stop a trigger, so it is not kept. Unlike
+  the window rules this is not bounded by time: a reversal or delete arrives as the key
+  alone (no old values under the default replica identity) and the history must take
+  out the amount it counted; a row moved in time from long ago keeps its start row.
 - **History** (``AmountSpike.history``, ``KeyedSums``): per account the count ``n`` and
   exact sum of ``CAST(amount AS DECIMAL(38, 4))`` (kept as integer 1/10,000ths) of its
   rows matching ``where AND history_where``, all time; ``mean = CAST(total AS DOUBLE) /
@@ -140,11 +141,31 @@ def _units(amount: Decimal | float | int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
-    """A row matching ``where`` as a start row: what the triggers and the history read."""
+    """A row matching ``where`` as a start row: what the triggers and the history read.
+
+    The amount is kept as the history's integer 1/10,000ths (no ``Decimal`` per row: this
+    state holds every purchase ever), plus the exact value when it has more decimals, so
+    that comparing two amounts stays exact.
+    """
 
     account: int | None
-    amount: Any
+    units: int | None
+    """``CAST(amount AS DECIMAL(38, 4))`` in 1/10,000ths (None: NULL amount)."""
+    exact: Decimal | None
+    """The amount when ``units`` rounded it (more than 4 decimals), else None."""
     in_history: bool
+
+    @classmethod
+    def of(cls, account: int | None, amount: Any, in_history: bool) -> _Kept:
+        if amount is None:
+            return cls(account, None, None, in_history)
+        units = _units(amount)
+        exact = None if Decimal(units).scaleb(-4) == Decimal(amount) else Decimal(amount)
+        return cls(account, units, exact, in_history)
+
+    def same(self, other: _Kept) -> bool:
+        """Same account and amount (SQL: neither ``IS DISTINCT FROM`` the other's)."""
+        return (self.account, self.units, self.exact) == (other.account, other.units, other.exact)
 
 
 @dataclass
@@ -218,7 +239,7 @@ class AmountSpikeLane:
         for row in cursor.fetchall():
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account = None if row[width] is None else int(row[width])
-            self._add(k, _Kept(account, row[width + 1], bool(row[width + 2])))
+            self._add(k, _Kept.of(account, row[width + 1], bool(row[width + 2])))
         self.incidents.last_seen.clear()
         self.incidents.touched.clear()
         if saved is not None:
@@ -245,20 +266,18 @@ class AmountSpikeLane:
         self.rows[key] = kept
         if kept.in_history and kept.account is not None:
             n, total = self.history.get(kept.account, (0, 0))
-            units = 0 if kept.amount is None else _units(kept.amount)
-            self.history[kept.account] = (n + 1, total + units)
+            self.history[kept.account] = (n + 1, total + (kept.units or 0))
 
     def _remove(self, key: Hashable) -> None:
         kept = self.rows.pop(key, None)
         if kept is None or not kept.in_history or kept.account is None:
             return
         n, total = self.history[kept.account]
-        units = 0 if kept.amount is None else _units(kept.amount)
         if n == 1:
             # ``_rows = 0`` reads as absent (and the sum is back to exactly 0)
             del self.history[kept.account]
         else:
-            self.history[kept.account] = (n - 1, total - units)
+            self.history[kept.account] = (n - 1, total - (kept.units or 0))
 
     # ----------------------------------------------------------- per batch
 
@@ -279,16 +298,24 @@ class AmountSpikeLane:
         # (also when it truncates: the start rows are then the whole mirror before it).
         cutoff = previous - self.horizon_us
         found: list[LaneAlert] = []
+        kept: dict[Hashable, _Kept | None] = {}
         for key, end in change.ends.items():
             values = end.values
             if values is None or not values[MATCHES]:
+                kept[key] = None  # deleted, or not matching ``where``: not kept
                 continue
+            account = values[self.columns["account"]]
+            row = _Kept.of(
+                None if account is None else int(str(account)),
+                values[self.columns["amount"]],
+                bool(values[HISTORY]),
+            )
+            kept[key] = row
             t = values[self.columns["t"]]
             if t is None or int(str(t)) < cutoff:
                 continue
-            account, amount = values[self.columns["account"]], values[self.columns["amount"]]
             start = self.rows.get(key)
-            if start is not None and start.account == account and start.amount == amount:
+            if start is not None and start.same(row):
                 continue
             candidate = self._candidate(key, end, values)
             if candidate is not None:
@@ -297,17 +324,10 @@ class AmountSpikeLane:
         if change.truncated:
             self.rows.clear()
             self.history.clear()
-        for key, end in change.ends.items():
+        for key, row_or_none in kept.items():
             self._remove(key)
-            values = end.values
-            if values is not None and values[MATCHES]:
-                account = values[self.columns["account"]]
-                kept = _Kept(
-                    None if account is None else int(str(account)),
-                    values[self.columns["amount"]],
-                    bool(values[HISTORY]),
-                )
-                self._add(key, kept)
+            if row_or_none is not None:
+                self._add(key, row_or_none)
         return self.incidents.open(found)
 
     def _mark(self, end: End) -> int:
