@@ -385,8 +385,15 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     return pg_db, tmp_path
 
 
+EXAMPLES = int(os.environ.get("HR_LANE_EXAMPLES", "25"))
+"""Examples of the property (more for a longer hunt)."""
+
+
+# pytest-timeout's 300 s stops a longer hunt (as "Query interrupted" inside DuckDB):
+# examples take up to ~7 s on a busy machine.
+@pytest.mark.timeout(max(300, EXAMPLES * 10))
 @settings(
-    max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
