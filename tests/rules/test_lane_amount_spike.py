@@ -25,15 +25,17 @@ from hypothesis import strategies as st
 
 from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept, duck_round, duck_text
 from tests.conftest import PgDatabase
-from tests.rules.bank import Bank, at, only, open_bank
+from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
 from tests.rules.lane_harness import Both
 
 # ----------------------------------------------------------------- the SQL rule's cases
 
 
-def test_spike_against_own_history(pg_db: PgDatabase, tmp_path: Path) -> None:
-    """``test_amount_spike.test_spike_against_own_history`` through both."""
-    both = Both(open_bank(pg_db, tmp_path, only("amount_spike")), AmountSpikeLane)
+@pytest.mark.parametrize("config", [only("amount_spike"), ALL_RULES], ids=["alone", "all"])
+def test_spike_against_own_history(pg_db: PgDatabase, tmp_path: Path, config: str) -> None:
+    """``test_amount_spike.test_spike_against_own_history`` through both (and with every
+    rule running: they share the batch's trigger table)."""
+    both = Both(open_bank(pg_db, tmp_path, config), AmountSpikeLane)
     bank = both.bank
     for n in range(5):
         bank.tx(1, 40, n * 60)

@@ -68,7 +68,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 
@@ -159,9 +159,11 @@ class _Kept:
     def of(cls, account: int | None, amount: Any, in_history: bool) -> _Kept:
         if amount is None:
             return cls(account, None, None, in_history)
-        units = _units(amount)
-        exact = None if Decimal(units).scaleb(-4) == Decimal(amount) else Decimal(amount)
-        return cls(account, units, exact, in_history)
+        # The exact ratio first: ~1 us where Decimal arithmetic takes ~3 (once per row).
+        numerator, denominator = amount.as_integer_ratio()
+        if UNITS % denominator == 0:
+            return cls(account, numerator * (UNITS // denominator), None, in_history)
+        return cls(account, _units(amount), Decimal(amount), in_history)
 
     def same(self, other: _Kept) -> bool:
         """Same account and amount (SQL: neither ``IS DISTINCT FROM`` the other's)."""
@@ -306,13 +308,13 @@ class AmountSpikeLane:
                 continue
             account = values[self.columns["account"]]
             row = _Kept.of(
-                None if account is None else int(str(account)),
+                cast(int | None, account),
                 values[self.columns["amount"]],
                 bool(values[HISTORY]),
             )
             kept[key] = row
             t = values[self.columns["t"]]
-            if t is None or int(str(t)) < cutoff:
+            if t is None or cast(int, t) < cutoff:
                 continue
             start = self.rows.get(key)
             if start is not None and start.same(row):
@@ -333,13 +335,13 @@ class AmountSpikeLane:
     def _mark(self, end: End) -> int:
         """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
         t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
+        return end.commit_us if t is None else min(cast(int, t), end.commit_us)
 
     def _candidate(self, key: Hashable, end: End, values: dict[str, Any]) -> LaneAlert | None:
         account, amount = values[self.columns["account"]], values[self.columns["amount"]]
         if account is None or amount is None:
             return None
-        account = int(str(account))
+        account = cast(int, account)
         sums = self.history.get(account)
         if sums is None:
             return None
@@ -357,7 +359,7 @@ class AmountSpikeLane:
         )
         if below:
             return None
-        t = int(str(values[self.columns["t"]]))
+        t = cast(int, values[self.columns["t"]])
         ratio = amount_float / mean
         trigger = key[0] if isinstance(key, tuple) else key
         return LaneAlert(
