@@ -153,6 +153,35 @@ def test_truncate_compares_with_the_rows_before_it(pg_db: PgDatabase, tmp_path: 
     bank.close()
 
 
+def test_an_edited_history_row_counts_in_its_own_history(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """The SQL rule compares an edited settled purchase with the history as of before the
+    batch, which holds the row itself with its old amount: 5 settled purchases of 40, one
+    edited to 800, is "20x the mean 40 of 5 earlier transactions" although only 4 others
+    exist (below ``min_history`` 5). The lane does the same (see its report). Then two
+    spikes of one account in one transaction, at the same time: a tie the SQL rule breaks
+    either way."""
+    both = Both(open_bank(pg_db, tmp_path, only("amount_spike")), AmountSpikeLane)
+    bank = both.bank
+    history = [bank.tx(1, 40, n * 60) for n in range(5)]
+    both.sync()
+    bank.execute(f"UPDATE transactions SET amount = 800 WHERE id = {history[-1]}")
+    both.sync()
+    ((*_, summary, _, trigger, _),) = both.lane()
+    assert trigger == history[-1]
+    assert summary == "amount 800.0 is 20.0x the mean 40.0 of 5 earlier transactions of account 1"
+    both.assert_equal()
+    for n in range(5):
+        bank.tx(2, 40, n * 60)
+    both.sync()
+    first, second = _insert(9000, 2, 900, 600) + _insert(9001, 2, 950, 600)
+    bank.harness.transaction(first, second)
+    both.sync()
+    assert len(both.lane()) == 2
+    assert both.lane_alerts[-1].tied  # 9000 or 9001: the same time and commit
+    both.assert_equal()
+    bank.close()
+
+
 def test_restart_from_saved_state(pg_db: PgDatabase, tmp_path: Path) -> None:
     """An evaluator seeded from the mirror and what the previous one saved (watermark,
     incidents) goes on as if it had not stopped: no second alert in the incident."""
