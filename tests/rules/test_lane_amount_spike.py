@@ -1,0 +1,471 @@
+"""The rules lane's amount spike equals the SQL rule on the same change streams.
+
+Every batch the engine applies (real PostgreSQL → pgoutput → batcher) is also given
+to :class:`AmountSpikeLane` (:mod:`tests.rules.lane_harness`); the lane's alerts must
+be the SQL rule's ``amount_spike`` alerts, payload and summary included: for the rule's
+own test cases, for moves, late rows and truncates, and for random sequences of
+inserts, updates (amount, status, type, time, account, key), deletes, truncates and
+re-inserts of old keys on a few accounts, cut into batches at random transaction
+boundaries, with engine restarts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept, duck_round, duck_text
+from tests.conftest import PgDatabase
+from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
+from tests.rules.lane_harness import Both
+
+# ----------------------------------------------------------------- the SQL rule's cases
+
+
+@pytest.mark.parametrize("config", [only("amount_spike"), ALL_RULES], ids=["alone", "all"])
+def test_spike_against_own_history(pg_db: PgDatabase, tmp_path: Path, config: str) -> None:
+    """``test_amount_spike.test_spike_against_own_history`` through both (and with every
+    rule running: they share the batch's trigger table)."""
+    both = Both(open_bank(pg_db, tmp_path, config), AmountSpikeLane)
+    bank = both.bank
+    for n in range(5):
+        bank.tx(1, 40, n * 60)
+    for n in range(4):
+        bank.tx(2, 40, n * 60)
+    bank.tx(1, 45, 400, status="declined")
+    both.sync()
+    bank.tx(2, 900, 500)  # too little history
+    bank.tx(1, 300, 500, status="pending")  # 7.5x the mean: below the factor of 10
+    bank.tx(1, 450, 501, channel="transfer", type="transfer_out")  # not a purchase
+    both.sync()
+    assert both.lane() == [] == both.sql()
+    both.restart()
+    spike = bank.tx(1, 800, 600, status="pending")
+    both.sync()
+    ((account, _, _, _, _, summary, numbers, trigger, evidence),) = both.lane()
+    assert (account, trigger) == (1, spike)
+    assert summary == "amount 800.0 is 20.0x the mean 40.0 of 5 earlier transactions of account 1"
+    assert dict(numbers)["history"] == 5
+    assert dict(evidence[0])["amount"] == 800
+    both.assert_equal()
+    bank.close()
+
+
+def test_update_creates_a_spike_and_reversals_leave_the_history(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """``test_amount_spike.test_update_creates_a_spike_...`` through both."""
+    both = Both(open_bank(pg_db, tmp_path, only("amount_spike")), AmountSpikeLane)
+    bank = both.bank
+    history = [bank.tx(3, 50, n * 60) for n in range(6)]
+    both.sync()
+    small = bank.tx(3, 60, 400, status="pending")
+    both.sync()
+    assert both.lane() == []
+    bank.execute(f"UPDATE transactions SET amount = 700 WHERE id = {small}")  # 14x the mean
+    both.sync()
+    ((*_, trigger, _),) = both.lane()
+    assert trigger == small
+    both.assert_equal()
+    for tx_id in history[:2]:
+        bank.set_status(tx_id, "reversed")
+    both.sync()
+    assert both.evaluator.history[3] == (4, 200 * 10_000)  # type: ignore[attr-defined]
+    assert bank.duck("SELECT _rows, total FROM jobs.amount_spike__history WHERE account = 3") == [
+        (4, 200)
+    ]
+    bank.tx(3, 5000, 500)  # 4 left: below min_history
+    both.sync()
+    both.assert_equal()
+    assert len(both.lane()) == 1
+    bank.close()
+
+
+# ----------------------------------------------------------------- more of the semantics
+
+
+def test_moves_late_rows_and_rounding(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """A row moved in time alone is not checked again; moved to another account, given
+    another amount or becoming a purchase, it is; a settlement only feeds the history; a
+    row dated more than a day plus lateness behind the watermark is not checked; the
+    summary rounds as DuckDB does."""
+    both = Both(open_bank(pg_db, tmp_path, SMALL), AmountSpikeLane)
+    bank = both.bank
+    for n, amount in enumerate((10.01, 10.02, 10.04)):
+        bank.tx(1, amount, n)
+        bank.tx(2, 20, n)
+    pending = bank.tx(1, 25, 10, status="pending")  # 2.49x the mean, below min_amount
+    both.sync()
+    assert both.lane() == []
+    when = at(20).isoformat()
+    bank.execute(
+        f"UPDATE transactions SET created_at = '{when}', updated_at = '{when}' WHERE id = {pending}"
+    )
+    bank.set_status(pending, "settled")  # joins the history: mean 13.77
+    both.sync()
+    assert both.lane() == []
+    bank.execute(f"UPDATE transactions SET account_id = 2 WHERE id = {pending}")  # 25 < 50
+    withdrawal = bank.tx(2, 77.7, 30, channel="atm", type="withdrawal")
+    both.sync()
+    bank.execute(
+        f"UPDATE transactions SET type = 'purchase', channel = 'pos' WHERE id = {withdrawal}"
+    )
+    both.sync()  # 77.7 against the mean 21.25 of account 2 (20, 20, 20, 25)
+    assert [alert[0] for alert in both.lane()] == [2]
+    for n in range(3):
+        bank.tx(3, 20, 40 + n)
+    bank.tx(4, 10, 3 * 86_400)  # the watermark jumps three days
+    both.sync()
+    bank.tx(3, 500, 50)  # late: not checked
+    both.sync()
+    assert [alert[0] for alert in both.lane()] == [2]
+    both.assert_equal()
+    bank.close()
+
+
+def test_truncate_compares_with_the_rows_before_it(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """The SQL rule's quirk (module docstring of the lane): in a batch that truncates,
+    a row re-inserted under its old key with its old account and amount does not trigger,
+    a new key does; both are compared with the history as of before the batch."""
+    both = Both(open_bank(pg_db, tmp_path, SMALL), AmountSpikeLane)
+    bank = both.bank
+    for account in (1, 2):
+        for n in range(3):
+            bank.tx(account, 20, n)
+    old = bank.tx(1, 100, 10, status="pending")  # in the same batch: no history yet
+    both.sync()
+    assert both.lane() == []
+    (again,) = _insert(old, 1, 100, 500)
+    (new,) = _insert(9000, 2, 100, 500)
+    bank.harness.transaction("TRUNCATE transactions CASCADE", again, new)
+    both.sync()
+    assert [alert[0] for alert in both.lane()] == [2]  # the re-inserted row is not checked
+    both.assert_equal()
+    bank.close()
+
+
+def test_an_edited_history_row_counts_in_its_own_history(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """The SQL rule compares an edited settled purchase with the history as of before the
+    batch, which holds the row itself with its old amount: 5 settled purchases of 40, one
+    edited to 800, is "20x the mean 40 of 5 earlier transactions" although only 4 others
+    exist (below ``min_history`` 5). The lane does the same (see its report). Then two
+    spikes of one account in one transaction, at the same time: a tie the SQL rule breaks
+    either way."""
+    both = Both(open_bank(pg_db, tmp_path, only("amount_spike")), AmountSpikeLane)
+    bank = both.bank
+    history = [bank.tx(1, 40, n * 60) for n in range(5)]
+    both.sync()
+    bank.execute(f"UPDATE transactions SET amount = 800 WHERE id = {history[-1]}")
+    both.sync()
+    ((*_, summary, _, trigger, _),) = both.lane()
+    assert trigger == history[-1]
+    assert summary == "amount 800.0 is 20.0x the mean 40.0 of 5 earlier transactions of account 1"
+    both.assert_equal()
+    for n in range(5):
+        bank.tx(2, 40, n * 60)
+    both.sync()
+    first, second = _insert(9000, 2, 900, 600) + _insert(9001, 2, 950, 600)
+    bank.harness.transaction(first, second)
+    both.sync()
+    assert len(both.lane()) == 2
+    assert both.lane_alerts[-1].tied  # 9000 or 9001: the same time and commit
+    both.assert_equal()
+    bank.close()
+
+
+def test_restart_from_saved_state(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """An evaluator seeded from the mirror and what the previous one saved (watermark,
+    incidents) goes on as if it had not stopped: no second alert in the incident."""
+    both = Both(open_bank(pg_db, tmp_path, SMALL), AmountSpikeLane)
+    bank = both.bank
+    for n in range(3):
+        bank.tx(1, 20, n)
+    bank.tx(1, 60, 10, status="pending")
+    both.sync()
+    both.start_lane(from_saved=True)
+    bank.tx(1, 70, 20, status="pending")  # same incident (re-arm 1 min)
+    both.sync()
+    both.restart()
+    both.start_lane(from_saved=True)
+    bank.tx(1, 80, 200, status="pending")  # a new incident
+    both.sync()
+    both.assert_equal()
+    assert len(both.lane()) == 2
+    both.restart()
+    both.start_lane()  # from the store alone: its incidents and watermark
+    bank.tx(1, 90, 230, status="pending")
+    both.sync()
+    both.assert_equal()
+    assert len(both.lane()) == 2
+    bank.close()
+
+
+def test_duckdb_round_and_format() -> None:
+    """:func:`duck_round` and :func:`duck_text` are DuckDB's ``round`` and ``format``."""
+    generator = random.Random(7)  # noqa: S311 - test values, not secrets
+    values = [generator.randint(1, 10**7) / generator.randint(1, 10**5) for _ in range(2000)]
+    values += [82.125, 1902.25, 1215.935, 2.675, 0.145, 1e16 / 3, 2.0**52 / 10 + 0.5]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE v (x DOUBLE)")
+    con.executemany("INSERT INTO v VALUES (?)", [[v] for v in values])
+    rows = con.execute("SELECT x, round(x, 1), round(x, 2), format('{}', x) FROM v").fetchall()
+    for x, one, two, text in rows:
+        assert (duck_round(x, 1), duck_round(x, 2), duck_text(x)) == (one, two, text), x
+    con.close()
+
+
+def test_amounts_compare_exactly() -> None:
+    """Start and end amounts compare as DECIMALs do (``IS DISTINCT FROM``), though kept as
+    the history's 1/10,000ths."""
+    kept = _Kept.of
+    assert kept(1, Decimal("700.00"), True).same(kept(1, Decimal("700.0"), False))
+    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.0001"), True))
+    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.00004"), True))
+    assert not kept(1, None, True).same(kept(1, Decimal(0), True))
+    assert not kept(1, Decimal(5), True).same(kept(2, Decimal(5), True))
+
+
+SMALL = """
+rules:
+  lateness: 2m
+  amount_spike:
+    factor: 2.5
+    min_amount: 50
+    min_history: 3
+    rearm_after: 1m
+"""
+"""Small thresholds for the cases above."""
+
+RANDOM = """
+rules:
+  lateness: 2m
+  amount_spike:
+    factor: 2
+    min_amount: 40
+    min_history: 2
+    rearm_after: 1m
+"""
+"""Smaller still: random streams of a few rows cross them often."""
+
+
+def _insert(
+    tx_id: int, account: int, amount: float, seconds: int, kind: str = "purchase"
+) -> list[str]:
+    status = "settled" if kind == "purchase" else "pending"
+    channel = CHANNEL[kind]
+    when = at(seconds).isoformat()
+    return [
+        "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, currency, "
+        "channel, type, status, country, created_at, updated_at) VALUES "
+        f"({tx_id}, {account}, {account}, 1, {amount}, 'EUR', '{channel}', '{kind}', "
+        f"'{status}', 'DE', '{when}', '{when}')"
+    ]
+
+
+# ----------------------------------------------------------------- property
+
+
+ACCOUNTS = (1, 2, 3)
+MINUTES = st.integers(0, 40).map(lambda n: n * 15)
+"""Within minutes: re-arming, ties."""
+TIMES = st.one_of(
+    *[MINUTES] * 9,
+    st.integers(1, 4).map(lambda n: n * 43_200 + 30),  # half days: late rows
+)
+SMALL_AMOUNTS = st.sampled_from([10, 20, 20, 25, 30, 33.33])
+"""The rows of the initial history: low means."""
+AMOUNTS = st.sampled_from([100, 10, 20, 25, 33.33, 50, 62.5, 75, 100, 123.45, 250, 1000])
+TYPES = st.sampled_from(["purchase", "purchase", "purchase", "withdrawal", "transfer_out"])
+STATUSES = st.sampled_from(["settled", "settled", "pending", "declined", "reversed"])
+CHANNEL = {"purchase": "pos", "withdrawal": "atm", "transfer_out": "transfer"}
+"""The channel a type needs (the schema's checks)."""
+
+insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), TIMES, AMOUNTS, TYPES)
+history = st.tuples(st.just("insert"), st.sampled_from(ACCOUNTS), MINUTES, SMALL_AMOUNTS, TYPES)
+update_amount = st.tuples(st.just("amount"), st.integers(0, 1000), AMOUNTS)
+update_status = st.tuples(st.just("status"), st.integers(0, 1000), STATUSES)
+update_type = st.tuples(st.just("type"), st.integers(0, 1000), TYPES)
+update_time = st.tuples(st.just("time"), st.integers(0, 1000), TIMES)
+update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
+update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
+delete = st.tuples(st.just("delete"), st.integers(0, 1000), st.just(0))
+reinsert = st.tuples(st.just("reinsert"), st.integers(0, 1000), st.just(0))
+truncate = st.tuples(st.just("truncate"), st.integers(0, 9), st.just(0))  # acts on 0 only
+operation = st.one_of(
+    insert,
+    insert,
+    insert,
+    update_amount,
+    update_status,
+    update_status,
+    update_type,
+    update_time,
+    update_account,
+    update_key,
+    delete,
+    reinsert,
+    truncate,
+)
+transaction = st.lists(operation, min_size=1, max_size=4)
+step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.booleans(), st.booleans())
+"""(transactions, sync after them, restart the engine after syncing)."""
+
+
+class Writer:
+    """Writes the operations to PostgreSQL, tracking the live rows and the dead ones."""
+
+    def __init__(self) -> None:
+        self.bank: Bank | None = None
+        self.live: dict[int, tuple[int, float, int, str]] = {}
+        """id -> (account, amount, seconds, type) of the rows in the table."""
+        self.dead: dict[int, tuple[int, float, int, str]] = {}
+        """Rows deleted or truncated: re-inserted under their old key and values."""
+        self.next_id = 5000
+
+    def statement(self, op: tuple[Any, ...]) -> str | None:
+        """One operation as SQL (None: nothing to act on)."""
+        kind = op[0]
+        if kind == "insert":
+            _, account, seconds, amount, type_ = op
+            tx_id = self.next_id
+            self.next_id += 1
+            self.live[tx_id] = (account, amount, seconds, type_)
+            return _insert(tx_id, account, amount, seconds, type_)[0]
+        if kind == "truncate":
+            if op[1] != 0:
+                return None
+            self.dead.update(self.live)
+            self.live.clear()
+            return "TRUNCATE transactions CASCADE"
+        if kind == "reinsert":
+            if not self.dead:
+                return None
+            tx_id = sorted(self.dead)[op[1] % len(self.dead)]
+            self.live[tx_id] = self.dead.pop(tx_id)
+            return _insert(tx_id, *self.live[tx_id])[0]
+        return self._change(op)
+
+    def _change(self, op: tuple[Any, ...]) -> str | None:
+        """A delete or update of a live row (``op[1]`` picks it)."""
+        kind, pick, value = op
+        if not self.live:
+            return None
+        ids = sorted(self.live)
+        tx_id = ids[pick % len(ids)]
+        account, amount, seconds, type_ = self.live[tx_id]
+        if kind == "delete":
+            self.dead[tx_id] = self.live.pop(tx_id)
+            return f"DELETE FROM transactions WHERE id = {tx_id}"
+        if kind == "key":
+            new_id = self.next_id
+            self.next_id += 1
+            self.live[new_id] = self.live.pop(tx_id)
+            return f"UPDATE transactions SET id = {new_id} WHERE id = {tx_id}"
+        if kind == "amount":
+            self.live[tx_id] = (account, value, seconds, type_)
+            change = f"amount = {value}"
+        elif kind == "status":
+            reason = "'do_not_honor'" if value == "declined" else "NULL"
+            change = f"status = '{value}', decline_reason = {reason}"
+        elif kind == "type":
+            self.live[tx_id] = (account, amount, seconds, value)
+            change = f"type = '{value}', channel = '{CHANNEL[value]}'"
+        elif kind == "time":
+            self.live[tx_id] = (account, amount, value, type_)
+            when = at(value).isoformat()
+            change = f"created_at = '{when}', updated_at = '{when}'"
+        else:
+            self.live[tx_id] = (value, amount, seconds, type_)
+            change = f"account_id = {value}, card_id = {value}"
+        return f"UPDATE transactions SET {change} WHERE id = {tx_id}"
+
+    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
+        return [s for op in ops if (s := self.statement(op)) is not None]
+
+    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
+        assert self.bank is not None
+        for ops in transactions:
+            statements = self.statements(ops)
+            if statements:
+                self.bank.harness.transaction(*statements)
+
+
+_examples = itertools.count()
+
+
+def _reset(db: PgDatabase) -> None:
+    with db.connect() as conn:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute("DROP PUBLICATION IF EXISTS p")
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+
+
+@pytest.fixture
+def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
+    return pg_db, tmp_path
+
+
+EXAMPLES = int(os.environ.get("HR_LANE_EXAMPLES", "25"))
+"""Examples of the property (more for a longer hunt)."""
+
+
+# pytest-timeout's 300 s stops a longer hunt (as "Query interrupted" inside DuckDB):
+# examples take up to ~7 s on a busy machine.
+@pytest.mark.timeout(max(300, EXAMPLES * 10))
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    before=st.lists(history, max_size=8),
+    initial=st.lists(history.map(lambda op: [op]), min_size=4, max_size=20),
+    steps=st.lists(step, min_size=1, max_size=6),
+    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
+)
+def test_lane_equals_sql_rule(
+    fresh: tuple[PgDatabase, Path],
+    before: list[tuple[Any, ...]],
+    initial: list[list[tuple[Any, ...]]],
+    steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool]],
+    cuts: list[bool],
+) -> None:
+    db, tmp_path = fresh
+    _reset(db)
+    example = tmp_path / f"ex{next(_examples)}"
+    example.mkdir()
+    writer = Writer()
+    # rows before the snapshot: the SQL rule rebuilds from the mirror, the lane seeds
+    before_snapshot = tuple(writer.statements(before))
+    both = Both(open_bank(db, example, RANDOM, before_snapshot=before_snapshot), AmountSpikeLane)
+    writer.bank = both.bank
+    cut_points = itertools.cycle(cuts)
+    writer.run(initial)  # one insert per transaction: history for every account
+    try:
+        both.sync(lambda: next(cut_points))  # the steps then find some history
+        both.assert_equal()
+        for transactions, sync, restart in steps:
+            writer.run(transactions)
+            if sync:
+                both.sync(lambda: next(cut_points))
+                both.assert_equal()
+            if restart:
+                both.sync(lambda: next(cut_points))
+                both.restart()
+        both.sync(lambda: next(cut_points))
+        both.assert_equal()
+        count = len(both.lane_alerts)
+        event(f"alerts: {min(count, 3)}{'+' if count > 3 else ''}")
+    finally:
+        both.bank.close()
