@@ -9,6 +9,7 @@ import duckdb
 
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import LaneAlert
+from headrace.rules.lane.amount_spike import AmountSpikeLane
 from headrace.rules.lane.card_testing import CardTestingLane
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.velocity import VelocityBurstLane
@@ -35,6 +36,7 @@ def make_evaluator(name: str, rules: RulesConfig) -> Evaluator:
     makers: dict[str, Callable[[RulesConfig], Evaluator]] = {
         "velocity_burst": VelocityBurstLane,
         "card_testing": CardTestingLane,
+        "amount_spike": AmountSpikeLane,
     }
     maker = makers.get(name)
     if maker is not None:
