@@ -152,6 +152,48 @@ rules:
     bank.close()
 
 
+def test_evidence_capped_numbers_complete(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """More band rows than EVIDENCE_LIMIT: the evidence is the first 50 by time, the
+    numbers and the summary cover every row."""
+    config = only("structuring", "{threshold: 100, min_count: 51, window: 1h}")
+    both = Both(open_bank(pg_db, tmp_path, config), StructuringLane)
+    bank = both.bank
+    for n in range(53):
+        _transfer(bank, 5, 90 + (n % 10), n)
+    both.sync()
+    ((*_, summary, numbers, _, evidence),) = both.lane()
+    assert (dict(numbers)["transactions"], len(evidence)) == (51, 50)
+    assert summary.startswith("51 transactions of 90.0 to 99.0 (total 4815.0)")
+    both.assert_equal()
+    bank.close()
+
+
+def test_sql_rule_misses_patterns_completed_before_their_newest_row(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    """SQL rule finding, ported as is: a trigger counts only the window *ending* at it,
+    so a row that completes a pattern but is not its newest row raises nothing: an
+    amount corrected into the band, or a row arriving out of order (well within
+    ``rules.lateness``) in a later batch. Three band rows within 2 minutes, no alert
+    from either side."""
+    config = only("structuring", "{threshold: 1000, min_count: 3}")
+    both = Both(open_bank(pg_db, tmp_path, config), StructuringLane)
+    bank = both.bank
+    _transfer(bank, 4, 950, 0)
+    corrected = _transfer(bank, 4, 500, 60)
+    _transfer(bank, 4, 960, 120)
+    both.sync()
+    bank.execute(f"UPDATE transactions SET amount = 970 WHERE id = {corrected}")
+    both.sync()  # 950 @0, 970 @60, 960 @120: in the band, within 24 h
+    _transfer(bank, 6, 950, 0)
+    _transfer(bank, 6, 960, 120)
+    both.sync()
+    _transfer(bank, 6, 970, 60)  # one minute behind the newest: not late
+    both.sync()
+    assert both.lane() == [] == both.sql()
+    bank.close()
+
+
 SMALL = """
 rules:
   lateness: 5m

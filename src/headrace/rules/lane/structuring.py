@@ -44,6 +44,20 @@ SQL rule's, named after its code; the method is :mod:`headrace.rules.lane.veloci
   hours are ``round(window_seconds / 3600, 1)`` with DuckDB's rounding (half away
   from zero on ``x * 10``, not Python's half-even ``round``): ``0.25`` h -> ``0.3``.
 
+SQL rule findings, ported as they are (the lane equals the SQL rule, not its docstring):
+
+- **A pattern completed before its newest row is missed.** A trigger counts only the
+  window *ending* at it, ``(e.t - window, e.t]``, so a row that completes a pattern but
+  is not the newest of it raises nothing: an amount corrected into the band, a
+  cancelled row un-cancelled, or a row arriving out of order (within
+  ``rules.lateness``) in a later batch than a newer one. Band rows at 0 s and 120 s,
+  then one at 60 s in the next batch: three in the band within 2 minutes, no alert
+  (``test_sql_rule_misses_patterns_completed_before_their_newest_row``). The module
+  docstring of the SQL rule says "an amount corrected into the band can complete a
+  pattern": only when it is the newest row of it.
+- **Summary text**: amounts print through a DOUBLE (``9000.0``, not ``9000.00``;
+  ``1e+16`` for huge sums) and windows under 3 minutes print as ``within 0.0 h``.
+
 Not ported: unchanged TOAST values (the rule's columns are never TOASTed); sums beyond
 2^53 cents, where DuckDB's DECIMAL(38) -> DOUBLE cast may round differently from
 ``float(Decimal)`` in the summary text (never in the numbers). Per changed row of the
