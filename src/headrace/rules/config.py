@@ -299,7 +299,7 @@ class AccountTakeoverConfig(BaseRuleConfig):
     severity: Severity = Field(default=Severity.CRITICAL, description="Severity of its alerts.")
 
 
-IN_MEMORY_RULES = ("velocity_burst", "amount_spike", "card_testing")
+IN_MEMORY_RULES = ("velocity_burst", "amount_spike", "structuring", "card_testing")
 """Rules with an in-memory implementation (:mod:`headrace.rules.lane`)."""
 
 

@@ -12,6 +12,7 @@ from headrace.rules.lane.alert import LaneAlert
 from headrace.rules.lane.amount_spike import AmountSpikeLane
 from headrace.rules.lane.card_testing import CardTestingLane
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.structuring import StructuringLane
 from headrace.rules.lane.velocity import VelocityBurstLane
 from headrace.source.changes import ChangeBatch
 
@@ -37,6 +38,7 @@ def make_evaluator(name: str, rules: RulesConfig) -> Evaluator:
         "velocity_burst": VelocityBurstLane,
         "card_testing": CardTestingLane,
         "amount_spike": AmountSpikeLane,
+        "structuring": StructuringLane,
     }
     maker = makers.get(name)
     if maker is not None:
