@@ -263,9 +263,10 @@ rules:
 
 CUSTOMERS = (1, 2, 3)
 TIMES = st.one_of(
-    st.integers(0, 40).map(lambda n: n * 5),  # dense: windows overlap, ties happen
-    st.integers(0, 40).map(lambda n: n * 10),  # spread: late rows, pruned marks, re-arming
+    st.integers(-6, 2).map(lambda n: n * 5),  # near the writer's clock: ties happen
+    st.integers(-30, 6).map(lambda n: n * 10),  # spread: late rows, pruned marks, re-arming
 )
+"""Offsets from the writer's clock (it moves 7 s a statement, so most rows are on time)."""
 DEVICES = st.sampled_from(["phone", "phone", "laptop", "new-1", "new-2"])
 AMOUNTS = st.sampled_from([100, 1000, 2500, 3000, 6000])
 BALANCES = st.sampled_from([0, 1000, 4000, 5000, 10000])
@@ -326,6 +327,10 @@ class Writer:
         self.logins: list[int] = []
         self.txs: list[int] = []
         self.next_id = 5000
+        self.clock = 600
+
+    def _when(self, offset: int) -> str:
+        return _when(max(0, self.clock + offset))
 
     def _id(self) -> int:
         self.next_id += 1
@@ -333,6 +338,7 @@ class Writer:
 
     def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911, PLR0912 - one per kind
         kind = op[0]
+        self.clock += 7
         if kind == "login":
             _, customer, seconds, success, device = op
             login_id = self._id()
@@ -341,7 +347,7 @@ class Writer:
             return (
                 "INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, "
                 f"country, at) VALUES ({login_id}, {customer}, {str(success).lower()}, {reason}, "
-                f"'{device}', '10.0.0.1', 'DE', {_when(seconds)})"
+                f"'{device}', '10.0.0.1', 'DE', {self._when(seconds)})"
             )
         if kind == "out":
             _, account, seconds, amount, type_ = op
@@ -351,7 +357,7 @@ class Writer:
                 "INSERT INTO transactions (id, account_id, amount, currency, channel, type, "
                 f"status, country, device, created_at, updated_at) VALUES ({tx_id}, {account}, "
                 f"{amount}, 'EUR', 'transfer', '{type_}', 'settled', 'DE', 'd', "
-                f"{_when(seconds)}, {_when(seconds)} + interval '1 hour')"
+                f"{self._when(seconds)}, {self._when(seconds)} + interval '1 hour')"
             )
         if kind == "balance":
             return f"UPDATE accounts SET balance = {op[2]} WHERE id = {op[1]}"
@@ -378,19 +384,26 @@ class Writer:
             new = self._id()
             live[live.index(row)] = new
             return f"UPDATE transactions SET id = {new} WHERE id = {row}"
-        change = {
-            "login_success": (
-                f"success = {str(value).lower()}, "
-                f"failure_reason = {'NULL' if value else repr('bad_password')}"
-            ),
-            "login_device": f"device = '{value}'",
-            "login_time": f"at = {_when(value)}",
-            "tx_amount": f"amount = {value}",
-            "tx_account": f"account_id = {value}",
-            "tx_type": f"type = '{value}'",
-            "tx_time": f"created_at = {_when(value)}",
-            "tx_status": "status = 'declined', decline_reason = 'do_not_honor'",
-        }[kind]
+        if kind == "login_success":
+            reason = "NULL" if value else "'bad_password'"
+            change = f"success = {str(value).lower()}, failure_reason = {reason}"
+        elif kind in ("login_time", "tx_time"):
+            when = self._when(value)
+            change = (
+                f"at = {when}"
+                if kind == "login_time"
+                else f"created_at = {when}, updated_at = {when} + interval '1 hour'"
+            )
+        elif kind == "tx_status":
+            change = "status = 'declined', decline_reason = 'do_not_honor'"
+        else:
+            column = {
+                "login_device": "device",
+                "tx_amount": "amount",
+                "tx_account": "account_id",
+                "tx_type": "type",
+            }[kind]
+            change = f"{column} = {value if isinstance(value, int) else repr(value)}"
         return f"UPDATE {table} SET {change} WHERE id = {row}"
 
     def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
