@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from headrace.rules.lane.account_takeover import AccountTakeoverAlert, AccountTakeoverLane
+from headrace.rules.lane.alert import to_us
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, at, only, open_bank
 from tests.rules.lane_harness import Both, number, time_value
@@ -51,8 +52,6 @@ def assert_same(both: Both) -> None:
         lane[(alert.key, alert.event_us)] = alert.payload()["logins"]
     assert len(sql) == len(lane)
     for (key, event_at), logins in sql.items():
-        from headrace.rules.lane.alert import to_us
-
         assert _logins(logins) == _logins(lane[(key, to_us(event_at))])
 
 
@@ -235,9 +234,7 @@ def test_seed_rebuilds_marks_from_the_mirror(pg_db: PgDatabase, tmp_path: Path) 
             (5, 2, "false", "'bad'", "a"),
         )
     )
-    both = Both(
-        open_bank(pg_db, tmp_path, only(RULE), before_snapshot=before), AccountTakeoverLane
-    )
+    both = Both(open_bank(pg_db, tmp_path, only(RULE), before_snapshot=before), AccountTakeoverLane)
     bank = both.bank
     _out(bank, 1, 3_000, 60)
     _out(bank, 2, 3_000, 60)
@@ -459,9 +456,7 @@ def test_lane_equals_sql_rule(
     writer = Writer()
     # rows before the snapshot: the SQL rule rebuilds from the mirrors, the lane seeds
     before_snapshot = tuple(writer.statements(before))
-    both = Both(
-        open_bank(db, example, SMALL, before_snapshot=before_snapshot), AccountTakeoverLane
-    )
+    both = Both(open_bank(db, example, SMALL, before_snapshot=before_snapshot), AccountTakeoverLane)
     writer.bank = both.bank
     cut_points = itertools.cycle(cuts)
     writer.run(initial)

@@ -56,10 +56,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import math
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import duckdb
@@ -135,14 +134,10 @@ class _Tx:
 
 
 def duck_round(value: float, digits: int = 0) -> float:
-    """DuckDB's ``round`` of a double: ``std::round(x * 10^d) / 10^d`` (half away from 0)."""
-    modifier = 10.0**digits
-    scaled = value * modifier if digits else value
-    whole = math.floor(abs(scaled))
-    if abs(scaled) - whole >= 0.5:
-        whole += 1
-    rounded = math.copysign(whole, scaled)
-    return rounded / modifier if digits else rounded
+    """DuckDB's ``round`` of a double: the exact binary value rounded half away from zero
+    (so ``round(1.15, 1)`` is 1.1: 1.15 is 1.1499...; not ``std::round(x * 10) / 10``)."""
+    exact = Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+    return float(exact)
 
 
 def _text(value: Decimal | float) -> str:
@@ -163,16 +158,6 @@ def _times(literal: Decimal | float, value: Decimal) -> Decimal | float:
 
 def _at_least(value: Decimal, bound: Decimal | float) -> bool:
     return value >= bound if isinstance(bound, Decimal) else float(value) >= bound
-
-
-class _Top:
-    """Greater than any key: ``(t, _Top())`` sorts after every ``(t, key)``."""
-
-    def __lt__(self, other: object) -> bool:
-        return False
-
-    def __gt__(self, other: object) -> bool:
-        return True
 
 
 def _changes(batch: ChangeBatch, ref: TableRef) -> tuple[pa.Table, tuple[str, ...]] | None:
@@ -223,18 +208,8 @@ class AccountTakeoverLane:
         self.login_ref = TableRef.parse(tables.logins.table)
         self.account_ref = TableRef.parse(tables.accounts.table)
         tx = tables.transactions
-        self.columns = {
-            "account": tx.account,
-            "t": tx.time,
-            "amount": tx.amount,
-            "merchant": tx.merchant,
-            "card": tx.card,
-            "country": tx.country,
-            "device": tx.device,
-            "status": tx.status,
-            "channel": tx.channel,
-            "type": tx.type,
-        }
+        # TX_FIELDS are the config's column names, but "t" (its ``time``)
+        self.columns = {f: getattr(tx, "time" if f == "t" else f) for f in TX_FIELDS}
         self.where_sql = config.where or tx.outflow
         self.where = arrow_condition(self.where_sql)
         self.success = arrow_condition(tables.logins.success)
@@ -259,9 +234,12 @@ class AccountTakeoverLane:
         logins, tx, accounts = self.login_table, self.tx_table, self.account_table
         login_mirror, tx_mirror = mirror_table(self.login_ref), mirror_table(self.tx_ref)
         newest = con.execute(
-            f"""SELECT greatest(
-                (SELECT max(least(CAST("{logins.time}" AS TIMESTAMPTZ), now())) FROM {login_mirror}),
-                (SELECT max(least(CAST("{tx.time}" AS TIMESTAMPTZ), now())) FROM {tx_mirror}))"""
+            "SELECT greatest("
+            + ", ".join(
+                f'(SELECT max(least(CAST("{time}" AS TIMESTAMPTZ), now())) FROM {mirror})'
+                for time, mirror in ((logins.time, login_mirror), (tx.time, tx_mirror))
+            )
+            + ")"
         ).fetchall()[0][0]
         self.watermark_us = None if newest is None else to_us(newest)
         if saved is not None:
@@ -328,14 +306,12 @@ class AccountTakeoverLane:
         """The marks of ``AccountTakeover.rebuild`` (or the store's, see :meth:`seed`)."""
         stored = state_table(RULE, "marks")
         if from_store and self._exists(con, stored):
-            query, params = (
-                f"SELECT customer, t, reason, login, device, country, failed FROM {stored}",
-                [],
-            )
+            query = f"SELECT customer, t, reason, login, device, country, failed FROM {stored}"
+            params: list[Any] = []
         elif self.watermark_us is None:
             return
         else:
-            query, params = self._rebuild_marks(con)
+            query, params = self._rebuild_marks(con, self.watermark_us)
         for customer, t, reason, login, device, country, failed in con.execute(
             query, params
         ).fetchall():
@@ -344,12 +320,13 @@ class AccountTakeoverLane:
                     int(customer), _Mark(to_us(t), login, reason, device, country, int(failed))
                 )
 
-    def _rebuild_marks(self, con: duckdb.DuckDBPyConnection) -> tuple[str, list[Any]]:
-        assert self.watermark_us is not None
+    def _rebuild_marks(
+        self, con: duckdb.DuckDBPyConnection, watermark_us: int
+    ) -> tuple[str, list[Any]]:
         logins, config = self.login_table, self.config
         mirror = mirror_table(self.login_ref)
         key = key_columns(con, self.login_ref)[0]
-        horizon = from_us(self.watermark_us - self.window_us - self.lateness_us)
+        horizon = from_us(watermark_us - self.window_us - self.lateness_us)
         window_s = config.failed_window.total_seconds()
         t = f'CAST("{logins.time}" AS TIMESTAMPTZ)'
         columns = (
@@ -501,78 +478,91 @@ class AccountTakeoverLane:
     @staticmethod
     def _time_mark(end: End, time: str) -> int:
         """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        assert end.values is not None
-        t = end.values[time]
+        t = end.values[time] if end.values is not None else None
         return end.commit_us if t is None else min(int(str(t)), end.commit_us)
 
     def _mark(self, change: NetChange, previous: int) -> None:
         """``_mark``: the batch's risky logins; then the logins and devices after it."""
-        logins = self.login_table
         horizon = self._failed_horizon(previous)
         self._evict_failures(horizon)
-        new: list[tuple[Hashable, _Login, int | None, Any]] = []
-        ends: list[tuple[Hashable, _Login | None, int | None]] = []
-        for key, end in change.ends.items():
-            values = end.values
-            if values is None:
-                ends.append((key, None, None))
-                continue
-            customer = values[logins.customer]
-            login = _Login(
-                None if customer is None else int(str(customer)),
-                values[logins.device],
-                bool(values[SUCCESS]),
-            )
-            t = values[logins.time]
-            t_us = None if t is None else int(str(t))
-            ends.append((key, login, t_us))
-            if key not in self.logins:  # no start row: the key is new
-                new.append((key, login, t_us, values[logins.country]))
+        ends = [(key, *self._login(end)) for key, end in change.ends.items()]
         # The failures read the logins mirror *after* the batch.
         if change.truncated:
             self.failures.clear()
             self.failure_of.clear()
             self.failure_expiry.clear()
-        for key, login, t_us in ends:
+        for key, login, t_us, _ in ends:
             self._remove_failure(key)
             if login is not None:
                 self._add_failure(key, login, t_us, horizon)
-        config = self.config
-        # first_seen: the first new row of its (customer, device, success) by (t, key)
-        ordered = sorted(new, key=lambda n: (n[2] is None, n[2] or 0, n[0]))
-        firsts: set[tuple[Any, Any]] = set()
-        for key, login, t_us, country in ordered:
-            if login.success:
-                pair = (login.customer, login.device)
-                first = pair not in firsts
-                firsts.add(pair)
-                if first and config.new_device and not self._known_device(login):
-                    if login.customer is not None and t_us is not None:
-                        mark = _Mark(t_us, key, "new_device", login.device, country, 0)
-                        self._add_mark(login.customer, mark)
-                continue
-            if login.customer is None or t_us is None:
-                continue
-            entries = self.failures.get(login.customer, [])
-            upper = bisect.bisect_right(entries, (t_us, _Top()))
-            lower = max(
-                bisect.bisect_right(entries, (t_us - self.failed_window_us, _Top())),
-                bisect.bisect_left(entries, (horizon,)),
-            )
-            if upper - lower >= config.failed_logins:
-                mark = _Mark(t_us, key, "failed_logins", login.device, country, upper - lower)
-                self._add_mark(login.customer, mark)
+        # New rows: no start row (the logins before the batch hold every key).
+        new = [end for end in ends if end[0] not in self.logins]
+        self._risky(new, horizon)
         # Once every job has run: the devices, and the logins as start rows of the next.
         if change.truncated:
             self.logins.clear()
             self.devices.clear()
-        for key, login, _ in ends:
+        for key, login, _, _ in ends:
             old = self.logins.pop(key, None)
             if old is not None:
                 self._count_device(old, -1)
             if login is not None:
                 self.logins[key] = login
                 self._count_device(login, 1)
+
+    def _login(self, end: End) -> tuple[_Login | None, int | None, Any]:
+        """An end row of logins: the login (None: deleted), its time (µs) and country."""
+        values = end.values
+        if values is None:
+            return None, None, None
+        logins = self.login_table
+        customer, t = values[logins.customer], values[logins.time]
+        login = _Login(
+            None if customer is None else int(str(customer)),
+            values[logins.device],
+            bool(values[SUCCESS]),
+        )
+        return login, None if t is None else int(str(t)), values[logins.country]
+
+    def _risky(
+        self, new: list[tuple[Hashable, _Login | None, int | None, Any]], horizon: int
+    ) -> None:
+        """The marks of the batch's new logins (``first_seen``; failures in the window)."""
+        config = self.config
+        # first_seen: the first new row of its (customer, device, success) by (t, key),
+        # NULL times last
+        ordered = sorted(new, key=lambda n: (n[2] is None, n[2] or 0, n[0]))
+        firsts: set[tuple[Any, Any]] = set()
+        for key, login, t_us, country in ordered:
+            if login is None:
+                continue
+            if login.success:
+                pair = (login.customer, login.device)
+                first = pair not in firsts
+                firsts.add(pair)
+                # a mark without customer or time joins no outflow: not kept
+                if (
+                    first
+                    and config.new_device
+                    and not self._known_device(login)
+                    and login.customer is not None
+                    and t_us is not None
+                ):
+                    mark = _Mark(t_us, key, "new_device", login.device, country, 0)
+                    self._add_mark(login.customer, mark)
+                continue
+            if login.customer is None or t_us is None:
+                continue
+            entries = self.failures.get(login.customer, [])
+            # times are whole µs: (x + 1,) sorts after every (x, key)
+            upper = bisect.bisect_left(entries, (t_us + 1,))
+            lower = max(
+                bisect.bisect_left(entries, (t_us - self.failed_window_us + 1,)),
+                bisect.bisect_left(entries, (horizon,)),
+            )
+            if upper - lower >= config.failed_logins:
+                mark = _Mark(t_us, key, "failed_logins", login.device, country, upper - lower)
+                self._add_mark(login.customer, mark)
 
     def _detect(self, batch: ChangeBatch, change: NetChange, previous: int) -> list[LaneAlert]:
         """``_detect``: the candidates among the batch's outflows."""
@@ -594,15 +584,14 @@ class AccountTakeoverLane:
                 continue
             if account is None or amount is None or account not in self.accounts:
                 continue
-            if firsts is None:
+            if firsts is None or versions is None:
                 firsts, versions = self._batch_order(batch)
-            assert versions is not None
             customer, balance = self.accounts[account]
             entries = versions.get(account, [])
             index = bisect.bisect_left(entries, (firsts[self._first_column(key)],)) - 1
             if index >= 0 and entries[index][1] is not None:
                 balance = entries[index][1]  # coalesce(then_balance, balance)
-            alert = self._candidate(key, end, customer, balance)
+            alert = self._candidate(key, end, values, (customer, balance))
             if alert is not None:
                 found.append(alert)
         return found
@@ -638,10 +627,13 @@ class AccountTakeoverLane:
         return firsts, versions
 
     def _candidate(
-        self, key: Hashable, end: End, customer: int | None, balance: Any
+        self,
+        key: Hashable,
+        end: End,
+        values: dict[str, Any],
+        account_then: tuple[int | None, Any],
     ) -> LaneAlert | None:
-        values = end.values
-        assert values is not None
+        customer, balance = account_then
         amount: Decimal = values[self.columns["amount"]]
         if balance is None or not balance > 0 or customer is None:
             return None
@@ -652,7 +644,7 @@ class AccountTakeoverLane:
         t = int(str(values[self.columns["t"]]))
         entries = self.marks.get(customer, [])
         lower = bisect.bisect_left(entries, (t - self.window_us,))
-        upper = bisect.bisect_right(entries, (t, math.inf))
+        upper = bisect.bisect_left(entries, (t + 1,))
         window = [mark for _, _, mark in entries[lower:upper]]
         if not window:
             return None
@@ -661,7 +653,7 @@ class AccountTakeoverLane:
         minutes = (t / 1_000_000 - newest / 1_000_000) / 60
         reasons = sorted({m.reason for m in window})
         percent = duck_round(float(100 * amount) / float(balance))
-        listed = sorted(window, key=lambda m: (m.t, m.login, m.reason))  # type: ignore[arg-type]
+        listed = sorted(window, key=lambda m: (m.t, m.login, m.reason))
         numbers: dict[str, Any] = {
             "amount": amount,
             "balance": balance,
@@ -733,7 +725,8 @@ class AccountTakeoverLane:
             if values is None:
                 self.accounts.pop(key, None)
                 continue
+            customer = values[accounts.customer]
             self.accounts[values[accounts.id]] = (
-                values[accounts.customer],
+                None if customer is None else int(str(customer)),
                 values[accounts.balance],
             )
