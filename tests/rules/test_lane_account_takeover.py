@@ -244,6 +244,29 @@ def test_seed_rebuilds_marks_from_the_mirror(pg_db: PgDatabase, tmp_path: Path) 
     bank.close()
 
 
+def test_account_opened_in_the_batch_of_its_outflow(pg_db: PgDatabase, tmp_path: Path) -> None:
+    """SQL rule finding (the lane follows it): an outflow of an account inserted in the same
+    batch is never checked (the account's customer and balance are read from the accounts
+    *before* the batch), so the same changes alert or not depending on the batch cut."""
+    both = Both(open_bank(pg_db, tmp_path, only(RULE)), AccountTakeoverLane)
+    bank = both.bank
+    bank.login(1, 0, device="intruder")
+    both.sync()
+    opened = "'2026-01-01 00:00:00+00'"
+    for account, split in ((9, False), (10, True)):
+        bank.execute(
+            "INSERT INTO accounts VALUES "
+            f"({account}, 1, 'plus', 'active', 5000, 'EUR', {opened}, {opened})"
+        )
+        if split:
+            both.sync()
+        _out(bank, account, 3_000, 60)
+        both.sync()
+    assert [alert.account for alert in both.lane_alerts] == [10]
+    assert_same(both)
+    bank.close()
+
+
 # ----------------------------------------------------------------- property
 
 SMALL = """
