@@ -271,9 +271,9 @@ def test_account_opened_in_the_batch_of_its_outflow(pg_db: PgDatabase, tmp_path:
 
 SMALL = """
 rules:
-  lateness: 1m
+  lateness: 2m
   account_takeover:
-    window: 2m
+    window: 4m
     failed_window: 1m
     failed_logins: 2
     outflow_share: 0.5
@@ -287,8 +287,9 @@ TIMES = st.one_of(
     st.integers(-30, 6).map(lambda n: n * 10),  # spread: late rows, pruned marks, re-arming
 )
 """Offsets from the writer's clock (it moves 7 s a statement, so most rows are on time)."""
-DEVICES = st.sampled_from(["phone", "phone", "laptop", "new-1", "new-2"])
-AMOUNTS = st.sampled_from([100, 1000, 2500, 3000, 6000])
+DEVICES = st.sampled_from(["phone", "phone", "laptop", "new-1", "fresh"])
+"""``fresh``: a device never seen (the writer names it after the login)."""
+AMOUNTS = st.sampled_from([100, 1000, 2500, 3000, 3000, 6000])
 BALANCES = st.sampled_from([0, 1000, 4000, 5000, 10000])
 TYPES = st.sampled_from(["transfer_out", "transfer_out", "transfer_in"])
 
@@ -362,6 +363,7 @@ class Writer:
         if kind == "login":
             _, customer, seconds, success, device = op
             login_id = self._id()
+            device = f"dev-{login_id}" if device == "fresh" else device
             self.logins.append(login_id)
             reason = "NULL" if success else "'bad_password'"
             return (
@@ -404,6 +406,8 @@ class Writer:
             new = self._id()
             live[live.index(row)] = new
             return f"UPDATE transactions SET id = {new} WHERE id = {row}"
+        if value == "fresh":
+            value = f"dev-{self._id()}"
         if kind == "login_success":
             reason = "NULL" if value else "'bad_password'"
             change = f"success = {str(value).lower()}, failure_reason = {reason}"

@@ -33,22 +33,21 @@ change streams. Per batch (each step named after the SQL code it mirrors):
 - **Candidates**: ``balance > 0``, ``amount >= min_amount``, ``amount >= outflow_share x
   balance`` (decimal arithmetic, as DuckDB with the config's literals), and marks of the
   customer with time in ``[t - window, t]``. Numbers, summary and the payload's logins as
-  the SQL computes them: DuckDB divides decimals as doubles, ``round`` rounds half away
-  from zero, ``format('{}')`` prints decimals as doubles (Python's ``repr``).
+  the SQL computes them: DuckDB divides decimals as doubles, ``round`` rounds a double's
+  exact value half away from zero, ``format('{}')`` prints decimals as doubles (``repr``).
 - **Incidents** (key ``account_takeover:<account>``): :class:`Incidents`.
 
-State: the accounts (customer, balance), every login's (customer, device, success),
-every transaction's (account, amount, matches): the rule's "new login" and "changed
-outflow" conditions read a start row of any age, and pgoutput sends no old values. So
-memory grows with the three tables (about 150 bytes a row), unlike the windowed rules;
-the windows proper (failed logins, marks) are bounded by the rule's spans.
+State: the accounts (customer, balance), every login's (customer, device, success) and
+every transaction's (account, amount, matches): "new login" and "changed outflow" read
+start rows of any age, and pgoutput sends no old values; so memory grows with the three
+tables (~150 bytes a row). The windows proper (failures, marks) are bounded by spans.
 
-Not ported: unchanged TOAST values (the rule's columns are never TOASTed), batches
-cut into segments by a schema change (one net change per batch here), keys of more
-than one column for logins and transactions (the SQL reads ``_k0`` only). Seeding
-(:meth:`seed`) is the SQL ``rebuild`` from the mirrors; from a saved record the marks
-are the store's marks table when it has one (marks depend on history, not only on
-the mirrors, and :class:`RuleSaved` cannot hold them), else rebuilt from the mirror.
+Not ported: unchanged TOAST values (never the rule's columns), batches cut into segments
+by a schema change, keys of several columns (the SQL reads ``_k0``). :meth:`seed` is the
+SQL ``rebuild``; from a saved record the marks are the store's marks table if any (marks
+depend on history, not only on the mirrors; :class:`RuleSaved` cannot hold them).
+SQL rule findings the lane follows (see the report): an outflow of an account inserted
+in the same batch is never checked; marks are never retracted, but a rebuild drops them.
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ import bisect
 import heapq
 import itertools
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -107,11 +106,12 @@ class AccountTakeoverAlert(LaneAlert):
 
 @dataclass(frozen=True)
 class _Mark:
-    """A risky login (a row of ``jobs.account_takeover__marks``)."""
+    """A risky login (a row of ``jobs.account_takeover__marks``; as the payload lists
+    one, with ``at`` for ``t``)."""
 
     t: int
-    login: Hashable
     reason: str
+    login: Hashable
     device: Any
     country: Any
     failed: int
@@ -199,15 +199,15 @@ class AccountTakeoverLane:
             raise ValueError("the account takeover lane needs rules.account_takeover")
         self.config = config
         tables = self.rules.tables
-        self.tx_table, self.login_table, self.account_table = (
+        tx, self.login_table, self.account_table = (
             tables.transactions,
             tables.logins,
             tables.accounts,
         )
-        self.tx_ref = TableRef.parse(tables.transactions.table)
-        self.login_ref = TableRef.parse(tables.logins.table)
-        self.account_ref = TableRef.parse(tables.accounts.table)
-        tx = tables.transactions
+        self.tx_table = tx
+        self.tx_ref, self.login_ref, self.account_ref = (
+            TableRef.parse(t.table) for t in (tx, tables.logins, tables.accounts)
+        )
         # TX_FIELDS are the config's column names, but "t" (its ``time``)
         self.columns = {f: getattr(tx, "time" if f == "t" else f) for f in TX_FIELDS}
         self.where_sql = config.where or tx.outflow
@@ -246,10 +246,8 @@ class AccountTakeoverLane:
             self.watermark_us = saved.watermark_us
         for state in (self.accounts, self.txs, self.logins, self.devices, self.failures):
             state.clear()
-        self.failure_of.clear()
-        self.failure_expiry.clear()
-        self.marks.clear()
-        self.mark_expiry.clear()
+        for heap in (self.failure_of, self.failure_expiry, self.marks, self.mark_expiry):
+            heap.clear()
         for account, customer, balance in con.execute(
             f'SELECT "{accounts.id}"::BIGINT, "{accounts.customer}"::BIGINT, '
             f'"{accounts.balance}" FROM {mirror_table(self.account_ref)}'
@@ -317,7 +315,7 @@ class AccountTakeoverLane:
         ).fetchall():
             if customer is not None and t is not None:
                 self._add_mark(
-                    int(customer), _Mark(to_us(t), login, reason, device, country, int(failed))
+                    int(customer), _Mark(to_us(t), reason, login, device, country, int(failed))
                 )
 
     def _rebuild_marks(
@@ -548,7 +546,7 @@ class AccountTakeoverLane:
                     and login.customer is not None
                     and t_us is not None
                 ):
-                    mark = _Mark(t_us, key, "new_device", login.device, country, 0)
+                    mark = _Mark(t_us, "new_device", key, login.device, country, 0)
                     self._add_mark(login.customer, mark)
                 continue
             if login.customer is None or t_us is None:
@@ -561,7 +559,7 @@ class AccountTakeoverLane:
                 bisect.bisect_left(entries, (horizon,)),
             )
             if upper - lower >= config.failed_logins:
-                mark = _Mark(t_us, key, "failed_logins", login.device, country, upper - lower)
+                mark = _Mark(t_us, "failed_logins", key, login.device, country, upper - lower)
                 self._add_mark(login.customer, mark)
 
     def _detect(self, batch: ChangeBatch, change: NetChange, previous: int) -> list[LaneAlert]:
@@ -689,14 +687,7 @@ class AccountTakeoverLane:
             numbers=numbers,
             evidence=evidence,
             logins=tuple(
-                {
-                    "reason": m.reason,
-                    "at": from_us(m.t),
-                    "login": m.login,
-                    "device": m.device,
-                    "country": m.country,
-                    "failed": m.failed,
-                }
+                {"at": from_us(m.t), **{k: v for k, v in asdict(m).items() if k != "t"}}
                 for m in listed
             ),
         )
