@@ -56,9 +56,9 @@ import bisect
 import heapq
 import itertools
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import pyarrow as pa
@@ -104,8 +104,7 @@ class AccountTakeoverAlert(LaneAlert):
         return out
 
 
-@dataclass(frozen=True)
-class _Mark:
+class _Mark(NamedTuple):
     """A risky login (a row of ``jobs.account_takeover__marks``; as the payload lists
     one, with ``at`` for ``t``)."""
 
@@ -117,16 +116,15 @@ class _Mark:
     failed: int
 
 
-@dataclass(frozen=True)
-class _Login:
+class _Login(NamedTuple):
     customer: int | None
     device: Any
     success: bool
 
 
-@dataclass(frozen=True)
-class _Tx:
-    """What decides whether a transaction's end row is a trigger."""
+class _Tx(NamedTuple):
+    """What decides whether a transaction's end row is a trigger (tuples: cheaper to build
+    per row than frozen dataclasses)."""
 
     account: int | None
     amount: Any
@@ -476,8 +474,9 @@ class AccountTakeoverLane:
     @staticmethod
     def _time_mark(end: End, time: str) -> int:
         """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[time] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
+        values: dict[str, Any] | None = end.values
+        t = values[time] if values is not None else None
+        return end.commit_us if t is None else min(t, end.commit_us)
 
     def _mark(self, change: NetChange, previous: int) -> None:
         """``_mark``: the batch's risky logins; then the logins and devices after it."""
@@ -510,17 +509,12 @@ class AccountTakeoverLane:
 
     def _login(self, end: End) -> tuple[_Login | None, int | None, Any]:
         """An end row of logins: the login (None: deleted), its time (µs) and country."""
-        values = end.values
+        values: dict[str, Any] | None = end.values
         if values is None:
             return None, None, None
         logins = self.login_table
-        customer, t = values[logins.customer], values[logins.time]
-        login = _Login(
-            None if customer is None else int(str(customer)),
-            values[logins.device],
-            bool(values[SUCCESS]),
-        )
-        return login, None if t is None else int(str(t)), values[logins.country]
+        login = _Login(values[logins.customer], values[logins.device], values[SUCCESS])
+        return login, values[logins.time], values[logins.country]
 
     def _risky(
         self, new: list[tuple[Hashable, _Login | None, int | None, Any]], horizon: int
@@ -568,20 +562,21 @@ class AccountTakeoverLane:
         found: list[LaneAlert] = []
         firsts: dict[Hashable, int] | None = None
         versions: dict[int, list[tuple[int, Any]]] | None = None
+        t_column, account_column = self.columns["t"], self.columns["account"]
+        amount_column = self.columns["amount"]
         for key, end in change.ends.items():
-            values = end.values
+            values: dict[str, Any] | None = end.values
             if values is None or not values[OUTFLOW]:
                 continue
-            t = values[self.columns["t"]]
-            if t is None or int(str(t)) < cutoff:
+            t, account, amount = values[t_column], values[account_column], values[amount_column]
+            # the cheap conditions first (all of them must hold; their order is free)
+            if t is None or t < cutoff or amount is None or account not in self.accounts:
                 continue
-            account, amount = values[self.columns["account"]], values[self.columns["amount"]]
-            account = None if account is None else int(str(account))
+            if not _at_least(amount, self.min_amount):
+                continue
             start = self.txs.get(key)
-            if start is not None and start == _Tx(account, amount, True):
-                continue
-            if account is None or amount is None or account not in self.accounts:
-                continue
+            if start is not None and start == (account, amount, True):
+                continue  # not new, same account and amount, matched before: no trigger
             if firsts is None or versions is None:
                 firsts, versions = self._batch_order(batch)
             customer, balance = self.accounts[account]
@@ -589,9 +584,12 @@ class AccountTakeoverLane:
             index = bisect.bisect_left(entries, (firsts[self._first_column(key)],)) - 1
             if index >= 0 and entries[index][1] is not None:
                 balance = entries[index][1]  # coalesce(then_balance, balance)
-            alert = self._candidate(key, end, values, (customer, balance))
-            if alert is not None:
-                found.append(alert)
+            if balance is None or not balance > 0 or customer is None:
+                continue
+            if _at_least(amount, _times(self.share, balance)):
+                alert = self._candidate(key, end, values, (customer, balance))
+                if alert is not None:
+                    found.append(alert)
         return found
 
     @staticmethod
@@ -629,24 +627,20 @@ class AccountTakeoverLane:
         key: Hashable,
         end: End,
         values: dict[str, Any],
-        account_then: tuple[int | None, Any],
+        account_then: tuple[int, Any],
     ) -> LaneAlert | None:
+        """The alert of a trigger priced at a positive balance it takes the share of, when
+        its customer has marks in the window."""
         customer, balance = account_then
         amount: Decimal = values[self.columns["amount"]]
-        if balance is None or not balance > 0 or customer is None:
-            return None
-        if not _at_least(amount, self.min_amount):
-            return None
-        if not _at_least(amount, _times(self.share, balance)):
-            return None
-        t = int(str(values[self.columns["t"]]))
+        t: int = values[self.columns["t"]]
         entries = self.marks.get(customer, [])
         lower = bisect.bisect_left(entries, (t - self.window_us,))
         upper = bisect.bisect_left(entries, (t + 1,))
         window = [mark for _, _, mark in entries[lower:upper]]
         if not window:
             return None
-        account = int(str(values[self.columns["account"]]))
+        account: int = values[self.columns["account"]]
         newest = max(m.t for m in window)
         minutes = (t / 1_000_000 - newest / 1_000_000) / 60
         reasons = sorted({m.reason for m in window})
@@ -687,7 +681,7 @@ class AccountTakeoverLane:
             numbers=numbers,
             evidence=evidence,
             logins=tuple(
-                {"at": from_us(m.t), **{k: v for k, v in asdict(m).items() if k != "t"}}
+                {"at": from_us(m.t), **{k: v for k, v in m._asdict().items() if k != "t"}}
                 for m in listed
             ),
         )
@@ -696,15 +690,13 @@ class AccountTakeoverLane:
         if change.truncated:
             self.txs.clear()
         for key, end in change.ends.items():
-            values = end.values
+            values: dict[str, Any] | None = end.values
             if values is None:
                 self.txs.pop(key, None)
                 continue
-            account = values[self.columns["account"]]
+            columns = self.columns
             self.txs[key] = _Tx(
-                None if account is None else int(str(account)),
-                values[self.columns["amount"]],
-                bool(values[OUTFLOW]),
+                values[columns["account"]], values[columns["amount"]], values[OUTFLOW]
             )
 
     def _update_accounts(self, change: NetChange) -> None:
@@ -712,12 +704,11 @@ class AccountTakeoverLane:
         if change.truncated:
             self.accounts.clear()
         for key, end in change.ends.items():
-            values = end.values
+            values: dict[str, Any] | None = end.values
             if values is None:
                 self.accounts.pop(key, None)
                 continue
-            customer = values[accounts.customer]
             self.accounts[values[accounts.id]] = (
-                None if customer is None else int(str(customer)),
+                values[accounts.customer],
                 values[accounts.balance],
             )
