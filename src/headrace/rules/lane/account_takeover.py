@@ -197,20 +197,28 @@ class AccountTakeoverLane:
             raise ValueError("the account takeover lane needs rules.account_takeover")
         self.config = config
         tables = self.rules.tables
-        tx, self.login_table, self.account_table = (
-            tables.transactions,
-            tables.logins,
-            tables.accounts,
-        )
-        self.tx_table = tx
+        tx = self.tx_table = tables.transactions
+        logins, accounts = self.login_table, self.account_table = tables.logins, tables.accounts
         self.tx_ref, self.login_ref, self.account_ref = (
-            TableRef.parse(t.table) for t in (tx, tables.logins, tables.accounts)
+            TableRef.parse(t.table) for t in (tx, logins, accounts)
         )
+        # what the net changes read, converted: ids as int64, times as µs
+        self.account_columns: dict[str, Convert | None] = {
+            accounts.id: integers,
+            accounts.customer: integers,
+            accounts.balance: None,
+        }
+        self.login_columns: dict[str, Convert | None] = {
+            logins.customer: integers,
+            logins.time: micros,
+            logins.device: None,
+            logins.country: None,
+        }
         # TX_FIELDS are the config's column names, but "t" (its ``time``)
         self.columns = {f: getattr(tx, "time" if f == "t" else f) for f in TX_FIELDS}
         self.where_sql = config.where or tx.outflow
         self.where = arrow_condition(self.where_sql)
-        self.success = arrow_condition(tables.logins.success)
+        self.success = arrow_condition(logins.success)
         self.window_us = us_delta(config.window)
         self.failed_window_us = us_delta(config.failed_window)
         self.lateness_us = us_delta(self.rules.lateness)
@@ -419,15 +427,7 @@ class AccountTakeoverLane:
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
         login_change = self._login_change(batch)
         tx_change = self._tx_change(batch)
-        account_change = net_change(
-            batch,
-            self.account_ref,
-            {
-                self.account_table.id: integers,
-                self.account_table.customer: integers,
-                self.account_table.balance: None,
-            },
-        )
+        account_change = net_change(batch, self.account_ref, self.account_columns)
         alerts: list[LaneAlert] = []
         if login_change is not None or tx_change is not None:
             previous = self._before()
@@ -456,14 +456,7 @@ class AccountTakeoverLane:
         return alerts
 
     def _login_change(self, batch: ChangeBatch) -> NetChange | None:
-        logins = self.login_table
-        wanted: dict[str, Convert | None] = {
-            logins.customer: integers,
-            logins.time: micros,
-            logins.device: None,
-            logins.country: None,
-        }
-        return net_change(batch, self.login_ref, wanted, {SUCCESS: self.success})
+        return net_change(batch, self.login_ref, self.login_columns, {SUCCESS: self.success})
 
     def _tx_change(self, batch: ChangeBatch) -> NetChange | None:
         wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
