@@ -5,9 +5,9 @@ to :class:`AccountTakeoverLane` (:mod:`tests.rules.lane_harness`); the lane's al
 must be the SQL rule's ``account_takeover`` alerts, payload included (the harness
 compares numbers, trigger and evidence; :func:`assert_same` also the risky logins):
 for the rule's own test cases, and for random sequences of logins (new devices,
-failures, corrections, deletes, truncates), outflows (amount, account, type, time and
-key changes, deletes, truncates) and balance changes, cut into batches at random
-transaction boundaries, with engine restarts.
+failures, corrections, key changes, deletes, truncates), outflows (amount, account,
+type, time and key changes, deletes, truncates) and balance changes, cut into batches
+at random transaction boundaries, with engine restarts.
 """
 
 from __future__ import annotations
@@ -300,6 +300,7 @@ login_success = st.tuples(st.just("login_success"), st.integers(0, 1000), st.boo
 login_device = st.tuples(st.just("login_device"), st.integers(0, 1000), DEVICES)
 login_time = st.tuples(st.just("login_time"), st.integers(0, 1000), TIMES)
 login_delete = st.tuples(st.just("login_delete"), st.integers(0, 1000), st.just(0))
+login_key = st.tuples(st.just("login_key"), st.integers(0, 1000), st.just(0))
 login_truncate = st.tuples(st.just("login_truncate"), st.integers(0, 19), st.just(0))
 tx_amount = st.tuples(st.just("tx_amount"), st.integers(0, 1000), AMOUNTS)
 tx_account = st.tuples(st.just("tx_account"), st.integers(0, 1000), st.sampled_from(CUSTOMERS))
@@ -321,6 +322,7 @@ operation = st.one_of(
     login_device,
     login_time,
     login_delete,
+    login_key,
     login_truncate,
     tx_amount,
     tx_account,
@@ -402,10 +404,10 @@ class Writer:
         if kind in ("login_delete", "tx_delete"):
             live.remove(row)
             return f"DELETE FROM {table} WHERE id = {row}"
-        if kind == "tx_key":
+        if kind in ("login_key", "tx_key"):
             new = self._id()
             live[live.index(row)] = new
-            return f"UPDATE transactions SET id = {new} WHERE id = {row}"
+            return f"UPDATE {table} SET id = {new} WHERE id = {row}"
         if value == "fresh":
             value = f"dev-{self._id()}"
         if kind == "login_success":
