@@ -46,8 +46,11 @@ Not ported: unchanged TOAST values (never the rule's columns), batches cut into 
 by a schema change, keys of several columns (the SQL reads ``_k0``). :meth:`seed` is the
 SQL ``rebuild``; from a saved record the marks are the store's marks table if any (marks
 depend on history, not only on the mirrors; :class:`RuleSaved` cannot hold them).
-SQL rule findings the lane follows (see the report): an outflow of an account inserted
-in the same batch is never checked; marks are never retracted, but a rebuild drops them.
+SQL rule findings the lane follows, as they may be bugs: an outflow of an account
+inserted in the same batch is never checked (its alert depends on the batch cut; test
+``test_account_opened_in_the_batch_of_its_outflow``); marks are never retracted (a
+deleted or corrected login still counts, ``test_restart_from_saved_state``) while a
+rebuild recomputes them from the mirror, so a snapshot in between changes the alerts.
 """
 
 from __future__ import annotations
