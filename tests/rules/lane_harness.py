@@ -65,7 +65,10 @@ class Both:
             taken = self.evaluator.take_saved()
             seen = dict(self.saved.last_seen) if self.saved is not None else {}
             seen.update(taken.last_seen)
-            self.saved = RuleSaved(taken.watermark_us, seen)
+            state = taken.state
+            if state is None and self.saved is not None:
+                state = self.saved.state  # unchanged since the last record
+            self.saved = RuleSaved(taken.watermark_us, seen, state)
 
     def restart(self) -> None:
         """The engine restarts (the evaluator keeps its memory)."""

@@ -193,6 +193,11 @@ class AccountTakeoverLane:
     """Per customer its marks as sorted (t, arrival, mark)."""
     mark_expiry: list[tuple[int, int]] = field(default_factory=list)
     arrivals: Iterator[int] = field(default_factory=itertools.count)
+    marked: set[tuple[Hashable, str]] = field(default_factory=set)
+    """(login, reason) of the marks held: a batch evaluated again after a restart (its
+    marks are in the saved state already) adds none twice, as SQL marks a login once."""
+    marks_changed: bool = False
+    """The marks changed since :meth:`take_saved` (they are saved with the position)."""
 
     def __post_init__(self) -> None:
         config = self.rules.account_takeover
@@ -238,8 +243,9 @@ class AccountTakeoverLane:
     def seed(self, con: duckdb.DuckDBPyConnection, saved: RuleSaved | None = None) -> None:
         """Start from the store's mirrors, as the SQL ``rebuild`` does after a snapshot:
         the watermark is the newest ``least(t, now())`` of logins and transactions, the
-        devices every login's, the marks the rebuild's. ``saved`` (the lane's own record)
-        gives the watermark and incidents instead, and the marks are then the store's."""
+        devices every login's, the marks the SQL rule's table (it ran as SQL before) or the
+        rebuild's. ``saved`` (the lane's own record) gives the watermark, incidents and
+        marks instead."""
         logins, tx, accounts = self.login_table, self.tx_table, self.account_table
         login_mirror, tx_mirror = mirror_table(self.login_ref), mirror_table(self.tx_ref)
         newest = con.execute(
@@ -280,7 +286,7 @@ class AccountTakeoverLane:
             self.logins[key] = login
             self._count_device(login, 1)
             self._add_failure(key, login, row[-1], horizon)
-        self._seed_marks(con, saved is not None)
+        self._restore_marks(con, saved)
         self.incidents.last_seen.clear()
         self.incidents.touched.clear()
         if saved is not None:
@@ -309,8 +315,20 @@ class AccountTakeoverLane:
         ).fetchall()[0][0]
         return bool(found)
 
+    def _restore_marks(self, con: duckdb.DuckDBPyConnection, saved: RuleSaved | None) -> None:
+        """The marks of the lane's record, else of the SQL rule or a rebuild."""
+        self.marked.clear()
+        if saved is not None and saved.state is not None:
+            for customer, t, reason, login, device, country, failed in saved.state:
+                key = tuple(login) if isinstance(login, list) else login
+                self._add_mark(int(customer), _Mark(int(t), reason, key, device, country, failed))
+        else:
+            self._seed_marks(con, saved is None)
+        self.marks_changed = False
+
     def _seed_marks(self, con: duckdb.DuckDBPyConnection, from_store: bool) -> None:
-        """The marks of ``AccountTakeover.rebuild`` (or the store's, see :meth:`seed`)."""
+        """The marks of ``AccountTakeover.rebuild``, or the SQL rule's own table when
+        ``from_store`` and it exists (the rule ran as SQL up to the store's position)."""
         stored = state_table(RULE, "marks")
         if from_store and self._exists(con, stored):
             query = f"SELECT customer, t, reason, login, device, country, failed FROM {stored}"
@@ -359,8 +377,18 @@ class AccountTakeoverLane:
         return query, ([horizon, *params] if config.new_device else params)
 
     def take_saved(self) -> RuleSaved:
-        """What to record with the lane's position: the watermark and the incidents changed."""
-        return RuleSaved(self.watermark_us, self.incidents.take_touched())
+        """What to record with the lane's position: the watermark, the incidents changed,
+        and the marks when they changed (the mirrors cannot rebuild them exactly: a
+        deleted or corrected login keeps its mark)."""
+        state = None
+        if self.marks_changed:
+            self.marks_changed = False
+            state = [
+                [customer, m.t, m.reason, m.login, m.device, m.country, m.failed]
+                for customer, entries in self.marks.items()
+                for _, _, m in entries
+            ]
+        return RuleSaved(self.watermark_us, self.incidents.take_touched(), state)
 
     # ----------------------------------------------------------- state
 
@@ -410,6 +438,10 @@ class AccountTakeoverLane:
                 self._remove_failure(key)
 
     def _add_mark(self, customer: int, mark: _Mark) -> None:
+        if (mark.login, mark.reason) in self.marked:
+            return
+        self.marked.add((mark.login, mark.reason))
+        self.marks_changed = True
         bisect.insort(self.marks.setdefault(customer, []), (mark.t, next(self.arrivals), mark))
         heapq.heappush(self.mark_expiry, (mark.t, customer))
 
@@ -420,7 +452,11 @@ class AccountTakeoverLane:
             entries = self.marks.get(customer)
             if entries is None:
                 continue
-            del entries[: bisect.bisect_left(entries, (horizon,))]
+            gone = bisect.bisect_left(entries, (horizon,))
+            for _, _, mark in entries[:gone]:
+                self.marked.discard((mark.login, mark.reason))
+                self.marks_changed = True
+            del entries[:gone]
             if not entries:
                 del self.marks[customer]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,3 +16,6 @@ class RuleSaved:
 
     watermark_us: int | None
     last_seen: dict[str, int] = field(default_factory=dict)
+    state: list[list[Any]] | None = None
+    """Rule state the mirrors cannot rebuild (account takeover's risky logins), as JSON
+    rows; from :meth:`take_saved` only when it changed (None: unchanged)."""

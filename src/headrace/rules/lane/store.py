@@ -63,7 +63,8 @@ _DDL = (
     *LANE_OUTBOX.ddl(),
     f"""CREATE TABLE IF NOT EXISTS {RULES_TABLE} (
         rule TEXT PRIMARY KEY, position UBIGINT NOT NULL, watermark TIMESTAMPTZ,
-        updated_at TIMESTAMPTZ NOT NULL)""",
+        updated_at TIMESTAMPTZ NOT NULL, state JSON)""",
+    f"ALTER TABLE {RULES_TABLE} ADD COLUMN IF NOT EXISTS state JSON",
     f"""CREATE TABLE IF NOT EXISTS {INCIDENTS_TABLE} (
         rule TEXT NOT NULL, key TEXT NOT NULL, last_seen_at TIMESTAMPTZ NOT NULL,
         PRIMARY KEY (rule, key))""",
@@ -186,8 +187,8 @@ class LaneStore:
         """The lane's record for ``rules`` (rules it never evaluated are absent)."""
         saved = LaneSaved()
         positions = []
-        for rule, position, watermark in self.con.execute(
-            f"SELECT rule, position, watermark FROM {RULES_TABLE}"
+        for rule, position, watermark, state in self.con.execute(
+            f"SELECT rule, position, watermark, state FROM {RULES_TABLE}"
         ).fetchall():
             if rule not in rules:
                 continue
@@ -197,7 +198,11 @@ class LaneStore:
                     f"SELECT key, last_seen_at FROM {INCIDENTS_TABLE} WHERE rule = ?", [rule]
                 ).fetchall()
             }
-            saved.rules[rule] = RuleSaved(None if watermark is None else to_us(watermark), seen)
+            saved.rules[rule] = RuleSaved(
+                None if watermark is None else to_us(watermark),
+                seen,
+                None if state is None else json.loads(state),
+            )
             positions.append(int(position))
         # A rule added to the lane later has no record: the lane restarts from the oldest.
         if positions and len(saved.rules) == len(rules):
@@ -223,14 +228,19 @@ class LaneStore:
             ]
             if seen:
                 con.executemany(f"INSERT OR REPLACE INTO {INCIDENTS_TABLE} VALUES (?, ?, ?)", seen)
+            # The state column is written only when the rule's state changed.
             con.executemany(
-                f"INSERT OR REPLACE INTO {RULES_TABLE} VALUES (?, ?, ?, ?)",
+                f"""INSERT INTO {RULES_TABLE} VALUES (?, ?, ?, ?, ?)
+                    ON CONFLICT (rule) DO UPDATE SET position = excluded.position,
+                        watermark = excluded.watermark, updated_at = excluded.updated_at,
+                        state = coalesce(excluded.state, state)""",
                 [
                     (
                         rule,
                         position,
                         None if record.watermark_us is None else from_us(record.watermark_us),
                         now,
+                        None if record.state is None else json.dumps(record.state, default=str),
                     )
                     for rule, record in rules.items()
                 ],
