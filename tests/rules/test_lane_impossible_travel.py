@@ -16,13 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from headrace.rules.lane.impossible_travel import ImpossibleTravelLane, duck_round, epoch
 from tests.conftest import PgDatabase
-from tests.rules.bank import Bank, T0, at, open_bank
+from tests.rules.bank import T0, Bank, at, open_bank
 from tests.rules.lane_harness import Both
 
 # ----------------------------------------------------------------- the rule's own cases
@@ -70,7 +71,8 @@ def test_first_use_abroad_needs_history_and_restart(pg_db: PgDatabase, tmp_path:
     (alert,) = both.lane_alerts
     assert alert.numbers["impossible_travel"] is True
     speed = alert.numbers["speed_kmh"]
-    assert isinstance(speed, float) and speed > 100_000
+    assert isinstance(speed, float)
+    assert speed > 100_000
     both.assert_equal()
     bank.close()
 
@@ -84,14 +86,16 @@ rules:
   impossible_travel:
     window: 5m
     min_history: MIN_HISTORY
-    rearm_after: 1m
+    rearm_after: 20s
     locations: {DE: [51.2, 10.4], FR: [46.6, 2.2], US: [39.8, -98.6]}
 """
 """A short window and re-arm, IT without a location: random streams alert often."""
 
 
-def small(min_history: int = 1, max_speed: float | None = None) -> str:
+def small(min_history: int = 1, max_speed: float | None = None, new: bool = True) -> str:
     config = SMALL.replace("MIN_HISTORY", str(min_history))
+    if not new:
+        config += "    new_country: false\n"
     if max_speed is not None:
         config += f"    max_speed_kmh: {max_speed}\n"
     return config
@@ -190,38 +194,36 @@ def test_restart_from_saved_state(pg_db: PgDatabase, tmp_path: Path) -> None:
 
 def test_duckdb_numbers() -> None:
     """The float helpers copy DuckDB 2 (checked against DuckDB here)."""
-    import duckdb
-
     con = duckdb.connect()
     values = [16.65, 49.05, 2.5, 0.05, 1234.45, 7834.5, 28_800_000.25, 1e17]
     for value in values:
         for digits in (0, 1):
             expected = con.execute(f"SELECT round(?::DOUBLE, {digits})", [value]).fetchone()
-            assert expected is not None and duck_round(value, digits) == expected[0]
+            assert expected is not None
+            assert duck_round(value, digits) == expected[0]
     base = int((T0 - T0.replace(year=1970, month=1, day=1)) / timedelta(microseconds=1))
     for us in (base + 103_017, base + 1, base + 999_999, base + 5_000_123):
         got = con.execute("SELECT epoch(make_timestamptz(?::BIGINT))", [us]).fetchone()
-        assert got is not None and epoch(us) == got[0]
+        assert got is not None
+        assert epoch(us) == got[0]
 
 
 # ----------------------------------------------------------------- property
 
 
 ACCOUNTS = (1, 2, 3)
-SECONDS = st.one_of(
-    st.integers(0, 30).map(lambda n: n * 5),  # dense: travel within seconds
-    st.integers(0, 30).map(lambda n: n * 5),
-    st.integers(0, 40).map(lambda n: n * 40),  # spread: out of the window, late rows
-)
+STEPS = st.sampled_from([5, 5, 10, 10, 20, 30, 60, 400, -30, -200, -700])
+"""Seconds from the newest event time so far: mostly forward within the 5-minute window,
+sometimes past it, sometimes out of order (within lateness) or late."""
 COUNTRIES = st.sampled_from(["DE", "DE", "FR", "US", "IT"])
 KINDS = st.sampled_from(["pos", "pos", "atm", "online"])
 KIND = {"pos": ("pos", "purchase"), "atm": ("atm", "withdrawal"), "online": ("online", "purchase")}
 """(channel, type) of a row kind (the schema's checks)."""
 
-insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), SECONDS, COUNTRIES, KINDS)
+insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), STEPS, COUNTRIES, KINDS)
 update_country = st.tuples(st.just("country"), st.integers(0, 1000), COUNTRIES)
 update_kind = st.tuples(st.just("kind"), st.integers(0, 1000), KINDS)
-update_time = st.tuples(st.just("time"), st.integers(0, 1000), SECONDS)
+update_time = st.tuples(st.just("time"), st.integers(0, 1000), STEPS)
 update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
 update_status = st.tuples(st.just("status"), st.integers(0, 1000), st.just("declined"))
 update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
@@ -245,12 +247,6 @@ step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.booleans(), s
 """(transactions, sync after them, restart the engine after syncing)."""
 
 
-def _when(seconds: int, tx_id: int) -> str:
-    """``at(seconds)`` plus the row's id in µs: no two rows share a time, so no previous
-    use is a tie (the SQL rule's ASOF join picks one of equal times by physical order)."""
-    return (at(seconds) + timedelta(microseconds=tx_id)).isoformat()
-
-
 class Writer:
     """Writes the operations to PostgreSQL, tracking the live transaction ids."""
 
@@ -258,16 +254,26 @@ class Writer:
         self.bank: Bank | None = None
         self.live: list[int] = []
         self.next_id = 5000
+        self.clock = 0
+        """The newest event time written so far (s after T0)."""
+
+    def when(self, step: int, tx_id: int) -> str:
+        """``step`` seconds from the clock (not before T0), plus the row's id in µs: no two
+        rows share a time, so no previous use is a tie (the SQL rule's ASOF join picks one
+        of equal times by physical order)."""
+        seconds = max(0, self.clock + step)
+        self.clock = max(self.clock, seconds)
+        return (at(seconds) + timedelta(microseconds=tx_id)).isoformat()
 
     def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911 - one per kind
         kind = op[0]
         if kind == "insert":
-            _, account, seconds, country, row_kind = op
+            _, account, step, country, row_kind = op
             channel, type_ = KIND[row_kind]
             tx_id = self.next_id
             self.next_id += 1
             self.live.append(tx_id)
-            when = _when(seconds, tx_id)
+            when = self.when(step, tx_id)
             return (
                 "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, "
                 "currency, channel, type, status, country, device, created_at, updated_at) "
@@ -292,7 +298,7 @@ class Writer:
             self.live[self.live.index(tx_id)] = new_id
             return f"UPDATE transactions SET id = {new_id} WHERE id = {tx_id}"
         if kind == "time":
-            when = _when(value, tx_id)
+            when = self.when(value, tx_id)
             change = f"created_at = '{when}', updated_at = '{when}'"
         elif kind == "account":
             change = f"account_id = {value}"
@@ -339,21 +345,27 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(
-    config=st.tuples(st.sampled_from([1, 1, 0, 2]), st.sampled_from([None, None, 50_000.0])),
-    before=st.lists(insert, max_size=8),
+    start=st.tuples(
+        st.tuples(
+            st.sampled_from([1, 1, 0, 2]), st.sampled_from([None, None, 50_000.0]), st.booleans()
+        ),
+        st.lists(insert, max_size=8),
+    ),
     initial=st.lists(insert.map(lambda op: [op]), min_size=4, max_size=16),
     steps=st.lists(step, min_size=1, max_size=6),
     cuts=st.lists(st.booleans(), min_size=1, max_size=20),
 )
 def test_lane_equals_sql_rule(
     fresh: tuple[PgDatabase, Path],
-    config: tuple[int, float | None],
-    before: list[tuple[Any, ...]],
+    start: tuple[tuple[int, float | None, bool], list[tuple[Any, ...]]],
     initial: list[list[tuple[Any, ...]]],
     steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool]],
     cuts: list[bool],
 ) -> None:
+    """(min_history, max_speed_kmh, new_country) and the rows before the snapshot, then
+    the steps."""
     db, tmp_path = fresh
+    config, before = start
     _reset(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()

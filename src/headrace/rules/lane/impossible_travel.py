@@ -124,11 +124,24 @@ def _first(key: Hashable) -> Hashable:
 
 @dataclass(frozen=True)
 class _Use:
-    """What the rule reads of a card-present row: account, country, event time (µs)."""
+    """A use: a card-present row's account, country and event time (µs)."""
+
+    account: int
+    country: str | None
+    t: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What decides a trigger and the countries: a card-present row's account, country and
+    event time (µs; NULL possible in a schema allowing it: then it is no use)."""
 
     account: int
     country: str | None
     t: int | None
+
+    def use(self) -> _Use | None:
+        return None if self.t is None else _Use(self.account, self.country, self.t)
 
 
 @dataclass
@@ -138,7 +151,7 @@ class ImpossibleTravelLane:
     rules: RulesConfig
     name: str = RULE
     watermark_us: int | None = None
-    present: dict[Hashable, _Use] = field(default_factory=dict)
+    present: dict[Hashable, _Row] = field(default_factory=dict)
     """Every card-present row of the table (the countries' start rows, the triggers')."""
     countries: dict[int, dict[str | None, int]] = field(default_factory=dict)
     """Per account, its card-present rows per country (only counts above zero)."""
@@ -210,9 +223,10 @@ class ImpossibleTravelLane:
         for row in cursor.fetchall():
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, country, at = row[width : width + 3]
-            use = _Use(int(account), country, None if at is None else int(at))
-            self._count(k, use)
-            if horizon is not None and use.t is not None and use.t >= horizon:
+            present = _Row(int(account), country, None if at is None else int(at))
+            self._count(k, present)
+            use = present.use()
+            if horizon is not None and use is not None and use.t >= horizon:
                 self._add(k, use, dict(zip(_EXTRA, row[width + 3 :], strict=True)))
         self.incidents.last_seen.clear()
         self.incidents.touched.clear()
@@ -236,24 +250,23 @@ class ImpossibleTravelLane:
 
     # ----------------------------------------------------------- state
 
-    def _count(self, key: Hashable, use: _Use) -> None:
-        self.present[key] = use
-        seen = self.countries.setdefault(use.account, {})
-        seen[use.country] = seen.get(use.country, 0) + 1
+    def _count(self, key: Hashable, row: _Row) -> None:
+        self.present[key] = row
+        seen = self.countries.setdefault(row.account, {})
+        seen[row.country] = seen.get(row.country, 0) + 1
 
     def _uncount(self, key: Hashable) -> None:
-        use = self.present.pop(key, None)
-        if use is None:
+        row = self.present.pop(key, None)
+        if row is None:
             return
-        seen = self.countries[use.account]
-        seen[use.country] -= 1
-        if not seen[use.country]:
-            del seen[use.country]
+        seen = self.countries[row.account]
+        seen[row.country] -= 1
+        if not seen[row.country]:
+            del seen[row.country]
             if not seen:
-                del self.countries[use.account]
+                del self.countries[row.account]
 
     def _add(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> None:
-        assert use.t is not None
         self.uses[key] = (use, extra)
         bisect.insort(self.by_account.setdefault(use.account, []), (use.t, key))
         heapq.heappush(self.expiry, (use.t, key))
@@ -294,13 +307,14 @@ class ImpossibleTravelLane:
         # (on a truncate too: the engine's start rows are then the whole table).
         cutoff = previous - self.lateness_us
         triggers: list[tuple[Hashable, _Use, End, dict[str, Any]]] = []
-        ends: dict[Hashable, tuple[_Use | None, dict[str, Any]]] = {}
+        ends: dict[Hashable, tuple[_Row | None, dict[str, Any]]] = {}
         for key, end in change.ends.items():
-            use, extra = self._use(end)
-            ends[key] = (use, extra)
-            if use is None or use.t is None or use.t < cutoff:
+            row, extra = self._row(end)
+            ends[key] = (row, extra)
+            use = None if row is None else row.use()
+            if use is None or use.t < cutoff:
                 continue
-            if self.present.get(key) != use:
+            if self.present.get(key) != row:
                 triggers.append((key, use, end, extra))
         # The uses are read as of after the batch (RecentTransactions.update runs first).
         horizon = previous - self.span_us
@@ -308,9 +322,10 @@ class ImpossibleTravelLane:
             self.uses.clear()
             self.by_account.clear()
             self.expiry.clear()
-        for key, (use, extra) in ends.items():
+        for key, (row, extra) in ends.items():
             self._remove(key)
-            if use is not None and use.t is not None and use.t >= horizon:
+            use = None if row is None else row.use()
+            if use is not None and use.t >= horizon:
                 self._add(key, use, extra)
         self._evict(horizon)
         found = [self._candidate(*trigger) for trigger in triggers]
@@ -319,10 +334,10 @@ class ImpossibleTravelLane:
         if change.truncated:
             self.present.clear()
             self.countries.clear()
-        for key, (use, _) in ends.items():
+        for key, (row, _) in ends.items():
             self._uncount(key)
-            if use is not None:
-                self._count(key, use)
+            if row is not None:
+                self._count(key, row)
         return opened
 
     def _mark(self, end: End) -> int:
@@ -330,8 +345,8 @@ class ImpossibleTravelLane:
         t = end.values[self.columns["t"]] if end.values is not None else None
         return end.commit_us if t is None else min(int(str(t)), end.commit_us)
 
-    def _use(self, end: End) -> tuple[_Use | None, dict[str, Any]]:
-        """The end row as a use (None: deleted, not card present, or no account)."""
+    def _row(self, end: End) -> tuple[_Row | None, dict[str, Any]]:
+        """The end row (None: deleted, not card present, or no account), its evidence."""
         values = end.values
         if values is None or not values[PRESENT]:
             return None, {}
@@ -339,32 +354,31 @@ class ImpossibleTravelLane:
         if account is None:
             return None, {}
         country = values[self.columns["country"]]
-        use = _Use(
+        row = _Row(
             int(str(account)),
             None if country is None else str(country),
             None if t is None else int(str(t)),
         )
-        return use, {name: values[self.columns[name]] for name in _EXTRA}
+        return row, {name: values[self.columns[name]] for name in _EXTRA}
 
     def _candidate(
         self, key: Hashable, use: _Use, end: End, extra: dict[str, Any]
     ) -> LaneAlert | None:
-        assert use.t is not None
         config = self.config
         entries = self.by_account.get(use.account, [])
         # ASOF: the greatest time strictly before the trigger's (ties: the greatest key)
         below = bisect.bisect_left(entries, use.t, key=_time)
-        previous = self.uses[entries[below - 1][1]] if below else None
         p_key = entries[below - 1][1] if below else None
+        p = None if p_key is None else self.uses[p_key][0]
         km: float | None = None
         seconds: float | None = None
-        if previous is not None:
-            p = previous[0]
-            assert p.t is not None
+        speed: float | None = None
+        if p is not None:
             seconds = epoch(use.t) - epoch(p.t)
             if p.t > use.t - self.window_us and p.country != use.country:
                 km = self._km(p.country, use.country)
-        speed = None if km is None or seconds is None else km / max(seconds, 1.0) * 3600
+            if km is not None:
+                speed = km / max(seconds, 1.0) * 3600
         impossible = speed is not None and speed > config.max_speed_kmh
         counts = self.countries.get(use.account)
         known = sorted(counts, key=_order) if counts else None
@@ -373,35 +387,32 @@ class ImpossibleTravelLane:
         new_country = config.new_country and unseen and history >= config.min_history
         if not (impossible or new_country):
             return None
-        if impossible:
-            assert previous is not None and km is not None and speed is not None
-            assert seconds is not None
-            summary: str | None = (
-                f"card present in {previous[0].country} then {use.country} "
-                f"{duck_round(seconds)!r} s later: {duck_round(km)!r} km, "
-                f"{duck_round(speed)!r} km/h (account {use.account})"
+        summary: str | None = None  # format() with a NULL argument (module docstring)
+        if impossible and p is not None:
+            summary = (
+                f"card present in {p.country} then {use.country} "
+                f"{_number(seconds)} s later: {_number(km)} km, "
+                f"{_number(speed)} km/h (account {use.account})"
             )
-        elif known is None:
-            summary = None  # format() with a NULL argument (module docstring)
-        else:
+        elif known is not None:
             summary = (
                 f"card present in {use.country}, a country new for account {use.account} "
                 f"(known: [{', '.join(_text(c) for c in known)}])"
             )
         evidence = [self._evidence(key, use, extra)]
-        if previous is not None and p_key is not None:
-            evidence.insert(0, self._evidence(p_key, *previous))
+        if p is not None and p_key is not None:
+            evidence.insert(0, self._evidence(p_key, p, self.uses[p_key][1]))
         return LaneAlert(
             rule=RULE,
             account=use.account,
             key=f"{RULE}:{use.account}",
             trigger=_first(key),
             event_us=use.t,
-            started_us=previous[0].t if impossible and previous is not None else use.t,
+            started_us=p.t if impossible and p is not None else use.t,
             commit_us=end.commit_us,
             lsn=end.lsn,
             severity=config.severity.value,
-            # LaneAlert says str; the SQL alert's summary is NULL here (module docstring)
+            # LaneAlert says str; the SQL alert's summary can be NULL (module docstring)
             summary=cast(str, summary),
             numbers={
                 "km": None if km is None else duck_round(km, 1),
@@ -410,6 +421,7 @@ class ImpossibleTravelLane:
                 "max_speed_kmh": config.max_speed_kmh,
                 "impossible_travel": impossible,
                 "new_country": new_country,
+                # a JSON list in the SQL payload; LaneAlert's numbers type has no lists
                 "known_countries": cast(Any, known),
                 "history": history,
             },
@@ -419,10 +431,12 @@ class ImpossibleTravelLane:
     def _km(self, previous: str | None, country: str | None) -> float | None:
         """The SQL rule's haversine, operation for operation (so the doubles are equal)."""
         locations = self.config.locations
-        if previous not in locations or country not in locations:
+        if previous is None or country is None:
             return None
-        assert previous is not None and country is not None
-        (p_lat, p_lon), (t_lat, t_lon) = locations[previous], locations[country]
+        start, to = locations.get(previous), locations.get(country)
+        if start is None or to is None:
+            return None
+        (p_lat, p_lon), (t_lat, t_lon) = start, to
         r = math.radians
         a = math.pow(math.sin(r(t_lat - p_lat) / 2), 2) + math.cos(r(p_lat)) * math.cos(
             r(t_lat)
@@ -430,7 +444,6 @@ class ImpossibleTravelLane:
         return 2 * 6371.0 * math.asin(math.sqrt(a))
 
     def _evidence(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> dict[str, Any]:
-        assert use.t is not None
         return {
             "id": _first(key),
             "at": from_us(use.t),
@@ -438,6 +451,11 @@ class ImpossibleTravelLane:
             "country": use.country,
             **extra,
         }
+
+
+def _number(value: float | None) -> str:
+    """``format('{}', round(value))`` of a double (Python's repr is fmt's shortest form)."""
+    return "NULL" if value is None else repr(duck_round(value))
 
 
 def _time(entry: tuple[int, Any]) -> int:
