@@ -50,10 +50,17 @@ the SQL rule's, named after its code):
 
 SQL behaviour the lane copies although it looks wrong (see the lane port report):
 
-- **Unsure previous use on ties**: when several uses of the account share the greatest
-  time before the trigger, DuckDB's ASOF join takes one of them by the physical order
-  of ``jobs.rules__recent`` (not a column): country, distance, evidence then depend on
-  it. The lane takes the greatest key; the equality tests avoid such ties.
+- **Unsure previous use on ties** (the one place the lane is *not* equal): when several
+  uses of the account share the greatest time before the trigger, DuckDB's ASOF join
+  takes one of them by the physical order of ``jobs.rules__recent`` (not a column):
+  with DE and US uses at the same time, a US use a minute later alerts when the DE row
+  was written first and not when the US row was. The lane takes the greatest key; the
+  equality tests avoid such ties.
+- **An out-of-order use is never paired with the use after it**: only triggers look
+  back, and a row arriving late (within ``rules.lateness``) does not re-trigger the
+  account's later uses. FR at 0 s, DE at 120 s, then FR at 60 s (max 30,000 km/h): no
+  alert, while in time order the DE use alerts (FR → DE in 60 s). The lane does the
+  same.
 - **NULL summary** (``min_history: 0``): a new-country candidate of an account without
   any card-present row before the batch has no known countries, and
   ``format(..., known)`` with a NULL argument is NULL: the alert has no summary. The
