@@ -70,8 +70,11 @@ Not ported: NULL account, country or event time (the reference schema forbids th
 SQL rule's countries table cannot even hold a NULL country: its key is the primary key);
 unchanged TOAST values (the rule's columns are never TOASTed).
 Per changed row of the transactions table the work is Python: dict updates, a
-``bisect`` insort into the account's sorted uses; per trigger one bisect and, for a
-candidate, a few float operations and a sort of the account's known countries.
+``bisect`` insort into the account's sorted uses; per trigger one bisect and a dict
+lookup; for a candidate a few float operations, a sort of the account's known countries
+and two evidence rows. Memory: the uses (the span's card-present rows with their
+evidence fields) and (account, country, time) of *every* card-present row of the table,
+which the countries need as long as deletes and updates come without their old row.
 """
 
 from __future__ import annotations
@@ -388,12 +391,12 @@ class ImpossibleTravelLane:
                 speed = km / max(seconds, 1.0) * 3600
         impossible = speed is not None and speed > config.max_speed_kmh
         counts = self.countries.get(use.account)
-        known = sorted(counts, key=_order) if counts else None
         history = sum(counts.values()) if counts else 0
-        unseen = known is None or use.country not in known
+        unseen = not counts or use.country not in counts
         new_country = config.new_country and unseen and history >= config.min_history
         if not (impossible or new_country):
             return None
+        known = sorted(counts, key=_order) if counts else None
         summary: str | None = None  # format() with a NULL argument (module docstring)
         if impossible and p is not None:
             summary = (
