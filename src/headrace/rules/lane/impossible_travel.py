@@ -1,0 +1,482 @@
+"""Impossible travel / new country evaluated in memory, batch by batch, as the SQL rule does.
+
+The rules lane gives every :class:`ChangeBatch` to :meth:`ImpossibleTravelLane.apply`, in
+the order of the source; given the same batches as the engine it returns the alerts the
+SQL rule (:mod:`headrace.rules.impossible_travel` +
+:func:`headrace.alerts.store.emit_incidents`) writes for that batch.
+``tests/rules/test_lane_impossible_travel.py`` checks the equality on real PostgreSQL
+change streams. The semantics ported, per batch of the transactions table (every step is
+the SQL rule's, named after its code):
+
+- **Net change** (the engine's ``TableDelta``): per key its end row (none when deleted);
+  an update changing the key deletes the old key. A truncate makes every row of the
+  table before the batch a start row (``compute_net`` reads the whole mirror), so a key
+  written again after a truncate is compared with its row from before the batch.
+- **Watermark** (``RuleJob.advance``): ``W`` is the watermark *before* the batch;
+  after it ``max(W, max(least(t, commit_ts)))`` over the batch's end rows (any row,
+  card present or not; NULL ``t``: commit time).
+- **Uses** (``RecentTransactions``, ``recent_rows(W - span)``): the card-present rows
+  (``tables.transactions.card_present``, every status: a declined attempt still shows
+  where the card was) with ``t >= W - span`` (``span`` = ``window`` + ``rules.lateness``)
+  as of *after* the batch.
+- **Countries** (``KeyedSums`` ``jobs.impossible_travel__countries``): per account and
+  country the card-present rows of the table (end rows minus start rows, so a delete
+  or an update out of the country takes its row away), read as of *before* the batch:
+  the SQL rule updates it in its ``after`` hook, once every rule's candidates are taken.
+  It needs every card-present row's (account, country), not only the recent ones: a
+  delete sends only the key.
+- **Triggers** (``tx_triggers`` + ``create_tx_triggers``): end rows that are card
+  present whose start row is absent, was not card present, or had another account,
+  country or event time, with ``t >= W - rules.lateness``.
+- **Candidates** (``ImpossibleTravel.evaluate``): ``p`` = the account's use with the
+  greatest ``t`` strictly before the trigger's (``ASOF LEFT JOIN``). ``km`` (haversine
+  of the two countries' configured centres, in DuckDB's operation order) when ``p`` is
+  less than ``window`` before, in another country, both located; ``seconds`` = the two
+  ``epoch()`` values' difference whenever ``p`` exists; ``speed_kmh = km /
+  max(seconds, 1) * 3600``; *impossible* when it exceeds ``max_speed_kmh``. *New
+  country*: ``new_country`` configured, the trigger's country not among the account's
+  countries before the batch, and at least ``min_history`` card-present rows of the
+  account before the batch. Either makes a candidate. The trigger prefilter (an earlier
+  use within the window in another country, or the new-country test) is implied by this
+  condition and so is not computed.
+- **Incidents** (dedup key ``impossible_travel:<account>``): :class:`Incidents`;
+  ``started_at`` is ``p``'s time for impossible travel, else the trigger's.
+- **Payload**: numbers (``km`` and ``speed_kmh`` rounded to 0.1, ``seconds``, the
+  limit, both flags, the known countries sorted, ``history``), the trigger's key and
+  the evidence ``[p, trigger]`` (``[trigger]`` without ``p``). DuckDB 2's ``round`` of
+  a double rounds its exact decimal value half away from zero (:func:`duck_round`), its
+  ``epoch()`` of a TIMESTAMPTZ is milliseconds / 1000 plus the rest (:func:`epoch`),
+  and ``format('{}', double)`` prints Python's ``repr``: all three are copied exactly.
+
+SQL behaviour the lane copies although it looks wrong (see the lane port report):
+
+- **Unsure previous use on ties** (the one place the lane is *not* equal): when several
+  uses of the account share the greatest time before the trigger, DuckDB's ASOF join
+  takes one of them by the physical order of ``jobs.rules__recent`` (not a column):
+  with DE and US uses at the same time, a US use a minute later alerts when the DE row
+  was written first and not when the US row was. The lane takes the greatest key; the
+  equality tests avoid such ties.
+- **An out-of-order use is never paired with the use after it**: only triggers look
+  back, and a row arriving late (within ``rules.lateness``) does not re-trigger the
+  account's later uses. FR at 0 s, DE at 120 s, then FR at 60 s (max 30,000 km/h): no
+  alert, while in time order the DE use alerts (FR → DE in 60 s). The lane does the
+  same.
+- **NULL summary** (``min_history: 0``): a new-country candidate of an account without
+  any card-present row before the batch has no known countries, and
+  ``format(..., known)`` with a NULL argument is NULL: the alert has no summary. The
+  lane gives ``None`` too (:class:`LaneAlert` types ``summary`` as ``str``).
+
+Not ported: NULL account, country or event time (the reference schema forbids them; the
+SQL rule's countries table cannot even hold a NULL country: its key is the primary key);
+unchanged TOAST values (the rule's columns are never TOASTed).
+Per changed row of the transactions table the work is Python: dict updates, a
+``bisect`` insort into the account's sorted uses; per trigger one bisect and a dict
+lookup; for a candidate a few float operations, a sort of the account's known countries
+and two evidence rows. Memory: the uses (the span's card-present rows with their
+evidence fields) and (account, country, time) of *every* card-present row of the table,
+which the countries need as long as deletes and updates come without their old row.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Context, Decimal
+from typing import Any, cast
+
+import duckdb
+
+from headrace.alerts.store import INCIDENTS
+from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
+from headrace.rules.config import RulesConfig
+from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.triggers import TX_FIELDS
+from headrace.source.changes import ChangeBatch, TableRef
+from headrace.store.duckdb.schema import mirror_table
+
+RULE = "impossible_travel"
+PRESENT = "_lane_card_present"
+"""Name of the ``card_present`` condition among a net change's values."""
+
+_EXTRA = tuple(name for name in TX_FIELDS if name not in ("account", "t", "country"))
+"""The evidence fields kept beside (account, country, t)."""
+
+_ROUNDING = Context(prec=80)
+"""Wide enough for the exact decimal value of any double below 2**53 plus a digit."""
+
+
+def duck_round(value: float, digits: int = 0) -> float:
+    """DuckDB 2's ``round(double, digits)``: the exact decimal value of ``value`` rounded
+    half away from zero (not ``std::round(value * 10**digits)``: ``round(16.65, 1)`` is
+    16.6, since the double 16.65 is below it; Python's ``round`` rounds half to even)."""
+    if not math.isfinite(value) or abs(value) >= 2.0**53:
+        return value  # integral already (or not a number): nothing to round
+    exponent = Decimal(1).scaleb(-digits)
+    return float(Decimal(value).quantize(exponent, rounding=ROUND_HALF_UP, context=_ROUNDING))
+
+
+def epoch(us: int) -> float:
+    """DuckDB's ``epoch(TIMESTAMPTZ)`` (ICU: whole milliseconds / 1000, then the rest),
+    which is not always ``us / 1e6`` (one unit in the last place apart)."""
+    return float(us // 1000) / 1000.0 + (us % 1000) / 1e6
+
+
+def _first(key: Hashable) -> Hashable:
+    """The key's first column (``_k0``: the SQL rule's trigger and evidence id)."""
+    return key[0] if isinstance(key, tuple) else key
+
+
+@dataclass(frozen=True)
+class _Use:
+    """A use: a card-present row's account, country and event time (µs)."""
+
+    account: int
+    country: str | None
+    t: int
+
+
+@dataclass(frozen=True)
+class _Row:
+    """What decides a trigger and the countries: a card-present row's account, country and
+    event time (µs; NULL possible in a schema allowing it: then it is no use)."""
+
+    account: int
+    country: str | None
+    t: int | None
+
+    def use(self) -> _Use | None:
+        return None if self.t is None else _Use(self.account, self.country, self.t)
+
+
+@dataclass
+class ImpossibleTravelLane:
+    """The impossible-travel rule over change batches, in memory (module docstring)."""
+
+    rules: RulesConfig
+    name: str = RULE
+    watermark_us: int | None = None
+    present: dict[Hashable, _Row] = field(default_factory=dict)
+    """Every card-present row of the table (the countries' start rows, the triggers')."""
+    countries: dict[int, dict[str | None, int]] = field(default_factory=dict)
+    """Per account, its card-present rows per country (only counts above zero)."""
+    uses: dict[Hashable, tuple[_Use, dict[str, Any]]] = field(default_factory=dict)
+    """The uses (card present, within the span): key -> (row, evidence fields)."""
+    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
+    """Each account's uses as sorted (t, key) pairs."""
+    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
+    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
+
+    def __post_init__(self) -> None:
+        travel = self.rules.impossible_travel
+        if travel is None:
+            raise ValueError("the impossible travel lane needs rules.impossible_travel")
+        self.config = travel
+        tx = self.rules.tables.transactions
+        self.ref = TableRef.parse(tx.table)
+        self.columns = {
+            "account": tx.account,
+            "t": tx.time,
+            "amount": tx.amount,
+            "merchant": tx.merchant,
+            "card": tx.card,
+            "country": tx.country,
+            "device": tx.device,
+            "status": tx.status,
+            "channel": tx.channel,
+            "type": tx.type,
+        }
+        self.card_present = arrow_condition(tx.card_present)
+        self.window_us = us_delta(travel.window)
+        self.span_us = us_delta(travel.window + self.rules.lateness)
+        self.lateness_us = us_delta(self.rules.lateness)
+        self.earliest_us = to_us(EARLIEST)
+        self.incidents = Incidents(us_delta(travel.rearm_after))
+
+    def inputs(self) -> tuple[TableRef, ...]:
+        return (self.ref,)
+
+    # ----------------------------------------------------------- seeding
+
+    def seed(self, con: duckdb.DuckDBPyConnection, saved: RuleSaved | None = None) -> None:
+        """Start from the store's mirror, as a snapshot rebuild does: the watermark is the
+        mirror's newest ``least(t, now())``, the countries every card-present row's, the
+        uses those within the span, the incidents' last-seen times the store's. ``saved``
+        (the lane's own record) gives the watermark and incidents instead."""
+        mirror = mirror_table(self.ref)
+        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
+        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
+        self.watermark_us = None if newest is None else to_us(newest)
+        if saved is not None:
+            self.watermark_us = saved.watermark_us
+        self.present.clear()
+        self.countries.clear()
+        self.uses.clear()
+        self.by_account.clear()
+        self.expiry.clear()
+        key = key_columns(con, self.ref)
+        width = len(key)
+        names = ", ".join(f'"{k}"' for k in key)
+        values = ", ".join(f'"{self.columns[name]}"' for name in _EXTRA)
+        cursor = con.execute(
+            f"""SELECT {names}, "{self.columns["account"]}"::BIGINT, "{self.columns["country"]}",
+                       epoch_us({t}), {values} FROM {mirror}
+                WHERE coalesce(({self.rules.tables.transactions.card_present}), false)
+                  AND "{self.columns["account"]}" IS NOT NULL"""
+        )
+        horizon = None if self.watermark_us is None else self.watermark_us - self.span_us
+        for row in cursor.fetchall():
+            k: Hashable = row[0] if width == 1 else tuple(row[:width])
+            account, country, at = row[width : width + 3]
+            present = _Row(int(account), country, None if at is None else int(at))
+            self._count(k, present)
+            use = present.use()
+            if horizon is not None and use is not None and use.t >= horizon:
+                self._add(k, use, dict(zip(_EXTRA, row[width + 3 :], strict=True)))
+        self.incidents.last_seen.clear()
+        self.incidents.touched.clear()
+        if saved is not None:
+            self.incidents.last_seen.update(saved.last_seen)
+            return
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+            INCIDENTS.split("."),
+        ).fetchall()[0][0]
+        if exists:
+            for key_text, seen in con.execute(
+                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
+            ).fetchall():
+                if seen is not None:
+                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+
+    def take_saved(self) -> RuleSaved:
+        """What to record with the lane's position: the watermark and the incidents changed."""
+        return RuleSaved(self.watermark_us, self.incidents.take_touched())
+
+    # ----------------------------------------------------------- state
+
+    def _count(self, key: Hashable, row: _Row) -> None:
+        self.present[key] = row
+        seen = self.countries.setdefault(row.account, {})
+        seen[row.country] = seen.get(row.country, 0) + 1
+
+    def _uncount(self, key: Hashable) -> None:
+        row = self.present.pop(key, None)
+        if row is None:
+            return
+        seen = self.countries[row.account]
+        seen[row.country] -= 1
+        if not seen[row.country]:
+            del seen[row.country]
+            if not seen:
+                del self.countries[row.account]
+
+    def _add(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> None:
+        self.uses[key] = (use, extra)
+        bisect.insort(self.by_account.setdefault(use.account, []), (use.t, key))
+        heapq.heappush(self.expiry, (use.t, key))
+
+    def _remove(self, key: Hashable) -> None:
+        found = self.uses.pop(key, None)
+        if found is None:
+            return
+        use = found[0]
+        entries = self.by_account[use.account]
+        del entries[bisect.bisect_left(entries, (use.t, key))]
+        if not entries:
+            del self.by_account[use.account]
+
+    def _evict(self, horizon_us: int) -> None:
+        while self.expiry and self.expiry[0][0] < horizon_us:
+            t, key = heapq.heappop(self.expiry)
+            found = self.uses.get(key)
+            if found is not None and found[0].t == t:
+                self._remove(key)
+
+    # ----------------------------------------------------------- per batch
+
+    def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
+        """Evaluate one batch (module docstring); the alerts it opens, in event order."""
+        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        wanted[self.columns["account"]] = integers
+        wanted[self.columns["t"]] = micros
+        change = net_change(batch, self.ref, wanted, {PRESENT: self.card_present})
+        if change is None:
+            return []
+        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
+        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
+        if marks:
+            newest = max(marks)
+            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        # Triggers compare with the start rows: the card-present rows before the batch
+        # (on a truncate too: the engine's start rows are then the whole table).
+        cutoff = previous - self.lateness_us
+        triggers: list[tuple[Hashable, _Use, End, dict[str, Any]]] = []
+        ends: dict[Hashable, tuple[_Row | None, dict[str, Any]]] = {}
+        for key, end in change.ends.items():
+            row, extra = self._row(end)
+            ends[key] = (row, extra)
+            use = None if row is None else row.use()
+            if use is None or use.t < cutoff:
+                continue
+            if self.present.get(key) != row:
+                triggers.append((key, use, end, extra))
+        # The uses are read as of after the batch (RecentTransactions.update runs first).
+        horizon = previous - self.span_us
+        if change.truncated:
+            self.uses.clear()
+            self.by_account.clear()
+            self.expiry.clear()
+        for key, (row, extra) in ends.items():
+            self._remove(key)
+            use = None if row is None else row.use()
+            if use is not None and use.t >= horizon:
+                self._add(key, use, extra)
+        self._evict(horizon)
+        found = [self._candidate(*trigger) for trigger in triggers]
+        opened = self.incidents.open([c for c in found if c is not None])
+        # The countries are read as of before the batch (the rule's ``after`` hook).
+        if change.truncated:
+            self.present.clear()
+            self.countries.clear()
+        for key, (row, _) in ends.items():
+            self._uncount(key)
+            if row is not None:
+                self._count(key, row)
+        return opened
+
+    def _mark(self, end: End) -> int:
+        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
+        t = end.values[self.columns["t"]] if end.values is not None else None
+        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
+
+    def _row(self, end: End) -> tuple[_Row | None, dict[str, Any]]:
+        """The end row (None: deleted, not card present, or no account), its evidence."""
+        values = end.values
+        if values is None or not values[PRESENT]:
+            return None, {}
+        account, t = values[self.columns["account"]], values[self.columns["t"]]
+        if account is None:
+            return None, {}
+        country = values[self.columns["country"]]
+        row = _Row(
+            int(str(account)),
+            None if country is None else str(country),
+            None if t is None else int(str(t)),
+        )
+        return row, {name: values[self.columns[name]] for name in _EXTRA}
+
+    def _candidate(
+        self, key: Hashable, use: _Use, end: End, extra: dict[str, Any]
+    ) -> LaneAlert | None:
+        config = self.config
+        entries = self.by_account.get(use.account, [])
+        # ASOF: the greatest time strictly before the trigger's (ties: the greatest key)
+        below = bisect.bisect_left(entries, use.t, key=_time)
+        p_key = entries[below - 1][1] if below else None
+        p = None if p_key is None else self.uses[p_key][0]
+        km: float | None = None
+        seconds: float | None = None
+        speed: float | None = None
+        if p is not None:
+            seconds = epoch(use.t) - epoch(p.t)
+            if p.t > use.t - self.window_us and p.country != use.country:
+                km = self._km(p.country, use.country)
+            if km is not None:
+                speed = km / max(seconds, 1.0) * 3600
+        impossible = speed is not None and speed > config.max_speed_kmh
+        counts = self.countries.get(use.account)
+        history = sum(counts.values()) if counts else 0
+        unseen = not counts or use.country not in counts
+        new_country = config.new_country and unseen and history >= config.min_history
+        if not (impossible or new_country):
+            return None
+        known = sorted(counts, key=_order) if counts else None
+        summary: str | None = None  # format() with a NULL argument (module docstring)
+        if impossible and p is not None:
+            summary = (
+                f"card present in {p.country} then {use.country} "
+                f"{_number(seconds)} s later: {_number(km)} km, "
+                f"{_number(speed)} km/h (account {use.account})"
+            )
+        elif known is not None:
+            summary = (
+                f"card present in {use.country}, a country new for account {use.account} "
+                f"(known: [{', '.join(_text(c) for c in known)}])"
+            )
+        evidence = [self._evidence(key, use, extra)]
+        if p is not None and p_key is not None:
+            evidence.insert(0, self._evidence(p_key, p, self.uses[p_key][1]))
+        return LaneAlert(
+            rule=RULE,
+            account=use.account,
+            key=f"{RULE}:{use.account}",
+            trigger=_first(key),
+            event_us=use.t,
+            started_us=p.t if impossible and p is not None else use.t,
+            commit_us=end.commit_us,
+            lsn=end.lsn,
+            severity=config.severity.value,
+            # LaneAlert says str; the SQL alert's summary can be NULL (module docstring)
+            summary=cast(str, summary),
+            numbers={
+                "km": None if km is None else duck_round(km, 1),
+                "seconds": seconds,
+                "speed_kmh": None if speed is None else duck_round(speed, 1),
+                "max_speed_kmh": config.max_speed_kmh,
+                "impossible_travel": impossible,
+                "new_country": new_country,
+                # a JSON list in the SQL payload; LaneAlert's numbers type has no lists
+                "known_countries": cast(Any, known),
+                "history": history,
+            },
+            evidence=evidence[:EVIDENCE_LIMIT],
+        )
+
+    def _km(self, previous: str | None, country: str | None) -> float | None:
+        """The SQL rule's haversine, operation for operation (so the doubles are equal)."""
+        locations = self.config.locations
+        if previous is None or country is None:
+            return None
+        start, to = locations.get(previous), locations.get(country)
+        if start is None or to is None:
+            return None
+        (p_lat, p_lon), (t_lat, t_lon) = start, to
+        r = math.radians
+        a = math.pow(math.sin(r(t_lat - p_lat) / 2), 2) + math.cos(r(p_lat)) * math.cos(
+            r(t_lat)
+        ) * math.pow(math.sin(r(t_lon - p_lon) / 2), 2)
+        return 2 * 6371.0 * math.asin(math.sqrt(a))
+
+    def _evidence(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": _first(key),
+            "at": from_us(use.t),
+            "account": use.account,
+            "country": use.country,
+            **extra,
+        }
+
+
+def _number(value: float | None) -> str:
+    """``format('{}', round(value))`` of a double (Python's repr is fmt's shortest form)."""
+    return "NULL" if value is None else repr(duck_round(value))
+
+
+def _time(entry: tuple[int, Any]) -> int:
+    return entry[0]
+
+
+def _order(country: str | None) -> tuple[bool, str]:
+    """DuckDB's ``ORDER BY country``: code-point order, NULL last."""
+    return (country is None, country or "")
+
+
+def _text(country: str | None) -> str:
+    """A country as DuckDB's ``format`` prints it in a list."""
+    return "NULL" if country is None else country
