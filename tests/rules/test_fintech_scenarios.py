@@ -37,7 +37,8 @@ def test_the_deployment_builds_its_jobs() -> None:
         template_text().replace("@DSN@", "postgresql://x").replace("@STORE@", "headrace.duckdb")
     )
     jobs = StreamJobs.from_config(config)
-    assert [job.name for job in jobs.jobs] == ["rules", "health_score", "metric_alerts"]
+    # every fraud rule runs in memory (rules.in_memory): no SQL rules job
+    assert [job.name for job in jobs.jobs] == ["health_score", "metric_alerts"]
 
 
 def test_the_fintech_thresholds_parse_and_cover_every_country() -> None:

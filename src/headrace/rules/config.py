@@ -299,7 +299,14 @@ class AccountTakeoverConfig(BaseRuleConfig):
     severity: Severity = Field(default=Severity.CRITICAL, description="Severity of its alerts.")
 
 
-IN_MEMORY_RULES = ("velocity_burst", "amount_spike", "structuring", "card_testing")
+IN_MEMORY_RULES = (
+    "velocity_burst",
+    "amount_spike",
+    "impossible_travel",
+    "structuring",
+    "card_testing",
+    "account_takeover",
+)
 """Rules with an in-memory implementation (:mod:`headrace.rules.lane`)."""
 
 

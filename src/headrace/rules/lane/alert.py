@@ -54,8 +54,9 @@ class LaneAlert:
     commit_us: int
     lsn: int
     severity: str
-    summary: str
-    numbers: Mapping[str, Number | str | None]
+    summary: str | None
+    """One readable line (NULL when the SQL rule's format() got a NULL argument)."""
+    numbers: Mapping[str, Number | str | list[str | None] | None]
     evidence: Sequence[Mapping[str, Any]] = ()
     tied: tuple[Hashable, ...] = ()
     """Other candidates of the same key, event time and commit LSN: the SQL rules order

@@ -8,9 +8,11 @@ from typing import Protocol
 import duckdb
 
 from headrace.rules.config import RulesConfig
+from headrace.rules.lane.account_takeover import AccountTakeoverLane
 from headrace.rules.lane.alert import LaneAlert
 from headrace.rules.lane.amount_spike import AmountSpikeLane
 from headrace.rules.lane.card_testing import CardTestingLane
+from headrace.rules.lane.impossible_travel import ImpossibleTravelLane
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.structuring import StructuringLane
 from headrace.rules.lane.velocity import VelocityBurstLane
@@ -39,6 +41,8 @@ def make_evaluator(name: str, rules: RulesConfig) -> Evaluator:
         "card_testing": CardTestingLane,
         "amount_spike": AmountSpikeLane,
         "structuring": StructuringLane,
+        "impossible_travel": ImpossibleTravelLane,
+        "account_takeover": AccountTakeoverLane,
     }
     maker = makers.get(name)
     if maker is not None:

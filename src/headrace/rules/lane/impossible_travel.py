@@ -64,7 +64,7 @@ SQL behaviour the lane copies although it looks wrong (see the lane port report)
 - **NULL summary** (``min_history: 0``): a new-country candidate of an account without
   any card-present row before the batch has no known countries, and
   ``format(..., known)`` with a NULL argument is NULL: the alert has no summary. The
-  lane gives ``None`` too (:class:`LaneAlert` types ``summary`` as ``str``).
+  lane gives ``None`` too.
 
 Not ported: NULL account, country or event time (the reference schema forbids them; the
 SQL rule's countries table cannot even hold a NULL country: its key is the primary key);
@@ -85,7 +85,7 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 
@@ -422,8 +422,7 @@ class ImpossibleTravelLane:
             commit_us=end.commit_us,
             lsn=end.lsn,
             severity=config.severity.value,
-            # LaneAlert says str; the SQL alert's summary can be NULL (module docstring)
-            summary=cast(str, summary),
+            summary=summary,  # NULL as the SQL alert's can be (module docstring)
             numbers={
                 "km": None if km is None else duck_round(km, 1),
                 "seconds": seconds,
@@ -432,7 +431,7 @@ class ImpossibleTravelLane:
                 "impossible_travel": impossible,
                 "new_country": new_country,
                 # a JSON list in the SQL payload; LaneAlert's numbers type has no lists
-                "known_countries": cast(Any, known),
+                "known_countries": known,
                 "history": history,
             },
             evidence=evidence[:EVIDENCE_LIMIT],
