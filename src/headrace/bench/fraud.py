@@ -107,6 +107,8 @@ class FraudBenchResult:
     """Per change: source commit -> the rules lane recorded it (alerts committed)."""
     lane_freshness_p99_ms: float | None = None
     lane_freshness_max_ms: float | None = None
+    lane_work: dict[str, float] = field(default_factory=dict)
+    """The lane's batches, commits, and seconds evaluating and committing, over the run."""
     headrace_cpu_cores: float | None = None
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
@@ -205,6 +207,11 @@ def _lane_figures(
     result.lane_freshness_p50_ms = freshness.percentile(0.5)
     result.lane_freshness_p99_ms = freshness.percentile(0.99)
     result.lane_freshness_max_ms = freshness.percentile(1.0)
+    result.lane_work = {
+        name: lane[name]
+        for name in ("batches", "commits", "evaluate_s", "commit_s")
+        if name in lane
+    }
 
 
 def _measure(
@@ -443,7 +450,8 @@ def _print_table(result: FraudBenchResult, out: Console) -> None:
         out.print(
             f"rules lane ({', '.join(result.lane_rules)} in memory), every change from its "
             f"commit to evaluated and recorded: p50 {result.lane_freshness_p50_ms} ms, p99 "
-            f"{result.lane_freshness_p99_ms} ms, max {result.lane_freshness_max_ms} ms"
+            f"{result.lane_freshness_p99_ms} ms, max {result.lane_freshness_max_ms} ms; "
+            f"{result.lane_work}"
         )
     for problem in result.problems:
         out.print(f"[yellow]problem:[/yellow] {problem}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
@@ -53,18 +54,55 @@ Convert = Callable[[pa.ChunkedArray], pa.ChunkedArray]
 """A column as the caller wants it (e.g. :func:`micros`, :func:`integers`)."""
 
 
-def net_change(
-    batch: ChangeBatch,
-    ref: TableRef,
-    columns: Mapping[str, Convert | None],
-    conditions: Mapping[str, RowCondition] | None = None,
-) -> NetChange | None:
-    """The batch's net change of ``ref`` (None: the batch has no change of it).
+@dataclass
+class _Decoded:
+    """One batch's changes of one table, decoded once for every evaluator of the lane."""
 
-    ``columns`` maps each source column the caller reads to how it wants it (``None``:
-    as it comes); ``conditions`` (name -> compiled row condition) are evaluated over
-    the rows and given as booleans (NULL: false) under their names.
-    """
+    data: pa.Table
+    commits: list[int]
+    lsns: list[int]
+    last: dict[Hashable, tuple[int, bool]]
+    """Per touched key: the index of its last change, and whether that deleted it."""
+    truncated: bool
+    lists: dict[tuple[str, Convert | None], list[object]] = field(default_factory=dict)
+    met: dict[RowCondition, list[bool]] = field(default_factory=dict)
+
+    def column(self, name: str, convert: Convert | None) -> list[object]:
+        found = self.lists.get((name, convert))
+        if found is None:
+            column = self.data.column(name)
+            found = (column if convert is None else convert(column)).to_pylist()
+            self.lists[(name, convert)] = found
+        return found
+
+    def condition(self, condition: RowCondition) -> list[bool]:
+        found = self.met.get(condition)
+        if found is None:
+            met = condition(self.data)
+            if isinstance(met, pa.Scalar):
+                found = [bool(met.as_py())] * self.data.num_rows
+            else:
+                found = [bool(v) for v in pc.fill_null(met, False).to_pylist()]
+            self.met[condition] = found
+        return found
+
+
+_cache = threading.local()
+"""The last batch decoded on this thread: (batch, {table: decoded})."""
+
+
+def _decoded(batch: ChangeBatch, ref: TableRef) -> _Decoded | None:
+    held = getattr(_cache, "held", None)
+    if held is None or held[0] is not batch:
+        held = (batch, {})
+        _cache.held = held
+    tables: dict[TableRef, _Decoded | None] = held[1]
+    if ref not in tables:
+        tables[ref] = _decode(batch, ref)
+    return tables[ref]
+
+
+def _decode(batch: ChangeBatch, ref: TableRef) -> _Decoded | None:
     parts = [c for c in batch.tables if c.table == ref]
     if not parts:
         return None
@@ -80,32 +118,50 @@ def net_change(
     )
     old_keys = keys_of(data, [old_name(k) for k in key])
     old_sent = old_present.to_pylist()
-    read: dict[str, list[object]] = {}
-    for name, kind in columns.items():
-        column = data.column(name)
-        read[name] = (column if kind is None else kind(column)).to_pylist()
-    for name, condition in (conditions or {}).items():
-        met = condition(data)
-        if isinstance(met, pa.Scalar):
-            read[name] = [bool(met.as_py())] * data.num_rows
-        else:
-            read[name] = pc.fill_null(met, False).to_pylist()
-    commits = data.column(COMMIT_TS).cast(pa.int64()).to_pylist()
-    lsns = data.column(LSN).to_pylist()
-    ends: dict[Hashable, End] = {}
+    last: dict[Hashable, tuple[int, bool]] = {}
     truncated = False
     for i, op in enumerate(ops):
         if op == "T":
-            ends.clear()
+            last.clear()
             truncated = True
             continue
         if op in ("U", "D"):
-            ends[old_keys[i] if old_sent[i] else new_keys[i]] = End(None, commits[i], lsns[i])
-        if op == "D":
-            continue
-        values = {name: read[name][i] for name in read}
-        ends[new_keys[i]] = End(values, commits[i], int(lsns[i]))
-    return NetChange(ends, truncated)
+            last[old_keys[i] if old_sent[i] else new_keys[i]] = (i, True)
+        if op != "D":
+            last[new_keys[i]] = (i, False)
+    commits = data.column(COMMIT_TS).cast(pa.int64()).to_pylist()
+    lsns = [int(v) for v in data.column(LSN).to_pylist()]
+    return _Decoded(data, commits, lsns, last, truncated)
+
+
+def net_change(
+    batch: ChangeBatch,
+    ref: TableRef,
+    columns: Mapping[str, Convert | None],
+    conditions: Mapping[str, RowCondition] | None = None,
+) -> NetChange | None:
+    """The batch's net change of ``ref`` (None: the batch has no change of it).
+
+    ``columns`` maps each source column the caller reads to how it wants it (``None``:
+    as it comes); ``conditions`` (name -> compiled row condition) are evaluated over
+    the rows and given as booleans (NULL: false) under their names. The batch is decoded
+    once per table for every caller (the lane's evaluators read the same batch), and
+    each column and condition once.
+    """
+    decoded = _decoded(batch, ref)
+    if decoded is None:
+        return None
+    read: dict[str, list[object]] = {
+        name: decoded.column(name, convert) for name, convert in columns.items()
+    }
+    for name, condition in (conditions or {}).items():
+        read[name] = list(decoded.condition(condition))
+    commits, lsns = decoded.commits, decoded.lsns
+    ends: dict[Hashable, End] = {}
+    for key, (i, deleted) in decoded.last.items():
+        values = None if deleted else {name: read[name][i] for name in read}
+        ends[key] = End(values, commits[i], lsns[i])
+    return NetChange(ends, decoded.truncated)
 
 
 def micros(column: pa.ChunkedArray) -> pa.ChunkedArray:

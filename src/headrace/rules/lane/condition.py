@@ -36,11 +36,12 @@ def _compile(node: exp.Expr) -> RowCondition:  # noqa: PLR0911 - one return per 
         name = node.name
         return lambda table: table.column(name)
     if isinstance(node, exp.Literal):
-        value: Any = node.this if node.is_string else float(node.this)
-        return lambda table: pa.scalar(value)
+        # Built once: pa.scalar() of a Python value costs an import lookup per call.
+        literal = pa.scalar(node.this if node.is_string else float(node.this))
+        return lambda table: literal
     if isinstance(node, exp.Boolean):
-        flag = bool(node.this)
-        return lambda table: pa.scalar(flag)
+        flag = pa.scalar(bool(node.this))
+        return lambda table: flag
     if isinstance(node, exp.In):
         this = _compile(node.this)
         literals = [v for v in node.expressions if isinstance(v, exp.Literal)]
