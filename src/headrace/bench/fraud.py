@@ -449,7 +449,7 @@ def _print_table(result: FraudBenchResult, out: Console) -> None:
     if result.lane_rules:
         out.print(
             f"rules lane ({', '.join(result.lane_rules)} in memory), every change from its "
-            f"commit to evaluated and recorded: p50 {result.lane_freshness_p50_ms} ms, p99 "
+            f"commit to evaluated (alerts committed): p50 {result.lane_freshness_p50_ms} ms, p99 "
             f"{result.lane_freshness_p99_ms} ms, max {result.lane_freshness_max_ms} ms; "
             f"{result.lane_work}"
         )

@@ -32,6 +32,7 @@ batches (``tests/rules/lane_harness.py``), not necessarily in a live run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -57,12 +58,20 @@ from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.rules.lane")
 
+RECORD_INTERVAL_S = 0.5
+"""Longest time between two commits of the lane's position when no alert opened (an alert
+is committed at once, and the position with it; the engine asks for it before its own
+commits). One commit per source batch would cost the lane more than its evaluation."""
 PRUNE_INTERVAL_S = 600.0
 """How often the lane deletes its outbox's rows delivered long enough ago."""
 QUEUE_BATCHES = 256
 """Batches the source may hand over ahead of the lane (then it waits: backpressure)."""
 DRAIN_BATCHES = 64
 """Batches evaluated into one commit at most."""
+
+
+_WAKE = object()
+"""Queued by the engine's :meth:`RulesLane.wait_for`: record the position now."""
 
 
 class LaneError(HeadraceError):
@@ -110,12 +119,18 @@ class RulesLane:
         """The lane's recorded position (every batch at or below it is in the store)."""
         self.stats = LaneStats()
         self.freshness = FreshnessHistogram()
-        """Per change: its source commit -> the lane recorded its batch (ms)."""
-        self._queue: queue.Queue[ChangeBatch | None] = queue.Queue(QUEUE_BATCHES)
+        """Per change: its source commit -> the lane evaluated it, its alerts committed (ms)."""
+        self._queue: queue.Queue[ChangeBatch | object | None] = queue.Queue(QUEUE_BATCHES)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._stopped = False
         self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        self._pending: dict[str, RuleSaved] = {}
+        """Records of evaluated batches not committed yet (no alert opened in them)."""
+        self._pending_position = self.committed
+        self._wanted = 0
+        """Position the engine waits for (commit it now)."""
+        self._last_record = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="headrace-rules-lane", daemon=True)
         log.info(
             "rules lane: %s in memory%s",
@@ -154,6 +169,10 @@ class RulesLane:
         """Return once the lane recorded every batch up to ``position``; raise if the lane
         failed."""
         with self._cond:
+            if self.committed < position:
+                self._wanted = max(self._wanted, position)
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(_WAKE)  # record now, not at the next interval
             while self.committed < position:
                 if self._error is not None or self._stopped:
                     break
@@ -216,10 +235,15 @@ class RulesLane:
     def _loop(self) -> None:
         try:
             while True:
-                first = self._queue.get()
+                try:
+                    first = self._queue.get(timeout=RECORD_INTERVAL_S / 2)
+                except queue.Empty:
+                    self._record_if_due()
+                    continue
                 if first is None:
+                    self._record_if_due(force=True)
                     return
-                batches = [first]
+                batches = [first] if isinstance(first, ChangeBatch) else []
                 done = False
                 while len(batches) < DRAIN_BATCHES:
                     try:
@@ -229,8 +253,11 @@ class RulesLane:
                     if more is None:
                         done = True
                         break
-                    batches.append(more)
-                self._evaluate(batches)
+                    if isinstance(more, ChangeBatch):
+                        batches.append(more)
+                if batches:
+                    self._evaluate(batches)
+                self._record_if_due(force=done)
                 if time.monotonic() >= self._next_prune:
                     self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
                     self.lane_store.prune(datetime.now(UTC))
@@ -247,6 +274,7 @@ class RulesLane:
                 self._cond.notify_all()
 
     def _evaluate(self, batches: list[ChangeBatch]) -> None:
+        """Evaluate; commit at once when alerts opened (with the position and records)."""
         started = time.perf_counter()
         alerts: list[LaneAlert] = []
         for batch in batches:
@@ -257,24 +285,51 @@ class RulesLane:
                     alerts.extend(opened)
             if batch.position <= self.replay_until:
                 self.stats.replayed += 1
-        position = max(self.committed, batches[-1].position)
-        records: dict[str, RuleSaved] = {e.name: e.take_saved() for e in self.evaluators}
-        evaluated = time.perf_counter()
-        self.stats.evaluate_s += evaluated - started
-        if position <= self.committed and not alerts:
-            return  # nothing new to record (batches evaluated again after a restart)
-        self.lane_store.commit(alerts, records, position, datetime.now(UTC))
-        self.stats.commit_s += time.perf_counter() - evaluated
+        self._pending_position = max(self._pending_position, batches[-1].position)
+        for evaluator in self.evaluators:
+            self._pending[evaluator.name] = _merged(
+                self._pending.get(evaluator.name), evaluator.take_saved()
+            )
+        self.stats.evaluate_s += time.perf_counter() - started
+        if alerts:
+            self._record(alerts)
+        evaluated_at = time.time()
+        for batch in batches:
+            if batch.position > self.replay_until:
+                self.freshness.add_batch(batch, evaluated_at)
+
+    def _record_if_due(self, *, force: bool = False) -> None:
+        """Commit the position and records when the engine waits for them, when
+        :data:`RECORD_INTERVAL_S` passed since the last commit, or at stop."""
+        if self._pending_position <= self.committed:
+            return
+        due = time.monotonic() - self._last_record >= RECORD_INTERVAL_S
+        if force or due or self._wanted > self.committed:
+            self._record([])
+
+    def _record(self, alerts: list[LaneAlert]) -> None:
+        started = time.perf_counter()
+        position = max(self.committed, self._pending_position)
+        self.lane_store.commit(alerts, self._pending, position, datetime.now(UTC))
+        self._pending = {}
+        self._last_record = time.monotonic()
+        self.stats.commit_s += time.perf_counter() - started
         self.stats.commits += 1
         self.stats.alerts += len(alerts)
         with self._cond:
             self.committed = position
             self._cond.notify_all()
-        recorded_at = time.time()
-        for batch in batches:
-            if batch.position > self.replay_until:
-                self.freshness.add_batch(batch, recorded_at)
         if self._collected:
             collected, self._collected[:] = list(self._collected), []
             if self.deliver is not None:
                 self.deliver(collected)
+
+
+def _merged(held: RuleSaved | None, new: RuleSaved) -> RuleSaved:
+    """Records not committed yet, and newer ones: the newest watermark and state, every
+    incident touched."""
+    if held is None:
+        return new
+    seen = {**held.last_seen, **new.last_seen}
+    state = new.state if new.state is not None else held.state
+    return RuleSaved(new.watermark_us, seen, state)
