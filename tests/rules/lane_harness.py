@@ -20,6 +20,7 @@ from headrace.rules.lane.alert import LaneAlert, from_us, to_us
 from headrace.rules.lane.saved import RuleSaved
 from headrace.source.changes import ChangeBatch
 from headrace.source.postgres.batcher import Batcher
+from tests.conftest import PgDatabase
 from tests.rules.bank import Bank
 
 
@@ -173,3 +174,13 @@ def normal_lane(alert: LaneAlert) -> Normal:
         _hashable(alert.trigger),
         evidence(alert.evidence),
     )
+
+
+def reset_database(db: PgDatabase) -> None:
+    """An empty database again (slots, publication, tables): one hypothesis example each."""
+    with db.connect() as conn:
+        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        conn.execute("DROP PUBLICATION IF EXISTS p")
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")

@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from headrace.rules.lane.account_takeover import AccountTakeoverAlert, AccountTa
 from headrace.rules.lane.alert import to_us
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, at, only, open_bank
-from tests.rules.lane_harness import Both, number, time_value
+from tests.rules.lane_harness import Both, number, reset_database, time_value
 
 MINUTE = 60.0
 RULE = "account_takeover"
@@ -446,20 +445,6 @@ class Writer:
 _examples = itertools.count()
 
 
-def _reset(db: PgDatabase) -> None:
-    with db.connect() as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute("DROP PUBLICATION IF EXISTS p")
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-@pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
-    return pg_db, tmp_path
-
-
 @settings(
     max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
     deadline=None,
@@ -479,7 +464,7 @@ def test_lane_equals_sql_rule(
     cuts: list[bool],
 ) -> None:
     db, tmp_path = fresh
-    _reset(db)
+    reset_database(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()
     writer = Writer()

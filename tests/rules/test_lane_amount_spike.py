@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept, duck_round, duck_text
 from tests.conftest import PgDatabase
 from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
-from tests.rules.lane_harness import Both
+from tests.rules.lane_harness import Both, reset_database
 
 # ----------------------------------------------------------------- the SQL rule's cases
 
@@ -402,20 +402,6 @@ class Writer:
 _examples = itertools.count()
 
 
-def _reset(db: PgDatabase) -> None:
-    with db.connect() as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute("DROP PUBLICATION IF EXISTS p")
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-@pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
-    return pg_db, tmp_path
-
-
 EXAMPLES = int(os.environ.get("HR_LANE_EXAMPLES", "25"))
 """Examples of the property (more for a longer hunt)."""
 
@@ -442,7 +428,7 @@ def test_lane_equals_sql_rule(
     cuts: list[bool],
 ) -> None:
     db, tmp_path = fresh
-    _reset(db)
+    reset_database(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()
     writer = Writer()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from headrace.rules.lane.card_testing import CardTestingLane
 from tests.conftest import PgDatabase
 from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
-from tests.rules.lane_harness import Both
+from tests.rules.lane_harness import Both, reset_database
 
 
 def _online(
@@ -409,20 +409,6 @@ class Writer:
 _examples = itertools.count()
 
 
-def _reset(db: PgDatabase) -> None:
-    with db.connect() as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute("DROP PUBLICATION IF EXISTS p")
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-@pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
-    return pg_db, tmp_path
-
-
 @settings(
     max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
     deadline=None,
@@ -445,7 +431,7 @@ def test_lane_equals_sql_rule(
     config: str,
 ) -> None:
     db, tmp_path = fresh
-    _reset(db)
+    reset_database(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()
     writer = Writer()

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from headrace.rules.lane.impossible_travel import ImpossibleTravelLane, duck_round, epoch
 from tests.conftest import PgDatabase
 from tests.rules.bank import T0, Bank, at, open_bank
-from tests.rules.lane_harness import Both
+from tests.rules.lane_harness import Both, reset_database
 
 # ----------------------------------------------------------------- the rule's own cases
 
@@ -333,20 +332,6 @@ class Writer:
 _examples = itertools.count()
 
 
-def _reset(db: PgDatabase) -> None:
-    with db.connect() as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute("DROP PUBLICATION IF EXISTS p")
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-@pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
-    return pg_db, tmp_path
-
-
 @settings(
     max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
     deadline=None,
@@ -374,7 +359,7 @@ def test_lane_equals_sql_rule(
     the steps."""
     db, tmp_path = fresh
     config, before = start
-    _reset(db)
+    reset_database(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()
     writer = Writer()

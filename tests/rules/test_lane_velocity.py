@@ -15,14 +15,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from headrace.rules.lane.velocity import VelocityBurstLane
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, at, only, open_bank
-from tests.rules.lane_harness import Both
+from tests.rules.lane_harness import Both, reset_database
 
 
 def test_burst_one_alert_per_incident_across_a_restart(pg_db: PgDatabase, tmp_path: Path) -> None:
@@ -278,20 +277,6 @@ class Writer:
 _examples = itertools.count()
 
 
-def _reset(db: PgDatabase) -> None:
-    with db.connect() as conn:
-        for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        conn.execute("DROP PUBLICATION IF EXISTS p")
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
-
-
-@pytest.fixture
-def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
-    return pg_db, tmp_path
-
-
 @settings(
     max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
     deadline=None,
@@ -311,7 +296,7 @@ def test_lane_equals_sql_rule(
     cuts: list[bool],
 ) -> None:
     db, tmp_path = fresh
-    _reset(db)
+    reset_database(db)
     example = tmp_path / f"ex{next(_examples)}"
     example.mkdir()
     writer = Writer()

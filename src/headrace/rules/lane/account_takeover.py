@@ -66,7 +66,6 @@ from typing import Any, NamedTuple
 import duckdb
 import pyarrow as pa
 
-from headrace.alerts.store import INCIDENTS
 from headrace.jobs.base import state_table
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
@@ -287,17 +286,7 @@ class AccountTakeoverLane:
             self._count_device(login, 1)
             self._add_failure(key, login, row[-1], horizon)
         self._restore_marks(con, saved)
-        self.incidents.last_seen.clear()
-        self.incidents.touched.clear()
-        if saved is not None:
-            self.incidents.last_seen.update(saved.last_seen)
-            return
-        if self._exists(con, INCIDENTS):
-            for key_text, seen in con.execute(
-                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
-            ).fetchall():
-                if seen is not None:
-                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+        self.incidents.restore(con, RULE, saved)
 
     def _key(self, con: duckdb.DuckDBPyConnection, ref: TableRef) -> str:
         return ", ".join(f'"{k}"' for k in key_columns(con, ref))

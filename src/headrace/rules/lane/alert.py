@@ -14,6 +14,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import duckdb
+
+from headrace.alerts.store import INCIDENTS
+from headrace.rules.lane.saved import RuleSaved
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -118,6 +123,26 @@ class Incidents:
             previous = candidate
         opened.sort(key=lambda c: (c.event_us, c.lsn, c.key))
         return opened
+
+    def restore(self, con: duckdb.DuckDBPyConnection, rule: str, saved: RuleSaved | None) -> None:
+        """Start from the lane's record of the rule, else from the store's incidents (the
+        rule ran as SQL before, or nothing: a snapshot)."""
+        self.last_seen.clear()
+        self.touched.clear()
+        if saved is not None:
+            self.last_seen.update(saved.last_seen)
+            return
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+            INCIDENTS.split("."),
+        ).fetchall()[0][0]
+        if not exists:
+            return
+        for key, seen in con.execute(
+            f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [rule]
+        ).fetchall():
+            if seen is not None:
+                self.last_seen[str(key)] = to_us(seen)
 
     def take_touched(self) -> dict[str, int]:
         """The last-seen times changed since the last call (to be saved)."""

@@ -79,7 +79,6 @@ from typing import Any, cast
 
 import duckdb
 
-from headrace.alerts.store import INCIDENTS
 from headrace.rules.base import EARLIEST
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
@@ -249,21 +248,7 @@ class AmountSpikeLane:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account = None if row[width] is None else int(row[width])
             self._add(k, _Kept.of(account, row[width + 1], bool(row[width + 2])))
-        self.incidents.last_seen.clear()
-        self.incidents.touched.clear()
-        if saved is not None:
-            self.incidents.last_seen.update(saved.last_seen)
-            return
-        exists = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-            INCIDENTS.split("."),
-        ).fetchall()[0][0]
-        if exists:
-            for key_text, seen in con.execute(
-                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
-            ).fetchall():
-                if seen is not None:
-                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+        self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""

@@ -73,9 +73,8 @@ sum, evidence).
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -83,7 +82,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from headrace.alerts.store import INCIDENTS
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
@@ -98,6 +96,7 @@ from headrace.rules.lane.changes import (
 )
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.window import AccountWindows
 from headrace.rules.structuring import Structuring
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
@@ -143,20 +142,12 @@ def _window_key(entry: tuple[int, Any]) -> int:
 
 
 @dataclass
-class StructuringLane:
+class StructuringLane(AccountWindows[_Row]):
     """The structuring rule over change batches, in memory (module docstring)."""
 
     rules: RulesConfig
     name: str = RULE
     watermark_us: int | None = None
-    rows: dict[Hashable, _Row] = field(default_factory=dict)
-    """The band state: key -> (account, t, amount) of in-band rows within the span."""
-    fields: dict[Hashable, dict[str, Any]] = field(default_factory=dict)
-    """The band rows' evidence fields (:data:`TX_FIELDS` but ``account`` and ``t``)."""
-    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
-    """Each account's band rows as sorted (t, key) pairs."""
-    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
-    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
 
     def __post_init__(self) -> None:
         config = self.rules.structuring
@@ -212,21 +203,7 @@ class StructuringLane:
         self._clear()
         if self.watermark_us is not None:
             self._seed_band(con, mirror, t, self.watermark_us - self.span_us)
-        self.incidents.last_seen.clear()
-        self.incidents.touched.clear()
-        if saved is not None:
-            self.incidents.last_seen.update(saved.last_seen)
-            return
-        exists = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-            INCIDENTS.split("."),
-        ).fetchall()[0][0]
-        if exists:
-            for key_text, seen in con.execute(
-                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
-            ).fetchall():
-                if seen is not None:
-                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+        self.incidents.restore(con, RULE, saved)
 
     def _seed_band(
         self, con: duckdb.DuckDBPyConnection, mirror: str, t: str, horizon_us: int
@@ -253,37 +230,6 @@ class StructuringLane:
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
         return RuleSaved(self.watermark_us, self.incidents.take_touched())
-
-    # ----------------------------------------------------------- state
-
-    def _clear(self) -> None:
-        self.rows.clear()
-        self.fields.clear()
-        self.by_account.clear()
-        self.expiry.clear()
-
-    def _add(self, key: Hashable, row: _Row, extra: dict[str, Any]) -> None:
-        self.rows[key] = row
-        self.fields[key] = extra
-        bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
-        heapq.heappush(self.expiry, (row.t, key))
-
-    def _remove(self, key: Hashable) -> None:
-        row = self.rows.pop(key, None)
-        if row is None:
-            return
-        del self.fields[key]
-        entries = self.by_account[row.account]
-        del entries[bisect.bisect_left(entries, (row.t, key))]
-        if not entries:
-            del self.by_account[row.account]
-
-    def _evict(self, horizon_us: int) -> None:
-        while self.expiry and self.expiry[0][0] < horizon_us:
-            t, key = heapq.heappop(self.expiry)
-            row = self.rows.get(key)
-            if row is not None and row.t == t:
-                self._remove(key)
 
     # ----------------------------------------------------------- per batch
 

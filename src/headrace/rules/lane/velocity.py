@@ -48,21 +48,20 @@ and evictions, never a sort of the whole state).
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import duckdb
 
-from headrace.alerts.store import INCIDENTS
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.window import AccountWindows
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -81,20 +80,12 @@ class _Row:
 
 
 @dataclass
-class VelocityBurstLane:
+class VelocityBurstLane(AccountWindows[_Row]):
     """The velocity-burst rule over change batches, in memory (module docstring)."""
 
     rules: RulesConfig
     name: str = RULE
     watermark_us: int | None = None
-    rows: dict[Hashable, _Row] = field(default_factory=dict)
-    """The window state: key -> (account, t) of rows matching ``where`` within the span."""
-    fields: dict[Hashable, dict[str, Any]] = field(default_factory=dict)
-    """The window rows' evidence fields (:data:`TX_FIELDS` but ``t``)."""
-    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
-    """Each account's window rows as sorted (t, key) pairs."""
-    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
-    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
 
     def __post_init__(self) -> None:
         burst = self.rules.velocity_burst
@@ -139,10 +130,7 @@ class VelocityBurstLane:
         self.watermark_us = None if newest is None else to_us(newest)
         if saved is not None:
             self.watermark_us = saved.watermark_us
-        self.rows.clear()
-        self.fields.clear()
-        self.by_account.clear()
-        self.expiry.clear()
+        self._clear()
         if self.watermark_us is not None:
             key = key_columns(con, self.ref)
             names = [f'"{k}"' for k in key]
@@ -164,50 +152,11 @@ class VelocityBurstLane:
                 k: Hashable = row[0] if width == 1 else tuple(row[:width])
                 extra = dict(zip(others, row[width + 2 :], strict=True))
                 self._add(k, _Row(int(row[width]), int(row[width + 1])), extra)
-        self.incidents.last_seen.clear()
-        self.incidents.touched.clear()
-        if saved is not None:
-            self.incidents.last_seen.update(saved.last_seen)
-            return
-        exists = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-            INCIDENTS.split("."),
-        ).fetchall()[0][0]
-        if exists:
-            for key_text, seen in con.execute(
-                f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [RULE]
-            ).fetchall():
-                if seen is not None:
-                    self.incidents.last_seen[str(key_text)] = to_us(seen)
+        self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
         return RuleSaved(self.watermark_us, self.incidents.take_touched())
-
-    # ----------------------------------------------------------- state
-
-    def _add(self, key: Hashable, row: _Row, extra: dict[str, Any]) -> None:
-        self.rows[key] = row
-        self.fields[key] = extra
-        bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
-        heapq.heappush(self.expiry, (row.t, key))
-
-    def _remove(self, key: Hashable) -> None:
-        row = self.rows.pop(key, None)
-        if row is None:
-            return
-        del self.fields[key]
-        entries = self.by_account[row.account]
-        del entries[bisect.bisect_left(entries, (row.t, key))]
-        if not entries:
-            del self.by_account[row.account]
-
-    def _evict(self, horizon_us: int) -> None:
-        while self.expiry and self.expiry[0][0] < horizon_us:
-            t, key = heapq.heappop(self.expiry)
-            row = self.rows.get(key)
-            if row is not None and row.t == t:
-                self._remove(key)
 
     # ----------------------------------------------------------- per batch
 
@@ -237,10 +186,7 @@ class VelocityBurstLane:
             if self.rows.get(key) != row:
                 triggers.append((key, row, end))
         if change.truncated:
-            self.rows.clear()
-            self.fields.clear()
-            self.by_account.clear()
-            self.expiry.clear()
+            self._clear()
         horizon = previous - self.span_us
         for key, (row, matches, extra) in ends.items():
             self._remove(key)
