@@ -23,7 +23,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept, duck_round, duck_text
+from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept
+from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from tests.conftest import PgDatabase
 from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
 from tests.rules.lane_harness import Both, reset_database

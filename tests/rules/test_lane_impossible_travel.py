@@ -20,7 +20,8 @@ import duckdb
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from headrace.rules.lane.impossible_travel import ImpossibleTravelLane, duck_round, epoch
+from headrace.rules.lane.duck_numbers import duck_round
+from headrace.rules.lane.impossible_travel import ImpossibleTravelLane, epoch
 from tests.conftest import PgDatabase
 from tests.rules.bank import T0, Bank, at, open_bank
 from tests.rules.lane_harness import Both, reset_database

@@ -19,7 +19,8 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from headrace.rules.lane.structuring import StructuringLane, duckdb_round1, duckdb_text
+from headrace.rules.lane.duck_numbers import duck_round, duck_text
+from headrace.rules.lane.structuring import StructuringLane
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, at, only, open_bank
 from tests.rules.lane_harness import Both, reset_database
@@ -33,10 +34,11 @@ def _transfer(bank: Bank, account: int, amount: float, seconds: float, **kw: Any
 
 def test_duckdb_text_and_round() -> None:
     """The summary's numbers print as DuckDB's ``format`` prints them."""
-    assert duckdb_round1(900 / 3600) == 0.3  # half away from zero: Python says 0.2
-    assert duckdb_round1(86400 / 3600) == 24.0
-    assert duckdb_text(duckdb_round1(600 / 3600)) == "0.2"
-    assert [duckdb_text(v) for v in (3, 24.0)] == ["3", "24.0"]
+    assert duck_round(900 / 3600, 1) == 0.3  # half away from zero: Python says 0.2
+    assert duck_round(86400 / 3600, 1) == 24.0
+    assert duck_text(duck_round(600 / 3600, 1)) == "0.2"
+    assert [duck_text(v) for v in (3, 24.0)] == ["3", "24.0"]
+    assert duck_round(0.15, 1) == 0.1  # DuckDB rounds the double's exact value (0.1499...)
 
 
 def test_cancelled_and_created_by_updates(pg_db: PgDatabase, tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ import heapq
 import itertools
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 import duckdb
@@ -81,6 +81,7 @@ from headrace.rules.lane.changes import (
     net_change,
 )
 from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import OP, SEQ, ChangeBatch, TableRef, old_name
@@ -131,25 +132,6 @@ class _Tx(NamedTuple):
     account: int | None
     amount: Any
     matches: bool
-
-
-def duck_round(value: float, digits: int = 0) -> float:
-    """DuckDB's ``round`` of a double: the exact binary value rounded half away from zero
-    (so ``round(1.15, 1)`` is 1.1: 1.15 is 1.1499...; not ``std::round(x * 10) / 10``)."""
-    exact = Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
-    return float(exact)
-
-
-def _text(value: Decimal | float) -> str:
-    """``format('{}', x)`` of a decimal or double (DuckDB prints both as a double)."""
-    return repr(float(value))
-
-
-def _literal(value: float) -> Decimal | float:
-    """A config float as DuckDB reads it pasted into SQL: a decimal, or a double in
-    exponent notation."""
-    text = str(value)
-    return float(value) if "e" in text or "n" in text else Decimal(text)
 
 
 def _times(literal: Decimal | float, value: Decimal) -> Decimal | float:
@@ -230,8 +212,8 @@ class AccountTakeoverLane:
         self.failed_window_us = us_delta(config.failed_window)
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
-        self.min_amount = _literal(config.min_amount)
-        self.share = _literal(config.outflow_share)
+        self.min_amount = sql_literal(config.min_amount)
+        self.share = sql_literal(config.outflow_share)
         self.incidents = Incidents(us_delta(config.rearm_after))
 
     def inputs(self) -> tuple[TableRef, ...]:
@@ -695,9 +677,9 @@ class AccountTakeoverLane:
             lsn=end.lsn,
             severity=self.config.severity.value,
             summary=(
-                f"outflow {_text(amount)} = {_text(percent)}% of the balance {_text(balance)} "
-                f"of account {account}, {_text(duck_round(minutes, 1))} min after "
-                f"{' and '.join(reasons)}"
+                f"outflow {duck_text(amount)} = {duck_text(percent)}% of the balance "
+                f"{duck_text(balance)} of account {account}, "
+                f"{duck_text(duck_round(minutes, 1))} min after {' and '.join(reasons)}"
             ),
             numbers=numbers,
             evidence=evidence,

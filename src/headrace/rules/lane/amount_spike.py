@@ -70,7 +70,6 @@ state).
 from __future__ import annotations
 
 import decimal
-import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -84,6 +83,7 @@ from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
@@ -98,45 +98,6 @@ UNITS = 10_000
 """The history sums ``CAST(amount AS DECIMAL(38, 4))``: integers of 1/10,000ths."""
 HORIZON = timedelta(days=1)
 """How far before ``W - lateness`` a transaction is still checked (``evaluate``)."""
-
-_ROUNDING = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_UP)
-"""Enough digits for any double below 2^52 rounded to a few places; ties away from 0."""
-
-
-def duck_round(value: float, places: int) -> float:
-    """DuckDB 2.0.1's ``round(DOUBLE, places)`` for ``places >= 0``.
-
-    Measured against DuckDB over ~10^5 doubles (random bit patterns, amounts, ratios):
-    the exact binary value rounded half away from zero while ``|value * 10^places|``
-    is below 2^52, else ``(value * 10^places) / 10^places`` (from 2^52 on every double is
-    an integer, so the rounding step does nothing). Python's ``round`` differs (ties to
-    even, e.g. ``82.125``), so does the textbook ``std::round(x * m) / m`` (e.g.
-    ``1215.935``: its product rounds up to a tie).
-    """
-    modifier = 10.0**places
-    scaled = value * modifier
-    if abs(scaled) >= 2.0**52:
-        rounded = scaled / modifier
-        return rounded if math.isfinite(rounded) else value
-    step = Decimal(1).scaleb(-places)
-    return float(Decimal(value).quantize(step, context=_ROUNDING))
-
-
-def duck_text(value: object) -> str:
-    """``format('{}', value)`` of a number: DECIMALs and DOUBLEs print as the shortest
-    float repr (``800.00`` prints ``800.0``), integers as they are."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, Decimal | float):
-        return repr(float(value))
-    return str(value)
-
-
-def sql_literal(value: float) -> Decimal | float:
-    """A float of the config as the SQL rule's literal ``{value}`` reads in DuckDB: a
-    DECIMAL when written without exponent, else a DOUBLE."""
-    text = str(value)
-    return float(text) if "e" in text or "n" in text else Decimal(text)
 
 
 def _units(amount: Decimal | float | int) -> int:

@@ -84,7 +84,6 @@ import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 import duckdb
@@ -94,6 +93,7 @@ from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
@@ -105,19 +105,6 @@ PRESENT = "_lane_card_present"
 
 _EXTRA = tuple(name for name in TX_FIELDS if name not in ("account", "t", "country"))
 """The evidence fields kept beside (account, country, t)."""
-
-_ROUNDING = Context(prec=80)
-"""Wide enough for the exact decimal value of any double below 2**53 plus a digit."""
-
-
-def duck_round(value: float, digits: int = 0) -> float:
-    """DuckDB 2's ``round(double, digits)``: the exact decimal value of ``value`` rounded
-    half away from zero (not ``std::round(value * 10**digits)``: ``round(16.65, 1)`` is
-    16.6, since the double 16.65 is below it; Python's ``round`` rounds half to even)."""
-    if not math.isfinite(value) or abs(value) >= 2.0**53:
-        return value  # integral already (or not a number): nothing to round
-    exponent = Decimal(1).scaleb(-digits)
-    return float(Decimal(value).quantize(exponent, rounding=ROUND_HALF_UP, context=_ROUNDING))
 
 
 def epoch(us: int) -> float:

@@ -75,7 +75,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -95,6 +95,7 @@ from headrace.rules.lane.changes import (
     net_change,
 )
 from headrace.rules.lane.condition import arrow_condition
+from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.window import AccountWindows
 from headrace.rules.structuring import Structuring
@@ -119,22 +120,6 @@ class _Row:
     account: int
     t: int
     amount: Amount
-
-
-def duckdb_text(value: Amount) -> str:
-    """A number as DuckDB's ``format('{}', ...)`` prints it: integers as integers,
-    DECIMAL and DOUBLE through a DOUBLE, shortest round-trip (Python's ``repr``)."""
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
-
-
-def duckdb_round1(value: float) -> float:
-    """DuckDB's ``round(x, 1)`` of a DOUBLE: ``std::round(x * 10) / 10`` (half away from
-    zero on the product, which Python's half-even ``round`` is not)."""
-    scaled = value * 10.0
-    rounded = Decimal(scaled).quantize(Decimal(1), rounding=ROUND_HALF_UP)
-    return float(rounded) / 10.0
 
 
 def _window_key(entry: tuple[int, Any]) -> int:
@@ -178,7 +163,7 @@ class StructuringLane(AccountWindows[_Row]):
         self.high_margin = float(self.threshold) + abs(float(self.threshold)) * 1e-9 + 1e-9
         self.window_s = config.window.total_seconds()
         self.window_us = us_delta(config.window)
-        self.hours = duckdb_text(duckdb_round1(self.window_s / 3600))
+        self.hours = duck_text(duck_round(self.window_s / 3600, 1))
         self.span_us = us_delta(config.window + self.rules.lateness)
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
@@ -348,8 +333,8 @@ class StructuringLane(AccountWindows[_Row]):
         amounts = [self.rows[k].amount for _, k in window]
         total = sum(amounts[1:], amounts[0])
         summary = (
-            f"{n} transactions of {duckdb_text(min(amounts))} to {duckdb_text(max(amounts))} "
-            f"(total {duckdb_text(total)}) within {self.hours} h on account {row.account}"
+            f"{n} transactions of {duck_text(min(amounts))} to {duck_text(max(amounts))} "
+            f"(total {duck_text(total)}) within {self.hours} h on account {row.account}"
         )
         return LaneAlert(
             rule=RULE,
