@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from headrace.errors import ConfigError
 from headrace.jobs.runtime import StreamJobs
 from headrace.pipeline.load import parse_pipeline
 from headrace.rules.config import IN_MEMORY_RULES, RulesConfig
+from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.evaluators import make_evaluator
 from tests.rules.bank import TABLES
 
@@ -47,3 +49,8 @@ def test_the_engine_leaves_in_memory_rules_out() -> None:
         + "rules:\n  in_memory: [velocity_burst]\n  velocity_burst: {}\n"
     )
     assert "rules" not in [job.name for job in StreamJobs.from_config(only_lane).jobs]
+
+
+def test_a_condition_the_lane_cannot_compile_says_what_to_do() -> None:
+    with pytest.raises(ConfigError, match="rules.in_memory"):
+        arrow_condition("type LIKE 'x%'")

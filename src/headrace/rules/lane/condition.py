@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlglot import exp
 
+from headrace.errors import ConfigError
 from headrace.pipeline.expressions import parse_row_expression
 
 RowCondition = Callable[[pa.Table], Any]
@@ -46,8 +47,9 @@ def _compile(node: exp.Expr) -> RowCondition:  # noqa: PLR0911 - one return per 
         this = _compile(node.this)
         literals = [v for v in node.expressions if isinstance(v, exp.Literal)]
         if len(literals) != len(node.expressions):
-            raise NotImplementedError(
-                "the rules lane needs literals in IN lists (use the SQL rule for this condition)"
+            raise ConfigError(
+                f"the rules lane cannot evaluate {node.sql('duckdb')!r}: IN needs literals",
+                "remove the rule from rules.in_memory to run it as SQL, or write the list out",
             )
         values = pa.array([v.this if v.is_string else float(v.this) for v in literals])
         return lambda table: pc.is_in(this(table), value_set=values)
@@ -68,4 +70,8 @@ def _compile(node: exp.Expr) -> RowCondition:  # noqa: PLR0911 - one return per 
         if isinstance(node, kind):
             left, right = _compile(node.this), _compile(node.expression)
             return lambda table: function(left(table), right(table))
-    raise NotImplementedError(f"the rules lane cannot evaluate {node.sql('duckdb')!r}")
+    raise ConfigError(
+        f"the rules lane cannot evaluate {node.sql('duckdb')!r} (it compiles columns, literals, "
+        "comparisons, IN, AND, OR, NOT)",
+        "remove the rule from rules.in_memory to run it as SQL, or rewrite the condition",
+    )
