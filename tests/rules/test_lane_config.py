@@ -52,5 +52,5 @@ def test_the_engine_leaves_in_memory_rules_out() -> None:
 
 
 def test_a_condition_the_lane_cannot_compile_says_what_to_do() -> None:
-    with pytest.raises(ConfigError, match="rules.in_memory"):
+    with pytest.raises(ConfigError, match=r"rules\.in_memory"):
         arrow_condition("type LIKE 'x%'")
