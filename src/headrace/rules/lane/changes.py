@@ -15,6 +15,7 @@ import json
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -25,21 +26,53 @@ from headrace.source.changes import COMMIT_TS, LSN, OP, SEQ, ChangeBatch, TableR
 from headrace.store.duckdb.schema import META
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class End:
-    """A key's end row in the batch (``values`` None: deleted)."""
+    """One key's end row in the batch (``values`` None: deleted), for the paths that
+    are not per row (building an alert); the per-row paths read :class:`NetChange`'s
+    columns."""
 
     values: dict[str, object] | None
     commit_us: int
     lsn: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NetChange:
-    """Per touched key its end row, in change order; whether a truncate came first."""
+    """Per touched key its end row, in change order; whether a truncate came first.
 
-    ends: dict[Hashable, End]
+    Columnar, so that an evaluator's loop reads lists and builds nothing per row: the
+    ``j``-th touched key ``keys[j]`` last changed in row ``rows[j]`` of the batch and
+    exists after it when ``live[j]`` (False: deleted). Row ``i``'s values are
+    ``columns[name][i]`` (the columns and conditions the caller asked for), its commit
+    time and LSN ``commits[i]`` and ``lsns[i]``.
+    """
+
+    keys: list[Hashable]
+    rows: list[int]
+    live: list[bool]
+    columns: dict[str, list[Any]]
+    commits: list[int]
+    lsns: list[int]
     truncated: bool
+    newest_mark: int | None
+    """``max(least(t, commit_ts))`` over the live end rows (NULL ``t``: the commit time),
+    the rule watermark's step (``RuleJob.advance``); None when no row is live or no
+    ``mark`` column was named."""
+
+    def end(self, j: int) -> End:
+        """The ``j``-th touched key's end row as a dict (not for per-row paths)."""
+        i = self.rows[j]
+        values = (
+            {name: column[i] for name, column in self.columns.items()} if self.live[j] else None
+        )
+        return End(values, self.commits[i], self.lsns[i])
+
+    def live_rows(self) -> list[tuple[Hashable, int]]:
+        """``(key, row)`` of every key that exists after the batch."""
+        return [
+            (k, i) for k, i, alive in zip(self.keys, self.rows, self.live, strict=True) if alive
+        ]
 
 
 def keys_of(data: pa.Table, columns: Sequence[str]) -> list[Hashable]:
@@ -61,11 +94,17 @@ class _Decoded:
     data: pa.Table
     commits: list[int]
     lsns: list[int]
-    last: dict[Hashable, tuple[int, bool]]
-    """Per touched key: the index of its last change, and whether that deleted it."""
+    keys: list[Hashable]
+    """The touched keys, in order of their first change (after a truncate)."""
+    rows: list[int]
+    """Per touched key: the index of its last change."""
+    live: list[bool]
+    """Per touched key: whether it exists after the batch (its last change did not
+    delete it)."""
     truncated: bool
     lists: dict[tuple[str, Convert | None], list[object]] = field(default_factory=dict)
     met: dict[RowCondition, list[bool]] = field(default_factory=dict)
+    marks: dict[str, int | None] = field(default_factory=dict)
 
     def column(self, name: str, convert: Convert | None) -> list[object]:
         found = self.lists.get((name, convert))
@@ -85,6 +124,21 @@ class _Decoded:
                 found = [bool(v) for v in pc.fill_null(met, False).to_pylist()]
             self.met[condition] = found
         return found
+
+    def newest_mark(self, time: str) -> int | None:
+        """``max(least(time, commit_ts))`` over the live end rows, in Arrow."""
+        if time not in self.marks:
+            live = pa.array(
+                [i for i, alive in zip(self.rows, self.live, strict=True) if alive], pa.int64()
+            )
+            mark: int | None = None
+            if len(live):
+                t = micros(self.data.column(time).take(live))
+                commits = self.data.column(COMMIT_TS).take(live).cast(pa.int64())
+                newest = pc.max(pc.min_element_wise(t, commits)).as_py()
+                mark = None if newest is None else int(newest)
+            self.marks[time] = mark
+        return self.marks[time]
 
 
 _cache = threading.local()
@@ -130,8 +184,10 @@ def _decode(batch: ChangeBatch, ref: TableRef) -> _Decoded | None:
         if op != "D":
             last[new_keys[i]] = (i, False)
     commits = data.column(COMMIT_TS).cast(pa.int64()).to_pylist()
-    lsns = [int(v) for v in data.column(LSN).to_pylist()]
-    return _Decoded(data, commits, lsns, last, truncated)
+    lsns = data.column(LSN).cast(pa.int64()).to_pylist()
+    rows = [i for i, _ in last.values()]
+    live = [not deleted for _, deleted in last.values()]
+    return _Decoded(data, commits, lsns, list(last), rows, live, truncated)
 
 
 def net_change(
@@ -139,29 +195,35 @@ def net_change(
     ref: TableRef,
     columns: Mapping[str, Convert | None],
     conditions: Mapping[str, RowCondition] | None = None,
+    mark: str | None = None,
 ) -> NetChange | None:
     """The batch's net change of ``ref`` (None: the batch has no change of it).
 
     ``columns`` maps each source column the caller reads to how it wants it (``None``:
     as it comes); ``conditions`` (name -> compiled row condition) are evaluated over
-    the rows and given as booleans (NULL: false) under their names. The batch is decoded
-    once per table for every caller (the lane's evaluators read the same batch), and
-    each column and condition once.
+    the rows and given as booleans (NULL: false) under their names; ``mark`` names the
+    event-time column of :attr:`NetChange.newest_mark`. The batch is decoded once per
+    table for every caller (the lane's evaluators read the same batch), and each
+    column, condition and mark once.
     """
     decoded = _decoded(batch, ref)
     if decoded is None:
         return None
-    read: dict[str, list[object]] = {
+    read: dict[str, list[Any]] = {
         name: decoded.column(name, convert) for name, convert in columns.items()
     }
     for name, condition in (conditions or {}).items():
-        read[name] = list(decoded.condition(condition))
-    commits, lsns = decoded.commits, decoded.lsns
-    ends: dict[Hashable, End] = {}
-    for key, (i, deleted) in decoded.last.items():
-        values = None if deleted else {name: read[name][i] for name in read}
-        ends[key] = End(values, commits[i], lsns[i])
-    return NetChange(ends, decoded.truncated)
+        read[name] = decoded.condition(condition)
+    return NetChange(
+        keys=decoded.keys,
+        rows=decoded.rows,
+        live=decoded.live,
+        columns=read,
+        commits=decoded.commits,
+        lsns=decoded.lsns,
+        truncated=decoded.truncated,
+        newest_mark=None if mark is None else decoded.newest_mark(mark),
+    )
 
 
 def micros(column: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -51,17 +51,17 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, field_lists, field_of
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -71,8 +71,7 @@ MATCHES = "_lane_matches"
 """Name of the rule's ``where`` among a net change's values."""
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):
     """What decides a trigger: the account and the event time (µs)."""
 
     account: int
@@ -106,6 +105,11 @@ class VelocityBurstLane(AccountWindows[_Row]):
             "channel": tx.channel,
             "type": tx.type,
         }
+        self.others = [name for name in self.columns if name not in ("account", "t")]
+        """The evidence fields (every column but the account and the time)."""
+        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        self.wanted[self.columns["account"]] = integers
+        self.wanted[self.columns["t"]] = micros
         self.where = arrow_condition(burst.where)
         # the candidates statement joins on whole seconds (VALUES of int seconds)
         self.limits = [(int(limit.window.total_seconds()), limit.count) for limit in burst.limits]
@@ -147,11 +151,11 @@ class VelocityBurstLane(AccountWindows[_Row]):
                 [from_us(self.watermark_us - self.span_us)],
             )
             width = len(key)
-            others = [n for n in self.columns if n not in ("account", "t")]
-            for row in cursor.fetchall():
+            found = cursor.fetchall()
+            lists = field_lists(found, self.others, width + 2)
+            for i, row in enumerate(found):
                 k: Hashable = row[0] if width == 1 else tuple(row[:width])
-                extra = dict(zip(others, row[width + 2 :], strict=True))
-                self._add(k, _Row(int(row[width]), int(row[width + 1])), extra)
+                self._add(k, _Row(int(row[width]), int(row[width + 1])), (lists, i))
         self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
@@ -162,59 +166,53 @@ class VelocityBurstLane(AccountWindows[_Row]):
 
     def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
-        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        wanted[self.columns["account"]] = integers
-        wanted[self.columns["t"]] = micros
-        change = net_change(batch, self.ref, wanted, {MATCHES: self.where})
+        change = net_change(
+            batch, self.ref, self.wanted, {MATCHES: self.where}, mark=self.columns["t"]
+        )
         if change is None:
             return []
         previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
-        if marks:
-            newest = max(marks)
+        newest = change.newest_mark
+        if newest is not None:
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
         # Triggers read the start rows, the table as it was before the batch (the engine's
         # TableDelta.start), even when the batch truncates it: before the state changes.
         cutoff = previous - self.lateness_us
-        triggers: list[tuple[Hashable, _Row, End]] = []
-        ends: dict[Hashable, tuple[_Row | None, bool, dict[str, Any]]] = {}
-        for key, end in change.ends.items():
-            row, matches, extra = self._row(end)
-            ends[key] = (row, matches, extra)
-            if row is None or not matches or row.t < cutoff:
-                continue
-            if self.rows.get(key) != row:
-                triggers.append((key, row, end))
+        columns = change.columns
+        accounts, times, matches = (
+            columns[self.columns["account"]],
+            columns[self.columns["t"]],
+            columns[MATCHES],
+        )
+        lists = {name: columns[self.columns[name]] for name in self.others}
+        triggers: list[tuple[Hashable, _Row, int]] = []
+        ends: list[tuple[Hashable, _Row | None, int]] = []
+        held = self.rows.get
+        for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
+            # a row that does not match, or has no account or time, neither triggers
+            # nor counts: as a deleted one
+            row = None
+            if alive and matches[i]:
+                account, t = accounts[i], times[i]
+                if account is not None and t is not None:
+                    row = _Row(account, t)
+            ends.append((key, row, i))
+            if row is not None and row.t >= cutoff and held(key) != row:
+                triggers.append((key, row, i))
         if change.truncated:
             self._clear()
         horizon = previous - self.span_us
-        for key, (row, matches, extra) in ends.items():
+        for key, row, i in ends:
             self._remove(key)
-            if row is not None and matches and row.t >= horizon:
-                self._add(key, row, extra)
+            if row is not None and row.t >= horizon:
+                self._add(key, row, (lists, i))
         self._evict(horizon)
-        found = [self._candidate(*trigger) for trigger in triggers]
+        found = [
+            self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
+        ]
         return self.incidents.open([c for c in found if c is not None])
 
-    def _mark(self, end: End) -> int:
-        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
-
-    def _row(self, end: End) -> tuple[_Row | None, bool, dict[str, Any]]:
-        values = end.values
-        if values is None:
-            return None, False, {}
-        account, t = values[self.columns["account"]], values[self.columns["t"]]
-        extra = {
-            name: values[column]
-            for name, column in self.columns.items()
-            if name not in ("account", "t")
-        }
-        row = None if account is None or t is None else _Row(int(str(account)), int(str(t)))
-        return row, bool(values[MATCHES]), extra
-
-    def _candidate(self, key: Hashable, row: _Row, end: End) -> LaneAlert | None:
+    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
         entries = self.by_account.get(row.account, [])
         # every entry of time <= t (keys compare only among equal times)
         upper = bisect.bisect_right(entries, (row.t, _Top()))
@@ -239,8 +237,8 @@ class VelocityBurstLane(AccountWindows[_Row]):
             trigger=key,
             event_us=row.t,
             started_us=window[0][0],
-            commit_us=end.commit_us,
-            lsn=end.lsn,
+            commit_us=commit_us,
+            lsn=lsn,
             severity=self.config.severity.value,
             summary=(
                 f"{n} transactions in {-minus_seconds} s on account {row.account} (limit {count})"
@@ -255,7 +253,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
         )
 
     def _amount(self, key: Hashable) -> Decimal:
-        value = self.fields[key]["amount"]
+        value = field_of(self.fields[key], "amount")
         return Decimal(0) if value is None else Decimal(str(value))
 
     def _evidence(self, t: int, key: Hashable) -> dict[str, Any]:
@@ -265,7 +263,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             "id": key,
             "at": from_us(t),
             "account": row.account,
-            **{name: fields[name] for name in TX_FIELDS if name not in ("account", "t")},
+            **{name: field_of(fields, name) for name in TX_FIELDS if name not in ("account", "t")},
         }
 
 

@@ -28,6 +28,23 @@ class Timed(Protocol):
 
 Row = TypeVar("Row", bound=Timed)
 
+Fields = tuple[dict[str, list[Any]], int]
+"""A window row's evidence fields, kept by reference to its batch's columns: ``(lists,
+i)`` with ``lists`` the columns by the rule's field name and ``i`` the row (no dict
+built per row; the lists are shared by every row of the batch)."""
+
+
+def field_of(fields: Fields, name: str) -> Any:
+    """One evidence field of a window row."""
+    lists, i = fields
+    return lists[name][i]
+
+
+def field_lists(rows: list[tuple[Any, ...]], names: list[str], first: int) -> dict[str, list[Any]]:
+    """Columns ``names`` of query result ``rows`` (from position ``first``) as lists
+    (the seed's :data:`Fields`)."""
+    return {name: [row[first + n] for row in rows] for n, name in enumerate(names)}
+
 
 @dataclass
 class AccountWindows(Generic[Row]):
@@ -37,7 +54,7 @@ class AccountWindows(Generic[Row]):
 
     rows: dict[Hashable, Row] = field(default_factory=dict, init=False)
     """key -> the row (what decides a trigger)."""
-    fields: dict[Hashable, dict[str, Any]] = field(default_factory=dict, init=False)
+    fields: dict[Hashable, Fields] = field(default_factory=dict, init=False)
     """key -> the row's evidence fields."""
     by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict, init=False)
     """Each account's rows as sorted (t, key) pairs."""
@@ -50,7 +67,7 @@ class AccountWindows(Generic[Row]):
         self.by_account.clear()
         self.expiry.clear()
 
-    def _add(self, key: Hashable, row: Row, extra: dict[str, Any]) -> None:
+    def _add(self, key: Hashable, row: Row, extra: Fields) -> None:
         self.rows[key] = row
         self.fields[key] = extra
         bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
