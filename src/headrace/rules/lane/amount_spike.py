@@ -74,14 +74,21 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, NamedTuple
 
 import duckdb
 
 from headrace.rules.base import EARLIEST
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import (
+    Convert,
+    NetChange,
+    integers,
+    key_columns,
+    micros,
+    net_change,
+)
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
@@ -106,8 +113,7 @@ def _units(amount: Decimal | float | int) -> int:
     return int(exact.to_integral_value(rounding=decimal.ROUND_HALF_UP))
 
 
-@dataclass(frozen=True, slots=True)
-class _Kept:
+class _Kept(NamedTuple):
     """A row matching ``where`` as a start row: what the triggers and the history read.
 
     The amount is kept as the history's integer 1/10,000ths (no ``Decimal`` per row: this
@@ -122,19 +128,19 @@ class _Kept:
     """The amount when ``units`` rounded it (more than 4 decimals), else None."""
     in_history: bool
 
-    @classmethod
-    def of(cls, account: int | None, amount: Any, in_history: bool) -> _Kept:
+    @staticmethod
+    def of(account: int | None, amount: Any, in_history: bool) -> _Kept:
         if amount is None:
-            return cls(account, None, None, in_history)
+            return _Kept(account, None, None, in_history)
         # The exact ratio first: ~1 us where Decimal arithmetic takes ~3 (once per row).
         numerator, denominator = amount.as_integer_ratio()
         if UNITS % denominator == 0:
-            return cls(account, numerator * (UNITS // denominator), None, in_history)
-        return cls(account, _units(amount), Decimal(amount), in_history)
+            return _Kept(account, numerator * (UNITS // denominator), None, in_history)
+        return _Kept(account, _units(amount), Decimal(amount), in_history)
 
     def same(self, other: _Kept) -> bool:
         """Same account and amount (SQL: neither ``IS DISTINCT FROM`` the other's)."""
-        return (self.account, self.units, self.exact) == (other.account, other.units, other.exact)
+        return self[:3] == other[:3]
 
 
 @dataclass
@@ -178,6 +184,9 @@ class AmountSpikeLane:
         # ``{factor} * mean``: a DECIMAL (or DOUBLE) literal times a DOUBLE is a DOUBLE
         self.factor = float(sql_literal(spike.factor))
         self.incidents = Incidents(us_delta(spike.rearm_after))
+        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        self.wanted[self.columns["account"]] = integers
+        self.wanted[self.columns["t"]] = micros
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -238,63 +247,60 @@ class AmountSpikeLane:
 
     def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
-        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        wanted[self.columns["account"]] = integers
-        wanted[self.columns["t"]] = micros
-        change = net_change(batch, self.ref, wanted, self.conditions)
+        change = net_change(batch, self.ref, self.wanted, self.conditions, mark=self.columns["t"])
         if change is None:
             return []
         previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
-        if marks:
-            newest = max(marks)
+        newest = change.newest_mark
+        if newest is not None:
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
         # Triggers and candidates read the start rows and the history before the batch
         # (also when it truncates: the start rows are then the whole mirror before it).
         cutoff = previous - self.horizon_us
+        columns = change.columns
+        accounts, times = columns[self.columns["account"]], columns[self.columns["t"]]
+        amounts, matches, history = (
+            columns[self.columns["amount"]],
+            columns[MATCHES],
+            columns[HISTORY],
+        )
         found: list[LaneAlert] = []
-        kept: dict[Hashable, _Kept | None] = {}
-        for key, end in change.ends.items():
-            values = end.values
-            if values is None or not values[MATCHES]:
-                kept[key] = None  # deleted, or not matching ``where``: not kept
+        kept: list[tuple[Hashable, _Kept | None]] = []
+        held = self.rows.get
+        for j, (key, i, alive) in enumerate(
+            zip(change.keys, change.rows, change.live, strict=True)
+        ):
+            if not alive or not matches[i]:
+                kept.append((key, None))  # deleted, or not matching ``where``: not kept
                 continue
-            account = values[self.columns["account"]]
-            row = _Kept.of(
-                cast(int | None, account),
-                values[self.columns["amount"]],
-                bool(values[HISTORY]),
-            )
-            kept[key] = row
-            t = values[self.columns["t"]]
-            if t is None or cast(int, t) < cutoff:
+            row = _Kept.of(accounts[i], amounts[i], history[i])
+            kept.append((key, row))
+            t = times[i]
+            if t is None or t < cutoff:
                 continue
-            start = self.rows.get(key)
+            start = held(key)
             if start is not None and start.same(row):
                 continue
-            candidate = self._candidate(key, end, values)
+            candidate = self._candidate(key, row, t, change, j)
             if candidate is not None:
                 found.append(candidate)
         # The rule's ``after``: the history (and the start rows) as of after the batch.
         if change.truncated:
             self.rows.clear()
             self.history.clear()
-        for key, row_or_none in kept.items():
+        for key, row_or_none in kept:
             self._remove(key)
             if row_or_none is not None:
                 self._add(key, row_or_none)
         return self.incidents.open(found)
 
-    def _mark(self, end: End) -> int:
-        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(cast(int, t), end.commit_us)
-
-    def _candidate(self, key: Hashable, end: End, values: dict[str, Any]) -> LaneAlert | None:
-        account, amount = values[self.columns["account"]], values[self.columns["amount"]]
-        if account is None or amount is None:
+    def _candidate(
+        self, key: Hashable, row: _Kept, t: int, change: NetChange, j: int
+    ) -> LaneAlert | None:
+        """The alert of trigger ``row`` (the ``j``-th key of ``change``), if it spikes."""
+        account = row.account
+        if account is None or row.units is None:
             return None
-        account = cast(int, account)
         sums = self.history.get(account)
         if sums is None:
             return None
@@ -302,6 +308,7 @@ class AmountSpikeLane:
         mean = total / UNITS / n if n else 0.0
         if n < self.config.min_history or not mean > 0:
             return None
+        amount = change.columns[self.columns["amount"]][change.rows[j]]
         amount_float = float(amount)
         if not amount_float >= self.factor * mean:
             return None
@@ -310,9 +317,9 @@ class AmountSpikeLane:
             if isinstance(self.min_amount, float)
             else Decimal(amount) < self.min_amount
         )
-        if below:
+        end = change.end(j)
+        if below or end.values is None:  # (a trigger is a live row: values are never None)
             return None
-        t = cast(int, values[self.columns["t"]])
         ratio = amount_float / mean
         trigger = key[0] if isinstance(key, tuple) else key
         return LaneAlert(
@@ -338,7 +345,7 @@ class AmountSpikeLane:
                 "min_amount": self.config.min_amount,
                 "history": n,
             },
-            evidence=[self._evidence(trigger, t, account, values)],
+            evidence=[self._evidence(trigger, t, account, end.values)],
         )
 
     def _evidence(

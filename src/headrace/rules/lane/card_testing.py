@@ -72,17 +72,17 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import RowCondition, arrow_condition
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, field_lists, field_of
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -98,8 +98,7 @@ OTHERS = tuple(name for name in TX_FIELDS if name not in ("account", "t"))
 """The evidence fields kept beside account and time."""
 
 
-@dataclass(frozen=True)
-class _Attempt:
+class _Attempt(NamedTuple):
     """One attempt of the window state: what decides a trigger (account, time, amount,
     merchant) and what the numbers count (small, declined)."""
 
@@ -150,6 +149,9 @@ class CardTestingLane(AccountWindows[_Attempt]):
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
         self.incidents = Incidents(us_delta(config.rearm_after))
+        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        self.wanted[self.columns["account"]] = integers
+        self.wanted[self.columns["t"]] = micros
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -194,12 +196,16 @@ class CardTestingLane(AccountWindows[_Attempt]):
             [from_us(watermark_us - self.span_us)],
         )
         width = len(key)
-        for row in cursor.fetchall():
+        found = cursor.fetchall()
+        lists = field_lists(found, list(OTHERS), width + 3)
+        amounts, merchants = lists["amount"], lists["merchant"]
+        for i, row in enumerate(found):
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, t_us, declined = row[width : width + 3]
-            extra = dict(zip(OTHERS, row[width + 3 :], strict=True))
-            attempt = self._make(int(account), int(t_us), extra, bool(declined))
-            self._add(k, attempt, extra)
+            amount = amounts[i]
+            small = amount is not None and amount < self.small_amount
+            attempt = _Attempt(int(account), int(t_us), amount, merchants[i], small, bool(declined))
+            self._add(k, attempt, (lists, i))
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
@@ -209,67 +215,59 @@ class CardTestingLane(AccountWindows[_Attempt]):
 
     def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
-        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        wanted[self.columns["account"]] = integers
-        wanted[self.columns["t"]] = micros
-        change = net_change(batch, self.ref, wanted, self.conditions)
+        change = net_change(batch, self.ref, self.wanted, self.conditions, mark=self.columns["t"])
         if change is None:
             return []
         previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
-        if marks:
-            newest = max(marks)
+        newest = change.newest_mark
+        if newest is not None:
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
         # Triggers compare with the start rows (the table before the batch, a truncate in
         # it or not): before the state is updated.
         cutoff = previous - self.lateness_us
-        triggers: list[tuple[Hashable, _Attempt, End]] = []
-        ends: dict[Hashable, tuple[_Attempt | None, dict[str, Any]]] = {}
-        for key, end in change.ends.items():
-            attempt, extra = self._attempt(end)
-            ends[key] = (attempt, extra)
+        columns = change.columns
+        online, declined = columns[ONLINE], columns[DECLINED]
+        declines = columns.get(DECLINES)
+        accounts, times = columns[self.columns["account"]], columns[self.columns["t"]]
+        amounts, merchants = columns[self.columns["amount"]], columns[self.columns["merchant"]]
+        lists = {name: columns[self.columns[name]] for name in OTHERS}
+        small_amount = self.small_amount
+        triggers: list[tuple[Hashable, _Attempt, int]] = []
+        ends: list[tuple[Hashable, _Attempt | None, int]] = []
+        held = self.rows.get
+        for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
+            # an attempt: online, small or a counted decline, with an account and a time
+            # (else it never joins a window nor completes one); most rows of a payments
+            # stream are not online
+            attempt = None
+            if alive and online[i]:
+                account, t, amount = accounts[i], times[i], amounts[i]
+                small = amount is not None and amount < small_amount
+                if account is not None and t is not None and (small or (declines and declines[i])):
+                    attempt = _Attempt(account, t, amount, merchants[i], small, declined[i])
+            ends.append((key, attempt, i))
             if attempt is None or attempt.t < cutoff:
                 continue
-            before = self.rows.get(key)
+            before = held(key)
             if before is None or before.watched() != attempt.watched():
-                triggers.append((key, attempt, end))
+                triggers.append((key, attempt, i))
         if change.truncated:
             self._clear()
         horizon = previous - self.span_us
-        for key, (attempt, extra) in ends.items():
+        for key, attempt, i in ends:
             self._remove(key)
             if attempt is not None and attempt.t >= horizon:
-                self._add(key, attempt, extra)
+                self._add(key, attempt, (lists, i))
         self._evict(horizon)
-        found = [self._candidate(*trigger) for trigger in triggers]
+        found = [
+            self._candidate(key, attempt, change.commits[i], change.lsns[i])
+            for key, attempt, i in triggers
+        ]
         return self.incidents.open([c for c in found if c is not None])
 
-    def _mark(self, end: End) -> int:
-        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
-
-    def _make(self, account: int, t: int, extra: dict[str, Any], declined: bool) -> _Attempt:
-        amount = extra["amount"]
-        small = amount is not None and amount < self.small_amount
-        return _Attempt(account, t, amount, extra["merchant"], small, declined)
-
-    def _attempt(self, end: End) -> tuple[_Attempt | None, dict[str, Any]]:
-        """The end row as an attempt and its evidence fields (None: deleted, no attempt,
-        or no account or time: such a row never joins a window nor completes one)."""
-        values = end.values
-        if values is None or not values[ONLINE]:
-            return None, {}  # most rows of a payments stream: no dict built for them
-        account, t = values[self.columns["account"]], values[self.columns["t"]]
-        if account is None or t is None:
-            return None, {}
-        extra = {name: values[self.columns[name]] for name in OTHERS}
-        attempt = self._make(int(str(account)), int(str(t)), extra, bool(values[DECLINED]))
-        if not (attempt.small or values.get(DECLINES, False)):
-            return None, {}
-        return attempt, extra
-
-    def _candidate(self, key: Hashable, row: _Attempt, end: End) -> LaneAlert | None:
+    def _candidate(
+        self, key: Hashable, row: _Attempt, commit_us: int, lsn: int
+    ) -> LaneAlert | None:
         entries = self.by_account.get(row.account, [])
         # every entry of time <= t (keys compare only among equal times)
         upper = bisect.bisect_right(entries, (row.t, _Top()))
@@ -292,8 +290,8 @@ class CardTestingLane(AccountWindows[_Attempt]):
             trigger=_first(key),
             event_us=row.t,
             started_us=window[0][0],
-            commit_us=end.commit_us,
-            lsn=end.lsn,
+            commit_us=commit_us,
+            lsn=lsn,
             severity=config.severity.value,
             summary=(
                 f"{n} small or declined online attempts at {merchants} merchants within "
@@ -317,7 +315,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
             "id": _first(key),
             "at": from_us(t),
             "account": row.account,
-            **{name: fields[name] for name in OTHERS},
+            **{name: field_of(fields, name) for name in OTHERS},
         }
 
 

@@ -84,17 +84,18 @@ import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, End, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.window import Fields, field_lists, field_of
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -118,8 +119,7 @@ def _first(key: Hashable) -> Hashable:
     return key[0] if isinstance(key, tuple) else key
 
 
-@dataclass(frozen=True)
-class _Use:
+class _Use(NamedTuple):
     """A use: a card-present row's account, country and event time (µs)."""
 
     account: int
@@ -127,8 +127,7 @@ class _Use:
     t: int
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):
     """What decides a trigger and the countries: a card-present row's account, country and
     event time (µs; NULL possible in a schema allowing it: then it is no use)."""
 
@@ -151,7 +150,7 @@ class ImpossibleTravelLane:
     """Every card-present row of the table (the countries' start rows, the triggers')."""
     countries: dict[int, dict[str | None, int]] = field(default_factory=dict)
     """Per account, its card-present rows per country (only counts above zero)."""
-    uses: dict[Hashable, tuple[_Use, dict[str, Any]]] = field(default_factory=dict)
+    uses: dict[Hashable, tuple[_Use, Fields]] = field(default_factory=dict)
     """The uses (card present, within the span): key -> (row, evidence fields)."""
     by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
     """Each account's uses as sorted (t, key) pairs."""
@@ -183,6 +182,9 @@ class ImpossibleTravelLane:
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
         self.incidents = Incidents(us_delta(travel.rearm_after))
+        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        self.wanted[self.columns["account"]] = integers
+        self.wanted[self.columns["t"]] = micros
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -216,14 +218,16 @@ class ImpossibleTravelLane:
                   AND "{self.columns["account"]}" IS NOT NULL"""
         )
         horizon = None if self.watermark_us is None else self.watermark_us - self.span_us
-        for row in cursor.fetchall():
+        found = cursor.fetchall()
+        lists = field_lists(found, list(_EXTRA), width + 3)
+        for i, row in enumerate(found):
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, country, at = row[width : width + 3]
             present = _Row(int(account), country, None if at is None else int(at))
             self._count(k, present)
             use = present.use()
             if horizon is not None and use is not None and use.t >= horizon:
-                self._add(k, use, dict(zip(_EXTRA, row[width + 3 :], strict=True)))
+                self._add(k, use, (lists, i))
         self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
@@ -248,7 +252,7 @@ class ImpossibleTravelLane:
             if not seen:
                 del self.countries[row.account]
 
-    def _add(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> None:
+    def _add(self, key: Hashable, use: _Use, extra: Fields) -> None:
         self.uses[key] = (use, extra)
         bisect.insort(self.by_account.setdefault(use.account, []), (use.t, key))
         heapq.heappush(self.expiry, (use.t, key))
@@ -274,77 +278,66 @@ class ImpossibleTravelLane:
 
     def apply(self, batch: ChangeBatch) -> list[LaneAlert]:
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
-        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        wanted[self.columns["account"]] = integers
-        wanted[self.columns["t"]] = micros
-        change = net_change(batch, self.ref, wanted, {PRESENT: self.card_present})
+        change = net_change(
+            batch, self.ref, self.wanted, {PRESENT: self.card_present}, mark=self.columns["t"]
+        )
         if change is None:
             return []
         previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
-        if marks:
-            newest = max(marks)
+        newest = change.newest_mark
+        if newest is not None:
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
         # Triggers compare with the start rows: the card-present rows before the batch
         # (on a truncate too: the engine's start rows are then the whole table).
         cutoff = previous - self.lateness_us
-        triggers: list[tuple[Hashable, _Use, End, dict[str, Any]]] = []
-        ends: dict[Hashable, tuple[_Row | None, dict[str, Any]]] = {}
-        for key, end in change.ends.items():
-            row, extra = self._row(end)
-            ends[key] = (row, extra)
+        columns = change.columns
+        present, accounts = columns[PRESENT], columns[self.columns["account"]]
+        countries, times = columns[self.columns["country"]], columns[self.columns["t"]]
+        lists = {name: columns[self.columns[name]] for name in _EXTRA}
+        triggers: list[tuple[Hashable, _Use, int]] = []
+        ends: list[tuple[Hashable, _Row | None, int]] = []
+        held = self.present.get
+        for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
+            # the end row: None when deleted, not card present, or without an account
+            row = None
+            if alive and present[i]:
+                account = accounts[i]
+                if account is not None:
+                    country = countries[i]
+                    row = _Row(account, None if country is None else str(country), times[i])
+            ends.append((key, row, i))
             use = None if row is None else row.use()
-            if use is None or use.t < cutoff:
-                continue
-            if self.present.get(key) != row:
-                triggers.append((key, use, end, extra))
+            if use is not None and use.t >= cutoff and held(key) != row:
+                triggers.append((key, use, i))
         # The uses are read as of after the batch (RecentTransactions.update runs first).
         horizon = previous - self.span_us
         if change.truncated:
             self.uses.clear()
             self.by_account.clear()
             self.expiry.clear()
-        for key, (row, extra) in ends.items():
+        for key, row, i in ends:
             self._remove(key)
             use = None if row is None else row.use()
             if use is not None and use.t >= horizon:
-                self._add(key, use, extra)
+                self._add(key, use, (lists, i))
         self._evict(horizon)
-        found = [self._candidate(*trigger) for trigger in triggers]
+        found = [
+            self._candidate(key, use, change.commits[i], change.lsns[i], (lists, i))
+            for key, use, i in triggers
+        ]
         opened = self.incidents.open([c for c in found if c is not None])
         # The countries are read as of before the batch (the rule's ``after`` hook).
         if change.truncated:
             self.present.clear()
             self.countries.clear()
-        for key, (row, _) in ends.items():
+        for key, row, _ in ends:
             self._uncount(key)
             if row is not None:
                 self._count(key, row)
         return opened
 
-    def _mark(self, end: End) -> int:
-        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
-
-    def _row(self, end: End) -> tuple[_Row | None, dict[str, Any]]:
-        """The end row (None: deleted, not card present, or no account), its evidence."""
-        values = end.values
-        if values is None or not values[PRESENT]:
-            return None, {}
-        account, t = values[self.columns["account"]], values[self.columns["t"]]
-        if account is None:
-            return None, {}
-        country = values[self.columns["country"]]
-        row = _Row(
-            int(str(account)),
-            None if country is None else str(country),
-            None if t is None else int(str(t)),
-        )
-        return row, {name: values[self.columns[name]] for name in _EXTRA}
-
     def _candidate(
-        self, key: Hashable, use: _Use, end: End, extra: dict[str, Any]
+        self, key: Hashable, use: _Use, commit_us: int, lsn: int, extra: Fields
     ) -> LaneAlert | None:
         config = self.config
         entries = self.by_account.get(use.account, [])
@@ -391,8 +384,8 @@ class ImpossibleTravelLane:
             trigger=_first(key),
             event_us=use.t,
             started_us=p.t if impossible and p is not None else use.t,
-            commit_us=end.commit_us,
-            lsn=end.lsn,
+            commit_us=commit_us,
+            lsn=lsn,
             severity=config.severity.value,
             summary=summary,  # NULL as the SQL alert's can be (module docstring)
             numbers={
@@ -424,13 +417,13 @@ class ImpossibleTravelLane:
         ) * math.pow(math.sin(r(t_lon - p_lon) / 2), 2)
         return 2 * 6371.0 * math.asin(math.sqrt(a))
 
-    def _evidence(self, key: Hashable, use: _Use, extra: dict[str, Any]) -> dict[str, Any]:
+    def _evidence(self, key: Hashable, use: _Use, extra: Fields) -> dict[str, Any]:
         return {
             "id": _first(key),
             "at": from_us(use.t),
             "account": use.account,
             "country": use.country,
-            **extra,
+            **{name: field_of(extra, name) for name in _EXTRA},
         }
 
 

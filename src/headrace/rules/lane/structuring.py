@@ -76,7 +76,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import pyarrow as pa
@@ -87,7 +87,6 @@ from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import (
     Convert,
-    End,
     NetChange,
     integers,
     key_columns,
@@ -97,7 +96,7 @@ from headrace.rules.lane.changes import (
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, field_lists, field_of
 from headrace.rules.structuring import Structuring
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
@@ -113,8 +112,7 @@ Amount = int | float | Decimal
 """An amount as the source column gives it (numeric: Decimal)."""
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):
     """What decides a trigger: account, event time (µs) and amount."""
 
     account: int
@@ -153,6 +151,11 @@ class StructuringLane(AccountWindows[_Row]):
             "channel": tx.channel,
             "type": tx.type,
         }
+        self.others = [name for name in self.columns if name not in ("account", "t")]
+        """The evidence fields (every column but the account and the time)."""
+        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
+        self.wanted[self.columns["account"]] = integers
+        self.wanted[self.columns["t"]] = micros
         self.where = arrow_condition(config.where)
         self.cancelled = arrow_condition(tx.cancelled)
         # The SQL rule writes the bounds as Python's str of the floats: the same literals.
@@ -207,10 +210,12 @@ class StructuringLane(AccountWindows[_Row]):
             [from_us(horizon_us)],
         )
         width = len(key)
-        for row in cursor.fetchall():
+        found = cursor.fetchall()
+        lists = field_lists(found, others, width + 2)
+        amounts = lists["amount"]
+        for i, row in enumerate(found):
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
-            extra = dict(zip(others, row[width + 2 :], strict=True))
-            self._add(k, _Row(int(row[width]), int(row[width + 1]), extra["amount"]), extra)
+            self._add(k, _Row(int(row[width]), int(row[width + 1]), amounts[i]), (lists, i))
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
@@ -222,33 +227,55 @@ class StructuringLane(AccountWindows[_Row]):
         """Evaluate one batch (module docstring); the alerts it opens, in event order."""
         if not self._may_be_in_band(batch):
             return self._apply_out_of_band(batch)
-        wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        wanted[self.columns["account"]] = integers
-        wanted[self.columns["t"]] = micros
         change = net_change(
-            batch, self.ref, wanted, {MATCHES: self.where, CANCELLED: self.cancelled}
+            batch,
+            self.ref,
+            self.wanted,
+            {MATCHES: self.where, CANCELLED: self.cancelled},
+            mark=self.columns["t"],
         )
         if change is None:
             return []
         previous = self._advance(change)
         # Triggers read the start rows: before the state is updated.
         cutoff = previous - self.lateness_us
-        triggers: list[tuple[Hashable, _Row, End]] = []
-        ends: dict[Hashable, tuple[_Row | None, dict[str, Any]]] = {}
-        for key, end in change.ends.items():
-            row, extra = self._row(end)
-            ends[key] = (row, extra)
-            if row is None or row.t < cutoff:
-                continue
-            if self.rows.get(key) != row:
-                triggers.append((key, row, end))
+        columns = change.columns
+        accounts, times = columns[self.columns["account"]], columns[self.columns["t"]]
+        amounts, matches, cancelled = (
+            columns[self.columns["amount"]],
+            columns[MATCHES],
+            columns[CANCELLED],
+        )
+        lists = {name: columns[self.columns[name]] for name in self.others}
+        low, threshold = self.low, self.threshold
+        triggers: list[tuple[Hashable, _Row, int]] = []
+        ends: list[tuple[Hashable, _Row | None, int]] = []
+        held = self.rows.get
+        for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
+            # in band (``Structuring.in_band``; NULL anywhere but in ``cancelled``: not in
+            # band) with an account and a time, else it neither triggers nor counts
+            row = None
+            if alive and matches[i] and not cancelled[i]:
+                account, t, amount = accounts[i], times[i], amounts[i]
+                if (
+                    account is not None
+                    and t is not None
+                    and amount is not None
+                    and low <= amount < threshold
+                ):
+                    row = _Row(account, t, amount)
+            ends.append((key, row, i))
+            if row is not None and row.t >= cutoff and held(key) != row:
+                triggers.append((key, row, i))
         horizon = previous - self.span_us
-        for key, (row, extra) in ends.items():
+        for key, row, i in ends:
             self._remove(key)
             if row is not None and row.t >= horizon:
-                self._add(key, row, extra)
+                self._add(key, row, (lists, i))
         self._evict(horizon)
-        found = [self._candidate(*trigger) for trigger in triggers]
+        found = [
+            self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
+        ]
         return self.incidents.open([c for c in found if c is not None])
 
     def _may_be_in_band(self, batch: ChangeBatch) -> bool:
@@ -273,11 +300,12 @@ class StructuringLane(AccountWindows[_Row]):
         """A batch none of whose rows is in the band: no trigger; the touched keys leave
         the band state, the watermark moves, old rows expire (only the keys and event
         times are read: no row values in Python)."""
-        change = net_change(batch, self.ref, {self.columns["t"]: micros})
+        time = self.columns["t"]
+        change = net_change(batch, self.ref, {time: micros}, mark=time)
         if change is None:
             return []
         previous = self._advance(change)
-        for key in change.ends:
+        for key in change.keys:
             self._remove(key)
         self._evict(previous - self.span_us)
         return []
@@ -286,43 +314,14 @@ class StructuringLane(AccountWindows[_Row]):
         """Move the watermark past the batch's end rows (clearing the state on a truncate);
         the watermark before the batch (``RuleJob.advance``)."""
         previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        marks = [self._mark(end) for end in change.ends.values() if end.values is not None]
-        if marks:
-            newest = max(marks)
+        newest = change.newest_mark
+        if newest is not None:
             self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
         if change.truncated:
             self._clear()
         return previous
 
-    def _mark(self, end: End) -> int:
-        """``least(t, commit_ts)`` of an end row (the commit time when ``t`` is NULL)."""
-        t = end.values[self.columns["t"]] if end.values is not None else None
-        return end.commit_us if t is None else min(int(str(t)), end.commit_us)
-
-    def _row(self, end: End) -> tuple[_Row | None, dict[str, Any]]:
-        """The end row when it is in band and has an account and a time (else None: it
-        neither triggers nor counts), and its evidence fields."""
-        values = end.values
-        if values is None:
-            return None, {}
-        extra: dict[str, Any] = {
-            name: values[column]
-            for name, column in self.columns.items()
-            if name not in ("account", "t")
-        }
-        account, t = values[self.columns["account"]], values[self.columns["t"]]
-        amount: Amount | None = extra["amount"]
-        if account is None or t is None or amount is None or not self._in_band(values, amount):
-            return None, extra
-        return _Row(int(str(account)), int(str(t)), amount), extra
-
-    def _in_band(self, values: dict[str, object], amount: Amount) -> bool:
-        """``Structuring.in_band`` (NULL anywhere but in ``cancelled``: not in band)."""
-        if not values[MATCHES] or values[CANCELLED]:
-            return False
-        return bool(self.low <= amount < self.threshold)
-
-    def _candidate(self, key: Hashable, row: _Row, end: End) -> LaneAlert | None:
+    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
         entries = self.by_account.get(row.account, [])
         upper = bisect.bisect_right(entries, row.t, key=_window_key)
         lower = bisect.bisect_right(entries, row.t - self.window_us, key=_window_key)
@@ -343,8 +342,8 @@ class StructuringLane(AccountWindows[_Row]):
             trigger=key,
             event_us=row.t,
             started_us=window[0][0],
-            commit_us=end.commit_us,
-            lsn=end.lsn,
+            commit_us=commit_us,
+            lsn=lsn,
             severity=self.config.severity.value,
             summary=summary,
             numbers={
@@ -365,5 +364,5 @@ class StructuringLane(AccountWindows[_Row]):
             "id": key,
             "at": from_us(t),
             "account": row.account,
-            **{name: fields[name] for name in TX_FIELDS if name not in ("account", "t")},
+            **{name: field_of(fields, name) for name in TX_FIELDS if name not in ("account", "t")},
         }
