@@ -82,16 +82,14 @@ from headrace.rules.base import EARLIEST
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import (
-    Convert,
     NetChange,
-    integers,
     key_columns,
-    micros,
     net_change,
 )
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.tx_rule import advance, seeded_watermark, tx_columns, tx_wanted
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -162,18 +160,7 @@ class AmountSpikeLane:
         self.config = spike
         tx = self.rules.tables.transactions
         self.ref = TableRef.parse(tx.table)
-        self.columns = {
-            "account": tx.account,
-            "t": tx.time,
-            "amount": tx.amount,
-            "merchant": tx.merchant,
-            "card": tx.card,
-            "country": tx.country,
-            "device": tx.device,
-            "status": tx.status,
-            "channel": tx.channel,
-            "type": tx.type,
-        }
+        self.columns = tx_columns(tx)
         self.conditions = {
             MATCHES: arrow_condition(spike.where),
             HISTORY: arrow_condition(spike.history_where),
@@ -184,9 +171,7 @@ class AmountSpikeLane:
         # ``{factor} * mean``: a DECIMAL (or DOUBLE) literal times a DOUBLE is a DOUBLE
         self.factor = float(sql_literal(spike.factor))
         self.incidents = Incidents(us_delta(spike.rearm_after))
-        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        self.wanted[self.columns["account"]] = integers
-        self.wanted[self.columns["t"]] = micros
+        self.wanted = tx_wanted(self.columns)
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -199,11 +184,7 @@ class AmountSpikeLane:
         AND history_where``, the incidents' last-seen times the store's. ``saved`` (the
         lane's own record) gives the watermark and incidents instead."""
         mirror = mirror_table(self.ref)
-        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
-        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
-        self.watermark_us = None if newest is None else to_us(newest)
-        if saved is not None:
-            self.watermark_us = saved.watermark_us
+        self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self.rows.clear()
         self.history.clear()
         key = key_columns(con, self.ref)
@@ -250,10 +231,7 @@ class AmountSpikeLane:
         change = net_change(batch, self.ref, self.wanted, self.conditions, mark=self.columns["t"])
         if change is None:
             return []
-        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        newest = change.newest_mark
-        if newest is not None:
-            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        previous, self.watermark_us = advance(self.watermark_us, self.earliest_us, change)
         # Triggers and candidates read the start rows and the history before the batch
         # (also when it truncates: the start rows are then the whole mirror before it).
         cutoff = previous - self.horizon_us

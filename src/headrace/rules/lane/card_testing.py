@@ -79,11 +79,20 @@ import duckdb
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import key_columns, net_change
 from headrace.rules.lane.condition import RowCondition, arrow_condition
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows, field_lists, field_of
-from headrace.rules.triggers import TX_FIELDS
+from headrace.rules.lane.tx_rule import (
+    AMOUNT,
+    EVIDENCE_FIELDS,
+    MERCHANT,
+    advance,
+    seeded_watermark,
+    time_sql,
+    tx_columns,
+    tx_wanted,
+)
+from headrace.rules.lane.window import AccountWindows
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -94,8 +103,6 @@ DECLINES = "_lane_declines"
 """Name of the rule's ``declines`` (declined attempts counting whatever their amount)."""
 DECLINED = "_lane_declined"
 """Name of ``tables.transactions.declined`` (the payload's ``declined`` count)."""
-OTHERS = tuple(name for name in TX_FIELDS if name not in ("account", "t"))
-"""The evidence fields kept beside account and time."""
 
 
 class _Attempt(NamedTuple):
@@ -130,7 +137,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         tx = self.rules.tables.transactions
         self.tx = tx
         self.ref = TableRef.parse(tx.table)
-        self.columns = {name: getattr(tx, "time" if name == "t" else name) for name in TX_FIELDS}
+        self.columns = tx_columns(tx)
         self.conditions: dict[str, RowCondition] = {
             ONLINE: arrow_condition(tx.online),
             DECLINED: arrow_condition(tx.declined),
@@ -149,9 +156,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
         self.incidents = Incidents(us_delta(config.rearm_after))
-        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        self.wanted[self.columns["account"]] = integers
-        self.wanted[self.columns["t"]] = micros
+        self.wanted = tx_wanted(self.columns)
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -171,11 +176,8 @@ class CardTestingLane(AccountWindows[_Attempt]):
         incidents' last-seen times the store's. ``saved`` (the lane's own record) gives
         the watermark and incidents instead."""
         mirror = mirror_table(self.ref)
-        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
-        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
-        self.watermark_us = None if newest is None else to_us(newest)
-        if saved is not None:
-            self.watermark_us = saved.watermark_us
+        t = time_sql(self.columns["t"])
+        self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self._clear()
         if self.watermark_us is not None:
             self._seed_rows(con, mirror, t, self.watermark_us)
@@ -187,7 +189,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         """The mirror's attempts within the span of the watermark (``rebuild_recent``)."""
         key = key_columns(con, self.ref)
         names = [f'"{k}"' for k in key]
-        values = ", ".join(f'"{self.columns[name]}"' for name in OTHERS)
+        values = ", ".join(f'"{self.columns[name]}"' for name in EVIDENCE_FIELDS)
         cursor = con.execute(
             f"""SELECT {", ".join(names)}, "{self.columns["account"]}"::BIGINT, epoch_us({t}),
                        coalesce(({self.tx.declined}), false), {values} FROM {mirror}
@@ -197,15 +199,16 @@ class CardTestingLane(AccountWindows[_Attempt]):
         )
         width = len(key)
         found = cursor.fetchall()
-        lists = field_lists(found, list(OTHERS), width + 3)
-        amounts, merchants = lists["amount"], lists["merchant"]
-        for i, row in enumerate(found):
+        for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, t_us, declined = row[width : width + 3]
-            amount = amounts[i]
+            fields = tuple(row[width + 3 :])
+            amount = fields[AMOUNT]
             small = amount is not None and amount < self.small_amount
-            attempt = _Attempt(int(account), int(t_us), amount, merchants[i], small, bool(declined))
-            self._add(k, attempt, (lists, i))
+            attempt = _Attempt(
+                int(account), int(t_us), amount, fields[MERCHANT], small, bool(declined)
+            )
+            self._add(k, attempt, fields)
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
@@ -218,10 +221,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         change = net_change(batch, self.ref, self.wanted, self.conditions, mark=self.columns["t"])
         if change is None:
             return []
-        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        newest = change.newest_mark
-        if newest is not None:
-            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        previous, self.watermark_us = advance(self.watermark_us, self.earliest_us, change)
         # Triggers compare with the start rows (the table before the batch, a truncate in
         # it or not): before the state is updated.
         cutoff = previous - self.lateness_us
@@ -230,7 +230,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         declines = columns.get(DECLINES)
         accounts, times = columns[self.columns["account"]], columns[self.columns["t"]]
         amounts, merchants = columns[self.columns["amount"]], columns[self.columns["merchant"]]
-        lists = {name: columns[self.columns[name]] for name in OTHERS}
+        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
         small_amount = self.small_amount
         triggers: list[tuple[Hashable, _Attempt, int]] = []
         ends: list[tuple[Hashable, _Attempt | None, int]] = []
@@ -253,12 +253,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
                 triggers.append((key, attempt, i))
         if change.truncated:
             self._clear()
-        horizon = previous - self.span_us
-        for key, attempt, i in ends:
-            self._remove(key)
-            if attempt is not None and attempt.t >= horizon:
-                self._add(key, attempt, (lists, i))
-        self._evict(horizon)
+        self._update(ends, lists, previous - self.span_us)
         found = [
             self._candidate(key, attempt, change.commits[i], change.lsns[i])
             for key, attempt, i in triggers
@@ -315,7 +310,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
             "id": _first(key),
             "at": from_us(t),
             "account": row.account,
-            **{name: field_of(fields, name) for name in OTHERS},
+            **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
 
 

@@ -3,9 +3,16 @@
 The engine's ``TableDelta`` in memory: per key touched by the batch, its *end* row
 (after the batch; ``None`` when deleted). An update changing the key ends the old
 key (``_hr_old_<key>`` when it was sent, else the new key) and writes the new one;
-a truncate forgets every earlier change and says so (``truncated``). Per changed row
-this is Python (``to_pylist`` once per column, then dicts): the lane's evaluators
-keep per-key state, which nothing vectorized holds.
+a truncate forgets every earlier change and says so (``truncated``).
+
+The lane's evaluators keep per-key state, which nothing vectorized holds, so their
+loops are per row in Python; this module keeps that loop as cheap as it can be. A
+batch's table is decoded once for all evaluators (``to_pylist`` once per column and
+condition, the touched keys and their last rows once), and :class:`NetChange` hands
+the shared lists out as they are: an evaluator reads ``columns[name][i]`` and builds
+nothing per row it does not keep (a dict and a frozen dataclass per row per evaluator
+were a quarter of the lane's time at 2,500 transactions/s). The watermark's step is
+computed in Arrow.
 """
 
 from __future__ import annotations

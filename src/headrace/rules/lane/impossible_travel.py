@@ -91,11 +91,12 @@ import duckdb
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import key_columns, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import Fields, field_lists, field_of
+from headrace.rules.lane.tx_rule import advance, seeded_watermark, time_sql, tx_columns, tx_wanted
+from headrace.rules.lane.window import Fields, fields_at
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -164,27 +165,14 @@ class ImpossibleTravelLane:
         self.config = travel
         tx = self.rules.tables.transactions
         self.ref = TableRef.parse(tx.table)
-        self.columns = {
-            "account": tx.account,
-            "t": tx.time,
-            "amount": tx.amount,
-            "merchant": tx.merchant,
-            "card": tx.card,
-            "country": tx.country,
-            "device": tx.device,
-            "status": tx.status,
-            "channel": tx.channel,
-            "type": tx.type,
-        }
+        self.columns = tx_columns(tx)
         self.card_present = arrow_condition(tx.card_present)
         self.window_us = us_delta(travel.window)
         self.span_us = us_delta(travel.window + self.rules.lateness)
         self.lateness_us = us_delta(self.rules.lateness)
         self.earliest_us = to_us(EARLIEST)
         self.incidents = Incidents(us_delta(travel.rearm_after))
-        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        self.wanted[self.columns["account"]] = integers
-        self.wanted[self.columns["t"]] = micros
+        self.wanted = tx_wanted(self.columns)
 
     def inputs(self) -> tuple[TableRef, ...]:
         return (self.ref,)
@@ -197,11 +185,8 @@ class ImpossibleTravelLane:
         uses those within the span, the incidents' last-seen times the store's. ``saved``
         (the lane's own record) gives the watermark and incidents instead."""
         mirror = mirror_table(self.ref)
-        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
-        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
-        self.watermark_us = None if newest is None else to_us(newest)
-        if saved is not None:
-            self.watermark_us = saved.watermark_us
+        t = time_sql(self.columns["t"])
+        self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self.present.clear()
         self.countries.clear()
         self.uses.clear()
@@ -219,15 +204,14 @@ class ImpossibleTravelLane:
         )
         horizon = None if self.watermark_us is None else self.watermark_us - self.span_us
         found = cursor.fetchall()
-        lists = field_lists(found, list(_EXTRA), width + 3)
-        for i, row in enumerate(found):
+        for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, country, at = row[width : width + 3]
             present = _Row(int(account), country, None if at is None else int(at))
             self._count(k, present)
             use = present.use()
             if horizon is not None and use is not None and use.t >= horizon:
-                self._add(k, use, (lists, i))
+                self._add(k, use, tuple(row[width + 3 :]))
         self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
@@ -283,17 +267,14 @@ class ImpossibleTravelLane:
         )
         if change is None:
             return []
-        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        newest = change.newest_mark
-        if newest is not None:
-            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        previous, self.watermark_us = advance(self.watermark_us, self.earliest_us, change)
         # Triggers compare with the start rows: the card-present rows before the batch
         # (on a truncate too: the engine's start rows are then the whole table).
         cutoff = previous - self.lateness_us
         columns = change.columns
         present, accounts = columns[PRESENT], columns[self.columns["account"]]
         countries, times = columns[self.columns["country"]], columns[self.columns["t"]]
-        lists = {name: columns[self.columns[name]] for name in _EXTRA}
+        lists = [columns[self.columns[name]] for name in _EXTRA]
         triggers: list[tuple[Hashable, _Use, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
         held = self.present.get
@@ -319,10 +300,10 @@ class ImpossibleTravelLane:
             self._remove(key)
             use = None if row is None else row.use()
             if use is not None and use.t >= horizon:
-                self._add(key, use, (lists, i))
+                self._add(key, use, fields_at(lists, i))
         self._evict(horizon)
         found = [
-            self._candidate(key, use, change.commits[i], change.lsns[i], (lists, i))
+            self._candidate(key, use, change.commits[i], change.lsns[i], fields_at(lists, i))
             for key, use, i in triggers
         ]
         opened = self.incidents.open([c for c in found if c is not None])
@@ -423,7 +404,7 @@ class ImpossibleTravelLane:
             "at": from_us(use.t),
             "account": use.account,
             "country": use.country,
-            **{name: field_of(extra, name) for name in _EXTRA},
+            **dict(zip(_EXTRA, extra, strict=True)),
         }
 
 

@@ -86,9 +86,7 @@ from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import (
-    Convert,
     NetChange,
-    integers,
     key_columns,
     micros,
     net_change,
@@ -96,9 +94,17 @@ from headrace.rules.lane.changes import (
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows, field_lists, field_of
+from headrace.rules.lane.tx_rule import (
+    AMOUNT,
+    EVIDENCE_FIELDS,
+    advance,
+    seeded_watermark,
+    time_sql,
+    tx_columns,
+    tx_wanted,
+)
+from headrace.rules.lane.window import AccountWindows
 from headrace.rules.structuring import Structuring
-from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -139,23 +145,8 @@ class StructuringLane(AccountWindows[_Row]):
         self.config = config
         tx = self.rules.tables.transactions
         self.ref = TableRef.parse(tx.table)
-        self.columns = {
-            "account": tx.account,
-            "t": tx.time,
-            "amount": tx.amount,
-            "merchant": tx.merchant,
-            "card": tx.card,
-            "country": tx.country,
-            "device": tx.device,
-            "status": tx.status,
-            "channel": tx.channel,
-            "type": tx.type,
-        }
-        self.others = [name for name in self.columns if name not in ("account", "t")]
-        """The evidence fields (every column but the account and the time)."""
-        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        self.wanted[self.columns["account"]] = integers
-        self.wanted[self.columns["t"]] = micros
+        self.columns = tx_columns(tx)
+        self.wanted = tx_wanted(self.columns)
         self.where = arrow_condition(config.where)
         self.cancelled = arrow_condition(tx.cancelled)
         # The SQL rule writes the bounds as Python's str of the floats: the same literals.
@@ -183,11 +174,8 @@ class StructuringLane(AccountWindows[_Row]):
         the incidents' last-seen times the store's. ``saved`` (the lane's own record)
         gives the watermark and incidents instead."""
         mirror = mirror_table(self.ref)
-        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
-        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
-        self.watermark_us = None if newest is None else to_us(newest)
-        if saved is not None:
-            self.watermark_us = saved.watermark_us
+        t = time_sql(self.columns["t"])
+        self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self._clear()
         if self.watermark_us is not None:
             self._seed_band(con, mirror, t, self.watermark_us - self.span_us)
@@ -199,8 +187,7 @@ class StructuringLane(AccountWindows[_Row]):
         """The mirror's in-band rows from ``horizon_us`` on (the SQL rule's own condition)."""
         key = key_columns(con, self.ref)
         names = [f'"{k}"' for k in key]
-        others = [n for n in self.columns if n not in ("account", "t")]
-        values = ", ".join(f'"{self.columns[n]}"' for n in others)
+        values = ", ".join(f'"{self.columns[n]}"' for n in EVIDENCE_FIELDS)
         in_band = Structuring(self.rules).in_band
         cursor = con.execute(
             f"""SELECT {", ".join(names)}, "{self.columns["account"]}"::BIGINT,
@@ -211,11 +198,10 @@ class StructuringLane(AccountWindows[_Row]):
         )
         width = len(key)
         found = cursor.fetchall()
-        lists = field_lists(found, others, width + 2)
-        amounts = lists["amount"]
-        for i, row in enumerate(found):
+        for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
-            self._add(k, _Row(int(row[width]), int(row[width + 1]), amounts[i]), (lists, i))
+            fields = tuple(row[width + 2 :])
+            self._add(k, _Row(int(row[width]), int(row[width + 1]), fields[AMOUNT]), fields)
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
@@ -246,7 +232,7 @@ class StructuringLane(AccountWindows[_Row]):
             columns[MATCHES],
             columns[CANCELLED],
         )
-        lists = {name: columns[self.columns[name]] for name in self.others}
+        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
         low, threshold = self.low, self.threshold
         triggers: list[tuple[Hashable, _Row, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
@@ -267,12 +253,7 @@ class StructuringLane(AccountWindows[_Row]):
             ends.append((key, row, i))
             if row is not None and row.t >= cutoff and held(key) != row:
                 triggers.append((key, row, i))
-        horizon = previous - self.span_us
-        for key, row, i in ends:
-            self._remove(key)
-            if row is not None and row.t >= horizon:
-                self._add(key, row, (lists, i))
-        self._evict(horizon)
+        self._update(ends, lists, previous - self.span_us)
         found = [
             self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
         ]
@@ -313,10 +294,7 @@ class StructuringLane(AccountWindows[_Row]):
     def _advance(self, change: NetChange) -> int:
         """Move the watermark past the batch's end rows (clearing the state on a truncate);
         the watermark before the batch (``RuleJob.advance``)."""
-        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        newest = change.newest_mark
-        if newest is not None:
-            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        previous, self.watermark_us = advance(self.watermark_us, self.earliest_us, change)
         if change.truncated:
             self._clear()
         return previous
@@ -364,5 +342,5 @@ class StructuringLane(AccountWindows[_Row]):
             "id": key,
             "at": from_us(t),
             "account": row.account,
-            **{name: field_of(fields, name) for name in TX_FIELDS if name not in ("account", "t")},
+            **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }

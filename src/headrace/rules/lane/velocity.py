@@ -39,10 +39,11 @@ table (every step is the SQL rule's, named after its code):
   over the window), the trigger's key and the window's rows as evidence, ordered by
   ``(t, key)``, at most :data:`~headrace.rules.base.EVIDENCE_LIMIT`.
 
-Not ported: unchanged TOAST values (the rule's columns are never TOASTed). Per changed row of the
-transactions table the work is Python (dicts, ``bisect`` on per-account sorted
-lists): the state stays sorted incrementally (a batch costs its own rows' inserts
-and evictions, never a sort of the whole state).
+Not ported: unchanged TOAST values (the rule's columns are never TOASTed). Per changed
+row of the transactions table the work is Python (a tuple per kept row, the evidence
+fields as a tuple, ``bisect`` on per-account sorted lists): the state stays sorted
+incrementally (a batch costs its own rows' inserts and evictions, never a sort of the
+whole state).
 """
 
 from __future__ import annotations
@@ -58,11 +59,19 @@ import duckdb
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import Convert, integers, key_columns, micros, net_change
+from headrace.rules.lane.changes import key_columns, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
-from headrace.rules.lane.window import AccountWindows, field_lists, field_of
-from headrace.rules.triggers import TX_FIELDS
+from headrace.rules.lane.tx_rule import (
+    AMOUNT,
+    EVIDENCE_FIELDS,
+    advance,
+    seeded_watermark,
+    time_sql,
+    tx_columns,
+    tx_wanted,
+)
+from headrace.rules.lane.window import AccountWindows
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -93,23 +102,8 @@ class VelocityBurstLane(AccountWindows[_Row]):
         self.config = burst
         tx = self.rules.tables.transactions
         self.ref = TableRef.parse(tx.table)
-        self.columns = {
-            "account": tx.account,
-            "t": tx.time,
-            "amount": tx.amount,
-            "merchant": tx.merchant,
-            "card": tx.card,
-            "country": tx.country,
-            "device": tx.device,
-            "status": tx.status,
-            "channel": tx.channel,
-            "type": tx.type,
-        }
-        self.others = [name for name in self.columns if name not in ("account", "t")]
-        """The evidence fields (every column but the account and the time)."""
-        self.wanted: dict[str, Convert | None] = {column: None for column in self.columns.values()}
-        self.wanted[self.columns["account"]] = integers
-        self.wanted[self.columns["t"]] = micros
+        self.columns = tx_columns(tx)
+        self.wanted = tx_wanted(self.columns)
         self.where = arrow_condition(burst.where)
         # the candidates statement joins on whole seconds (VALUES of int seconds)
         self.limits = [(int(limit.window.total_seconds()), limit.count) for limit in burst.limits]
@@ -129,20 +123,13 @@ class VelocityBurstLane(AccountWindows[_Row]):
         incidents' last-seen times the store's. ``saved`` (the lane's own record) gives
         the watermark and incidents instead."""
         mirror = mirror_table(self.ref)
-        t = f'CAST("{self.columns["t"]}" AS TIMESTAMPTZ)'
-        (newest,) = con.execute(f"SELECT max(least({t}, now())) FROM {mirror}").fetchall()[0]
-        self.watermark_us = None if newest is None else to_us(newest)
-        if saved is not None:
-            self.watermark_us = saved.watermark_us
+        t = time_sql(self.columns["t"])
+        self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self._clear()
         if self.watermark_us is not None:
             key = key_columns(con, self.ref)
             names = [f'"{k}"' for k in key]
-            values = ", ".join(
-                f'"{column}"'
-                for name, column in self.columns.items()
-                if name not in ("account", "t")
-            )
+            values = ", ".join(f'"{self.columns[n]}"' for n in EVIDENCE_FIELDS)
             cursor = con.execute(
                 f"""SELECT {", ".join(names)}, "{self.columns["account"]}"::BIGINT,
                            epoch_us({t}), {values} FROM {mirror}
@@ -152,10 +139,10 @@ class VelocityBurstLane(AccountWindows[_Row]):
             )
             width = len(key)
             found = cursor.fetchall()
-            lists = field_lists(found, self.others, width + 2)
-            for i, row in enumerate(found):
+            for row in found:
                 k: Hashable = row[0] if width == 1 else tuple(row[:width])
-                self._add(k, _Row(int(row[width]), int(row[width + 1])), (lists, i))
+                fields = tuple(row[width + 2 :])
+                self._add(k, _Row(int(row[width]), int(row[width + 1])), fields)
         self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
@@ -171,10 +158,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
         )
         if change is None:
             return []
-        previous = self.watermark_us if self.watermark_us is not None else self.earliest_us
-        newest = change.newest_mark
-        if newest is not None:
-            self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+        previous, self.watermark_us = advance(self.watermark_us, self.earliest_us, change)
         # Triggers read the start rows, the table as it was before the batch (the engine's
         # TableDelta.start), even when the batch truncates it: before the state changes.
         cutoff = previous - self.lateness_us
@@ -184,7 +168,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             columns[self.columns["t"]],
             columns[MATCHES],
         )
-        lists = {name: columns[self.columns[name]] for name in self.others}
+        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
         triggers: list[tuple[Hashable, _Row, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
         held = self.rows.get
@@ -201,12 +185,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
                 triggers.append((key, row, i))
         if change.truncated:
             self._clear()
-        horizon = previous - self.span_us
-        for key, row, i in ends:
-            self._remove(key)
-            if row is not None and row.t >= horizon:
-                self._add(key, row, (lists, i))
-        self._evict(horizon)
+        self._update(ends, lists, previous - self.span_us)
         found = [
             self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
         ]
@@ -253,7 +232,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
         )
 
     def _amount(self, key: Hashable) -> Decimal:
-        value = field_of(self.fields[key], "amount")
+        value = self.fields[key][AMOUNT]
         return Decimal(0) if value is None else Decimal(str(value))
 
     def _evidence(self, t: int, key: Hashable) -> dict[str, Any]:
@@ -263,7 +242,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             "id": key,
             "at": from_us(t),
             "account": row.account,
-            **{name: field_of(fields, name) for name in TX_FIELDS if name not in ("account", "t")},
+            **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
 
 

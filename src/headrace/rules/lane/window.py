@@ -28,22 +28,16 @@ class Timed(Protocol):
 
 Row = TypeVar("Row", bound=Timed)
 
-Fields = tuple[dict[str, list[Any]], int]
-"""A window row's evidence fields, kept by reference to its batch's columns: ``(lists,
-i)`` with ``lists`` the columns by the rule's field name and ``i`` the row (no dict
-built per row; the lists are shared by every row of the batch)."""
+Fields = tuple[Any, ...]
+"""A window row's evidence fields, in the order of the rule's field names. Copied per
+kept row (a tuple: a third of a dict's memory), not referenced in the batch's column
+lists: a reference would keep a whole batch alive as long as one of its rows stays in
+a window, and windows span up to days."""
 
 
-def field_of(fields: Fields, name: str) -> Any:
-    """One evidence field of a window row."""
-    lists, i = fields
-    return lists[name][i]
-
-
-def field_lists(rows: list[tuple[Any, ...]], names: list[str], first: int) -> dict[str, list[Any]]:
-    """Columns ``names`` of query result ``rows`` (from position ``first``) as lists
-    (the seed's :data:`Fields`)."""
-    return {name: [row[first + n] for row in rows] for n, name in enumerate(names)}
+def fields_at(lists: list[list[Any]], i: int) -> Fields:
+    """Row ``i`` of columns ``lists`` (the evidence fields' columns, in order)."""
+    return tuple([column[i] for column in lists])
 
 
 @dataclass
@@ -82,6 +76,21 @@ class AccountWindows(Generic[Row]):
         del entries[bisect.bisect_left(entries, (row.t, key))]
         if not entries:
             del self.by_account[row.account]
+
+    def _update(
+        self,
+        ends: list[tuple[Hashable, Row | None, int]],
+        lists: list[list[Any]],
+        horizon_us: int,
+    ) -> None:
+        """The window after a batch: each touched key's row replaced by its end row
+        (``(key, row, i)``: None, deleted or not counted; ``i`` its batch row, whose
+        evidence fields ``lists`` holds) when within ``horizon_us``, older rows evicted."""
+        for key, row, i in ends:
+            self._remove(key)
+            if row is not None and row.t >= horizon_us:
+                self._add(key, row, fields_at(lists, i))
+        self._evict(horizon_us)
 
     def _evict(self, horizon_us: int) -> None:
         """Drop the rows older than ``horizon_us``."""
