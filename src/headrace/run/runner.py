@@ -50,6 +50,7 @@ from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.rules.lane.lane import RulesLane
 from headrace.rules.lane.store import attach_lane_file
 from headrace.run.change_queue import ChangeQueue
+from headrace.run.collector import Collector
 from headrace.run.console import RunDisplay
 from headrace.run.control import (
     Request,
@@ -332,6 +333,10 @@ class Runner:
             name="headrace-source",
             daemon=True,
         )
+        # The start-up heap is built (snapshot, the lane's state): out of the collector's way.
+        collector = Collector().settle()
+        if reporter is not None:
+            reporter.collector_info = collector.document
         self.state.set_phase(STREAMING)
         self.display.streaming_started()
         log.info("streaming slot %s from %s", self.config.source.slot, format_lsn(start))
@@ -352,6 +357,9 @@ class Runner:
                 source_open[0] = False
             source.close()
             self._stop_lane(engine, started_lane)
+            if reporter is not None:
+                reporter.collector_info = None
+            collector.restore()
         log.info(
             "stopped at %s (store and slot): %s changes in %s batches this run; the slot "
             "keeps the source's WAL from there for the next run (`headrace teardown` drops it "

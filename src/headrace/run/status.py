@@ -141,6 +141,8 @@ class StatusReporter:
         self.source_info: Callable[[], dict[str, Any]] | None = None
         self.lane_info: Callable[[], dict[str, Any]] | None = None
         """The rules lane's figures (``rules.in_memory``), while it runs."""
+        self.collector_info: Callable[[], dict[str, Any]] | None = None
+        """The garbage collector's figures while streaming (:mod:`headrace.run.collector`)."""
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
         self._deliveries: list[dict[str, Any]] = []
@@ -239,6 +241,8 @@ class StatusReporter:
             lane = self.lane_info()
             lane["freshness_ms"] = _freshness(FreshnessHistogram(lane["freshness_histogram"]))
             document["rules_lane"] = lane
+        if self.collector_info is not None:
+            document["collector"] = self.collector_info()
         document["changes_per_s"] = round(self.window.rate("changes"), 1)
         document["batches_per_s"] = round(self.window.rate("batches"), 2)
         document["freshness_ms"] = _freshness(self.window.freshness())
