@@ -16,7 +16,8 @@ change streams. Per batch (each step named after the SQL code it mirrors):
   (default the outflow condition) that are new, whose account or amount changed, or
   that did not match before, with ``t >= W - lateness``. A time change alone does not
   re-trigger, so the start row of *any* transaction may decide: the lane keeps each
-  transaction's (account, amount, matches) (see "State").
+  matching transaction's (account, amount) (see "State"; a start row that did not
+  match, or none, triggers alike).
 - **Balance** (``AccountTakeover._detect``): the account's last version written by the
   batch before the transaction's first change in the batch (``_hr_seq`` order, all of
   the batch's changes, a truncate's earlier ones included), else its balance before the
@@ -28,8 +29,8 @@ change streams. Per batch (each step named after the SQL code it mirrors):
   exact value half away from zero, ``format('{}')`` prints decimals as doubles (``repr``).
 - **Incidents** (key ``account_takeover:<account>``): :class:`Incidents`.
 
-State: the accounts (customer, balance) and every transaction's (account, amount,
-matches): "changed outflow" reads start rows of any age, and pgoutput sends no old
+State: the accounts (customer, balance) and every matching transaction's (account,
+amount): "changed outflow" reads start rows of any age, and pgoutput sends no old
 values; so memory grows with the tables (~150 bytes a row), as with the logins'
 (:class:`RiskyLogins`). Per changed row the work is Python over the net change's
 columns (:class:`NetChange`: no dict per row); the batch's order of changes (balance
@@ -51,7 +52,7 @@ import bisect
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 
@@ -91,12 +92,9 @@ class AccountTakeoverAlert(LaneAlert):
         return out
 
 
-class _Tx(NamedTuple):
-    """What decides whether a transaction's end row is a trigger."""
-
-    account: int | None
-    amount: Any
-    matches: bool
+_Tx = tuple[int | None, Any]
+"""A transaction matching ``where``: its (account, amount), what decides whether its
+end row is a trigger (a tuple: cheaper to build per row than a NamedTuple)."""
 
 
 def _times(literal: Decimal | float, value: Decimal) -> Decimal | float:
@@ -117,7 +115,8 @@ class AccountTakeoverLane:
     accounts: dict[Hashable, tuple[int | None, Any]] = field(default_factory=dict)
     """Account id -> (customer, balance), as before the batch being applied."""
     txs: dict[Hashable, _Tx] = field(default_factory=dict)
-    """Every transaction's start row (before the batch being applied), as triggers read it."""
+    """The start rows (before the batch being applied) of the transactions matching
+    ``where``, as triggers read them."""
 
     def __post_init__(self) -> None:
         config = self.rules.account_takeover
@@ -182,11 +181,11 @@ class AccountTakeoverLane:
         key = key_columns(con, self.tx_ref)
         width, names = len(key), ", ".join(f'"{k}"' for k in key)
         for row in con.execute(
-            f'SELECT {names}, "{tx.account}"::BIGINT, "{tx.amount}", '
-            f"coalesce(({self.where_sql}), false) FROM {tx_mirror}"
+            f'SELECT {names}, "{tx.account}"::BIGINT, "{tx.amount}" FROM {tx_mirror} '
+            f"WHERE coalesce(({self.where_sql}), false)"
         ).fetchall():
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
-            self.txs[k] = _Tx(row[-3], row[-2], bool(row[-1]))
+            self.txs[k] = (row[-2], row[-1])
         self.risky.seed(con, self.watermark_us, saved)
         self.incidents.restore(con, RULE, saved)
 
@@ -247,8 +246,7 @@ class AccountTakeoverLane:
                 continue
             if not _at_least(amount, min_amount):
                 continue
-            start = starts.get(key)
-            if start is not None and start == (account, amount, True):
+            if starts.get(key) == (account, amount):
                 continue  # not new, same account and amount, matched before: no trigger
             triggers.append((key, i))
         if not triggers:
@@ -389,8 +387,8 @@ class AccountTakeoverLane:
         accounts, amounts = columns[self.columns["account"]], columns[self.columns["amount"]]
         outflows = columns[OUTFLOW]
         for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
-            if alive:
-                txs[key] = _Tx(accounts[i], amounts[i], outflows[i])
+            if alive and outflows[i]:
+                txs[key] = (accounts[i], amounts[i])
             else:
                 txs.pop(key, None)
 
