@@ -131,6 +131,9 @@ def test_lane_after_kill_9(pg_db: PgDatabase, tmp_path: Path) -> None:
         assert isinstance(lane, dict)
         assert lane["rules"] == ["velocity_burst"]
         assert lane["freshness_ms"]["changes"] > 0
+        collector = pipeline.status()["collector"]  # the start-up heap frozen while streaming
+        assert isinstance(collector, dict)
+        assert collector["frozen_objects"] > 0
         process.terminate()
         documents = [json.loads(r.body) for r in receiver.requests]
         keys = {r.headers["Idempotency-Key"] for r in receiver.requests}

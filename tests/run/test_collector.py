@@ -1,0 +1,35 @@
+"""The run's garbage-collector settings: applied while streaming, put back after."""
+
+from __future__ import annotations
+
+import gc
+
+from headrace.run.collector import OLDER_THRESHOLDS, YOUNG_THRESHOLD, Collector
+
+
+def test_settle_freezes_the_heap_and_restore_puts_the_defaults_back() -> None:
+    before = gc.get_threshold()
+    collector = Collector().settle()
+    try:
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
+        assert collector.frozen == gc.get_freeze_count() > 0
+        cycles = []
+        for _ in range(1000):
+            cycle: list[object] = []
+            cycle.append(cycle)  # cyclic garbage is still collected
+            cycles.append(cycle)
+        del cycles, cycle
+        assert gc.collect() >= 1000
+        figures = collector.document()
+        assert figures["collections"][2] >= 1
+        assert figures["pause_ms"] >= figures["longest_pause_ms"] > 0
+        assert figures["frozen_objects"] == collector.frozen
+    finally:
+        collector.restore()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+    calls = collector.document()["collections"]
+    gc.collect()
+    assert collector.document()["collections"] == calls  # no longer listening
+    collector.restore()  # a second restore changes nothing
+    assert gc.get_threshold() == before
