@@ -109,6 +109,9 @@ class FraudBenchResult:
     lane_freshness_max_ms: float | None = None
     lane_work: dict[str, float] = field(default_factory=dict)
     """The lane's batches, commits, and seconds evaluating and committing, over the run."""
+    collector: dict[str, Any] = field(default_factory=dict)
+    """Python's garbage collector in headrace while streaming: collections per generation,
+    total and longest pause (every thread stops), objects frozen at start-up."""
     headrace_cpu_cores: float | None = None
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
@@ -288,6 +291,7 @@ def _measure(
     result.freshness_p99_ms = freshness.percentile(0.99)
     result.freshness_max_ms = freshness.percentile(1.0)
     _lane_figures(result, done, before_lane)
+    result.collector = dict(done.get("collector") or {})
     quiet_since = time.monotonic()
     last = receiver.last_at
     deadline = time.monotonic() + 120
@@ -452,6 +456,12 @@ def _print_table(result: FraudBenchResult, out: Console) -> None:
             f"commit to evaluated (alerts committed): p50 {result.lane_freshness_p50_ms} ms, p99 "
             f"{result.lane_freshness_p99_ms} ms, max {result.lane_freshness_max_ms} ms; "
             f"{result.lane_work}"
+        )
+    if result.collector:
+        out.print(
+            f"garbage collector while streaming: {result.collector.get('collections')} "
+            f"collections (young, middle, full), {result.collector.get('pause_ms')} ms in "
+            f"all, longest {result.collector.get('longest_pause_ms')} ms"
         )
     for problem in result.problems:
         out.print(f"[yellow]problem:[/yellow] {problem}")
