@@ -1,24 +1,22 @@
 """Python's cyclic garbage collector, set for a long stream with a large heap in memory.
 
 A streaming run holds a large, long-lived heap (the rules lane's per-key state, the
-engine's caches, the snapshot's leftovers) and allocates many short-lived containers
-per batch (decoded columns, rows). With CPython's defaults (a young collection every 700
-allocations, a full one when the old generation grew by a quarter) the collector took
-4.0 s of a 50 s `bench fraud --rate 2500` run, and each full collection stopped every
-thread for 240 to 424 ms once streaming (traversing every entry of the lane's dicts): a
-stop of the world longer than the fraud rules' latency target. So, once the start-up
-heap is built (snapshot loaded, the lane seeded):
+engine's caches, what the start-up loaded) and allocates many short-lived containers
+per batch (decoded columns, rows). A full collection traverses every tracked object and
+every entry of every tracked container, so with CPython's defaults each one stopped
+every thread for 240 to 424 ms once streaming in `bench fraud --rate 2500` (the
+collector took 4.0 s of a 50 s run): longer than the fraud rules' latency target.
 
-- :func:`gc.freeze` moves everything alive into the permanent generation, which no
-  collection traverses again (the start-up heap is live state, not garbage);
-- the young generation's threshold goes from 700 to :data:`YOUNG_THRESHOLD`, so that a
-  batch's temporary containers are mostly freed by reference counting before any
-  collection visits them.
-
-Cyclic garbage is still collected (the thresholds are higher, not off). The settings
-are the process's; :meth:`Collector.restore` puts the previous ones back when the run
-ends (tests run the runner in their own process). :class:`Collector` also counts the
-collections and their pauses for ``headrace status``.
+So once the start-up heap is built (snapshot loaded, the lane seeded) :func:`gc.freeze`
+moves everything alive into the permanent generation, which no collection traverses
+again: it is live state, not garbage (the start-up's own garbage is collected first).
+The thresholds stay CPython's: a larger young generation means fewer but longer pauses
+for the same total (replaying a recording: 75 young collections of 0.24 ms median at
+700, one of 21.5 ms at 50,000). Objects created later are collected as usual, so a
+cycle that becomes garbage is still freed; only what was alive at the freeze stays.
+:meth:`Collector.restore` unfreezes when the run ends (tests run the runner in their
+own process). :class:`Collector` also counts the collections and their pauses for
+``headrace status``.
 """
 
 from __future__ import annotations
@@ -28,17 +26,11 @@ import threading
 import time
 from typing import Any
 
-YOUNG_THRESHOLD = 50_000
-"""Allocations (minus deallocations) of container objects between young collections."""
-OLDER_THRESHOLDS = (20, 10)
-"""Young collections per middle one, middle ones per full one (the default is 10, 10)."""
-
 
 class Collector:
     """The run's collector settings and what the collector did since :meth:`settle`."""
 
     def __init__(self) -> None:
-        self._previous = gc.get_threshold()
         self._lock = threading.Lock()
         self._started = 0.0
         self.collections = [0, 0, 0]
@@ -51,22 +43,20 @@ class Collector:
         self._settled = False
 
     def settle(self) -> Collector:
-        """Freeze the start-up heap and raise the young threshold (module docstring)."""
+        """Freeze the start-up heap (module docstring)."""
         gc.collect()  # the start-up's own garbage first: frozen garbage would stay
         gc.freeze()
         self.frozen = gc.get_freeze_count()
-        gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
         gc.callbacks.append(self._on_collection)
         self._settled = True
         return self
 
     def restore(self) -> None:
-        """The previous thresholds back, the frozen heap collectable again."""
+        """The frozen heap collectable again; stop counting."""
         if not self._settled:
             return
         self._settled = False
         gc.callbacks.remove(self._on_collection)
-        gc.set_threshold(*self._previous)
         gc.unfreeze()
 
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
@@ -88,5 +78,4 @@ class Collector:
                 "pause_ms": round(self.pause_s * 1000, 1),
                 "longest_pause_ms": round(self.longest_pause_s * 1000, 1),
                 "frozen_objects": self.frozen,
-                "young_threshold": YOUNG_THRESHOLD,
             }
