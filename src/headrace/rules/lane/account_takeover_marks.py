@@ -72,12 +72,11 @@ class Mark(NamedTuple):
     failed: int
 
 
-class Login(NamedTuple):
-    """What the marks read of a login's start row."""
-
-    customer: int | None
-    device: Any
-    success: bool
+Login = tuple[int | None, Any, bool]
+"""What the marks read of a login's start row: ``(customer, device, success)``. A plain
+tuple, not a NamedTuple: :attr:`RiskyLogins.logins` holds every login, and CPython stops
+tracking an exact tuple of atomic values in the garbage collector where a NamedTuple each
+was traversed by every full collection (every thread stopped)."""
 
 
 _End = tuple[Hashable, Login | None, int | None, int]
@@ -156,7 +155,7 @@ class RiskyLogins:
             f'epoch_us(CAST("{logins.time}" AS TIMESTAMPTZ)) FROM {mirror_table(self.ref)}'
         ).fetchall():
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
-            login = Login(row[-4], row[-3], bool(row[-2]))
+            login = (row[-4], row[-3], bool(row[-2]))
             self.logins[k] = login
             self._count_device(login, 1)
             self._add_failure(k, login, row[-1], horizon)
@@ -245,7 +244,7 @@ class RiskyLogins:
         customers, times = columns[logins.customer], columns[logins.time]
         devices, success = columns[logins.device], columns[SUCCESS]
         ends: list[_End] = [
-            (key, Login(customers[i], devices[i], success[i]), times[i], i)
+            (key, (customers[i], devices[i], success[i]), times[i], i)
             if alive
             else (key, None, None, i)
             for key, i, alive in zip(change.keys, change.rows, change.live, strict=True)
@@ -286,8 +285,9 @@ class RiskyLogins:
         for key, login, t_us, i in ordered:
             if login is None:
                 continue
-            if login.success:
-                pair = (login.customer, login.device)
+            customer, device, success = login
+            if success:
+                pair = (customer, device)
                 first = pair not in firsts
                 firsts.add(pair)
                 # a mark without customer or time joins no outflow: not kept
@@ -295,15 +295,15 @@ class RiskyLogins:
                     first
                     and config.new_device
                     and not self._known_device(login)
-                    and login.customer is not None
+                    and customer is not None
                     and t_us is not None
                 ):
-                    mark = Mark(t_us, "new_device", key, login.device, countries[i], 0)
-                    self._add_mark(login.customer, mark)
+                    mark = Mark(t_us, "new_device", key, device, countries[i], 0)
+                    self._add_mark(customer, mark)
                 continue
-            if login.customer is None or t_us is None:
+            if customer is None or t_us is None:
                 continue
-            entries = self.failures.get(login.customer, [])
+            entries = self.failures.get(customer, [])
             # times are whole µs: (x + 1,) sorts after every (x, key)
             upper = bisect.bisect_left(entries, (t_us + 1,))
             lower = max(
@@ -312,8 +312,8 @@ class RiskyLogins:
             )
             if upper - lower >= config.failed_logins:
                 failed = upper - lower
-                mark = Mark(t_us, "failed_logins", key, login.device, countries[i], failed)
-                self._add_mark(login.customer, mark)
+                mark = Mark(t_us, "failed_logins", key, device, countries[i], failed)
+                self._add_mark(customer, mark)
 
     def window(self, customer: int, t: int) -> list[Mark]:
         """The customer's marks with time in ``[t - window, t]``, by time."""
@@ -342,9 +342,10 @@ class RiskyLogins:
     # ----------------------------------------------------------- state
 
     def _count_device(self, login: Login, sign: int) -> None:
-        if not login.success:
+        customer, device, success = login
+        if not success:
             return
-        pair = (login.customer, login.device)
+        pair = (customer, device)
         count = self.devices.get(pair, 0) + sign
         if count:
             self.devices[pair] = count
@@ -353,15 +354,17 @@ class RiskyLogins:
 
     def _known_device(self, login: Login) -> bool:
         # NULLs never join the devices table
-        if login.customer is None or login.device is None:
+        customer, device, _ = login
+        if customer is None or device is None:
             return False
-        return self.devices.get((login.customer, login.device), 0) > 0
+        return self.devices.get((customer, device), 0) > 0
 
     def _add_failure(self, key: Hashable, login: Login, t: int | None, horizon: int) -> None:
-        if login.success or login.customer is None or t is None or t < horizon:
+        customer, _, success = login
+        if success or customer is None or t is None or t < horizon:
             return
-        self.failure_of[key] = (login.customer, t)
-        bisect.insort(self.failures.setdefault(login.customer, []), (t, key))
+        self.failure_of[key] = (customer, t)
+        bisect.insort(self.failures.setdefault(customer, []), (t, key))
         heapq.heappush(self.failure_expiry, (t, key))
 
     def _remove_failure(self, key: Hashable) -> None:

@@ -72,7 +72,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 
@@ -105,20 +105,13 @@ DECLINED = "_lane_declined"
 """Name of ``tables.transactions.declined`` (the payload's ``declined`` count)."""
 
 
-class _Attempt(NamedTuple):
-    """One attempt of the window state: what decides a trigger (account, time, amount,
-    merchant) and what the numbers count (small, declined)."""
-
-    account: int
-    t: int
-    amount: Any
-    merchant: Any
-    small: bool
-    declined: bool
-
-    def watched(self) -> tuple[Any, ...]:
-        """The trigger's columns: another value re-triggers the row."""
-        return (self.account, self.t, self.amount, self.merchant)
+_Attempt = tuple[int, int, Any, Any, bool, bool]
+"""One attempt of the window state: ``(account, t, amount, merchant, small, declined)``,
+what decides a trigger (the first four: another value re-triggers the row) and what the
+numbers count (a plain tuple, see :data:`~headrace.rules.lane.window.Row`)."""
+WATCHED = 4
+"""The trigger's columns: ``attempt[:WATCHED]``."""
+MERCHANT_AT, SMALL_AT, DECLINED_AT = 3, 4, 5
 
 
 @dataclass
@@ -205,9 +198,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
             fields = tuple(row[width + 3 :])
             amount = fields[AMOUNT]
             small = amount is not None and amount < self.small_amount
-            attempt = _Attempt(
-                int(account), int(t_us), amount, fields[MERCHANT], small, bool(declined)
-            )
+            attempt = (int(account), int(t_us), amount, fields[MERCHANT], small, bool(declined))
             self._add(k, attempt, fields)
 
     def take_saved(self) -> RuleSaved:
@@ -244,12 +235,12 @@ class CardTestingLane(AccountWindows[_Attempt]):
                 account, t, amount = accounts[i], times[i], amounts[i]
                 small = amount is not None and amount < small_amount
                 if account is not None and t is not None and (small or (declines and declines[i])):
-                    attempt = _Attempt(account, t, amount, merchants[i], small, declined[i])
+                    attempt = (account, t, amount, merchants[i], small, declined[i])
             ends.append((key, attempt, i))
-            if attempt is None or attempt.t < cutoff:
+            if attempt is None or attempt[1] < cutoff:
                 continue
             before = held(key)
-            if before is None or before.watched() != attempt.watched():
+            if before is None or before[:WATCHED] != attempt[:WATCHED]:
                 triggers.append((key, attempt, i))
         if change.truncated:
             self._clear()
@@ -263,34 +254,35 @@ class CardTestingLane(AccountWindows[_Attempt]):
     def _candidate(
         self, key: Hashable, row: _Attempt, commit_us: int, lsn: int
     ) -> LaneAlert | None:
-        entries = self.by_account.get(row.account, [])
-        # every entry of time <= t (keys compare only among equal times)
-        upper = bisect.bisect_right(entries, (row.t, _Top()))
-        lower = bisect.bisect_right(entries, (row.t - self.window_us, _Top()))
+        account, at = row[0], row[1]
+        entries = self.by_account.get(account, [])
+        # every entry of time <= at (keys compare only among equal times)
+        upper = bisect.bisect_right(entries, (at, _Top()))
+        lower = bisect.bisect_right(entries, (at - self.window_us, _Top()))
         config = self.config
         n = upper - lower
         if n < config.min_attempts:
             return None
         window = [(t, k, self.rows[k]) for t, k in entries[lower:upper]]
-        merchants = len({w.merchant for _, _, w in window if w.merchant is not None})
+        merchants = len({w[MERCHANT_AT] for _, _, w in window if w[MERCHANT_AT] is not None})
         if merchants < config.min_merchants:
             return None
-        declined = sum(1 for _, _, w in window if w.declined)
-        small = sum(1 for _, _, w in window if w.small)
+        declined = sum(1 for _, _, w in window if w[DECLINED_AT])
+        small = sum(1 for _, _, w in window if w[SMALL_AT])
         evidence = [self._evidence(t, k, w) for t, k, w in window[:EVIDENCE_LIMIT]]
         return LaneAlert(
             rule=RULE,
-            account=row.account,
-            key=f"{RULE}:{row.account}",
+            account=account,
+            key=f"{RULE}:{account}",
             trigger=_first(key),
-            event_us=row.t,
+            event_us=at,
             started_us=window[0][0],
             commit_us=commit_us,
             lsn=lsn,
             severity=config.severity.value,
             summary=(
                 f"{n} small or declined online attempts at {merchants} merchants within "
-                f"{self.window_seconds} s on account {row.account} ({declined} declined)"
+                f"{self.window_seconds} s on account {account} ({declined} declined)"
             ),
             numbers={
                 "attempts": n,
@@ -309,7 +301,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         return {
             "id": _first(key),
             "at": from_us(t),
-            "account": row.account,
+            "account": row[0],
             **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
 

@@ -84,7 +84,7 @@ import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, cast
 
 import duckdb
 
@@ -120,24 +120,21 @@ def _first(key: Hashable) -> Hashable:
     return key[0] if isinstance(key, tuple) else key
 
 
-class _Use(NamedTuple):
-    """A use: a card-present row's account, country and event time (µs)."""
+_Row = tuple[int, str | None, int | None]
+"""What decides a trigger and the countries: a card-present row's ``(account, country,
+t)`` (event time in µs; NULL possible in a schema allowing it: then it is no use). Plain
+tuples, not NamedTuples: CPython stops tracking an exact tuple of atomic values in the
+garbage collector, and :attr:`ImpossibleTravelLane.present` holds every card-present row
+(a NamedTuple each was traversed by every full collection, every thread stopped)."""
+_Use = tuple[int, str | None, int]
+"""A use: a :data:`_Row` with an event time."""
 
-    account: int
-    country: str | None
-    t: int
 
-
-class _Row(NamedTuple):
-    """What decides a trigger and the countries: a card-present row's account, country and
-    event time (µs; NULL possible in a schema allowing it: then it is no use)."""
-
-    account: int
-    country: str | None
-    t: int | None
-
-    def use(self) -> _Use | None:
-        return None if self.t is None else _Use(self.account, self.country, self.t)
+def _use(row: _Row | None) -> _Use | None:
+    """The row as a use (None: no row, or no event time)."""
+    if row is None or row[2] is None:
+        return None
+    return cast(_Use, row)
 
 
 @dataclass
@@ -207,10 +204,10 @@ class ImpossibleTravelLane:
         for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, country, at = row[width : width + 3]
-            present = _Row(int(account), country, None if at is None else int(at))
+            present = (int(account), country, None if at is None else int(at))
             self._count(k, present)
-            use = present.use()
-            if horizon is not None and use is not None and use.t >= horizon:
+            use = _use(present)
+            if horizon is not None and use is not None and use[2] >= horizon:
                 self._add(k, use, tuple(row[width + 3 :]))
         self.incidents.restore(con, RULE, saved)
 
@@ -222,40 +219,43 @@ class ImpossibleTravelLane:
 
     def _count(self, key: Hashable, row: _Row) -> None:
         self.present[key] = row
-        seen = self.countries.setdefault(row.account, {})
-        seen[row.country] = seen.get(row.country, 0) + 1
+        account, country, _ = row
+        seen = self.countries.setdefault(account, {})
+        seen[country] = seen.get(country, 0) + 1
 
     def _uncount(self, key: Hashable) -> None:
         row = self.present.pop(key, None)
         if row is None:
             return
-        seen = self.countries[row.account]
-        seen[row.country] -= 1
-        if not seen[row.country]:
-            del seen[row.country]
+        account, country, _ = row
+        seen = self.countries[account]
+        seen[country] -= 1
+        if not seen[country]:
+            del seen[country]
             if not seen:
-                del self.countries[row.account]
+                del self.countries[account]
 
     def _add(self, key: Hashable, use: _Use, extra: Fields) -> None:
         self.uses[key] = (use, extra)
-        bisect.insort(self.by_account.setdefault(use.account, []), (use.t, key))
-        heapq.heappush(self.expiry, (use.t, key))
+        account, _, at = use
+        bisect.insort(self.by_account.setdefault(account, []), (at, key))
+        heapq.heappush(self.expiry, (at, key))
 
     def _remove(self, key: Hashable) -> None:
         found = self.uses.pop(key, None)
         if found is None:
             return
-        use = found[0]
-        entries = self.by_account[use.account]
-        del entries[bisect.bisect_left(entries, (use.t, key))]
+        account, _, at = found[0]
+        entries = self.by_account[account]
+        del entries[bisect.bisect_left(entries, (at, key))]
         if not entries:
-            del self.by_account[use.account]
+            del self.by_account[account]
 
     def _evict(self, horizon_us: int) -> None:
         while self.expiry and self.expiry[0][0] < horizon_us:
             t, key = heapq.heappop(self.expiry)
             found = self.uses.get(key)
-            if found is not None and found[0].t == t:
+            if found is not None and found[0][2] == t:
                 self._remove(key)
 
     # ----------------------------------------------------------- per batch
@@ -285,10 +285,10 @@ class ImpossibleTravelLane:
                 account = accounts[i]
                 if account is not None:
                     country = countries[i]
-                    row = _Row(account, None if country is None else str(country), times[i])
+                    row = (account, None if country is None else str(country), times[i])
             ends.append((key, row, i))
-            use = None if row is None else row.use()
-            if use is not None and use.t >= cutoff and held(key) != row:
+            use = _use(row)
+            if use is not None and use[2] >= cutoff and held(key) != row:
                 triggers.append((key, use, i))
         # The uses are read as of after the batch (RecentTransactions.update runs first).
         horizon = previous - self.span_us
@@ -298,8 +298,8 @@ class ImpossibleTravelLane:
             self.expiry.clear()
         for key, row, i in ends:
             self._remove(key)
-            use = None if row is None else row.use()
-            if use is not None and use.t >= horizon:
+            use = _use(row)
+            if use is not None and use[2] >= horizon:
                 self._add(key, use, fields_at(lists, i))
         self._evict(horizon)
         found = [
@@ -321,24 +321,26 @@ class ImpossibleTravelLane:
         self, key: Hashable, use: _Use, commit_us: int, lsn: int, extra: Fields
     ) -> LaneAlert | None:
         config = self.config
-        entries = self.by_account.get(use.account, [])
+        account, country, at = use
+        entries = self.by_account.get(account, [])
         # ASOF: the greatest time strictly before the trigger's (ties: the greatest key)
-        below = bisect.bisect_left(entries, use.t, key=_time)
+        below = bisect.bisect_left(entries, at, key=_time)
         p_key = entries[below - 1][1] if below else None
         p = None if p_key is None else self.uses[p_key][0]
+        p_country, p_at = (None, 0) if p is None else (p[1], p[2])
         km: float | None = None
         seconds: float | None = None
         speed: float | None = None
         if p is not None:
-            seconds = epoch(use.t) - epoch(p.t)
-            if p.t > use.t - self.window_us and p.country != use.country:
-                km = self._km(p.country, use.country)
+            seconds = epoch(at) - epoch(p_at)
+            if p_at > at - self.window_us and p_country != country:
+                km = self._km(p_country, country)
             if km is not None:
                 speed = km / max(seconds, 1.0) * 3600
         impossible = speed is not None and speed > config.max_speed_kmh
-        counts = self.countries.get(use.account)
+        counts = self.countries.get(account)
         history = sum(counts.values()) if counts else 0
-        unseen = not counts or use.country not in counts
+        unseen = not counts or country not in counts
         new_country = config.new_country and unseen and history >= config.min_history
         if not (impossible or new_country):
             return None
@@ -346,13 +348,13 @@ class ImpossibleTravelLane:
         summary: str | None = None  # format() with a NULL argument (module docstring)
         if impossible and p is not None:
             summary = (
-                f"card present in {p.country} then {use.country} "
+                f"card present in {p_country} then {country} "
                 f"{_number(seconds)} s later: {_number(km)} km, "
-                f"{_number(speed)} km/h (account {use.account})"
+                f"{_number(speed)} km/h (account {account})"
             )
         elif known is not None:
             summary = (
-                f"card present in {use.country}, a country new for account {use.account} "
+                f"card present in {country}, a country new for account {account} "
                 f"(known: [{', '.join(_text(c) for c in known)}])"
             )
         evidence = [self._evidence(key, use, extra)]
@@ -360,11 +362,11 @@ class ImpossibleTravelLane:
             evidence.insert(0, self._evidence(p_key, p, self.uses[p_key][1]))
         return LaneAlert(
             rule=RULE,
-            account=use.account,
-            key=f"{RULE}:{use.account}",
+            account=account,
+            key=f"{RULE}:{account}",
             trigger=_first(key),
-            event_us=use.t,
-            started_us=p.t if impossible and p is not None else use.t,
+            event_us=at,
+            started_us=p_at if impossible and p is not None else at,
             commit_us=commit_us,
             lsn=lsn,
             severity=config.severity.value,
@@ -401,9 +403,9 @@ class ImpossibleTravelLane:
     def _evidence(self, key: Hashable, use: _Use, extra: Fields) -> dict[str, Any]:
         return {
             "id": _first(key),
-            "at": from_us(use.t),
-            "account": use.account,
-            "country": use.country,
+            "at": from_us(use[2]),
+            "account": use[0],
+            "country": use[1],
             **dict(zip(_EXTRA, extra, strict=True)),
         }
 

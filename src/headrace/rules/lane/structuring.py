@@ -76,7 +76,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -118,12 +118,9 @@ Amount = int | float | Decimal
 """An amount as the source column gives it (numeric: Decimal)."""
 
 
-class _Row(NamedTuple):
-    """What decides a trigger: account, event time (µs) and amount."""
-
-    account: int
-    t: int
-    amount: Amount
+_Row = tuple[int, int, Amount]
+"""What decides a trigger: ``(account, t, amount)`` (event time in µs; a plain tuple, see
+:data:`~headrace.rules.lane.window.Row`)."""
 
 
 def _window_key(entry: tuple[int, Any]) -> int:
@@ -201,7 +198,7 @@ class StructuringLane(AccountWindows[_Row]):
         for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             fields = tuple(row[width + 2 :])
-            self._add(k, _Row(int(row[width]), int(row[width + 1]), fields[AMOUNT]), fields)
+            self._add(k, (int(row[width]), int(row[width + 1]), fields[AMOUNT]), fields)
 
     def take_saved(self) -> RuleSaved:
         """What to record with the lane's position: the watermark and the incidents changed."""
@@ -249,9 +246,9 @@ class StructuringLane(AccountWindows[_Row]):
                     and amount is not None
                     and low <= amount < threshold
                 ):
-                    row = _Row(account, t, amount)
+                    row = (account, t, amount)
             ends.append((key, row, i))
-            if row is not None and row.t >= cutoff and held(key) != row:
+            if row is not None and row[1] >= cutoff and held(key) != row:
                 triggers.append((key, row, i))
         self._update(ends, lists, previous - self.span_us)
         found = [
@@ -300,25 +297,26 @@ class StructuringLane(AccountWindows[_Row]):
         return previous
 
     def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
-        entries = self.by_account.get(row.account, [])
-        upper = bisect.bisect_right(entries, row.t, key=_window_key)
-        lower = bisect.bisect_right(entries, row.t - self.window_us, key=_window_key)
+        account, at, _ = row
+        entries = self.by_account.get(account, [])
+        upper = bisect.bisect_right(entries, at, key=_window_key)
+        lower = bisect.bisect_right(entries, at - self.window_us, key=_window_key)
         n = upper - lower
         if n < self.config.min_count:
             return None
         window = entries[lower:upper]
-        amounts = [self.rows[k].amount for _, k in window]
+        amounts = [self.rows[k][2] for _, k in window]
         total = sum(amounts[1:], amounts[0])
         summary = (
             f"{n} transactions of {duck_text(min(amounts))} to {duck_text(max(amounts))} "
-            f"(total {duck_text(total)}) within {self.hours} h on account {row.account}"
+            f"(total {duck_text(total)}) within {self.hours} h on account {account}"
         )
         return LaneAlert(
             rule=RULE,
-            account=row.account,
-            key=f"{RULE}:{row.account}",
+            account=account,
+            key=f"{RULE}:{account}",
             trigger=key,
-            event_us=row.t,
+            event_us=at,
             started_us=window[0][0],
             commit_us=commit_us,
             lsn=lsn,
@@ -336,11 +334,10 @@ class StructuringLane(AccountWindows[_Row]):
         )
 
     def _evidence(self, t: int, key: Hashable) -> dict[str, Any]:
-        row = self.rows[key]
         fields = self.fields[key]
         return {
             "id": key,
             "at": from_us(t),
-            "account": row.account,
+            "account": self.rows[key][0],
             **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }

@@ -52,7 +52,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import duckdb
 
@@ -80,11 +80,9 @@ MATCHES = "_lane_matches"
 """Name of the rule's ``where`` among a net change's values."""
 
 
-class _Row(NamedTuple):
-    """What decides a trigger: the account and the event time (µs)."""
-
-    account: int
-    t: int
+_Row = tuple[int, int]
+"""What decides a trigger: ``(account, t)`` (event time in µs; a plain tuple, see
+:data:`~headrace.rules.lane.window.Row`)."""
 
 
 @dataclass
@@ -142,7 +140,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             for row in found:
                 k: Hashable = row[0] if width == 1 else tuple(row[:width])
                 fields = tuple(row[width + 2 :])
-                self._add(k, _Row(int(row[width]), int(row[width + 1])), fields)
+                self._add(k, (int(row[width]), int(row[width + 1])), fields)
         self.incidents.restore(con, RULE, saved)
 
     def take_saved(self) -> RuleSaved:
@@ -179,9 +177,9 @@ class VelocityBurstLane(AccountWindows[_Row]):
             if alive and matches[i]:
                 account, t = accounts[i], times[i]
                 if account is not None and t is not None:
-                    row = _Row(account, t)
+                    row = (account, t)
             ends.append((key, row, i))
-            if row is not None and row.t >= cutoff and held(key) != row:
+            if row is not None and row[1] >= cutoff and held(key) != row:
                 triggers.append((key, row, i))
         if change.truncated:
             self._clear()
@@ -192,12 +190,13 @@ class VelocityBurstLane(AccountWindows[_Row]):
         return self.incidents.open([c for c in found if c is not None])
 
     def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
-        entries = self.by_account.get(row.account, [])
-        # every entry of time <= t (keys compare only among equal times)
-        upper = bisect.bisect_right(entries, (row.t, _Top()))
+        account, at = row
+        entries = self.by_account.get(account, [])
+        # every entry of time <= at (keys compare only among equal times)
+        upper = bisect.bisect_right(entries, (at, _Top()))
         best: tuple[float, int, int, int, int] | None = None  # factor, -seconds, n, count, lower
         for seconds, count in self.limits:
-            lower = bisect.bisect_right(entries, (row.t - seconds * 1_000_000, _Top()))
+            lower = bisect.bisect_right(entries, (at - seconds * 1_000_000, _Top()))
             n = upper - lower
             if n >= count:
                 choice = (n / count, -seconds, n, count, lower)
@@ -211,16 +210,16 @@ class VelocityBurstLane(AccountWindows[_Row]):
         evidence = [self._evidence(t, k) for t, k in window[:EVIDENCE_LIMIT]]
         return LaneAlert(
             rule=RULE,
-            account=row.account,
-            key=f"{RULE}:{row.account}",
+            account=account,
+            key=f"{RULE}:{account}",
             trigger=key,
-            event_us=row.t,
+            event_us=at,
             started_us=window[0][0],
             commit_us=commit_us,
             lsn=lsn,
             severity=self.config.severity.value,
             summary=(
-                f"{n} transactions in {-minus_seconds} s on account {row.account} (limit {count})"
+                f"{n} transactions in {-minus_seconds} s on account {account} (limit {count})"
             ),
             numbers={
                 "transactions": n,
@@ -236,12 +235,11 @@ class VelocityBurstLane(AccountWindows[_Row]):
         return Decimal(0) if value is None else Decimal(str(value))
 
     def _evidence(self, t: int, key: Hashable) -> dict[str, Any]:
-        row = self.rows[key]
         fields = self.fields[key]
         return {
             "id": key,
             "at": from_us(t),
-            "account": row.account,
+            "account": self.rows[key][0],
             **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
 

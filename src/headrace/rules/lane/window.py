@@ -13,20 +13,13 @@ import bisect
 import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
-
-class Timed(Protocol):
-    """A window row: the account it counts for and its event time (µs)."""
-
-    @property
-    def account(self) -> int: ...
-
-    @property
-    def t(self) -> int: ...
-
-
-Row = TypeVar("Row", bound=Timed)
+Row = TypeVar("Row", bound=tuple[Any, ...])
+"""A window row: a plain tuple whose first two items are the account it counts for and its
+event time (µs). Plain, not a NamedTuple: CPython stops tracking an exact tuple of atomic
+values in the garbage collector, where a NamedTuple per row is traversed by every full
+collection (with every thread stopped)."""
 
 Fields = tuple[Any, ...]
 """A window row's evidence fields, in the order of the rule's field names. Copied per
@@ -64,18 +57,20 @@ class AccountWindows(Generic[Row]):
     def _add(self, key: Hashable, row: Row, extra: Fields) -> None:
         self.rows[key] = row
         self.fields[key] = extra
-        bisect.insort(self.by_account.setdefault(row.account, []), (row.t, key))
-        heapq.heappush(self.expiry, (row.t, key))
+        account, t = row[0], row[1]
+        bisect.insort(self.by_account.setdefault(account, []), (t, key))
+        heapq.heappush(self.expiry, (t, key))
 
     def _remove(self, key: Hashable) -> None:
         row = self.rows.pop(key, None)
         if row is None:
             return
         del self.fields[key]
-        entries = self.by_account[row.account]
-        del entries[bisect.bisect_left(entries, (row.t, key))]
+        account = row[0]
+        entries = self.by_account[account]
+        del entries[bisect.bisect_left(entries, (row[1], key))]
         if not entries:
-            del self.by_account[row.account]
+            del self.by_account[account]
 
     def _update(
         self,
@@ -88,7 +83,7 @@ class AccountWindows(Generic[Row]):
         evidence fields ``lists`` holds) when within ``horizon_us``, older rows evicted."""
         for key, row, i in ends:
             self._remove(key)
-            if row is not None and row.t >= horizon_us:
+            if row is not None and row[1] >= horizon_us:
                 self._add(key, row, fields_at(lists, i))
         self._evict(horizon_us)
 
@@ -97,5 +92,5 @@ class AccountWindows(Generic[Row]):
         while self.expiry and self.expiry[0][0] < horizon_us:
             t, key = heapq.heappop(self.expiry)
             row = self.rows.get(key)
-            if row is not None and row.t == t:
+            if row is not None and row[1] == t:
                 self._remove(key)
