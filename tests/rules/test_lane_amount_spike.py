@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from headrace.rules.lane.amount_spike import AmountSpikeLane, _Kept
+from headrace.rules.lane.amount_spike import AmountSpikeLane, _kept, _same
 from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from tests.conftest import PgDatabase
 from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
@@ -227,12 +227,12 @@ def test_duckdb_round_and_format() -> None:
 def test_amounts_compare_exactly() -> None:
     """Start and end amounts compare as DECIMALs do (``IS DISTINCT FROM``), though kept as
     the history's 1/10,000ths."""
-    kept = _Kept.of
-    assert kept(1, Decimal("700.00"), True).same(kept(1, Decimal("700.0"), False))
-    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.0001"), True))
-    assert not kept(1, Decimal("1.00005"), True).same(kept(1, Decimal("1.00004"), True))
-    assert not kept(1, None, True).same(kept(1, Decimal(0), True))
-    assert not kept(1, Decimal(5), True).same(kept(2, Decimal(5), True))
+    kept = _kept
+    assert _same(kept(1, Decimal("700.00"), True), kept(1, Decimal("700.0"), False))
+    assert not _same(kept(1, Decimal("1.00005"), True), kept(1, Decimal("1.0001"), True))
+    assert not _same(kept(1, Decimal("1.00005"), True), kept(1, Decimal("1.00004"), True))
+    assert not _same(kept(1, None, True), kept(1, Decimal(0), True))
+    assert not _same(kept(1, Decimal(5), True), kept(2, Decimal(5), True))
 
 
 SMALL = """

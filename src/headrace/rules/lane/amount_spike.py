@@ -134,6 +134,11 @@ def _kept(account: int | None, amount: Any, in_history: bool) -> _Kept:
     return (account, _units(amount), Decimal(amount), in_history)
 
 
+def _same(a: _Kept, b: _Kept) -> bool:
+    """Same account and amount (SQL: neither ``IS DISTINCT FROM`` the other's)."""
+    return a[:3] == b[:3]
+
+
 @dataclass
 class AmountSpikeLane:
     """The amount-spike rule over change batches, in memory (module docstring)."""
@@ -254,8 +259,8 @@ class AmountSpikeLane:
             if t is None or t < cutoff:
                 continue
             start = held(key)
-            if start is not None and start[:3] == row[:3]:
-                continue  # same account and amount (SQL: neither IS DISTINCT FROM)
+            if start is not None and _same(start, row):
+                continue
             candidate = self._candidate(key, row, t, change, j)
             if candidate is not None:
                 found.append(candidate)
