@@ -189,6 +189,23 @@ class Bank:
             self.execute(statement)
         return id
 
+    def outflow_and_balance(
+        self, id: int, account: int, amount: float, seconds: float, *, balance: float, device: str
+    ) -> None:
+        """A transfer out of ``account`` and the account's new ``balance``, in one transaction."""
+        self.harness.transaction(
+            insert_transaction(
+                id,
+                account,
+                amount,
+                sql_time(seconds),
+                channel="transfer",
+                type="transfer_out",
+                device=device,
+            ),
+            f"UPDATE accounts SET balance = {balance} WHERE id = {account}",
+        )
+
     def set_status(self, tx_id: int, status: str) -> None:
         self.execute(f"UPDATE transactions SET {new_status(status)} WHERE id = {tx_id}")
 
