@@ -61,6 +61,70 @@ def _sql_time(value: datetime) -> str:
     return f"'{value.isoformat()}'"
 
 
+def sql_time(seconds: float) -> str:
+    """``at(seconds)`` as an SQL literal."""
+    return _sql_time(at(seconds))
+
+
+def insert_transaction(
+    id: int,
+    account: int,
+    amount: float | str,
+    created: str,
+    *,
+    channel: str,
+    type: str,
+    status: str = "settled",
+    country: str = "DE",
+    merchant: int | None = None,
+    card: int | None = None,
+    device: str | None = None,
+    updated: str | None = None,
+) -> str:
+    """The INSERT of one transaction with these values (none derived from another but the
+    decline reason a declined one needs). ``created`` and ``updated`` are SQL times
+    (:func:`sql_time`, or an expression); ``updated`` is ``created`` unless given."""
+    values = (
+        f"({id}, {account}, {_n(card)}, {_n(merchant)}, {amount}, 'EUR', '{channel}', "
+        f"'{type}', '{status}', {_decline_reason(status)}, '{country}', {_s(device)}, "
+        f"{created}, {updated or created})"
+    )
+    return (
+        "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, currency, "
+        "channel, type, status, decline_reason, country, device, created_at, updated_at) "
+        f"VALUES {values}"
+    )
+
+
+def insert_login(id: int, customer: int, when: str, success: bool, device: str) -> str:
+    """The INSERT of one login from Germany (``when``: an SQL time)."""
+    return (
+        "INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, country, "
+        f"at) VALUES ({id}, {customer}, {str(success).lower()}, {login_result(success)}, "
+        f"'{device}', '10.0.0.1', 'DE', {when})"
+    )
+
+
+def login_result(success: bool) -> str:
+    """The failure reason a login needs (the schema's check): NULL exactly on success."""
+    return "NULL" if success else "'bad_password'"
+
+
+def new_status(status: str) -> str:
+    """The SET clause giving a transaction ``status`` (and the decline reason it needs)."""
+    return f"status = '{status}', decline_reason = {_decline_reason(status)}"
+
+
+def new_time(when: str) -> str:
+    """The SET clause moving a transaction to ``when`` (an SQL time)."""
+    return f"created_at = {when}, updated_at = {when}"
+
+
+def _decline_reason(status: str) -> str:
+    """The schema wants a reason exactly on declined transactions."""
+    return "'do_not_honor'" if status == "declined" else "NULL"
+
+
 @dataclass
 class Bank:
     """The pipeline under test and helpers to write fintech rows."""
@@ -108,39 +172,49 @@ class Bank:
         if channel == "transfer":
             merchant = None
             card = None
-        reason = "'do_not_honor'" if status == "declined" else "NULL"
-        values = (
-            f"({id}, {account}, {_n(card)}, {_n(merchant)}, {amount}, 'EUR', '{channel}', "
-            f"'{type}', '{status}', {reason}, '{country}', {_s(device)}, "
-            f"{_sql_time(at(seconds))}, {_sql_time(at(seconds))})"
-        )
-        statement = (
-            "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, currency, "
-            "channel, type, status, decline_reason, country, device, created_at, updated_at) "
-            f"VALUES {values}"
+        statement = insert_transaction(
+            id,
+            account,
+            amount,
+            sql_time(seconds),
+            channel=channel,
+            type=type,
+            status=status,
+            country=country,
+            merchant=merchant,
+            card=card,
+            device=device,
         )
         if commit:
             self.execute(statement)
         return id
 
-    def set_status(self, tx_id: int, status: str) -> None:
-        reason = "'do_not_honor'" if status == "declined" else "NULL"
-        self.execute(
-            f"UPDATE transactions SET status = '{status}', decline_reason = {reason} "
-            f"WHERE id = {tx_id}"
+    def outflow_and_balance(
+        self, id: int, account: int, amount: float, seconds: float, *, balance: float, device: str
+    ) -> None:
+        """A transfer out of ``account`` and the account's new ``balance``, in one transaction."""
+        self.harness.transaction(
+            insert_transaction(
+                id,
+                account,
+                amount,
+                sql_time(seconds),
+                channel="transfer",
+                type="transfer_out",
+                device=device,
+            ),
+            f"UPDATE accounts SET balance = {balance} WHERE id = {account}",
         )
+
+    def set_status(self, tx_id: int, status: str) -> None:
+        self.execute(f"UPDATE transactions SET {new_status(status)} WHERE id = {tx_id}")
 
     def login(
         self, customer: int, seconds: float, *, success: bool = True, device: str = "phone-1"
     ) -> int:
         login_id = self.next_login
         self.next_login += 1
-        reason = "NULL" if success else "'bad_password'"
-        self.execute(
-            "INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, country, "
-            f"at) VALUES ({login_id}, {customer}, {str(success).lower()}, {reason}, '{device}', "
-            f"'10.0.0.1', 'DE', {_sql_time(at(seconds))})"
-        )
+        self.execute(insert_login(login_id, customer, sql_time(seconds), success, device))
         return login_id
 
     def set_balance(self, account: int, balance: float) -> None:

@@ -58,13 +58,7 @@ def test_restart_between_login_and_outflow(pg_db: PgDatabase, tmp_path: Path) ->
     bank.restart()
     # The outflow and its settlement in one transaction: the balance checked is the one
     # before the batch (5,000), not the balance after the outflow.
-    bank.harness.transaction(
-        "INSERT INTO transactions (id, account_id, amount, currency, channel, type, status, "
-        "country, device, created_at, updated_at) VALUES (77, 5, 2600, 'EUR', 'transfer', "
-        "'transfer_out', 'settled', 'DE', 'intruder', '2026-03-02 12:02:00+00', "
-        "'2026-03-02 12:02:00+00')",
-        "UPDATE accounts SET balance = 2400 WHERE id = 5",
-    )
+    bank.outflow_and_balance(77, 5, 2600, 2 * MINUTE, balance=2400, device="intruder")
     bank.sync()
     (alert,) = bank.alerts("account_takeover")
     numbers = alert["payload"]["numbers"]

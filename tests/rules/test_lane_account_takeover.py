@@ -12,19 +12,27 @@ at random transaction boundaries, with engine restarts.
 
 from __future__ import annotations
 
-import itertools
-import os
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from headrace.rules.lane.account_takeover import AccountTakeoverAlert, AccountTakeoverLane
 from headrace.rules.lane.alert import to_us
 from tests.conftest import PgDatabase
-from tests.rules.bank import Bank, at, only, open_bank
-from tests.rules.lane_harness import Both, number, reset_database, time_value
+from tests.rules import lane_hypothesis
+from tests.rules.bank import (
+    Bank,
+    at,
+    insert_login,
+    insert_transaction,
+    login_result,
+    new_status,
+    only,
+    open_bank,
+)
+from tests.rules.lane_harness import Both, number, time_value
 
 MINUTE = 60.0
 RULE = "account_takeover"
@@ -100,13 +108,7 @@ def test_restart_between_login_and_outflow(pg_db: PgDatabase, tmp_path: Path) ->
     both.restart()
     # The outflow and its settlement in one transaction: the balance checked is the one
     # before the batch (5,000), not the balance after the outflow.
-    bank.harness.transaction(
-        "INSERT INTO transactions (id, account_id, amount, currency, channel, type, status, "
-        "country, device, created_at, updated_at) VALUES (77, 5, 2600, 'EUR', 'transfer', "
-        "'transfer_out', 'settled', 'DE', 'intruder', '2026-03-02 12:02:00+00', "
-        "'2026-03-02 12:02:00+00')",
-        "UPDATE accounts SET balance = 2400 WHERE id = 5",
-    )
+    bank.outflow_and_balance(77, 5, 2600, 2 * MINUTE, balance=2400, device="intruder")
     both.sync()
     (alert,) = both.lane_alerts
     assert (alert.numbers["balance"], alert.numbers["share"]) == (5000, 0.52)
@@ -295,20 +297,6 @@ TYPES = st.sampled_from(["transfer_out", "transfer_out", "transfer_in"])
 login = st.tuples(st.just("login"), st.sampled_from(CUSTOMERS), TIMES, st.booleans(), DEVICES)
 outflow = st.tuples(st.just("out"), st.sampled_from(CUSTOMERS), TIMES, AMOUNTS, TYPES)
 balance = st.tuples(st.just("balance"), st.sampled_from(CUSTOMERS), BALANCES)
-login_success = st.tuples(st.just("login_success"), st.integers(0, 1000), st.booleans())
-login_device = st.tuples(st.just("login_device"), st.integers(0, 1000), DEVICES)
-login_time = st.tuples(st.just("login_time"), st.integers(0, 1000), TIMES)
-login_delete = st.tuples(st.just("login_delete"), st.integers(0, 1000), st.just(0))
-login_key = st.tuples(st.just("login_key"), st.integers(0, 1000), st.just(0))
-login_truncate = st.tuples(st.just("login_truncate"), st.integers(0, 19), st.just(0))
-tx_amount = st.tuples(st.just("tx_amount"), st.integers(0, 1000), AMOUNTS)
-tx_account = st.tuples(st.just("tx_account"), st.integers(0, 1000), st.sampled_from(CUSTOMERS))
-tx_type = st.tuples(st.just("tx_type"), st.integers(0, 1000), TYPES)
-tx_time = st.tuples(st.just("tx_time"), st.integers(0, 1000), TIMES)
-tx_status = st.tuples(st.just("tx_status"), st.integers(0, 1000), st.just("declined"))
-tx_key = st.tuples(st.just("tx_key"), st.integers(0, 1000), st.just(0))
-tx_delete = st.tuples(st.just("tx_delete"), st.integers(0, 1000), st.just(0))
-tx_truncate = st.tuples(st.just("tx_truncate"), st.integers(0, 19), st.just(0))
 operation = st.one_of(
     login,
     login,
@@ -317,175 +305,88 @@ operation = st.one_of(
     outflow,
     outflow,
     balance,
-    login_success,
-    login_device,
-    login_time,
-    login_delete,
-    login_key,
-    login_truncate,
-    tx_amount,
-    tx_account,
-    tx_type,
-    tx_time,
-    tx_status,
-    tx_key,
-    tx_delete,
-    tx_truncate,
+    lane_hypothesis.change("login_success", st.booleans()),
+    lane_hypothesis.change("login_device", DEVICES),
+    lane_hypothesis.change("login_time", TIMES),
+    *lane_hypothesis.lifecycle("login_", truncate_one_in=20),
+    lane_hypothesis.change("tx_amount", AMOUNTS),
+    lane_hypothesis.change("tx_account", st.sampled_from(CUSTOMERS)),
+    lane_hypothesis.change("tx_type", TYPES),
+    lane_hypothesis.change("tx_time", TIMES),
+    lane_hypothesis.change("tx_status", st.just("declined")),
+    *lane_hypothesis.lifecycle("tx_", truncate_one_in=20),
 )
-transaction = st.lists(operation, min_size=1, max_size=4)
-step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.booleans(), st.booleans())
-"""(transactions, sync after them, restart the engine after syncing)."""
 
 
-def _when(seconds: int) -> str:
-    return f"'2026-03-02 12:00:00+00'::timestamptz + interval '{seconds} seconds'"
-
-
-class Writer:
-    """Writes the operations to PostgreSQL, tracking the live login and transaction ids."""
+class Writer(lane_hypothesis.Writer):
+    """Logins, outflows and balances: inserts near a clock; changes of the logins'
+    success, device, time and key, of the transactions' amount, account, type, time,
+    status and key (``login_<change>``, ``tx_<change>``)."""
 
     def __init__(self) -> None:
-        self.bank: Bank | None = None
-        self.logins: list[int] = []
-        self.txs: list[int] = []
-        self.next_id = 5000
+        super().__init__()
+        self.logins: lane_hypothesis.Rows[None] = lane_hypothesis.Rows("logins", "TRUNCATE logins")
         self.clock = 600
 
     def _when(self, offset: int) -> str:
-        return _when(max(0, self.clock + offset))
+        seconds = max(0, self.clock + offset)
+        return f"'2026-03-02 12:00:00+00'::timestamptz + interval '{seconds} seconds'"
 
-    def _id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911, PLR0912 - one per kind
+    def statement(self, op: lane_hypothesis.Op) -> str | None:
         kind = op[0]
         self.clock += 7
         if kind == "login":
             _, customer, seconds, success, device = op
-            login_id = self._id()
+            login_id = self.new_id()
+            self.logins.live[login_id] = None
             device = f"dev-{login_id}" if device == "fresh" else device
-            self.logins.append(login_id)
-            reason = "NULL" if success else "'bad_password'"
-            return (
-                "INSERT INTO logins (id, customer_id, success, failure_reason, device, ip, "
-                f"country, at) VALUES ({login_id}, {customer}, {str(success).lower()}, {reason}, "
-                f"'{device}', '10.0.0.1', 'DE', {self._when(seconds)})"
-            )
+            return insert_login(login_id, customer, self._when(seconds), success, device)
         if kind == "out":
             _, account, seconds, amount, type_ = op
-            tx_id = self._id()
-            self.txs.append(tx_id)
-            return (
-                "INSERT INTO transactions (id, account_id, amount, currency, channel, type, "
-                f"status, country, device, created_at, updated_at) VALUES ({tx_id}, {account}, "
-                f"{amount}, 'EUR', 'transfer', '{type_}', 'settled', 'DE', 'd', "
-                f"{self._when(seconds)}, {self._when(seconds)} + interval '1 hour')"
+            tx_id = self.new_id()
+            self.transactions.live[tx_id] = None
+            when = self._when(seconds)
+            return insert_transaction(
+                tx_id,
+                account,
+                amount,
+                when,
+                channel="transfer",
+                type=type_,
+                device="d",
+                updated=f"{when} + interval '1 hour'",
             )
         if kind == "balance":
             return f"UPDATE accounts SET balance = {op[2]} WHERE id = {op[1]}"
-        if kind == "login_truncate":
-            if op[1] != 0:
-                return None
-            self.logins.clear()
-            return "TRUNCATE logins"
-        if kind == "tx_truncate":
-            if op[1] != 0:
-                return None
-            self.txs.clear()
-            return "TRUNCATE transactions CASCADE"
-        live = self.logins if kind.startswith("login") else self.txs
-        if not live:
-            return None
-        row = live[op[1] % len(live)]
-        value = op[2]
-        table = "logins" if kind.startswith("login") else "transactions"
-        if kind in ("login_delete", "tx_delete"):
-            live.remove(row)
-            return f"DELETE FROM {table} WHERE id = {row}"
-        if kind in ("login_key", "tx_key"):
-            new = self._id()
-            live[live.index(row)] = new
-            return f"UPDATE {table} SET id = {new} WHERE id = {row}"
-        if value == "fresh":
-            value = f"dev-{self._id()}"
-        if kind == "login_success":
-            reason = "NULL" if value else "'bad_password'"
-            change = f"success = {str(value).lower()}, failure_reason = {reason}"
-        elif kind in ("login_time", "tx_time"):
+        table, _, change_kind = kind.partition("_")
+        rows = self.logins if table == "login" else self.transactions
+        return self.write(rows, (change_kind, *op[1:]))
+
+    def assignments(self, rows: lane_hypothesis.Rows[Any], key: int, kind: str, value: Any) -> str:
+        if rows is self.logins:
+            return self._login_assignments(kind, value)
+        if kind == "time":
             when = self._when(value)
-            change = (
-                f"at = {when}"
-                if kind == "login_time"
-                else f"created_at = {when}, updated_at = {when} + interval '1 hour'"
-            )
-        elif kind == "tx_status":
-            change = "status = 'declined', decline_reason = 'do_not_honor'"
-        else:
-            column = {
-                "login_device": "device",
-                "tx_amount": "amount",
-                "tx_account": "account_id",
-                "tx_type": "type",
-            }[kind]
-            change = f"{column} = {value if isinstance(value, int) else repr(value)}"
-        return f"UPDATE {table} SET {change} WHERE id = {row}"
+            return f"created_at = {when}, updated_at = {when} + interval '1 hour'"
+        if kind == "status":
+            return new_status(value)
+        column = {"amount": "amount", "account": "account_id", "type": "type"}[kind]
+        return f"{column} = {value if isinstance(value, int) else repr(value)}"
 
-    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
-        return [s for op in ops if (s := self.statement(op)) is not None]
-
-    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
-        assert self.bank is not None
-        for ops in transactions:
-            statements = self.statements(ops)
-            if statements:
-                self.bank.harness.transaction(*statements)
+    def _login_assignments(self, kind: str, value: Any) -> str:
+        if kind == "success":
+            return f"success = {str(value).lower()}, failure_reason = {login_result(value)}"
+        if kind == "time":
+            return f"at = {self._when(value)}"
+        device = f"dev-{self.new_id()}" if value == "fresh" else value
+        return f"device = '{device}'"
 
 
-_examples = itertools.count()
-
-
-@settings(
-    max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    before=st.lists(st.one_of(login, outflow), max_size=8),
-    initial=st.lists(st.one_of(login, outflow).map(lambda op: [op]), min_size=4, max_size=16),
-    steps=st.lists(step, min_size=1, max_size=6),
-    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
-)
+@lane_hypothesis.LANE_SETTINGS
+@given(example=lane_hypothesis.examples(st.one_of(login, outflow), operation, initial=(4, 16)))
 def test_lane_equals_sql_rule(
-    fresh: tuple[PgDatabase, Path],
-    before: list[tuple[Any, ...]],
-    initial: list[list[tuple[Any, ...]]],
-    steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool]],
-    cuts: list[bool],
+    fresh: tuple[PgDatabase, Path], example: lane_hypothesis.Example
 ) -> None:
-    db, tmp_path = fresh
-    reset_database(db)
-    example = tmp_path / f"ex{next(_examples)}"
-    example.mkdir()
-    writer = Writer()
-    # rows before the snapshot: the SQL rule rebuilds from the mirrors, the lane seeds
-    before_snapshot = tuple(writer.statements(before))
-    both = Both(open_bank(db, example, SMALL, before_snapshot=before_snapshot), AccountTakeoverLane)
-    writer.bank = both.bank
-    cut_points = itertools.cycle(cuts)
-    writer.run(initial)
-    try:
-        for transactions, sync, restart in steps:
-            writer.run(transactions)
-            if sync:
-                both.sync(lambda: next(cut_points))
-                assert_same(both)
-            if restart:
-                both.sync(lambda: next(cut_points))
-                both.restart()
-        both.sync(lambda: next(cut_points))
-        assert_same(both)
-        count = len(both.lane_alerts)
-        event(f"alerts: {min(count, 3)}{'+' if count > 3 else ''}")
-    finally:
-        both.bank.close()
+    lane_hypothesis.run_example(
+        fresh, example, lane=AccountTakeoverLane, config=SMALL, writer=Writer(), check=assert_same
+    )

@@ -11,8 +11,6 @@ boundaries, with engine restarts.
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
 from decimal import Decimal
 from pathlib import Path
@@ -20,14 +18,24 @@ from typing import Any
 
 import duckdb
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from headrace.rules.lane.amount_spike import AmountSpikeLane, _kept, _same
 from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from tests.conftest import PgDatabase
-from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
-from tests.rules.lane_harness import Both, reset_database
+from tests.rules import lane_hypothesis
+from tests.rules.bank import (
+    ALL_RULES,
+    at,
+    insert_transaction,
+    new_status,
+    new_time,
+    only,
+    open_bank,
+    sql_time,
+)
+from tests.rules.lane_harness import Both
 
 # ----------------------------------------------------------------- the SQL rule's cases
 
@@ -262,13 +270,18 @@ def _insert(
     tx_id: int, account: int, amount: float, seconds: int, kind: str = "purchase"
 ) -> list[str]:
     status = "settled" if kind == "purchase" else "pending"
-    channel = CHANNEL[kind]
-    when = at(seconds).isoformat()
     return [
-        "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, currency, "
-        "channel, type, status, country, created_at, updated_at) VALUES "
-        f"({tx_id}, {account}, {account}, 1, {amount}, 'EUR', '{channel}', '{kind}', "
-        f"'{status}', 'DE', '{when}', '{when}')"
+        insert_transaction(
+            tx_id,
+            account,
+            amount,
+            sql_time(seconds),
+            channel=CHANNEL[kind],
+            type=kind,
+            status=status,
+            merchant=1,
+            card=account,
+        )
     ]
 
 
@@ -292,167 +305,67 @@ CHANNEL = {"purchase": "pos", "withdrawal": "atm", "transfer_out": "transfer"}
 
 insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), TIMES, AMOUNTS, TYPES)
 history = st.tuples(st.just("insert"), st.sampled_from(ACCOUNTS), MINUTES, SMALL_AMOUNTS, TYPES)
-update_amount = st.tuples(st.just("amount"), st.integers(0, 1000), AMOUNTS)
-update_status = st.tuples(st.just("status"), st.integers(0, 1000), STATUSES)
-update_type = st.tuples(st.just("type"), st.integers(0, 1000), TYPES)
-update_time = st.tuples(st.just("time"), st.integers(0, 1000), TIMES)
-update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
-update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
-delete = st.tuples(st.just("delete"), st.integers(0, 1000), st.just(0))
-reinsert = st.tuples(st.just("reinsert"), st.integers(0, 1000), st.just(0))
-truncate = st.tuples(st.just("truncate"), st.integers(0, 9), st.just(0))  # acts on 0 only
 operation = st.one_of(
     insert,
     insert,
     insert,
-    update_amount,
-    update_status,
-    update_status,
-    update_type,
-    update_time,
-    update_account,
-    update_key,
-    delete,
-    reinsert,
-    truncate,
+    lane_hypothesis.change("amount", AMOUNTS),
+    lane_hypothesis.change("status", STATUSES),
+    lane_hypothesis.change("status", STATUSES),
+    lane_hypothesis.change("type", TYPES),
+    lane_hypothesis.change("time", TIMES),
+    lane_hypothesis.change("account", st.sampled_from(ACCOUNTS)),
+    *lane_hypothesis.lifecycle(again=True),
 )
-transaction = st.lists(operation, min_size=1, max_size=4)
-step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.booleans(), st.booleans())
-"""(transactions, sync after them, restart the engine after syncing)."""
 
 
-class Writer:
-    """Writes the operations to PostgreSQL, tracking the live rows and the dead ones."""
+class Writer(lane_hypothesis.Writer):
+    """Transactions: inserts; changes of amount, status, type, time, account and key;
+    deleted and truncated rows written again under their old key and values."""
 
     def __init__(self) -> None:
-        self.bank: Bank | None = None
-        self.live: dict[int, tuple[int, float, int, str]] = {}
-        """id -> (account, amount, seconds, type) of the rows in the table."""
-        self.dead: dict[int, tuple[int, float, int, str]] = {}
-        """Rows deleted or truncated: re-inserted under their old key and values."""
-        self.next_id = 5000
+        super().__init__()
+        self.rows: lane_hypothesis.Rows[tuple[int, float, int, str]] = self.transactions
+        """Of each row: (account, amount, seconds, type)."""
 
-    def statement(self, op: tuple[Any, ...]) -> str | None:
-        """One operation as SQL (None: nothing to act on)."""
+    def statement(self, op: lane_hypothesis.Op) -> str | None:
         kind = op[0]
         if kind == "insert":
             _, account, seconds, amount, type_ = op
-            tx_id = self.next_id
-            self.next_id += 1
-            self.live[tx_id] = (account, amount, seconds, type_)
+            tx_id = self.new_id()
+            self.rows.live[tx_id] = (account, amount, seconds, type_)
             return _insert(tx_id, account, amount, seconds, type_)[0]
-        if kind == "truncate":
-            if op[1] != 0:
-                return None
-            self.dead.update(self.live)
-            self.live.clear()
-            return "TRUNCATE transactions CASCADE"
-        if kind == "reinsert":
-            if not self.dead:
-                return None
-            tx_id = sorted(self.dead)[op[1] % len(self.dead)]
-            self.live[tx_id] = self.dead.pop(tx_id)
-            return _insert(tx_id, *self.live[tx_id])[0]
-        return self._change(op)
+        return self.write(self.rows, op)
 
-    def _change(self, op: tuple[Any, ...]) -> str | None:
-        """A delete or update of a live row (``op[1]`` picks it)."""
-        kind, pick, value = op
-        if not self.live:
-            return None
-        ids = sorted(self.live)
-        tx_id = ids[pick % len(ids)]
-        account, amount, seconds, type_ = self.live[tx_id]
-        if kind == "delete":
-            self.dead[tx_id] = self.live.pop(tx_id)
-            return f"DELETE FROM transactions WHERE id = {tx_id}"
-        if kind == "key":
-            new_id = self.next_id
-            self.next_id += 1
-            self.live[new_id] = self.live.pop(tx_id)
-            return f"UPDATE transactions SET id = {new_id} WHERE id = {tx_id}"
+    def insert_again(self, rows: lane_hypothesis.Rows[Any], key: int, row: Any) -> str:
+        return _insert(key, *row)[0]
+
+    def assignments(self, rows: lane_hypothesis.Rows[Any], key: int, kind: str, value: Any) -> str:
+        account, amount, seconds, type_ = rows.live[key]
+        if kind == "status":
+            return new_status(value)
         if kind == "amount":
-            self.live[tx_id] = (account, value, seconds, type_)
-            change = f"amount = {value}"
-        elif kind == "status":
-            reason = "'do_not_honor'" if value == "declined" else "NULL"
-            change = f"status = '{value}', decline_reason = {reason}"
-        elif kind == "type":
-            self.live[tx_id] = (account, amount, seconds, value)
-            change = f"type = '{value}', channel = '{CHANNEL[value]}'"
-        elif kind == "time":
-            self.live[tx_id] = (account, amount, value, type_)
-            when = at(value).isoformat()
-            change = f"created_at = '{when}', updated_at = '{when}'"
-        else:
-            self.live[tx_id] = (value, amount, seconds, type_)
-            change = f"account_id = {value}, card_id = {value}"
-        return f"UPDATE transactions SET {change} WHERE id = {tx_id}"
-
-    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
-        return [s for op in ops if (s := self.statement(op)) is not None]
-
-    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
-        assert self.bank is not None
-        for ops in transactions:
-            statements = self.statements(ops)
-            if statements:
-                self.bank.harness.transaction(*statements)
-
-
-_examples = itertools.count()
-
-
-EXAMPLES = int(os.environ.get("HR_LANE_EXAMPLES", "25"))
-"""Examples of the property (more for a longer hunt)."""
+            rows.live[key] = (account, value, seconds, type_)
+            return f"amount = {value}"
+        if kind == "type":
+            rows.live[key] = (account, amount, seconds, value)
+            return f"type = '{value}', channel = '{CHANNEL[value]}'"
+        if kind == "time":
+            rows.live[key] = (account, amount, value, type_)
+            return new_time(sql_time(value))
+        rows.live[key] = (value, amount, seconds, type_)
+        return f"account_id = {value}, card_id = {value}"
 
 
 # pytest-timeout's 300 s stops a longer hunt (as "Query interrupted" inside DuckDB):
 # examples take up to ~7 s on a busy machine.
-@pytest.mark.timeout(max(300, EXAMPLES * 10))
-@settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    before=st.lists(history, max_size=8),
-    initial=st.lists(history.map(lambda op: [op]), min_size=4, max_size=20),
-    steps=st.lists(step, min_size=1, max_size=6),
-    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
-)
+@pytest.mark.timeout(max(300, lane_hypothesis.EXAMPLES * 10))
+@lane_hypothesis.LANE_SETTINGS
+@given(example=lane_hypothesis.examples(history, operation))
 def test_lane_equals_sql_rule(
-    fresh: tuple[PgDatabase, Path],
-    before: list[tuple[Any, ...]],
-    initial: list[list[tuple[Any, ...]]],
-    steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool]],
-    cuts: list[bool],
+    fresh: tuple[PgDatabase, Path], example: lane_hypothesis.Example
 ) -> None:
-    db, tmp_path = fresh
-    reset_database(db)
-    example = tmp_path / f"ex{next(_examples)}"
-    example.mkdir()
-    writer = Writer()
-    # rows before the snapshot: the SQL rule rebuilds from the mirror, the lane seeds
-    before_snapshot = tuple(writer.statements(before))
-    both = Both(open_bank(db, example, RANDOM, before_snapshot=before_snapshot), AmountSpikeLane)
-    writer.bank = both.bank
-    cut_points = itertools.cycle(cuts)
-    writer.run(initial)  # one insert per transaction: history for every account
-    try:
-        both.sync(lambda: next(cut_points))  # the steps then find some history
-        both.assert_equal()
-        for transactions, sync, restart in steps:
-            writer.run(transactions)
-            if sync:
-                both.sync(lambda: next(cut_points))
-                both.assert_equal()
-            if restart:
-                both.sync(lambda: next(cut_points))
-                both.restart()
-        both.sync(lambda: next(cut_points))
-        both.assert_equal()
-        count = len(both.lane_alerts)
-        event(f"alerts: {min(count, 3)}{'+' if count > 3 else ''}")
-    finally:
-        both.bank.close()
+    """(After the initial transactions, a sync: the steps then find some history.)"""
+    lane_hypothesis.run_example(
+        fresh, example, lane=AmountSpikeLane, config=RANDOM, writer=Writer(), sync_initial=True
+    )

@@ -11,20 +11,29 @@ restarts.
 
 from __future__ import annotations
 
-import itertools
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from headrace.rules.lane.card_testing import CardTestingLane
 from tests.conftest import PgDatabase
-from tests.rules.bank import ALL_RULES, Bank, at, only, open_bank
-from tests.rules.lane_harness import Both, reset_database
+from tests.rules import lane_hypothesis
+from tests.rules.bank import (
+    ALL_RULES,
+    Bank,
+    at,
+    insert_transaction,
+    new_status,
+    new_time,
+    only,
+    open_bank,
+    sql_time,
+)
+from tests.rules.lane_harness import Both
 
 
 def _online(
@@ -268,7 +277,6 @@ STATUSES = st.sampled_from(("settled", "settled", "pending", "declined"))
 class Row:
     """A transaction as the writer last wrote it."""
 
-    id: int
     account: int
     seconds: int
     amount: str
@@ -276,15 +284,18 @@ class Row:
     channel: str
     status: str
 
-    def insert(self) -> str:
-        when = at(self.seconds).isoformat()
-        reason = "'do_not_honor'" if self.status == "declined" else "NULL"
-        return (
-            "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, "
-            "currency, channel, type, status, decline_reason, country, device, created_at, "
-            f"updated_at) VALUES ({self.id}, {self.account}, {self.account}, {self.merchant}, "
-            f"{self.amount}, 'EUR', '{self.channel}', 'purchase', '{self.status}', {reason}, "
-            f"'DE', 'dev', '{when}', '{when}')"
+    def insert(self, tx_id: int) -> str:
+        return insert_transaction(
+            tx_id,
+            self.account,
+            self.amount,
+            sql_time(self.seconds),
+            channel=self.channel,
+            type="purchase",
+            status=self.status,
+            merchant=self.merchant,
+            card=self.account,
+            device="dev",
         )
 
 
@@ -297,166 +308,76 @@ insert = st.tuples(
     CHANNELS,
     STATUSES,
 )
-update_amount = st.tuples(st.just("amount"), st.integers(0, 1000), AMOUNTS)
-update_status = st.tuples(st.just("status"), st.integers(0, 1000), STATUSES)
-update_merchant = st.tuples(st.just("merchant"), st.integers(0, 1000), MERCHANTS)
-update_channel = st.tuples(st.just("channel"), st.integers(0, 1000), CHANNELS)
-update_time = st.tuples(st.just("time"), st.integers(0, 1000), TIMES)
-update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
-update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
-delete = st.tuples(st.just("delete"), st.integers(0, 1000), st.just(0))
-again = st.tuples(st.just("again"), st.integers(0, 1000), st.just(0))
-"""Write a deleted (or truncated) row again: its old key and values."""
-truncate = st.tuples(st.just("truncate"), st.integers(0, 9), st.just(0))  # acts on 0-1 only
 operation = st.one_of(
     insert,
     insert,
     insert,
     insert,
     insert,
-    update_amount,
-    update_status,
-    update_merchant,
-    update_channel,
-    update_time,
-    update_account,
-    update_key,
-    delete,
-    again,
-    truncate,
+    lane_hypothesis.change("amount", AMOUNTS),
+    lane_hypothesis.change("status", STATUSES),
+    lane_hypothesis.change("merchant", MERCHANTS),
+    lane_hypothesis.change("channel", CHANNELS),
+    lane_hypothesis.change("time", TIMES),
+    lane_hypothesis.change("account", st.sampled_from(ACCOUNTS)),
+    *lane_hypothesis.lifecycle(again=True, truncate_one_in=5),
 )
-transaction = st.lists(operation, min_size=1, max_size=4)
-step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.booleans(), st.booleans())
-"""(transactions, sync after them, restart the engine after syncing)."""
 
 
-class Writer:
-    """Writes the operations to PostgreSQL, tracking the live and the removed rows."""
+class Writer(lane_hypothesis.Writer):
+    """Purchases: inserts near a clock; changes of amount, status, merchant, channel,
+    time, account and key; deleted and truncated rows written again."""
 
     def __init__(self) -> None:
-        self.bank: Bank | None = None
-        self.live: dict[int, Row] = {}
-        self.gone: dict[int, Row] = {}
-        self.next_id = 5000
+        super().__init__()
+        self.rows: lane_hypothesis.Rows[Row] = self.transactions
         self.clock = 0
         """Seconds after T0 that the inserts' times are near."""
-        self.truncated: set[int] = set()
         self.again_after_truncate = 0
         """Rows truncated and then written again with their key and values."""
 
-    def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911 - one per kind
+    def statement(self, op: lane_hypothesis.Op) -> str | None:
         kind = op[0]
         if kind == "insert":
             _, account, offset, amount, merchant, channel, status = op
             self.clock += 3
-            seconds = self.clock + offset
-            row = Row(self.next_id, account, seconds, amount, merchant, channel, status)
-            self.next_id += 1
-            self.live[row.id] = row
-            return row.insert()
-        if kind == "truncate":
-            if op[1] > 1:
-                return None
-            self.gone.update(self.live)
-            self.truncated.update(self.live)
-            self.live.clear()
-            return "TRUNCATE transactions CASCADE"
-        if kind == "again":
-            if not self.gone:
-                return None
-            row = self.gone.pop(sorted(self.gone)[op[1] % len(self.gone)])
-            self.again_after_truncate += row.id in self.truncated
-            self.live[row.id] = row
-            return row.insert()
-        if not self.live:
-            return None
-        row = self.live[sorted(self.live)[op[1] % len(self.live)]]
-        value = op[2]
-        if kind == "delete":
-            self.gone[row.id] = self.live.pop(row.id)
-            return f"DELETE FROM transactions WHERE id = {row.id}"
-        if kind == "key":
-            new = replace(row, id=self.next_id)
-            self.next_id += 1
-            del self.live[row.id]
-            self.live[new.id] = new
-            return f"UPDATE transactions SET id = {new.id} WHERE id = {row.id}"
+            row = Row(account, self.clock + offset, amount, merchant, channel, status)
+            tx_id = self.new_id()
+            self.rows.live[tx_id] = row
+            return row.insert(tx_id)
+        return self.write(self.rows, op)
+
+    def insert_again(self, rows: lane_hypothesis.Rows[Any], key: int, row: Row) -> str:
+        self.again_after_truncate += key in rows.truncated
+        return row.insert(key)
+
+    def assignments(self, rows: lane_hypothesis.Rows[Any], key: int, kind: str, value: Any) -> str:
         if kind == "time":
             value += self.clock
-            when = at(value).isoformat()
-            name, sql = "seconds", f"created_at = '{when}', updated_at = '{when}'"
+            name, sql = "seconds", new_time(sql_time(value))
         elif kind == "status":
-            reason = "'do_not_honor'" if value == "declined" else "NULL"
-            name, sql = "status", f"status = '{value}', decline_reason = {reason}"
+            name, sql = "status", new_status(value)
         else:
             column = {"amount": "amount", "merchant": "merchant_id", "account": "account_id"}
             name = kind
             sql = f"channel = '{value}'" if kind == "channel" else f"{column[kind]} = {value}"
-        self.live[row.id] = replace(row, **{name: value})
-        return f"UPDATE transactions SET {sql} WHERE id = {row.id}"
-
-    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
-        return [s for op in ops if (s := self.statement(op)) is not None]
-
-    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
-        assert self.bank is not None
-        for ops in transactions:
-            statements = self.statements(ops)
-            if statements:
-                self.bank.harness.transaction(*statements)
+        rows.live[key] = replace(rows.live[key], **{name: value})
+        return sql
 
 
-_examples = itertools.count()
-
-
-@settings(
-    max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@lane_hypothesis.LANE_SETTINGS
 @given(
-    before=st.lists(insert, max_size=8),
-    initial=st.lists(insert.map(lambda op: [op]), min_size=4, max_size=20),
-    steps=st.lists(step, min_size=1, max_size=6),
-    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
+    example=lane_hypothesis.examples(insert, operation),
     config=st.sampled_from(("SMALL", "NO_DECLINES")),
 )
 def test_lane_equals_sql_rule(
-    fresh: tuple[PgDatabase, Path],
-    *,
-    before: list[tuple[Any, ...]],
-    initial: list[list[tuple[Any, ...]]],
-    steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool]],
-    cuts: list[bool],
-    config: str,
+    fresh: tuple[PgDatabase, Path], example: lane_hypothesis.Example, config: str
 ) -> None:
-    db, tmp_path = fresh
-    reset_database(db)
-    example = tmp_path / f"ex{next(_examples)}"
-    example.mkdir()
-    writer = Writer()
-    # rows before the snapshot: the SQL rule rebuilds from the mirror, the lane seeds
-    before_snapshot = tuple(writer.statements(before))
     yaml_text = {"SMALL": SMALL, "NO_DECLINES": NO_DECLINES}[config]
-    bank = open_bank(db, example, yaml_text, before_snapshot=before_snapshot)
-    both = Both(bank, CardTestingLane)
-    writer.bank = both.bank
-    cut_points = itertools.cycle(cuts)
-    writer.run(initial)  # one insert per transaction: enough rows for patterns
-    try:
-        for transactions, sync, restart in steps:
-            writer.run(transactions)
-            if sync:
-                both.sync(lambda: next(cut_points))
-                both.assert_equal()
-            if restart:
-                both.sync(lambda: next(cut_points))
-                both.restart()
-        both.sync(lambda: next(cut_points))
-        both.assert_equal()
-        event(f"alerts: {min(len(both.lane_alerts), 3)}{'+' if len(both.lane_alerts) > 3 else ''}")
-        event(f"config: {config}")
-        again = writer.again_after_truncate
-        event(f"rows written again after a truncate: {min(again, 2)}{'+' if again > 2 else ''}")
-    finally:
-        both.bank.close()
+    writer = Writer()
+    lane_hypothesis.run_example(
+        fresh, example, lane=CardTestingLane, config=yaml_text, writer=writer
+    )
+    event(f"config: {config}")
+    again = writer.again_after_truncate
+    event(f"rows written again after a truncate: {min(again, 2)}{'+' if again > 2 else ''}")

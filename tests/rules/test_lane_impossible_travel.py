@@ -10,21 +10,20 @@ random transaction boundaries, with engine restarts.
 
 from __future__ import annotations
 
-import itertools
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.impossible_travel import ImpossibleTravelLane, epoch
 from tests.conftest import PgDatabase
-from tests.rules.bank import T0, Bank, at, open_bank
-from tests.rules.lane_harness import Both, reset_database
+from tests.rules import lane_hypothesis
+from tests.rules.bank import T0, at, insert_transaction, new_status, new_time, open_bank
+from tests.rules.lane_harness import Both
 
 # ----------------------------------------------------------------- the rule's own cases
 
@@ -221,47 +220,34 @@ KIND = {"pos": ("pos", "purchase"), "atm": ("atm", "withdrawal"), "online": ("on
 """(channel, type) of a row kind (the schema's checks)."""
 
 insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), STEPS, COUNTRIES, KINDS)
-update_country = st.tuples(st.just("country"), st.integers(0, 1000), COUNTRIES)
-update_kind = st.tuples(st.just("kind"), st.integers(0, 1000), KINDS)
-update_time = st.tuples(st.just("time"), st.integers(0, 1000), STEPS)
-update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
-update_status = st.tuples(st.just("status"), st.integers(0, 1000), st.just("declined"))
-update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
-delete = st.tuples(st.just("delete"), st.integers(0, 1000), st.just(0))
-truncate = st.tuples(st.just("truncate"), st.integers(0, 9), st.just(0))  # acts on 0 only
 operation = st.one_of(
     insert,
     insert,
     insert,
-    update_country,
-    update_kind,
-    update_time,
-    update_account,
-    update_status,
-    update_key,
-    delete,
-    truncate,
+    lane_hypothesis.change("country", COUNTRIES),
+    lane_hypothesis.change("kind", KINDS),
+    lane_hypothesis.change("time", STEPS),
+    lane_hypothesis.change("account", st.sampled_from(ACCOUNTS)),
+    lane_hypothesis.change("status", st.just("declined")),
+    *lane_hypothesis.lifecycle(),
 )
-transaction = st.lists(operation, min_size=1, max_size=4)
-step = st.tuples(
-    st.lists(transaction, min_size=2, max_size=8),
+THEN = st.builds(
+    lambda sync, restart, relane: lane_hypothesis.Then(sync, restart, restart and relane),
     st.booleans(),
     st.booleans(),
     st.booleans(),
 )
-"""(transactions, sync after them, restart the engine after syncing, and then start a new
-evaluator from the store and its saved record). Not from the store alone: that is a
+"""Sync after the transactions, restart the engine after syncing, and then start a new
+evaluator from the store and its saved record. Not from the store alone: that is a
 snapshot rebuild's watermark (the mirror's newest time), not the engine's, which a
 deleted or moved row may have set higher."""
 
 
-class Writer:
-    """Writes the operations to PostgreSQL, tracking the live transaction ids."""
+class Writer(lane_hypothesis.Writer):
+    """Transactions: inserts; changes of country, kind, time, account, status and key."""
 
     def __init__(self) -> None:
-        self.bank: Bank | None = None
-        self.live: list[int] = []
-        self.next_id = 5000
+        super().__init__()
         self.clock = 0
         """The newest event time written so far (s after T0)."""
 
@@ -271,122 +257,56 @@ class Writer:
         of equal times by physical order)."""
         seconds = max(0, self.clock + step)
         self.clock = max(self.clock, seconds)
-        return (at(seconds) + timedelta(microseconds=tx_id)).isoformat()
+        return f"'{(at(seconds) + timedelta(microseconds=tx_id)).isoformat()}'"
 
-    def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911 - one per kind
-        kind = op[0]
-        if kind == "insert":
-            _, account, step, country, row_kind = op
-            channel, type_ = KIND[row_kind]
-            tx_id = self.next_id
-            self.next_id += 1
-            self.live.append(tx_id)
-            when = self.when(step, tx_id)
-            return (
-                "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, "
-                "currency, channel, type, status, country, device, created_at, updated_at) "
-                f"VALUES ({tx_id}, {account}, {account}, 1, 20.5, 'EUR', '{channel}', "
-                f"'{type_}', 'settled', '{country}', 't-{tx_id}', '{when}', '{when}')"
-            )
-        if kind == "truncate":
-            if op[1] != 0:
-                return None
-            self.live.clear()
-            return "TRUNCATE transactions CASCADE"
-        if not self.live:
-            return None
-        tx_id = self.live[op[1] % len(self.live)]
-        value = op[2]
-        if kind == "delete":
-            self.live.remove(tx_id)
-            return f"DELETE FROM transactions WHERE id = {tx_id}"
-        if kind == "key":
-            new_id = self.next_id
-            self.next_id += 1
-            self.live[self.live.index(tx_id)] = new_id
-            return f"UPDATE transactions SET id = {new_id} WHERE id = {tx_id}"
+    def statement(self, op: lane_hypothesis.Op) -> str | None:
+        if op[0] != "insert":
+            return self.write(self.transactions, op)
+        _, account, step, country, row_kind = op
+        channel, type_ = KIND[row_kind]
+        tx_id = self.new_id()
+        self.transactions.live[tx_id] = None
+        return insert_transaction(
+            tx_id,
+            account,
+            20.5,
+            self.when(step, tx_id),
+            channel=channel,
+            type=type_,
+            country=country,
+            merchant=1,
+            card=account,
+            device=f"t-{tx_id}",
+        )
+
+    def assignments(self, rows: lane_hypothesis.Rows[Any], key: int, kind: str, value: Any) -> str:
         if kind == "time":
-            when = self.when(value, tx_id)
-            change = f"created_at = '{when}', updated_at = '{when}'"
-        elif kind == "account":
-            change = f"account_id = {value}"
-        elif kind == "country":
-            change = f"country = '{value}'"
-        elif kind == "kind":
+            return new_time(self.when(value, key))
+        if kind == "account":
+            return f"account_id = {value}"
+        if kind == "country":
+            return f"country = '{value}'"
+        if kind == "kind":
             channel, type_ = KIND[value]
-            change = f"channel = '{channel}', type = '{type_}'"
-        else:
-            change = "status = 'declined', decline_reason = 'do_not_honor'"
-        return f"UPDATE transactions SET {change} WHERE id = {tx_id}"
-
-    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
-        return [s for op in ops if (s := self.statement(op)) is not None]
-
-    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
-        assert self.bank is not None
-        for ops in transactions:
-            statements = self.statements(ops)
-            if statements:
-                self.bank.harness.transaction(*statements)
+            return f"channel = '{channel}', type = '{type_}'"
+        return new_status(value)
 
 
-_examples = itertools.count()
-
-
-@settings(
-    max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),  # more for a longer hunt
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@lane_hypothesis.LANE_SETTINGS
 @given(
-    start=st.tuples(
-        st.tuples(
-            st.sampled_from([1, 1, 0, 2]), st.sampled_from([None, None, 50_000.0]), st.booleans()
-        ),
-        st.lists(insert, max_size=8),
+    config=st.tuples(
+        st.sampled_from([1, 1, 0, 2]), st.sampled_from([None, None, 50_000.0]), st.booleans()
     ),
-    initial=st.lists(insert.map(lambda op: [op]), min_size=4, max_size=16),
-    steps=st.lists(step, min_size=1, max_size=6),
-    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
+    example=lane_hypothesis.examples(insert, operation, initial=(4, 16), then=THEN),
 )
 def test_lane_equals_sql_rule(
     fresh: tuple[PgDatabase, Path],
-    start: tuple[tuple[int, float | None, bool], list[tuple[Any, ...]]],
-    initial: list[list[tuple[Any, ...]]],
-    steps: list[tuple[list[list[tuple[Any, ...]]], bool, bool, bool]],
-    cuts: list[bool],
+    config: tuple[int, float | None, bool],
+    example: lane_hypothesis.Example,
 ) -> None:
-    """(min_history, max_speed_kmh, new_country) and the rows before the snapshot, then
-    the steps."""
-    db, tmp_path = fresh
-    config, before = start
-    reset_database(db)
-    example = tmp_path / f"ex{next(_examples)}"
-    example.mkdir()
-    writer = Writer()
-    # rows before the snapshot: the SQL rule rebuilds from the mirror, the lane seeds
-    before_snapshot = tuple(writer.statements(before))
-    bank = open_bank(db, example, small(*config), before_snapshot=before_snapshot)
-    both = Both(bank, ImpossibleTravelLane)
-    writer.bank = both.bank
-    cut_points = itertools.cycle(cuts)
-    writer.run(initial)
-    try:
-        for transactions, sync, restart, relane in steps:
-            writer.run(transactions)
-            if sync:
-                both.sync(lambda: next(cut_points))
-                both.assert_equal()
-            if restart:
-                both.sync(lambda: next(cut_points))
-                both.restart()
-                if relane:
-                    both.start_lane(from_saved=True)
-        both.sync(lambda: next(cut_points))
-        both.assert_equal()
-        count = len(both.lane_alerts)
-        event(f"alerts: {min(count, 3)}{'+' if count > 3 else ''}")
-        travel = sum(1 for alert in both.lane_alerts if alert.numbers["impossible_travel"])
-        event(f"impossible travel alerts: {'some' if travel else 'none'}")
-    finally:
-        both.bank.close()
+    """The configuration (min_history, max_speed_kmh, new_country), then the example."""
+    both = lane_hypothesis.run_example(
+        fresh, example, lane=ImpossibleTravelLane, config=small(*config), writer=Writer()
+    )
+    travel = sum(1 for alert in both.lane_alerts if alert.numbers["impossible_travel"])
+    event(f"impossible travel alerts: {'some' if travel else 'none'}")

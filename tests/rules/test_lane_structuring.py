@@ -11,19 +11,27 @@ restarts and lane restarts from what it saved.
 
 from __future__ import annotations
 
-import itertools
-import os
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from headrace.rules.lane.duck_numbers import duck_round, duck_text
 from headrace.rules.lane.structuring import StructuringLane
 from tests.conftest import PgDatabase
-from tests.rules.bank import Bank, at, only, open_bank
-from tests.rules.lane_harness import Both, reset_database
+from tests.rules import lane_hypothesis
+from tests.rules.bank import (
+    Bank,
+    at,
+    insert_transaction,
+    new_status,
+    new_time,
+    only,
+    open_bank,
+    sql_time,
+)
+from tests.rules.lane_harness import Both
 
 HOUR = 3600.0
 
@@ -227,150 +235,70 @@ CHANNEL = {"purchase": "online", "withdrawal": "atm"}
 STATUSES = st.sampled_from(["declined", "reversed", "settled", "pending"])
 
 insert = st.tuples(st.just("insert"), st.sampled_from((1, 1, 2, 3)), TIMES, TYPES, AMOUNTS)
-update_amount = st.tuples(st.just("amount"), st.integers(0, 1000), AMOUNTS)
-update_status = st.tuples(st.just("status"), st.integers(0, 1000), STATUSES)
-update_time = st.tuples(st.just("time"), st.integers(0, 1000), TIMES)
-update_account = st.tuples(st.just("account"), st.integers(0, 1000), st.sampled_from(ACCOUNTS))
-update_type = st.tuples(st.just("type"), st.integers(0, 1000), TYPES)
-update_key = st.tuples(st.just("key"), st.integers(0, 1000), st.just(0))
-delete = st.tuples(st.just("delete"), st.integers(0, 1000), st.just(0))
-truncate = st.tuples(st.just("truncate"), st.integers(0, 9), st.just(0))  # acts on 0 only
 operation = st.one_of(
     insert,
     insert,
     insert,
-    update_amount,
-    update_amount,
-    update_status,
-    update_status,
-    update_time,
-    update_account,
-    update_type,
-    update_key,
-    delete,
-    truncate,
+    lane_hypothesis.change("amount", AMOUNTS),
+    lane_hypothesis.change("amount", AMOUNTS),
+    lane_hypothesis.change("status", STATUSES),
+    lane_hypothesis.change("status", STATUSES),
+    lane_hypothesis.change("time", TIMES),
+    lane_hypothesis.change("account", st.sampled_from(ACCOUNTS)),
+    lane_hypothesis.change("type", TYPES),
+    *lane_hypothesis.lifecycle(),
 )
-transaction = st.lists(operation, min_size=1, max_size=4)
-step = st.tuples(st.lists(transaction, min_size=2, max_size=8), st.sampled_from(range(4)))
-"""(transactions, then: 0 nothing, 1 sync, 2 sync and restart the engine, 3 sync and
-start a new lane from what the previous one saved)."""
+THEN = st.sampled_from(
+    [
+        lane_hypothesis.Then(),
+        lane_hypothesis.Then(sync=True),
+        lane_hypothesis.Then(sync=True, restart=True),
+        lane_hypothesis.Then(sync=True, relane=True),
+    ]
+)
+"""After a step: nothing, a sync, a sync and an engine restart, or a sync and a new lane
+started from what the previous one saved."""
 
 
-class Writer:
-    """Writes the operations to PostgreSQL, tracking the live transaction ids."""
+class Writer(lane_hypothesis.Writer):
+    """Transactions: inserts; changes of amount, status, time, account, type and key."""
 
-    def __init__(self) -> None:
-        self.bank: Bank | None = None
-        self.live: list[int] = []
-        self.next_id = 5000
+    def statement(self, op: lane_hypothesis.Op) -> str | None:
+        if op[0] != "insert":
+            return self.write(self.transactions, op)
+        _, account, seconds, type_, amount = op
+        channel = CHANNEL.get(type_, "transfer")
+        card = account if channel != "transfer" else None
+        tx_id = self.new_id()
+        self.transactions.live[tx_id] = None
+        return insert_transaction(
+            tx_id,
+            account,
+            amount,
+            sql_time(seconds),
+            channel=channel,
+            type=type_,
+            merchant=1,
+            card=card,
+        )
 
-    def statement(self, op: tuple[Any, ...]) -> str | None:  # noqa: PLR0911 - one per kind
-        kind = op[0]
-        if kind == "insert":
-            _, account, seconds, type_, amount = op
-            channel = CHANNEL.get(type_, "transfer")
-            card = account if channel != "transfer" else "NULL"
-            tx_id = self.next_id
-            self.next_id += 1
-            self.live.append(tx_id)
-            when = at(seconds).isoformat()
-            return (
-                "INSERT INTO transactions (id, account_id, card_id, merchant_id, amount, "
-                "currency, channel, type, status, country, created_at, updated_at) VALUES "
-                f"({tx_id}, {account}, {card}, 1, {amount}, 'EUR', '{channel}', '{type_}', "
-                f"'settled', 'DE', '{when}', '{when}')"
-            )
-        if kind == "truncate":
-            if op[1] != 0:
-                return None
-            self.live.clear()
-            return "TRUNCATE transactions CASCADE"
-        if not self.live:
-            return None
-        tx_id = self.live[op[1] % len(self.live)]
-        value = op[2]
-        if kind == "delete":
-            self.live.remove(tx_id)
-            return f"DELETE FROM transactions WHERE id = {tx_id}"
-        if kind == "key":
-            new_id = self.next_id
-            self.next_id += 1
-            self.live[self.live.index(tx_id)] = new_id
-            return f"UPDATE transactions SET id = {new_id} WHERE id = {tx_id}"
+    def assignments(self, rows: lane_hypothesis.Rows[Any], key: int, kind: str, value: Any) -> str:
         if kind == "amount":
-            change = f"amount = {value}"
-        elif kind == "time":
-            when = at(value).isoformat()
-            change = f"created_at = '{when}', updated_at = '{when}'"
-        elif kind == "account":
-            change = f"account_id = {value}"
-        elif kind == "type":
+            return f"amount = {value}"
+        if kind == "time":
+            return new_time(sql_time(value))
+        if kind == "account":
+            return f"account_id = {value}"
+        if kind == "type":
             channel = CHANNEL.get(value, "transfer")
             card = "NULL" if channel == "transfer" else "account_id"
-            change = f"type = '{value}', channel = '{channel}', card_id = {card}"
-        else:
-            reason = "'do_not_honor'" if value == "declined" else "NULL"
-            change = f"status = '{value}', decline_reason = {reason}"
-        return f"UPDATE transactions SET {change} WHERE id = {tx_id}"
-
-    def statements(self, ops: list[tuple[Any, ...]]) -> list[str]:
-        return [s for op in ops if (s := self.statement(op)) is not None]
-
-    def run(self, transactions: list[list[tuple[Any, ...]]]) -> None:
-        assert self.bank is not None
-        for ops in transactions:
-            statements = self.statements(ops)
-            if statements:
-                self.bank.harness.transaction(*statements)
+            return f"type = '{value}', channel = '{channel}', card_id = {card}"
+        return new_status(value)
 
 
-_examples = itertools.count()
-
-
-@settings(
-    # More for a longer hunt; beyond ~70 examples pass `--timeout 0`: pytest-timeout's
-    # 300 s per test otherwise interrupts DuckDB mid-batch ("Query interrupted").
-    max_examples=int(os.environ.get("HR_LANE_EXAMPLES", "25")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(
-    before=st.lists(insert, max_size=8),
-    initial=st.lists(insert.map(lambda op: [op]), min_size=6, max_size=24),
-    steps=st.lists(step, min_size=1, max_size=6),
-    cuts=st.lists(st.booleans(), min_size=1, max_size=20),
-)
+@lane_hypothesis.LANE_SETTINGS
+@given(example=lane_hypothesis.examples(insert, operation, initial=(6, 24), then=THEN))
 def test_lane_equals_sql_rule(
-    fresh: tuple[PgDatabase, Path],
-    before: list[tuple[Any, ...]],
-    initial: list[list[tuple[Any, ...]]],
-    steps: list[tuple[list[list[tuple[Any, ...]]], int]],
-    cuts: list[bool],
+    fresh: tuple[PgDatabase, Path], example: lane_hypothesis.Example
 ) -> None:
-    db, tmp_path = fresh
-    reset_database(db)
-    example = tmp_path / f"ex{next(_examples)}"
-    example.mkdir()
-    writer = Writer()
-    # rows before the snapshot: the SQL rule rebuilds from the mirror, the lane seeds
-    before_snapshot = tuple(writer.statements(before))
-    both = Both(open_bank(db, example, SMALL, before_snapshot=before_snapshot), StructuringLane)
-    writer.bank = both.bank
-    cut_points = itertools.cycle(cuts)
-    writer.run(initial)  # one insert per transaction: enough rows for patterns
-    try:
-        for transactions, then in steps:
-            writer.run(transactions)
-            if then:
-                both.sync(lambda: next(cut_points))
-                both.assert_equal()
-            if then == 2:
-                both.restart()
-            elif then == 3:
-                both.start_lane(from_saved=True)
-        both.sync(lambda: next(cut_points))
-        both.assert_equal()
-        alerts = len(both.lane_alerts)
-        event(f"alerts: {min(alerts, 3)}{'+' if alerts > 3 else ''}")
-    finally:
-        both.bank.close()
+    lane_hypothesis.run_example(fresh, example, lane=StructuringLane, config=SMALL, writer=Writer())
