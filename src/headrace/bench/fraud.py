@@ -460,8 +460,8 @@ def _print_table(result: FraudBenchResult, out: Console) -> None:
     if result.collector:
         out.print(
             f"garbage collector while streaming: {result.collector.get('collections')} "
-            f"collections (young, middle, full), {result.collector.get('pause_ms')} ms in "
-            f"all, longest {result.collector.get('longest_pause_ms')} ms"
+            f"collections (young, middle, full), pauses {result.collector.get('pause_ms')} ms "
+            f"in all, longest {result.collector.get('longest_pause_ms')} ms"
         )
     for problem in result.problems:
         out.print(f"[yellow]problem:[/yellow] {problem}")

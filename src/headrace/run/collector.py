@@ -35,9 +35,9 @@ class Collector:
         self._started = 0.0
         self.collections = [0, 0, 0]
         """Collections per generation (young, middle, full) since :meth:`settle`."""
-        self.pause_s = 0.0
-        """Total time spent collecting (every thread stopped)."""
-        self.longest_pause_s = 0.0
+        self.pause_s = [0.0, 0.0, 0.0]
+        """Time spent collecting per generation (every thread stopped)."""
+        self.longest_pause_s = [0.0, 0.0, 0.0]
         self.frozen = 0
         """Objects moved to the permanent generation by :meth:`settle`."""
         self._settled = False
@@ -65,17 +65,19 @@ class Collector:
             self._started = time.perf_counter()
             return
         pause = time.perf_counter() - self._started
+        generation = int(info["generation"])
         with self._lock:
-            self.collections[int(info["generation"])] += 1
-            self.pause_s += pause
-            self.longest_pause_s = max(self.longest_pause_s, pause)
+            self.collections[generation] += 1
+            self.pause_s[generation] += pause
+            self.longest_pause_s[generation] = max(self.longest_pause_s[generation], pause)
 
     def document(self) -> dict[str, Any]:
-        """For the status file: collections per generation, pause total and longest."""
+        """For the status file, per generation (young, middle, full): collections, their
+        total and longest pause."""
         with self._lock:
             return {
                 "collections": list(self.collections),
-                "pause_ms": round(self.pause_s * 1000, 1),
-                "longest_pause_ms": round(self.longest_pause_s * 1000, 1),
+                "pause_ms": [round(s * 1000, 1) for s in self.pause_s],
+                "longest_pause_ms": [round(s * 1000, 1) for s in self.longest_pause_s],
                 "frozen_objects": self.frozen,
             }
