@@ -92,7 +92,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, BatchFields
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -221,7 +221,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
         declines = columns.get(DECLINES)
         accounts, times = columns[self.columns["account"]], columns[self.columns["t"]]
         amounts, merchants = columns[self.columns["amount"]], columns[self.columns["merchant"]]
-        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
+        fields = BatchFields([columns[self.columns[name]] for name in EVIDENCE_FIELDS])
         small_amount = self.small_amount
         triggers: list[tuple[Hashable, _Attempt, int]] = []
         ends: list[tuple[Hashable, _Attempt | None, int]] = []
@@ -244,7 +244,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
                 triggers.append((key, attempt, i))
         if change.truncated:
             self._clear()
-        self._update(ends, lists, previous - self.span_us)
+        self._update(ends, fields, previous - self.span_us)
         found = [
             self._candidate(key, attempt, change.commits[i], change.lsns[i])
             for key, attempt, i in triggers

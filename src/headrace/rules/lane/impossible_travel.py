@@ -96,7 +96,7 @@ from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.tx_rule import advance, seeded_watermark, time_sql, tx_columns, tx_wanted
-from headrace.rules.lane.window import Fields, fields_at
+from headrace.rules.lane.window import BatchFields, Fields
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -274,7 +274,7 @@ class ImpossibleTravelLane:
         columns = change.columns
         present, accounts = columns[PRESENT], columns[self.columns["account"]]
         countries, times = columns[self.columns["country"]], columns[self.columns["t"]]
-        lists = [columns[self.columns[name]] for name in _EXTRA]
+        fields = BatchFields([columns[self.columns[name]] for name in _EXTRA])
         triggers: list[tuple[Hashable, _Use, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
         held = self.present.get
@@ -300,10 +300,10 @@ class ImpossibleTravelLane:
             self._remove(key)
             use = _use(row)
             if use is not None and use[2] >= horizon:
-                self._add(key, use, fields_at(lists, i))
+                self._add(key, use, fields[i])
         self._evict(horizon)
         found = [
-            self._candidate(key, use, change.commits[i], change.lsns[i], fields_at(lists, i))
+            self._candidate(key, use, change.commits[i], change.lsns[i], fields[i])
             for key, use, i in triggers
         ]
         opened = self.incidents.open([c for c in found if c is not None])

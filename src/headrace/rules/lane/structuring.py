@@ -103,7 +103,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, BatchFields
 from headrace.rules.structuring import Structuring
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -229,7 +229,7 @@ class StructuringLane(AccountWindows[_Row]):
             columns[MATCHES],
             columns[CANCELLED],
         )
-        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
+        fields = BatchFields([columns[self.columns[name]] for name in EVIDENCE_FIELDS])
         low, threshold = self.low, self.threshold
         triggers: list[tuple[Hashable, _Row, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
@@ -250,7 +250,7 @@ class StructuringLane(AccountWindows[_Row]):
             ends.append((key, row, i))
             if row is not None and row[1] >= cutoff and held(key) != row:
                 triggers.append((key, row, i))
-        self._update(ends, lists, previous - self.span_us)
+        self._update(ends, fields, previous - self.span_us)
         found = [
             self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
         ]

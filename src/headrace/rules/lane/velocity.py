@@ -71,7 +71,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows
+from headrace.rules.lane.window import AccountWindows, BatchFields
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -166,7 +166,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             columns[self.columns["t"]],
             columns[MATCHES],
         )
-        lists = [columns[self.columns[name]] for name in EVIDENCE_FIELDS]
+        fields = BatchFields([columns[self.columns[name]] for name in EVIDENCE_FIELDS])
         triggers: list[tuple[Hashable, _Row, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
         held = self.rows.get
@@ -183,7 +183,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
                 triggers.append((key, row, i))
         if change.truncated:
             self._clear()
-        self._update(ends, lists, previous - self.span_us)
+        self._update(ends, fields, previous - self.span_us)
         found = [
             self._candidate(key, row, change.commits[i], change.lsns[i]) for key, row, i in triggers
         ]
