@@ -33,7 +33,14 @@ from headrace.engine.tables import (
 from headrace.errors import ConfigError
 from headrace.pipeline.model import COMMIT_TIME, PipelineConfig, RollupConfig, quote_ident
 from headrace.source.changes import TableRef, TableSchema
-from headrace.store.duckdb.schema import EVENT_TS, LOOKUP_PREFIX, META, ROLLUP, rollup_table_prefix
+from headrace.store.duckdb.schema import (
+    EVENT_TS,
+    LOOKUP_PREFIX,
+    META,
+    ROLLUP,
+    rollup_table_prefix,
+    table_exists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -352,11 +359,7 @@ class Registry:
 
     @staticmethod
     def _state_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-        rows = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-            [ROLLUP, f"{rollup_table_prefix(name)}state"],
-        ).fetchall()
-        return bool(rows[0][0])
+        return table_exists(con, ROLLUP, f"{rollup_table_prefix(name)}state")
 
     def build(
         self, con: duckdb.DuckDBPyConnection, name: str, config: RollupConfig | None = None

@@ -63,14 +63,15 @@ from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_d
 from headrace.rules.lane.changes import (
     Convert,
     NetChange,
+    first_column,
     integers,
     key_columns,
-    micros,
     net_change,
 )
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
+from headrace.rules.lane.tx_rule import advance, tx_columns, tx_wanted
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import OP, SEQ, ChangeBatch, TableRef, old_name
 from headrace.store.duckdb.schema import mirror_table
@@ -135,11 +136,8 @@ class AccountTakeoverLane:
             accounts.customer: integers,
             accounts.balance: None,
         }
-        # TX_FIELDS are the config's column names, but "t" (its ``time``)
-        self.columns = {f: getattr(tx, "time" if f == "t" else f) for f in TX_FIELDS}
-        self.tx_columns: dict[str, Convert | None] = {c: None for c in self.columns.values()}
-        self.tx_columns[self.columns["account"]] = integers
-        self.tx_columns[self.columns["t"]] = micros
+        self.columns = tx_columns(tx)
+        self.tx_columns = tx_wanted(self.columns)
         self.where_sql = config.where or tx.outflow
         self.where = arrow_condition(self.where_sql)
         self.earliest_us = to_us(EARLIEST)
@@ -206,15 +204,9 @@ class AccountTakeoverLane:
         account_change = net_change(batch, self.account_ref, self.account_columns)
         alerts: list[LaneAlert] = []
         if login_change is not None or tx_change is not None:
-            previous = self._before()
-            marks = [
-                change.newest_mark
-                for change in (login_change, tx_change)
-                if change is not None and change.newest_mark is not None
-            ]
-            if marks:
-                newest = max(marks)
-                self.watermark_us = newest if self.watermark_us is None else max(previous, newest)
+            previous, self.watermark_us = advance(
+                self.watermark_us, self.earliest_us, login_change, tx_change
+            )
             if login_change is not None:
                 self.risky.apply(login_change, previous)
             if tx_change is not None:
@@ -225,9 +217,6 @@ class AccountTakeoverLane:
         if account_change is not None:
             self._update_accounts(account_change)
         return alerts
-
-    def _before(self) -> int:
-        return self.watermark_us if self.watermark_us is not None else self.earliest_us
 
     def _detect(self, batch: ChangeBatch, change: NetChange, previous: int) -> list[LaneAlert]:
         """``_detect``: the candidates among the batch's outflows."""
@@ -257,7 +246,7 @@ class AccountTakeoverLane:
             account, amount = accounts[i], amounts[i]
             customer, balance = held[account]
             entries = versions.get(account, [])
-            index = bisect.bisect_left(entries, (firsts[self._first_column(key)],)) - 1
+            index = bisect.bisect_left(entries, (firsts[first_column(key)],)) - 1
             if index >= 0 and entries[index][1] is not None:
                 balance = entries[index][1]  # coalesce(then_balance, balance)
             if balance is None or not balance > 0 or customer is None:
@@ -274,10 +263,6 @@ class AccountTakeoverLane:
                 if alert is not None:
                     found.append(alert)
         return found
-
-    @staticmethod
-    def _first_column(key: Hashable) -> Hashable:
-        return key[0] if isinstance(key, tuple) else key
 
     def _batch_order(
         self, batch: ChangeBatch, wanted: set[Any]

@@ -53,7 +53,7 @@ from headrace.rules.lane.changes import (
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
 from headrace.source.changes import ChangeBatch, TableRef
-from headrace.store.duckdb.schema import mirror_table
+from headrace.store.duckdb.schema import mirror_table, table_exists
 
 RULE = "account_takeover"
 SUCCESS = "_lane_success"
@@ -174,7 +174,8 @@ class RiskyLogins:
         """The marks of ``AccountTakeover.rebuild``, or the SQL rule's own table when
         ``from_store`` and it exists (the rule ran as SQL up to the store's position)."""
         stored = state_table(RULE, "marks")
-        if from_store and _exists(con, stored):
+        schema, name = (part.strip('"') for part in stored.split("."))
+        if from_store and table_exists(con, schema, name):
             query = f"SELECT customer, t, reason, login, device, country, failed FROM {stored}"
             params: list[Any] = []
         elif watermark_us is None:
@@ -390,12 +391,3 @@ class RiskyLogins:
         self.marks_changed = True
         bisect.insort(self.marks.setdefault(customer, []), (mark.t, next(self.arrivals), mark))
         heapq.heappush(self.mark_expiry, (mark.t, customer))
-
-
-def _exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    schema, name = (part.strip('"') for part in table.split("."))
-    found = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-        [schema, name],
-    ).fetchall()[0][0]
-    return bool(found)

@@ -18,6 +18,7 @@ import duckdb
 
 from headrace.alerts.store import INCIDENTS
 from headrace.rules.lane.saved import RuleSaved
+from headrace.store.duckdb.schema import table_exists
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -132,11 +133,8 @@ class Incidents:
         if saved is not None:
             self.last_seen.update(saved.last_seen)
             return
-        exists = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-            INCIDENTS.split("."),
-        ).fetchall()[0][0]
-        if not exists:
+        schema, name = INCIDENTS.split(".")
+        if not table_exists(con, schema, name):
             return
         for key, seen in con.execute(
             f"SELECT key, last_seen_at FROM {INCIDENTS} WHERE rule = ?", [rule]

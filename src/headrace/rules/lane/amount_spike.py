@@ -81,11 +81,7 @@ import duckdb
 from headrace.rules.base import EARLIEST
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import (
-    NetChange,
-    key_columns,
-    net_change,
-)
+from headrace.rules.lane.changes import NetChange, first_column, key_columns, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round, duck_text, sql_literal
 from headrace.rules.lane.saved import RuleSaved
@@ -301,7 +297,7 @@ class AmountSpikeLane:
         if below or end.values is None:  # (a trigger is a live row: values are never None)
             return None
         ratio = amount_float / mean
-        trigger = key[0] if isinstance(key, tuple) else key
+        trigger = first_column(key)
         return LaneAlert(
             rule=RULE,
             account=account,

@@ -79,7 +79,7 @@ import duckdb
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import key_columns, net_change
+from headrace.rules.lane.changes import first_column, key_columns, net_change
 from headrace.rules.lane.condition import RowCondition, arrow_condition
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.tx_rule import (
@@ -92,7 +92,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows, BatchFields
+from headrace.rules.lane.window import AccountWindows, BatchFields, entry_time
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -256,9 +256,8 @@ class CardTestingLane(AccountWindows[_Attempt]):
     ) -> LaneAlert | None:
         account, at = row[0], row[1]
         entries = self.by_account.get(account, [])
-        # every entry of time <= at (keys compare only among equal times)
-        upper = bisect.bisect_right(entries, (at, _Top()))
-        lower = bisect.bisect_right(entries, (at - self.window_us, _Top()))
+        upper = bisect.bisect_right(entries, at, key=entry_time)
+        lower = bisect.bisect_right(entries, at - self.window_us, key=entry_time)
         config = self.config
         n = upper - lower
         if n < config.min_attempts:
@@ -274,7 +273,7 @@ class CardTestingLane(AccountWindows[_Attempt]):
             rule=RULE,
             account=account,
             key=f"{RULE}:{account}",
-            trigger=_first(key),
+            trigger=first_column(key),
             event_us=at,
             started_us=window[0][0],
             commit_us=commit_us,
@@ -299,23 +298,8 @@ class CardTestingLane(AccountWindows[_Attempt]):
     def _evidence(self, t: int, key: Hashable, row: _Attempt) -> dict[str, Any]:
         fields = self.fields[key]
         return {
-            "id": _first(key),
+            "id": first_column(key),
             "at": from_us(t),
             "account": row[0],
             **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
-
-
-def _first(key: Hashable) -> Hashable:
-    """The key's first column (``_k0``: what the SQL rule names a row by)."""
-    return key[0] if isinstance(key, tuple) else key
-
-
-class _Top:
-    """Greater than any key: ``(t, _Top())`` sorts after every ``(t, key)``."""
-
-    def __lt__(self, other: object) -> bool:
-        return False
-
-    def __gt__(self, other: object) -> bool:
-        return True

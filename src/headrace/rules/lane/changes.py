@@ -75,11 +75,10 @@ class NetChange:
         )
         return End(values, self.commits[i], self.lsns[i])
 
-    def live_rows(self) -> list[tuple[Hashable, int]]:
-        """``(key, row)`` of every key that exists after the batch."""
-        return [
-            (k, i) for k, i, alive in zip(self.keys, self.rows, self.live, strict=True) if alive
-        ]
+
+def first_column(key: Hashable) -> Hashable:
+    """A key's first column (``_k0``: what the SQL rules name a row by)."""
+    return key[0] if isinstance(key, tuple) else key
 
 
 def keys_of(data: pa.Table, columns: Sequence[str]) -> list[Hashable]:
@@ -128,7 +127,7 @@ class _Decoded:
             if isinstance(met, pa.Scalar):
                 found = [bool(met.as_py())] * self.data.num_rows
             else:
-                found = [bool(v) for v in pc.fill_null(met, False).to_pylist()]
+                found = pc.fill_null(met, False).to_pylist()
             self.met[condition] = found
         return found
 

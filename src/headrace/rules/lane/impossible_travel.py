@@ -80,7 +80,6 @@ which the countries need as long as deletes and updates come without their old r
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -91,12 +90,12 @@ import duckdb
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
-from headrace.rules.lane.changes import key_columns, net_change
+from headrace.rules.lane.changes import first_column, key_columns, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.duck_numbers import duck_round
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.tx_rule import advance, seeded_watermark, time_sql, tx_columns, tx_wanted
-from headrace.rules.lane.window import BatchFields, Fields
+from headrace.rules.lane.window import AccountWindows, BatchFields, Fields, entry_time
 from headrace.rules.triggers import TX_FIELDS
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -106,7 +105,7 @@ PRESENT = "_lane_card_present"
 """Name of the ``card_present`` condition among a net change's values."""
 
 _EXTRA = tuple(name for name in TX_FIELDS if name not in ("account", "t", "country"))
-"""The evidence fields kept beside (account, country, t)."""
+"""The evidence fields kept beside (account, t, country)."""
 
 
 def epoch(us: int) -> float:
@@ -115,31 +114,27 @@ def epoch(us: int) -> float:
     return float(us // 1000) / 1000.0 + (us % 1000) / 1e6
 
 
-def _first(key: Hashable) -> Hashable:
-    """The key's first column (``_k0``: the SQL rule's trigger and evidence id)."""
-    return key[0] if isinstance(key, tuple) else key
-
-
-_Row = tuple[int, str | None, int | None]
-"""What decides a trigger and the countries: a card-present row's ``(account, country,
-t)`` (event time in µs; NULL possible in a schema allowing it: then it is no use). Plain
+_Row = tuple[int, int | None, str | None]
+"""What decides a trigger and the countries: a card-present row's ``(account, t,
+country)`` (event time in µs; NULL possible in a schema allowing it: then it is no use). Plain
 tuples, not NamedTuples: CPython stops tracking an exact tuple of atomic values in the
 garbage collector, and :attr:`ImpossibleTravelLane.present` holds every card-present row
 (a NamedTuple each was traversed by every full collection, every thread stopped)."""
-_Use = tuple[int, str | None, int]
-"""A use: a :data:`_Row` with an event time."""
+_Use = tuple[int, int, str | None]
+"""A use: a :data:`_Row` with an event time (a row of the uses' window)."""
 
 
 def _use(row: _Row | None) -> _Use | None:
     """The row as a use (None: no row, or no event time)."""
-    if row is None or row[2] is None:
+    if row is None or row[1] is None:
         return None
     return cast(_Use, row)
 
 
 @dataclass
-class ImpossibleTravelLane:
-    """The impossible-travel rule over change batches, in memory (module docstring)."""
+class ImpossibleTravelLane(AccountWindows[_Use]):
+    """The impossible-travel rule over change batches, in memory (module docstring); its
+    window (:class:`AccountWindows`) holds the uses: card present, within the span."""
 
     rules: RulesConfig
     name: str = RULE
@@ -148,12 +143,6 @@ class ImpossibleTravelLane:
     """Every card-present row of the table (the countries' start rows, the triggers')."""
     countries: dict[int, dict[str | None, int]] = field(default_factory=dict)
     """Per account, its card-present rows per country (only counts above zero)."""
-    uses: dict[Hashable, tuple[_Use, Fields]] = field(default_factory=dict)
-    """The uses (card present, within the span): key -> (row, evidence fields)."""
-    by_account: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
-    """Each account's uses as sorted (t, key) pairs."""
-    expiry: list[tuple[int, Hashable]] = field(default_factory=list)
-    """Heap of (t, key) for eviction; entries whose key has moved on are skipped."""
 
     def __post_init__(self) -> None:
         travel = self.rules.impossible_travel
@@ -186,9 +175,7 @@ class ImpossibleTravelLane:
         self.watermark_us = seeded_watermark(con, self.ref, self.columns["t"], saved)
         self.present.clear()
         self.countries.clear()
-        self.uses.clear()
-        self.by_account.clear()
-        self.expiry.clear()
+        self._clear()
         key = key_columns(con, self.ref)
         width = len(key)
         names = ", ".join(f'"{k}"' for k in key)
@@ -204,10 +191,10 @@ class ImpossibleTravelLane:
         for row in found:
             k: Hashable = row[0] if width == 1 else tuple(row[:width])
             account, country, at = row[width : width + 3]
-            present = (int(account), country, None if at is None else int(at))
+            present = (int(account), None if at is None else int(at), country)
             self._count(k, present)
             use = _use(present)
-            if horizon is not None and use is not None and use[2] >= horizon:
+            if horizon is not None and use is not None and use[1] >= horizon:
                 self._add(k, use, tuple(row[width + 3 :]))
         self.incidents.restore(con, RULE, saved)
 
@@ -219,7 +206,7 @@ class ImpossibleTravelLane:
 
     def _count(self, key: Hashable, row: _Row) -> None:
         self.present[key] = row
-        account, country, _ = row
+        account, _, country = row
         seen = self.countries.setdefault(account, {})
         seen[country] = seen.get(country, 0) + 1
 
@@ -227,36 +214,13 @@ class ImpossibleTravelLane:
         row = self.present.pop(key, None)
         if row is None:
             return
-        account, country, _ = row
+        account, _, country = row
         seen = self.countries[account]
         seen[country] -= 1
         if not seen[country]:
             del seen[country]
             if not seen:
                 del self.countries[account]
-
-    def _add(self, key: Hashable, use: _Use, extra: Fields) -> None:
-        self.uses[key] = (use, extra)
-        account, _, at = use
-        bisect.insort(self.by_account.setdefault(account, []), (at, key))
-        heapq.heappush(self.expiry, (at, key))
-
-    def _remove(self, key: Hashable) -> None:
-        found = self.uses.pop(key, None)
-        if found is None:
-            return
-        account, _, at = found[0]
-        entries = self.by_account[account]
-        del entries[bisect.bisect_left(entries, (at, key))]
-        if not entries:
-            del self.by_account[account]
-
-    def _evict(self, horizon_us: int) -> None:
-        while self.expiry and self.expiry[0][0] < horizon_us:
-            t, key = heapq.heappop(self.expiry)
-            found = self.uses.get(key)
-            if found is not None and found[0][2] == t:
-                self._remove(key)
 
     # ----------------------------------------------------------- per batch
 
@@ -285,23 +249,16 @@ class ImpossibleTravelLane:
                 account = accounts[i]
                 if account is not None:
                     country = countries[i]
-                    row = (account, None if country is None else str(country), times[i])
+                    row = (account, times[i], None if country is None else str(country))
             ends.append((key, row, i))
             use = _use(row)
-            if use is not None and use[2] >= cutoff and held(key) != row:
+            if use is not None and use[1] >= cutoff and held(key) != row:
                 triggers.append((key, use, i))
         # The uses are read as of after the batch (RecentTransactions.update runs first).
-        horizon = previous - self.span_us
         if change.truncated:
-            self.uses.clear()
-            self.by_account.clear()
-            self.expiry.clear()
-        for key, row, i in ends:
-            self._remove(key)
-            use = _use(row)
-            if use is not None and use[2] >= horizon:
-                self._add(key, use, fields[i])
-        self._evict(horizon)
+            self._clear()
+        uses = [(key, _use(row), i) for key, row, i in ends]
+        self._update(uses, fields, previous - self.span_us)
         found = [
             self._candidate(key, use, change.commits[i], change.lsns[i], fields[i])
             for key, use, i in triggers
@@ -321,13 +278,13 @@ class ImpossibleTravelLane:
         self, key: Hashable, use: _Use, commit_us: int, lsn: int, extra: Fields
     ) -> LaneAlert | None:
         config = self.config
-        account, country, at = use
+        account, at, country = use
         entries = self.by_account.get(account, [])
         # ASOF: the greatest time strictly before the trigger's (ties: the greatest key)
-        below = bisect.bisect_left(entries, at, key=_time)
+        below = bisect.bisect_left(entries, at, key=entry_time)
         p_key = entries[below - 1][1] if below else None
-        p = None if p_key is None else self.uses[p_key][0]
-        p_country, p_at = (None, 0) if p is None else (p[1], p[2])
+        p = None if p_key is None else self.rows[p_key]
+        p_at, p_country = (0, None) if p is None else (p[1], p[2])
         km: float | None = None
         seconds: float | None = None
         speed: float | None = None
@@ -359,12 +316,12 @@ class ImpossibleTravelLane:
             )
         evidence = [self._evidence(key, use, extra)]
         if p is not None and p_key is not None:
-            evidence.insert(0, self._evidence(p_key, p, self.uses[p_key][1]))
+            evidence.insert(0, self._evidence(p_key, p, self.fields[p_key]))
         return LaneAlert(
             rule=RULE,
             account=account,
             key=f"{RULE}:{account}",
-            trigger=_first(key),
+            trigger=first_column(key),
             event_us=at,
             started_us=p_at if impossible and p is not None else at,
             commit_us=commit_us,
@@ -402,10 +359,10 @@ class ImpossibleTravelLane:
 
     def _evidence(self, key: Hashable, use: _Use, extra: Fields) -> dict[str, Any]:
         return {
-            "id": _first(key),
-            "at": from_us(use[2]),
+            "id": first_column(key),
+            "at": from_us(use[1]),
             "account": use[0],
-            "country": use[1],
+            "country": use[2],
             **dict(zip(_EXTRA, extra, strict=True)),
         }
 
@@ -413,10 +370,6 @@ class ImpossibleTravelLane:
 def _number(value: float | None) -> str:
     """``format('{}', round(value))`` of a double (Python's repr is fmt's shortest form)."""
     return "NULL" if value is None else repr(duck_round(value))
-
-
-def _time(entry: tuple[int, Any]) -> int:
-    return entry[0]
 
 
 def _order(country: str | None) -> tuple[bool, str]:

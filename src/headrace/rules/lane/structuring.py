@@ -103,7 +103,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows, BatchFields
+from headrace.rules.lane.window import AccountWindows, BatchFields, entry_time
 from headrace.rules.structuring import Structuring
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
@@ -121,10 +121,6 @@ Amount = int | float | Decimal
 _Row = tuple[int, int, Amount]
 """What decides a trigger: ``(account, t, amount)`` (event time in µs; a plain tuple, see
 :data:`~headrace.rules.lane.window.Row`)."""
-
-
-def _window_key(entry: tuple[int, Any]) -> int:
-    return entry[0]
 
 
 @dataclass
@@ -299,8 +295,8 @@ class StructuringLane(AccountWindows[_Row]):
     def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
         account, at, _ = row
         entries = self.by_account.get(account, [])
-        upper = bisect.bisect_right(entries, at, key=_window_key)
-        lower = bisect.bisect_right(entries, at - self.window_us, key=_window_key)
+        upper = bisect.bisect_right(entries, at, key=entry_time)
+        lower = bisect.bisect_right(entries, at - self.window_us, key=entry_time)
         n = upper - lower
         if n < self.config.min_count:
             return None

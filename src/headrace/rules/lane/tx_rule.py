@@ -57,12 +57,14 @@ def seeded_watermark(
 
 
 def advance(
-    watermark_us: int | None, earliest_us: int, change: NetChange
+    watermark_us: int | None, earliest_us: int, *changes: NetChange | None
 ) -> tuple[int, int | None]:
     """``(W, W')``: the watermark before the batch (the earliest possible before any) and
-    after it, ``max(W, newest_mark)`` (a batch without a live row leaves it alone)."""
+    after it, ``max(W, newest_mark)`` over the rule's tables' changes (a batch without a
+    live row leaves it alone)."""
     previous = watermark_us if watermark_us is not None else earliest_us
-    newest = change.newest_mark
-    if newest is None:
+    marks = [c.newest_mark for c in changes if c is not None and c.newest_mark is not None]
+    if not marks:
         return previous, watermark_us
+    newest = max(marks)
     return previous, newest if watermark_us is None else max(previous, newest)

@@ -71,7 +71,7 @@ from headrace.rules.lane.tx_rule import (
     tx_columns,
     tx_wanted,
 )
-from headrace.rules.lane.window import AccountWindows, BatchFields
+from headrace.rules.lane.window import AccountWindows, BatchFields, entry_time
 from headrace.source.changes import ChangeBatch, TableRef
 from headrace.store.duckdb.schema import mirror_table
 
@@ -192,11 +192,10 @@ class VelocityBurstLane(AccountWindows[_Row]):
     def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
         account, at = row
         entries = self.by_account.get(account, [])
-        # every entry of time <= at (keys compare only among equal times)
-        upper = bisect.bisect_right(entries, (at, _Top()))
+        upper = bisect.bisect_right(entries, at, key=entry_time)
         best: tuple[float, int, int, int, int] | None = None  # factor, -seconds, n, count, lower
         for seconds, count in self.limits:
-            lower = bisect.bisect_right(entries, (at - seconds * 1_000_000, _Top()))
+            lower = bisect.bisect_right(entries, at - seconds * 1_000_000, key=entry_time)
             n = upper - lower
             if n >= count:
                 choice = (n / count, -seconds, n, count, lower)
@@ -242,13 +241,3 @@ class VelocityBurstLane(AccountWindows[_Row]):
             "account": self.rows[key][0],
             **dict(zip(EVIDENCE_FIELDS, fields, strict=True)),
         }
-
-
-class _Top:
-    """Greater than any key: ``(t, _Top())`` sorts after every ``(t, key)``."""
-
-    def __lt__(self, other: object) -> bool:
-        return False
-
-    def __gt__(self, other: object) -> bool:
-        return True

@@ -1,7 +1,7 @@
 """Per-account windows of rows in time order: the state of the lane's window rules.
 
-Velocity burst, structuring and card testing each keep the rows their condition can use
-within their span of the watermark: by key (to replace or drop a row its change names), per
+Velocity burst, structuring, card testing and impossible travel (its card-present uses)
+each keep the rows their condition can use within their span of the watermark: by key (to replace or drop a row its change names), per
 account as a sorted list of ``(t, key)`` (counts and sums over ``(t - window, t]`` by
 bisection) and in a heap by time (eviction). A row moved in time or to another account is
 removed and added again; a heap entry whose row has moved on is skipped when it comes up.
@@ -26,6 +26,12 @@ Fields = tuple[Any, ...]
 kept row (a tuple: a third of a dict's memory), not referenced in the batch's column
 lists: a reference would keep a whole batch alive as long as one of its rows stays in
 a window, and windows span up to days."""
+
+
+def entry_time(entry: tuple[int, Any]) -> int:
+    """The time of a ``(t, key)`` entry: ``bisect``'s key over an account's entries
+    (``bisect_right(entries, t, key=entry_time)``: past every entry of time <= t)."""
+    return entry[0]
 
 
 class BatchFields:

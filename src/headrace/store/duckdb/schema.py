@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import duckdb
+
 from headrace.pipeline.durations import format_duration
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import TableRef
@@ -38,6 +40,15 @@ HISTORY_META: tuple[tuple[str, str], ...] = (
 
 # Rollup state bookkeeping column: rows in the group (the group is deleted at 0).
 ROWS = "_hr_rows"
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
+    """Whether the store has table ``schema.name`` (names unquoted)."""
+    rows = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+        [schema, name],
+    ).fetchall()
+    return bool(rows[0][0])
 
 
 def table_label(ref: TableRef) -> str:
