@@ -1,10 +1,11 @@
 """Per-account windows of rows in time order: the state of the lane's window rules.
 
 Velocity burst, structuring, card testing and impossible travel (its card-present uses)
-each keep the rows their condition can use within their span of the watermark: by key (to replace or drop a row its change names), per
-account as a sorted list of ``(t, key)`` (counts and sums over ``(t - window, t]`` by
-bisection) and in a heap by time (eviction). A row moved in time or to another account is
-removed and added again; a heap entry whose row has moved on is skipped when it comes up.
+each keep the rows their condition can use within their span of the watermark: by key (to
+replace or drop a row its change names), per account as a sorted list of ``(t, key)``
+(counts and sums over ``(t - window, t]`` by bisection) and in a heap by time (eviction).
+A row moved in time or to another account is removed and added again; a heap entry whose
+row has moved on is skipped when it comes up.
 """
 
 from __future__ import annotations
