@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,6 +50,7 @@ from headrace.bench.process_cpu import (
     postgres_cpu,
 )
 from headrace.bench.run_process import RunProcess
+from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.demo.config import FraudFamily
 from headrace.demo.deployment import deployment_text, pipeline_part, replace_section
 from headrace.pipeline.load import load_pipeline
@@ -255,20 +254,11 @@ def _measure(
         f"{result.fraud_every:,} transactions ..."
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
-    generator = subprocess.Popen(
-        [sys.executable, "-m", "headrace.bench.fraud_workload", json.dumps(options)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    while generator.poll() is None:
-        headrace.status()
-        time.sleep(0.25)
-    output = (generator.stdout.read() if generator.stdout else "").strip().splitlines()
-    if generator.stdout is not None:
-        generator.stdout.close()
-    if generator.returncode != 0 or not output:
-        raise RuntimeError(f"the workload generator failed ({generator.returncode})")
-    written = json.loads(output[-1])
+    generator = WorkloadProcess("headrace.bench.fraud_workload", options)
+    try:
+        written = generator.wait(workload_deadline_s(result.seconds), headrace.status)
+    finally:
+        generator.stop()
     result.written = written
     result.transactions_per_s = float(written["transactions_per_s"])
     if written.get("envelope_breaches"):

@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from headrace.bench.workload_process import dump_stacks_on_signal
 from headrace.demo.config import HistorySettings, PopulationSettings, WorkloadSettings
 from headrace.demo.generator import Workload
 from headrace.demo.history import load_history
@@ -128,6 +129,7 @@ def run(options: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> None:
     """Entry point: one JSON argument in, one JSON line out."""
+    dump_stacks_on_signal()  # the benchmark asks for the stacks if this runs late
     print(json.dumps(run(json.loads(argv[1]))), flush=True)
 
 

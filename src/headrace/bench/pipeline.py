@@ -29,8 +29,6 @@ The last line is one JSON object with every figure.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +45,7 @@ from headrace.bench.process_cpu import (
     postgres_cpu,
 )
 from headrace.bench.run_process import RunProcess
+from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.metrics import FreshnessHistogram
@@ -227,20 +226,13 @@ def _measure(
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     started = time.monotonic()
-    generator = subprocess.Popen(
-        [sys.executable, "-m", "headrace.bench.pipeline_workload", json.dumps(options)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    while generator.poll() is None:
-        headrace.status()
-        time.sleep(0.25)
+    generator = WorkloadProcess("headrace.bench.pipeline_workload", options)
+    try:
+        written = generator.wait(workload_deadline_s(seconds), headrace.status)
+    finally:
+        generator.stop()
     load_end = time.monotonic()
     at_load_end = headrace.status()
-    output = (generator.stdout.read() if generator.stdout else "").strip().splitlines()
-    if generator.returncode != 0 or not output:
-        raise RuntimeError(f"the workload generator failed ({generator.returncode})")
-    written = json.loads(output[-1])
     result.written_changes = int(written["changes"])
     result.written_rate = round(float(written["rate"]))
     end_lsn = int(written["end_lsn"])

@@ -30,6 +30,8 @@ from typing import Any
 
 import psycopg
 
+from headrace.bench.workload_process import dump_stacks_on_signal
+
 SCHEMA = """
 CREATE TABLE accounts (
     id     int8 PRIMARY KEY,
@@ -224,6 +226,7 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
 
 def main(argv: list[str]) -> None:
     """Process entry point (see module docstring)."""
+    dump_stacks_on_signal()  # the benchmark asks for the stacks if this runs late
     print(json.dumps(asdict(run_writers(json.loads(argv[0])))), flush=True)
 
 

@@ -7,7 +7,9 @@ add a command below that imports it lazily (so ``headrace --help`` stays fast).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -27,6 +29,17 @@ bench_app = typer.Typer(
     "and one JSON line last.",
     no_args_is_help=True,
 )
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@bench_app.callback()
+def _every_benchmark() -> None:
+    # SIGTERM (e.g. from `timeout`) unwinds the benchmark like Ctrl-C does, so its
+    # throwaway PostgreSQL, headrace run and generators are stopped, not left running.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 
 @bench_app.command("cdc")
