@@ -8,11 +8,11 @@ the same batches. :class:`Incidents` is the SQL rules' "one alert per incident"
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -77,6 +77,23 @@ class LaneAlert:
         }
 
 
+class Candidate(NamedTuple):
+    """A candidate whose alert is made only if it opens an incident.
+
+    Whether a candidate opens depends only on these fields; its alert (numbers,
+    evidence) may cost time proportional to the rule's window, and an account that
+    stays over a limit is a candidate on every transaction while its incident is
+    open. ``build`` must give the alert with these same fields, from the state as it
+    is when :meth:`Incidents.open` runs.
+    """
+
+    key: str
+    event_us: int
+    lsn: int
+    trigger: Hashable
+    build: Callable[[], LaneAlert]
+
+
 @dataclass
 class Incidents:
     """One rule's incidents: the newest candidate time per dedup key, and the re-arm rule.
@@ -94,11 +111,12 @@ class Incidents:
     touched: set[str] = field(default_factory=set)
     """Keys whose last-seen time changed since :meth:`take_touched`."""
 
-    def open(self, candidates: Sequence[LaneAlert]) -> list[LaneAlert]:
-        """The candidates that open incidents (in event order); records every candidate."""
+    def open(self, candidates: Sequence[LaneAlert | Candidate]) -> list[LaneAlert]:
+        """The candidates that open incidents, as alerts (in event order); records every
+        candidate."""
         found = sorted(candidates, key=lambda c: (c.key, c.event_us, c.lsn, str(c.trigger)))
         opened: list[LaneAlert] = []
-        previous: LaneAlert | None = None
+        previous: LaneAlert | Candidate | None = None
         stored: int | None = None
         for candidate in found:
             if previous is None or previous.key != candidate.key:
@@ -115,7 +133,8 @@ class Incidents:
                     == (candidate.key, candidate.event_us, candidate.lsn)
                     and c.trigger != candidate.trigger
                 )
-                opened.append(replace(candidate, tied=tied))
+                alert = candidate.build() if isinstance(candidate, Candidate) else candidate
+                opened.append(replace(alert, tied=tied))
             self.touched.add(candidate.key)
             seen = self.last_seen.get(candidate.key)
             self.last_seen[candidate.key] = (

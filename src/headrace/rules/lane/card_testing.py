@@ -72,13 +72,14 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import duckdb
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
-from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.alert import Candidate, Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import first_column, key_columns, net_change
 from headrace.rules.lane.condition import RowCondition, arrow_condition
 from headrace.rules.lane.saved import RuleSaved
@@ -253,19 +254,34 @@ class CardTestingLane(AccountWindows[_Attempt]):
 
     def _candidate(
         self, key: Hashable, row: _Attempt, commit_us: int, lsn: int
-    ) -> LaneAlert | None:
+    ) -> Candidate | None:
         account, at = row[0], row[1]
         entries = self.by_account.get(account, [])
         upper = bisect.bisect_right(entries, at, key=entry_time)
         lower = bisect.bisect_right(entries, at - self.window_us, key=entry_time)
         config = self.config
-        n = upper - lower
-        if n < config.min_attempts:
+        if upper - lower < config.min_attempts:
             return None
-        window = [(t, k, self.rows[k]) for t, k in entries[lower:upper]]
-        merchants = len({w[MERCHANT_AT] for _, _, w in window if w[MERCHANT_AT] is not None})
+        rows = self.rows
+        merchants = len(
+            {m for _, k in entries[lower:upper] if (m := rows[k][MERCHANT_AT]) is not None}
+        )
         if merchants < config.min_merchants:
             return None
+        found = (lower, upper, merchants)
+        alert = partial(self._alert, key, row, commit_us, lsn, found)
+        return Candidate(f"{RULE}:{account}", at, lsn, first_column(key), alert)
+
+    def _alert(
+        self, key: Hashable, row: _Attempt, commit_us: int, lsn: int, found: tuple[int, int, int]
+    ) -> LaneAlert:
+        """The alert of a candidate that opens an incident (time proportional to the
+        window)."""
+        account, at = row[0], row[1]
+        config = self.config
+        lower, upper, merchants = found
+        n = upper - lower
+        window = [(t, k, self.rows[k]) for t, k in self.by_account[account][lower:upper]]
         declined = sum(1 for _, _, w in window if w[DECLINED_AT])
         small = sum(1 for _, _, w in window if w[SMALL_AT])
         evidence = [self._evidence(t, k, w) for t, k, w in window[:EVIDENCE_LIMIT]]

@@ -76,6 +76,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import duckdb
@@ -84,7 +85,7 @@ import pyarrow.compute as pc
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
-from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.alert import Candidate, Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import (
     NetChange,
     key_columns,
@@ -292,15 +293,25 @@ class StructuringLane(AccountWindows[_Row]):
             self._clear()
         return previous
 
-    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
+    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> Candidate | None:
         account, at, _ = row
         entries = self.by_account.get(account, [])
         upper = bisect.bisect_right(entries, at, key=entry_time)
         lower = bisect.bisect_right(entries, at - self.window_us, key=entry_time)
-        n = upper - lower
-        if n < self.config.min_count:
+        if upper - lower < self.config.min_count:
             return None
-        window = entries[lower:upper]
+        alert = partial(self._alert, key, row, commit_us, lsn, (lower, upper))
+        return Candidate(f"{RULE}:{account}", at, lsn, key, alert)
+
+    def _alert(
+        self, key: Hashable, row: _Row, commit_us: int, lsn: int, found: tuple[int, int]
+    ) -> LaneAlert:
+        """The alert of a candidate that opens an incident (time proportional to the
+        window)."""
+        account, at, _ = row
+        lower, upper = found
+        n = upper - lower
+        window = self.by_account[account][lower:upper]
         amounts = [self.rows[k][2] for _, k in window]
         total = sum(amounts[1:], amounts[0])
         summary = (

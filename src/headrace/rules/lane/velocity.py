@@ -52,13 +52,14 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import duckdb
 
 from headrace.rules.base import EARLIEST, EVIDENCE_LIMIT
 from headrace.rules.config import RulesConfig
-from headrace.rules.lane.alert import Incidents, LaneAlert, from_us, to_us, us_delta
+from headrace.rules.lane.alert import Candidate, Incidents, LaneAlert, from_us, to_us, us_delta
 from headrace.rules.lane.changes import key_columns, net_change
 from headrace.rules.lane.condition import arrow_condition
 from headrace.rules.lane.saved import RuleSaved
@@ -189,7 +190,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
         ]
         return self.incidents.open([c for c in found if c is not None])
 
-    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> LaneAlert | None:
+    def _candidate(self, key: Hashable, row: _Row, commit_us: int, lsn: int) -> Candidate | None:
         account, at = row
         entries = self.by_account.get(account, [])
         upper = bisect.bisect_right(entries, at, key=entry_time)
@@ -204,7 +205,23 @@ class VelocityBurstLane(AccountWindows[_Row]):
         if best is None:
             return None
         _, minus_seconds, n, count, lower = best
-        window = entries[lower:upper]
+        found = (-minus_seconds, n, count, lower, upper)
+        alert = partial(self._alert, key, row, commit_us, lsn, found)
+        return Candidate(f"{RULE}:{account}", at, lsn, key, alert)
+
+    def _alert(
+        self,
+        key: Hashable,
+        row: _Row,
+        commit_us: int,
+        lsn: int,
+        found: tuple[int, int, int, int, int],
+    ) -> LaneAlert:
+        """The alert of a candidate that opens an incident: the window's amount and
+        evidence (time proportional to the window)."""
+        account, at = row
+        seconds, n, count, lower, upper = found
+        window = self.by_account[account][lower:upper]
         amount = sum((self._amount(k) for _, k in window), Decimal(0))
         evidence = [self._evidence(t, k) for t, k in window[:EVIDENCE_LIMIT]]
         return LaneAlert(
@@ -217,13 +234,11 @@ class VelocityBurstLane(AccountWindows[_Row]):
             commit_us=commit_us,
             lsn=lsn,
             severity=self.config.severity.value,
-            summary=(
-                f"{n} transactions in {-minus_seconds} s on account {account} (limit {count})"
-            ),
+            summary=(f"{n} transactions in {seconds} s on account {account} (limit {count})"),
             numbers={
                 "transactions": n,
                 "limit": count,
-                "window_seconds": -minus_seconds,
+                "window_seconds": seconds,
                 "amount": amount,
             },
             evidence=evidence,
