@@ -169,26 +169,31 @@ def _list_literal(items: Sequence[str]) -> str:
     return "[" + ", ".join(_literal(i) for i in items) + "]"
 
 
+NEW_ALERTS = "_job_new_alerts"
+"""The relation of the alerts being written (a temp table, or the rules lane's Arrow
+table): every column of ``alerts``; read by :func:`write_new_alerts`."""
+
+
 def insert_alerts(
     con: duckdb.DuckDBPyConnection, source: str, sinks: Sequence[SinkConfig], now: datetime
 ) -> int:
     """Insert the alerts ``source`` (SQL with every column of ``alerts`` but ``id``) selects,
     numbered after the last alert, and their pending deliveries; returns how many.
 
-    The inserted rows stay in the temp table ``_job_new_alerts`` until the next call.
+    The inserted rows stay in the temp table :data:`NEW_ALERTS` until the next call.
     """
     ids = alert_ids.registered(con)
     # One writer numbers after the table's maximum in the same statement; beside the
     # rules lane the ids come from the shared allocator (headrace.alerts.ids).
     base = "0" if ids is not None else f"(SELECT coalesce(max(id), 0) FROM {ALERTS})"
     created = con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _job_new_alerts AS
+        f"""CREATE OR REPLACE TEMP TABLE {NEW_ALERTS} AS
         SELECT {base} + row_number() OVER (ORDER BY s.event_at, s.rule, s.key) AS id, s.*
         FROM ({source}) s"""
     )
     count = rows_written(created)
     if count and ids is not None:
-        con.execute("UPDATE _job_new_alerts SET id = id + ?", [ids.reserve(con, count) - 1])
+        con.execute(f"UPDATE {NEW_ALERTS} SET id = id + ?", [ids.reserve(con, count) - 1])
     if count:
         write_new_alerts(con, sinks, now)
     return count
@@ -200,7 +205,7 @@ def write_new_alerts(
     now: datetime,
     outbox: Outbox = STORE_OUTBOX,
 ) -> None:
-    """Insert the rows of the temp table ``_job_new_alerts`` (every column of ``alerts``)
+    """Insert the rows of :data:`NEW_ALERTS` (every column of ``alerts``)
     and their pending deliveries into ``outbox``; hand them to the connection's watcher,
     if any."""
     columns = ", ".join(ALERT_COLUMNS)
@@ -209,7 +214,7 @@ def write_new_alerts(
     watched = bool(sinks) and handoff.watching(con)
     returning = f" RETURNING {columns}" if watched else ""
     inserted = con.execute(
-        f"INSERT INTO {outbox.alerts} ({columns}) SELECT {columns} FROM _job_new_alerts{returning}"
+        f"INSERT INTO {outbox.alerts} ({columns}) SELECT {columns} FROM {NEW_ALERTS}{returning}"
     )
     alert_rows = inserted.fetchall() if watched else []
     if sinks:
@@ -219,7 +224,7 @@ def write_new_alerts(
             SELECT a.id, k.sink, 'pending', 0, ?, ?, NULL, NULL, NULL,
                    'hr-' || substr(sha256(a.id || '|' || a.rule || '|' || a.key || '|'
                                           || CAST(a.detected_at AS VARCHAR)), 1, 32)
-            FROM _job_new_alerts a
+            FROM {NEW_ALERTS} a
             JOIN (VALUES {_sinks_values(sinks)}) k(sink, min_rank, rules, kinds)
               ON (CASE a.severity WHEN 'low' THEN 1 WHEN 'medium' THEN 2 WHEN 'high' THEN 3
                   ELSE 4 END) >= k.min_rank
@@ -285,7 +290,7 @@ def emit_incidents(
                FROM _job_flagged f
                LEFT JOIN (SELECT rule, key, arg_max(id, event_at) AS id,
                                  arg_max(started_at, event_at) AS started_at
-                          FROM _job_new_alerts GROUP BY rule, key) a
+                          FROM {NEW_ALERTS} GROUP BY rule, key) a
                  ON a.rule = f.rule AND a.key = f.dedup_key
                GROUP BY f.rule, f.dedup_key, a.id, a.started_at) _new
         ON _old.rule = _new.rule AND _old.key = _new.key
@@ -301,7 +306,7 @@ def emit_incidents(
                     _new.triggers, _new.updated_at)""",
         [now],
     )
-    con.execute("DROP TABLE _job_flagged; DROP TABLE _job_new_alerts")
+    con.execute(f"DROP TABLE _job_flagged; DROP TABLE {NEW_ALERTS}")
     return written
 
 
