@@ -413,7 +413,9 @@ class Engine:
         skipped = 0
         for table_changes in batch.tables:
             data = table_changes.data
-            if position is not None and data.num_rows:
+            # Only the first batches after a restart hold applied changes: filtering every
+            # column of every chunk of a merged batch is skipped when none is.
+            if position is not None and data.num_rows and pc.min(data[LSN]).as_py() < position:
                 keep = pc.greater_equal(data[LSN], pa.scalar(position, pa.uint64()))
                 kept = data.filter(keep)
                 skipped += data.num_rows - kept.num_rows

@@ -28,6 +28,14 @@ EDGES_MS: tuple[float, ...] = tuple(
 _EDGES = np.array(EDGES_MS, dtype=np.float64)
 
 
+def commit_micros(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    """A change table's commit times (``timestamp[us, UTC]``, never null: the change
+    schema's) as µs since the epoch, by viewing its buffers (a ``cast`` costs ~0.1 ms
+    of Python per call, per table and batch)."""
+    chunks = [chunk.view(pa.int64()).to_numpy() for chunk in column.chunks]
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
 class FreshnessHistogram:
     """Counts of changes per freshness bucket (cumulative since the start)."""
 
@@ -43,8 +51,7 @@ class FreshnessHistogram:
             column = table_changes.data.column(COMMIT_TS)
             if not len(column):
                 continue
-            micros = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-            committed = micros.to_numpy(zero_copy_only=False)
+            committed = commit_micros(column)
             self.add_ms((visible_us - committed) / 1000.0)
 
     def add_ms(self, delays_ms: npt.NDArray[np.float64]) -> None:

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-import pyarrow as pa
-
 from headrace.engine.results import AppliedBatch
 from headrace.run.metrics import FreshnessHistogram
 from headrace.source.changes import COMMIT_TS, LSN, ChangeBatch
@@ -62,9 +60,8 @@ def waiting_of(batch: ChangeBatch) -> dict[str, Waiting]:
         if not data.num_rows:
             continue
         # A table's rows are in commit order: the first is the oldest (no scan per batch).
-        first = data.slice(0, 1)
-        oldest = first.column(COMMIT_TS).cast(pa.int64())[0].as_py()
-        lsn = first.column(LSN)[0].as_py()
+        oldest = data.column(COMMIT_TS)[0].value  # µs: the change schema's timestamp[us]
+        lsn = data.column(LSN)[0].as_py()
         name = table_changes.table.qualified
         waiting = Waiting(oldest / 1_000_000 if oldest is not None else time.time(), int(lsn or 0))
         known = out.get(name)
