@@ -22,6 +22,7 @@ import json
 import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import duckdb
@@ -116,7 +117,7 @@ class _Decoded:
         found = self.lists.get((name, convert))
         if found is None:
             column = self.data.column(name)
-            found = (column if convert is None else convert(column)).to_pylist()
+            found = python_values(column if convert is None else convert(column))
             self.lists[(name, convert)] = found
         return found
 
@@ -145,6 +146,18 @@ class _Decoded:
                 mark = None if newest is None else int(newest)
             self.marks[time] = mark
         return self.marks[time]
+
+
+def python_values(column: pa.ChunkedArray) -> list[Any]:
+    """``column.to_pylist()``, decimals four times faster: through their text, as
+    ``to_pylist`` itself makes them (the same values and exponents; ~0.33 µs a value
+    instead of ~1.4 µs, and amounts are in most of the lane's rows)."""
+    kind = column.type
+    if pa.types.is_decimal(kind) and kind.scale >= 0:
+        texts = column.cast(pa.string()).to_pylist()
+        return [None if text is None else Decimal(text) for text in texts]
+    values: list[Any] = column.to_pylist()
+    return values
 
 
 _cache = threading.local()
