@@ -241,6 +241,7 @@ class ImpossibleTravelLane(AccountWindows[_Use]):
         fields = BatchFields([columns[self.columns[name]] for name in _EXTRA])
         triggers: list[tuple[Hashable, _Use, int]] = []
         ends: list[tuple[Hashable, _Row | None, int]] = []
+        uses: list[tuple[Hashable, _Use | None, int]] = []
         held = self.present.get
         for key, i, alive in zip(change.keys, change.rows, change.live, strict=True):
             # the end row: None when deleted, not card present, or without an account
@@ -252,12 +253,12 @@ class ImpossibleTravelLane(AccountWindows[_Use]):
                     row = (account, times[i], None if country is None else str(country))
             ends.append((key, row, i))
             use = _use(row)
+            uses.append((key, use, i))
             if use is not None and use[1] >= cutoff and held(key) != row:
                 triggers.append((key, use, i))
         # The uses are read as of after the batch (RecentTransactions.update runs first).
         if change.truncated:
             self._clear()
-        uses = [(key, _use(row), i) for key, row, i in ends]
         self._update(uses, fields, previous - self.span_us)
         found = [
             self._candidate(key, use, change.commits[i], change.lsns[i], fields[i])
