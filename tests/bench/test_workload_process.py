@@ -17,7 +17,7 @@ import pytest
 
 from headrace.bench.workload_process import WorkloadFailedError, WorkloadProcess
 
-GENERATOR = '''
+GENERATOR = """
 import json, sys, time
 from headrace.bench.workload_process import dump_stacks_on_signal
 
@@ -33,7 +33,7 @@ if options["mode"] == "fail":
     sys.exit(3)
 print("x" * 200_000)  # more than a pipe holds: must not block the generator
 print(json.dumps({"written": options["rows"]}), flush=True)
-'''
+"""
 
 
 @pytest.fixture
