@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pyarrow as pa
 from hypothesis import given
@@ -11,11 +12,10 @@ from hypothesis import strategies as st
 from headrace.rules.lane.changes import python_values
 
 
-def _same(a: list[object], b: list[object]) -> bool:
+def _same(a: list[Any], b: list[Any]) -> bool:
     """Equal values with equal exponents (``Decimal('1.0') == Decimal('1.00')``)."""
-    return [None if v is None else v.as_tuple() for v in a] == [  # type: ignore[attr-defined]
-        None if v is None else v.as_tuple()  # type: ignore[attr-defined]
-        for v in b
+    return [None if v is None else v.as_tuple() for v in a] == [
+        None if v is None else v.as_tuple() for v in b
     ]
 
 

@@ -100,15 +100,14 @@ class WorkloadProcess:
         return result
 
     def _stop_late(self) -> None:
+        """Ask for the stacks, give them time to be printed, then :meth:`stop`."""
         try:
             self.process.send_signal(STACKS_SIGNAL)
             self.process.wait(STACKS_GRACE_S)
         except subprocess.TimeoutExpired:
             pass
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+            self.stop()
 
     def stop(self) -> None:
         """Kill the generator if it still runs (on the benchmark's own failure)."""

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 SEQ = "_hr_seq"
@@ -68,6 +70,16 @@ class OldKind(StrEnum):
 def old_name(column: str) -> str:
     """Name of the column holding ``column``'s old value."""
     return OLD_PREFIX + column
+
+
+def commit_micros(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
+    """A change table's commit times (:data:`COMMIT_TS`: ``timestamp[us, UTC]``, never
+    null) as µs since the epoch, by viewing its buffers (a ``cast`` costs ~0.1 ms of
+    Python per call, and callers make one per table and batch)."""
+    chunks = [chunk.view(pa.int64()).to_numpy() for chunk in column.chunks]
+    if not chunks:
+        return np.empty(0, dtype=np.int64)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 @dataclass(frozen=True)

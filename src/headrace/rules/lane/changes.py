@@ -30,7 +30,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from headrace.rules.lane.condition import RowCondition
-from headrace.source.changes import COMMIT_TS, LSN, OP, SEQ, ChangeBatch, TableRef, old_name
+from headrace.source.changes import (
+    COMMIT_TS,
+    LSN,
+    OP,
+    SEQ,
+    ChangeBatch,
+    TableRef,
+    commit_micros,
+    old_name,
+)
 from headrace.store.duckdb.schema import META
 
 
@@ -202,8 +211,8 @@ def _decode(batch: ChangeBatch, ref: TableRef) -> _Decoded | None:
             last[old_keys[i] if old_sent[i] else new_keys[i]] = (i, True)
         if op != "D":
             last[new_keys[i]] = (i, False)
-    commits = data.column(COMMIT_TS).cast(pa.int64()).to_pylist()
-    lsns = data.column(LSN).cast(pa.int64()).to_pylist()
+    commits = commit_micros(data.column(COMMIT_TS)).tolist()
+    lsns = data.column(LSN).to_pylist()  # uint64: Python ints already
     rows = [i for i, _ in last.values()]
     live = [not deleted for _, deleted in last.values()]
     return _Decoded(data, commits, lsns, list(last), rows, live, truncated)

@@ -286,7 +286,9 @@ class LaneStore:
     def _insert_alerts(self, alerts: Sequence[LaneAlert], now: datetime) -> int:
         """Write the alerts and their outbox rows; the highest id."""
         detected_us = to_us(now)
-        rows: dict[str, list[Any]] = {name: [] for name in _ALERT_SCHEMA.names if name != "id"}
+        first = self.ids.reserve(self.con, len(alerts))
+        rows: dict[str, list[Any]] = {name: [] for name in _ALERT_SCHEMA.names}
+        rows["id"] = list(range(first, first + len(alerts)))
         for alert in sorted(alerts, key=lambda a: (a.event_us, a.rule, a.key)):
             rows["rule"].append(alert.rule)
             rows["severity"].append(alert.severity)
@@ -304,8 +306,6 @@ class LaneStore:
             rows["commit_ts"].append(from_us(alert.commit_us))
             rows["lsn"].append(alert.lsn)
             rows["latency_ms"].append(max(0.0, (detected_us - alert.commit_us) / 1000.0))
-        first = self.ids.reserve(self.con, len(alerts))
-        rows["id"] = list(range(first, first + len(alerts)))
         # The Arrow table itself is the new-alerts relation (no temp table to create and
         # drop: two statements less per commit); its payload text becomes JSON on insert.
         self.con.register(NEW_ALERTS, pa.table(rows, schema=_ALERT_SCHEMA))

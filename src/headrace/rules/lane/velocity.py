@@ -234,7 +234,7 @@ class VelocityBurstLane(AccountWindows[_Row]):
             commit_us=commit_us,
             lsn=lsn,
             severity=self.config.severity.value,
-            summary=(f"{n} transactions in {seconds} s on account {account} (limit {count})"),
+            summary=f"{n} transactions in {seconds} s on account {account} (limit {count})",
             numbers={
                 "transactions": n,
                 "limit": count,
