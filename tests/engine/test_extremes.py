@@ -6,7 +6,7 @@ group; its extreme is recomputed from the mirror rows of the flagged groups
 only (prefiltered on plain dimension columns and the flagged buckets' time
 range). These tests drive that path with few keys and few values, so that
 extremes are retracted in most batches, with NULL dimension values, NULL
-times (the NULL bucket), DATE and TIMESTAMPTZ times and expression
+times (the NULL bucket), DATE, TIMESTAMP and TIMESTAMPTZ times and expression
 dimensions (no prefilter column), against the same GROUP BY on PostgreSQL.
 """
 
@@ -58,22 +58,30 @@ rollups:
       - {name: n, fn: count}
       - {name: lo, fn: min, column: amount}
       - {name: hi, fn: max, column: amount}
+  - name: by_local
+    table: ev
+    time: local_ts
+    grain: 1h
+    dimensions: [region]
+    measures:
+      - {name: lo, fn: min, column: amount}
+      - {name: hi, fn: max, column: amount}
 """
 
 TABLE = """
 CREATE TABLE ev (id int PRIMARY KEY, shop text, region text, amount int, paid bool,
-                 ts timestamptz, day date);
+                 ts timestamptz, day date, local_ts timestamp);
 """
 
 SEED = """
 INSERT INTO ev VALUES
-  (1, 'a', 'eu', 5, true, '2024-03-01 00:10+00', '2024-03-01'),
-  (2, 'a', 'eu', 9, false, '2024-03-01 00:40+00', '2024-03-01'),
-  (3, 'b', 'us', 1, true, '2024-03-01 01:10+00', '2024-03-02'),
-  (4, NULL, 'us', 7, NULL, '2024-03-01 00:20+00', NULL);
+  (1, 'a', 'eu', 5, true, '2024-03-01 00:10+00', '2024-03-01', '2024-03-01 00:10'),
+  (2, 'a', 'eu', 9, false, '2024-03-01 00:40+00', '2024-03-01', '2024-03-01 00:40'),
+  (3, 'b', 'us', 1, true, '2024-03-01 01:10+00', '2024-03-02', '2024-03-01 01:10'),
+  (4, NULL, 'us', 7, NULL, '2024-03-01 00:20+00', NULL, NULL);
 """
 
-ROLLUPS = ("by_shop", "by_parity", "by_day")
+ROLLUPS = ("by_shop", "by_parity", "by_day", "by_local")
 
 ids = st.integers(1, 6)
 shops = st.sampled_from(["'a'", "'b'", "NULL"])
@@ -90,6 +98,9 @@ times = st.sampled_from(
     ]
 )
 days = st.sampled_from(["'2024-03-01'", "'2024-03-02'", "NULL"])
+local_times = st.sampled_from(
+    ["'2024-03-01 00:10'", "'2024-03-01 01:59'", "'2024-03-01 02:00'", "NULL"]
+)
 
 
 @st.composite
@@ -99,13 +110,22 @@ def statement(draw: st.DrawFn) -> str:
     if kind == "insert":
         return (
             f"INSERT INTO ev VALUES ({i}, {draw(shops)}, {draw(regions)}, {draw(amounts)}, "
-            f"{draw(paid)}, {draw(times)}, {draw(days)}) ON CONFLICT DO NOTHING"
+            f"{draw(paid)}, {draw(times)}, {draw(days)}, {draw(local_times)}) "
+            "ON CONFLICT DO NOTHING"
         )
     if kind == "update":
         return f"UPDATE ev SET amount = {draw(amounts)}, paid = {draw(paid)} WHERE id = {i}"
     if kind == "move":
         column, values = draw(
-            st.sampled_from([("shop", shops), ("region", regions), ("ts", times), ("day", days)])
+            st.sampled_from(
+                [
+                    ("shop", shops),
+                    ("region", regions),
+                    ("ts", times),
+                    ("day", days),
+                    ("local_ts", local_times),
+                ]
+            )
         )
         return f"UPDATE ev SET {column} = {draw(values)} WHERE id = {i}"
     if kind == "delete":
@@ -128,7 +148,7 @@ def _reset(db: PgDatabase) -> None:
 
 
 def _assert_equal(h: Harness) -> None:
-    h.assert_mirror("ev", ["id", "shop", "region", "amount", "paid", "ts", "day"])
+    h.assert_mirror("ev", ["id", "shop", "region", "amount", "paid", "ts", "day", "local_ts"])
     for name in ROLLUPS:
         h.assert_rollup(name)
 
@@ -181,13 +201,14 @@ def test_retracted_extremes_recomputed(h: Harness) -> None:
         # The maximum of shop b leaves to the NULL shop, and a row arrives with a NULL day.
         [
             "UPDATE ev SET shop = NULL WHERE id = 3",
-            "INSERT INTO ev VALUES (5, 'b', 'us', 3, true, '2024-03-01 01:30+00', NULL)",
+            "INSERT INTO ev VALUES (5, 'b', 'us', 3, true, '2024-03-01 01:30+00', NULL, "
+            "'2024-03-01 01:30')",
         ],
         # The NULL shop's extremes retracted by a delete and an update, a NULL time arrives.
         [
             "DELETE FROM ev WHERE id = 4",
             "UPDATE ev SET amount = 0 WHERE id = 3",
-            "INSERT INTO ev VALUES (6, NULL, NULL, 8, false, NULL, '2024-03-02')",
+            "INSERT INTO ev VALUES (6, NULL, NULL, 8, false, NULL, '2024-03-02', NULL)",
         ],
         # The only row of a group retracted (the group disappears), its value re-added elsewhere.
         ["UPDATE ev SET region = 'us', day = NULL WHERE id = 2"],

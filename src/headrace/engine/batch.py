@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
+from headrace.engine.extremes import merge_extremes
 from headrace.engine.lookup import lookup_joins
 from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
 from headrace.engine.registry import Registry, RollupRuntime
@@ -144,7 +145,9 @@ def apply_rollup(
         source = f"({plan.net_sql(work.start, work.end, with_horizon)})"
     appended = 0
     if plan.extremes():
-        _merge_extremes(con, plan, work, index, (source, params))
+        merge_extremes(
+            con, plan, f"_hr_d_{index}", (source, params), retracts=bool(work.start_rows)
+        )
     else:
         appended += rows_written(
             con.execute(plan.insert_sql(f"({plan.delta_sql(source)})"), params)
@@ -167,25 +170,6 @@ def track_groups(
     ]
     if parts:
         con.execute(f"INSERT INTO {touched} SELECT * FROM ({' UNION '.join(parts)})")
-
-
-def _merge_extremes(
-    con: duckdb.DuckDBPyConnection,
-    plan: RollupPlan,
-    work: TableWork,
-    index: int,
-    rows: tuple[str, list[object]],
-) -> None:
-    """MERGE a rollup with min/max; groups whose extreme the batch retracted take the
-    value recomputed from the updated mirror. ``rows``: the batch's rows (weighted or
-    netted) and their parameters."""
-    source, params = rows
-    if not work.start_rows:  # insert-only: nothing retracted, nothing to recompute
-        con.execute(plan.merge_sql(f"({plan.delta_sql(source)})"), params)
-        return
-    delta = f"_hr_d_{index}"
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {delta} AS {plan.flagged_delta_sql(source)}", params)
-    con.execute(plan.merge_sql(f"({plan.recomputed_delta_sql(delta)})", recomputed=True))
 
 
 def write_table_meta(con: duckdb.DuckDBPyConnection, works: Sequence[TableWork]) -> None:

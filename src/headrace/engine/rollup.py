@@ -11,11 +11,9 @@ the batch's transaction:
 - :meth:`RollupPlan.delta_sql` / :meth:`RollupPlan.merge_sql`: the per-group
   delta merged into ``rollup.<name>__state`` (groups reaching 0 rows are
   deleted), side tables likewise;
-- :meth:`RollupPlan.flagged_delta_sql` / :meth:`RollupPlan.recomputed_delta_sql`:
-  with min/max, the delta flags the groups whose extreme the batch retracted
-  and carries their extremes recomputed from the mirror (only the mirror rows
-  of those groups are projected); the MERGE uses them where the retracted
-  value was the extreme;
+- with min/max, the delta also flags the groups whose extreme the batch
+  retracted, and the MERGE takes their extremes recomputed from the mirror
+  (:mod:`headrace.engine.extremes`);
 - :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
   GROUP BY), for creation, rebuild and the snapshot;
 - :meth:`RollupPlan.view_sql`: ``rollup.<name>_<grain>`` for each grain.
@@ -62,13 +60,13 @@ FLAG = "_hr_flag"
 """Column of a min/max delta: the batch retracted the group's current extreme."""
 
 
-def _us(grain: timedelta) -> int:
+def grain_us(grain: timedelta) -> int:
     return int(grain.total_seconds()) * 1_000_000
 
 
 def bucket_sql(epoch_us: str, grain: timedelta) -> str:
     """SQL flooring an epoch-microseconds expression to a bucket start (TIMESTAMPTZ, UTC)."""
-    g = _us(grain)
+    g = grain_us(grain)
     return f"make_timestamptz(({epoch_us}) - ((({epoch_us}) % {g}) + {g}) % {g})"
 
 
@@ -316,80 +314,11 @@ class RollupPlan:
             parts += [f"{expr} AS {name}" for name, expr in measure.delta()]
         return f"SELECT {', '.join(parts)} FROM {net} GROUP BY {', '.join(self.group_columns)}"
 
-    def flagged_delta_sql(self, rows: str) -> str:
-        """:meth:`delta_sql` plus ``_hr_flag``: whether the batch retracted the group's
-        current extreme (the state as it is before the MERGE: a MERGE reading its own
-        target in its source is not safe, hence a statement of its own)."""
-        conditions = [
-            c for m in self.extremes() if (c := m.recompute_condition("s", "d")) is not None
-        ]
-        return (
-            f"SELECT d.*, coalesce({' OR '.join(conditions)}, false) AS {FLAG} "
-            f"FROM ({self.delta_sql(rows)}) d LEFT JOIN {self.state} s ON {self.match('s', 'd')}"
-        )
-
-    def recomputed_delta_sql(self, delta: str) -> str:
-        """``delta`` (a :meth:`flagged_delta_sql` table) plus, for its flagged groups, the
-        extremes recomputed from the (already updated) mirror (``_hr_m<i>_r``).
-
-        Only mirror rows that can belong to a flagged group are projected (see
-        :meth:`_flagged_mirror_rows`): projecting every mirror row (bucket
-        arithmetic, expressions) and probing it costs milliseconds per 100k rows.
-        """
-        flagged = f"(SELECT * FROM {delta} WHERE {FLAG})"
-        groups = ", ".join(f"p.{c}" for c in self.group_columns)
-        aggregates = []
-        recomputed = []
-        for measure in self.extremes():
-            for part, build in zip(measure.state_parts(), measure.build(), strict=True):
-                aggregates.append(f"{build} AS {part}")
-                recomputed.append(f"r.{part} AS {measure.part('r')}")
-        mirror_rows, exact = self._flagged_mirror_rows(flagged)
-        semi = "" if exact else f"SEMI JOIN {flagged} f ON {self.match('p', 'f')} "
-        return (
-            f"SELECT d.*, {', '.join(recomputed)} FROM {delta} d LEFT JOIN ("
-            f"SELECT {groups}, {', '.join(aggregates)} FROM ({self.projection(mirror_rows)}) p "
-            f"{semi}GROUP BY {groups}) r ON {self.match('d', 'r')}"
-        )
-
-    def _flagged_mirror_rows(self, flagged: str) -> tuple[str, bool]:
-        """The mirror rows of the ``flagged`` groups, selected on raw mirror columns; and
-        whether exactly those (else a superset, to be matched on the projection).
-
-        With dimensions that are mirror columns (plain or looked up): a semi join on
-        them (DuckDB pushes the few values into the scan as a filter) with each
-        group's bucket as a time range, exact when every dimension is such a
-        column. Otherwise only the range of the flagged buckets."""
-        g = _us(self.config.grain)
-        time = f"m.{quote_ident(self.time_column)}"
-        t = time_to_epoch_us(time, self.time_type)
-        # Buckets are aligned: bucket(t) = b <=> b <= t < b + grain.
-        plain = [d for d in self.dimensions if d.mirror_column is not None]
-        if plain:
-            on = [
-                f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}"
-                for d in plain
-            ]
-            b = f"epoch_us(k.{BUCKET})"
-            on.append(
-                f"(({t} >= {b} AND {t} < {b} + {g}) OR ({time} IS NULL AND k.{BUCKET} IS NULL))"
-            )
-            semi = f"SEMI JOIN {flagged} k ON {' AND '.join(on)}"
-            return f"(SELECT m.* FROM {self.table.mirror} m {semi})", len(plain) == len(
-                self.dimensions
-            )
-        b = f"epoch_us({BUCKET})"
-        within = (
-            f"(({t} >= (SELECT min({b}) FROM {flagged}) "
-            f"AND {t} < (SELECT max({b}) + {g} FROM {flagged})) "
-            f"OR ({time} IS NULL AND EXISTS (SELECT 1 FROM {flagged} WHERE {BUCKET} IS NULL)))"
-        )
-        return f"(SELECT m.* FROM {self.table.mirror} m WHERE {within})", False
-
     def merge_sql(self, delta: str, recomputed: bool = False) -> str:
         """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups.
 
-        With ``recomputed`` (a :meth:`recomputed_delta_sql` delta), a group whose
+        With ``recomputed`` (a :func:`~headrace.engine.extremes.recomputed_delta_sql`
+        delta), a group whose
         extreme the batch retracted takes the recomputed value.
         """
         sets = [f"{ROWS} = s.{ROWS} + d.{ROWS}"]
