@@ -167,8 +167,8 @@ def test_an_edited_history_row_counts_in_its_own_history(pg_db: PgDatabase, tmp_
     batch, which holds the row itself with its old amount: 5 settled purchases of 40, one
     edited to 800, is "20x the mean 40 of 5 earlier transactions" although only 4 others
     exist (below ``min_history`` 5). The lane does the same (see its report). Then two
-    spikes of one account in one transaction, at the same time: a tie the SQL rule breaks
-    either way."""
+    spikes of one account in one transaction, at the same time: a tie both break the same
+    way (the trigger first as text opens the incident)."""
     both = Both(open_bank(pg_db, tmp_path, only("amount_spike")), AmountSpikeLane)
     bank = both.bank
     history = [bank.tx(1, 40, n * 60) for n in range(5)]
@@ -186,7 +186,8 @@ def test_an_edited_history_row_counts_in_its_own_history(pg_db: PgDatabase, tmp_
     bank.harness.transaction(first, second)
     both.sync()
     assert len(both.lane()) == 2
-    assert both.lane_alerts[-1].tied  # 9000 or 9001: the same time and commit
+    assert both.lane_alerts[-1].tied  # 9000 and 9001: the same time and commit
+    assert both.lane()[-1][-2] == 9000  # "9000" < "9001"
     both.assert_equal()
     bank.close()
 

@@ -255,7 +255,8 @@ def emit_incidents(
     the key has no incident, or when it comes more than the rule's rearm
     time after the previous candidate of the key (stored or in this batch);
     every other candidate extends the open incident. The alert shows the
-    first candidate of its incident. All rules are handled by the same few
+    first candidate of its incident (of candidates with the same event time and
+    commit, the one whose trigger is first as text). All rules are handled by the same few
     statements (each costs milliseconds on DuckDB, whatever its size).
     """
     rearm_values = ", ".join(
@@ -276,7 +277,10 @@ def emit_incidents(
         FROM {candidates} c
         JOIN (VALUES {rearm_values}) r(rule, seconds) ON r.rule = c.rule
         LEFT JOIN {INCIDENTS} i ON i.rule = c.rule AND i.key = c.dedup_key
-        WINDOW w AS (PARTITION BY c.rule, c.dedup_key ORDER BY c.event_at, c.lsn)"""
+        -- Candidates of one key, time and commit are taken in the order of their
+        -- trigger's text, as the rules lane does: the same one opens the incident.
+        WINDOW w AS (PARTITION BY c.rule, c.dedup_key
+                     ORDER BY c.event_at, c.lsn, json_extract_string(c.payload, '$.trigger'))"""
     )
     if not rows_written(flagged):
         return 0
