@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from headrace.engine.extremes import FlaggedRange, time_prefilter
+from headrace.engine.rollup import bucket_sql
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness
 
@@ -221,3 +224,60 @@ def test_retracted_extremes_recomputed(h: Harness) -> None:
         h.transaction(*statements)
         h.sync()
         _assert_equal(h)
+
+
+BOUNDARY_ROWS = """
+INSERT INTO ev VALUES
+  (11, 'a', 'eu', 3, true, '2024-03-01 00:59:59.999999+00', '2024-02-29', '2024-03-01 00:59:59'),
+  (12, 'a', 'eu', 4, true, '2024-03-01 01:00+00', '2024-03-01', '2024-03-01 01:00'),
+  (13, 'a', 'eu', 6, true, '2024-03-01 02:59:59.999999+00', '2024-03-02', '2024-03-01 02:59:59'),
+  (14, 'a', 'eu', 8, true, '2024-03-01 03:00+00', '2024-03-03', '2024-03-01 03:00'),
+  (15, 'a', 'eu', 2, true, NULL, NULL, NULL);
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "nulls"),
+    [
+        (datetime(2024, 3, 1, 1, tzinfo=UTC), datetime(2024, 3, 1, 2, tzinfo=UTC), False),
+        (datetime(2024, 3, 1, 1, tzinfo=UTC), datetime(2024, 3, 1, 1, tzinfo=UTC), True),
+        (None, None, True),
+    ],
+)
+def test_recompute_prefilter_keeps_the_flagged_buckets(
+    h: Harness, first: datetime | None, last: datetime | None, nulls: bool
+) -> None:
+    """The recompute reads only mirror rows passing a filter on the raw time column: it
+    keeps every row of the flagged buckets (exactly those for timestamps; whole days, a
+    superset, for dates), at the buckets' edges too."""
+    h.transaction(BOUNDARY_ROWS)
+    h.sync()
+    cursor = h.store.cursor()
+    try:
+        for name in ("by_shop", "by_day", "by_local"):
+            plan = h.engine.registry.rollups[name].plan
+            assert plan is not None
+            if name == "by_day" and first is not None and last is not None:  # day buckets
+                first, last = first.replace(hour=0), last.replace(hour=0)
+            flagged = FlaggedRange(first, last, nulls)
+            prefilter = time_prefilter(plan, flagged)
+            assert prefilter is not None, name
+            sql, params = prefilter
+            bucket = bucket_sql(plan.epoch_us, plan.config.grain)
+            rows = cursor.execute(
+                f"SELECT id, {bucket}, {sql} FROM {plan.table.mirror} m", params
+            ).fetchall()
+            wanted = {
+                i
+                for i, b, _ in rows
+                if (b is None and nulls) or (b is not None and first and first <= b <= last)
+            }
+            kept = {i for i, _, passes in rows if passes}
+            assert wanted <= kept, name
+            if plan.time_type != "DATE":
+                assert kept == wanted, name
+            elif first is not None:  # whole days from the first one to the end's day
+                assert not kept & {11, 14}, name
+                assert {1, 12} <= kept, name
+    finally:
+        cursor.close()
