@@ -66,6 +66,7 @@ def flagged_range_sql(delta: str) -> str:
 
 
 def read_flagged_range(con: duckdb.DuckDBPyConnection, delta: str) -> FlaggedRange:
+    """The flagged groups' buckets in ``delta`` (a :func:`flagged_delta_sql` table)."""
     row = con.execute(flagged_range_sql(delta)).fetchone()
     if row is None:  # an aggregate always returns its row
         return FlaggedRange(None, None, False)
