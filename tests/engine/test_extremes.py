@@ -260,9 +260,7 @@ def test_recompute_prefilter_keeps_the_flagged_buckets(
             if name == "by_day" and first is not None and last is not None:  # day buckets
                 first, last = first.replace(hour=0), last.replace(hour=0)
             flagged = FlaggedRange(first, last, nulls)
-            prefilter = time_prefilter(plan, flagged)
-            assert prefilter is not None, name
-            sql, params = prefilter
+            sql, params = time_prefilter(plan, flagged)
             bucket = bucket_sql(plan.epoch_us, plan.config.grain)
             rows = cursor.execute(
                 f"SELECT id, {bucket}, {sql} FROM {plan.table.mirror} m", params

@@ -8,8 +8,8 @@ min/max measures:
 1. :func:`flagged_delta_sql`: the per-group delta plus ``_hr_flag``, whether the
    batch retracted the group's current extreme (read from the state before the
    MERGE, in a statement of its own: a MERGE reading its own target is not safe);
-2. :func:`flagged_range_sql`: the bucket range of the flagged groups, read back
-   (one row). No flagged group (the usual case): the plain MERGE, no mirror read;
+2. :func:`read_flagged_range`: the bucket range of the flagged groups, read back
+   (one row). No flagged group: the plain MERGE, no mirror read;
 3. :func:`recomputed_delta_sql`: the delta with, for the flagged groups, the
    extremes recomputed from the (already updated) mirror, which the MERGE uses
    where the retracted value was the extreme.
@@ -33,6 +33,8 @@ from headrace.engine.rollup import BUCKET, FLAG, RollupPlan, grain_us, time_to_e
 from headrace.pipeline.model import quote_ident
 
 _ZONED = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -58,55 +60,54 @@ def flagged_delta_sql(plan: RollupPlan, rows: str) -> str:
     )
 
 
-def flagged_range_sql(delta: str) -> str:
-    """One row: the flagged groups' first and last bucket, and whether one has none."""
-    return (
-        f"SELECT min({BUCKET}), max({BUCKET}), bool_or({BUCKET} IS NULL) FROM {delta} WHERE {FLAG}"
-    )
-
-
 def read_flagged_range(con: duckdb.DuckDBPyConnection, delta: str) -> FlaggedRange:
     """The flagged groups' buckets in ``delta`` (a :func:`flagged_delta_sql` table)."""
-    row = con.execute(flagged_range_sql(delta)).fetchone()
+    row = con.execute(
+        f"SELECT min({BUCKET}), max({BUCKET}), bool_or({BUCKET} IS NULL) FROM {delta} WHERE {FLAG}"
+    ).fetchone()
     if row is None:  # an aggregate always returns its row
         return FlaggedRange(None, None, False)
     first, last, nulls = row
     return FlaggedRange(first, last, bool(nulls))
 
 
-def time_prefilter(
-    plan: RollupPlan, flagged: FlaggedRange, alias: str = "m"
-) -> tuple[str, list[object]] | None:
-    """A filter on the raw time column of mirror rows ``alias`` keeping (at least)
-    every row of the flagged buckets, and its parameters; None when the time
-    column's type has no such filter (the recompute then reads every row)."""
-    column = f"{alias}.{quote_ident(plan.time_column)}"
+def time_prefilter(plan: RollupPlan, flagged: FlaggedRange) -> tuple[str, list[object]]:
+    """A filter on the time column of mirror rows ``m`` keeping (at least) every row of
+    the flagged buckets, and its parameters. On the raw column for timestamps and
+    dates, so DuckDB skips row groups by their min/max; on the column's epoch
+    microseconds for any other time type (exact, but every row is read)."""
+    column = f"m.{quote_ident(plan.time_column)}"
     parts: list[str] = []
     params: list[object] = []
     if flagged.first is not None and flagged.last is not None:
         first = flagged.first.astimezone(UTC)
         end = flagged.last.astimezone(UTC) + timedelta(microseconds=grain_us(plan.config.grain))
-        bounds: tuple[object, object]
         if plan.time_type in _ZONED:
-            cast, bounds, upper = "TIMESTAMPTZ", (first, end), "<"
+            parts.append(_between(column, "TIMESTAMPTZ", "<"))
+            params += [first, end]
         elif plan.time_type == "TIMESTAMP":  # naive times are UTC (time_to_epoch_us)
-            cast, upper = "TIMESTAMP", "<"
-            bounds = (first.replace(tzinfo=None), end.replace(tzinfo=None))
+            parts.append(_between(column, "TIMESTAMP", "<"))
+            params += [first.replace(tzinfo=None), end.replace(tzinfo=None)]
         elif plan.time_type == "DATE":  # a superset: whole days, the last one included
-            cast, upper = "DATE", "<="
-            bounds = (first.date(), end.date())
+            parts.append(_between(column, "DATE", "<="))
+            params += [first.date(), end.date()]
         else:
-            return None
-        parts.append(f"({column} >= CAST(? AS {cast}) AND {column} {upper} CAST(? AS {cast}))")
-        params += list(bounds)
+            epoch = time_to_epoch_us(column, plan.time_type)
+            parts.append(f"({epoch} >= ? AND {epoch} < ?)")
+            params += [(first - _EPOCH) // _MICROSECOND, (end - _EPOCH) // _MICROSECOND]
     if flagged.nulls:
         parts.append(f"{column} IS NULL")
     return "(" + " OR ".join(parts) + ")", params
 
 
-def recomputed_delta_sql(plan: RollupPlan, delta: str, prefilter: str | None) -> str:
+def _between(column: str, cast: str, upper: str) -> str:
+    return f"({column} >= CAST(? AS {cast}) AND {column} {upper} CAST(? AS {cast}))"
+
+
+def recomputed_delta_sql(plan: RollupPlan, delta: str, prefilter: str) -> str:
     """``delta`` (a :func:`flagged_delta_sql` table) plus, for its flagged groups, the
-    extremes recomputed from the (already updated) mirror (``_hr_m<i>_r``).
+    extremes recomputed from the (already updated) mirror (``_hr_m<i>_r``), reading
+    only mirror rows that pass ``prefilter`` (:func:`time_prefilter`).
 
     Only mirror rows that can belong to a flagged group are projected (see
     :func:`_flagged_mirror_rows`): projecting every mirror row (bucket
@@ -129,7 +130,7 @@ def recomputed_delta_sql(plan: RollupPlan, delta: str, prefilter: str | None) ->
     )
 
 
-def _flagged_mirror_rows(plan: RollupPlan, flagged: str, prefilter: str | None) -> tuple[str, bool]:
+def _flagged_mirror_rows(plan: RollupPlan, flagged: str, prefilter: str) -> tuple[str, bool]:
     """The mirror rows of the ``flagged`` groups, selected on raw mirror columns; and
     whether exactly those (else a superset, to be matched on the projection).
 
@@ -137,33 +138,20 @@ def _flagged_mirror_rows(plan: RollupPlan, flagged: str, prefilter: str | None) 
     dimensions that are mirror columns (plain or looked up): a semi join on
     them (DuckDB pushes the few values into the scan as a filter) with each
     group's bucket as a time range, exact when every dimension is such a
-    column. Otherwise only the time range of the flagged buckets."""
+    column. Otherwise the rows of the time range (matched on the projection)."""
+    rows = f"SELECT m.* FROM {plan.table.mirror} m"
+    plain = [d for d in plan.dimensions if d.mirror_column is not None]
+    if not plain:
+        return f"({rows} WHERE {prefilter})", False
     g = grain_us(plan.config.grain)
     time = f"m.{quote_ident(plan.time_column)}"
     t = time_to_epoch_us(time, plan.time_type)
-    where = f" WHERE {prefilter}" if prefilter is not None else ""
     # Buckets are aligned: bucket(t) = b <=> b <= t < b + grain.
-    plain = [d for d in plan.dimensions if d.mirror_column is not None]
-    if plain:
-        on = [
-            f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}"
-            for d in plain
-        ]
-        b = f"epoch_us(k.{BUCKET})"
-        on.append(f"(({t} >= {b} AND {t} < {b} + {g}) OR ({time} IS NULL AND k.{BUCKET} IS NULL))")
-        semi = f"SEMI JOIN {flagged} k ON {' AND '.join(on)}"
-        return f"(SELECT m.* FROM {plan.table.mirror} m {semi}{where})", len(plain) == len(
-            plan.dimensions
-        )
-    if prefilter is not None:
-        return f"(SELECT m.* FROM {plan.table.mirror} m{where})", False
-    b = f"epoch_us({BUCKET})"
-    within = (
-        f"(({t} >= (SELECT min({b}) FROM {flagged}) "
-        f"AND {t} < (SELECT max({b}) + {g} FROM {flagged})) "
-        f"OR ({time} IS NULL AND EXISTS (SELECT 1 FROM {flagged} WHERE {BUCKET} IS NULL)))"
-    )
-    return f"(SELECT m.* FROM {plan.table.mirror} m WHERE {within})", False
+    on = [f"m.{quote_ident(str(d.mirror_column))} IS NOT DISTINCT FROM k.{d.column}" for d in plain]
+    b = f"epoch_us(k.{BUCKET})"
+    on.append(f"(({t} >= {b} AND {t} < {b} + {g}) OR ({time} IS NULL AND k.{BUCKET} IS NULL))")
+    semi = f"SEMI JOIN {flagged} k ON {' AND '.join(on)}"
+    return f"({rows} {semi} WHERE {prefilter})", len(plain) == len(plan.dimensions)
 
 
 def merge_extremes(
@@ -189,9 +177,8 @@ def merge_extremes(
     if flagged.empty:
         con.execute(plan.merge_sql(delta))
         return
-    prefilter = time_prefilter(plan, flagged)
-    sql, prefilter_params = prefilter if prefilter is not None else (None, [])
+    prefilter, params = time_prefilter(plan, flagged)
     con.execute(
-        plan.merge_sql(f"({recomputed_delta_sql(plan, delta, sql)})", recomputed=True),
-        prefilter_params,
+        plan.merge_sql(f"({recomputed_delta_sql(plan, delta, prefilter)})", recomputed=True),
+        params,
     )
