@@ -257,9 +257,10 @@ def test_recompute_prefilter_keeps_the_flagged_buckets(
         for name in ("by_shop", "by_day", "by_local"):
             plan = h.engine.registry.rollups[name].plan
             assert plan is not None
-            if name == "by_day" and first is not None and last is not None:  # day buckets
-                first, last = first.replace(hour=0), last.replace(hour=0)
-            flagged = FlaggedRange(first, last, nulls)
+            lo, hi = first, last
+            if name == "by_day" and lo is not None and hi is not None:  # day buckets
+                lo, hi = lo.replace(hour=0), hi.replace(hour=0)
+            flagged = FlaggedRange(lo, hi, nulls)
             sql, params = time_prefilter(plan, flagged)
             bucket = bucket_sql(plan.epoch_us, plan.config.grain)
             rows = cursor.execute(
@@ -268,13 +269,13 @@ def test_recompute_prefilter_keeps_the_flagged_buckets(
             wanted = {
                 i
                 for i, b, _ in rows
-                if (b is None and nulls) or (b is not None and first and first <= b <= last)
+                if (b is None and nulls) or (b is not None and lo and hi and lo <= b <= hi)
             }
             kept = {i for i, _, passes in rows if passes}
             assert wanted <= kept, name
             if plan.time_type != "DATE":
                 assert kept == wanted, name
-            elif first is not None:  # whole days from the first one to the end's day
+            elif lo is not None:  # whole days from the first one to the end's day
                 assert not kept & {11, 14}, name
                 assert {1, 12} <= kept, name
     finally:

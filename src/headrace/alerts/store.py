@@ -256,8 +256,8 @@ def emit_incidents(
     time after the previous candidate of the key (stored or in this batch);
     every other candidate extends the open incident. The alert shows the
     first candidate of its incident (of candidates with the same event time and
-    commit, the one whose trigger is first as text). All rules are handled by the same few
-    statements (each costs milliseconds on DuckDB, whatever its size).
+    commit, the one whose trigger is first as text). All rules are handled by
+    the same few statements (each costs milliseconds on DuckDB, whatever its size).
     """
     rearm_values = ", ".join(
         f"({_literal(rule)}, {rearm.total_seconds()})" for rule, rearm in rearms.items()

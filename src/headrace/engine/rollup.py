@@ -318,8 +318,7 @@ class RollupPlan:
         """MERGE a delta into the state: add, delete groups reaching 0 rows, insert new groups.
 
         With ``recomputed`` (a :func:`~headrace.engine.extremes.recomputed_delta_sql`
-        delta), a group whose
-        extreme the batch retracted takes the recomputed value.
+        delta), a group whose extreme the batch retracted takes the recomputed value.
         """
         sets = [f"{ROWS} = s.{ROWS} + d.{ROWS}"]
         for measure in self.measures:

@@ -87,10 +87,8 @@ class LiveSettings(BaseModel):
         gt=0,
         description="Threads that run tile queries (each with its own DuckDB cursor). Live "
         "refreshes use all but one of them, so a dashboard being opened never waits behind "
-        "refreshes. On 2 cores, 2 beat 3 in `bench serve` (1,000 viewers, 12 and 10 runs, "
-        "mostly alternating: commit-to-viewer p99 median 0.98 s against 1.13 s, dashboard load "
-        "p99 ~140 against ~170 ms, a fifth less read-thread CPU per store version) and 1 "
-        "(loads wait behind refreshes: load p99 ~290 ms); on more cores, more may pay.",
+        "refreshes. 2 suits 2 cores: more read threads take CPU from the store writer, whose "
+        "freshness the viewers see (docs/latency.md); on more cores, more may pay.",
     )
     tile_timeout_s: float = Field(
         default=10.0,
