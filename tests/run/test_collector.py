@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 from headrace.run.collector import FULL_EVERY, Collector
 
@@ -33,3 +34,25 @@ def test_settle_freezes_the_heap_and_restore_unfreezes_it() -> None:
     assert collector.document()["collections"] == calls  # no longer listening
     collector.restore()  # a second restore changes nothing
     assert gc.get_threshold() == before
+
+
+def test_status_read_while_the_collector_runs_on_the_same_thread() -> None:
+    """A collection can start inside ``document()`` (it allocates): its callback runs on
+    the reading thread, which must not wait for itself (the status thread hung so once)."""
+    collector = Collector().settle()
+    young, middle, full = gc.get_threshold()
+    read = threading.Event()
+
+    def read_often() -> None:
+        for _ in range(2000):
+            collector.document()
+        read.set()
+
+    try:
+        gc.set_threshold(1, middle, full)  # a young collection at almost every allocation
+        threading.Thread(target=read_often, daemon=True).start()
+        assert read.wait(20), "document() waited for the collector's callback on its own thread"
+    finally:
+        gc.set_threshold(young, middle, full)
+        collector.restore()
+    assert collector.collections[0] > 0

@@ -27,7 +27,6 @@ thresholds back when the run ends (tests run the runner in their own process).
 from __future__ import annotations
 
 import gc
-import threading
 import time
 from typing import Any
 
@@ -40,7 +39,6 @@ class Collector:
 
     def __init__(self) -> None:
         self._thresholds = gc.get_threshold()
-        self._lock = threading.Lock()
         self._started = 0.0
         self.collections = [0, 0, 0]
         """Collections per generation (young, middle, full) since :meth:`settle`."""
@@ -78,18 +76,25 @@ class Collector:
             return
         pause = time.perf_counter() - self._started
         generation = int(info["generation"])
-        with self._lock:
-            self.collections[generation] += 1
-            self.pause_s[generation] += pause
-            self.longest_pause_s[generation] = max(self.longest_pause_s[generation], pause)
+        self.collections[generation] += 1
+        self.pause_s[generation] += pause
+        self.longest_pause_s[generation] = max(self.longest_pause_s[generation], pause)
 
     def document(self) -> dict[str, Any]:
         """For the status file, per generation (young, middle, full): collections, their
-        total and longest pause."""
-        with self._lock:
-            return {
-                "collections": list(self.collections),
-                "pause_ms": [round(s * 1000, 1) for s in self.pause_s],
-                "longest_pause_ms": [round(s * 1000, 1) for s in self.longest_pause_s],
-                "frozen_objects": self.frozen,
-            }
+        total and longest pause.
+
+        No lock: the collector runs one collection at a time, so its callbacks never
+        overlap, and a collection can start inside this very call (it allocates), its
+        callback then running on this thread; with a lock held here, that callback would
+        wait for it forever (a status thread hung so). The figures are copied first
+        (``list()`` of a list is one step under the GIL), so each list is whole."""
+        collections = list(self.collections)
+        pause_s = list(self.pause_s)
+        longest_pause_s = list(self.longest_pause_s)
+        return {
+            "collections": collections,
+            "pause_ms": [round(s * 1000, 1) for s in pause_s],
+            "longest_pause_ms": [round(s * 1000, 1) for s in longest_pause_s],
+            "frozen_objects": self.frozen,
+        }
