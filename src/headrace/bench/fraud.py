@@ -211,7 +211,7 @@ def _lane_figures(
     result.lane_freshness_max_ms = freshness.percentile(1.0)
     result.lane_work = {
         name: lane[name]
-        for name in ("batches", "commits", "evaluate_s", "commit_s")
+        for name in ("batches", "evaluations", "commits", "evaluate_s", "commit_s")
         if name in lane
     }
 

@@ -2,13 +2,14 @@
 their own, committing their alerts in small transactions of their own.
 
 The source thread hands each decoded :class:`ChangeBatch` to :meth:`RulesLane.offer`
-before the engine's queue; the lane's thread takes every batch waiting, evaluates each
-in order with every rule of ``rules.in_memory`` (:mod:`headrace.rules.lane.velocity`,
-...), and commits once on its own connection: the alerts (``headrace.alerts`` and the
-delivery outbox, as the engine writes them; ids from the store's shared allocator),
-the incidents touched, and its position (:mod:`headrace.rules.lane.store`). The alerts
-then go to the delivery threads at once. Commit-to-alert is the source's cut plus the
-evaluation plus one small commit, not an engine batch.
+before the engine's queue; the lane's thread takes every batch waiting, evaluates them
+merged into one (:func:`evaluation_groups`) with every rule of ``rules.in_memory``
+(:mod:`headrace.rules.lane.velocity`, ...), and commits once on its own connection:
+the alerts (``headrace.alerts`` and the delivery outbox, as the engine writes them; ids
+from the store's shared allocator), the incidents touched, and its position
+(:mod:`headrace.rules.lane.store`). The alerts then go to the delivery threads at once.
+Commit-to-alert is the source's cut plus the evaluation plus one small commit, not an
+engine batch.
 
 Exactly once, across crashes:
 
@@ -24,10 +25,11 @@ Exactly once, across crashes:
   batch: it is never written twice, and delivery is the engine's (outbox, idempotency
   keys).
 
-The lane sees the source's batches, the engine merges several: the SQL rules'
-semantics depend on batch boundaries in corner cases (net change per batch, the
-watermark before a batch), so the lane's alerts equal the SQL rule's given the same
-batches (``tests/rules/lane_harness.py``), not necessarily in a live run.
+Both the lane and the engine merge the batches waiting for them, each by its own
+backlog: the SQL rules' semantics depend on batch boundaries in corner cases (net
+change per batch, the watermark before a batch), so the lane's alerts equal the SQL
+rule's given the same batches (``tests/rules/lane_harness.py``), not necessarily in a
+live run.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from headrace.rules.lane.alert import LaneAlert
 from headrace.rules.lane.evaluators import Evaluator, make_evaluator
 from headrace.rules.lane.saved import RuleSaved
 from headrace.rules.lane.store import LaneStore
+from headrace.run.merge import can_join, merge_batches
 from headrace.run.metrics import FreshnessHistogram
 from headrace.source.changes import ChangeBatch
 from headrace.store.duckdb.store import DuckDBStore
@@ -81,6 +84,9 @@ class LaneError(HeadraceError):
 @dataclass
 class LaneStats:
     batches: int = 0
+    """Source batches evaluated."""
+    evaluations: int = 0
+    """Passes of the rules: batches drained together are evaluated merged, in one."""
     commits: int = 0
     alerts: int = 0
     replayed: int = 0
@@ -195,9 +201,10 @@ class RulesLane:
         self.con.close()  # the file stays attached to the store's instance until it closes
         s = self.stats
         log.info(
-            "rules lane: %s batches (%s evaluated again after a restart), %s commits, %s alerts; "
-            "evaluation %.1f s, commits %.1f s",
+            "rules lane: %s batches in %s evaluations (%s batches evaluated again after a "
+            "restart), %s commits, %s alerts; evaluation %.1f s, commits %.1f s",
             s.batches,
+            s.evaluations,
             s.replayed,
             s.commits,
             s.alerts,
@@ -213,6 +220,7 @@ class RulesLane:
             "rules": list(self.names),
             "position": self.committed,
             "batches": s.batches,
+            "evaluations": s.evaluations,
             "commits": s.commits,
             "alerts": s.alerts,
             "evaluate_s": round(s.evaluate_s, 3),
@@ -277,14 +285,17 @@ class RulesLane:
         """Evaluate; commit at once when alerts opened (with the position and records)."""
         started = time.perf_counter()
         alerts: list[LaneAlert] = []
-        for batch in batches:
-            self.stats.batches += 1
+        for group in evaluation_groups(batches, self.replay_until):
+            batch = merge_batches(group)
+            replayed = batch.position <= self.replay_until
             for evaluator in self.evaluators:
                 opened = evaluator.apply(batch)
-                if batch.position > self.replay_until:
+                if not replayed:
                     alerts.extend(opened)
-            if batch.position <= self.replay_until:
-                self.stats.replayed += 1
+            self.stats.batches += len(group)
+            self.stats.evaluations += 1
+            if replayed:
+                self.stats.replayed += len(group)
         self._pending_position = max(self._pending_position, batches[-1].position)
         for evaluator in self.evaluators:
             self._pending[evaluator.name] = _merged(
@@ -323,6 +334,25 @@ class RulesLane:
             collected, self._collected[:] = list(self._collected), []
             if self.deliver is not None:
                 self.deliver(collected)
+
+
+def evaluation_groups(batches: list[ChangeBatch], replay_until: int) -> list[list[ChangeBatch]]:
+    """The drained batches in runs of consecutive ones, each run evaluated as one merged
+    batch: the same changes in the same order, as if the source had cut one larger
+    batch, for one pass of every rule instead of one per batch (a backlog clears
+    faster). A run stops where :func:`~headrace.run.merge.can_join` refuses (a table
+    changes schema) and at ``replay_until``: batches at or below it are evaluated again
+    after a restart only to rebuild the windows, their alerts dropped."""
+    groups: list[list[ChangeBatch]] = []
+    for batch in batches:
+        if groups:
+            group = groups[-1]
+            replayed = group[-1].position <= replay_until
+            if replayed == (batch.position <= replay_until) and can_join(group, batch):
+                group.append(batch)
+                continue
+        groups.append([batch])
+    return groups
 
 
 def _merged(held: RuleSaved | None, new: RuleSaved) -> RuleSaved:
