@@ -93,6 +93,7 @@ def test_status_while_running_and_after(pg_db: PgDatabase, tmp_path: Path) -> No
         for field in ("rows", "last_commit_ts", "lag_ms", "lag_bytes", "batches_per_s"):
             assert field in tables["public.transactions"]
         assert {r["name"] for r in live["rollups"]} == {"tx_volume", "tx_merchant", "tx_tier"}
+        assert set(live["store_checkpoints"]) == {"count", "seconds", "longest_s", "wal_bytes"}
         text = headrace("status", "--config", config)
         assert text.returncode == 0, text.stderr
         for word in ("streaming", "public.transactions", "tx_merchant", "changes/s"):

@@ -133,9 +133,14 @@ def test_checkpoint_policy(tmp_path: Path) -> None:
                 [batch * 1000, batch * 1000 + 1000],
             )
     assert store.wal_bytes() > 1024 * 1024
+    wal = store.wal_bytes()
     assert store.maybe_checkpoint()
     assert store.wal_bytes() < 1024 * 1024
     assert not store.maybe_checkpoint()
+    figures = store.checkpoints.document()
+    assert figures["count"] == 1
+    assert figures["wal_bytes"] == wal
+    assert figures["seconds"] == figures["longest_s"] > 0
     store.close()
 
 

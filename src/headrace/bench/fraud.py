@@ -49,7 +49,7 @@ from headrace.bench.process_cpu import (
     load_cpu_share,
     postgres_cpu,
 )
-from headrace.bench.run_process import RunProcess
+from headrace.bench.run_process import RunProcess, checkpoints_between, describe_checkpoints
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.demo.config import FraudFamily
 from headrace.demo.deployment import deployment_text, pipeline_part, replace_section
@@ -108,6 +108,9 @@ class FraudBenchResult:
     lane_freshness_max_ms: float | None = None
     lane_work: dict[str, float] = field(default_factory=dict)
     """The lane's batches, commits, and seconds evaluating and committing, over the run."""
+    store_checkpoints: dict[str, float] = field(default_factory=dict)
+    """The store's checkpoints over the load and the catch-up (count, seconds in all,
+    longest since the run started)."""
     collector: dict[str, Any] = field(default_factory=dict)
     """Python's garbage collector in headrace while streaming: collections per generation,
     total and longest pause (every thread stops), objects frozen at start-up."""
@@ -282,6 +285,7 @@ def _measure(
     result.freshness_max_ms = freshness.percentile(1.0)
     _lane_figures(result, done, before_lane)
     result.collector = dict(done.get("collector") or {})
+    result.store_checkpoints = checkpoints_between(before, done)
     quiet_since = time.monotonic()
     last = receiver.last_at
     deadline = time.monotonic() + 120
@@ -447,6 +451,8 @@ def _print_table(result: FraudBenchResult, out: Console) -> None:
             f"{result.lane_freshness_p99_ms} ms, max {result.lane_freshness_max_ms} ms; "
             f"{result.lane_work}"
         )
+    if result.store_checkpoints:
+        out.print(describe_checkpoints(result.store_checkpoints))
     if result.collector:
         out.print(
             f"garbage collector while streaming: {result.collector.get('collections')} "

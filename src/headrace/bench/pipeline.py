@@ -44,7 +44,7 @@ from headrace.bench.process_cpu import (
     load_cpu_share,
     postgres_cpu,
 )
-from headrace.bench.run_process import RunProcess
+from headrace.bench.run_process import RunProcess, checkpoints_between, describe_checkpoints
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
@@ -125,6 +125,9 @@ class PipelineBenchResult:
     headrace_peak_rss_mb: float = 0.0
     headrace_streaming_rss_mb: float = 0.0
     store_transactions: int = 0
+    store_checkpoints: dict[str, float] = field(default_factory=dict)
+    """The store's checkpoints over the load and the catch-up (count, seconds in all,
+    longest since the run started)."""
     mismatches: int = 0
     mismatch_detail: str = ""
     checked_views: int = 0
@@ -261,6 +264,7 @@ def _measure(
     result.store_transactions = int(done["totals"]["store_transactions"]) - int(
         before["totals"]["store_transactions"]
     )
+    result.store_checkpoints = checkpoints_between(before, done)
     code = headrace.stop()
     if code != 0:
         raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
@@ -283,6 +287,7 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
         f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
     )
     out.print(describe_cores(result.cpu_cores))
+    out.print(describe_checkpoints(result.store_checkpoints))
 
 
 def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:

@@ -100,3 +100,23 @@ class RunProcess:
                 return self.process.wait()
         finally:
             self._log.close()
+
+
+def checkpoints_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """The store's checkpoints between two status documents: how many, their seconds in
+    all, and the longest since the run started (each stops the writer meanwhile)."""
+    first = before.get("store_checkpoints") or {}
+    last = after.get("store_checkpoints") or {}
+    return {
+        "count": int(last.get("count", 0)) - int(first.get("count", 0)),
+        "seconds": round(float(last.get("seconds", 0.0)) - float(first.get("seconds", 0.0)), 3),
+        "longest_s": float(last.get("longest_s", 0.0)),
+    }
+
+
+def describe_checkpoints(figures: dict[str, float]) -> str:
+    """One line for a benchmark's output."""
+    return (
+        f"store checkpoints meanwhile: {figures['count']:.0f}, {figures['seconds']:.2f} s in "
+        f"all, longest {figures['longest_s']:.2f} s (the writer waits for each)"
+    )

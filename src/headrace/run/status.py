@@ -18,6 +18,9 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
                    for that table), ``lag_bytes`` (server WAL - LSN of its oldest
                    waiting change, 0 when none), changes/s, batches/s
 ``freshness_histogram``  cumulative counts per bucket of :data:`~.metrics.EDGES_MS`
+``store_checkpoints``  the store's checkpoints since the process started: ``count``,
+                   ``seconds`` in all, ``longest_s`` (each stops the writer) and
+                   ``wal_bytes`` folded into the file
 ``alert_deliveries[]``  per alert sink: ``delivered``, ``pending``, ``failed``,
                    ``last_attempt_at``, ``last_error``, ``last_failed_error``
                    (:func:`headrace.alerts.delivery.sink_summaries`), read from
@@ -249,6 +252,7 @@ class StatusReporter:
         document["window_s"] = WINDOW_S
         document["queue"] = {"batches": state.waiting_batches, "capacity": self.queue_capacity}
         document["store_wal_bytes"] = self.store.wal_bytes()
+        document["store_checkpoints"] = self.store.checkpoints.document()
         if snapshot is not None:
             copied = snapshot.rows or snapshot.copied_rows
             seconds = snapshot.seconds
@@ -361,6 +365,13 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"{lane.get('commits', 0):,} commits, recorded p50 {_ms(lane_freshness.get('p50'))} "
             f"p99 {_ms(lane_freshness.get('p99'))} after the source's commit"
             + ("  [red]failed[/red]" if lane.get("failed") else "")
+        )
+    checkpoints = document.get("store_checkpoints")
+    if running and checkpoints and checkpoints.get("count"):
+        console.print(
+            f"store: WAL {_bytes(document.get('store_wal_bytes'))}; {checkpoints['count']:,} "
+            f"checkpoints, {checkpoints['seconds']:.1f} s in all, longest "
+            f"{_ms(checkpoints['longest_s'] * 1000)}"
         )
     if document.get("error"):
         console.print(f"[red]error: {document['error']}[/red]")

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import cast
@@ -30,6 +31,34 @@ from headrace.store.duckdb.connect import open_store, store_cursor
 from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckpointFigures:
+    """What the store's checkpoints cost: each stops the writer (no batch applies
+    meanwhile), so their longest is a floor under the worst freshness."""
+
+    count: int = 0
+    seconds: float = 0.0
+    """All of them together."""
+    longest_s: float = 0.0
+    wal_bytes: int = 0
+    """WAL folded into the database file, all of them together."""
+
+    def add(self, wal_bytes: int, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.longest_s = max(self.longest_s, seconds)
+        self.wal_bytes += wal_bytes
+
+    def document(self) -> dict[str, float | int]:
+        """For the status file."""
+        return {
+            "count": self.count,
+            "seconds": round(self.seconds, 3),
+            "longest_s": round(self.longest_s, 3),
+            "wal_bytes": self.wal_bytes,
+        }
 
 
 class DuckDBStore(Store):
@@ -56,6 +85,8 @@ class DuckDBStore(Store):
         self.checkpoint_wal_bytes = checkpoint_wal_bytes
         self._lock = threading.Lock()
         self._last_checkpoint = time.monotonic()
+        self.checkpoints = CheckpointFigures()
+        """The checkpoints this store object ran (they stop the writer meanwhile)."""
         self.failed_transactions = 0
         """Writer transactions that did not commit (rolled back, or COMMIT failed): a
         listener holding what a transaction wrote for its commit (alert delivery) drops
@@ -308,6 +339,7 @@ class DuckDBStore(Store):
             log.warning("CHECKPOINT deferred: %s", exc)
             return
         self._last_checkpoint = time.monotonic()
+        self.checkpoints.add(wal, self._last_checkpoint - started)
         log.debug("CHECKPOINT of %d WAL bytes took %.3f s", wal, self._last_checkpoint - started)
 
     def close(self) -> None:
