@@ -52,6 +52,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from headrace.bench.process_cpu import ProcessCpu
+from headrace.bench.run_process import checkpoints_between
 from headrace.bench.serve_stack import ServeStack, WriteLoad
 from headrace.run.metrics import FreshnessHistogram
 
@@ -271,6 +272,7 @@ def run(settings: ServeBenchSettings) -> dict[str, Any]:
         "dashboard_load_p99_ms",
         "commit_to_viewer_p50_ms",
         "commit_to_viewer_p99_ms",
+        "store_checkpoints",
         "viewers_held",
         "server_rss_mb",
         "polling_vs_broadcast_ratio",
@@ -336,6 +338,7 @@ def _result(
         # Seconds spent applying batches per second (1.0: the store writer never idles).
         "pipeline_apply_busy": _per_s(after.status, before.status, "apply_seconds", 2),
         "store_transactions_per_s": _per_s(after.status, before.status, "store_transactions", 2),
+        "store_checkpoints": checkpoints_between(before.status, after.status),
         "history_rows": stack.history_rows,
         "snapshot_s": stack.snapshot_seconds,
         "viewers": settings.viewers,
