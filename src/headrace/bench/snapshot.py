@@ -28,14 +28,12 @@ COPY, the client's copy (receive + decode, from run 3) and the store's share
 (the rest of run 4's client CPU). With PostgreSQL on the same cores, no
 overlap can beat ``cores / CPU-s per row``: when that ceiling is below the
 target, the bench says the target is out of reach on this machine.
-Measured on the 2-core development machine (medians, CPU-s per 1M rows of
-the bench's table, quiet to busy): server 0.4-0.6, client receive 0.45-0.5
-(the Python loop libpq's one-message-per-row forces), decode 0.22-0.25,
-DuckDB append 0.5-0.65: 1.6-2.0 CPU-s, i.e. at most 1.0-1.25M rows/s with
-both cores doing nothing else and perfect overlap. Five busy threads (two
-COPY backends, two receivers, DuckDB), GIL hand-offs and the pipeline's fill
-and drain leave 0.5-0.8M rows/s in practice: 1M rows/s end to end is out of
-reach on 2 cores shared with PostgreSQL.
+Measured on the 2-core development machine (twelfth session, 11 runs): 1.15-1.3
+CPU-s per 1M rows end to end (server 0.3-0.37, client copy ~0.44, store
+0.4-0.57), and 1.17-1.32M rows/s end to end. On the slower machine of earlier
+sessions the same budget was 1.6-2.0 CPU-s and the rate 0.5-0.8M rows/s: five
+busy threads (two COPY backends, two receivers, DuckDB), GIL hand-offs and the
+pipeline's fill and drain keep a run at 70-80% of the ceiling.
 """
 
 from __future__ import annotations

@@ -35,9 +35,10 @@ plus ~0.22-0.25 decoding (instead of ~0.65 CSV parsing and conversion).
 Other tables are copied as CSV. Storing into DuckDB costs another ~0.5-0.65
 CPU-s, in DuckDB's threads, concurrently with the copy (the consumer appends
 while the workers receive the next chunks). End to end that is 1.6-2.0
-CPU-s per 1M rows: with PostgreSQL on the same 2 cores, at most 1.0-1.25M
-rows/s even with perfect overlap, 0.5-0.8M in practice; ``headrace bench
-snapshot`` prints the budget of each run.
+CPU-s per 1M rows on the slower machine of earlier sessions (at most 1.0-1.25M
+rows/s with perfect overlap, 0.5-0.8M in practice), 1.15-1.3 CPU-s and
+1.17-1.32M rows/s on the faster one; ``headrace bench snapshot`` prints the
+budget of each run.
 
 Interrupted snapshots: when the copy fails or the consumer stops early (the
 chunk iterator is closed), the half-made slot is dropped. After a crash that
