@@ -78,10 +78,12 @@ class AccountSampler:
     """Draws the account of the next normal transaction: Zipf-skewed, rate-capped.
 
     An account drawn again before ``min_gap_s`` has passed since its last
-    normal transaction is redrawn (up to a few times), which caps every
-    account at ``60 / min_gap_s`` normal transactions a minute however hot
-    it is. When every try hits a capped account the last one is used and
-    counted in :attr:`breaches`: the population is too small for the rate.
+    normal transaction is redrawn (up to :data:`TRIES` times by activity, then
+    up to as many times uniformly: the hot accounts can all be capped at once
+    while most of the population is free), which caps every account at
+    ``60 / min_gap_s`` normal transactions a minute however hot it is. When
+    every try hits a capped account the last one is used and counted in
+    :attr:`breaches`: the population is too small for the rate.
     """
 
     TRIES = 32
@@ -119,10 +121,13 @@ class AccountSampler:
             return account
         tries = 1
         while account.next_normal_us > now_us:
-            if tries == self.TRIES:
+            if tries == 2 * self.TRIES:
                 self.breaches += 1
                 break
-            account = accounts[bisect_right(cum, draw() * total, 0, last)]
+            if tries < self.TRIES:
+                account = accounts[bisect_right(cum, draw() * total, 0, last)]
+            else:
+                account = accounts[int(draw() * len(accounts))]
             tries += 1
         account.next_normal_us = now_us + self._gap_us
         return account
