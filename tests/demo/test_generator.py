@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from datetime import timedelta
@@ -166,15 +167,16 @@ def test_normal_traffic_stays_inside_the_envelope(pg_db: PgDatabase) -> None:
         assert pg_db.fetchall(query) == [(0,)], name
 
 
-def test_sampler_is_skewed() -> None:
-    accounts = [
+def _accounts(count: int) -> list[Account]:
+    return [
         Account(id=i, customer_id=i, country="DE", tier="basic", currency="EUR", active=True,
                 balance=0, scale=1000.0)
-        for i in range(1, 1_001)
+        for i in range(1, count + 1)
     ]  # fmt: skip
-    sampler = AccountSampler(accounts, seed=3, exponent=1.0, envelope=NORMAL_ENVELOPE)
-    import random  # noqa: PLC0415
 
+
+def test_sampler_is_skewed() -> None:
+    sampler = AccountSampler(_accounts(1_000), seed=3, exponent=1.0, envelope=NORMAL_ENVELOPE)
     rng = random.Random(1)  # noqa: S311
     counts: dict[int, int] = {}
     for _ in range(20_000):
@@ -186,19 +188,9 @@ def test_sampler_is_skewed() -> None:
     assert max(counts, key=lambda k: counts[k]) != 1, "the busy ones are spread over the ids"
 
 
-def _accounts(count: int) -> list[Account]:
-    return [
-        Account(id=i, customer_id=i, country="DE", tier="basic", currency="EUR", active=True,
-                balance=0, scale=1000.0)
-        for i in range(1, count + 1)
-    ]  # fmt: skip
-
-
 def test_sampler_caps_accounts_when_the_hot_ones_are_all_busy() -> None:
     """Steep skew: the activity draws keep hitting a few capped accounts; the uniform
     draws then find a free one, so no account exceeds its cap (no breach)."""
-    import random  # noqa: PLC0415
-
     rng = random.Random(7)  # noqa: S311
     sampler = AccountSampler(_accounts(1_000), seed=3, exponent=3.0, envelope=NORMAL_ENVELOPE)
     picked = [sampler.pick(rng, 0).id for _ in range(300)]  # all at the same instant

@@ -339,8 +339,9 @@ class DuckDBStore(Store):
             log.warning("CHECKPOINT deferred: %s", exc)
             return
         self._last_checkpoint = time.monotonic()
-        self.checkpoints.add(wal, self._last_checkpoint - started)
-        log.debug("CHECKPOINT of %d WAL bytes took %.3f s", wal, self._last_checkpoint - started)
+        seconds = self._last_checkpoint - started
+        self.checkpoints.add(wal, seconds)
+        log.debug("CHECKPOINT of %d WAL bytes took %.3f s", wal, seconds)
 
     def close(self) -> None:
         with self._lock:
