@@ -66,9 +66,9 @@ class Both:
             taken = self.evaluator.take_saved()
             seen = dict(self.saved.last_seen) if self.saved is not None else {}
             seen.update(taken.last_seen)
-            state = taken.state
+            state = taken.state_rows()  # the rows now: the next batch changes the state
             if state is None and self.saved is not None:
-                state = self.saved.state  # unchanged since the last record
+                state = self.saved.state_rows()  # unchanged since the last record
             self.saved = RuleSaved(taken.watermark_us, seen, state)
 
     def restart(self) -> None:

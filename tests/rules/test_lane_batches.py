@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from headrace.rules.lane.lane import evaluation_groups
+from headrace.rules.lane.lane import evaluation_groups, merged_record
+from headrace.rules.lane.saved import RuleSaved
 from headrace.source.changes import ChangeBatch, Column, TableChanges, TableRef, TableSchema
 
 ACCOUNTS = TableRef("public", "accounts")
@@ -36,3 +37,19 @@ def test_replayed_batches_are_not_merged_with_new_ones() -> None:
 def test_a_schema_change_starts_a_new_evaluation() -> None:
     batches = [_batch(10), _batch(20, version=2), _batch(30, version=2)]
     assert _positions(evaluation_groups(batches, replay_until=0)) == [[10], [20, 30]]
+
+
+def test_a_records_state_is_built_when_written_and_the_newest_wins() -> None:
+    """Account takeover's marks are recorded as a function building their rows: the lane
+    takes a record after every evaluation but writes one every few, so the rows are built
+    only for the write, from the state as it is then; an unchanged state (None) keeps
+    the builder held."""
+    marks: list[list[object]] = [[1, 10, "failed_logins"]]
+    held = merged_record(None, RuleSaved(5, {"a": 1}, lambda: [list(m) for m in marks]))
+    marks.append([2, 20, "new_device"])
+    merged = merged_record(held, RuleSaved(7, {"b": 2}, None))
+    assert merged.watermark_us == 7
+    assert merged.last_seen == {"a": 1, "b": 2}
+    assert merged.state_rows() == [[1, 10, "failed_logins"], [2, 20, "new_device"]]
+    assert RuleSaved(7, {}, [[3]]).state_rows() == [[3]]
+    assert RuleSaved(7).state_rows() is None

@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -160,8 +160,9 @@ class RiskyLogins:
             self._count_device(login, 1)
             self._add_failure(k, login, row[-1], horizon)
         self.marked.clear()
-        if saved is not None and saved.state is not None:
-            for customer, t, reason, login_key, device, country, failed in saved.state:
+        rows = saved.state_rows() if saved is not None else None
+        if rows is not None:
+            for customer, t, reason, login_key, device, country, failed in rows:
                 k = tuple(login_key) if isinstance(login_key, list) else login_key
                 self._add_mark(int(customer), Mark(int(t), reason, k, device, country, failed))
         else:
@@ -221,13 +222,18 @@ class RiskyLogins:
         params = [horizon - config.failed_window, horizon]
         return query, ([horizon, *params] if config.new_device else params)
 
-    def take_state(self) -> list[list[Any]] | None:
-        """The marks as the lane's record holds them, when they changed since the last
-        call (None: unchanged); the mirrors cannot rebuild them exactly (a deleted or
-        corrected login keeps its mark)."""
+    def take_state(self) -> Callable[[], list[list[Any]]] | None:
+        """When the marks changed since the last call, :meth:`state_rows` (to be called
+        when the record is written: ``RuleSaved.state``); None when unchanged. The
+        mirrors cannot rebuild the marks exactly (a deleted or corrected login keeps
+        its mark)."""
         if not self.marks_changed:
             return None
         self.marks_changed = False
+        return self.state_rows
+
+    def state_rows(self) -> list[list[Any]]:
+        """The marks as the lane's record holds them."""
         return [
             [customer, m.t, m.reason, m.login, m.device, m.country, m.failed]
             for customer, entries in self.marks.items()

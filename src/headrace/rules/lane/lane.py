@@ -298,7 +298,7 @@ class RulesLane:
                 self.stats.replayed += len(group)
         self._pending_position = max(self._pending_position, batches[-1].position)
         for evaluator in self.evaluators:
-            self._pending[evaluator.name] = _merged(
+            self._pending[evaluator.name] = merged_record(
                 self._pending.get(evaluator.name), evaluator.take_saved()
             )
         self.stats.evaluate_s += time.perf_counter() - started
@@ -355,7 +355,7 @@ def evaluation_groups(batches: list[ChangeBatch], replay_until: int) -> list[lis
     return groups
 
 
-def _merged(held: RuleSaved | None, new: RuleSaved) -> RuleSaved:
+def merged_record(held: RuleSaved | None, new: RuleSaved) -> RuleSaved:
     """Records not committed yet, and newer ones: the newest watermark and state, every
     incident touched."""
     if held is None:

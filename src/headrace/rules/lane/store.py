@@ -277,10 +277,11 @@ class LaneStore:
             params,
         )
         for rule, record in rules.items():
-            if record.state is not None:
+            rows = record.state_rows()
+            if rows is not None:
                 con.execute(
                     f"UPDATE {RULES_TABLE} SET state = ? WHERE rule = ?",
-                    [json.dumps(record.state, default=str), rule],
+                    [json.dumps(rows, default=str), rule],
                 )
 
     def _insert_alerts(self, alerts: Sequence[LaneAlert], now: datetime) -> int:
