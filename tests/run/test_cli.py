@@ -94,9 +94,11 @@ def test_status_while_running_and_after(pg_db: PgDatabase, tmp_path: Path) -> No
             assert field in tables["public.transactions"]
         assert {r["name"] for r in live["rollups"]} == {"tx_volume", "tx_merchant", "tx_tier"}
         assert set(live["store_checkpoints"]) == {"count", "seconds", "longest_s", "wal_bytes"}
+        # The writer applied batches within the window: a share of it, never more than all.
+        assert 0 < live["writer_busy"] <= 1
         text = headrace("status", "--config", config)
         assert text.returncode == 0, text.stderr
-        for word in ("streaming", "public.transactions", "tx_merchant", "changes/s"):
+        for word in ("streaming", "public.transactions", "tx_merchant", "changes/s", "writer busy"):
             assert word in text.stdout
         # A second `headrace run` on the same store is refused while one runs.
         second = headrace("run", "--config", config)

@@ -1,4 +1,5 @@
-"""`headrace status` in words: the store's checkpoints appear once there were some."""
+"""`headrace status` in words: the store's checkpoints appear once there were some; the
+writer's busy share is shown while running."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import io
 
 from rich.console import Console
 
-from headrace.run.status import render_status
+from headrace.run.metrics import FreshnessHistogram, RateWindow
+from headrace.run.status import render_status, summary_line
 
 
 def _rendered(document: dict[str, object]) -> str:
@@ -28,3 +30,25 @@ def test_checkpoints_are_shown_while_running() -> None:
     assert "store: WAL 3.0 MB; 2 checkpoints, 1.5 s in all, longest 950 ms" in text
     document["store_checkpoints"] = {"count": 0, "seconds": 0, "longest_s": 0, "wal_bytes": 0}
     assert "checkpoints" not in _rendered(document)
+
+
+def test_the_writers_busy_share_is_shown_while_running() -> None:
+    document: dict[str, object] = {
+        "store": "/data/store.duckdb",
+        "phase": "streaming",
+        "running": True,
+        "writer_busy": 0.973,
+    }
+    assert "writer busy 97%" in _rendered(document)
+    assert "busy 97%" in summary_line(document)
+    del document["writer_busy"]  # a status file of an older version, or the first second
+    assert "writer busy -" in _rendered(document)
+
+
+def test_the_busy_share_is_the_apply_time_over_the_window() -> None:
+    """``writer_busy`` is the rate of the cumulative apply seconds: 1.5 s of applying
+    in 2 s of window is 75% busy."""
+    window = RateWindow(window_s=5.0)
+    window.sample({"apply_seconds": 10.0}, FreshnessHistogram(), at=100.0)
+    window.sample({"apply_seconds": 11.5}, FreshnessHistogram(), at=102.0)
+    assert window.rate("apply_seconds") == 0.75

@@ -83,9 +83,12 @@ class RateWindow:
         self.window_s = window_s
         self._samples: deque[tuple[float, dict[str, float], FreshnessHistogram]] = deque()
 
-    def sample(self, counters: dict[str, float], freshness: FreshnessHistogram) -> None:
-        """Record the counters' current values (call about once a second)."""
-        now = time.monotonic()
+    def sample(
+        self, counters: dict[str, float], freshness: FreshnessHistogram, at: float | None = None
+    ) -> None:
+        """Record the counters' current values (call about once a second); ``at``: the
+        ``time.monotonic()`` of the sample, when not now."""
+        now = time.monotonic() if at is None else at
         self._samples.append((now, dict(counters), freshness.copy()))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()

@@ -17,6 +17,9 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
 ``tables[]``       per table: rows, last applied commit time, ``lag_ms`` (as above,
                    for that table), ``lag_bytes`` (server WAL - LSN of its oldest
                    waiting change, 0 when none), changes/s, batches/s
+``writer_busy``    the share of the last ``window_s`` seconds the writer spent applying
+                   batches (0-1). Near 1 the store takes all the writer has: batches
+                   grow, and freshness with them, as the source speeds up
 ``freshness_histogram``  cumulative counts per bucket of :data:`~.metrics.EDGES_MS`
 ``store_checkpoints``  the store's checkpoints since the process started: ``count``,
                    ``seconds`` in all, ``longest_s`` (each stops the writer) and
@@ -155,7 +158,11 @@ class StatusReporter:
     def _sample(self) -> None:
         state = self.state
         with state.lock:
-            counters: dict[str, float] = {"changes": state.changes, "batches": state.batches}
+            counters: dict[str, float] = {
+                "changes": state.changes,
+                "batches": state.batches,
+                "apply_seconds": state.apply_seconds,
+            }
             for name, count in state.table_changes.items():
                 counters[f"changes:{name}"] = count
             for name, count in state.table_batches.items():
@@ -248,6 +255,7 @@ class StatusReporter:
             document["collector"] = self.collector_info()
         document["changes_per_s"] = round(self.window.rate("changes"), 1)
         document["batches_per_s"] = round(self.window.rate("batches"), 2)
+        document["writer_busy"] = round(min(1.0, self.window.rate("apply_seconds")), 3)
         document["freshness_ms"] = _freshness(self.window.freshness())
         document["window_s"] = WINDOW_S
         document["queue"] = {"batches": state.waiting_batches, "capacity": self.queue_capacity}
@@ -355,6 +363,7 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"{document.get('changes_per_s', 0):,.0f} changes/s",
             f"{document.get('batches_per_s', 0):,.1f} batches/s",
             f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}",
+            f"writer busy {_busy(document.get('writer_busy'))}",
         ]
     console.print("  ".join(line))
     lane = document.get("rules_lane")
@@ -443,7 +452,13 @@ def summary_line(document: dict[str, Any]) -> str:
         f"{document.get('phase')}  {document.get('changes_per_s', 0):>9,.0f} changes/s  "
         f"{document.get('batches_per_s', 0):5.1f} batches/s  "
         f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}  "
+        f"busy {_busy(document.get('writer_busy'))}  "
         f"lag {_ms(document.get('lag_ms'))} / {_bytes(document.get('lag_bytes'))}  "
         f"queue {queue.get('batches', 0)}/{queue.get('capacity', 0)}  "
         f"at {document.get('position_lsn') or '-'}"
     )
+
+
+def _busy(share: object) -> str:
+    """The writer's busy share as a percentage; ``-`` before the first window."""
+    return f"{float(share):.0%}" if isinstance(share, int | float) else "-"
