@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from headrace.errors import SourceError
 from headrace.run.runner import Runner
@@ -86,6 +87,25 @@ def test_serve_shows_the_live_store(pg_db: PgDatabase, tmp_path: Path) -> None:
                 row = conn.execute(b"SELECT count(*) FROM transactions").fetchone()
             assert row is not None
             assert answer.json()["rows"] == [[row[0]]]
+            # The pipeline's own figures, beside the serving layer's.
+            metrics = client.get("/metrics").text
+            transactions = 'headrace_pipeline_changes_total{table="public.transactions"}'
+            changes = _sample(metrics, transactions)
+            assert changes == runner.state.table_changes["public.transactions"] > 0
+            applies = _sample(metrics, "headrace_pipeline_batch_apply_seconds_count")
+            assert applies >= 1
+            assert _sample(metrics, 'headrace_pipeline_freshness_seconds_bucket{le="+Inf"}') > 0
+            assert "headrace_serve_viewers" in metrics
+    # Gone with the run: the next run of this process registers its own.
+    assert "headrace_pipeline_changes_total" not in generate_latest(REGISTRY).decode()
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of one sample of a Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_an_unknown_slot_is_dropped_only_when_asked(pg_db: PgDatabase, tmp_path: Path) -> None:

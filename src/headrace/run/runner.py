@@ -68,6 +68,7 @@ from headrace.run.initial import (
 )
 from headrace.run.merge import can_join, merge_batches
 from headrace.run.pipeline_source import source_settings
+from headrace.run.prometheus import Registered
 from headrace.run.recorder import BatchRecorder
 from headrace.run.settings import RunSettings
 from headrace.run.state import FAILED, STOPPED, STOPPING, STREAMING, RunState
@@ -157,7 +158,8 @@ class Runner:
                 checkpoint_wal_bytes=self.config.store.checkpoint_wal_bytes,
             )
             try:
-                return self._run(store)
+                with Registered(self.state):  # the run's figures on /metrics
+                    return self._run(store)
             finally:
                 store.close()
 

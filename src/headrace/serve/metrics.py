@@ -1,7 +1,8 @@
 """Prometheus metrics of the serving layer (one registry per app) plus the process-wide ones.
 
 ``/metrics`` renders this app's registry and then prometheus-client's default
-registry, where the engine registers its own (changes/s, batch apply time).
+registry, where a running pipeline registers its own (changes, batch apply time,
+freshness: :mod:`headrace.run.prometheus`).
 Per-table freshness is read from ``headrace.tables`` at scrape time.
 """
 
