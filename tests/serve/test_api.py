@@ -295,6 +295,33 @@ def test_rows_rollups_alerts_accounts(served: Served) -> None:
     assert admin.get("/api/health-scores").json()["rows"] == []
 
 
+def test_an_accounts_health_is_its_history(served: Served) -> None:
+    """The account page charts every recorded score of the account (the engine appends
+    a row to headrace.health_history each time it changes; health_scores keeps the
+    current one), and the API lists them newest first."""
+    start = datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
+    points = [(start + timedelta(minutes=10 * i), score) for i, score in enumerate((92, 75, 61))]
+    with served.store.transaction() as con:
+        con.executemany(
+            "INSERT INTO headrace.health_history VALUES (7, ?, ?, ?, '{}')",
+            [(score, at, at) for at, score in points],
+        )
+        con.execute(
+            "INSERT INTO headrace.health_scores VALUES (7, 61, ?, ?, '{}')",
+            [points[-1][0], points[-1][0]],
+        )
+        other = "INSERT INTO headrace.health_history VALUES (8, 40, ?, ?, '{}')"
+        con.execute(other, [start, start])  # another account's history stays out
+    admin = served.client("admin")
+    health = admin.get("/api/accounts/7").json()["health"]
+    names = [c["name"] for c in health["columns"]]
+    assert [row[names.index("score")] for row in health["rows"]] == [92, 75, 61]
+    listed = admin.get("/api/health-scores?account_id=7").json()
+    assert [row[names.index("score")] for row in listed["rows"]] == [61, 75, 92]
+    worst = admin.get("/api/health-scores?worst=5").json()
+    assert [row[0] for row in worst["rows"]] == [7]  # the current scores only
+
+
 def test_drill_down_returns_the_rows_of_the_bucket(served: Served) -> None:
     at = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=7, second=0, microsecond=0)
     served.writer.write(5, at=at, currency="GBP", channel="atm")

@@ -10,7 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from headrace.alerts.delivery import RECENT_FAILURES, recent_failures, sink_summaries
+from headrace.scores.health import HISTORY, SCORES
 from headrace.serve.api_reads import get_route, read_catalog, read_table
+from headrace.serve.catalog import Catalog
 from headrace.serve.http import ApiError, int_param, json_response
 from headrace.serve.openapi import ApiRoute, Param
 from headrace.serve.results import table_to_json
@@ -74,8 +76,11 @@ async def health_scores(request: Request) -> Response:
     q = request.query_params
     if q.get("account_id"):
         limit = int_param(request, "limit", 500, 1, 10_000)
+        # The history (a row per change of the score), newest first; a store written
+        # before the history existed has only the current score.
+        relation = _health_relation(catalog)
         sql = (
-            "SELECT * FROM headrace.health_scores WHERE CAST(account_id AS VARCHAR) = $account "
+            f"SELECT * FROM {relation} WHERE CAST(account_id AS VARCHAR) = $account "
             f"ORDER BY scored_at DESC LIMIT {limit}"
         )
         table = await read_table(st, sql, {"account": q["account_id"]}, st.policy(principal))
@@ -116,9 +121,10 @@ async def account(request: Request) -> Response:
             "ORDER BY detected_at DESC LIMIT 100",
         ),
         "health": (
-            "headrace.health_scores",
-            "SELECT * FROM headrace.health_scores WHERE CAST(account_id AS VARCHAR) = $id "
-            "ORDER BY scored_at LIMIT 2000",
+            health := _health_relation(catalog),
+            # The newest points of the history, in time order for the chart.
+            f"SELECT * FROM (SELECT * FROM {health} WHERE CAST(account_id AS VARCHAR) = $id "
+            "ORDER BY scored_at DESC LIMIT 2000) ORDER BY scored_at",
         ),
     }
     for section, (relation, sql) in sections.items():
@@ -167,3 +173,9 @@ def routes() -> list[ApiRoute]:
             Param("id", "path"),
         ),
     ]
+
+
+def _health_relation(catalog: Catalog) -> str:
+    """Where an account's health history is: ``headrace.health_history`` (a row each
+    time the score changed), else the current scores alone."""
+    return HISTORY if catalog.has(HISTORY) else SCORES

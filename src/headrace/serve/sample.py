@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from headrace.scores.health import SCORES_DDL
 from headrace.serve.tiles import ChartType, Dashboard, Dimension, Drill, Tile
 from headrace.store.duckdb.store import DuckDBStore
 
@@ -38,8 +39,6 @@ _DDL = """
 CREATE TABLE IF NOT EXISTS headrace.alerts (
     id BIGINT PRIMARY KEY, rule TEXT, severity TEXT, account_id BIGINT, key TEXT,
     started_at TIMESTAMPTZ, detected_at TIMESTAMPTZ, payload JSON);
-CREATE TABLE IF NOT EXISTS headrace.health_scores (
-    account_id BIGINT, score DOUBLE, scored_at TIMESTAMPTZ, components JSON);
 CREATE TABLE IF NOT EXISTS mirror.accounts (
     id BIGINT PRIMARY KEY, customer_id BIGINT, tier TEXT, status TEXT,
     balance DECIMAL(18,2), opened_at TIMESTAMPTZ);
@@ -84,6 +83,8 @@ def create_sample_store(store: DuckDBStore, accounts: int = 50) -> None:
 
 def _fill(con: duckdb.DuckDBPyConnection, accounts: int) -> None:
     con.execute(_DDL)
+    for ddl in SCORES_DDL:  # the health scores and their history, as the engine has them
+        con.execute(ddl)
     rng = random.Random(7)  # noqa: S311 - synthetic data, not security
     now = datetime.now(UTC)
     rows = [
