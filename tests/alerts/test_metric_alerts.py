@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from headrace.errors import ConfigError
 from tests.conftest import PgDatabase
-from tests.rules.bank import open_bank
+from tests.rules.bank import TABLES, open_bank
 
 MINUTE = 60.0
 
@@ -108,3 +111,37 @@ def test_late_rows_reach_an_evaluated_bucket(pg_db: PgDatabase, tmp_path: Path) 
     assert (late["rule"], late["status"]) == ("late", "firing")
     assert late["payload"]["numbers"]["value"] == 5
     bank.close()
+
+
+_SPLIT = """
+rollups:
+  - name: tx
+    table: transactions
+    grain: 5m
+    dimensions: [channel, currency]
+    measures:
+      - {name: n, fn: count}
+      - {name: largest, fn: max, column: amount}
+      - {name: accounts, fn: count_distinct, column: account_id}
+metric_alerts:
+"""
+
+
+def test_a_measure_whose_groups_do_not_add_up_is_refused() -> None:
+    """The alert's value is its measure summed over the bucket's groups: a max, min,
+    average or distinct count summed over channels and currencies would be a wrong
+    number, so the configuration says what to write instead; over whole groups (every
+    dimension in group_by) one row is summed, and any measure is right."""
+    from headrace.jobs.runtime import StreamJobs  # noqa: PLC0415
+    from headrace.pipeline.load import parse_pipeline  # noqa: PLC0415
+
+    def jobs(alert: str) -> StreamJobs:
+        text = TABLES.replace("DSN", "postgresql://x") + _SPLIT + f"  - {alert}\n"
+        return StreamJobs.from_config(parse_pipeline(text))
+
+    with pytest.raises(ConfigError, match=r'largest is a max measure.*use value: max\("largest"\)'):
+        jobs("{name: big, rollup: tx, measure: largest, above: 1000}")
+    with pytest.raises(ConfigError, match=r"accounts is a count_distinct measure.*per currency"):
+        jobs("{name: many, rollup: tx, measure: accounts, group_by: [channel], above: 9}")
+    jobs("{name: many, rollup: tx, measure: accounts, group_by: [channel, currency], above: 9}")
+    jobs("{name: busy, rollup: tx, measure: n, above: 9}")

@@ -244,7 +244,12 @@ class MetricAlertConfig(_Model):
         default=None, description="Which grain's view to read (default: the rollup's `grain`)."
     )
     measure: str | None = Field(
-        default=None, description="A measure of the rollup; the value is its sum over the rows."
+        default=None,
+        description=(
+            "A measure of the rollup; the value is its sum over the group's rows of the "
+            "bucket: a count or sum measure (or any measure when group_by names every "
+            "dimension of the rollup)."
+        ),
     )
     value: str | None = Field(
         default=None,

@@ -45,7 +45,14 @@ from headrace.alerts.store import insert_alerts
 from headrace.errors import ConfigError
 from headrace.jobs.base import EARLIEST_CHANGE, LATEST, JobContext, StreamJob, TimeRequest
 from headrace.jobs.state import latest
-from headrace.pipeline.model import COMMIT_TIME, PipelineConfig, RollupConfig, quote_ident
+from headrace.pipeline.model import (
+    COMMIT_TIME,
+    MeasureConfig,
+    MeasureFn,
+    PipelineConfig,
+    RollupConfig,
+    quote_ident,
+)
 from headrace.source.changes import COMMIT_TS, LSN, TableRef
 from headrace.store.duckdb.schema import EVENT_TS, META, ROLLUP, grain_label, rollup_view
 
@@ -150,6 +157,36 @@ def clears(config: MetricAlertConfig, number: float) -> bool:
     return not (config.below is not None and number <= config.below + abs(config.below) * h)
 
 
+_ADDITIVE = frozenset({MeasureFn.COUNT, MeasureFn.SUM})
+"""Measures whose values per group add up to the value of the groups together."""
+
+_WHOLE_GROUPS = "group_by every dimension, or a rollup with only the dimensions wanted"
+_INSTEAD = {
+    MeasureFn.MIN: 'value: min("{name}")',
+    MeasureFn.MAX: 'value: max("{name}")',
+    MeasureFn.AVG: 'value: a sum measure over a count measure, e.g. sum("total") / sum("n")',
+    MeasureFn.COUNT_DISTINCT: _WHOLE_GROUPS,
+    MeasureFn.APPROX_COUNT_DISTINCT: _WHOLE_GROUPS,
+}
+
+
+def _unsummable(
+    alert: MetricAlertConfig, measure: MeasureConfig, dimensions: set[str]
+) -> str | None:
+    """Why ``measure:`` cannot give the alert's value, or None. The value is the
+    measure's sum over the bucket's view rows of a group: right for counts and sums,
+    and for any measure when the group is one row (``group_by`` names every dimension
+    of the rollup); wrong for a min, max, average or distinct count over several rows."""
+    if measure.fn in _ADDITIVE or dimensions <= set(alert.group_by):
+        return None
+    instead = _INSTEAD[measure.fn].format(name=measure.name)
+    return (
+        f"metric alert {alert.name}: {measure.name} is a {measure.fn} measure, so its values "
+        f"per {', '.join(sorted(dimensions - set(alert.group_by)))} do not add up to the "
+        f"bucket's (the alert sums them); use {instead}"
+    )
+
+
 class MetricAlerts(StreamJob):
     """Every configured metric alert (module docstring)."""
 
@@ -184,10 +221,15 @@ class MetricAlerts(StreamJob):
                     problems.append(
                         f"metric alert {alert.name}: {rollup.name} has no dimension {name}"
                     )
-            if alert.measure is not None and alert.measure not in {m.name for m in rollup.measures}:
+            measures = {m.name: m for m in rollup.measures}
+            if alert.measure is not None and alert.measure not in measures:
                 problems.append(
                     f"metric alert {alert.name}: {rollup.name} has no measure {alert.measure}"
                 )
+            elif alert.measure is not None:
+                problem = _unsummable(alert, measures[alert.measure], dimensions)
+                if problem is not None:
+                    problems.append(problem)
             ref = TableRef.parse(rollup.table)
             table = pipeline.table_refs.get(ref)
             column = rollup.time or (table.event_time if table is not None else COMMIT_TIME)
