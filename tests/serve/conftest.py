@@ -1,4 +1,4 @@
-"""Fixtures of the serving tests: a real DuckDB store (STORE_LAYOUT), a real server on loopback."""
+"""Fixtures of the serving tests: a real DuckDB store (docs/store.md), a real server on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A small fintech-shaped store that follows STORE_LAYOUT.md, and a dashboard for it.
+"""A small fintech-shaped store that follows docs/store.md, and a dashboard for it.
 
 Used by the serving tests and by ``headrace serve --sample`` to look at the UI
 (``headrace bench serve`` drives the real fintech deployment through

@@ -11,7 +11,7 @@ A store holds, in one database:
 The engine writes a batch's effects and the new source position in one
 transaction (:meth:`Store.transaction` on the concrete store); readers
 (serving, status) use :meth:`Store.query` and subscribe to committed batches
-with :meth:`Store.subscribe`. The layout is described in ``STORE_LAYOUT.md``
+with :meth:`Store.subscribe`. The layout is described in ``docs/store.md``
 (``docs`` of the project) and versioned by :attr:`Store.format_version`.
 """
 

@@ -1,4 +1,4 @@
-"""Names and DDL of the DuckDB store layout (see ``STORE_LAYOUT.md``).
+"""Names and DDL of the DuckDB store layout (see ``docs/store.md``).
 
 Source table ``public.x`` is mirrored as ``mirror.x``; ``s.x`` in another
 schema as ``mirror.s__x``. A rollup ``r`` with grains ``5m, 1h`` is served by
