@@ -303,3 +303,54 @@ def test_catalog_missing_table_and_key() -> None:
     }
     rendered = [p.render("f") for p in check_against_catalog(config, keyless)]
     assert any("has no primary key or replica identity index" in p for p in rendered)
+
+
+def test_table_names_keys_and_duplicates() -> None:
+    bad_name = error_of(GOOD.replace("    accounts: {}", "    not a table: {}"))
+    assert "not a table name: 'not a table'" in bad_name
+    assert "`table` or `schema.table`" in bad_name
+    twice = error_of(GOOD.replace("    accounts: {}", "    accounts: {}\n    public.accounts: {}"))
+    assert "the same table as 'accounts'" in twice
+    empty_key = error_of(GOOD.replace("    accounts: {}", "    accounts: {primary_key: []}"))
+    assert "primary_key" in empty_key
+    assert "one or more column names, or leave it out" in empty_key
+
+
+def test_commit_time_rollup_on_a_table_with_an_event_time() -> None:
+    message = error_of(GOOD.replace("    grain: 5m\n", "    time: commit\n    grain: 5m\n"))
+    assert "commit time needs the table's event_time to be `commit`" in message
+
+
+def test_a_grain_finer_than_a_second() -> None:
+    # Durations are whole numbers of a unit, so only 0s is finer than a second.
+    message = error_of(GOOD.replace("grain: 5m", "grain: 0s").replace("[1h, 1d]", "[]"))
+    assert "too fine" in message
+    assert "whole seconds, at least 1s" in message
+
+
+def test_lookup_on_nothing() -> None:
+    message = error_of(GOOD.replace("on: account_id, column: tier", "on: [], column: tier"))
+    assert "lookup.on" in message
+    assert "empty" in message
+
+
+def test_measure_with_column_and_expr() -> None:
+    message = error_of(
+        GOOD.replace("fn: sum, column: amount}", 'fn: sum, column: amount, expr: "amount * 2"}')
+    )
+    assert "gives both column and expr" in message
+
+
+def test_catalog_unknown_key_time_lookup_and_measure_columns() -> None:
+    problems = catalog_problems(
+        GOOD.replace("    accounts: {}", "    accounts: {primary_key: [uid]}")
+        .replace("event_time: created_at", "event_time: booked_at")
+        .replace("on: account_id, column: tier", "on: acount_id, column: tier")
+        .replace("status = 'declined'", "stat = 'declined'")
+        .replace('expr: "account_id"', 'expr: "acount"')
+    )
+    for expected in ("uid", "booked_at", "acount_id", "stat", "acount"):
+        assert any(f"'{expected}'" in p or f" {expected} " in p for p in problems), (
+            expected,
+            problems,
+        )
