@@ -22,7 +22,10 @@ DuckDB only ever executes what the checker saw):
 6. A ``LIMIT row_limit + 1`` is put on the outer query (to detect truncation).
 
 DuckDB itself is the second wall: the instance runs with
-``enable_external_access=false`` and a locked configuration (see store.py).
+``enable_external_access=false``, and ``headrace serve`` also locks its configuration
+(see store.py). In embedded mode (``headrace run --serve``) the engine shares the
+instance and sets a time zone per cursor, so the configuration is not locked there;
+the parser's refusal of SET/PRAGMA/RESET (2.) is what keeps queries from changing it.
 """
 
 from __future__ import annotations
