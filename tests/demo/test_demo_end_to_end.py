@@ -117,6 +117,16 @@ def _check_while_running(facts: dict[str, str]) -> None:
         }
         assert not errors, json.dumps(errors, indent=1)
         assert '"transactions"' in data.text
+        # Drill-down applies every dimension, the looked-up ones (tier, merchant's
+        # category and country) through the mirror's lookup columns.
+        every = {f"f.{d}": "x" for d in ("merchant_category", "merchant_country", "channel")}
+        every |= {f"f.{d}": "x" for d in ("currency", "account_tier", "tx_type", "status")}
+        drill = client.get(
+            f"/api/dashboards/{name}/tiles/tx_per_5m/drill",
+            params={"bucket": "2026-01-01T00:00:00+00:00", **every},
+        )
+        assert drill.status_code == 200, drill.text
+        assert drill.json()["ignored_filters"] == []
         answer = client.post(
             "/api/sql",
             json={"sql": "SELECT sum(tx_count) AS n FROM rollup.tx_1d"},
