@@ -48,6 +48,8 @@ def test_openapi_lists_the_api(served: Served) -> None:
         "/api/tables",
         "/api/accounts/{id}",
         "/api/login",
+        "/health",
+        "/metrics",
     ):
         assert path in spec["paths"], path
     assert "SqlRequest" in spec["components"]["schemas"]
@@ -281,7 +283,17 @@ def test_rows_rollups_alerts_accounts(served: Served) -> None:
         "/api/rollups/tx_volume_5m?range=30d&f.currency=EUR&measures=sum:tx_count"
     ).json()
     assert filtered["rows"][0][0] == len(eur["rows"])
-    assert [v["name"] for v in admin.get("/api/rollups").json()] == ["tx_volume_5m"]
+    (view,) = admin.get("/api/rollups").json()
+    assert (view["name"], view["rollup"], view["grain"]) == ("tx_volume_5m", "tx_volume", "5m")
+    total = "range=30d&measures=sum:tx_count"
+    by_grain = admin.get(f"/api/rollups/tx_volume?grain=5m&{total}").json()
+    assert by_grain["rows"] == admin.get(f"/api/rollups/tx_volume_5m?{total}").json()["rows"]
+    missing = admin.get("/api/rollups/tx_volume?grain=1h")
+    assert missing.status_code == 404
+    assert "rollup tx_volume has the grains 5m" in missing.json()["fix"]
+    assert admin.get("/api/rollups/tx_volume?grain=5x").status_code == 400
+    without = admin.get("/api/rollups/tx_volume_1h").json()
+    assert "rollup tx_volume has the grains 5m" in without["fix"]
     alerts = admin.get("/api/alerts?severity=high").json()
     assert len(alerts["rows"]) == 1
     tables = admin.get("/api/tables").json()

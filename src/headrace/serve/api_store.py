@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import duckdb
@@ -19,7 +20,7 @@ from headrace.serve.api_reads import (
     time_range,
     typed_filters,
 )
-from headrace.serve.catalog import MaskPolicy, Relation
+from headrace.serve.catalog import Catalog, MaskPolicy, Relation
 from headrace.serve.http import ApiError, int_param, json_response
 from headrace.serve.openapi import ApiRoute, Param
 from headrace.serve.results import json_value, table_to_json
@@ -144,16 +145,54 @@ async def row_by_key(request: Request) -> Response:
 # rollups -----------------------------------------------------------------------
 
 
+GRAIN = re.compile(r"\d+[smhdw]")
+"""A grain as rollup views are named by it: ``5m``, ``1h``, ``1d``."""
+
+
 async def rollups(request: Request) -> Response:
     st = state(request)
     st.auth.require(request)
     catalog = await read_catalog(st)
-    views = [
-        {"name": r.name, "columns": [{"name": c, "type": t} for c, t in r.columns]}
-        for (schema, _), r in sorted(catalog.relations.items())
-        if schema == "rollup"
-    ]
+    views = []
+    for (schema, _), r in sorted(catalog.relations.items()):
+        if schema != "rollup":
+            continue
+        rollup, _, grain = r.name.rpartition("_")
+        named = bool(rollup) and GRAIN.fullmatch(grain) is not None
+        views.append(
+            {
+                "name": r.name,
+                "rollup": rollup if named else r.name,
+                "grain": grain if named else None,
+                "columns": [{"name": c, "type": t} for c, t in r.columns],
+            }
+        )
     return json_response(views)
+
+
+def _rollup_view(catalog: Catalog, view: str, grain: str | None) -> Relation:
+    """The rollup view ``view`` (``tx_5m``), or with ``grain`` the rollup ``view``'s view
+    at that grain (``tx`` and ``1h``: ``tx_1h``); a 404 naming the grains there are."""
+    if grain is not None and not GRAIN.fullmatch(grain):
+        raise ApiError(400, f"bad grain {grain[:20]!r}", "a number and a unit, e.g. 5m, 1h, 1d")
+    name = view if grain is None else f"{view}_{grain}"
+    relation = catalog.get("rollup", name)
+    if relation is not None:
+        return relation
+    base = view.rpartition("_")[0] if grain is None and "_" in view else view
+    grains = sorted(
+        r.name[len(base) + 1 :]
+        for (schema, _), r in catalog.relations.items()
+        if schema == "rollup"
+        and r.name.startswith(base + "_")
+        and GRAIN.fullmatch(r.name[len(base) + 1 :])
+    )
+    hint = (
+        f"rollup {base} has the grains {', '.join(grains)}: /api/rollups/{base}?grain=..."
+        if grains
+        else "see GET /api/rollups"
+    )
+    raise ApiError(404, f"no rollup view {name!r}", hint)
 
 
 async def rollup_rows(request: Request) -> Response:
@@ -161,11 +200,7 @@ async def rollup_rows(request: Request) -> Response:
     principal = st.auth.require(request)
     policy = st.policy(principal)
     catalog = await read_catalog(st)
-    relation = catalog.get("rollup", request.path_params["view"])
-    if relation is None:
-        raise ApiError(
-            404, f"no rollup view {request.path_params['view']!r}", "see GET /api/rollups"
-        )
+    relation = _rollup_view(catalog, request.path_params["view"], request.query_params.get("grain"))
     columns = dict(relation.columns)
     q = request.query_params
     lo, hi = time_range(request).bounds()
@@ -241,8 +276,10 @@ def routes() -> list[ApiRoute]:
             "/api/rollups/{view}",
             rollup_rows,
             "Rollup rows in a time range, filtered (f.<column>=value) and optionally "
-            "grouped (group_by=a,b&measures=sum:col,max:col)",
-            Param("view", "path"),
+            "grouped (group_by=a,b&measures=sum:col,max:col); the view by name (tx_5m), or "
+            "a rollup and its grain (tx?grain=1h)",
+            Param("view", "path", description="a rollup view (tx_5m), or a rollup with grain"),
+            Param("grain", description="5m, 1h, 1d...: the rollup's view at that grain"),
             *RANGE_PARAMS,
             FILTER_PARAM,
             Param("group_by"),

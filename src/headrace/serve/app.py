@@ -152,10 +152,6 @@ def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
         metrics=metrics,
     )
     api_routes: list[ApiRoute] = [*api_auth.routes(), *api.routes(), *api_sql.routes()]
-    spec = build_openapi(api_routes, __version__)
-
-    async def openapi(request: Request) -> Response:
-        return json_response(spec)
 
     async def health(request: Request) -> Response:
         st = state(request)
@@ -179,6 +175,32 @@ def create_app(settings: ServeSettings, store: ServedStore) -> Starlette:
             st.auth.require(request)
         body = await st.reader.call(lambda _cur: st.metrics.render())
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # Described in the OpenAPI document too (routed below, outside /api).
+    described = [
+        ApiRoute(
+            "GET",
+            "/health",
+            health,
+            "Liveness: the store version, viewers and source position",
+            role="public",
+            tags=("service",),
+        ),
+        ApiRoute(
+            "GET",
+            "/metrics",
+            metrics_endpoint,
+            "Prometheus metrics (text exposition): serving, the store's tables and a running "
+            "pipeline's figures",
+            role="public" if settings.metrics_public else "viewer",
+            produces=("text/plain",),
+            tags=("service",),
+        ),
+    ]
+    spec = build_openapi([*api_routes, *described], __version__)
+
+    async def openapi(request: Request) -> Response:
+        return json_response(spec)
 
     async def api_not_found(request: Request) -> Response:
         raise ApiError(
