@@ -4,11 +4,13 @@ writer's busy share is shown while running."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from rich.console import Console
 
 from headrace.run.metrics import FreshnessHistogram, RateWindow
-from headrace.run.status import render_status, summary_line
+from headrace.run.status import render_status, status_from_store, summary_line
+from headrace.store.duckdb.store import DuckDBStore
 
 
 def _rendered(document: dict[str, object]) -> str:
@@ -52,3 +54,27 @@ def test_the_busy_share_is_the_apply_time_over_the_window() -> None:
     window.sample({"apply_seconds": 10.0}, FreshnessHistogram(), at=100.0)
     window.sample({"apply_seconds": 11.5}, FreshnessHistogram(), at=102.0)
     assert window.rate("apply_seconds") == 0.75
+
+
+def test_dead_letters_are_counted_from_the_store_and_shown(tmp_path: Path) -> None:
+    """Every run's dead letters (not this process's count): how many, and the newest."""
+    store = DuckDBStore(tmp_path / "store.duckdb")
+    try:
+        assert status_from_store(store, "s")["dead_letters"] == {"count": 0, "newest": None}
+        with store.transaction() as con:
+            for lsn, reason in ((0x100, "first"), (0x200, "int -> text: cannot apply")):
+                con.execute(
+                    'INSERT INTO headrace.dead_letters (lsn, table_name, reason, payload, "at") '
+                    "VALUES (?, 'public.transactions', ?, '{}', now())",
+                    [lsn, reason],
+                )
+        document = status_from_store(store, "s")
+    finally:
+        store.close()
+    dead = document["dead_letters"]
+    assert dead["count"] == 2
+    assert dead["newest"]["reason"] == "int -> text: cannot apply"
+    assert dead["newest"]["lsn"] == "0/200"
+    text = _rendered({**document, "store": "/data/store.duckdb"})
+    assert "dead letters: 2" in text
+    assert "public.transactions at 0/200: int -> text: cannot apply" in text

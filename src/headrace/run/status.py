@@ -24,6 +24,9 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
 ``store_checkpoints``  the store's checkpoints since the process started: ``count``,
                    ``seconds`` in all, ``longest_s`` (each stops the writer) and
                    ``wal_bytes`` folded into the file
+``dead_letters``   changes the engine set aside, every run's: ``count`` and the
+                   ``newest`` (table, LSN, reason, when); read at most every
+                   :data:`DELIVERIES_INTERVAL_S` seconds while running
 ``alert_deliveries[]``  per alert sink: ``delivered``, ``pending``, ``failed``,
                    ``last_attempt_at``, ``last_error``, ``last_failed_error``
                    (:func:`headrace.alerts.delivery.sink_summaries`), read from
@@ -153,6 +156,8 @@ class StatusReporter:
         self._lag_at = 0.0
         self._deliveries: list[dict[str, Any]] = []
         self._deliveries_at: float | None = None
+        self._dead_letter_summary: dict[str, Any] = {"count": 0, "newest": None}
+        self._dead_letters_at: float | None = None
         self.last: dict[str, Any] = {}
 
     def _sample(self) -> None:
@@ -192,6 +197,17 @@ class StatusReporter:
             except Exception as exc:  # status must not kill the run: the last figures stay
                 log.debug("status: reading the alert outbox failed: %s", exc)
         return self._deliveries
+
+    def _dead_letters(self, interval_s: float) -> dict[str, Any]:
+        """The dead-letter summary, re-read at most every ``interval_s``."""
+        now = time.monotonic()
+        if self._dead_letters_at is None or now - self._dead_letters_at >= interval_s:
+            self._dead_letters_at = now
+            try:
+                self._dead_letter_summary = dead_letter_summary(self.store)
+            except Exception as exc:  # status must not kill the run: the last figures stay
+                log.debug("status: reading the dead letters failed: %s", exc)
+        return self._dead_letter_summary
 
     def build(self, slot_lag_interval_s: float = 2.0) -> dict[str, Any]:
         """The status document now (reads the store through a reader cursor)."""
@@ -277,6 +293,7 @@ class StatusReporter:
         document["tables"] = _table_rows(tables, state, self.window, wal_head, now)
         document["rollups"] = _rollup_rows(self.store.rollup_status())
         document["alert_deliveries"] = self._alert_deliveries(DELIVERIES_INTERVAL_S)
+        document["dead_letters"] = self._dead_letters(DELIVERIES_INTERVAL_S)
         self.last = document
         return document
 
@@ -306,6 +323,24 @@ def status_from_store(store: DuckDBStore, source: str) -> dict[str, Any]:
         "tables": _table_rows(store.table_status(), None, None, None, time.time()),
         "rollups": _rollup_rows(store.rollup_status()),
         "alert_deliveries": _delivery_rows(store),
+        "dead_letters": dead_letter_summary(store),
+    }
+
+
+def dead_letter_summary(store: DuckDBStore) -> dict[str, Any]:
+    """How many dead letters the store holds, and the newest one."""
+    count = store.dead_letter_count()
+    newest = store.dead_letters(limit=1) if count else []
+    return {
+        "count": count,
+        "newest": {
+            "table": newest[0].table_name,
+            "lsn": format_lsn(newest[0].lsn),
+            "reason": newest[0].reason,
+            "at": _iso(newest[0].at),
+        }
+        if newest
+        else None,
     }
 
 
@@ -345,7 +380,11 @@ def render_status(document: dict[str, Any], console: Console) -> None:
     if running and document.get("pid"):
         head += f"  (pid {document['pid']})"
     console.print(head)
-    nothing = not (document.get("tables") or document.get("alert_deliveries"))
+    nothing = not (
+        document.get("tables")
+        or document.get("alert_deliveries")
+        or (document.get("dead_letters") or {}).get("count")
+    )
     if phase == "empty" and not running and nothing:
         console.print(
             "nothing loaded yet: `headrace run --config FILE` snapshots the tables into this "
@@ -381,6 +420,14 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"store: WAL {_bytes(document.get('store_wal_bytes'))}; {checkpoints['count']:,} "
             f"checkpoints, {checkpoints['seconds']:.1f} s in all, longest "
             f"{_ms(checkpoints['longest_s'] * 1000)}"
+        )
+    dead = document.get("dead_letters") or {}
+    if dead.get("count"):
+        newest = dead.get("newest") or {}
+        console.print(
+            f"[red]dead letters: {dead['count']:,}[/red] (changes set aside, not applied); "
+            f"newest: {newest.get('table')} at {newest.get('lsn')}: {newest.get('reason')}  "
+            f"-> {_DEAD_LETTERS_HINT}"
         )
     if document.get("error"):
         console.print(f"[red]error: {document['error']}[/red]")
@@ -457,6 +504,9 @@ def summary_line(document: dict[str, Any]) -> str:
         f"queue {queue.get('batches', 0)}/{queue.get('capacity', 0)}  "
         f"at {document.get('position_lsn') or '-'}"
     )
+
+
+_DEAD_LETTERS_HINT = "the rows and payloads are in the store's headrace.dead_letters table"
 
 
 def _busy(share: object) -> str:

@@ -164,6 +164,10 @@ class Store(ABC):
         """The most recent dead letters, newest first."""
 
     @abstractmethod
+    def dead_letter_count(self) -> int:
+        """How many dead letters the store holds (every run's)."""
+
+    @abstractmethod
     def query(self, sql: str, params: Sequence[object] | None = None) -> pa.Table:
         """Run a read-only query on a reader connection and return the whole result."""
 

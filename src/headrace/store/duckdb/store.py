@@ -291,6 +291,10 @@ class DuckDBStore(Store):
             for r in rows
         ]
 
+    def dead_letter_count(self) -> int:
+        rows = self._reader_rows(f"SELECT count(*) FROM {META}.dead_letters", [])
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
     def query(self, sql: str, params: Sequence[object] | None = None) -> pa.Table:
         cursor = self.cursor()
         try:
