@@ -285,9 +285,9 @@ def test_rows_rollups_alerts_accounts(served: Served) -> None:
     assert filtered["rows"][0][0] == len(eur["rows"])
     (view,) = admin.get("/api/rollups").json()
     assert (view["name"], view["rollup"], view["grain"]) == ("tx_volume_5m", "tx_volume", "5m")
-    total = "range=30d&measures=sum:tx_count"
-    by_grain = admin.get(f"/api/rollups/tx_volume?grain=5m&{total}").json()
-    assert by_grain["rows"] == admin.get(f"/api/rollups/tx_volume_5m?{total}").json()["rows"]
+    summed = "range=30d&measures=sum:tx_count"
+    by_grain = admin.get(f"/api/rollups/tx_volume?grain=5m&{summed}").json()
+    assert by_grain["rows"] == admin.get(f"/api/rollups/tx_volume_5m?{summed}").json()["rows"]
     missing = admin.get("/api/rollups/tx_volume?grain=1h")
     assert missing.status_code == 404
     assert "rollup tx_volume has the grains 5m" in missing.json()["fix"]
