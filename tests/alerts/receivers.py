@@ -84,15 +84,20 @@ def http_receiver(statuses: list[int] | None = None, default: int = 200) -> Iter
 
 @dataclass
 class SmtpReceiver:
-    """Messages accepted by the SMTP server; ``fail_first`` answers 451 that many times."""
+    """Messages accepted by the SMTP server; ``fail_first`` answers 451 that many times;
+    ``refuse`` (an SMTP reply, e.g. ``554 ...``) answers every message with it."""
 
     fail_first: int = 0
+    refuse: str | None = None
     messages: list[Message] = field(default_factory=list)
     refused: int = 0
     port: int = 0
     arrived: threading.Event = field(default_factory=threading.Event)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.refuse is not None:
+            self.refused += 1
+            return self.refuse
         if self.refused < self.fail_first:
             self.refused += 1
             return "451 4.3.0 try again later"
@@ -102,9 +107,9 @@ class SmtpReceiver:
 
 
 @contextmanager
-def smtp_receiver(fail_first: int = 0) -> Iterator[SmtpReceiver]:
+def smtp_receiver(fail_first: int = 0, refuse: str | None = None) -> Iterator[SmtpReceiver]:
     """An aiosmtpd server on 127.0.0.1 for the duration of the block."""
-    handler = SmtpReceiver(fail_first)
+    handler = SmtpReceiver(fail_first, refuse)
     with socket.socket() as probe:  # a free port (aiosmtpd cannot be given port 0)
         probe.bind(("127.0.0.1", 0))
         handler.port = probe.getsockname()[1]

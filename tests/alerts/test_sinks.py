@@ -19,6 +19,7 @@ from headrace.alerts.config import (
     WebhookSinkConfig,
 )
 from headrace.alerts.message import verify
+from headrace.alerts.worker import backoff
 from tests.alerts.outbox import (
     add_alert,
     deliver_one_alert,
@@ -151,3 +152,48 @@ def test_email_retried_after_a_temporary_refusal(tmp_path: Path) -> None:
     assert message["To"] == "fraud@example.com, ops@example.com"
     assert '"limit": 8' in message.get_payload()
     store.close()
+
+
+def _email(port: int) -> EmailSinkConfig:
+    return EmailSinkConfig.model_validate(
+        {
+            "name": "mail",
+            "type": "email",
+            "host": "127.0.0.1",
+            "port": port,
+            "from": "headrace@example.com",
+            "to": ["fraud@example.com"],
+            "retry": FAST,
+        }
+    )
+
+
+def test_email_refused_for_good_is_not_retried(tmp_path: Path) -> None:
+    """An SMTP 5xx is permanent: recorded as failed at once, with the server's answer."""
+    store = open_store(tmp_path / "store.duckdb")
+    with smtp_receiver(refuse="554 5.7.1 relaying denied") as smtp:
+        deliver_one_alert(store, [_email(smtp.port)], settle=1)
+    (row,) = deliveries(store)
+    assert (row["state"], row["attempts"]) == ("failed", 1)
+    assert "SMTP 554" in row["last_error"]
+    assert "relaying denied" in row["last_error"]
+    assert (smtp.refused, smtp.messages) == (1, [])
+    store.close()
+
+
+def test_slack_failing_until_the_attempts_run_out(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "store.duckdb")
+    with http_receiver(default=503) as slack:
+        sink = SlackSinkConfig(name="chat", type="slack", url=slack.url, retry=FAST)
+        deliver_one_alert(store, [sink], settle=1)
+    (row,) = deliveries(store)
+    assert (row["state"], row["attempts"]) == ("failed", 3)
+    assert row["last_error"].startswith("HTTP 503")
+    assert len(slack.requests) == 3
+    store.close()
+
+
+def test_the_wait_between_attempts_doubles_up_to_the_cap() -> None:
+    retry = RetryConfig(attempts=8, backoff=timedelta(seconds=1), max_backoff=timedelta(seconds=5))
+    waits = [backoff(retry, attempts).total_seconds() for attempts in range(1, 6)]
+    assert waits == [1, 2, 4, 5, 5]
