@@ -170,6 +170,35 @@ def user_add(
         typer.echo(f"one-time password: {secret}")
 
 
+@user_app.command("password")
+def user_password(
+    name: Annotated[str, typer.Argument(help="Login name.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the new password from standard input.")
+    ] = False,
+    store: StoreOption = Path("headrace.duckdb"),
+    config: ConfigOption = None,
+) -> None:
+    """Set a user's password (a generated one, printed, without --password-stdin) and end
+    their sessions: e.g. to replace the one-time password `make demo` printed."""
+    import secrets  # noqa: PLC0415
+
+    try:
+        given = sys.stdin.readline().rstrip("\n") if password_stdin else None
+        password = given if given is not None else secrets.token_urlsafe(15)
+        users = _users(store, config)
+        try:
+            users.set_password(name, password)
+        finally:
+            users.close()
+    except HeadraceError as exc:
+        fail(exc)
+        return
+    typer.echo(f"new password for {name}; their sessions ended")
+    if given is None:
+        typer.echo(f"one-time password: {password}")
+
+
 @user_app.command("remove")
 def user_remove(
     name: Annotated[str, typer.Argument(help="Login name.")],

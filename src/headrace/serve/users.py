@@ -156,6 +156,8 @@ class UserStore:
 
     def set_password(self, name: str, password: str) -> None:
         """Replace a user's password and end their sessions."""
+        if len(password) < 8:
+            raise ConfigError("password too short", "use at least 8 characters")
         hashed = self._hasher.hash(password)
         with self._lock:
             cur = self._con.execute(
