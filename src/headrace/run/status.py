@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -56,6 +56,8 @@ from headrace.store.base import RollupStatus, TableStatus
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.status")
+
+T = TypeVar("T")
 
 STATUS_FORMAT = 1
 WINDOW_S = 5.0
@@ -126,6 +128,27 @@ def _delivery_rows(store: DuckDBStore) -> list[dict[str, Any]]:
         cursor.close()
 
 
+class _EveryFewSeconds(Generic[T]):
+    """A figure read from the store at most every so often (the last one between); a
+    failed read keeps the last one: the status must not stop the run."""
+
+    def __init__(self, read: Callable[[], T], initial: T, what: str) -> None:
+        self._read = read
+        self._value = initial
+        self._what = what
+        self._at: float | None = None
+
+    def get(self, interval_s: float) -> T:
+        now = time.monotonic()
+        if self._at is None or now - self._at >= interval_s:
+            self._at = now
+            try:
+                self._value = self._read()
+            except Exception as exc:  # the last figures stay
+                log.debug("status: reading %s failed: %s", self._what, exc)
+        return self._value
+
+
 class StatusReporter:
     """Builds the status document of a running pipeline and writes it beside the store."""
 
@@ -154,10 +177,14 @@ class StatusReporter:
         """The garbage collector's figures while streaming (:mod:`headrace.run.collector`)."""
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
-        self._deliveries: list[dict[str, Any]] = []
-        self._deliveries_at: float | None = None
-        self._dead_letter_summary: dict[str, Any] = {"count": 0, "newest": None}
-        self._dead_letters_at: float | None = None
+        no_deliveries: list[dict[str, Any]] = []
+        self._deliveries = _EveryFewSeconds(
+            lambda: _delivery_rows(self.store), no_deliveries, "the alert outbox"
+        )
+        no_dead_letters: dict[str, Any] = {"count": 0, "newest": None}
+        self._dead_letters = _EveryFewSeconds(
+            lambda: dead_letter_summary(self.store), no_dead_letters, "dead letters"
+        )
         self.last: dict[str, Any] = {}
 
     def _sample(self) -> None:
@@ -186,28 +213,6 @@ class StatusReporter:
             except Exception:  # status must not kill the run: shown as unknown
                 self._lag = None
         return self._lag
-
-    def _alert_deliveries(self, interval_s: float) -> list[dict[str, Any]]:
-        """The outbox figures, re-read at most every ``interval_s`` (the last ones between)."""
-        now = time.monotonic()
-        if self._deliveries_at is None or now - self._deliveries_at >= interval_s:
-            self._deliveries_at = now
-            try:
-                self._deliveries = _delivery_rows(self.store)
-            except Exception as exc:  # status must not kill the run: the last figures stay
-                log.debug("status: reading the alert outbox failed: %s", exc)
-        return self._deliveries
-
-    def _dead_letters(self, interval_s: float) -> dict[str, Any]:
-        """The dead-letter summary, re-read at most every ``interval_s``."""
-        now = time.monotonic()
-        if self._dead_letters_at is None or now - self._dead_letters_at >= interval_s:
-            self._dead_letters_at = now
-            try:
-                self._dead_letter_summary = dead_letter_summary(self.store)
-            except Exception as exc:  # status must not kill the run: the last figures stay
-                log.debug("status: reading the dead letters failed: %s", exc)
-        return self._dead_letter_summary
 
     def build(self, slot_lag_interval_s: float = 2.0) -> dict[str, Any]:
         """The status document now (reads the store through a reader cursor)."""
@@ -292,8 +297,8 @@ class StatusReporter:
             }
         document["tables"] = _table_rows(tables, state, self.window, wal_head, now)
         document["rollups"] = _rollup_rows(self.store.rollup_status())
-        document["alert_deliveries"] = self._alert_deliveries(DELIVERIES_INTERVAL_S)
-        document["dead_letters"] = self._dead_letters(DELIVERIES_INTERVAL_S)
+        document["alert_deliveries"] = self._deliveries.get(DELIVERIES_INTERVAL_S)
+        document["dead_letters"] = self._dead_letters.get(DELIVERIES_INTERVAL_S)
         self.last = document
         return document
 
