@@ -181,22 +181,19 @@ def user_password(
 ) -> None:
     """Set a user's password (a generated one, printed, without --password-stdin) and end
     their sessions: e.g. to replace the one-time password `make demo` printed."""
-    import secrets  # noqa: PLC0415
-
     try:
-        given = sys.stdin.readline().rstrip("\n") if password_stdin else None
-        password = given if given is not None else secrets.token_urlsafe(15)
+        password = sys.stdin.readline().rstrip("\n") if password_stdin else None
         users = _users(store, config)
         try:
-            users.set_password(name, password)
+            secret = users.set_password(name, password)
         finally:
             users.close()
     except HeadraceError as exc:
         fail(exc)
         return
     typer.echo(f"new password for {name}; their sessions ended")
-    if given is None:
-        typer.echo(f"one-time password: {password}")
+    if password is None:
+        typer.echo(f"one-time password: {secret}")
 
 
 @user_app.command("remove")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import duckdb
 from starlette.requests import Request
 from starlette.responses import Response
 
+from headrace.pipeline.durations import ALLOWED, parse_duration
 from headrace.serve.api_reads import (
     FILTER_PARAM,
     MAX_FILTER_VALUE,
@@ -27,6 +27,7 @@ from headrace.serve.results import json_value, table_to_json
 from headrace.serve.state import ServeState, state
 from headrace.serve.store import position_status
 from headrace.serve.tiles import quote_ident, quote_qualified
+from headrace.store.duckdb.schema import grain_label
 
 _AGGREGATES = frozenset({"sum", "min", "max", "avg", "count"})
 
@@ -145,8 +146,15 @@ async def row_by_key(request: Request) -> Response:
 # rollups -----------------------------------------------------------------------
 
 
-GRAIN = re.compile(r"\d+[smhdw]")
-"""A grain as rollup views are named by it: ``5m``, ``1h``, ``1d``."""
+def _grain_of(view: str) -> tuple[str, str] | None:
+    """``("tx", "5m")`` for a rollup view named ``tx_5m``: its rollup and its grain as the
+    engine names views (``grain_label``); None for a name of another shape."""
+    rollup, _, suffix = view.rpartition("_")
+    try:
+        spelled = grain_label(parse_duration(suffix))
+    except ValueError:
+        return None
+    return (rollup, suffix) if rollup and spelled == suffix else None
 
 
 async def rollups(request: Request) -> Response:
@@ -157,13 +165,12 @@ async def rollups(request: Request) -> Response:
     for (schema, _), r in sorted(catalog.relations.items()):
         if schema != "rollup":
             continue
-        rollup, _, grain = r.name.rpartition("_")
-        named = bool(rollup) and GRAIN.fullmatch(grain) is not None
+        split = _grain_of(r.name)
         views.append(
             {
                 "name": r.name,
-                "rollup": rollup if named else r.name,
-                "grain": grain if named else None,
+                "rollup": split[0] if split else r.name,
+                "grain": split[1] if split else None,
                 "columns": [{"name": c, "type": t} for c, t in r.columns],
             }
         )
@@ -173,19 +180,21 @@ async def rollups(request: Request) -> Response:
 def _rollup_view(catalog: Catalog, view: str, grain: str | None) -> Relation:
     """The rollup view ``view`` (``tx_5m``), or with ``grain`` the rollup ``view``'s view
     at that grain (``tx`` and ``1h``: ``tx_1h``); a 404 naming the grains there are."""
-    if grain is not None and not GRAIN.fullmatch(grain):
-        raise ApiError(400, f"bad grain {grain[:20]!r}", "a number and a unit, e.g. 5m, 1h, 1d")
-    name = view if grain is None else f"{view}_{grain}"
+    name = view
+    if grain is not None:
+        try:
+            name = f"{view}_{grain_label(parse_duration(grain))}"
+        except ValueError:
+            raise ApiError(400, f"bad grain {grain[:20]!r}", ALLOWED) from None
     relation = catalog.get("rollup", name)
     if relation is not None:
         return relation
-    base = view.rpartition("_")[0] if grain is None and "_" in view else view
+    split = _grain_of(view) if grain is None else None
+    base = split[0] if split else view
+    views = [r.name for (schema, _), r in catalog.relations.items() if schema == "rollup"]
     grains = sorted(
-        r.name[len(base) + 1 :]
-        for (schema, _), r in catalog.relations.items()
-        if schema == "rollup"
-        and r.name.startswith(base + "_")
-        and GRAIN.fullmatch(r.name[len(base) + 1 :])
+        (parts[1] for name in views if (parts := _grain_of(name)) and parts[0] == base),
+        key=parse_duration,
     )
     hint = (
         f"rollup {base} has the grains {', '.join(grains)}: /api/rollups/{base}?grain=..."

@@ -138,9 +138,7 @@ class UserStore:
             raise ConfigError(
                 f"invalid user name {name!r}", "use letters, digits, '.', '-' or '_' (≤ 64)"
             )
-        password = password or secrets.token_urlsafe(15)
-        if len(password) < 8:
-            raise ConfigError("password too short", "use at least 8 characters")
+        password = _new_password(password)
         hashed = self._hasher.hash(password)
         with self._lock:
             try:
@@ -154,10 +152,10 @@ class UserStore:
                 ) from None
         return password
 
-    def set_password(self, name: str, password: str) -> None:
-        """Replace a user's password and end their sessions."""
-        if len(password) < 8:
-            raise ConfigError("password too short", "use at least 8 characters")
+    def set_password(self, name: str, password: str | None = None) -> str:
+        """Replace a user's password (generated when not given) and end their sessions;
+        returns the password."""
+        password = _new_password(password)
         hashed = self._hasher.hash(password)
         with self._lock:
             cur = self._con.execute(
@@ -167,6 +165,7 @@ class UserStore:
             self._con.commit()
         if cur.rowcount == 0:
             raise ConfigError(f"no user {name!r}", "see 'headrace user list'")
+        return password
 
     def remove(self, name: str) -> bool:
         """Delete a user with their tokens and sessions; False when there was none."""
@@ -307,3 +306,12 @@ class UserStore:
         with self._lock:
             self._con.execute("DELETE FROM sessions WHERE id_hash = ?", (_digest(session_id),))
             self._con.commit()
+
+
+def _new_password(password: str | None) -> str:
+    """``password``, or a generated one when None; refused when too short (an empty one
+    too: generating it would give a password nobody was shown)."""
+    password = secrets.token_urlsafe(15) if password is None else password
+    if len(password) < 8:
+        raise ConfigError("password too short", "use at least 8 characters")
+    return password
