@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headrace.source.postgres.batcher import Batcher
+from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness, normalized, recorded_source
@@ -336,10 +336,17 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     initial=st.lists(statement, max_size=12),
     steps=steps,
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
+    piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
 )
 def test_engine_equals_postgresql(
-    fresh: tuple[PgDatabase, Path], initial: list[str], steps: list[Step], cuts: list[bool]
+    fresh: tuple[PgDatabase, Path],
+    initial: list[str],
+    steps: list[Step],
+    cuts: list[bool],
+    piece: int,
 ) -> None:
+    """``piece``: batches with more changes come in pieces of this many (as a huge
+    transaction does), applied in one store transaction."""
     db, tmp_path = fresh
     _reset(db)
     example = tmp_path / f"ex{next(_examples)}"
@@ -351,6 +358,7 @@ def test_engine_equals_postgresql(
             for r in conn.execute(f"SELECT id, {LOOKUP} FROM tx").fetchall()
         }
     harness = make_harness(db, example, YAML)  # the snapshot copies the seed rows
+    harness.batcher = Batcher(harness.slot.registry(), piece_changes=piece)
     world = World(harness, recorded)
     world.run(Step(initial))
     cut_points = itertools.cycle(cuts)
@@ -363,7 +371,7 @@ def test_engine_equals_postgresql(
             if step.restart:
                 harness.sync(lambda: next(cut_points))
                 harness.reopen()
-                harness.batcher = Batcher(harness.slot.registry())
+                harness.batcher = Batcher(harness.slot.registry(), piece_changes=piece)
         harness.sync(lambda: next(cut_points))
         check(harness, world)
     finally:

@@ -125,6 +125,12 @@ def test_wrong_type() -> None:
     assert "source.tables.public.transactions.history" in message
 
 
+def test_store_memory_limit_not_a_size() -> None:
+    message = error_of(GOOD + "store:\n  memory_limit: lots\n")
+    assert "store.memory_limit" in message
+    assert "lots" in message
+
+
 def test_bad_duration() -> None:
     message = error_of(GOOD.replace("grain: 5m", "grain: 5 minutes"))
     assert "rollups[0].grain: not a duration: '5 minutes'" in message

@@ -19,7 +19,7 @@ from headrace.rules.config import RulesConfig
 from headrace.rules.lane.alert import LaneAlert, from_us
 from headrace.rules.lane.saved import RuleSaved
 from headrace.source.changes import ChangeBatch
-from headrace.source.postgres.batcher import Batcher
+from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank
 
@@ -40,9 +40,17 @@ Normal = tuple[Any, ...]
 class Both:
     """The bank's pipeline and one lane evaluator, fed the same batches."""
 
-    def __init__(self, bank: Bank, make: Callable[[RulesConfig], Evaluator]) -> None:
+    def __init__(
+        self,
+        bank: Bank,
+        make: Callable[[RulesConfig], Evaluator],
+        *,
+        piece: int = PIECE_CHANGES,
+    ) -> None:
         self.bank = bank
         self.make = make
+        self.piece = piece
+        bank.harness.batcher = Batcher(bank.harness.slot.registry(), piece_changes=piece)
         self.lane_alerts: list[LaneAlert] = []
         self.saved: RuleSaved | None = None
         self.start_lane()
@@ -62,7 +70,8 @@ class Both:
         harness = self.bank.harness
         for batch in harness.batches(cut):
             harness.applied.append(harness.engine.apply(batch))
-            self.lane_alerts.extend(self.evaluator.apply(batch))
+            for piece in batch.piece_batches():  # as the rules lane evaluates a batch
+                self.lane_alerts.extend(self.evaluator.apply(piece))
             taken = self.evaluator.take_saved()
             seen = dict(self.saved.last_seen) if self.saved is not None else {}
             seen.update(taken.last_seen)
@@ -74,7 +83,9 @@ class Both:
     def restart(self) -> None:
         """The engine restarts (the evaluator keeps its memory)."""
         self.bank.restart()
-        self.bank.harness.batcher = Batcher(self.bank.harness.slot.registry())
+        self.bank.harness.batcher = Batcher(
+            self.bank.harness.slot.registry(), piece_changes=self.piece
+        )
 
     def sql(self) -> list[Normal]:
         return sorted((normal_sql(a) for a in self.bank.alerts(self.evaluator.name)), key=_order)

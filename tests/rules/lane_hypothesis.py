@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 
 from headrace.rules.config import RulesConfig
+from headrace.source.postgres.batcher import PIECE_CHANGES
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, open_bank
 from tests.rules.lane_harness import Both, Evaluator, reset_database
@@ -100,6 +101,9 @@ class Example:
     steps: list[tuple[list[Transaction], Then]]
     cuts: list[bool]
     """Whether to cut a batch after a commit, one commit after the other (cycled)."""
+    piece: int = PIECE_CHANGES
+    """Batches with more changes come in pieces of this many (as a huge transaction
+    does): the engine applies them in one transaction, the lane evaluates each."""
 
 
 def examples(
@@ -122,6 +126,7 @@ def examples(
             st.tuples(st.lists(transaction, min_size=2, max_size=8), then), min_size=1, max_size=6
         ),
         cuts=st.lists(st.booleans(), min_size=1, max_size=20),
+        piece=st.sampled_from([PIECE_CHANGES, PIECE_CHANGES, 3]),
     )
 
 
@@ -258,7 +263,11 @@ def run_example(
     directory = tmp_path / f"ex{next(_examples)}"
     directory.mkdir()
     before_snapshot = tuple(writer.statements(example.before))
-    both = Both(open_bank(db, directory, config, before_snapshot=before_snapshot), lane)
+    both = Both(
+        open_bank(db, directory, config, before_snapshot=before_snapshot),
+        lane,
+        piece=example.piece,
+    )
     cut_points = itertools.cycle(example.cuts)
 
     def sync() -> None:

@@ -6,11 +6,13 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from headrace.errors import parse_lsn
+from headrace.errors import SourceError, parse_lsn
+from headrace.run.merge import materialized
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, TOAST, ChangeBatch, TableSchema
 from headrace.source.postgres.batcher import Batcher
@@ -172,6 +174,100 @@ def test_streamed_transaction_interleaved_with_others(slot: LogicalSlot) -> None
     assert rows[0]["owner"] == "small"  # committed first, delivered first
     assert [r["id"] for r in rows[1:]] == list(range(1, 4001))
     assert batch.transactions == 2
+
+
+def test_batch_in_pieces_equals_the_batch_decoded_at_once(slot: LogicalSlot) -> None:
+    """A huge transaction comes in pieces: together exactly the batch decoded at once
+    (sequence numbers, values, schema versions), each piece at most the piece size."""
+    db = slot.db
+    db.execute("INSERT INTO acct VALUES (100000, 'small', 2, NULL, false)")
+    with db.connect(autocommit=False) as big:
+        big.execute(
+            "INSERT INTO acct SELECT g, 'big', 1, NULL, true FROM generate_series(1, 2000) g"
+        )
+        big.execute("UPDATE acct SET balance = balance + 1 WHERE id % 3 = 0")
+        big.execute("DELETE FROM acct WHERE id % 7 = 0")
+        big.execute("TRUNCATE acct")
+        big.execute("ALTER TABLE acct ADD COLUMN note text")
+        big.execute("INSERT INTO acct (id, owner, note) VALUES (5000, 'late', 'x')")
+        big.commit()
+    db.execute("INSERT INTO acct (id, owner) VALUES (5001, 'after')")
+    changes = slot.changes(work_mem="64kB")
+    assert MSG_STREAM_START in _op_kinds(changes)
+    whole = slot_batch_from(slot, changes)
+    batcher = Batcher(slot.registry(), piece_changes=7)
+    for lsn, payload in changes:
+        batcher.feed(lsn, payload)
+    pieced = batcher.take()
+    assert pieced is not None
+    assert not whole.in_pieces
+    assert pieced.in_pieces
+    assert pieced.num_changes == whole.num_changes == 1 + 2000 + 666 + 285 + 1 + 1 + 1
+    assert sum(t.num_rows for t in pieced.tables) == 7
+    pieces = list(pieced.pieces())
+    assert len(pieces) == -(-whole.num_changes // 7)
+    assert all(sum(t.num_rows for t in piece) <= 7 for piece in pieces)
+    assert sum(n for _, n in pieced.rest_commits) == pieced.rest_changes
+    assert materialized(pieced).tables == whole.tables
+    assert list(pieced.pieces()) == pieces  # each reading decodes again, the same
+    assert (pieced.position, pieced.transactions) == (whole.position, whole.transactions)
+    versions = [{t.schema.version for t in piece} for piece in pieces]
+    assert versions[0] == {1}
+    assert versions[-1] == {2}
+
+
+def test_large_transactions_wait_on_disk_until_they_commit(slot: LogicalSlot) -> None:
+    """Row messages of a transaction holding more than a piece in memory go to a spill
+    file while it arrives; what comes out is the same batch, an aborted subtransaction's
+    rows still dropped, and the spill file goes with the batch."""
+    db = slot.db
+    with db.connect(autocommit=False) as big:
+        big.execute(
+            "INSERT INTO acct SELECT g, 'big ' || g, 1, NULL, true FROM generate_series(1, 1500) g"
+        )
+        big.execute("SAVEPOINT s")
+        big.execute(
+            "INSERT INTO acct SELECT g, 'gone', 1, NULL, true FROM generate_series(1501, 2500) g"
+        )
+        big.execute("ROLLBACK TO SAVEPOINT s")
+        big.execute("UPDATE acct SET balance = 2 WHERE id % 2 = 0")
+        db.execute("INSERT INTO acct VALUES (100000, 'small', 2, NULL, false)")
+        big.commit()
+    changes = slot.changes(work_mem="64kB")
+    assert MSG_STREAM_ABORT in _op_kinds(changes)
+    whole = slot_batch_from(slot, changes)
+    batcher = Batcher(slot.registry(), piece_changes=100)
+    moved = held = 0
+    for number, (lsn, payload) in enumerate(changes):
+        batcher.feed(lsn, payload)
+        if number % 50 == 0:
+            moved += batcher.spill_large()
+            held = max(held, batcher.receiving_in_memory)
+    assert moved > 2000
+    assert held <= 100 + 50
+    pieced = batcher.take()
+    assert pieced is not None
+    assert pieced.num_changes == whole.num_changes == 1 + 1500 + 750
+    assert materialized(pieced).tables == whole.tables
+    assert list(pieced.pieces()) == list(pieced.pieces())
+    rows = rows_of(materialized(pieced), "acct")
+    assert "gone" not in {r["owner"] for r in rows}
+
+
+def test_spill_directory_that_cannot_be_written_says_so(slot: LogicalSlot, tmp_path: Path) -> None:
+    slot.db.execute("INSERT INTO acct SELECT g, 'x', 1, NULL, true FROM generate_series(1, 300) g")
+    batcher = Batcher(slot.registry(), piece_changes=10, spill_dir=tmp_path / "missing")
+    changes = slot.changes(work_mem="64kB")
+
+    def feed_all() -> None:
+        for lsn, payload in changes:
+            batcher.feed(lsn, payload)
+            batcher.spill_large()
+
+    with pytest.raises(SourceError, match="cannot buffer a large transaction") as caught:
+        feed_all()
+    assert "missing" in str(caught.value)
+    assert "nothing is lost" in caught.value.fix
 
 
 def slot_batch_from(slot: LogicalSlot, changes: list[tuple[int, bytes]]) -> ChangeBatch:

@@ -46,6 +46,7 @@ from headrace.source.changes import (
     OldKind,
     Op,
     SnapshotChunk,
+    TableChanges,
     TableRef,
     old_name,
 )
@@ -234,9 +235,15 @@ def _stream(source: PostgresSource, start_position: int, out: TextIO) -> None:
 
 
 def change_lines(batch: ChangeBatch) -> Iterator[str]:
-    """The JSON lines of a batch's changes, in commit order across tables."""
+    """The JSON lines of a batch's changes, in commit order across tables (a batch in
+    pieces a piece at a time)."""
+    for tables in batch.pieces():
+        yield from _piece_lines(tables)
+
+
+def _piece_lines(tables: tuple[TableChanges, ...]) -> Iterator[str]:
     rows: list[tuple[int, str]] = []
-    for changes in batch.tables:
+    for changes in tables:
         table = str(changes.table)
         columns = [c.name for c in changes.schema.columns]
         keys = set(changes.schema.key_columns)
@@ -260,7 +267,7 @@ def change_lines(batch: ChangeBatch) -> Iterator[str]:
             }
             rows.append((row[SEQ], json.dumps(record, ensure_ascii=False) + "\n"))
     rows.sort(key=lambda item: item[0])
-    return (line for _, line in rows)
+    yield from (line for _, line in rows)
 
 
 def snapshot_lines(chunk: SnapshotChunk) -> Iterator[str]:

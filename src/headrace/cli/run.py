@@ -65,6 +65,15 @@ def run(
             "--queue-batches", min=1, help="Decoded batches waiting for the store at most."
         ),
     ] = 4,
+    piece_changes: Annotated[
+        int,
+        typer.Option(
+            "--piece-changes",
+            min=1,
+            help="Decode and apply a larger transaction this many changes at a time "
+            "(still one store transaction): bounds memory for bulk updates.",
+        ),
+    ] = 100_000,
     heartbeat_s: Annotated[
         float,
         typer.Option("--heartbeat-s", min=0, help="Heartbeat after this many idle seconds."),
@@ -111,6 +120,7 @@ def run(
             batch_max_changes=batch_changes,
             batch_max_wait_s=batch_wait_ms / 1000,
             queue_batches=queue_batches,
+            piece_max_changes=piece_changes,
             heartbeat_interval_s=heartbeat_s,
             snapshot_workers=snapshot_workers,
             record_dir=record,

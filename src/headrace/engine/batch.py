@@ -48,9 +48,12 @@ def apply_segment(
     jobs: StreamJobs,
     items: Sequence[tuple[TableSchema, pa.Table]],
     transactions: pa.Table,
+    *,
+    in_pieces: bool = False,
 ) -> tuple[int, list[TableWork]]:
     """Apply one segment's changes; returns (dead letters written, the tables' work).
-    ``transactions``: the batch's :func:`~headrace.engine.resolve.transaction_starts`."""
+    ``transactions``: the batch's :func:`~headrace.engine.resolve.transaction_starts`;
+    ``in_pieces``: a piece of a batch applied in pieces (one long store transaction)."""
     dead = 0
     works: dict[TableRef, TableWork] = {}
     for index, (schema, data) in enumerate(items):
@@ -59,7 +62,9 @@ def apply_segment(
             reason = model.reason or "table stopped"
             dead += write_dead_letters(con, model.name, reason, schema, data)
             continue
-        works[model.ref] = load_changes(con, model, schema, data, index, transactions=transactions)
+        works[model.ref] = load_changes(
+            con, model, schema, data, index, transactions=transactions, keep_nothing=in_pieces
+        )
     try:
         _write_segment(con, registry, jobs, works)
     finally:

@@ -36,7 +36,7 @@ from headrace.engine.batch import apply_segment
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
-from headrace.engine.resolve import transaction_starts
+from headrace.engine.resolve import earliest_starts
 from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
 from headrace.engine.retention import retain_history, retain_rollup
 from headrace.engine.schema_change import diff_schema, follow_schema_change
@@ -79,6 +79,9 @@ class Engine:
         """Called with the batch's transaction and position just before its COMMIT (the
         rules lane waits there until it recorded the batch, and its alerts are copied:
         :meth:`headrace.rules.lane.lane.RulesLane.before_engine_commit`)."""
+        self.after_piece: Callable[[], None] | None = None
+        """Called after each piece of a batch in pieces is applied, inside the batch's
+        transaction (the run's ``between_pieces`` fault point for crash tests)."""
         self._load()
 
     def _load(self) -> None:
@@ -109,27 +112,42 @@ class Engine:
         """Apply one batch: its effects and ``batch.position`` in one store transaction."""
         self._run_rebuild_requests()
         started = time.perf_counter()
-        changes, skipped = self._unapplied(batch)
+        skipped = 0
         per_table: dict[str, int] = {}
         dead_letters = 0
         position = max(batch.position, self._position or 0)
         with self._transaction() as con:
-            for table_changes in changes:
-                self._ensure_table(con, table_changes.schema)
-            self.registry.setup_rollups(con)
-            transactions = transaction_starts([tc.data for tc in changes])
-            for segment in split_segments(changes, self.registry.tables):
-                if segment.schema_changes and self._online is not None:
-                    self._restart_rebuild()
-                for schema, lsn in segment.schema_changes:
-                    follow_schema_change(con, self.registry, schema, lsn)
-                dead, works = apply_segment(
-                    con, self.registry, self.jobs, segment.items, transactions
-                )
-                dead_letters += dead
-                for work in works:
-                    name = work.model.name
-                    per_table[name] = per_table.get(name, 0) + work.num_changes
+            # A huge transaction comes in pieces (ChangeBatch.pieces): each is applied
+            # like a segment, in this one transaction; memory holds one piece.
+            starts: pa.Table | None = None
+            for piece in batch.pieces():
+                changes, unapplied = self._unapplied(piece)
+                skipped += unapplied
+                for table_changes in changes:
+                    self._ensure_table(con, table_changes.schema)
+                self.registry.setup_rollups(con)
+                # Every piece numbers changes within their transaction from its first
+                # change in the batch, which may lie in an earlier piece.
+                starts = earliest_starts(starts, [tc.data for tc in changes])
+                for segment in split_segments(changes, self.registry.tables):
+                    if segment.schema_changes and self._online is not None:
+                        self._restart_rebuild()
+                    for schema, lsn in segment.schema_changes:
+                        follow_schema_change(con, self.registry, schema, lsn)
+                    dead, works = apply_segment(
+                        con,
+                        self.registry,
+                        self.jobs,
+                        segment.items,
+                        starts,
+                        in_pieces=batch.in_pieces,
+                    )
+                    dead_letters += dead
+                    for work in works:
+                        name = work.model.name
+                        per_table[name] = per_table.get(name, 0) + work.num_changes
+                if batch.in_pieces and self.after_piece is not None:
+                    self.after_piece()
             self.store.write_position(con, self.source, position, batch.last_commit_ts)
             if self.before_commit is not None:
                 self.before_commit(con, position)
@@ -406,12 +424,12 @@ class Engine:
         if request.on_done is not None:
             request.on_done(False, message)
 
-    def _unapplied(self, batch: ChangeBatch) -> tuple[list[TableChanges], int]:
-        """The batch's changes of transactions not yet in the store (commit LSN >= position)."""
+    def _unapplied(self, tables: tuple[TableChanges, ...]) -> tuple[list[TableChanges], int]:
+        """The changes of transactions not yet in the store (commit LSN >= position)."""
         position = self._position
         out: list[TableChanges] = []
         skipped = 0
-        for table_changes in batch.tables:
+        for table_changes in tables:
             data = table_changes.data
             # Only the first batches after a restart hold applied changes: filtering every
             # column of every chunk of a merged batch is skipped when none is.

@@ -52,6 +52,7 @@ from headrace.source.changes import (
     XID,
     TableSchema,
 )
+from headrace.store.duckdb.arrow_scan import create_temp_table
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import EVENT_TS
 
@@ -129,6 +130,18 @@ def transaction_starts(tables: list[pa.Table]) -> pa.Table:
     return pa.table({LSN: grouped[LSN], "_hr_first": grouped[f"{SEQ}_min"]})
 
 
+def earliest_starts(known: pa.Table | None, tables: list[pa.Table]) -> pa.Table:
+    """:func:`transaction_starts` of ``tables`` joined with those ``known`` from earlier
+    pieces of the same batch: a transaction keeps the first change seen of it."""
+    found = transaction_starts(tables)
+    if known is None or not known.num_rows:
+        return found
+    if not found.num_rows:
+        return known
+    grouped = pa.concat_tables([known, found]).group_by(LSN).aggregate([("_hr_first", "min")])
+    return pa.table({LSN: grouped[LSN], "_hr_first": grouped["_hr_first_min"]})
+
+
 def positional(
     schema: TableSchema, data: pa.Table
 ) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
@@ -160,9 +173,11 @@ def load_changes(
     index: int,
     *,
     transactions: pa.Table,
+    keep_nothing: bool = False,
 ) -> TableWork:
     """Create ``_hr_c_<index>`` from a table's Arrow changes and measure the batch
-    (``transactions``: the batch's :func:`transaction_starts`).
+    (``transactions``: the batch's :func:`transaction_starts`; ``keep_nothing``: inside
+    a long store transaction, see :func:`~headrace.store.duckdb.arrow_scan.create_temp_table`).
 
     The per-row choices (a delete's values are its old ones; the old key of an
     update or delete) are made on the Arrow columns: planning a SQL statement
@@ -191,15 +206,9 @@ def load_changes(
     for name in model.lookups:
         parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
     work.touched_keys = _touched_keys(work, data, columns)
-    source = f"_hr_in_{index}"
-    con.register(source, pa.table(columns))
-    try:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE {work.changes} AS SELECT {', '.join(parts)} "
-            f"FROM {source}"
-        )
-    finally:
-        con.unregister(source)
+    create_temp_table(
+        con, work.changes, ", ".join(parts), pa.table(columns), keep_nothing=keep_nothing
+    )
     return work
 
 

@@ -31,6 +31,7 @@ A minimal file::
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from enum import StrEnum
 from typing import Annotated, Any
@@ -256,6 +257,10 @@ class SourceConfig(_Model):
         return None
 
 
+_SIZE = re.compile(r"(?i)^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+"""A memory size as DuckDB's ``memory_limit`` takes it."""
+
+
 class StoreConfig(_Model):
     """Where the analytical store lives."""
 
@@ -283,6 +288,25 @@ class StoreConfig(_Model):
             "less CPU per fintech batch). The initial snapshot always uses every core."
         ),
     )
+    memory_limit: str | None = Field(
+        default=None,
+        description=(
+            "DuckDB's memory limit for the store while the pipeline runs, e.g. '2GB'. "
+            "Beyond it DuckDB spills to a temporary directory beside the store. A source "
+            "transaction is stored in one store transaction, which DuckDB holds until it "
+            "commits (about 0.5 KB a change): set this when headrace shares a machine, so "
+            "a bulk UPDATE of many millions of rows spills instead of taking the memory. "
+            "Default: DuckDB's own (80% of the machine's memory). With `headrace run "
+            "--serve`, `serve.sql.memory_limit`, when set, replaces it."
+        ),
+    )
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _a_size(cls, value: str | None) -> str | None:
+        if value is not None and not _SIZE.match(value):
+            raise ValueError(f"not a size: {value!r} (e.g. 512MB, 2GB, 4GiB)")
+        return value
 
 
 class PipelineConfig(_Model):

@@ -16,6 +16,9 @@ points reached with the stop event (``snapshot_chunk``) can hold. Points:
     a batch was received, nothing of it stored;
 ``during_apply``
     a few milliseconds into applying a batch (inside its store transaction);
+``between_pieces``
+    a piece of a batch in pieces (a huge transaction) was applied, inside the
+    batch's still-open store transaction;
 ``after_commit``
     a batch is committed in the store, the slot is not yet confirmed;
 ``after_confirm``
@@ -39,6 +42,7 @@ POINTS = frozenset(
         "after_snapshot",
         "before_apply",
         "during_apply",
+        "between_pieces",
         "after_commit",
         "after_confirm",
     }

@@ -10,6 +10,7 @@ across them, so the engine's split at schema changes sees the same order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,8 @@ from headrace.source.changes import SEQ, ChangeBatch, TableChanges, TableRef, Ta
 
 def can_join(group: Sequence[ChangeBatch], batch: ChangeBatch) -> bool:
     """Whether ``batch`` can be merged into ``group`` (no table changes schema across them)."""
+    if batch.in_pieces or any(member.in_pieces for member in group):
+        return False  # a huge transaction is applied on its own, a piece at a time
     seen: dict[TableRef, TableSchema] = {}
     for member in (*group, batch):
         tables = [tc.table for tc in member.tables]
@@ -63,3 +66,20 @@ def merge_batches(batches: Sequence[ChangeBatch]) -> ChangeBatch:
         last_commit_ts=commit_ts[-1] if commit_ts else None,
         messages=tuple(m for b in batches for m in b.messages),
     )
+
+
+def materialized(batch: ChangeBatch) -> ChangeBatch:
+    """``batch`` with every piece decoded into :attr:`~ChangeBatch.tables` (the pieces keep
+    their ``_hr_seq``; a table keeps one :class:`TableChanges` per schema, in order)."""
+    if not batch.in_pieces:
+        return batch
+    parts: dict[int, tuple[TableSchema, list[pa.Table]]] = {}
+    for tables in batch.pieces():
+        for table_changes in tables:
+            key = id(table_changes.schema)
+            parts.setdefault(key, (table_changes.schema, []))[1].append(table_changes.data)
+    ordered = sorted(
+        (TableChanges(schema, pa.concat_tables(chunks)) for schema, chunks in parts.values()),
+        key=lambda tc: tc.data.column(SEQ)[0].as_py(),
+    )
+    return replace(batch, tables=tuple(ordered), rest=None, rest_changes=0, rest_commits=())

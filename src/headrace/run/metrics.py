@@ -44,6 +44,10 @@ class FreshnessHistogram:
                 continue
             committed = commit_micros(column)
             self.add_ms((visible_us - committed) / 1000.0)
+        if batch.rest_commits:
+            times = np.array([t for t, _ in batch.rest_commits], dtype=np.int64)
+            counts = np.array([n for _, n in batch.rest_commits], dtype=np.int64)
+            self.add_ms(np.repeat((visible_us - times) / 1000.0, counts))
 
     def add_ms(self, delays_ms: npt.NDArray[np.float64]) -> None:
         buckets = np.searchsorted(_EDGES, delays_ms, side="left")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from headrace.errors import ConfigError
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.settings import RunSettings
@@ -33,6 +35,8 @@ def source_settings(config: PipelineConfig, run: RunSettings) -> SourceSettings:
         publication=config.source.publication,
         slot=config.source.slot,
         batch_max_changes=run.batch_max_changes,
+        piece_max_changes=run.piece_max_changes,
+        spill_dir=Path(config.store.path).parent,
         batch_max_wait_s=run.batch_max_wait_s,
         heartbeat_interval_s=run.heartbeat_interval_s,
         application_name="headrace",

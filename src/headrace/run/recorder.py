@@ -21,6 +21,7 @@ from pathlib import Path
 
 from headrace.errors import ConfigError
 from headrace.pipeline.model import PipelineConfig
+from headrace.run.merge import materialized
 from headrace.source.changes import ChangeBatch
 from headrace.store.duckdb.store import DuckDBStore
 
@@ -53,7 +54,9 @@ class BatchRecorder:
                 pickle.dump(config, out)
         self.batches += 1
         with (self.directory / f"batch-{self.batches:06d}.pkl").open("wb") as out:
-            pickle.dump(batch, out, protocol=pickle.HIGHEST_PROTOCOL)
+            # A batch in pieces is recorded whole (decoded at once): a replay applies it
+            # as one transaction, as the run did.
+            pickle.dump(materialized(batch), out, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def load_recording(directory: Path) -> tuple[PipelineConfig, list[Path]]:

@@ -156,6 +156,7 @@ class Runner:
                 self.config.store.path,
                 checkpoint_interval=self.config.store.checkpoint_interval,
                 checkpoint_wal_bytes=self.config.store.checkpoint_wal_bytes,
+                memory_limit=self.config.store.memory_limit,
             )
             try:
                 with Registered(self.state):  # the run's figures on /metrics
@@ -167,6 +168,8 @@ class Runner:
         # DuckDB draws its own progress bar on a terminal; ours is the only display.
         store.writer.execute("SET enable_progress_bar = false")
         engine = Engine(self.config, store)
+        if self.faults.armed:
+            engine.after_piece = lambda: self.faults.reached("between_pieces")
         reporter = StatusReporter(
             self.state,
             store,

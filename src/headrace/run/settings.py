@@ -21,6 +21,13 @@ class RunSettings:
     """A micro-batch is handed to the store once it holds this many changes
     (it still ends on a transaction boundary)..."""
 
+    piece_max_changes: int = 100_000
+    """A transaction with more changes than this (a backfill, a bulk ``UPDATE``) is
+    decoded and applied a piece of this many changes at a time, still in one store
+    transaction: memory holds one piece (about 1.5 KB a change, decoded and in
+    DuckDB) plus the transaction's raw messages (about 200 bytes a change), instead
+    of the whole transaction decoded."""
+
     batch_max_wait_s: float = 0.03
     """...or once this many seconds passed since its first complete
     transaction, whichever comes first: the latency batching adds. Short,
@@ -35,7 +42,8 @@ class RunSettings:
     When the store is slower than the source, the source waits here
     (backpressure) and the replication slot keeps the rest on the server, so
     memory stays bounded by about ``max(queue_batches * batch_max_changes,
-    merge_max_changes)`` changes plus two batches."""
+    merge_max_changes)`` changes plus two batches (a larger transaction: one
+    ``piece_max_changes`` piece at a time, and its raw messages)."""
 
     merge_max_changes: int = 200_000
     """When several batches wait, the writer applies them as one store
@@ -77,6 +85,8 @@ class RunSettings:
         problems = []
         if self.batch_max_changes < 1:
             problems.append("batch_max_changes must be >= 1")
+        if self.piece_max_changes < 1:
+            problems.append("piece_max_changes must be >= 1")
         if self.batch_max_wait_s < 0:
             problems.append("batch_max_wait_s must be >= 0")
         if self.queue_batches < 1:

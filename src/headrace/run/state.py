@@ -136,7 +136,7 @@ class RunState:
     ) -> None:
         """Note a batch (possibly several merged) committed to the store."""
         with self.lock:
-            if batch.tables:
+            if not batch.is_empty:
                 self.freshness.add_batch(batch, visible_at)
             for ticket in tickets:
                 self._waiting.pop(ticket, None)
@@ -147,7 +147,7 @@ class RunState:
             self.batches += len(tickets)
             self.applies += 1
             self.transactions += batch.transactions
-            self.empty_batches += 0 if batch.tables else 1
+            self.empty_batches += 1 if batch.is_empty else 0
             self.skipped += applied.skipped
             self.dead_letters += applied.dead_letters
             self.last_apply_s = applied.seconds

@@ -132,8 +132,9 @@ def harden(
     """Harden a (shared) DuckDB instance; a no-op once its configuration is locked.
 
     DuckDB settings are per instance, so in embedded mode this also applies to
-    the engine: it must feed Arrow data through ``con.register()`` (replacement
-    scans of Python variables count as external access). ``lock=False`` leaves
+    the engine: it must feed Arrow data through ``con.register()`` or a relation's
+    ``query`` (:mod:`headrace.store.duckdb.arrow_scan`); replacement scans of Python
+    variables count as external access. ``lock=False`` leaves
     the configuration unlocked for stores whose cursors still SET session
     options (DuckDBStore sets TimeZone per cursor); the SQL policy refuses SET
     statements anyway, the lock is a second wall.

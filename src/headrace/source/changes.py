@@ -22,6 +22,13 @@ Arrow table with one row per change. Columns of a ``TableChanges.data``:
                           from the mirror); NULL when there are none
 ========================  ==================================================
 
+A transaction too large to decode at once comes in *pieces*: the batch's
+``tables`` are its first piece and :meth:`ChangeBatch.pieces` decodes the
+others one at a time, in order (``_hr_seq`` continues across them). A
+consumer applies every piece before it treats the batch as done: the engine
+applies them all in one store transaction, so memory holds one piece, not the
+transaction, and the source transaction stays atomic in the store.
+
 Positions: ``ChangeBatch.position`` is the end LSN of the last transaction
 (or heartbeat) in the batch. It is the resume point: after storing it, a
 restart skips every transaction whose commit LSN is below it.
@@ -29,7 +36,8 @@ restart skips every transaction whose commit LSN is below it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -178,14 +186,44 @@ class ChangeBatch:
     first_commit_lsn: int | None = None
     last_commit_ts: datetime | None = None
     messages: tuple[LogicalMessage, ...] = field(default=())
+    rest: Callable[[], Iterator[tuple[TableChanges, ...]]] | None = field(
+        default=None, compare=False
+    )
+    """The pieces after ``tables`` of a batch too large to decode at once: each call
+    decodes them again, one at a time (see :meth:`pieces`). None for most batches."""
+    rest_changes: int = 0
+    """Changes in :attr:`rest` (known without decoding them)."""
+    rest_commits: tuple[tuple[int, int], ...] = ()
+    """(commit time in µs since the epoch, changes) of :attr:`rest`, in order: what the
+    freshness figures need without decoding it."""
 
     @property
     def num_changes(self) -> int:
-        return sum(t.num_rows for t in self.tables)
+        return sum(t.num_rows for t in self.tables) + self.rest_changes
 
     @property
     def is_empty(self) -> bool:
-        return not self.tables
+        return not self.tables and self.rest is None
+
+    @property
+    def in_pieces(self) -> bool:
+        """Whether the batch has more changes than :attr:`tables` (see :meth:`pieces`)."""
+        return self.rest is not None
+
+    def pieces(self) -> Iterator[tuple[TableChanges, ...]]:
+        """Every change of the batch, a piece at a time: ``tables``, then :attr:`rest`."""
+        yield self.tables
+        if self.rest is not None:
+            yield from self.rest()
+
+    def piece_batches(self) -> Iterator[ChangeBatch]:
+        """:meth:`pieces` as batches with this batch's position and metadata: a consumer
+        must treat the batch as done only after the last one."""
+        if self.rest is None:
+            yield self
+            return
+        for tables in self.pieces():
+            yield replace(self, tables=tables, rest=None, rest_changes=0, rest_commits=())
 
 
 @dataclass(frozen=True)

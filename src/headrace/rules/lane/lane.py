@@ -288,10 +288,13 @@ class RulesLane:
         for group in evaluation_groups(batches, self.replay_until):
             batch = merge_batches(group)
             replayed = batch.position <= self.replay_until
-            for evaluator in self.evaluators:
-                opened = evaluator.apply(batch)
-                if not replayed:
-                    alerts.extend(opened)
+            # A huge transaction (alone in its group) is evaluated a piece at a time, in
+            # order; its position is recorded only after the last piece.
+            for piece in batch.piece_batches():
+                for evaluator in self.evaluators:
+                    opened = evaluator.apply(piece)
+                    if not replayed:
+                        alerts.extend(opened)
             self.stats.batches += len(group)
             self.stats.evaluations += 1
             if replayed:

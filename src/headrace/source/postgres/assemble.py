@@ -42,6 +42,7 @@ from headrace.source.postgres.protocol import (
     MSG_DELETE,
     MSG_UPDATE,
 )
+from headrace.source.postgres.spill import SpilledRows, SpillFile
 from headrace.source.postgres.tuples import (
     BoolArray,
     ColumnBlock,
@@ -75,6 +76,53 @@ class Run:
     relations: Mapping[int, TableSchema] | None = None
     payloads: list[bytes | memoryview] = field(default_factory=list)
     lsns: list[int] = field(default_factory=list)
+    spilled: list[SpilledRows] = field(default_factory=list)
+    """Earlier rows of the run, moved to disk (:mod:`.spill`): they come before
+    ``payloads``, which holds the rows received since."""
+
+    @property
+    def count(self) -> int:
+        """Rows of the run, in memory and on disk."""
+        return len(self.payloads) + sum(len(s) for s in self.spilled)
+
+    def spill(self, file: SpillFile) -> int:
+        """Move the rows held in memory to ``file``; returns how many moved."""
+        moved = len(self.payloads)
+        if moved:
+            self.spilled.append(file.write(self.payloads, self.lsns))
+            self.payloads, self.lsns = [], []
+        return moved
+
+    def rows(self) -> tuple[list[bytes | memoryview], list[int]]:
+        """Every row message and its LSN, in order (reading what is on disk)."""
+        if not self.spilled:
+            return self.payloads, self.lsns
+        payloads: list[bytes | memoryview] = []
+        lsns: list[int] = []
+        for block in self.spilled:
+            read, read_lsns = block.read()
+            payloads += read
+            lsns += read_lsns
+        return payloads + self.payloads, lsns + self.lsns
+
+    def part(self, start: int, end: int) -> Run:
+        """Rows ``start:end`` of the run as a run of their own (nothing read from disk)."""
+        spilled: list[SpilledRows] = []
+        at = 0
+        for block in self.spilled:
+            low, high = max(start - at, 0), min(end - at, len(block))
+            if low < high:
+                spilled.append(block.part(low, high))
+            at += len(block)
+        low, high = max(start - at, 0), max(end - at, 0)
+        return Run(
+            header=self.header,
+            subxid=self.subxid,
+            relations=self.relations,
+            payloads=self.payloads[low:high],
+            lsns=self.lsns[low:high],
+            spilled=spilled,
+        )
 
 
 @dataclass
@@ -122,7 +170,7 @@ def assemble(
     """The pending changes as one :class:`TableChanges` per table version,
     ordered by their first change."""
     tables: dict[int, tuple[TableSchema, list[pa.Table]]] = {}
-    nonempty = [r for r in runs if r.run.payloads]
+    nonempty = [r for r in runs if r.run.count]
     if nonempty:
         for schema, table in _assemble_rows(nonempty, meta, registry):
             tables.setdefault(id(schema), (schema, []))[1].append(table)
@@ -139,9 +187,11 @@ def assemble(
 def _assemble_rows(
     runs: list[CommittedRun], meta: TransactionMeta, registry: TypeRegistry
 ) -> list[tuple[TableSchema, pa.Table]]:
-    sizes = np.fromiter((len(r.run.payloads) for r in runs), dtype=np.int64, count=len(runs))
-    payloads = list(chain.from_iterable(r.run.payloads for r in runs))
-    lsns = list(chain.from_iterable(r.run.lsns for r in runs))
+    read = [r.run.rows() for r in runs]
+    sizes = np.fromiter((len(p) for p, _ in read), dtype=np.int64, count=len(runs))
+    payloads = list(chain.from_iterable(p for p, _ in read))
+    lsns = list(chain.from_iterable(lsn for _, lsn in read))
+    del read
     headers = np.repeat(np.fromiter((r.run.header for r in runs), np.int64, len(runs)), sizes)
     block = MessageBlock.build(payloads, lsns, headers)
     run_starts = np.cumsum(sizes) - sizes

@@ -18,7 +18,9 @@ ready with :meth:`Batcher.take`. The batcher
 Row messages are kept as raw bytes until :meth:`take`, which decodes and
 converts them column by column for all pending transactions at once
 (:mod:`headrace.source.postgres.assemble`). That keeps the per-row cost of
-:meth:`feed` to an append.
+:meth:`feed` to an append. More pending changes than ``piece_changes`` (a huge
+transaction) are decoded a piece at a time (:mod:`.pieces`): the batch comes
+with its first piece, and the rest decode when the consumer reads them.
 
 Relation messages apply as they arrive, except inside a streamed transaction:
 there they apply when it commits, in commit order, as PostgreSQL's own
@@ -28,13 +30,22 @@ table, is not the schema of transactions that commit before it).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 from headrace.errors import ProtocolError, format_lsn
-from headrace.source.changes import ChangeBatch, Column, LogicalMessage, TableRef, TableSchema
+from headrace.source.changes import (
+    ChangeBatch,
+    Column,
+    LogicalMessage,
+    TableChanges,
+    TableRef,
+    TableSchema,
+)
 from headrace.source.postgres.assemble import (
     CommittedRun,
     Run,
@@ -42,6 +53,7 @@ from headrace.source.postgres.assemble import (
     TruncateRow,
     assemble,
 )
+from headrace.source.postgres.pieces import commits_of, decode_pieces, split_pieces
 from headrace.source.postgres.protocol import (
     MSG_DELETE,
     MSG_INSERT,
@@ -65,11 +77,14 @@ from headrace.source.postgres.protocol import (
     decode_message,
     pg_micros_to_datetime,
 )
+from headrace.source.postgres.spill import SpillFile
 from headrace.source.postgres.types import TypeRegistry, arrow_type_for
 
 log = logging.getLogger(__name__)
 
 _ROW_MESSAGES: Final = frozenset({MSG_INSERT, MSG_UPDATE, MSG_DELETE})
+PIECE_CHANGES: Final = 100_000
+"""Default piece size: ~150 MB of decoded columns and DuckDB work at a time."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,10 @@ class _Transaction:
     origin: str | None = None
     events: list[_Event] = field(default_factory=list)
     rows: int = 0  # row messages buffered (known for streamed transactions only)
+    spill: SpillFile | None = None  # where its row messages go once it grows large
+
+    def rows_in_memory(self) -> int:
+        return sum(len(e.payloads) for e in self.events if isinstance(e, Run))
 
 
 class Batcher:
@@ -103,8 +122,21 @@ class Batcher:
     kept as text with a warning).
     """
 
-    def __init__(self, registry: TypeRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: TypeRegistry | None = None,
+        *,
+        piece_changes: int = PIECE_CHANGES,
+        spill_dir: Path | None = None,
+    ) -> None:
         self.registry = registry if registry is not None else TypeRegistry()
+        if piece_changes < 1:
+            raise ValueError(f"piece_changes must be at least 1, not {piece_changes}")
+        self.piece_changes = piece_changes
+        """A batch with more changes is handed on in pieces of this many (see :meth:`take`),
+        and a transaction holding more in memory goes to disk (:meth:`spill_large`)."""
+        self.spill_dir = spill_dir
+        """Where :meth:`spill_large` puts them (None: the system's temporary directory)."""
         # Relation OID -> schema as of the last committed transaction. Replaced,
         # never mutated: runs hold on to the map that was current for them.
         self._relations: dict[int, TableSchema] = {}
@@ -182,6 +214,29 @@ class Batcher:
         self._pending_rows = 0
         self._next_seq = 0
         self._taken = self._position
+
+    @property
+    def receiving_in_memory(self) -> int:
+        """Row messages of transactions not committed yet, held in memory."""
+        receiving = [self._open, *self._streams.values(), *self._prepared.values()]
+        return sum(t.rows_in_memory() for t in receiving if t is not None)
+
+    def spill_large(self) -> int:
+        """Move to disk the row messages of every transaction still being received that
+        holds more than ``piece_changes`` of them in memory (:mod:`.spill`); returns how
+        many moved. Call it between feeds (the source does after every read): the check
+        costs a pass over the open transactions' runs."""
+        moved = 0
+        receiving = [self._open, *self._streams.values(), *self._prepared.values()]
+        for transaction in receiving:
+            if transaction is None or transaction.rows_in_memory() <= self.piece_changes:
+                continue
+            if transaction.spill is None:
+                transaction.spill = SpillFile(self.spill_dir)
+            for event in transaction.events:
+                if isinstance(event, Run):
+                    moved += event.spill(transaction.spill)
+        return moved
 
     # ------------------------------------------------------------ feeding
 
@@ -346,7 +401,7 @@ class Batcher:
         kept: list[_Event] = []
         for event in stream.events:
             if isinstance(event, Run) and event.subxid == message.subxid:
-                stream.rows -= len(event.payloads)
+                stream.rows -= event.count
             elif isinstance(event, (Truncate, Message)) and event.xid == message.subxid:
                 if isinstance(event, Truncate):
                     stream.rows -= len(event.relation_oids)
@@ -398,11 +453,11 @@ class Batcher:
         index = len(self._meta.xids)
         for event in transaction.events:
             if isinstance(event, Run):
-                if keep and event.payloads:
+                if keep and event.count:
                     relations = event.relations if event.relations is not None else self._relations
                     self._runs.append(CommittedRun(event, index, self._next_seq, relations))
-                    self._next_seq += len(event.payloads)
-                    self._pending_rows += len(event.payloads)
+                    self._next_seq += event.count
+                    self._pending_rows += event.count
             elif isinstance(event, Relation):
                 self._apply_relation(event)  # from a stream: applies at its commit
             elif isinstance(event, (Truncate, _ResolvedTruncate)):
@@ -471,9 +526,25 @@ class Batcher:
         if not self.has_pending:
             return None
         meta = self._meta
-        tables = assemble(self._runs, self._truncates, meta, self.registry)
+        rest: Callable[[], Iterator[tuple[TableChanges, ...]]] | None = None
+        rest_changes = 0
+        rest_commits: tuple[tuple[int, int], ...] = ()
+        if self._pending_rows > self.piece_changes:
+            # A transaction too large to decode at once: the first piece now, the
+            # others when the consumer gets to them (:mod:`.pieces`).
+            first, *others = split_pieces(self._runs, self._truncates, self.piece_changes)
+            tables = assemble(first.runs, first.truncates, meta, self.registry)
+            registry = self.registry
+            rest = functools.partial(decode_pieces, others, meta, registry)
+            rest_changes = sum(p.changes for p in others)
+            rest_commits = commits_of(others, meta)
+        else:
+            tables = assemble(self._runs, self._truncates, meta, self.registry)
         batch = ChangeBatch(
             tables=tuple(tables),
+            rest=rest,
+            rest_changes=rest_changes,
+            rest_commits=rest_commits,
             position=self._position,
             transactions=len(meta.xids),
             first_commit_lsn=meta.commit_lsns[0] if meta.commit_lsns else None,

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import psycopg
@@ -84,6 +85,16 @@ class SourceSettings:
     """Hand a batch on once it holds this many changes (it still ends on a
     transaction boundary: one large transaction makes one large batch)."""
 
+    piece_max_changes: int = 100_000
+    """A batch holding more changes (one huge transaction) is handed on with this
+    many decoded; the rest decode a piece at a time when the consumer reads them
+    (:meth:`ChangeBatch.pieces`), so memory holds one piece, not the transaction."""
+
+    spill_dir: Path | None = None
+    """Where a transaction holding more than ``piece_max_changes`` changes in memory
+    while it arrives is buffered (an unlinked file per transaction). None: the system's
+    temporary directory; ``headrace run`` uses the store's directory."""
+
     batch_max_wait_s: float = 0.1
     """...or once this many seconds passed since its first transaction was
     complete, whichever comes first: the latency the source adds."""
@@ -127,9 +138,9 @@ class SourceSettings:
     def __post_init__(self) -> None:
         if not self.tables:
             raise ConfigError("no table to capture", "configure at least one table")
-        if self.batch_max_changes < 1 or self.batch_max_wait_s < 0:
+        if self.batch_max_changes < 1 or self.batch_max_wait_s < 0 or self.piece_max_changes < 1:
             raise ConfigError(
-                "batch_max_changes must be >= 1 and batch_max_wait_s >= 0",
+                "batch_max_changes and piece_max_changes must be >= 1 and batch_max_wait_s >= 0",
                 "fix the source settings",
             )
         if self.reconnect_initial_s <= 0 or self.reconnect_max_s < self.reconnect_initial_s:
@@ -167,7 +178,11 @@ class PostgresSource:
 
     def __init__(self, settings: SourceSettings) -> None:
         self.settings = settings
-        self.batcher = Batcher(TypeRegistry(catalog_dsn=settings.dsn))
+        self.batcher = Batcher(
+            TypeRegistry(catalog_dsn=settings.dsn),
+            piece_changes=settings.piece_max_changes,
+            spill_dir=settings.spill_dir,
+        )
         """The decoder state (schemas and their versions survive reconnections)."""
         self.reconnects = 0
         """How many times the stream was lost and resumed."""
@@ -475,6 +490,7 @@ class PostgresSource:
             room = max(1, min(_DRAIN_MAX_MESSAGES, max_changes - batcher.pending_changes))
             if conn.drain(feed, timeout, room, copy=True):
                 last_data = time.monotonic()
+                batcher.spill_large()  # a large transaction waits for its commit on disk
             if batcher.has_pending:
                 now = time.monotonic()
                 if flush_at is None:

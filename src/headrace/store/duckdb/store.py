@@ -77,6 +77,7 @@ class DuckDBStore(Store):
         read_only: bool = False,
         checkpoint_interval: timedelta = timedelta(seconds=60),
         checkpoint_wal_bytes: int = 64 * 1024 * 1024,
+        memory_limit: str | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -110,6 +111,8 @@ class DuckDBStore(Store):
                 "or check the path and its permissions",
             ) from exc
         self._con.execute("SET TimeZone = 'UTC'")
+        if memory_limit is not None:
+            self._set_memory_limit(memory_limit)
         if not read_only:
             # DuckDB checkpoints inside COMMIT once the WAL passes checkpoint_threshold
             # (16 MB): a 300 ms stall on a batch now and then. Checkpoints are ours
@@ -159,6 +162,16 @@ class DuckDBStore(Store):
     def writer(self) -> duckdb.DuckDBPyConnection:
         """The writer connection: only the engine's thread uses it."""
         return self._con
+
+    def _set_memory_limit(self, limit: str) -> None:
+        try:
+            self._con.execute(f"SET memory_limit = '{limit.replace(chr(39), '')}'")
+        except duckdb.Error as exc:
+            self._con.close()
+            raise StoreError(
+                f"DuckDB refused the store's memory_limit {limit!r}: {exc}",
+                "write a size such as '2GB' or '512MB' (store.memory_limit)",
+            ) from exc
 
     def set_threads(self, threads: int) -> None:
         """Run DuckDB on ``threads`` threads from now on (0: its default, one per core).
