@@ -70,7 +70,7 @@ class Both:
         harness = self.bank.harness
         for batch in harness.batches(cut):
             harness.applied.append(harness.engine.apply(batch))
-            for piece in batch.piece_batches():  # as the rules lane evaluates a batch
+            for piece in batch.piece_batches(again=True):  # as the rules lane does
                 self.lane_alerts.extend(self.evaluator.apply(piece))
             taken = self.evaluator.take_saved()
             seen = dict(self.saved.last_seen) if self.saved is not None else {}

@@ -293,7 +293,7 @@ def _decode(dsn: str, end_lsn: int) -> tuple[int, _Run]:
         cpu = time.process_time()
         started = time.perf_counter()
         for batch in source.batches():
-            changes += batch.num_changes
+            changes += batch.decoded_changes()
             if batch.position >= end_lsn:
                 walsender_after = _process_cpu(source.backend_pid)
                 break

@@ -214,11 +214,11 @@ def _decode(
         ):
             batch = batcher.take()
             if batch is not None:
-                changes += batch.num_changes
+                changes += batch.decoded_changes()
                 batches += 1
     batch = batcher.take()
     if batch is not None:
-        changes += batch.num_changes
+        changes += batch.decoded_changes()
         batches += 1
     return changes, batches
 

@@ -42,7 +42,6 @@ from headrace.source.changes import (
     SEQ,
     TOAST,
     XID,
-    ChangeBatch,
     OldKind,
     Op,
     SnapshotChunk,
@@ -221,8 +220,12 @@ def _print_snapshot(settings: SourceSettings, stopped: threading.Event, out: Tex
 def _stream(source: PostgresSource, start_position: int, out: TextIO) -> None:
     """Print batches and confirm each once flushed (stopped by :func:`_stop_on_signals`)."""
     for batch in source.batches(start_position):
-        text = "".join(change_lines(batch))
-        if text:
+        # A huge transaction comes in pieces: each is printed as it is decoded, and the
+        # position confirmed after the last.
+        for tables in batch.pieces():
+            text = "".join(_piece_lines(tables))
+            if not text:
+                continue
             try:
                 out.write(text)
                 out.flush()
@@ -234,14 +237,8 @@ def _stream(source: PostgresSource, start_position: int, out: TextIO) -> None:
         source.confirm(batch.position)
 
 
-def change_lines(batch: ChangeBatch) -> Iterator[str]:
-    """The JSON lines of a batch's changes, in commit order across tables (a batch in
-    pieces a piece at a time)."""
-    for tables in batch.pieces():
-        yield from _piece_lines(tables)
-
-
 def _piece_lines(tables: tuple[TableChanges, ...]) -> Iterator[str]:
+    """The JSON lines of a batch's changes (of one piece), in commit order across tables."""
     rows: list[tuple[int, str]] = []
     for changes in tables:
         table = str(changes.table)

@@ -60,7 +60,9 @@ def apply_segment(
         model = registry.tables[schema.table]
         if model.state == DEAD:
             reason = model.reason or "table stopped"
-            dead += write_dead_letters(con, model.name, reason, schema, data)
+            dead += write_dead_letters(
+                con, model.name, reason, schema, data, keep_nothing=in_pieces
+            )
             continue
         works[model.ref] = load_changes(
             con, model, schema, data, index, transactions=transactions, keep_nothing=in_pieces
@@ -69,7 +71,10 @@ def apply_segment(
         _write_segment(con, registry, jobs, works)
     finally:
         for work in works.values():
-            if work.touched_keys is not None:
+            if work.touched_keys is not None and work.keep_nothing:
+                # A temp table (see compute_net): a later batch registers the name.
+                con.execute(f"DROP TABLE IF EXISTS {work.keys}")
+            elif work.touched_keys is not None:
                 con.unregister(work.keys)
     return dead, list(works.values())
 

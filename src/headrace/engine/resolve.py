@@ -81,6 +81,10 @@ class TableWork:
     touched_keys: pa.Table | None = None
     """The touched keys computed on the Arrow columns by :func:`load_changes`, when it
     could (registered as ``keys`` instead of a CREATE TABLE AS: a statement less)."""
+    keep_nothing: bool = False
+    """A piece of a batch applied in pieces: Arrow tables go in through
+    :func:`~headrace.store.duckdb.arrow_scan.create_temp_table`, which DuckDB does not
+    keep to the end of the long transaction."""
 
     @property
     def changes(self) -> str:
@@ -183,7 +187,7 @@ def load_changes(
     update or delete) are made on the Arrow columns: planning a SQL statement
     costs about 0.1 ms per expression, and a CASE per column per batch adds up.
     """
-    work = TableWork(model, index)
+    work = TableWork(model, index, keep_nothing=keep_nothing)
     _measure(work, data)
     work.only_new_keys = _only_new_keys(work, schema)
     data, new_names, old_names = positional(schema, storable_table(data))
@@ -498,7 +502,9 @@ def compute_net(
     rows with their looked-up values, see :func:`~headrace.engine.lookup.lookup_joins`)."""
     model, c = work.model, work.changes
     keys = [quote_ident(k) for k in model.key]
-    if work.touched_keys is not None:
+    if work.touched_keys is not None and work.keep_nothing:
+        create_temp_table(con, work.keys, "*", work.touched_keys, keep_nothing=True)
+    elif work.touched_keys is not None:
         con.register(work.keys, work.touched_keys)
     else:
         _touched_keys_sql(con, work)

@@ -17,8 +17,8 @@ points reached with the stop event (``snapshot_chunk``) can hold. Points:
 ``during_apply``
     a few milliseconds into applying a batch (inside its store transaction);
 ``between_pieces``
-    a piece of a batch in pieces (a huge transaction) was applied, inside the
-    batch's still-open store transaction;
+    a piece of a batch in pieces (a huge transaction) was applied (the last
+    one too), inside the batch's still-open store transaction;
 ``after_commit``
     a batch is committed in the store, the slot is not yet confirmed;
 ``after_confirm``

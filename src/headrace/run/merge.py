@@ -74,7 +74,7 @@ def materialized(batch: ChangeBatch) -> ChangeBatch:
     if not batch.in_pieces:
         return batch
     parts: dict[int, tuple[TableSchema, list[pa.Table]]] = {}
-    for tables in batch.pieces():
+    for tables in batch.pieces(again=True):  # the writer decodes them too
         for table_changes in tables:
             key = id(table_changes.schema)
             parts.setdefault(key, (table_changes.schema, []))[1].append(table_changes.data)

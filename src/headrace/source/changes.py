@@ -186,11 +186,12 @@ class ChangeBatch:
     first_commit_lsn: int | None = None
     last_commit_ts: datetime | None = None
     messages: tuple[LogicalMessage, ...] = field(default=())
-    rest: Callable[[], Iterator[tuple[TableChanges, ...]]] | None = field(
+    rest: Callable[[bool], Iterator[tuple[TableChanges, ...]]] | None = field(
         default=None, compare=False
     )
     """The pieces after ``tables`` of a batch too large to decode at once: each call
-    decodes them again, one at a time (see :meth:`pieces`). None for most batches."""
+    decodes them again, one at a time (see :meth:`pieces`; the argument says whether
+    values converted lossily are counted). None for most batches."""
     rest_changes: int = 0
     """Changes in :attr:`rest` (known without decoding them)."""
     rest_commits: tuple[tuple[int, int], ...] = ()
@@ -210,19 +211,25 @@ class ChangeBatch:
         """Whether the batch has more changes than :attr:`tables` (see :meth:`pieces`)."""
         return self.rest is not None
 
-    def pieces(self) -> Iterator[tuple[TableChanges, ...]]:
-        """Every change of the batch, a piece at a time: ``tables``, then :attr:`rest`."""
+    def pieces(self, *, again: bool = False) -> Iterator[tuple[TableChanges, ...]]:
+        """Every change of the batch, a piece at a time: ``tables``, then :attr:`rest`.
+        ``again``: another consumer decodes the pieces too (the rules lane, a recorder),
+        so values converted lossily are not counted twice."""
         yield self.tables
         if self.rest is not None:
-            yield from self.rest()
+            yield from self.rest(not again)
 
-    def piece_batches(self) -> Iterator[ChangeBatch]:
+    def decoded_changes(self) -> int:
+        """Decode every piece (a benchmark's consumer) and count the changes."""
+        return sum(t.num_rows for tables in self.pieces() for t in tables)
+
+    def piece_batches(self, *, again: bool = False) -> Iterator[ChangeBatch]:
         """:meth:`pieces` as batches with this batch's position and metadata: a consumer
         must treat the batch as done only after the last one."""
         if self.rest is None:
             yield self
             return
-        for tables in self.pieces():
+        for tables in self.pieces(again=again):
             yield replace(self, tables=tables, rest=None, rest_changes=0, rest_commits=())
 
 

@@ -290,7 +290,7 @@ class RulesLane:
             replayed = batch.position <= self.replay_until
             # A huge transaction (alone in its group) is evaluated a piece at a time, in
             # order; its position is recorded only after the last piece.
-            for piece in batch.piece_batches():
+            for piece in batch.piece_batches(again=True):
                 for evaluator in self.evaluators:
                     opened = evaluator.apply(piece)
                     if not replayed:

@@ -526,7 +526,7 @@ class Batcher:
         if not self.has_pending:
             return None
         meta = self._meta
-        rest: Callable[[], Iterator[tuple[TableChanges, ...]]] | None = None
+        rest: Callable[[bool], Iterator[tuple[TableChanges, ...]]] | None = None
         rest_changes = 0
         rest_commits: tuple[tuple[int, int], ...] = ()
         if self._pending_rows > self.piece_changes:

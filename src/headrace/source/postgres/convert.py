@@ -32,10 +32,12 @@ the Arrow types):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
 from typing import Final
 
@@ -86,12 +88,32 @@ _STRING_KINDS: Final = frozenset(
 )
 
 
+_issues_lock = threading.Lock()
+_not_counting = threading.local()
+
+
+@contextlib.contextmanager
+def conversions_not_counted() -> Iterator[None]:
+    """Decode without counting lossy conversions (on this thread): for a consumer that
+    decodes a batch's pieces again (the rules lane, the recorder), whose values the
+    writer's decoding already counted."""
+    _not_counting.on = True
+    try:
+        yield
+    finally:
+        _not_counting.on = False
+
+
 def note_issue(type_name: str, issue: str, count: int = 1) -> None:
     """Count lossy conversions and log each (type, issue) pair once."""
+    if getattr(_not_counting, "on", False):
+        return
     key = (type_name, issue)
-    conversion_issues[key] += count
-    if key not in _logged_issues:
+    with _issues_lock:  # the decoding runs on the source thread and the writer's
+        conversion_issues[key] += count
+        first = key not in _logged_issues
         _logged_issues.add(key)
+    if first:
         log.warning("type %s: %s (stored as NULL; counted in conversion_issues)", *key)
 
 

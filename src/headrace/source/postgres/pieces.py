@@ -26,6 +26,7 @@ from headrace.source.postgres.assemble import (
     TruncateRow,
     assemble,
 )
+from headrace.source.postgres.convert import conversions_not_counted
 from headrace.source.postgres.types import TypeRegistry
 
 
@@ -82,11 +83,17 @@ def _part(committed: CommittedRun, start: int, end: int) -> CommittedRun:
 
 
 def decode_pieces(
-    pieces: list[Piece], meta: TransactionMeta, registry: TypeRegistry
+    pieces: list[Piece], meta: TransactionMeta, registry: TypeRegistry, counted: bool
 ) -> Iterator[tuple[TableChanges, ...]]:
-    """Each of ``pieces`` decoded, one at a time."""
+    """Each of ``pieces`` decoded, one at a time (``counted``: values converted lossily
+    count in ``conversion_issues``; once per batch, by its first consumer)."""
     for piece in pieces:
-        yield tuple(assemble(piece.runs, piece.truncates, meta, registry))
+        if counted:
+            yield tuple(assemble(piece.runs, piece.truncates, meta, registry))
+            continue
+        with conversions_not_counted():
+            tables = tuple(assemble(piece.runs, piece.truncates, meta, registry))
+        yield tables
 
 
 def commits_of(pieces: list[Piece], meta: TransactionMeta) -> tuple[tuple[int, int], ...]:
