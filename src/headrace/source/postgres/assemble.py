@@ -79,17 +79,20 @@ class Run:
     spilled: list[SpilledRows] = field(default_factory=list)
     """Earlier rows of the run, moved to disk (:mod:`.spill`): they come before
     ``payloads``, which holds the rows received since."""
+    spilled_rows: int = 0
+    """Rows in :attr:`spilled` (counted once: :attr:`count` is read per transaction)."""
 
     @property
     def count(self) -> int:
         """Rows of the run, in memory and on disk."""
-        return len(self.payloads) + sum(len(s) for s in self.spilled)
+        return len(self.payloads) + self.spilled_rows
 
     def spill(self, file: SpillFile) -> int:
         """Move the rows held in memory to ``file``; returns how many moved."""
         moved = len(self.payloads)
         if moved:
             self.spilled.append(file.write(self.payloads, self.lsns))
+            self.spilled_rows += moved
             self.payloads, self.lsns = [], []
         return moved
 
@@ -122,6 +125,7 @@ class Run:
             payloads=self.payloads[low:high],
             lsns=self.lsns[low:high],
             spilled=spilled,
+            spilled_rows=sum(len(block) for block in spilled),
         )
 
 

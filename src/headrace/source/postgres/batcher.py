@@ -226,6 +226,10 @@ class Batcher:
         holds more than ``piece_changes`` of them in memory (:mod:`.spill`); returns how
         many moved. Call it between feeds (the source does after every read): the check
         costs a pass over the open transactions' runs."""
+        if not (self._streams or self._prepared) and (
+            self._open is None or self._open.rows_in_memory() <= self.piece_changes
+        ):
+            return 0  # the common case, checked after every read: no list built
         moved = 0
         receiving = [self._open, *self._streams.values(), *self._prepared.values()]
         for transaction in receiving:
@@ -453,11 +457,12 @@ class Batcher:
         index = len(self._meta.xids)
         for event in transaction.events:
             if isinstance(event, Run):
-                if keep and event.count:
+                rows = event.count
+                if keep and rows:
                     relations = event.relations if event.relations is not None else self._relations
                     self._runs.append(CommittedRun(event, index, self._next_seq, relations))
-                    self._next_seq += event.count
-                    self._pending_rows += event.count
+                    self._next_seq += rows
+                    self._pending_rows += rows
             elif isinstance(event, Relation):
                 self._apply_relation(event)  # from a stream: applies at its commit
             elif isinstance(event, (Truncate, _ResolvedTruncate)):
