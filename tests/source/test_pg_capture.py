@@ -140,6 +140,25 @@ def test_changes_as_json_lines_and_ctrl_c_exits_0(pg_db: PgDatabase) -> None:
     assert not pg_db.fetchall("SELECT 1 FROM pg_replication_slots")
 
 
+def test_a_large_transaction_is_printed_whole_a_piece_at_a_time(pg_db: PgDatabase) -> None:
+    """More changes than --piece-changes in one transaction: spilled while it arrives,
+    printed in pieces, every change once and in order."""
+    pg_db.execute("CREATE TABLE t (id int8 PRIMARY KEY, v text)")
+    with capture("--dsn", pg_db.dsn, "--table", "t", "--piece-changes", "7") as running:
+        _wait_for_slot(pg_db)
+        pg_db.execute(
+            "BEGIN; INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 40) g; "
+            "UPDATE t SET v = 'w' WHERE id % 3 = 0; COMMIT"
+        )
+        lines = running.wait_for(53)
+        code, stderr = running.interrupt()
+    assert code == 0, stderr
+    assert [line["op"] for line in lines] == ["I"] * 40 + ["U"] * 13
+    assert [line["new"]["id"] for line in lines[:40]] == list(range(1, 41))
+    assert [line["new"]["id"] for line in lines[40:]] == list(range(3, 40, 3))
+    assert len({line["lsn"] for line in lines}) == 1
+
+
 def test_named_slot_resumes_without_duplicates(pg_db: PgDatabase) -> None:
     pg_db.execute("CREATE TABLE t (id int8 PRIMARY KEY)")
     args = ("--dsn", pg_db.dsn, "--table", "public.t", "--slot", "cap")

@@ -107,6 +107,15 @@ def capture(
             "exported snapshot), then stream from that exact point: no gap, no duplicate.",
         ),
     ] = False,
+    piece_changes: Annotated[
+        int,
+        typer.Option(
+            "--piece-changes",
+            min=1,
+            help="A larger transaction waits on disk until it commits and is printed this "
+            "many changes at a time (memory stays bounded).",
+        ),
+    ] = 100_000,
 ) -> None:
     """Print committed changes of TABLEs as JSON lines, one per change, until Ctrl-C.
 
@@ -136,6 +145,7 @@ def capture(
             start_position=start,
             snapshot=snapshot,
             out=sys.stdout,
+            piece_changes=piece_changes,
         )
     except HeadraceError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -151,6 +161,7 @@ def run_capture(
     start_position: int,
     snapshot: bool,
     out: TextIO,
+    piece_changes: int = 100_000,
 ) -> None:
     """Stream (after an optional snapshot) to ``out`` until SIGINT/SIGTERM."""
     named = slot is not None
@@ -164,6 +175,7 @@ def run_capture(
         temporary_slot=not named and not snapshot,
         allow_slot_ahead=True,
         application_name="headrace-capture",
+        piece_max_changes=piece_changes,
     )
     with PostgresSource(settings) as source, _stop_on_signals(source) as stopped:
         source.prepare(start_position, create_slot=not snapshot)
