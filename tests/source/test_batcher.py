@@ -254,6 +254,25 @@ def test_large_transactions_wait_on_disk_until_they_commit(slot: LogicalSlot) ->
     assert "gone" not in {r["owner"] for r in rows}
 
 
+def test_a_large_transaction_sent_again_is_not_kept(slot: LogicalSlot) -> None:
+    """After a restart the slot may send again a transaction the store already has:
+    below skip_before, its rows are dropped as they arrive, not buffered or spilled."""
+    slot.db.execute("INSERT INTO acct SELECT g, 'x', 1, NULL, true FROM generate_series(1, 1500) g")
+    changes = slot.changes(streaming=False)
+    batcher = Batcher(slot.registry(), piece_changes=100)
+    batcher.skip_before(changes[-1][0] + 1)
+    held = moved = 0
+    for number, (lsn, payload) in enumerate(changes):
+        batcher.feed(lsn, payload)
+        if number % 50 == 0:
+            held = max(held, batcher.receiving_in_memory)  # what came since the last call
+            moved += batcher.spill_large()
+    assert moved == 0
+    assert 0 < held <= 50
+    batch = batcher.take()
+    assert batch is None or batch.is_empty
+
+
 def test_spill_directory_that_cannot_be_written_says_so(slot: LogicalSlot, tmp_path: Path) -> None:
     slot.db.execute("INSERT INTO acct SELECT g, 'x', 1, NULL, true FROM generate_series(1, 300) g")
     batcher = Batcher(slot.registry(), piece_changes=10, spill_dir=tmp_path / "missing")

@@ -109,9 +109,17 @@ class _Transaction:
     events: list[_Event] = field(default_factory=list)
     rows: int = 0  # row messages buffered (known for streamed transactions only)
     spill: SpillFile | None = None  # where its row messages go once it grows large
+    two_phase: bool = False  # prepared: its commit LSN (and so ``skip``) comes later
 
     def rows_in_memory(self) -> int:
         return sum(len(e.payloads) for e in self.events if isinstance(e, Run))
+
+    def drop_rows(self) -> None:
+        """Forget the row messages received (a transaction already delivered)."""
+        for event in self.events:
+            if isinstance(event, Run):
+                event.payloads.clear()  # the same lists: feed appends to them
+                event.lsns.clear()
 
 
 class Batcher:
@@ -226,8 +234,13 @@ class Batcher:
         holds more than ``piece_changes`` of them in memory (:mod:`.spill`); returns how
         many moved. Call it between feeds (the source does after every read): the check
         costs a pass over the open transactions' runs."""
+        current = self._open
+        if current is not None and current.skip and not current.two_phase:
+            # Below skip_before: delivered before a restart and sent again (its commit
+            # LSN is known from Begin). Nothing of it is kept, in memory or on disk.
+            current.drop_rows()
         if not (self._streams or self._prepared) and (
-            self._open is None or self._open.rows_in_memory() <= self.piece_changes
+            current is None or current.rows_in_memory() <= self.piece_changes
         ):
             return 0  # the common case, checked after every read: no list built
         moved = 0
@@ -417,7 +430,9 @@ class Batcher:
         if isinstance(message, BeginPrepare):
             if self._open is not None or self._in_stream:
                 raise ProtocolError("Begin Prepare inside a transaction", lsn=lsn, offset=0)
-            self._begin(_Transaction(message.xid, message.prepare_ts, message.prepare_lsn))
+            self._begin(
+                _Transaction(message.xid, message.prepare_ts, message.prepare_lsn, two_phase=True)
+            )
         elif isinstance(message, Prepare):
             transaction = self._open
             if transaction is None:
