@@ -78,3 +78,22 @@ def test_dead_letters_are_counted_from_the_store_and_shown(tmp_path: Path) -> No
     text = _rendered({**document, "store": "/data/store.duckdb"})
     assert "dead letters: 2" in text
     assert "public.transactions at 0/200: int -> text: cannot apply" in text
+
+
+def test_a_large_transaction_being_applied_is_shown_with_its_progress() -> None:
+    document: dict[str, object] = {
+        "store": "/data/store.duckdb",
+        "phase": "streaming",
+        "running": True,
+        "pid": 42,
+        "applying": {"changes": 1_000_000, "applied": 350_000, "pieces": 4, "seconds": 12.4},
+    }
+    expected = (
+        "applying a large transaction: 350,000 of 1,000,000 changes (35%, 4 pieces) in 12 s, "
+        "visible at its commit"
+    )
+    assert expected in _rendered(document)
+    assert expected in summary_line(document)
+    document["applying"] = None
+    assert "applying" not in _rendered(document)
+    assert "applying" not in summary_line(document)

@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -37,7 +38,13 @@ from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
 from headrace.engine.resolve import earliest_starts
-from headrace.engine.results import AppliedBatch, EngineStatus, RetentionApplied, SnapshotLoaded
+from headrace.engine.results import (
+    AppliedBatch,
+    EngineStatus,
+    PiecesProgress,
+    RetentionApplied,
+    SnapshotLoaded,
+)
 from headrace.engine.retention import retain_history, retain_rollup
 from headrace.engine.schema_change import diff_schema, follow_schema_change
 from headrace.engine.segments import split_segments
@@ -79,6 +86,8 @@ class Engine:
         """Called with the batch's transaction and position just before its COMMIT (the
         rules lane waits there until it recorded the batch, and its alerts are copied:
         :meth:`headrace.rules.lane.lane.RulesLane.before_engine_commit`)."""
+        self.applying: PiecesProgress | None = None
+        """While a batch in pieces is applied: how far (read by the status thread)."""
         self.after_piece: Callable[[], None] | None = None
         """Called after each piece of a batch in pieces is applied, inside the batch's
         transaction (the run's ``between_pieces`` fault point for crash tests)."""
@@ -112,10 +121,24 @@ class Engine:
         """Apply one batch: its effects and ``batch.position`` in one store transaction."""
         self._run_rebuild_requests()
         started = time.perf_counter()
+        position = max(batch.position, self._position or 0)
+        if batch.in_pieces:
+            log.info(
+                "a batch of %d changes (a large transaction): applied %d at a time, in one "
+                "store transaction",
+                batch.num_changes,
+                sum(t.num_rows for t in batch.tables),
+            )
+            self.applying = PiecesProgress(batch.num_changes, 0, 0, time.monotonic())
+        try:
+            return self._apply(batch, started, position)
+        finally:
+            self.applying = None
+
+    def _apply(self, batch: ChangeBatch, started: float, position: int) -> AppliedBatch:
         skipped = 0
         per_table: dict[str, int] = {}
         dead_letters = 0
-        position = max(batch.position, self._position or 0)
         with self._transaction() as con:
             # A huge transaction comes in pieces (ChangeBatch.pieces): each is applied
             # like a segment, in this one transaction; memory holds one piece.
@@ -146,6 +169,13 @@ class Engine:
                     for work in works:
                         name = work.model.name
                         per_table[name] = per_table.get(name, 0) + work.num_changes
+                if self.applying is not None:
+                    done = self.applying
+                    self.applying = replace(
+                        done,
+                        applied=done.applied + sum(t.num_rows for t in piece),
+                        pieces=done.pieces + 1,
+                    )
                 if batch.in_pieces and self.after_piece is not None:
                     self.after_piece()
             self.store.write_position(con, self.source, position, batch.last_commit_ts)

@@ -65,3 +65,25 @@ class EngineStatus:
     rollups: list[RollupStatus]
     dead_letters: int
     wal_bytes: int
+
+
+@dataclass(frozen=True)
+class PiecesProgress:
+    """A batch being applied a piece at a time (a huge transaction), for the status."""
+
+    changes: int
+    """Changes of the batch."""
+    applied: int
+    """Changes of the pieces applied so far (not visible before the batch commits)."""
+    pieces: int
+    """Pieces applied so far."""
+    started: float
+    """``time.monotonic()`` when the batch began."""
+
+    def document(self, now: float) -> dict[str, int | float]:
+        return {
+            "changes": self.changes,
+            "applied": self.applied,
+            "pieces": self.pieces,
+            "seconds": round(now - self.started, 1),
+        }

@@ -178,6 +178,7 @@ class Runner:
             queue_capacity=self.settings.queue_batches,
         )
         reporter.slot_name = self.config.source.slot
+        reporter.applying = lambda: engine.applying
         self._reporter = reporter
         self.state.position = engine.position()
         status_thread = threading.Thread(

@@ -21,6 +21,9 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
                    batches (0-1). Near 1 the store takes all the writer has: batches
                    grow, and freshness with them, as the source speeds up
 ``freshness_histogram``  cumulative counts per bucket of :data:`~.metrics.EDGES_MS`
+``applying``       while a batch is applied a piece at a time (a large transaction):
+                   its ``changes``, those ``applied`` so far, ``pieces`` and ``seconds``;
+                   null otherwise
 ``store_checkpoints``  the store's checkpoints since the process started: ``count``,
                    ``seconds`` in all, ``longest_s`` (each stops the writer) and
                    ``wal_bytes`` folded into the file
@@ -47,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 from headrace.alerts.delivery import sink_summaries
+from headrace.engine.results import PiecesProgress
 from headrace.errors import format_lsn
 from headrace.run.control import RunFiles, write_json_atomic
 from headrace.run.metrics import FreshnessHistogram, RateWindow
@@ -175,6 +179,8 @@ class StatusReporter:
         """The rules lane's figures (``rules.in_memory``), while it runs."""
         self.collector_info: Callable[[], dict[str, Any]] | None = None
         """The garbage collector's figures while streaming (:mod:`headrace.run.collector`)."""
+        self.applying: Callable[[], PiecesProgress | None] | None = None
+        """A batch being applied a piece at a time, if any (the engine's)."""
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
         no_deliveries: list[dict[str, Any]] = []
@@ -274,6 +280,8 @@ class StatusReporter:
             document["rules_lane"] = lane
         if self.collector_info is not None:
             document["collector"] = self.collector_info()
+        applying = self.applying() if self.applying is not None else None
+        document["applying"] = applying.document(time.monotonic()) if applying else None
         document["changes_per_s"] = round(self.window.rate("changes"), 1)
         document["batches_per_s"] = round(self.window.rate("batches"), 2)
         document["writer_busy"] = round(min(1.0, self.window.rate("apply_seconds")), 3)
@@ -410,22 +418,8 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"writer busy {_busy(document.get('writer_busy'))}",
         ]
     console.print("  ".join(line))
-    lane = document.get("rules_lane")
-    if running and lane:
-        lane_freshness = lane.get("freshness_ms") or {}
-        console.print(
-            f"rules lane ({', '.join(lane.get('rules', []))}): {lane.get('alerts', 0):,} alerts, "
-            f"{lane.get('commits', 0):,} commits, recorded p50 {_ms(lane_freshness.get('p50'))} "
-            f"p99 {_ms(lane_freshness.get('p99'))} after the source's commit"
-            + ("  [red]failed[/red]" if lane.get("failed") else "")
-        )
-    checkpoints = document.get("store_checkpoints")
-    if running and checkpoints and checkpoints.get("count"):
-        console.print(
-            f"store: WAL {_bytes(document.get('store_wal_bytes'))}; {checkpoints['count']:,} "
-            f"checkpoints, {checkpoints['seconds']:.1f} s in all, longest "
-            f"{_ms(checkpoints['longest_s'] * 1000)}"
-        )
+    if running:
+        _render_running(document, console)
     dead = document.get("dead_letters") or {}
     if dead.get("count"):
         newest = dead.get("newest") or {}
@@ -496,10 +490,46 @@ def _render_deliveries(sinks: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
+def _render_running(document: dict[str, Any], console: Console) -> None:
+    """The lines only a running pipeline has: a large transaction, the rules lane, the
+    store's checkpoints."""
+    applying = document.get("applying")
+    if applying:
+        console.print(f"applying {_pieces(applying)}")
+    lane = document.get("rules_lane")
+    if lane:
+        lane_freshness = lane.get("freshness_ms") or {}
+        console.print(
+            f"rules lane ({', '.join(lane.get('rules', []))}): {lane.get('alerts', 0):,} alerts, "
+            f"{lane.get('commits', 0):,} commits, recorded p50 {_ms(lane_freshness.get('p50'))} "
+            f"p99 {_ms(lane_freshness.get('p99'))} after the source's commit"
+            + ("  [red]failed[/red]" if lane.get("failed") else "")
+        )
+    checkpoints = document.get("store_checkpoints")
+    if checkpoints and checkpoints.get("count"):
+        console.print(
+            f"store: WAL {_bytes(document.get('store_wal_bytes'))}; {checkpoints['count']:,} "
+            f"checkpoints, {checkpoints['seconds']:.1f} s in all, longest "
+            f"{_ms(checkpoints['longest_s'] * 1000)}"
+        )
+
+
+def _pieces(applying: dict[str, Any]) -> str:
+    share = applying["applied"] / applying["changes"] if applying.get("changes") else 0.0
+    return (
+        f"a large transaction: {applying['applied']:,} of {applying['changes']:,} changes "
+        f"({share:.0%}, {applying['pieces']:,} pieces) in {applying['seconds']:.0f} s, "
+        "visible at its commit"
+    )
+
+
 def summary_line(document: dict[str, Any]) -> str:
     """The one-line live summary shown on a terminal while streaming."""
     freshness = document.get("freshness_ms") or {}
     queue = document.get("queue") or {}
+    applying = document.get("applying")
+    if applying:
+        return f"{document.get('phase')}  applying {_pieces(applying)}"
     return (
         f"{document.get('phase')}  {document.get('changes_per_s', 0):>9,.0f} changes/s  "
         f"{document.get('batches_per_s', 0):5.1f} batches/s  "

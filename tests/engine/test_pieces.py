@@ -1,0 +1,68 @@
+"""A batch in pieces (a huge transaction) through the engine: one store transaction, the
+progress the status shows, and the same store as the batch applied at once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from headrace.engine.results import PiecesProgress
+from headrace.source.postgres.batcher import Batcher
+from tests.conftest import PgDatabase
+from tests.engine.harness import Harness, make_harness
+
+YAML = """
+source:
+  dsn: "DSN"
+  tables:
+    ev: {event_time: ts, history: true}
+rollups:
+  - name: ev_sum
+    table: ev
+    grain: 5m
+    dimensions: [kind]
+    measures:
+      - {name: n, fn: count}
+      - {name: total, fn: sum, column: amount}
+      - {name: top, fn: max, column: amount}
+"""
+
+SCHEMA = """
+CREATE TABLE ev (id bigint PRIMARY KEY, kind text, amount int, ts timestamptz);
+INSERT INTO ev SELECT i, (ARRAY['a','b'])[1 + i % 2], i, '2024-01-01'::timestamptz
+  + i * interval '1 minute' FROM generate_series(1, 20) i;
+"""
+
+
+@pytest.fixture
+def h(pg_db: PgDatabase, tmp_path: Path) -> Iterator[Harness]:
+    pg_db.execute(SCHEMA)
+    harness = make_harness(pg_db, tmp_path, YAML)
+    harness.batcher = Batcher(harness.slot.registry(), piece_changes=4)
+    yield harness
+    harness.close()
+
+
+def test_progress_while_pieces_apply_and_one_version_for_the_batch(h: Harness) -> None:
+    seen: list[PiecesProgress | None] = []
+    h.engine.after_piece = lambda: seen.append(h.engine.applying)
+    h.transaction(
+        "UPDATE ev SET amount = amount * 10, kind = 'c' WHERE id <= 6",
+        "DELETE FROM ev WHERE id > 17",
+        "INSERT INTO ev SELECT i, 'd', i, '2024-01-02'::timestamptz FROM generate_series(30, 33) i",
+    )
+    versions_before = h.store.version
+    applied = h.sync()
+    assert len(applied) == 1
+    assert applied[0].changes == 13
+    assert [p.applied if p else None for p in seen] == [4, 8, 12, 13]
+    assert [p.pieces if p else None for p in seen] == [1, 2, 3, 4]
+    assert {p.changes for p in seen if p} == {13}
+    assert h.engine.applying is None
+    assert h.store.version == versions_before + 1  # readers saw one new version
+    h.assert_mirror("ev", ["id", "kind", "amount", "ts"])
+    h.assert_rollup("ev_sum")
+    ordinals = h.duck("SELECT _hr_seq FROM history.ev WHERE _hr_op <> 'S' ORDER BY _hr_seq")
+    assert [row[0] for row in ordinals] == list(range(13))
