@@ -3,6 +3,7 @@ progress the status shows, and the same store as the batch applied at once."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +67,28 @@ def test_progress_while_pieces_apply_and_one_version_for_the_batch(h: Harness) -
     h.assert_rollup("ev_sum")
     ordinals = h.duck("SELECT _hr_seq FROM history.ev WHERE _hr_op <> 'S' ORDER BY _hr_seq")
     assert [row[0] for row in ordinals] == list(range(13))
+
+
+def test_a_large_batch_runs_duckdb_on_every_core(pg_db: PgDatabase, tmp_path: Path) -> None:
+    pg_db.execute(SCHEMA)
+    yaml = YAML + "store:\n  streaming_threads: 1\n  parallel_batch_changes: 10\n"
+    harness = make_harness(pg_db, tmp_path, yaml)
+    try:
+
+        def threads() -> int:
+            value = harness.duck("SELECT current_setting('threads')")[0][0]
+            assert isinstance(value, int)
+            return value
+
+        harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 3")
+        harness.sync()
+        assert threads() == 1
+        harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 12")
+        harness.sync()
+        assert threads() == (os.cpu_count() or 1)
+        harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 2")
+        harness.sync()
+        assert threads() == 1
+        harness.assert_mirror("ev", ["id", "kind", "amount", "ts"])
+    finally:
+        harness.close()

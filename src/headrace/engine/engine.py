@@ -121,6 +121,7 @@ class Engine:
         """Apply one batch: its effects and ``batch.position`` in one store transaction."""
         self._run_rebuild_requests()
         started = time.perf_counter()
+        self._set_threads(batch.num_changes)
         position = max(batch.position, self._position or 0)
         if batch.in_pieces:
             log.info(
@@ -134,6 +135,12 @@ class Engine:
             return self._apply(batch, started, position)
         finally:
             self.applying = None
+
+    def _set_threads(self, changes: int) -> None:
+        """DuckDB on every core for a large batch, else on ``store.streaming_threads``."""
+        store = self.config.store
+        large = 0 < store.parallel_batch_changes <= changes
+        self.store.set_threads(0 if large else store.streaming_threads)
 
     def _apply(self, batch: ChangeBatch, started: float, position: int) -> AppliedBatch:
         skipped = 0

@@ -288,6 +288,17 @@ class StoreConfig(_Model):
             "less CPU per fintech batch). The initial snapshot always uses every core."
         ),
     )
+    parallel_batch_changes: int = Field(
+        default=20_000,
+        ge=0,
+        description=(
+            "A batch of at least this many changes (a backlog, a rate of tens of thousands "
+            "a second, a large transaction) is applied with DuckDB on every core; smaller "
+            "ones on `streaming_threads`. Large statements gain from more threads where small "
+            "ones lose (measured on 2 cores at 100,000 changes/s: freshness p99 1.55-1.78 s "
+            "against 2.45-2.75 s). 0: always `streaming_threads`."
+        ),
+    )
     memory_limit: str | None = Field(
         default=None,
         description=(

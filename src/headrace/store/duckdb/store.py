@@ -93,6 +93,7 @@ class DuckDBStore(Store):
         listener holding what a transaction wrote for its commit (alert delivery) drops
         it when this moved."""
         self._in_transaction = False
+        self._threads: int | None = None  # as set by set_threads (None: DuckDB's default)
         if read_only and not self.path.exists():
             raise StoreError(
                 f"there is no store at {self.path}",
@@ -179,7 +180,10 @@ class DuckDBStore(Store):
         The setting belongs to the database, so it holds for the readers' cursors too.
         """
         count = threads if threads > 0 else os.cpu_count() or 1
+        if count == self._threads:
+            return  # set per batch by the engine: a statement only when it changes
         self._con.execute(f"SET threads = {int(count)}")
+        self._threads = count
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new reader connection (cursor) for another thread; close it when done."""
