@@ -13,28 +13,7 @@ from headrace.engine.results import PiecesProgress
 from headrace.source.postgres.batcher import Batcher
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness
-
-YAML = """
-source:
-  dsn: "DSN"
-  tables:
-    ev: {event_time: ts, history: true}
-rollups:
-  - name: ev_sum
-    table: ev
-    grain: 5m
-    dimensions: [kind]
-    measures:
-      - {name: n, fn: count}
-      - {name: total, fn: sum, column: amount}
-      - {name: top, fn: max, column: amount}
-"""
-
-SCHEMA = """
-CREATE TABLE ev (id bigint PRIMARY KEY, kind text, amount int, ts timestamptz);
-INSERT INTO ev SELECT i, (ARRAY['a','b'])[1 + i % 2], i, '2024-01-01'::timestamptz
-  + i * interval '1 minute' FROM generate_series(1, 20) i;
-"""
+from tests.engine.test_new_keys import SCHEMA, YAML  # the same ev table and rollup
 
 
 @pytest.fixture
@@ -57,16 +36,16 @@ def test_progress_while_pieces_apply_and_one_version_for_the_batch(h: Harness) -
     versions_before = h.store.version
     applied = h.sync()
     assert len(applied) == 1
-    assert applied[0].changes == 13
-    assert [p.applied if p else None for p in seen] == [4, 8, 12, 13]
-    assert [p.pieces if p else None for p in seen] == [1, 2, 3, 4]
-    assert {p.changes for p in seen if p} == {13}
+    assert applied[0].changes == 6 + 33 + 4
+    assert [p.applied if p else None for p in seen] == [*range(4, 43, 4), 43]
+    assert [p.pieces if p else None for p in seen] == list(range(1, 12))
+    assert {p.changes for p in seen if p} == {43}
     assert h.engine.applying is None
     assert h.store.version == versions_before + 1  # readers saw one new version
     h.assert_mirror("ev", ["id", "kind", "amount", "ts"])
     h.assert_rollup("ev_sum")
     ordinals = h.duck("SELECT _hr_seq FROM history.ev WHERE _hr_op <> 'S' ORDER BY _hr_seq")
-    assert [row[0] for row in ordinals] == list(range(13))
+    assert [row[0] for row in ordinals] == list(range(43))
 
 
 def test_a_large_batch_runs_duckdb_on_every_core(pg_db: PgDatabase, tmp_path: Path) -> None:
@@ -83,7 +62,7 @@ def test_a_large_batch_runs_duckdb_on_every_core(pg_db: PgDatabase, tmp_path: Pa
         harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 3")
         harness.sync()
         assert threads() == 1
-        harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 12")
+        harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 12")  # 12 changes
         harness.sync()
         assert threads() == (os.cpu_count() or 1)
         harness.execute("UPDATE ev SET amount = amount + 1 WHERE id <= 2")

@@ -216,6 +216,20 @@ def test_batch_in_pieces_equals_the_batch_decoded_at_once(slot: LogicalSlot) -> 
     assert versions[-1] == {2}
 
 
+def _feed_spilling(
+    batcher: Batcher, changes: list[tuple[int, bytes]], every: int = 50
+) -> tuple[int, int]:
+    """Feed ``changes``, calling ``spill_large`` every ``every`` messages as the source
+    does after each read: (rows moved to disk, most rows held in memory before a call)."""
+    moved = held = 0
+    for number, (lsn, payload) in enumerate(changes):
+        batcher.feed(lsn, payload)
+        if number % every == 0:
+            held = max(held, batcher.receiving_in_memory)
+            moved += batcher.spill_large()
+    return moved, held
+
+
 def test_large_transactions_wait_on_disk_until_they_commit(slot: LogicalSlot) -> None:
     """Row messages of a transaction holding more than a piece in memory go to a spill
     file while it arrives; what comes out is the same batch, an aborted subtransaction's
@@ -237,12 +251,7 @@ def test_large_transactions_wait_on_disk_until_they_commit(slot: LogicalSlot) ->
     assert MSG_STREAM_ABORT in _op_kinds(changes)
     whole = slot_batch_from(slot, changes)
     batcher = Batcher(slot.registry(), piece_changes=100)
-    moved = held = 0
-    for number, (lsn, payload) in enumerate(changes):
-        batcher.feed(lsn, payload)
-        if number % 50 == 0:
-            moved += batcher.spill_large()
-            held = max(held, batcher.receiving_in_memory)
+    moved, held = _feed_spilling(batcher, changes)
     assert moved > 2000
     assert held <= 100 + 50
     pieced = batcher.take()
@@ -261,12 +270,7 @@ def test_a_large_transaction_sent_again_is_not_kept(slot: LogicalSlot) -> None:
     changes = slot.changes(streaming=False)
     batcher = Batcher(slot.registry(), piece_changes=100)
     batcher.skip_before(changes[-1][0] + 1)
-    held = moved = 0
-    for number, (lsn, payload) in enumerate(changes):
-        batcher.feed(lsn, payload)
-        if number % 50 == 0:
-            held = max(held, batcher.receiving_in_memory)  # what came since the last call
-            moved += batcher.spill_large()
+    moved, held = _feed_spilling(batcher, changes)
     assert moved == 0
     assert 0 < held <= 50
     batch = batcher.take()
