@@ -235,7 +235,7 @@ def _stream(source: PostgresSource, start_position: int, out: TextIO) -> None:
         # A huge transaction comes in pieces: each is printed as it is decoded, and the
         # position confirmed after the last.
         for tables in batch.pieces():
-            text = "".join(_piece_lines(tables))
+            text = _piece_text(tables)
             if not text:
                 continue
             try:
@@ -249,7 +249,7 @@ def _stream(source: PostgresSource, start_position: int, out: TextIO) -> None:
         source.confirm(batch.position)
 
 
-def _piece_lines(tables: tuple[TableChanges, ...]) -> Iterator[str]:
+def _piece_text(tables: tuple[TableChanges, ...]) -> str:
     """The JSON lines of a batch's changes (of one piece), in commit order across tables."""
     rows: list[tuple[int, str]] = []
     for changes in tables:
@@ -276,7 +276,7 @@ def _piece_lines(tables: tuple[TableChanges, ...]) -> Iterator[str]:
             }
             rows.append((row[SEQ], json.dumps(record, ensure_ascii=False) + "\n"))
     rows.sort(key=lambda item: item[0])
-    yield from (line for _, line in rows)
+    return "".join(line for _, line in rows)
 
 
 def snapshot_lines(chunk: SnapshotChunk) -> Iterator[str]:

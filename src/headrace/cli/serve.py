@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from headrace.cli.problems import fail
 from headrace.errors import HeadraceError
+
+T = TypeVar("T")
 
 user_app = typer.Typer(
     name="user",
@@ -134,10 +137,19 @@ def _sample_store(settings: Any, stop: threading.Event) -> Any:
     return store
 
 
-def _users(store: Path, config: Path | None) -> Any:
+def _on_users(store: Path, config: Path | None, action: Callable[[Any], T]) -> T:
+    """``action`` on the user store, closed afterwards; a HeadraceError ends the command
+    with its message (exit 1)."""
     from headrace.serve.users import UserStore  # noqa: PLC0415
 
-    return UserStore(_settings(store, config).users_path)
+    try:
+        users = UserStore(_settings(store, config).users_path)
+        try:
+            return action(users)
+        finally:
+            users.close()
+    except HeadraceError as exc:
+        fail(exc)
 
 
 @user_app.command("add")
@@ -155,16 +167,8 @@ def user_add(
     """Create a user; without --password-stdin a one-time password is generated and printed."""
     from headrace.serve.users import Role  # noqa: PLC0415
 
-    try:
-        password = sys.stdin.readline().rstrip("\n") if password_stdin else None
-        users = _users(store, config)
-        try:
-            secret = users.add(name, Role.parse(role), password)
-        finally:
-            users.close()
-    except HeadraceError as exc:
-        fail(exc)
-        return
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    secret = _on_users(store, config, lambda users: users.add(name, Role.parse(role), password))
     typer.echo(f"created {name} ({Role.parse(role).label})")
     if password is None:
         typer.echo(f"one-time password: {secret}")
@@ -181,16 +185,8 @@ def user_password(
 ) -> None:
     """Set a user's password (a generated one, printed, without --password-stdin) and end
     their sessions: e.g. to replace the one-time password `make demo` printed."""
-    try:
-        password = sys.stdin.readline().rstrip("\n") if password_stdin else None
-        users = _users(store, config)
-        try:
-            secret = users.set_password(name, password)
-        finally:
-            users.close()
-    except HeadraceError as exc:
-        fail(exc)
-        return
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    secret = _on_users(store, config, lambda users: users.set_password(name, password))
     typer.echo(f"new password for {name}; their sessions ended")
     if password is None:
         typer.echo(f"one-time password: {secret}")
@@ -203,12 +199,7 @@ def user_remove(
     config: ConfigOption = None,
 ) -> None:
     """Delete a user, their API tokens and sessions."""
-    users = _users(store, config)
-    try:
-        removed = users.remove(name)
-    finally:
-        users.close()
-    if not removed:
+    if not _on_users(store, config, lambda users: users.remove(name)):
         typer.echo(f"error: no user {name!r}", err=True)
         raise typer.Exit(1)
     typer.echo(f"removed {name}")
@@ -220,12 +211,8 @@ def user_list(
     config: ConfigOption = None,
 ) -> None:
     """List users and their roles."""
-    users = _users(store, config)
-    try:
-        for user in users.all():
-            typer.echo(f"{user.name}\t{user.role.label}")
-    finally:
-        users.close()
+    for user in _on_users(store, config, lambda users: users.all()):
+        typer.echo(f"{user.name}\t{user.role.label}")
 
 
 @user_app.command("token")
@@ -236,13 +223,5 @@ def user_token(
     config: ConfigOption = None,
 ) -> None:
     """Create an API token for a user (printed once; send it as 'Authorization: Bearer ...')."""
-    try:
-        users = _users(store, config)
-        try:
-            _, secret = users.create_token(name, label)
-        finally:
-            users.close()
-    except HeadraceError as exc:
-        fail(exc)
-        return
+    _, secret = _on_users(store, config, lambda users: users.create_token(name, label))
     typer.echo(secret)

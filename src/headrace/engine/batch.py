@@ -38,6 +38,7 @@ from headrace.engine.rollup import RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
 from headrace.source.changes import TableRef, TableSchema
+from headrace.store.duckdb.arrow_scan import release_arrow
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
@@ -71,11 +72,8 @@ def apply_segment(
         _write_segment(con, registry, jobs, works)
     finally:
         for work in works.values():
-            if work.touched_keys is not None and work.keep_nothing:
-                # A temp table (see compute_net): a later batch registers the name.
-                con.execute(f"DROP TABLE IF EXISTS {work.keys}")
-            elif work.touched_keys is not None:
-                con.unregister(work.keys)
+            if work.touched_keys is not None:
+                release_arrow(con, work.keys, keep_nothing=work.keep_nothing)
     return dead, list(works.values())
 
 

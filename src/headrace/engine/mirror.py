@@ -19,7 +19,7 @@ from headrace.source.changes import (
     XID,
     TableSchema,
 )
-from headrace.store.duckdb.arrow_scan import create_temp_table
+from headrace.store.duckdb.arrow_scan import hold_arrow, release_arrow
 from headrace.store.duckdb.schema import META
 
 
@@ -89,7 +89,7 @@ def write_dead_letters(
     """Keep every change of ``data`` in ``headrace.dead_letters``, one JSON payload each:
     the change's metadata, ``new`` and ``old`` values by column, ``unchanged_toast``
     (``keep_nothing``: in a long transaction, see
-    :func:`~headrace.store.duckdb.arrow_scan.create_temp_table`)."""
+    :func:`~headrace.store.duckdb.arrow_scan.hold_arrow`)."""
     if not data.num_rows:
         return 0
     renamed, new_names, old_names = positional(schema, storable_table(data))
@@ -106,18 +106,15 @@ def write_dead_letters(
         f"THEN {row_object(old_names)} END, "
         f"'old_kind', d.{OLD_KIND}, 'unchanged_toast', d.{TOAST})"
     )
-    insert = f"""INSERT INTO {META}.dead_letters (lsn, table_name, reason, payload, "at")
-        SELECT d.{LSN}, ?, ?, {payload}, now() FROM _hr_dead d ORDER BY d.{SEQ}"""
-    if keep_nothing:
-        create_temp_table(con, "_hr_dead", "*", renamed, keep_nothing=True)
-        con.execute(insert, [table_name, reason])
-        con.execute("DROP TABLE _hr_dead")
-        return int(data.num_rows)
-    con.register("_hr_dead", renamed)
+    hold_arrow(con, "_hr_dead", renamed, keep_nothing=keep_nothing)
     try:
-        con.execute(insert, [table_name, reason])
+        con.execute(
+            f"""INSERT INTO {META}.dead_letters (lsn, table_name, reason, payload, "at")
+            SELECT d.{LSN}, ?, ?, {payload}, now() FROM _hr_dead d ORDER BY d.{SEQ}""",
+            [table_name, reason],
+        )
     finally:
-        con.unregister("_hr_dead")
+        release_arrow(con, "_hr_dead", keep_nothing=keep_nothing)
     return int(data.num_rows)
 
 

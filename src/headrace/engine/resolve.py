@@ -52,7 +52,7 @@ from headrace.source.changes import (
     XID,
     TableSchema,
 )
-from headrace.store.duckdb.arrow_scan import create_temp_table
+from headrace.store.duckdb.arrow_scan import create_temp_table, hold_arrow
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import EVENT_TS
 
@@ -80,11 +80,10 @@ class TableWork:
     end_rows: int = 0
     touched_keys: pa.Table | None = None
     """The touched keys computed on the Arrow columns by :func:`load_changes`, when it
-    could (registered as ``keys`` instead of a CREATE TABLE AS: a statement less)."""
+    could (held as ``keys`` instead of a CREATE TABLE AS: a statement less)."""
     keep_nothing: bool = False
-    """A piece of a batch applied in pieces: Arrow tables go in through
-    :func:`~headrace.store.duckdb.arrow_scan.create_temp_table`, which DuckDB does not
-    keep to the end of the long transaction."""
+    """A piece of a batch applied in pieces: its Arrow tables go in so that DuckDB does
+    not keep them to the end of the long transaction (:mod:`~headrace.store.duckdb.arrow_scan`)."""
 
     @property
     def changes(self) -> str:
@@ -502,10 +501,8 @@ def compute_net(
     rows with their looked-up values, see :func:`~headrace.engine.lookup.lookup_joins`)."""
     model, c = work.model, work.changes
     keys = [quote_ident(k) for k in model.key]
-    if work.touched_keys is not None and work.keep_nothing:
-        create_temp_table(con, work.keys, "*", work.touched_keys, keep_nothing=True)
-    elif work.touched_keys is not None:
-        con.register(work.keys, work.touched_keys)
+    if work.touched_keys is not None:
+        hold_arrow(con, work.keys, work.touched_keys, keep_nothing=work.keep_nothing)
     else:
         _touched_keys_sql(con, work)
     joined = lookups or LookupJoins()

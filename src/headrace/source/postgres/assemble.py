@@ -195,7 +195,6 @@ def _assemble_rows(
     sizes = np.fromiter((len(p) for p, _ in read), dtype=np.int64, count=len(runs))
     payloads = list(chain.from_iterable(p for p, _ in read))
     lsns = list(chain.from_iterable(lsn for _, lsn in read))
-    del read
     headers = np.repeat(np.fromiter((r.run.header for r in runs), np.int64, len(runs)), sizes)
     block = MessageBlock.build(payloads, lsns, headers)
     run_starts = np.cumsum(sizes) - sizes

@@ -223,11 +223,15 @@ class Batcher:
         self._next_seq = 0
         self._taken = self._position
 
+    def _receiving(self) -> list[_Transaction]:
+        """The transactions not committed yet: open, streamed, prepared."""
+        open_ = [self._open] if self._open is not None else []
+        return [*open_, *self._streams.values(), *self._prepared.values()]
+
     @property
     def receiving_in_memory(self) -> int:
         """Row messages of transactions not committed yet, held in memory."""
-        receiving = [self._open, *self._streams.values(), *self._prepared.values()]
-        return sum(t.rows_in_memory() for t in receiving if t is not None)
+        return sum(t.rows_in_memory() for t in self._receiving())
 
     def spill_large(self) -> int:
         """Move to disk the row messages of every transaction still being received that
@@ -239,14 +243,9 @@ class Batcher:
             # Below skip_before: delivered before a restart and sent again (its commit
             # LSN is known from Begin). Nothing of it is kept, in memory or on disk.
             current.drop_rows()
-        if not (self._streams or self._prepared) and (
-            current is None or current.rows_in_memory() <= self.piece_changes
-        ):
-            return 0  # the common case, checked after every read: no list built
         moved = 0
-        receiving = [self._open, *self._streams.values(), *self._prepared.values()]
-        for transaction in receiving:
-            if transaction is None or transaction.rows_in_memory() <= self.piece_changes:
+        for transaction in self._receiving():
+            if transaction.rows_in_memory() <= self.piece_changes:
                 continue
             if transaction.spill is None:
                 transaction.spill = SpillFile(self.spill_dir)
@@ -554,8 +553,7 @@ class Batcher:
             # others when the consumer gets to them (:mod:`.pieces`).
             first, *others = split_pieces(self._runs, self._truncates, self.piece_changes)
             tables = assemble(first.runs, first.truncates, meta, self.registry)
-            registry = self.registry
-            rest = functools.partial(decode_pieces, others, meta, registry)
+            rest = functools.partial(decode_pieces, others, meta, self.registry)
             rest_changes = sum(p.changes for p in others)
             rest_commits = commits_of(others, meta)
         else:

@@ -16,6 +16,7 @@ are exactly the batch decoded at once.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -53,19 +54,17 @@ def split_pieces(runs: list[CommittedRun], truncates: list[TruncateRow], size: i
     events: list[CommittedRun | TruncateRow] = [*runs, *truncates]
     events.sort(key=lambda e: e.first_seq if isinstance(e, CommittedRun) else e.seq)
     for event in events:
-        if isinstance(event, TruncateRow):
-            if pieces[-1].changes >= size:
-                pieces.append(Piece())
-            pieces[-1].truncates.append(event)
-            pieces[-1].add(event.transaction, 1)
-            continue
-        start, count = 0, event.run.count
+        start, count = 0, 1 if isinstance(event, TruncateRow) else event.run.count
         while start < count:
             if pieces[-1].changes >= size:
                 pieces.append(Piece())
-            take = min(count - start, size - pieces[-1].changes)
-            pieces[-1].runs.append(_part(event, start, start + take))
-            pieces[-1].add(event.transaction, take)
+            piece = pieces[-1]
+            take = min(count - start, size - piece.changes)
+            if isinstance(event, TruncateRow):
+                piece.truncates.append(event)
+            else:
+                piece.runs.append(_part(event, start, start + take))
+            piece.add(event.transaction, take)
             start += take
     return [p for p in pieces if p.changes]
 
@@ -88,10 +87,8 @@ def decode_pieces(
     """Each of ``pieces`` decoded, one at a time (``counted``: values converted lossily
     count in ``conversion_issues``; once per batch, by its first consumer)."""
     for piece in pieces:
-        if counted:
-            yield tuple(assemble(piece.runs, piece.truncates, meta, registry))
-            continue
-        with conversions_not_counted():
+        # Not around the yield: the flag belongs to this thread while it decodes.
+        with contextlib.nullcontext() if counted else conversions_not_counted():
             tables = tuple(assemble(piece.runs, piece.truncates, meta, registry))
         yield tables
 

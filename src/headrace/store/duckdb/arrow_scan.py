@@ -1,17 +1,17 @@
-"""A temp table made from an Arrow table, with or without DuckDB keeping the Arrow table.
+"""Arrow tables in DuckDB statements, with or without DuckDB keeping them.
 
 ``con.register(name, table)`` adds a view to the connection's catalog, and
 DuckDB keeps every catalog entry a transaction created or dropped, with the
 Arrow table it holds, until that transaction ends (``unregister`` included;
 measured: +8 MB per registered 1M-row column, freed only at COMMIT). For a
-batch's one statement per table that costs nothing. A huge source
-transaction applied a piece at a time in one store transaction would keep
-every piece's changes to the end, so there the rows go in through a
-relation's ``insert_into``, which keeps nothing (measured: 0 MB) and reports
-a failing row as it is (a relation's ``query`` would keep nothing either,
-but inside a transaction it reports any failure as "transaction is aborted").
-DuckDB's replacement scan of a Python variable is off under ``headrace run
---serve``, which closes the shared instance to external access.
+batch's few registrations that costs nothing. A huge source transaction
+applied a piece at a time in one store transaction would keep every piece's
+changes to the end, so there (``keep_nothing``) the rows go into a temp table
+through a relation's ``insert_into``, which keeps nothing (measured: 0 MB)
+and reports a failing row as it is (a relation's ``query`` would keep nothing
+either, but inside a transaction it reports any failure as "transaction is
+aborted"). DuckDB's replacement scan of a Python variable is off under
+``headrace run --serve``, which closes the shared instance to external access.
 """
 
 from __future__ import annotations
@@ -30,26 +30,35 @@ def create_temp_table(
     table: pa.Table,
     *,
     keep_nothing: bool = False,
-) -> duckdb.DuckDBPyConnection:
-    """``CREATE OR REPLACE TEMP TABLE name AS SELECT select_list FROM table`` on ``con``.
-
-    ``keep_nothing``: inside a long transaction, so that DuckDB does not hold on to
-    ``table`` until it ends (two statements instead of one). Returns the statement's
-    cursor (for a row count) when ``keep_nothing`` is off.
-    """
+) -> None:
+    """``CREATE OR REPLACE TEMP TABLE name AS SELECT select_list FROM table`` on ``con``
+    (``keep_nothing``: inside a long transaction; two statements instead of one)."""
     create = f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT {select_list} FROM {ARROW_INPUT}"
-    if not keep_nothing:
-        con.register(ARROW_INPUT, table)
-        try:
-            return con.execute(create)
-        finally:
-            con.unregister(ARROW_INPUT)
-    # The columns and their types from an empty table of the same schema (a slice
-    # would share, and so keep, the table's buffers); then the rows, kept by nobody.
-    con.register(ARROW_INPUT, table.schema.empty_table())
+    # Kept: the whole table, or (keep_nothing) an empty one of its schema, whose columns
+    # and types make the temp table (a slice would share, and so keep, the buffers).
+    con.register(ARROW_INPUT, table.schema.empty_table() if keep_nothing else table)
     try:
-        created = con.execute(create)
+        con.execute(create)
     finally:
         con.unregister(ARROW_INPUT)
-    con.from_arrow(table).project(select_list).insert_into(name)
-    return created
+    if keep_nothing:
+        con.from_arrow(table).project(select_list).insert_into(name)
+
+
+def hold_arrow(
+    con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, *, keep_nothing: bool
+) -> None:
+    """Make ``table`` readable as ``name`` until :func:`release_arrow`: registered, or
+    (``keep_nothing``) copied into a temp table of that name."""
+    if keep_nothing:
+        create_temp_table(con, name, "*", table, keep_nothing=True)
+    else:
+        con.register(name, table)
+
+
+def release_arrow(con: duckdb.DuckDBPyConnection, name: str, *, keep_nothing: bool) -> None:
+    """Undo :func:`hold_arrow` (so that a later batch can register the name)."""
+    if keep_nothing:
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+    else:
+        con.unregister(name)
