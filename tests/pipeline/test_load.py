@@ -125,12 +125,6 @@ def test_wrong_type() -> None:
     assert "source.tables.public.transactions.history" in message
 
 
-def test_store_memory_limit_not_a_size() -> None:
-    message = error_of(GOOD + "store:\n  memory_limit: lots\n")
-    assert "store.memory_limit" in message
-    assert "lots" in message
-
-
 def test_bad_duration() -> None:
     message = error_of(GOOD.replace("grain: 5m", "grain: 5 minutes"))
     assert "rollups[0].grain: not a duration: '5 minutes'" in message
@@ -311,40 +305,58 @@ def test_catalog_missing_table_and_key() -> None:
     assert any("has no primary key or replica identity index" in p for p in rendered)
 
 
-def test_table_names_keys_and_duplicates() -> None:
-    bad_name = error_of(GOOD.replace("    accounts: {}", "    not a table: {}"))
-    assert "not a table name: 'not a table'" in bad_name
-    assert "`table` or `schema.table`" in bad_name
-    twice = error_of(GOOD.replace("    accounts: {}", "    accounts: {}\n    public.accounts: {}"))
-    assert "the same table as 'accounts'" in twice
-    empty_key = error_of(GOOD.replace("    accounts: {}", "    accounts: {primary_key: []}"))
-    assert "primary_key" in empty_key
-    assert "one or more column names, or leave it out" in empty_key
-
-
-def test_commit_time_rollup_on_a_table_with_an_event_time() -> None:
-    message = error_of(GOOD.replace("    grain: 5m\n", "    time: commit\n    grain: 5m\n"))
-    assert "commit time needs the table's event_time to be `commit`" in message
-
-
-def test_a_grain_finer_than_a_second() -> None:
-    # Durations are whole numbers of a unit, so only 0s is finer than a second.
-    message = error_of(GOOD.replace("grain: 5m", "grain: 0s").replace("[1h, 1d]", "[]"))
-    assert "too fine" in message
-    assert "whole seconds, at least 1s" in message
-
-
-def test_lookup_on_nothing() -> None:
-    message = error_of(GOOD.replace("on: account_id, column: tier", "on: [], column: tier"))
-    assert "lookup.on" in message
-    assert "empty" in message
-
-
-def test_measure_with_column_and_expr() -> None:
-    message = error_of(
-        GOOD.replace("fn: sum, column: amount}", 'fn: sum, column: amount, expr: "amount * 2"}')
-    )
-    assert "gives both column and expr" in message
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            GOOD.replace("    accounts: {}", "    not a table: {}"),
+            ("not a table name: 'not a table'", "`table` or `schema.table`"),
+            id="table-name",
+        ),
+        pytest.param(
+            GOOD.replace("    accounts: {}", "    accounts: {}\n    public.accounts: {}"),
+            ("the same table as 'accounts'",),
+            id="same-table-twice",
+        ),
+        pytest.param(
+            GOOD.replace("    accounts: {}", "    accounts: {primary_key: []}"),
+            ("primary_key", "one or more column names, or leave it out"),
+            id="empty-primary-key",
+        ),
+        pytest.param(
+            GOOD.replace("    grain: 5m\n", "    time: commit\n    grain: 5m\n"),
+            ("commit time needs the table's event_time to be `commit`",),
+            id="commit-time-on-an-event-time-table",
+        ),
+        # Durations are whole numbers of a unit, so only 0s is finer than a second.
+        pytest.param(
+            GOOD.replace("grain: 5m", "grain: 0s").replace("[1h, 1d]", "[]"),
+            ("too fine", "whole seconds, at least 1s"),
+            id="grain-under-a-second",
+        ),
+        pytest.param(
+            GOOD.replace("on: account_id, column: tier", "on: [], column: tier"),
+            ("lookup.on", "empty"),
+            id="lookup-on-nothing",
+        ),
+        pytest.param(
+            GOOD.replace(
+                "fn: sum, column: amount}", 'fn: sum, column: amount, expr: "amount * 2"}'
+            ),
+            ("gives both column and expr",),
+            id="measure-with-column-and-expr",
+        ),
+        pytest.param(
+            GOOD + "store:\n  memory_limit: lots\n",
+            ("store.memory_limit", "lots"),
+            id="store-memory-limit-not-a-size",
+        ),
+    ],
+)
+def test_each_mistake_is_named(text: str, expected: tuple[str, ...]) -> None:
+    message = error_of(text)
+    for part in expected:
+        assert part in message
 
 
 def test_catalog_unknown_key_time_lookup_and_measure_columns() -> None:

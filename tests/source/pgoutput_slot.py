@@ -82,13 +82,33 @@ class LogicalSlot:
         work_mem: str | None = None,
     ) -> ChangeBatch:
         """Feed all pending changes to a batcher and take one batch."""
-        batcher = batcher if batcher is not None else Batcher(self.registry())
         changes = self.changes(proto=proto, streaming=streaming, binary=binary, work_mem=work_mem)
+        return self.batch_from(changes, batcher)
+
+    def batch_from(
+        self, changes: list[tuple[int, bytes]], batcher: Batcher | None = None
+    ) -> ChangeBatch:
+        """Feed ``changes`` (read from this slot) to a batcher and take one batch."""
+        batcher = batcher if batcher is not None else Batcher(self.registry())
         for lsn, payload in changes:
             batcher.feed(lsn, payload)
         batch = batcher.take()
         assert batch is not None, "the slot had nothing to decode"
         return batch
+
+
+def acct_slot(db: PgDatabase) -> LogicalSlot:
+    """The batcher tests' slot, over one table of several types: ``acct``."""
+    db.execute(
+        "CREATE TABLE acct (id int8 PRIMARY KEY, owner text, balance numeric(18,2), "
+        "opened timestamptz, active bool)"
+    )
+    return LogicalSlot(db).create()
+
+
+def op_kinds(changes: list[tuple[int, bytes]]) -> set[int]:
+    """The message types (first bytes) among ``changes``."""
+    return {payload[0] for _, payload in changes}
 
 
 def table_changes(batch: ChangeBatch, name: str) -> list[TableChanges]:
