@@ -190,7 +190,7 @@ def load_changes(
     _measure(work, data)
     work.only_new_keys = _only_new_keys(work, schema)
     data, new_names, old_names = positional(schema, storable_table(data))
-    data = data.take(pc.sort_indices(data[SEQ]))
+    data = in_sequence(data)
     columns: dict[str, pa.ChunkedArray] = {
         name: data[name] for name in (SEQ, OP, LSN, COMMIT_TS, XID)
     }
@@ -213,6 +213,22 @@ def load_changes(
         con, work.changes, ", ".join(parts), pa.table(columns), keep_nothing=keep_nothing
     )
     return work
+
+
+def in_sequence(data: pa.Table) -> pa.Table:
+    """``data`` ordered by ``_hr_seq``.
+
+    The source hands each table's changes in message order and merged batches
+    are concatenated in order, so the rows almost always are in sequence already;
+    checking costs a pass over one integer column, where reordering takes every
+    column (about 8% of the writer's time at 100,000 changes/s).
+    """
+    if data.num_rows <= 1:
+        return data
+    seq = data[SEQ].to_numpy()
+    if bool(np.all(seq[1:] >= seq[:-1])):
+        return data
+    return data.take(pc.sort_indices(data[SEQ]))
 
 
 def _old_keys(
