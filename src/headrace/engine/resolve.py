@@ -168,6 +168,11 @@ def positional(
     return data.rename_columns(names), new, old
 
 
+END = "_hr_end"
+"""In ``_hr_c_i`` when the touched keys came from Arrow: whether the change is its
+key's end row (the new side of the key's last touch)."""
+
+
 def load_changes(
     con: duckdb.DuckDBPyConnection,
     model: TableModel,
@@ -209,6 +214,13 @@ def load_changes(
     for name in model.lookups:
         parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
     work.touched_keys = _touched_keys(work, data, columns)
+    if work.touched_keys is not None:
+        # A change is its key's end row when it is the key's last touch on the new side.
+        newest = pc.add(pc.multiply(data[SEQ], 2), 1)
+        columns[END] = pc.fill_null(
+            pc.is_in(newest, value_set=work.touched_keys["_hr_last"].combine_chunks()), False
+        )
+        parts.append(END)
     create_temp_table(
         con, work.changes, ", ".join(parts), pa.table(columns), keep_nothing=keep_nothing
     )
@@ -526,12 +538,17 @@ def compute_net(
         f"{joined.values[n]} AS {quote_ident(n)}" if n in joined.values else f"c.{quote_ident(n)}"
         for n, _ in model.mirror_columns()
     )
+    ends = (
+        f"c.{END}"
+        if work.touched_keys is not None
+        else f"c.{OP} IN ('I', 'U') AND c.{SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})"
+    )
     # CREATE TABLE AS returns its row count: start and end sizes come for free.
     work.end_rows = rows_written(
         con.execute(
             f"""CREATE OR REPLACE TEMP TABLE {work.end} AS
             SELECT {columns}, c.{SEQ} FROM {c} c {" ".join(joined.joins)}
-            WHERE c.{OP} IN ('I', 'U') AND c.{SEQ} * 2 + 1 IN (SELECT _hr_last FROM {work.keys})"""
+            WHERE {ends}"""
         )
     )
     if work.truncated_at is not None:
