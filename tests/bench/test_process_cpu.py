@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 from headrace.bench.process_cpu import (
+    ProcessCpu,
     describe_cores,
+    describe_waits,
     load_cpu_share,
     postgres_cpu,
+    thread_wait_seconds,
     waited_children_cpu_seconds,
 )
 from headrace.sandbox.postgres import ThrowawayPostgres
@@ -45,3 +49,21 @@ def test_a_waited_for_child_counts_and_the_share_is_in_cores(
     assert 0.0 < cores["generator"] <= 1.5
     assert cores["headrace"] == 0.0
     assert describe_cores(cores).startswith("CPU over the load, in cores of ")
+
+
+def test_threads_waiting_for_a_cpu_are_counted() -> None:
+    # One busy process more than the cores this test may use: someone always waits.
+    busy = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+    count = len(os.sched_getaffinity(0)) + 1
+    children = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(count)]
+    try:
+        time.sleep(1.0)
+        waited = sum(ProcessCpu(child.pid).wait_seconds() for child in children)
+    finally:
+        for child in children:
+            child.wait()
+    assert waited > 0.05
+    assert thread_wait_seconds(os.getpid()) >= 0.0
+    assert thread_wait_seconds(2**22 + 1) == 0.0  # no such process
+    line = describe_waits({"postgres": 0.5, "headrace": 1.25})
+    assert line.endswith("postgres 0.50, headrace 1.25")

@@ -46,7 +46,9 @@ from headrace.bench.fraud_score import AlertSeen, Incident, percentile, score_ru
 from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
+    describe_waits,
     load_cpu_share,
+    load_wait_share,
     postgres_cpu,
 )
 from headrace.bench.run_process import RunProcess, checkpoints_between, describe_checkpoints
@@ -117,6 +119,9 @@ class FraudBenchResult:
     headrace_cpu_cores: float | None = None
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    cpu_waits: dict[str, float] = field(default_factory=dict)
+    """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
+    for a CPU over the same window (more than the cores they used: every core was busy)."""
     """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
     walsender), the generator process and headrace: the machine's budget."""
     meets_target: bool | None = None
@@ -257,6 +262,7 @@ def _measure(
         f"{result.fraud_every:,} transactions ..."
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
+    waits = load_wait_share(postgres, headrace.wait_seconds)
     generator = WorkloadProcess("headrace.bench.fraud_workload", options)
     try:
         written = generator.wait(workload_deadline_s(result.seconds), headrace.status)
@@ -278,6 +284,7 @@ def _measure(
     )
     result.catch_up_s = round(time.monotonic() - load_end, 2)
     result.cpu_cores = share.stop()
+    result.cpu_waits = waits.stop()
     result.headrace_cpu_cores = result.cpu_cores["headrace"]
     freshness = FreshnessHistogram(done.get("freshness_histogram")).since(before_hist)
     result.freshness_p50_ms = freshness.percentile(0.5)
@@ -300,6 +307,8 @@ def _measure(
         f"store caught up {result.catch_up_s} s after the load"
     )
     out.print(describe_cores(result.cpu_cores))
+    if result.cpu_waits:
+        out.print(describe_waits(result.cpu_waits))
 
 
 def _score(

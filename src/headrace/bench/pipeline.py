@@ -41,7 +41,9 @@ from headrace.bench.pipeline_workload import create_schema, tx_rows_for
 from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
+    describe_waits,
     load_cpu_share,
+    load_wait_share,
     postgres_cpu,
 )
 from headrace.bench.run_process import RunProcess, checkpoints_between, describe_checkpoints
@@ -120,6 +122,9 @@ class PipelineBenchResult:
     headrace_cpu_cores: float = 0.0
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    cpu_waits: dict[str, float] = field(default_factory=dict)
+    """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
+    for a CPU over the same window (more than the cores they used: every core was busy)."""
     """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
     walsender), the generator process and headrace: the machine's budget."""
     headrace_peak_rss_mb: float = 0.0
@@ -228,6 +233,7 @@ def _measure(
         f"{writers} connections)"
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
+    waits = load_wait_share(postgres, headrace.wait_seconds)
     started = time.monotonic()
     generator = WorkloadProcess("headrace.bench.pipeline_workload", options)
     try:
@@ -247,6 +253,7 @@ def _measure(
     )
     caught_up = time.monotonic()
     result.cpu_cores = share.stop()
+    result.cpu_waits = waits.stop()
     # The exactness check needs the very position of the last commit (a heartbeat may be
     # needed to pass WAL records written after it).
     headrace.wait_for(lambda d: (d.get("position") or 0) >= end_lsn, 120, "the last commit")
@@ -287,6 +294,8 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
         f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
     )
     out.print(describe_cores(result.cpu_cores))
+    if result.cpu_waits:
+        out.print(describe_waits(result.cpu_waits))
     out.print(describe_checkpoints(result.store_checkpoints))
 
 

@@ -4,7 +4,9 @@ The benchmarks run everything on one machine (2 cores on the development
 machine): PostgreSQL executing the workload and decoding it for the
 walsender, the generator process, and headrace. A latency or throughput
 figure means little without knowing how much of the machine headrace had, so
-the benchmarks report each party's CPU over the load window, in cores.
+the benchmarks report each party's CPU over the load window, in cores, and how
+long their threads waited for a core (runnable, not running): on a machine whose
+cores are all busy that wait, not the work, is what a latency figure is made of.
 """
 
 from __future__ import annotations
@@ -44,12 +46,37 @@ class ProcessCpu:
                 total += times.children_user + times.children_system
         return total
 
+    def wait_seconds(self) -> float:
+        """Seconds its live threads (and, with ``children``, its live children's) spent
+        runnable but waiting for a CPU, so far (see :func:`thread_wait_seconds`)."""
+        return sum(thread_wait_seconds(each.pid) for each in self._all())
+
     def rss(self) -> int:
         """Resident bytes now (of the process alone)."""
         try:
             return int(self.process.memory_info().rss)
         except psutil.Error:
             return 0
+
+
+def thread_wait_seconds(pid: int) -> float:
+    """Seconds the threads of process ``pid`` alive now spent runnable but waiting for a
+    CPU (the second field of Linux's ``/proc/PID/task/TID/schedstat``); 0.0 where the
+    kernel does not report it. Threads that exited are not counted."""
+    total_ns = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+                fields = handle.read().split()
+        except OSError:
+            continue  # the thread exited meanwhile
+        if len(fields) >= 2:  # on-CPU ns, then waiting ns
+            total_ns += int(fields[1])
+    return total_ns / 1e9
 
 
 def postgres_cpu(datadir: Path) -> ProcessCpu:
@@ -98,6 +125,22 @@ def load_cpu_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuSh
     )
     share.start()
     return share
+
+
+def load_wait_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuShare:
+    """A started :class:`CpuShare` of the seconds PostgreSQL's and headrace's threads
+    wait for a CPU (:meth:`ProcessCpu.wait_seconds`; headrace's reader given)."""
+    share = CpuShare({"postgres": postgres.wait_seconds, "headrace": headrace})
+    share.start()
+    return share
+
+
+def describe_waits(waits: dict[str, float]) -> str:
+    """One line: each party's threads' wait for a CPU, in thread-seconds per second."""
+    parts = ", ".join(f"{name} {value:.2f}" for name, value in waits.items())
+    return (
+        f"waiting for a CPU (threads runnable, not running), in thread-seconds per second: {parts}"
+    )
 
 
 def describe_cores(cores: dict[str, float]) -> str:

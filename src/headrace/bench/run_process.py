@@ -17,6 +17,7 @@ from typing import Any
 
 import psutil
 
+from headrace.bench.process_cpu import thread_wait_seconds
 from headrace.run.control import RunFiles, read_json
 
 
@@ -79,6 +80,10 @@ class RunProcess:
     def cpu_seconds(self) -> float:
         times = self.ps.cpu_times()
         return float(times.user + times.system)
+
+    def wait_seconds(self) -> float:
+        """Seconds its threads spent runnable but waiting for a CPU, so far."""
+        return thread_wait_seconds(self.process.pid)
 
     def peak_rss(self) -> int:
         """The process's high-water RSS (``VmHWM``), in bytes."""
