@@ -26,6 +26,8 @@ def test_bench_serve_measures_viewers_fed_by_the_pipeline(
     assert json.loads(last) == json.loads(json.dumps(result))
     assert result["viewers_held"] == 3
     assert result["viewer_errors"] == 0
+    assert set(result["cpu_waits"]) == {"headrace_run", "write_load", "postgres"}
+    assert all(wait >= 0 for wait in result["cpu_waits"].values())
     assert result["changes_written_per_s"] > 0
     assert result["changes_applied_per_s"] > 0
     assert result["updates_measured"] > 0

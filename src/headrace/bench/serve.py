@@ -147,6 +147,7 @@ class _Sample:
     metrics: str
     status: dict[str, Any]
     cpu: dict[str, float]
+    waits: dict[str, float]
 
 
 def _sample(
@@ -157,6 +158,7 @@ def _sample(
         http.get(f"{url}/metrics").text,
         stack.headrace.status(),
         {name: cpu.cpu_seconds() for name, cpu in cpus.items()},
+        {name: cpu.wait_seconds() for name, cpu in cpus.items()},
     )
 
 
@@ -273,6 +275,7 @@ def run(settings: ServeBenchSettings) -> dict[str, Any]:
         "commit_to_viewer_p50_ms",
         "commit_to_viewer_p99_ms",
         "store_checkpoints",
+        "cpu_waits",
         "viewers_held",
         "server_rss_mb",
         "polling_vs_broadcast_ratio",
@@ -324,6 +327,9 @@ def _result(
         name: round(100 * (after.cpu[name] - before.cpu[name]) / window, 1) for name in before.cpu
     }
     cpu["clients"] = measured["client_cpu_percent"]
+    waits = {
+        name: round((after.waits[name] - before.waits[name]) / window, 2) for name in before.waits
+    }
     latencies = measured["update_latencies"]
     return {
         "bench": "serve",
@@ -378,6 +384,8 @@ def _result(
         "server_rss_mb": round(rss_peak / 2**20, 1),
         # Per process, 100 = one core; the machine's cores are shared by all of them.
         "cpu_percent": cpu,
+        # Thread-seconds per second runnable but waiting for a core (live threads only).
+        "cpu_waits": waits,
         "measured": "after every viewer connected; join events not counted as updates",
         "store_queries_per_s": round(actual_qps, 2),
         # Every statement of the read threads by kind (tile, read, position, catalog), and
