@@ -19,15 +19,21 @@ def _rendered(document: dict[str, object]) -> str:
     return out.getvalue()
 
 
-def test_checkpoints_are_shown_while_running() -> None:
-    document: dict[str, object] = {
+def _running(**fields: object) -> dict[str, object]:
+    """The status document of a run streaming now, with ``fields``."""
+    return {
         "store": "/data/store.duckdb",
         "phase": "streaming",
         "running": True,
         "pid": 42,
-        "store_wal_bytes": 3 * 2**20,
-        "store_checkpoints": {"count": 2, "seconds": 1.5, "longest_s": 0.95, "wal_bytes": 1},
-    }
+    } | fields
+
+
+def test_checkpoints_are_shown_while_running() -> None:
+    document = _running(
+        store_wal_bytes=3 * 2**20,
+        store_checkpoints={"count": 2, "seconds": 1.5, "longest_s": 0.95, "wal_bytes": 1},
+    )
     text = _rendered(document)
     assert "store: WAL 3.0 MB; 2 checkpoints, 1.5 s in all, longest 950 ms" in text
     document["store_checkpoints"] = {"count": 0, "seconds": 0, "longest_s": 0, "wal_bytes": 0}
@@ -35,12 +41,7 @@ def test_checkpoints_are_shown_while_running() -> None:
 
 
 def test_the_writers_busy_share_is_shown_while_running() -> None:
-    document: dict[str, object] = {
-        "store": "/data/store.duckdb",
-        "phase": "streaming",
-        "running": True,
-        "writer_busy": 0.973,
-    }
+    document = _running(writer_busy=0.973)
     assert "writer busy 97%" in _rendered(document)
     assert "busy 97%" in summary_line(document)
     del document["writer_busy"]  # a status file of an older version, or the first second
@@ -81,13 +82,9 @@ def test_dead_letters_are_counted_from_the_store_and_shown(tmp_path: Path) -> No
 
 
 def test_a_large_transaction_being_applied_is_shown_with_its_progress() -> None:
-    document: dict[str, object] = {
-        "store": "/data/store.duckdb",
-        "phase": "streaming",
-        "running": True,
-        "pid": 42,
-        "applying": {"changes": 1_000_000, "applied": 350_000, "pieces": 4, "seconds": 12.4},
-    }
+    document = _running(
+        applying={"changes": 1_000_000, "applied": 350_000, "pieces": 4, "seconds": 12.4}
+    )
     expected = (
         "applying a large transaction: 350,000 of 1,000,000 changes (35%, 4 pieces) in 12 s, "
         "visible at its commit"

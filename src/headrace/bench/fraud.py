@@ -119,11 +119,11 @@ class FraudBenchResult:
     headrace_cpu_cores: float | None = None
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
+    walsender), the generator process and headrace: the machine's budget."""
     cpu_waits: dict[str, float] = field(default_factory=dict)
     """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
     for a CPU over the same window (more than the cores they used: every core was busy)."""
-    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
-    walsender), the generator process and headrace: the machine's budget."""
     meets_target: bool | None = None
     problems: list[str] = field(default_factory=list)
 

@@ -122,11 +122,11 @@ class PipelineBenchResult:
     headrace_cpu_cores: float = 0.0
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
+    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
+    walsender), the generator process and headrace: the machine's budget."""
     cpu_waits: dict[str, float] = field(default_factory=dict)
     """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
     for a CPU over the same window (more than the cores they used: every core was busy)."""
-    """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
-    walsender), the generator process and headrace: the machine's budget."""
     headrace_peak_rss_mb: float = 0.0
     headrace_streaming_rss_mb: float = 0.0
     store_transactions: int = 0

@@ -230,17 +230,18 @@ def load_changes(
 def in_sequence(data: pa.Table) -> pa.Table:
     """``data`` ordered by ``_hr_seq``.
 
-    The source hands each table's changes in message order and merged batches
-    are concatenated in order, so the rows almost always are in sequence already;
-    checking costs a pass over one integer column, where reordering takes every
-    column (about 8% of the writer's time at 100,000 changes/s).
+    A :class:`~headrace.source.changes.TableChanges` is in commit order already (the
+    source sorts what it concatenates, merged batches are concatenated in order), so
+    this only guards batches built otherwise: checking is a pass over one integer
+    column, where reordering takes every column (about 8% of the writer's time at
+    100,000 changes/s).
     """
     if data.num_rows <= 1:
         return data
     seq = data[SEQ].to_numpy()
     if bool(np.all(seq[1:] >= seq[:-1])):
         return data
-    return data.take(pc.sort_indices(data[SEQ]))
+    return data.sort_by(SEQ)
 
 
 def _old_keys(
