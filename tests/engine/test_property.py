@@ -22,11 +22,14 @@ import itertools
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from headrace.engine import resolve
+from headrace.engine.resolve import VIEW_CHANGES
 from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
@@ -337,16 +340,31 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     steps=steps,
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
     piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
+    view_from=st.sampled_from([VIEW_CHANGES, 1]),
 )
 def test_engine_equals_postgresql(
+    fresh: tuple[PgDatabase, Path],
+    *,
+    initial: list[str],
+    steps: list[Step],
+    cuts: list[bool],
+    piece: int,
+    view_from: int,
+) -> None:
+    """``piece``: batches with more changes come in pieces of this many (as a huge
+    transaction does), applied in one store transaction. ``view_from``: a table's changes
+    are a view over the Arrow table from this many (the large batches' way)."""
+    with patch.object(resolve, "VIEW_CHANGES", view_from):
+        _engine_equals_postgresql(fresh, initial, steps, cuts, piece)
+
+
+def _engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
     initial: list[str],
     steps: list[Step],
     cuts: list[bool],
     piece: int,
 ) -> None:
-    """``piece``: batches with more changes come in pieces of this many (as a huge
-    transaction does), applied in one store transaction."""
     db, tmp_path = fresh
     _reset(db)
     example = tmp_path / f"ex{next(_examples)}"

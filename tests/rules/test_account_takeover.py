@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import patch
 
+import pytest
+
+from headrace.engine import resolve
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, only, open_bank
 
@@ -14,7 +18,14 @@ def _out(bank: Bank, account: int, amount: float, seconds: float, **kw: object) 
     return bank.tx(account, amount, seconds, channel="transfer", type="transfer_out", **kw)  # type: ignore[arg-type]
 
 
-def test_new_device_and_failed_logins(pg_db: PgDatabase, tmp_path: Path) -> None:
+@pytest.mark.parametrize("view_from", [resolve.VIEW_CHANGES, 1], ids=["tables", "views"])
+def test_new_device_and_failed_logins(pg_db: PgDatabase, tmp_path: Path, view_from: int) -> None:
+    """``view_from``: the rule also reads a batch's changes as a view (large batches)."""
+    with patch.object(resolve, "VIEW_CHANGES", view_from):
+        _new_device_and_failed_logins(pg_db, tmp_path)
+
+
+def _new_device_and_failed_logins(pg_db: PgDatabase, tmp_path: Path) -> None:
     bank = open_bank(pg_db, tmp_path, only("account_takeover"))
     for customer in (1, 2, 3, 4):
         bank.login(customer, -120 * MINUTE)  # phone-1 becomes a known device

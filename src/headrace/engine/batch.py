@@ -74,6 +74,8 @@ def apply_segment(
         for work in works.values():
             if work.touched_keys is not None:
                 release_arrow(con, work.keys, keep_nothing=work.keep_nothing)
+            if work.changes_view:
+                con.unregister(work.changes_input)
     return dead, list(works.values())
 
 

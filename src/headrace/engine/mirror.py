@@ -71,10 +71,7 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     if not work.end_rows:
         return  # only deletes
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
-    con.execute(
-        f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end} "
-        f"ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
-    )
+    con.execute(f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end}")
 
 
 def write_dead_letters(
