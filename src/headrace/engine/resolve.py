@@ -179,13 +179,16 @@ def positional(
     return data.rename_columns(names), new, old
 
 
-VIEW_CHANGES = 10_000
+VIEW_CHANGES = 20_000
 """From this many changes of a table in a batch, its changes are a view over the Arrow
 table instead of a temp table (:attr:`TableWork.changes_view`). Measured with ``bench
 replay``: at 71k changes (``bench pipeline --rate 100000``) the copy is 20-25 ms of a
 180 ms batch and the view reads cost no more; at a few hundred (the fintech
-deployment, whose lookups and rules read a table's changes up to 4 times) each view read
-costs 1-2 ms more than a temp table's, more than the copy saves."""
+deployment, whose lookups and jobs read a table's changes up to 4 times) each view read
+costs 1-2 ms more than a temp table's, more than the copy saves. Between the two it was
+not measured, so the fintech deployment's largest batches (a backlog after a checkpoint
+at 5,000 transactions/s: ~15k ledger entries) stay below; the same size as
+``store.parallel_batch_changes``."""
 
 END = "_hr_end"
 """In ``_hr_c_i`` when the touched keys came from Arrow: whether the change is its
