@@ -71,7 +71,10 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     if not work.end_rows:
         return  # only deletes
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
-    con.execute(f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end}")
+    con.execute(
+        f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end} "
+        f"ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
+    )
 
 
 def write_dead_letters(
