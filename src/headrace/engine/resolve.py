@@ -187,7 +187,7 @@ replay``: at 71k changes (``bench pipeline --rate 100000``) the copy is 20-25 ms
 deployment, whose lookups and jobs read a table's changes up to 4 times) each view read
 costs 1-2 ms more than a temp table's, more than the copy saves. Between the two it was
 not measured, so the fintech deployment's largest batches (a backlog after a checkpoint
-at 5,000 transactions/s: ~15k ledger entries) stay below; the same size as
+at 5,000 transactions/s: ~15k ledger entries, estimated) stay below; the same size as
 ``store.parallel_batch_changes``."""
 
 END = "_hr_end"
