@@ -25,15 +25,11 @@ import duckdb
 import pyarrow as pa
 
 from headrace.engine.extremes import merge_extremes
+from headrace.engine.inherit import fill_inherited
 from headrace.engine.lookup import lookup_joins
 from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
 from headrace.engine.registry import Registry, RollupRuntime
-from headrace.engine.resolve import (
-    TableWork,
-    compute_net,
-    fill_inherited,
-    load_changes,
-)
+from headrace.engine.resolve import TableWork, compute_net, load_changes
 from headrace.engine.rollup import RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs

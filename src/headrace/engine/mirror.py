@@ -5,9 +5,10 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.resolve import TableWork, compute_prev, old_key, positional
+from headrace.engine.inherit import compute_prev
+from headrace.engine.resolve import TableWork, old_key, positional
 from headrace.engine.types import storable_table
-from headrace.pipeline.model import quote_ident
+from headrace.pipeline.model import quote_ident, quote_literal
 from headrace.source.changes import (
     COMMIT_TS,
     LSN,
@@ -95,7 +96,7 @@ def write_dead_letters(
     renamed, new_names, old_names = positional(schema, storable_table(data))
 
     def row_object(names: dict[str, str]) -> str:
-        pairs = ", ".join(f"{_literal(column)}, d.{alias}" for column, alias in names.items())
+        pairs = ", ".join(f"{quote_literal(column)}, d.{alias}" for column, alias in names.items())
         return f"json_object({pairs})" if pairs else "json_object()"
 
     meta = ", ".join(f"'{f.name}', d.{f.name}" for f in META_FIELDS)
@@ -116,7 +117,3 @@ def write_dead_letters(
     finally:
         release_arrow(con, "_hr_dead", keep_nothing=keep_nothing)
     return int(data.num_rows)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

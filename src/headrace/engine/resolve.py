@@ -9,11 +9,7 @@ Python). For table number ``i`` of a batch:
     (``_hr_ok_<j>``: the key the change removes or modifies), every known
     column (for deletes: the old values the source sent), and the engine's
     hidden columns. Unchanged TOAST values and the commit-time event time
-    are *inherited* from the row's previous version: the previous change of
-    the same row in this batch (found with an ASOF join on the key; key
-    moves are followed) or, at the start of the chain, the mirror row. The
-    chain is resolved by pointer jumping: O(log n) statements for a row
-    changed n times in one batch.
+    are *inherited* from the row's previous version (:mod:`.inherit`).
 
 ``_hr_k_i`` (touched keys)
     every key a change inserted, modified or removed after the batch's last
@@ -260,7 +256,8 @@ def load_changes(
 
 
 def _fills_inherited(work: TableWork) -> bool:
-    """Whether :func:`fill_inherited` will rewrite the changes (``_measure`` has run)."""
+    """Whether :func:`~headrace.engine.inherit.fill_inherited` will rewrite the changes
+    (``_measure`` has run)."""
     model = work.model
     return model.config.mirror and (work.toasted > 0 or (model.commit_time and work.updates > 0))
 
@@ -441,106 +438,6 @@ def _only_new_keys(work: TableWork, schema: TableSchema) -> bool:
     # A key made of the source's unique key (and perhaps more columns) is unique too;
     # a configured key without it is not, and a row under it may already exist.
     return source_key <= set(work.model.key)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _key_match(model: TableModel, left: str, left_cols: list[str], right: str) -> str:
-    return " AND ".join(
-        f"{left}.{lc} = {right}.{quote_ident(k)}"
-        for lc, k in zip(left_cols, model.key, strict=True)
-    )
-
-
-def compute_prev(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """``_hr_p_i``: for each update/delete, the batch's previous version of its row (or NULL)."""
-    model, c = work.model, work.changes
-    old = [old_key(j) for j in range(len(model.key))]
-    new = [quote_ident(k) for k in model.key]
-    condition = " AND ".join(f"p.{n} = u.{o}" for n, o in zip(new, old, strict=True))
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE {work.prev} AS
-        SELECT u.{SEQ}, p.{SEQ} AS _hr_prev
-        FROM (SELECT {SEQ}, {", ".join(old)} FROM {c} WHERE {OP} IN ('U', 'D')) u
-        ASOF LEFT JOIN (SELECT {SEQ}, {", ".join(new)} FROM {c} WHERE {OP} IN ('I', 'U')) p
-          ON {condition} AND u.{SEQ} > p.{SEQ}"""
-    )
-    work.has_prev = True
-
-
-def needs_prev(work: TableWork) -> bool:
-    model = work.model
-    return (
-        work.toasted > 0
-        or (model.commit_time and work.updates > 0)
-        or (model.config.history and model.config.mirror and work.deletes > 0)
-    )
-
-
-def fill_inherited(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Fill unchanged TOAST values and inherited event times from each row's previous version."""
-    model = work.model
-    if not model.config.mirror:
-        return
-    if needs_prev(work) and not work.has_prev:
-        compute_prev(con, work)
-    if work.toasted:
-        rows = con.execute(
-            f"SELECT DISTINCT unnest({TOAST}) FROM {work.changes} WHERE len({TOAST}) > 0"
-        ).fetchall()
-        for (name,) in rows:
-            if model.column(str(name)) is None:
-                continue
-            provides = (
-                f"({{a}}.{OP} = 'I' OR {{a}}.{TOAST} IS NULL "
-                f"OR NOT list_contains({{a}}.{TOAST}, {_literal(str(name))}))"
-            )
-            _inherit(con, work, quote_ident(str(name)), provides)
-    if model.commit_time and work.updates:
-        _inherit(con, work, EVENT_TS, f"({{a}}.{OP} = 'I')")
-
-
-def _inherit(con: duckdb.DuckDBPyConnection, work: TableWork, column: str, provides: str) -> None:
-    """Set ``column`` of every non-providing version to the value of its chain's provider.
-
-    ``provides`` is SQL with ``{a}`` standing for the change's alias: true
-    when the change carries its own value of ``column``.
-    """
-    model, c = work.model, work.changes
-    own = provides.format(a="c")
-    con.execute(
-        f"""CREATE OR REPLACE TEMP TABLE _hr_fa AS
-        SELECT c.{SEQ} AS seq,
-               CASE WHEN {own} OR p._hr_prev IS NULL THEN c.{SEQ} ELSE p._hr_prev END AS ptr,
-               ({own} OR p._hr_prev IS NULL) AS done
-        FROM {c} c LEFT JOIN {work.prev} p ON p.{SEQ} = c.{SEQ}
-        WHERE c.{OP} IN ('I', 'U')"""
-    )
-    current, other = "_hr_fa", "_hr_fb"
-    while con.execute(f"SELECT count(*) FROM {current} WHERE NOT done").fetchall()[0][0]:
-        con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE {other} AS
-            SELECT a.seq, CASE WHEN a.done THEN a.ptr ELSE b.ptr END AS ptr,
-                   CASE WHEN a.done THEN true ELSE b.done END AS done
-            FROM {current} a LEFT JOIN {current} b ON b.seq = a.ptr"""
-        )
-        current, other = other, current
-    olds = [old_key(j) for j in range(len(model.key))]
-    con.execute(
-        f"""UPDATE {c} SET {column} = s.v FROM (
-            SELECT f.seq,
-                   CASE WHEN {provides.format(a="t")} THEN t.{column} ELSE m.{column} END AS v
-            FROM {current} f
-            JOIN {c} self ON self.{SEQ} = f.seq
-            JOIN {c} t ON t.{SEQ} = f.ptr
-            LEFT JOIN {model.mirror} m ON {_key_match(model, "t", olds, "m")}
-            WHERE NOT {provides.format(a="self")}
-        ) s WHERE {c}.{SEQ} = s.seq"""
-    )
-    con.execute(f"DROP TABLE IF EXISTS {other}")
-    con.execute(f"DROP TABLE IF EXISTS {current}")
 
 
 def _touched_keys_sql(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:

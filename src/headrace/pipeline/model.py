@@ -373,3 +373,8 @@ class PipelineConfig(_Model):
 def quote_ident(name: str) -> str:
     """Quote an SQL identifier for DuckDB (and PostgreSQL)."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """Quote an SQL string literal for DuckDB (and PostgreSQL)."""
+    return "'" + text.replace("'", "''") + "'"
