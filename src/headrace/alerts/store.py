@@ -32,6 +32,7 @@ import duckdb
 from headrace.alerts import handoff
 from headrace.alerts import ids as alert_ids
 from headrace.alerts.config import SEVERITY_RANK, SinkConfig
+from headrace.pipeline.model import quote_literal
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
@@ -155,18 +156,14 @@ def _sinks_values(sinks: Sequence[SinkConfig]) -> str:
         rules = "NULL" if sink.rules is None else _list_literal(sink.rules)
         kinds = "NULL" if sink.kinds is None else _list_literal([k.value for k in sink.kinds])
         rows.append(
-            f"({_literal(sink.name)}, {SEVERITY_RANK[sink.min_severity.value]}, "
+            f"({quote_literal(sink.name)}, {SEVERITY_RANK[sink.min_severity.value]}, "
             f"CAST({rules} AS VARCHAR[]), CAST({kinds} AS VARCHAR[]))"
         )
     return ", ".join(rows)
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _list_literal(items: Sequence[str]) -> str:
-    return "[" + ", ".join(_literal(i) for i in items) + "]"
+    return "[" + ", ".join(quote_literal(i) for i in items) + "]"
 
 
 NEW_ALERTS = "_job_new_alerts"
@@ -260,7 +257,7 @@ def emit_incidents(
     the same few statements (each costs milliseconds on DuckDB, whatever its size).
     """
     rearm_values = ", ".join(
-        f"({_literal(rule)}, {rearm.total_seconds()})" for rule, rearm in rearms.items()
+        f"({quote_literal(rule)}, {rearm.total_seconds()})" for rule, rearm in rearms.items()
     )
     flagged = con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _job_flagged AS
@@ -317,7 +314,7 @@ def emit_incidents(
 def _insert_opening(
     con: duckdb.DuckDBPyConnection, now: datetime, sinks: Sequence[SinkConfig]
 ) -> int:
-    stamp = _literal(now.isoformat())
+    stamp = quote_literal(now.isoformat())
     return insert_alerts(
         con,
         f"""SELECT rule, severity, TRY_CAST(account_id AS BIGINT) AS account_id,
