@@ -71,7 +71,7 @@ def apply_segment(
             if work.touched_keys is not None:
                 release_arrow(con, work.keys, keep_nothing=work.keep_nothing)
             if work.changes_view:
-                con.unregister(work.changes_input)
+                release_arrow(con, work.changes_input, keep_nothing=False)
     return dead, list(works.values())
 
 

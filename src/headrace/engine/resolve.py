@@ -49,7 +49,7 @@ from headrace.source.changes import (
     XID,
     TableSchema,
 )
-from headrace.store.duckdb.arrow_scan import create_temp_table, hold_arrow
+from headrace.store.duckdb.arrow_scan import create_temp_table, create_temp_view, hold_arrow
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import EVENT_TS
 
@@ -243,11 +243,7 @@ def load_changes(
         work.num_changes >= VIEW_CHANGES and not keep_nothing and not _fills_inherited(work)
     )
     if work.changes_view:
-        con.register(work.changes_input, pa.table(columns))
-        con.execute(
-            f"CREATE OR REPLACE TEMP VIEW {work.changes} AS "
-            f"SELECT {', '.join(parts)} FROM {work.changes_input}"
-        )
+        create_temp_view(con, work.changes, ", ".join(parts), pa.table(columns), work.changes_input)
     else:
         create_temp_table(
             con, work.changes, ", ".join(parts), pa.table(columns), keep_nothing=keep_nothing

@@ -45,6 +45,17 @@ def create_temp_table(
         con.from_arrow(table).project(select_list).insert_into(name)
 
 
+def create_temp_view(
+    con: duckdb.DuckDBPyConnection, name: str, select_list: str, table: pa.Table, input_name: str
+) -> None:
+    """``CREATE OR REPLACE TEMP VIEW name AS SELECT select_list`` over ``table``, registered
+    as ``input_name`` until :func:`release_arrow` of it: nothing is copied, and every
+    statement that reads the view scans the Arrow table again (cheaper than a copy for a
+    large table read once; not inside a long transaction, see the module docstring)."""
+    con.register(input_name, table)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {select_list} FROM {input_name}")
+
+
 def hold_arrow(
     con: duckdb.DuckDBPyConnection, name: str, table: pa.Table, *, keep_nothing: bool
 ) -> None:
