@@ -136,6 +136,10 @@ class PipelineBenchResult:
     mismatches: int = 0
     mismatch_detail: str = ""
     checked_views: int = 0
+    mirror_rows_end: int = 0
+    """Rows in the transactions mirror after the run: the mirror grows by about half the
+    changes (the workload's inserts), and every batch's key lookups and deletes scan it, so a
+    longer run applies each batch more slowly than a short one."""
     refresh_seconds: dict[str, float] = field(default_factory=dict)
     refresh_total_s: float = 0.0
     ratio_time_to_fresh: float | None = None
@@ -310,6 +314,7 @@ def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: 
         finally:
             duck.close()
     result.checked_views = len(comparison.checked)
+    result.mirror_rows_end = int(duck_rows[0]) if duck_rows else 0
     result.mismatches = len(comparison.mismatches) + (0 if pg_rows == duck_rows else 1)
     result.mismatch_detail = comparison.describe()[:500]
     out.print(
