@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headrace.engine import resolve
-from headrace.engine.resolve import VIEW_CHANGES
 from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
@@ -340,7 +339,7 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     steps=steps,
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
     piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
-    view_from=st.sampled_from([VIEW_CHANGES, 1]),
+    view_from=st.sampled_from([resolve.VIEW_CHANGES, 1]),
 )
 def test_engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
