@@ -110,6 +110,8 @@ class PipelineBenchResult:
     rate_target: float
     seconds: float
     base_rows: int
+    update_window: int = 0
+    """Updates and deletes drew among the newest this many ids (0: the whole table)."""
     snapshot_rows_per_s: float | None = None
     written_changes: int = 0
     written_rate: float = 0.0
@@ -152,12 +154,15 @@ def run(
     base_rows: int = 1_000_000,
     *,
     writers: int = 4,
+    update_window: int = 0,
     record: Path | None = None,
     console: Console | None = None,
 ) -> PipelineBenchResult:
     """Run the benchmark (see module docstring) and print its lines."""
     out = console or Console(highlight=False)
-    result = PipelineBenchResult(rate_target=rate, seconds=seconds, base_rows=base_rows)
+    result = PipelineBenchResult(
+        rate_target=rate, seconds=seconds, base_rows=base_rows, update_window=update_window
+    )
     with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn = cluster.dsn("postgres", unix=True)
         out.print(f"loading {base_rows:,} transactions ...")
@@ -230,11 +235,15 @@ def _measure(
         "first_id": base_rows + 1,
         "tx_rows": tx_rows_for(rate),
         "writers": writers,
+        "update_window": result.update_window,
     }
     mode = f"{rate:,.0f} changes/s" if rate > 0 else "as fast as possible"
+    touched = (
+        f"the newest {result.update_window:,} ids" if result.update_window else "the whole table"
+    )
     out.print(
         f"writing {mode} for {seconds:.0f} s ({options['tx_rows']} rows per transaction, "
-        f"{writers} connections)"
+        f"{writers} connections; updates and deletes over {touched})"
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     waits = load_wait_share(postgres, headrace.wait_seconds)

@@ -13,6 +13,11 @@ generator's own CPU stays small and the rate is set by PostgreSQL:
   dimension values, retracting their old contribution);
 - deletes (15%): random existing ids.
 
+The ids updated and deleted are drawn uniformly from the whole table by
+default: every part of the mirror is touched, the hardest case for a column
+store. ``update_window`` draws them from the newest ids instead (the OLTP
+pattern: a payment's status changes soon after it is created).
+
 Run as a process: ``python -m headrace.bench.pipeline_workload '{"dsn": ..., "rate": ...}'``;
 it prints one JSON line with what it wrote, including the WAL position after
 its last commit (``end_lsn``).
@@ -114,17 +119,21 @@ class Workload:
         first_id: int,
         tx_rows: int,
         seed: int = 1,
+        update_window: int = 0,
     ) -> None:
         self.conn = conn
         self.next_id = first_id
         self.low_id = 1
         self.tx_rows = max(1, tx_rows)
+        self.update_window = max(0, update_window)
+        """Updates and deletes draw among the newest this many ids (0: among all)."""
         self.random = random.Random(seed)  # noqa: S311 - a workload, not a secret
         self.result = WorkloadResult()
 
     def _ids(self, count: int) -> list[int]:
         high = max(self.low_id + 1, self.next_id)
-        return [self.random.randrange(self.low_id, high) for _ in range(count)]
+        low = max(self.low_id, high - self.update_window) if self.update_window else self.low_id
+        return [self.random.randrange(low, high) for _ in range(count)]
 
     def step(self) -> int:
         """One transaction; returns the rows it changed."""
@@ -187,6 +196,9 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
     writers = max(1, int(options.get("writers", 1)))
     rate = float(options["rate"])
     rows = int(options.get("tx_rows") or tx_rows_for(rate))
+    # Each writer updates among its own ids: the window is shared between them.
+    window = int(options.get("update_window", 0))
+    window = max(1, window // writers) if window > 0 else 0
     results: list[WorkloadResult] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -196,7 +208,13 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
         try:
             with psycopg.connect(options["dsn"], autocommit=True) as conn:
                 first = int(options["first_id"]) + index * ID_STRIDE
-                workload = Workload(conn, first_id=first, tx_rows=rows, seed=index + 1)
+                workload = Workload(
+                    conn,
+                    first_id=first,
+                    tx_rows=rows,
+                    seed=index + 1,
+                    update_window=window,
+                )
                 workload.low_id = first if index else 1
                 result = workload.run(rate / writers, 0, stop_at=stop_at)
             with lock:

@@ -146,7 +146,7 @@ def serve(
 
 
 @bench_app.command("pipeline")
-def pipeline(
+def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
     rate: float = typer.Option(
         10_000, "--rate", min=0, help="Changes/s the generator writes (0: as fast as it can)."
     ),
@@ -156,6 +156,13 @@ def pipeline(
     ),
     writers: int = typer.Option(
         4, "--writers", min=1, help="Generator connections sharing the rate."
+    ),
+    update_window: int = typer.Option(
+        0,
+        "--update-window",
+        min=0,
+        help="Updates and deletes pick among the newest this many ids (the OLTP pattern); "
+        "0: uniformly over the whole table, the hardest case for the mirror.",
     ),
     record: RecordOption = None,
 ) -> None:
@@ -169,7 +176,7 @@ def pipeline(
     """
     from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rate, seconds, base_rows, writers=writers, record=record)
+    run(rate, seconds, base_rows, writers=writers, update_window=update_window, record=record)
 
 
 @bench_app.command("fraud")

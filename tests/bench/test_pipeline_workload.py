@@ -1,0 +1,45 @@
+"""The `bench pipeline` generator on a real PostgreSQL: where its updates and deletes land."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from headrace.bench.pipeline_workload import Workload, create_schema
+from tests.conftest import PgDatabase
+
+OLD = "SELECT id, status, amount, created_at FROM transactions WHERE id <= %s ORDER BY id"
+
+
+def _rows(conn: psycopg.Connection[tuple[Any, ...]], highest: int) -> list[tuple[Any, ...]]:
+    return conn.execute(OLD, (highest,)).fetchall()
+
+
+def test_an_update_window_keeps_updates_and_deletes_among_the_newest_ids(
+    pg_db: PgDatabase,
+) -> None:
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 2000)
+        untouched = _rows(conn, 1500)  # older than the window, even before any insert
+        workload = Workload(conn, first_id=2001, tx_rows=20, seed=3, update_window=500)
+        for _ in range(60):
+            workload.step()
+        assert workload.result.updates > 0
+        assert workload.result.deletes > 0
+        assert _rows(conn, 1500) == untouched
+        changed = conn.execute(
+            "SELECT count(*) FROM transactions WHERE id > 1500 AND id <= 2000"
+        ).fetchone()
+        assert changed is not None
+        assert changed[0] < 500  # deletes reached into the window
+
+
+def test_without_a_window_the_whole_table_is_touched(pg_db: PgDatabase) -> None:
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 2000)
+        before = _rows(conn, 1000)
+        workload = Workload(conn, first_id=2001, tx_rows=20, seed=3)
+        for _ in range(60):
+            workload.step()
+        assert _rows(conn, 1000) != before
