@@ -351,6 +351,11 @@ def test_catalog_missing_table_and_key() -> None:
             ("store.memory_limit", "lots"),
             id="store-memory-limit-not-a-size",
         ),
+        pytest.param(
+            GOOD + "store:\n  row_group_size: 3000\n",
+            ("store.row_group_size", "multiple of 2048"),
+            id="store-row-group-size-not-a-multiple-of-a-vector",
+        ),
     ],
 )
 def test_each_mistake_is_named(text: str, expected: tuple[str, ...]) -> None:

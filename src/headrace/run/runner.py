@@ -157,6 +157,7 @@ class Runner:
                 checkpoint_interval=self.config.store.checkpoint_interval,
                 checkpoint_wal_bytes=self.config.store.checkpoint_wal_bytes,
                 memory_limit=self.config.store.memory_limit,
+                row_group_size=self.config.store.row_group_size,
             )
             try:
                 with Registered(self.state):  # the run's figures on /metrics

@@ -19,19 +19,30 @@ ConfigValue = str | bool | int | float | list[str]
 
 
 def open_store(
-    path: str | Path, *, read_only: bool = False, config: dict[str, ConfigValue] | None = None
+    path: str | Path,
+    *,
+    read_only: bool = False,
+    config: dict[str, ConfigValue] | None = None,
+    row_group_size: int | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """A connection whose default catalog is the store file at ``path``.
 
     ``config`` is applied at connect time, except ``enable_external_access=False``,
     which is applied after the file is attached (it forbids attaching files).
+    ``row_group_size`` sets the rows per row group of what this connection writes
+    (DuckDB's default when None; an attach option, not kept in the file).
     """
     settings = dict(config or {})
     deny_external = settings.pop("enable_external_access", True) is False
     con = duckdb.connect(":memory:", config=settings)
     try:
         literal = str(path).replace("'", "''")
-        mode = " (READ_ONLY)" if read_only else ""
+        if read_only:
+            mode = " (READ_ONLY)"
+        elif row_group_size is not None:
+            mode = f" (ROW_GROUP_SIZE {int(row_group_size)})"
+        else:
+            mode = ""
         con.execute(f"ATTACH '{literal}' AS {CATALOG}{mode}")
         con.execute(f"USE {CATALOG}")
         if deny_external:
