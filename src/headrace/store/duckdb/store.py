@@ -62,16 +62,8 @@ class CheckpointFigures:
 
 
 DEFAULT_ROW_GROUP_SIZE = 16_384
-"""Rows per row group the writer appends (``store.row_group_size``; see its description).
-
-Measured on 2 cores, ``bench pipeline --rate 100000``: batches append ~50,000 rows to the
-mirror, which at DuckDB's 122,880 all went through the WAL and into every checkpoint
-(3 checkpoints, ~1.9 s in 20 s; 6 of 7.3 s in 60 s); at 16,384 they are written compressed
-by the INSERT and the WAL grows ~14x slower (0-1 checkpoint in 20 s; one of 0.76 s in 60 s).
-``bench replay`` of that workload: 128-131 against 155-161 ms per batch (mean, the
-checkpoints included). Below a row group per table and transaction the writes are the same
-(the fintech replay within its noise); its checkpoints were shorter all the same (``bench
-fraud --rate 5000``: 2.9 against 4.3-4.4 s in all), see docs/latency.md."""
+"""Rows per row group the writer appends: the default of ``store.row_group_size`` (whose
+description says why; measured in docs/latency.md, "Eighteenth session")."""
 
 
 class DuckDBStore(Store):
