@@ -6,7 +6,7 @@ from typing import Any
 
 import psycopg
 
-from headrace.bench.pipeline_workload import Workload, create_schema
+from headrace.bench.pipeline_workload import Workload, create_schema, run_writers
 from tests.conftest import PgDatabase
 
 OLD = "SELECT id, status, amount, created_at FROM transactions WHERE id <= %s ORDER BY id"
@@ -43,3 +43,28 @@ def test_without_a_window_the_whole_table_is_touched(pg_db: PgDatabase) -> None:
         for _ in range(60):
             workload.step()
         assert _rows(conn, 1000) != before
+
+
+def test_writers_start_together_and_write_the_rate_asked_for(pg_db: PgDatabase) -> None:
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 2000)
+    options = {
+        "dsn": pg_db.dsn,
+        "rate": 4000,
+        "seconds": 1.0,
+        "first_id": 2001,
+        "tx_rows": 20,
+        "writers": 2,
+    }
+    result = run_writers(options)
+    # Each writer writes its quota (2,000 changes) and stops: its last transaction is
+    # due just before the second ends, so the whole rate is the one asked for.
+    assert 4000 <= result.changes < 4000 + 2 * 20
+    assert result.started_at < result.ended_at
+    assert result.seconds == result.ended_at - result.started_at
+    assert 0.95 <= result.seconds < 1.5
+    assert result.rate > 0.95 * 4000
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        lsn = conn.execute(b"SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    assert lsn is not None
+    assert 0 < result.end_lsn <= int(lsn[0])

@@ -13,7 +13,10 @@ On a throwaway cluster:
    for ``--seconds``.
 4. When the generator stops, the benchmark waits until the store's position
    reaches the generator's last commit, then stops headrace (SIGTERM).
-   Reported: sustained changes/s (changes written / time until the store
+   Reported: sustained changes/s (the written rate when headrace kept up
+   with it: the freshness p99 of what it made visible after the load's
+   midpoint stayed under the rate's target, so its lag did not grow;
+   otherwise changes written / time from the first write until the store
    held all of them), the rate headrace applied while the load ran,
    freshness p50/p99 of every change (commit → visible in the store, from
    the runner's histogram), CPU (cores) and peak RSS of the headrace
@@ -46,7 +49,12 @@ from headrace.bench.process_cpu import (
     load_wait_share,
     postgres_cpu,
 )
-from headrace.bench.run_process import RunProcess, checkpoints_between, describe_checkpoints
+from headrace.bench.run_process import (
+    MidpointStatus,
+    RunProcess,
+    checkpoints_between,
+    describe_checkpoints,
+)
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
@@ -59,6 +67,9 @@ TARGET_HIGH_RATE = 100_000
 TARGET_HIGH_P99_MS = 1_000.0
 TARGET_LOW_RATE = 10_000
 TARGET_LOW_P99_MS = 300.0
+GENERATOR_TOLERANCE = 0.005
+"""How far under its rate the generator may end (a fraction): on a busy machine its last
+commits lag their schedule by milliseconds, which a 20 s run shows as ~0.05%."""
 
 PIPELINE_YAML = """
 source:
@@ -117,10 +128,22 @@ class PipelineBenchResult:
     written_rate: float = 0.0
     applied_rate_under_load: float = 0.0
     sustained_changes_per_s: float = 0.0
+    """The written rate when headrace kept up with it (``kept_up``); otherwise the changes
+    written over the time from the first write until the store held the last one."""
+    kept_up: bool = False
+    """Freshness stayed under the rate's target to the end: the p99 of the changes made
+    visible after the load's midpoint (``freshness_p99_late_ms``) is under it. A pipeline
+    falling behind shows it there first, since its lag grows through the run."""
+    changes_per_s_to_last_visible: float = 0.0
+    """Changes written / (first write → the store holding the last change, as the status
+    file shows it, written once a second): the final lag and the status interval count
+    against it, so it stays under the written rate even for a pipeline that keeps up."""
     catch_up_s: float = 0.0
     freshness_p50_ms: float | None = None
     freshness_p99_ms: float | None = None
     freshness_max_ms: float | None = None
+    freshness_p99_late_ms: float | None = None
+    """Freshness p99 of the changes made visible after the load's midpoint."""
     headrace_cpu_cores: float = 0.0
     """``cpu_cores["headrace"]`` (kept under its earlier name for readers of the JSON)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
@@ -249,8 +272,9 @@ def _measure(
     waits = load_wait_share(postgres, headrace.wait_seconds)
     started = time.monotonic()
     generator = WorkloadProcess("headrace.bench.pipeline_workload", options)
+    midpoint = MidpointStatus(headrace.status, started + seconds / 2)
     try:
-        written = generator.wait(workload_deadline_s(seconds), headrace.status)
+        written = generator.wait(workload_deadline_s(seconds), midpoint.tick)
     finally:
         generator.stop()
     load_end = time.monotonic()
@@ -271,13 +295,13 @@ def _measure(
     # needed to pass WAL records written after it).
     headrace.wait_for(lambda d: (d.get("position") or 0) >= end_lsn, 120, "the last commit")
     applied_under_load = int(at_load_end["totals"]["changes"]) - int(before["totals"]["changes"])
-    result.applied_rate_under_load = round(applied_under_load / (load_end - started))
+    # The generator's own clock (time.monotonic is the machine's): its start-up before
+    # the first write is not the pipeline's time.
+    first_write = float(written.get("started_at") or started)
+    result.applied_rate_under_load = round(applied_under_load / (load_end - first_write))
     result.catch_up_s = round(caught_up - load_end, 3)
-    result.sustained_changes_per_s = round(result.written_changes / (caught_up - started))
-    freshness = FreshnessHistogram(done.get("freshness_histogram")).since(before_hist)
-    result.freshness_p50_ms = freshness.percentile(0.5)
-    result.freshness_p99_ms = freshness.percentile(0.99)
-    result.freshness_max_ms = freshness.percentile(1.0)
+    result.changes_per_s_to_last_visible = round(result.written_changes / (caught_up - first_write))
+    _freshness(result, before_hist, FreshnessHistogram(done.get("freshness_histogram")), midpoint)
     result.headrace_cpu_cores = result.cpu_cores["headrace"]
     result.headrace_streaming_rss_mb = round(headrace.max_rss / 2**20, 1)
     result.headrace_peak_rss_mb = round(headrace.peak_rss() / 2**20, 1)
@@ -291,14 +315,45 @@ def _measure(
     _print_load(result, out)
 
 
+def _freshness(
+    result: PipelineBenchResult,
+    before: FreshnessHistogram,
+    done: FreshnessHistogram,
+    midpoint: MidpointStatus,
+) -> None:
+    """Freshness over the load (``before`` → ``done``), over its late part (the load's
+    midpoint → ``done``), and from them whether the pipeline kept up and what it sustained."""
+    freshness = done.since(before)
+    result.freshness_p50_ms = freshness.percentile(0.5)
+    result.freshness_p99_ms = freshness.percentile(0.99)
+    result.freshness_max_ms = freshness.percentile(1.0)
+    if midpoint.seen:
+        late = done.since(FreshnessHistogram(midpoint.histogram()))
+        result.freshness_p99_late_ms = late.percentile(0.99)
+    result.kept_up = kept_up(result)
+    result.sustained_changes_per_s = (
+        result.written_rate if result.kept_up else result.changes_per_s_to_last_visible
+    )
+
+
 def _print_load(result: PipelineBenchResult, out: Console) -> None:
     """The load's figures: what was written and applied, freshness, CPU."""
     out.print(
         f"written {result.written_changes:,} changes at {result.written_rate:,.0f}/s; "
         f"headrace applied {result.applied_rate_under_load:,.0f}/s under load, caught up "
-        f"{result.catch_up_s:.2f} s after the load ended: sustained "
-        f"{result.sustained_changes_per_s:,.0f} changes/s in {result.store_transactions:,} "
-        "store transactions"
+        f"{result.catch_up_s:.2f} s after the load ended, in "
+        f"{result.store_transactions:,} store transactions"
+    )
+    late = result.freshness_p99_late_ms
+    out.print(
+        f"sustained {result.sustained_changes_per_s:,.0f} changes/s: "
+        + (
+            f"kept up (freshness p99 after the load's midpoint {late} ms)"
+            if result.kept_up
+            else f"fell behind (freshness p99 after the load's midpoint {late} ms), so the "
+            "changes written over the time to the last one visible"
+        )
+        + f"; first write to last visible: {result.changes_per_s_to_last_visible:,.0f}/s"
     )
     out.print(
         f"freshness (commit -> visible): p50 {result.freshness_p50_ms} ms, "
@@ -359,13 +414,31 @@ def _old_way(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out:
     )
 
 
+def target_p99_ms(rate: float) -> float:
+    """The freshness p99 the issue asks for at ``rate`` (0: as fast as possible)."""
+    if rate <= 0 or rate >= TARGET_HIGH_RATE:
+        return TARGET_HIGH_P99_MS
+    return TARGET_LOW_P99_MS if rate >= TARGET_LOW_RATE else TARGET_HIGH_P99_MS
+
+
+def kept_up(result: PipelineBenchResult) -> bool:
+    """Whether the pipeline sustained the written rate: the freshness of the changes
+    made visible in the load's second half (and the catch-up) stayed under the
+    rate's target. A sustainable rate is one whose latency does not keep growing;
+    a pipeline slower than the load piles up a lag that grows through the run."""
+    late = result.freshness_p99_late_ms
+    return late is not None and late < target_p99_ms(result.rate_target)
+
+
 def _judge(result: PipelineBenchResult) -> None:
     p99 = result.freshness_p99_ms
     if p99 is None:
         return
     if result.rate_target >= TARGET_HIGH_RATE or result.rate_target <= 0:
         result.meets_target = (
-            result.sustained_changes_per_s >= TARGET_HIGH_RATE and p99 < TARGET_HIGH_P99_MS
+            result.kept_up
+            and result.sustained_changes_per_s >= TARGET_HIGH_RATE * (1 - GENERATOR_TOLERANCE)
+            and p99 < TARGET_HIGH_P99_MS
         )
     elif result.rate_target >= TARGET_LOW_RATE:
         result.meets_target = p99 < TARGET_LOW_P99_MS and result.mismatches == 0

@@ -107,6 +107,11 @@ class WorkloadResult:
     seconds: float = 0.0
     rate: float = 0.0
     end_lsn: int = 0
+    started_at: float = 0.0
+    """``time.monotonic()`` when the writers started (the clock is the machine's, so
+    another process can compare it with its own)."""
+    ended_at: float = 0.0
+    """``time.monotonic()`` after the last commit."""
 
 
 class Workload:
@@ -155,13 +160,27 @@ class Workload:
         result.transactions += 1
         return changed
 
-    def run(self, rate: float, seconds: float, stop_at: float | None = None) -> WorkloadResult:
-        """Write at ``rate`` changes/s (0: as fast as possible) for ``seconds``; may be
-        called again (the result adds up)."""
-        started = time.monotonic()
-        deadline = started + seconds if stop_at is None else stop_at
+    def run(
+        self,
+        rate: float,
+        seconds: float,
+        *,
+        started: float | None = None,
+        quota: int | None = None,
+    ) -> WorkloadResult:
+        """Write at ``rate`` changes/s (0: as fast as possible) for ``seconds`` from
+        ``started`` (a ``time.monotonic()``, default now); may be called again (the
+        result adds up).
+
+        With a ``quota`` (changes), stop as soon as it is written: paced at ``rate``,
+        the last transaction is due just before the end, so the rate achieved is the
+        rate asked for, not less by the partial last interval. A writer behind its
+        pace still stops at the end (plus a quarter second for the last transaction
+        due), and its rate shows it."""
+        started = time.monotonic() if started is None else started
+        deadline = started + seconds + (0.25 if quota is not None else 0.0)
         already = self.result.changes
-        while True:
+        while quota is None or self.result.changes - already < quota:
             now = time.monotonic()
             if now >= deadline:
                 break
@@ -171,8 +190,11 @@ class Workload:
                     time.sleep(min(due - now, deadline - now))
                     continue
             self.step()
-        self.result.seconds += time.monotonic() - started
+        ended = time.monotonic()
+        self.result.seconds += ended - started
         self.result.rate = self.result.changes / self.result.seconds if self.result.seconds else 0
+        self.result.started_at = self.result.started_at or started
+        self.result.ended_at = ended
         row = self.conn.execute(b"SELECT pg_current_wal_lsn()::text").fetchone()
         if row is not None:
             high, _, low = str(row[0]).partition("/")
@@ -192,17 +214,25 @@ ID_STRIDE = 1 << 40
 
 
 def run_writers(options: dict[str, Any]) -> WorkloadResult:
-    """``writers`` connections (threads; PostgreSQL does the work) sharing ``rate``."""
+    """``writers`` connections (threads; PostgreSQL does the work) sharing ``rate``.
+
+    The writers connect first and then start together, each writing its share
+    of ``rate * seconds`` changes on its own pace (with ``rate`` 0: as many as
+    they can in ``seconds``); the result's rate is all their changes over the
+    time from that common start to the last commit."""
     writers = max(1, int(options.get("writers", 1)))
     rate = float(options["rate"])
+    seconds = float(options["seconds"])
     rows = int(options.get("tx_rows") or tx_rows_for(rate))
     # Each writer updates among its own ids: the window is shared between them.
     window = int(options.get("update_window", 0))
     window = max(1, window // writers) if window > 0 else 0
+    quota = round(rate * seconds / writers) if rate > 0 else None
     results: list[WorkloadResult] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
-    stop_at = time.monotonic() + float(options["seconds"])
+    ready = threading.Barrier(writers)
+    start: list[float] = []
 
     def write(index: int) -> None:
         try:
@@ -216,10 +246,14 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
                     update_window=window,
                 )
                 workload.low_id = first if index else 1
-                result = workload.run(rate / writers, 0, stop_at=stop_at)
+                if ready.wait() == 0:
+                    start.append(time.monotonic())
+                ready.wait()  # every writer sees the common start
+                result = workload.run(rate / writers, seconds, started=start[0], quota=quota)
             with lock:
                 results.append(result)
         except BaseException as exc:
+            ready.abort()  # the others stop waiting for this one
             errors.append(exc)
 
     threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
@@ -227,8 +261,9 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
         thread.start()
     for thread in threads:
         thread.join()
-    if errors:
-        raise errors[0]
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
     total = WorkloadResult()
     for result in results:
         total.changes += result.changes
@@ -236,8 +271,10 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
         total.updates += result.updates
         total.deletes += result.deletes
         total.transactions += result.transactions
-        total.seconds = max(total.seconds, result.seconds)
         total.end_lsn = max(total.end_lsn, result.end_lsn)
+        total.ended_at = max(total.ended_at, result.ended_at)
+    total.started_at = start[0]
+    total.seconds = total.ended_at - total.started_at
     total.rate = total.changes / total.seconds if total.seconds else 0.0
     return total
 

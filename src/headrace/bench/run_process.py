@@ -125,3 +125,31 @@ def describe_checkpoints(figures: dict[str, float]) -> str:
         f"store checkpoints meanwhile: {figures['count']:.0f}, {figures['seconds']:.2f} s in "
         f"all, longest {figures['longest_s']:.2f} s (the writer waits for each)"
     )
+
+
+class MidpointStatus:
+    """A generator-wait tick that keeps polling a run's status (so its RSS is watched)
+    and keeps the first status document read at or after ``at`` (a ``time.monotonic()``):
+    the freshness of what was made visible after it is the late part of a load."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], at: float) -> None:
+        self._status = status
+        self._at = at
+        self._document: dict[str, Any] | None = None
+
+    def tick(self) -> None:
+        document = self._status()
+        if self._document is None and document and time.monotonic() >= self._at:
+            self._document = document
+
+    @property
+    def seen(self) -> bool:
+        """Whether the midpoint was reached while the load ran."""
+        return self._document is not None
+
+    def histogram(self) -> list[int] | None:
+        """The freshness histogram's counts at the midpoint."""
+        if self._document is None:
+            return None
+        counts = self._document.get("freshness_histogram")
+        return list(counts) if counts is not None else None
