@@ -261,9 +261,9 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
         thread.start()
     for thread in threads:
         thread.join()
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if real or errors:
-        raise (real or errors)[0]
+    if errors:  # the first writer's own error, not the others' broken barrier
+        causes = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        raise (causes or errors)[0]
     total = WorkloadResult()
     for result in results:
         total.changes += result.changes
