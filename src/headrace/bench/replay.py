@@ -32,6 +32,7 @@ from rich.table import Table
 
 from headrace.engine.engine import Engine
 from headrace.pipeline.model import PipelineConfig
+from headrace.run.allocator import arrow_allocator
 from headrace.run.recorder import STORE_FILE, load_recording, read_batch
 from headrace.source.changes import ChangeBatch
 from headrace.store.duckdb.store import DuckDBStore
@@ -144,7 +145,8 @@ def run(
     all_applies: list[float] = []
     maintain_ms = 0.0
     timings: dict[str, list[float]] = defaultdict(list)
-    with tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
+    # The allocator `headrace run` uses (headrace.run.allocator).
+    with arrow_allocator(), tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
         for number in range(repeat):
             applies, maintain, statement_ms = _replay_once(
                 directory, config, batches, skip, Path(tmp)

@@ -54,6 +54,7 @@ from rich.console import Console
 
 from headrace.engine.engine import Engine
 from headrace.pipeline.load import parse_pipeline
+from headrace.run.allocator import arrow_allocator
 from headrace.run.faults import Faults
 from headrace.run.initial import snapshot_into_store
 from headrace.run.settings import RunSettings
@@ -172,7 +173,8 @@ def run(
     """Run the benchmark on a fresh throwaway cluster and print its lines."""
     out = console or Console(highlight=False)
     load = os.getloadavg()[0]
-    with ThrowawayPostgres() as cluster:
+    # The allocator `headrace run` uses (headrace.run.allocator).
+    with arrow_allocator(), ThrowawayPostgres() as cluster:
         dsn = cluster.dsn("postgres", unix=unix)
         out.print(f"loading {rows:,} rows into {TABLE} ...")
         with psycopg.connect(dsn, autocommit=True) as conn:

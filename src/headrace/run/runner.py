@@ -49,6 +49,7 @@ from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig, RollupConfig
 from headrace.rules.lane.lane import RulesLane
 from headrace.rules.lane.store import attach_lane_file
+from headrace.run.allocator import arrow_allocator
 from headrace.run.change_queue import ChangeQueue
 from headrace.run.collector import Collector
 from headrace.run.console import RunDisplay
@@ -146,7 +147,9 @@ class Runner:
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(self.settings.switch_interval_s)
         try:
-            return self._run_locked()
+            with arrow_allocator() as allocator:
+                log.debug("Arrow allocates with %s", allocator)
+                return self._run_locked()
         finally:
             sys.setswitchinterval(switch_interval)
 
