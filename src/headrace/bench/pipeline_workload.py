@@ -231,8 +231,9 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
     results: list[WorkloadResult] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
-    ready = threading.Barrier(writers)
     start: list[float] = []
+    # Released together once every writer is connected; the common start is taken then.
+    ready = threading.Barrier(writers, action=lambda: start.append(time.monotonic()))
 
     def write(index: int) -> None:
         try:
@@ -246,9 +247,7 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
                     update_window=window,
                 )
                 workload.low_id = first if index else 1
-                if ready.wait() == 0:
-                    start.append(time.monotonic())
-                ready.wait()  # every writer sees the common start
+                ready.wait()
                 result = workload.run(rate / writers, seconds, started=start[0], quota=quota)
             with lock:
                 results.append(result)
