@@ -36,10 +36,12 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from rich.console import Console
 
+from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
 from headrace.bench.pipeline_workload import create_schema, tx_rows_for
 from headrace.bench.process_cpu import (
     ProcessCpu,
@@ -169,6 +171,12 @@ class PipelineBenchResult:
     refresh_total_s: float = 0.0
     ratio_time_to_fresh: float | None = None
     meets_target: bool | None = None
+    """The issue's target at the rate (live mode only: a backlog has no freshness)."""
+    mode: str = "live"
+    """``live`` (headrace streams while the load is written) or ``backlog`` (the load is
+    written while headrace is stopped, then drained: :mod:`.pipeline_backlog`)."""
+    backlog: BacklogFigures | None = None
+    """The backlog mode's figures."""
 
 
 def run(
@@ -178,13 +186,19 @@ def run(
     *,
     writers: int = 4,
     update_window: int = 0,
+    backlog: bool = False,
     record: Path | None = None,
     console: Console | None = None,
 ) -> PipelineBenchResult:
-    """Run the benchmark (see module docstring) and print its lines."""
+    """Run the benchmark (see module docstring; with ``backlog``,
+    :mod:`headrace.bench.pipeline_backlog`) and print its lines."""
     out = console or Console(highlight=False)
     result = PipelineBenchResult(
-        rate_target=rate, seconds=seconds, base_rows=base_rows, update_window=update_window
+        rate_target=rate,
+        seconds=seconds,
+        base_rows=base_rows,
+        update_window=update_window,
+        mode="backlog" if backlog else "live",
     )
     with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn = cluster.dsn("postgres", unix=True)
@@ -195,30 +209,47 @@ def run(
         config_path = Path(tmp) / "headrace.yaml"
         config_path.write_text(PIPELINE_YAML.format(dsn=dsn, store=Path(tmp) / "bench.duckdb"))
         config = load_pipeline(config_path)
-        headrace = RunProcess(
-            config_path,
-            Path(config.store.path),
-            Path(tmp) / "headrace.log",
-            ("--record", str(record.resolve())) if record else (),
-        )
+        runs: list[RunProcess] = []
+
+        def launch() -> RunProcess:
+            extra = ("--record", str(record.resolve())) if record and not runs else ()
+            log = Path(tmp) / f"headrace-{len(runs) + 1}.log"
+            runs.append(RunProcess(config_path, Path(config.store.path), log, extra))
+            return runs[-1]
+
+        options = _workload_options(result, dsn, writers)
+        postgres = postgres_cpu(cluster.datadir)
         try:
-            _measure(
-                result,
-                headrace,
-                postgres=postgres_cpu(cluster.datadir),
-                dsn=dsn,
-                rate=rate,
-                seconds=seconds,
-                base_rows=base_rows,
-                writers=writers,
-                out=out,
-            )
+            first = launch()
+            _snapshot(result, first, out)
+            if backlog:
+                result.backlog = BacklogFigures()
+                measure_backlog(
+                    result.backlog,
+                    first,
+                    launch,
+                    postgres=postgres,
+                    bindir=cluster.bindir,
+                    dsn=dsn,
+                    options=options,
+                    slot=config.source.slot,
+                    publication=config.source.publication,
+                    target=TARGET_HIGH_RATE,
+                    out=out,
+                )
+                result.written_changes = result.backlog.changes
+                result.written_rate = result.backlog.written_rate
+                result.headrace_peak_rss_mb = result.backlog.peak_rss_mb
+            else:
+                _measure(result, first, postgres=postgres, options=options, out=out)
         except BaseException:
-            out.print((Path(tmp) / "headrace.log").read_text()[-3000:], markup=False)
+            if runs:
+                out.print(runs[-1].log_tail(), markup=False)
             raise
         finally:
-            if headrace.process.poll() is None:
-                headrace.stop()
+            for each in runs:
+                if each.process.poll() is None:
+                    each.stop()
         _verify(result, config, dsn, out)
         _old_way(result, config, dsn, out)
     _judge(result)
@@ -226,18 +257,8 @@ def run(
     return result
 
 
-def _measure(
-    result: PipelineBenchResult,
-    headrace: RunProcess,
-    *,
-    postgres: ProcessCpu,
-    dsn: str,
-    rate: float,
-    seconds: float,
-    base_rows: int,
-    writers: int,
-    out: Console,
-) -> None:
+def _snapshot(result: PipelineBenchResult, headrace: RunProcess, out: Console) -> None:
+    """Wait for the first run's snapshot to finish; note and print its rate."""
     streaming = headrace.wait_for(
         lambda d: d.get("phase") == "streaming", 600, "the snapshot to finish"
     )
@@ -247,26 +268,41 @@ def _measure(
         f"snapshot: {snapshot.get('rows', 0):,} rows in {snapshot.get('seconds', 0):.2f} s "
         f"= {snapshot.get('rows_per_s', 0):,} rows/s end to end (copy + load + rollup builds)"
     )
+
+
+def _workload_options(result: PipelineBenchResult, dsn: str, writers: int) -> dict[str, Any]:
+    """The generator process's options (:func:`.pipeline_workload.run_writers`)."""
+    return {
+        "dsn": dsn,
+        "rate": result.rate_target,
+        "seconds": result.seconds,
+        "first_id": result.base_rows + 1,
+        "tx_rows": tx_rows_for(result.rate_target),
+        "writers": writers,
+        "update_window": result.update_window,
+    }
+
+
+def _measure(
+    result: PipelineBenchResult,
+    headrace: RunProcess,
+    *,
+    postgres: ProcessCpu,
+    options: dict[str, Any],
+    out: Console,
+) -> None:
+    rate, seconds = result.rate_target, result.seconds
     time.sleep(1.5)  # let the first status of the streaming phase settle
     before = headrace.status()
     before_hist = FreshnessHistogram(before.get("freshness_histogram"))
     headrace.max_rss = 0
-    options = {
-        "dsn": dsn,
-        "rate": rate,
-        "seconds": seconds,
-        "first_id": base_rows + 1,
-        "tx_rows": tx_rows_for(rate),
-        "writers": writers,
-        "update_window": result.update_window,
-    }
     mode = f"{rate:,.0f} changes/s" if rate > 0 else "as fast as possible"
     touched = (
         f"the newest {result.update_window:,} ids" if result.update_window else "the whole table"
     )
     out.print(
         f"writing {mode} for {seconds:.0f} s ({options['tx_rows']} rows per transaction, "
-        f"{writers} connections; updates and deletes over {touched})"
+        f"{options['writers']} connections; updates and deletes over {touched})"
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     waits = load_wait_share(postgres, headrace.wait_seconds)

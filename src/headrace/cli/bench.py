@@ -164,6 +164,12 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         help="Updates and deletes pick among the newest this many ids (the OLTP pattern); "
         "0: uniformly over the whole table, the hardest case for the mirror.",
     ),
+    backlog: bool = typer.Option(
+        False,
+        "--backlog",
+        help="Write the load while headrace is stopped, then time how fast it drains it "
+        "(its capacity with no workload beside it), against pg_recvlogical.",
+    ),
     record: RecordOption = None,
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
@@ -172,11 +178,20 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
     CPU and peak RSS of `headrace run`, mismatches against the same GROUP BY on
     PostgreSQL (must be 0) and the time of REFRESH MATERIALIZED VIEW as a ratio;
     one JSON line last. Targets on 2 cores: >= 100,000 changes/s with p99 < 1 s;
-    at 10,000/s p99 < 300 ms.
+    at 10,000/s p99 < 300 ms. With --backlog: the drain's changes/s and its time
+    against pg_recvlogical's for the same changes.
     """
     from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rate, seconds, base_rows, writers=writers, update_window=update_window, record=record)
+    run(
+        rate,
+        seconds,
+        base_rows,
+        writers=writers,
+        update_window=update_window,
+        backlog=backlog,
+        record=record,
+    )
 
 
 @bench_app.command("fraud")

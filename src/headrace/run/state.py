@@ -93,6 +93,12 @@ class RunState:
         self.freshness = FreshnessHistogram()
         self.last_apply_s = 0.0
         self.apply_seconds = 0.0
+        self.first_visible_unix: float | None = None
+        """When the first batch with changes became visible in the store (UNIX seconds)."""
+        self.first_visible_changes = 0
+        """How many changes that first batch held."""
+        self.last_visible_unix: float | None = None
+        """When the latest batch with changes became visible in the store (UNIX seconds)."""
         self._waiting: dict[int, dict[str, Waiting]] = {}
         self._next_id = 0
 
@@ -138,6 +144,10 @@ class RunState:
         with self.lock:
             if not batch.is_empty:
                 self.freshness.add_batch(batch, visible_at)
+                if self.first_visible_unix is None:
+                    self.first_visible_unix = visible_at
+                    self.first_visible_changes = applied.changes
+                self.last_visible_unix = visible_at
             for ticket in tickets:
                 self._waiting.pop(ticket, None)
             self.position = applied.position

@@ -257,6 +257,9 @@ class StatusReporter:
                     "skipped_changes": state.skipped,
                     "dead_letters": state.dead_letters,
                     "apply_seconds": round(state.apply_seconds, 3),
+                    "first_visible_unix": state.first_visible_unix,
+                    "first_visible_changes": state.first_visible_changes,
+                    "last_visible_unix": state.last_visible_unix,
                 },
                 "freshness_histogram": state.freshness.to_list(),
             }

@@ -1,0 +1,61 @@
+"""``headrace bench pipeline`` end to end, small: both modes' machinery, not their figures.
+
+A real PostgreSQL, ``headrace run`` as a process, the generator process, and
+(in the backlog mode) ``pg_recvlogical``: every part runs, every change
+written is counted, the store equals PostgreSQL, and the last line printed is
+the JSON result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from headrace.bench.pipeline import run
+
+
+def test_live_mode_measures_freshness_of_every_change_written(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(asdict(result)))
+    assert result.mode == "live"
+    assert result.backlog is None
+    assert result.written_changes > 0
+    assert result.mismatches == 0
+    assert result.checked_views == 5
+    assert result.freshness_p99_ms is not None
+    assert result.freshness_p99_ms >= (result.freshness_p50_ms or 0) > 0
+    assert result.store_transactions > 0
+    assert result.meets_target is not None
+
+
+def test_backlog_mode_times_the_drain_against_pg_recvlogical(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2, backlog=True)
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(asdict(result)))
+    assert result.mode == "backlog"
+    figures = result.backlog
+    assert figures is not None
+    assert figures.changes == result.written_changes > 0
+    # Every change of the backlog reached the store, exactly.
+    assert result.mismatches == 0
+    assert result.checked_views == 5
+    assert 0 < figures.start_s <= figures.drain_s
+    assert figures.changes_per_s > 0
+    assert figures.store_transactions > 0
+    assert figures.peer_drain_s > 0
+    assert figures.ratio_vs_pg_recvlogical > 0
+    assert figures.capacity_vs_target == round(figures.changes_per_s / 100_000, 2)
+    assert set(figures.cpu_cores) == {"postgres", "headrace"}
+    assert "pg_recvlogical" in figures.peer_cpu_cores
+    # No freshness in this mode, so no verdict on the live target.
+    assert result.freshness_p99_ms is None
+    assert result.meets_target is None
+    assert "capacity:" in printed
