@@ -27,6 +27,10 @@ On a throwaway cluster:
    refresh time over headrace's freshness p99 (time to a fresh result).
 
 The last line is one JSON object with every figure.
+
+``--backlog`` (:mod:`.pipeline_backlog`) writes the same load while headrace
+is stopped and times how fast it drains it, against ``pg_recvlogical``: its
+capacity with no workload beside it.
 """
 
 from __future__ import annotations
