@@ -215,8 +215,10 @@ def run(
         config = load_pipeline(config_path)
         runs: list[RunProcess] = []
 
-        def launch() -> RunProcess:
-            extra = ("--record", str(record.resolve())) if record and not runs else ()
+        def launch(recorded: bool) -> RunProcess:
+            # --record goes to the run that streams the load (in the backlog mode, the
+            # restarted one: its batches are the drain's).
+            extra = ("--record", str(record.resolve())) if record and recorded else ()
             log = Path(tmp) / f"headrace-{len(runs) + 1}.log"
             runs.append(RunProcess(config_path, Path(config.store.path), log, extra))
             return runs[-1]
@@ -224,14 +226,14 @@ def run(
         options = _workload_options(result, dsn, writers)
         postgres = postgres_cpu(cluster.datadir)
         try:
-            first = launch()
+            first = launch(recorded=not backlog)
             _snapshot(result, first, out)
             if backlog:
                 result.backlog = BacklogFigures()
                 measure_backlog(
                     result.backlog,
                     first,
-                    launch,
+                    lambda: launch(recorded=True),
                     postgres=postgres,
                     bindir=cluster.bindir,
                     dsn=dsn,
@@ -295,6 +297,7 @@ def _measure(
     options: dict[str, Any],
     out: Console,
 ) -> None:
+    """The live mode: the load written while ``headrace`` streams, then its figures."""
     rate, seconds = result.rate_target, result.seconds
     time.sleep(1.5)  # let the first status of the streaming phase settle
     before = headrace.status()
