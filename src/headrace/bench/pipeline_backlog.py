@@ -26,7 +26,6 @@ waited for the restart), so no verdict on the live target either.
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
-from headrace.bench.process_cpu import CpuShare, ProcessCpu
+from headrace.bench.process_cpu import CpuShare, ProcessCpu, waited_children_cpu_seconds
 from headrace.bench.run_process import RunProcess, checkpoints_between
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.errors import format_lsn
@@ -184,13 +183,13 @@ def _peer(
         ),
     ]
     try:
-        children = _children_cpu()
+        children = waited_children_cpu_seconds()
         pg = postgres.cpu_seconds()
         started = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         seconds = time.perf_counter() - started
         figures.peer_cpu_cores = {
-            "pg_recvlogical": round((_children_cpu() - children) / seconds, 2),
+            "pg_recvlogical": round((waited_children_cpu_seconds() - children) / seconds, 2),
             "postgres": round((postgres.cpu_seconds() - pg) / seconds, 2),
         }
     finally:
@@ -202,11 +201,6 @@ def _peer(
         f"peer: pg_recvlogical to /dev/null drains it in {seconds:.2f} s "
         f"= {figures.peer_changes_per_s:,}/s (cores: {figures.peer_cpu_cores})"
     )
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _print(figures: BacklogFigures, out: Console) -> None:
