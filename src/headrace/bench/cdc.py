@@ -24,8 +24,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import psycopg
 from rich.console import Console
 
+from headrace.bench.recvlogical import drain_with_pg_recvlogical
 from headrace.errors import HeadraceError, format_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
@@ -243,17 +242,8 @@ def _warm_up(dsn: str) -> _Stream:
 
 def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> _Run:
     slot = _copy_slot(dsn, "headrace_bench_recvlogical")
-    options = ("proto_version=2", f"publication_names={PUBLICATION}", "messages=true")
-    command = [
-        str(cluster.bindir / "pg_recvlogical"),
-        *("--dbname", dsn, "--slot", slot, "--start", "--no-loop"),
-        *("--endpos", format_lsn(end_lsn), "--file", "/dev/null"),
-        *(arg for option in (*options, "streaming=true") for arg in ("--option", option)),
-    ]
-    before = _children_cpu()
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return _Run(time.perf_counter() - started, _children_cpu() - before)
+    drain = drain_with_pg_recvlogical(cluster.bindir, dsn, slot, end_lsn, _options())
+    return _Run(drain.seconds, drain.cpu_seconds)
 
 
 def _noop(dsn: str, end_lsn: int) -> _Run:
@@ -301,11 +291,6 @@ def _decode(dsn: str, end_lsn: int) -> tuple[int, _Run]:
         cpu = time.process_time() - cpu
     # The walsender started with the stream: its whole CPU time is this drain's.
     return changes, _Run(seconds, cpu, walsender_after)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _process_cpu(pid: int | None) -> float | None:

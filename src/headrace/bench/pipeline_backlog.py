@@ -26,7 +26,6 @@ waited for the restart), so no verdict on the live target either.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,10 +35,12 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
-from headrace.bench.process_cpu import CpuShare, ProcessCpu, waited_children_cpu_seconds
+from headrace.bench.process_cpu import CpuShare, ProcessCpu
+from headrace.bench.recvlogical import drain_with_pg_recvlogical
 from headrace.bench.run_process import RunProcess, checkpoints_between
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.errors import format_lsn
+from headrace.source.postgres.replication import StreamOptions
 
 PEER_SLOT = "headrace_bench_peer"
 
@@ -90,11 +91,11 @@ def measure_backlog(
     publication: str,
     target: float,
     out: Console,
-) -> RunProcess:
+) -> None:
     """Steps 1-4 of the module docstring, ``headrace`` streaming after its snapshot;
     ``restart()`` launches ``headrace run`` again (the same pipeline file). ``options``:
-    the generator's; ``slot`` and ``publication``: the pipeline's. Returns the restarted
-    process, stopped."""
+    the generator's; ``slot`` and ``publication``: the pipeline's (the peer asks for what
+    headrace's source asks for). Both runs are stopped on return."""
     code = headrace.stop()
     if code != 0:
         raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
@@ -150,7 +151,6 @@ def measure_backlog(
     if code != 0:
         raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
     _print(figures, out)
-    return drained
 
 
 def _peer(
@@ -167,29 +167,14 @@ def _peer(
     """pg_recvlogical drains a copy of headrace's ``slot`` to ``end_lsn`` into /dev/null."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, PEER_SLOT))
-    command = [
-        str(bindir / "pg_recvlogical"),
-        *("--dbname", dsn, "--slot", PEER_SLOT, "--start", "--no-loop"),
-        *("--endpos", format_lsn(end_lsn), "--file", "/dev/null"),
-        *(
-            arg
-            for option in (
-                "proto_version=2",
-                f"publication_names={publication}",
-                "messages=true",
-                "streaming=true",
-            )
-            for arg in ("--option", option)
-        ),
-    ]
     try:
-        children = waited_children_cpu_seconds()
         pg = postgres.cpu_seconds()
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
-        seconds = time.perf_counter() - started
+        drain = drain_with_pg_recvlogical(
+            bindir, dsn, PEER_SLOT, end_lsn, StreamOptions(publications=(publication,))
+        )
+        seconds = drain.seconds
         figures.peer_cpu_cores = {
-            "pg_recvlogical": round((waited_children_cpu_seconds() - children) / seconds, 2),
+            "pg_recvlogical": round(drain.cpu_seconds / seconds, 2),
             "postgres": round((postgres.cpu_seconds() - pg) / seconds, 2),
         }
     finally:
