@@ -23,6 +23,7 @@ def test_live_mode_measures_freshness_of_every_change_written(
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(asdict(result)))
     assert result.mode == "live"
+    assert result.connection == "unix"
     assert result.backlog is None
     assert result.written_changes > 0
     assert result.mismatches == 0
@@ -36,11 +37,14 @@ def test_live_mode_measures_freshness_of_every_change_written(
 def test_backlog_mode_times_the_drain_against_pg_recvlogical(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2, backlog=True)
+    # Over TCP, as to a server on another machine: both connection kinds are covered.
+    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2, backlog=True, tcp=True)
     printed = capsys.readouterr().out
     last = printed.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(asdict(result)))
     assert result.mode == "backlog"
+    assert result.connection == "tcp"
+    assert "headrace connects over TCP" in printed
     figures = result.backlog
     assert figures is not None
     assert figures.changes == result.written_changes > 0

@@ -31,6 +31,13 @@ The last line is one JSON object with every figure.
 ``--backlog`` (:mod:`.pipeline_backlog`) writes the same load while headrace
 is stopped and times how fast it drains it, against ``pg_recvlogical``: its
 capacity with no workload beside it.
+
+headrace and ``pg_recvlogical`` reach PostgreSQL over its Unix socket, or with
+``--tcp`` over TCP to 127.0.0.1 as to a server on another machine. The choice
+matters for a backlog: over the socket every message the walsender sends is a
+buffer of its own and the socket holds only a few hundred, so the walsender
+waits whenever headrace's source pauses; TCP merges them and buffers
+megabytes. The generator always uses the socket.
 """
 
 from __future__ import annotations
@@ -176,6 +183,9 @@ class PipelineBenchResult:
     ratio_time_to_fresh: float | None = None
     meets_target: bool | None = None
     """The issue's target at the rate (live mode only: a backlog has no freshness)."""
+    connection: str = "unix"
+    """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
+    ``unix`` (its socket) or ``tcp`` (127.0.0.1). The generator always uses the socket."""
     mode: str = "live"
     """``live`` (headrace streams while the load is written) or ``backlog`` (the load is
     written while headrace is stopped, then drained: :mod:`.pipeline_backlog`)."""
@@ -191,6 +201,7 @@ def run(
     writers: int = 4,
     update_window: int = 0,
     backlog: bool = False,
+    tcp: bool = False,
     record: Path | None = None,
     console: Console | None = None,
 ) -> PipelineBenchResult:
@@ -203,15 +214,20 @@ def run(
         base_rows=base_rows,
         update_window=update_window,
         mode="backlog" if backlog else "live",
+        connection="tcp" if tcp else "unix",
     )
     with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn = cluster.dsn("postgres", unix=True)
-        out.print(f"loading {base_rows:,} transactions ...")
+        # headrace's own connections (see the module docstring).
+        stream_dsn = cluster.dsn("postgres") if tcp else dsn
+        over = "TCP (127.0.0.1)" if tcp else "the Unix socket"
+        out.print(f"loading {base_rows:,} transactions ...; headrace connects over {over}")
         with psycopg.connect(dsn, autocommit=True) as conn:
             create_schema(conn, base_rows)
             conn.execute(b"VACUUM (FREEZE, ANALYZE)")
         config_path = Path(tmp) / "headrace.yaml"
-        config_path.write_text(PIPELINE_YAML.format(dsn=dsn, store=Path(tmp) / "bench.duckdb"))
+        store_path = Path(tmp) / "bench.duckdb"
+        config_path.write_text(PIPELINE_YAML.format(dsn=stream_dsn, store=store_path))
         config = load_pipeline(config_path)
         runs: list[RunProcess] = []
 
@@ -236,7 +252,7 @@ def run(
                     lambda: launch(recorded=True),
                     postgres=postgres,
                     bindir=cluster.bindir,
-                    dsn=dsn,
+                    dsn=stream_dsn,
                     options=options,
                     slot=config.source.slot,
                     publication=config.source.publication,

@@ -170,6 +170,12 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         help="Write the load while headrace is stopped, then time how fast it drains it "
         "(its capacity with no workload beside it), against pg_recvlogical.",
     ),
+    tcp: bool = typer.Option(
+        False,
+        "--tcp",
+        help="headrace (and the backlog's pg_recvlogical) connect over TCP to 127.0.0.1 "
+        "instead of the Unix socket, as to a PostgreSQL on another machine.",
+    ),
     record: RecordOption = None,
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
@@ -190,6 +196,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         writers=writers,
         update_window=update_window,
         backlog=backlog,
+        tcp=tcp,
         record=record,
     )
 
