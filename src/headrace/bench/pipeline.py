@@ -221,7 +221,7 @@ def run(
         # headrace's own connections (see the module docstring).
         stream_dsn = cluster.dsn("postgres") if tcp else dsn
         over = "TCP (127.0.0.1)" if tcp else "the Unix socket"
-        out.print(f"loading {base_rows:,} transactions ...; headrace connects over {over}")
+        out.print(f"headrace connects over {over}; loading {base_rows:,} transactions ...")
         with psycopg.connect(dsn, autocommit=True) as conn:
             create_schema(conn, base_rows)
             conn.execute(b"VACUUM (FREEZE, ANALYZE)")
