@@ -368,9 +368,7 @@ def _measure(
         before["totals"]["store_transactions"]
     )
     result.store_checkpoints = checkpoints_between(before, done)
-    code = headrace.stop()
-    if code != 0:
-        raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
+    headrace.stop_cleanly()
     _print_load(result, out)
 
 

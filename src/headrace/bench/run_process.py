@@ -106,6 +106,12 @@ class RunProcess:
         finally:
             self._log.close()
 
+    def stop_cleanly(self) -> None:
+        """:meth:`stop`, raising unless the run exited 0 (a clean shutdown on SIGTERM)."""
+        code = self.stop()
+        if code != 0:
+            raise RuntimeError(f"headrace run exited with {code} on SIGTERM")
+
 
 def checkpoints_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """The store's checkpoints between two status documents: how many, their seconds in
