@@ -29,7 +29,7 @@ from headrace.engine.inherit import fill_inherited
 from headrace.engine.lookup import lookup_joins
 from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
 from headrace.engine.registry import Registry, RollupRuntime
-from headrace.engine.resolve import TableWork, compute_net, load_changes
+from headrace.engine.resolve import TableWork, compute_net, load_changes, take_start_rows
 from headrace.engine.rollup import RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
@@ -122,6 +122,10 @@ def _resolve(
                 targets[name] = (target, target_work)
             joins = lookup_joins(con, work, targets)
         compute_net(con, work, joins)
+    # Last: taking the start rows out of the mirrors changes what the steps above read.
+    for work in works.values():
+        if work.model.config.mirror:
+            take_start_rows(con, work)
 
 
 def apply_rollup(

@@ -27,8 +27,8 @@ from headrace.store.duckdb.schema import META
 def write_history(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     """Append every change to ``history.<table>`` (deletes carry the deleted row's values).
 
-    Must run before :func:`write_mirror`: a deleted row's values come from its
-    previous version in the batch or, failing that, from the mirror.
+    A deleted row's values come from its previous version in the batch or, failing
+    that, from its start row (its mirror row before the batch).
     """
     model, c = work.model, work.changes
     names = [quote_ident(col.name) for col in model.columns]
@@ -54,21 +54,17 @@ def write_history(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
         FROM {c} d
         LEFT JOIN {work.prev} p ON p.{SEQ} = d.{SEQ}
         LEFT JOIN {c} pv ON pv.{SEQ} = p._hr_prev
-        LEFT JOIN {model.mirror} m ON d.{OP} = 'D' AND p._hr_prev IS NULL AND {match}
+        LEFT JOIN {work.start} m ON d.{OP} = 'D' AND p._hr_prev IS NULL AND {match}
         ORDER BY d.{SEQ}"""
     )
 
 
 def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Replace the touched keys' mirror rows by the batch's end rows."""
+    """Put the batch's end rows in the mirror (the touched keys' rows are out already:
+    :func:`~headrace.engine.resolve.take_start_rows`; after a truncate, empty it first)."""
     model = work.model
     if work.truncated_at is not None:
         con.execute(f"DELETE FROM {model.mirror}")
-    elif work.start_rows:
-        # The start rows are the touched keys' mirror rows: none, nothing to delete
-        # (and the DELETE, a scan of the whole mirror, is skipped).
-        on = " AND ".join(f"m.{quote_ident(k)} = k.{quote_ident(k)}" for k in model.key)
-        con.execute(f"DELETE FROM {model.mirror} m USING {work.keys} k WHERE {on}")
     if not work.end_rows:
         return  # only deletes
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())

@@ -11,7 +11,7 @@ table (every step is the SQL rule's, named after its code):
   row before the batch) and the *end* row (after it; none when deleted). An update
   changing the key deletes the old key and writes the new one. A truncate: the end rows
   are those written after it, and the start rows are *every* row of the mirror before
-  the batch (``compute_net`` reads the whole mirror), for the history as for the
+  the batch (``take_start_rows`` reads the whole mirror), for the history as for the
   triggers (see below).
 - **Watermark** (``RuleJob.advance``): ``W`` is the watermark *before* the batch
   (earliest possible before any); after it, ``max(W, max(least(t, commit_ts)))`` over

@@ -10,7 +10,7 @@ the SQL rule's, named after its code):
 
 - **Net change** (the engine's ``TableDelta``): per key its end row (none when deleted);
   an update changing the key deletes the old key. A truncate makes every row of the
-  table before the batch a start row (``compute_net`` reads the whole mirror), so a key
+  table before the batch a start row (``take_start_rows`` reads the whole mirror), so a key
   written again after a truncate is compared with its row from before the batch.
 - **Watermark** (``RuleJob.advance``): ``W`` is the watermark *before* the batch;
   after it ``max(W, max(least(t, commit_ts)))`` over the batch's end rows (any row,
