@@ -2,14 +2,15 @@
 
 Order matters and is the same for every segment:
 
-1. each table's changes become full row versions, touched keys, start and
-   end rows (:mod:`headrace.engine.resolve`) — reading the mirrors as they
-   were before the segment;
+1. each table's changes become full row versions, touched keys and end rows
+   (:mod:`headrace.engine.resolve`) — reading the mirrors as they were before
+   the segment;
 2. looked-up dimensions of end rows are resolved in the statement creating
    them (changes of looked-up tables in the same segment included, in commit
    order);
-3. history rows are appended (deleted rows' values come from the mirror, so
-   before it changes), then the mirrors are updated;
+3. then each table's start rows are taken out of its mirror (one
+   ``DELETE … RETURNING``), history rows are appended (deleted rows' values
+   come from the start rows), and the end rows go into the mirrors;
 4. each active rollup appends its delta (end rows +1, start rows -1) to its
    state and side tables (compacted now and then, between batches), or, with
    min/max, MERGEs it: groups whose extreme was retracted take the value
