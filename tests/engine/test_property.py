@@ -104,6 +104,7 @@ INSERT INTO pair VALUES (1, 1, 5, '2024-03-01 00:00'), (2, 1, 7, '2024-03-01 05:
 """
 
 TX_COLUMNS = ["id", "acct_id", "amount", "status", "ts", "note"]
+PAIR_COLUMNS = ["a", "b", "val", "ts"]
 LOOKUP = "(SELECT tier FROM acct WHERE acct.id = tx.acct_id)"
 BASE = "TIMESTAMPTZ '2024-03-01 00:00:00+00'"
 
@@ -399,7 +400,7 @@ def check_equal(harness: Harness, world: World) -> None:
     """Mirrors and every rollup grain equal PostgreSQL now."""
     harness.assert_mirror("acct", ["id", "tier", "region"])
     harness.assert_mirror("tx", TX_COLUMNS)
-    harness.assert_mirror("pair", ["a", "b", "val", "ts"])
+    harness.assert_mirror("pair", PAIR_COLUMNS)
     harness.assert_rollup("txr", world.lookup_source(), {"tier": "recorded_tier"})
     harness.assert_rollup("pr")
 
@@ -423,6 +424,19 @@ def check(harness: Harness, world: World) -> None:
             "WHERE _hr_op <> 'S'"
         )[0]
         assert history[0] == history[1]
+    # A delete carries its row's last values: those of the key's version before it.
+    for table, key, columns in (("tx", ["id"], TX_COLUMNS), ("pair", ["a", "b"], PAIR_COLUMNS)):
+        values = f"struct_pack({', '.join(columns)})"
+        wrong = harness.duck(
+            f"""SELECT * FROM (
+                SELECT _hr_op, {values} AS v,
+                       lag(_hr_op) OVER w AS prev_op, lag({values}) OVER w AS prev
+                FROM history.{table}
+                WINDOW w AS (PARTITION BY {", ".join(key)} ORDER BY _hr_lsn, _hr_seq)
+            ) WHERE _hr_op = 'D'
+                AND (prev_op IS NULL OR prev_op = 'D' OR v IS DISTINCT FROM prev)"""
+        )
+        assert not wrong, f"{table}: deletes without their row's last values: {wrong[:3]}"
     rows = {str(t): n for t, n in harness.duck("SELECT table_name, rows FROM headrace.tables")}
     for table in ("acct", "tx", "pair"):
         assert rows[f"public.{table}"] == harness.pg(f"SELECT count(*) FROM {table}")[0][0]
