@@ -60,11 +60,9 @@ def write_history(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
 
 
 def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Put the batch's end rows in the mirror (the touched keys' rows are out already:
-    :func:`~headrace.engine.resolve.take_start_rows`; after a truncate, empty it first)."""
+    """Put the batch's end rows in the mirror (the touched keys' rows, or after a
+    truncate all rows, are out already: :func:`~headrace.engine.resolve.take_start_rows`)."""
     model = work.model
-    if work.truncated_at is not None:
-        con.execute(f"DELETE FROM {model.mirror}")
     if not work.end_rows:
         return  # only deletes
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())

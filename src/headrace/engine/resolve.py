@@ -504,9 +504,8 @@ def compute_net(
 
 
 def take_start_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
-    """Create the start rows of a mirrored table: its touched keys' mirror rows, taken
-    out of the mirror (after a truncate in the batch: all of it, left to
-    :func:`~headrace.engine.mirror.write_mirror` to empty).
+    """Create the start rows of a mirrored table: its touched keys' mirror rows (after a
+    truncate in the batch: all of them), taken out of the mirror.
 
     One ``DELETE … RETURNING`` reads and removes them in one scan of the mirror,
     where a semi join and a later ``DELETE`` scanned it twice (30,000 keys in a
@@ -515,16 +514,14 @@ def take_start_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     rows), and the history reads deleted rows' values from the start rows.
     """
     model = work.model
-    if work.truncated_at is not None:
-        source = f"SELECT * FROM {model.mirror}"
-    elif work.only_new_keys:
+    if work.only_new_keys:
         # Planned as an empty result: the mirror is not read.
         source = f"SELECT * FROM {model.mirror} LIMIT 0"
     else:
         on = " AND ".join(f"m.{quote_ident(k)} = k.{quote_ident(k)}" for k in model.key)
+        where = "" if work.truncated_at is not None else f" USING {work.keys} k WHERE {on}"
         source = (
-            f"WITH taken AS (DELETE FROM {model.mirror} m USING {work.keys} k WHERE {on} "
-            f"RETURNING m.*) SELECT * FROM taken"
+            f"WITH taken AS (DELETE FROM {model.mirror} m{where} RETURNING m.*) SELECT * FROM taken"
         )
     work.start_rows = rows_written(
         con.execute(f"CREATE OR REPLACE TEMP TABLE {work.start} AS {source}")
