@@ -1,13 +1,17 @@
-"""min/max under retraction equal PostgreSQL: the recompute of flagged groups from the mirror.
+"""min/max under retraction equal PostgreSQL: the next extreme from the reserve or the mirror.
 
 A batch that retracts a group's current minimum or maximum (an update of the
 value, a row moving to another dimension value or bucket, a delete) flags the
-group; its extreme is recomputed from the mirror rows of the flagged groups
-only (prefiltered on plain dimension columns and the flagged buckets' time
-range). These tests drive that path with few keys and few values, so that
-extremes are retracted in most batches, with NULL dimension values, NULL
-times (the NULL bucket), DATE, TIMESTAMP and TIMESTAMPTZ times and expression
-dimensions (no prefilter column), against the same GROUP BY on PostgreSQL.
+group; its next extreme comes from the group's reserve (its values near the
+extremes), or, when the reserve ran out, from the mirror rows of the flagged
+groups only (prefiltered on plain dimension columns and the flagged buckets'
+time range), which refills the reserve. These tests drive those paths with few
+keys and few values, so that extremes are retracted in most batches, with NULL
+dimension values, NULL times (the NULL bucket), DATE, TIMESTAMP and TIMESTAMPTZ
+times and expression dimensions (no prefilter column), against the same GROUP
+BY on PostgreSQL; with a reserve one value deep at each end, every group is
+bounded, trimmed at each compaction and runs out often. After every sync each
+reserve holds exactly the mirror's values beyond its group's bounds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from headrace.engine import reserve as reserve_module
 from headrace.engine.extremes import FlaggedRange, time_prefilter
 from headrace.engine.rollup import bucket_sql
 from tests.conftest import PgDatabase
@@ -154,6 +159,57 @@ def _assert_equal(h: Harness) -> None:
     h.assert_mirror("ev", ["id", "shop", "region", "amount", "paid", "ts", "day", "local_ts"])
     for name in ROLLUPS:
         h.assert_rollup(name)
+    _assert_reserves(h)
+
+
+def _assert_reserves(h: Harness) -> None:
+    """Each reserve holds exactly its groups' mirror values beyond their bounds (all of
+    them when the bounds are NULL), with their row counts."""
+    for name in ROLLUPS:
+        plan = h.engine.registry.rollups[name].plan
+        assert plan is not None
+        groups = ", ".join(plan.group_columns)
+        for reserve in plan.reserves:
+            value = f"p.{reserve.value}"
+            expected = h.duck(
+                f"SELECT {', '.join(f'p.{c}' for c in plan.group_columns)}, {value}, count(*) "
+                f"FROM {plan.mirror_rows(None)} p JOIN {plan.state} s ON {plan.match('p', 's')} "
+                f"WHERE {reserve.condition('p')} AND {reserve.in_bounds(value, 's')} "
+                f"GROUP BY ALL ORDER BY ALL"
+            )
+            got = h.duck(
+                f"SELECT {groups}, _hr_value, sum(_hr_n) FROM {reserve.table} "
+                f"GROUP BY ALL HAVING sum(_hr_n) <> 0 ORDER BY ALL"
+            )
+            assert got == expected, f"{name} reserve {reserve.index}"
+
+
+DEPTHS = {"shallow": (1, 2, 1), "thin": (2, 3, 2)}
+"""Reserve settings (KEEP, TRIM_AT, THIN_AT) making every path common with few rows:
+one value at each end, trimmed beyond two, refilled between batches only when a side
+is empty (so batches find sides empty); or two at each end, refilled when a side
+has fewer than two (so the refill between batches runs often)."""
+
+
+def _set_depth(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    keep, trim_at, thin_at = DEPTHS[name]
+    monkeypatch.setattr(reserve_module, "KEEP", keep)
+    monkeypatch.setattr(reserve_module, "TRIM_AT", trim_at)
+    monkeypatch.setattr(reserve_module, "THIN_AT", thin_at)
+
+
+@pytest.fixture(params=["default", *DEPTHS])
+def depth(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The reserves' depth: the default, or one of :data:`DEPTHS`."""
+    if request.param in DEPTHS:
+        _set_depth(monkeypatch, request.param)
+    return str(request.param)
+
+
+def _sync(h: Harness, cut: object = None) -> None:
+    """Apply what PostgreSQL committed, then compact (which trims the reserves)."""
+    h.sync(cut)  # type: ignore[arg-type]
+    h.engine.compact_rollups(force=True)
 
 
 _examples = itertools.count()
@@ -169,7 +225,7 @@ _examples = itertools.count()
     cuts=st.lists(st.booleans(), min_size=1, max_size=10),
 )
 def test_extremes_equal_postgresql(
-    pg_db: PgDatabase, tmp_path: Path, transactions: list[list[str]], cuts: list[bool]
+    pg_db: PgDatabase, tmp_path: Path, depth: str, transactions: list[list[str]], cuts: list[bool]
 ) -> None:
     _reset(pg_db)
     example = tmp_path / f"ex{next(_examples)}"
@@ -180,9 +236,9 @@ def test_extremes_equal_postgresql(
         for number, statements in enumerate(transactions):
             h.transaction(*statements)
             if number % 2:
-                h.sync(lambda: next(cut_points))
+                _sync(h, lambda: next(cut_points))
                 _assert_equal(h)
-        h.sync(lambda: next(cut_points))
+        _sync(h, lambda: next(cut_points))
         _assert_equal(h)
     finally:
         h.close()
@@ -196,7 +252,7 @@ def h(pg_db: PgDatabase, tmp_path: Path) -> Iterator[Harness]:
     harness.close()
 
 
-def test_retracted_extremes_recomputed(h: Harness) -> None:
+def test_retracted_extremes_recomputed(h: Harness, depth: str) -> None:
     """Each way of retracting an extreme, one batch each, and several in one batch."""
     steps = [
         # The minimum of (a, eu, 00h) moves to another bucket: 9 remains.
@@ -222,8 +278,32 @@ def test_retracted_extremes_recomputed(h: Harness) -> None:
     _assert_equal(h)
     for statements in steps:
         h.transaction(*statements)
-        h.sync()
+        _sync(h)
         _assert_equal(h)
+
+
+def test_exhausted_reserve_refilled_from_the_mirror(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bounded group whose minimum side runs out takes its minimum from the mirror, and
+    its reserve is refilled from it (new bounds) in the same batch."""
+    _set_depth(monkeypatch, "shallow")
+    h.transaction(
+        "INSERT INTO ev SELECT 100 + g, 'z', 'eu', g, true, '2024-03-01 05:10+00', "
+        "'2024-03-01', '2024-03-01 05:10' FROM generate_series(1, 6) g"
+    )
+    _sync(h)  # trimmed: the group keeps 1 and 6 only
+    plan = h.engine.registry.rollups["by_shop"].plan
+    assert plan is not None
+    reserve = plan.reserves[0]
+    group = f"FROM {plan.state} WHERE _hr_d0 = 'z'"
+    assert h.duck(f"SELECT {reserve.lo}, {reserve.hi} {group}") == [(1, 6)]
+    h.transaction("DELETE FROM ev WHERE id = 101")  # the minimum, the low side's only value
+    h.sync()
+    _assert_equal(h)
+    assert h.duck(f"SELECT {reserve.lo}, {reserve.hi}, _hr_m1_v {group}") == [(2, 6, 2)]
+    values = f"SELECT _hr_value FROM {reserve.table} WHERE _hr_d0 = 'z' ORDER BY 1"
+    assert h.duck(values) == [(2,), (6,)]
 
 
 BOUNDARY_ROWS = """

@@ -156,7 +156,7 @@ def apply_rollup(
         source = f"({plan.net_sql(work.start, work.end, with_horizon)})"
     appended = 0
     if plan.extremes():
-        merge_extremes(
+        appended += merge_extremes(
             con, plan, f"_hr_d_{index}", (source, params), retracts=bool(work.start_rows)
         )
     else:

@@ -2,24 +2,27 @@
 
 A sum or a count takes a retraction by subtracting; a min or a max cannot: when
 a batch retracts (updates away or deletes) the row holding a group's current
-extreme, the next one is somewhere in the mirror. Per batch, for a rollup with
-min/max measures:
+extreme, the next one is the nearest value left, which each group's reserve
+holds (:mod:`headrace.engine.reserve`). Per batch, for a rollup with min/max
+measures:
 
-1. :func:`flagged_delta_sql`: the per-group delta plus ``_hr_flag``, whether the
+1. the batch's in-bound values are appended to the reserves
+   (:func:`~headrace.engine.reserve.append_sql`);
+2. :func:`flagged_delta_sql`: the per-group delta plus ``_hr_flag``, whether the
    batch retracted the group's current extreme (read from the state before the
-   MERGE, in a statement of its own: a MERGE reading its own target is not safe);
-2. :func:`read_flagged_range`: the bucket range of the flagged groups, read back
-   (one row). No flagged group: the plain MERGE, no mirror read;
-3. :func:`recomputed_delta_sql`: the delta with, for the flagged groups, the
-   extremes recomputed from the (already updated) mirror, which the MERGE uses
-   where the retracted value was the extreme.
+   MERGE, in a statement of its own: a MERGE reading its own target is not
+   safe), and for the flagged groups their reserves' ends after the batch;
+3. :func:`read_flagged`: how many groups are flagged and whether a reserve ran
+   out (one row). No flagged group: the plain MERGE;
+4. the MERGE, flagged groups taking their reserve's end (:func:`reserve_delta_sql`).
 
-The recompute reads only mirror rows whose time falls in the flagged buckets'
-range, as a filter on the raw time column, which DuckDB checks against each
-row group's min/max: rows arrive in roughly time order, so an extreme
-retracted in a recent bucket reads the newest row groups, not the whole
-mirror (whose size grows with the history kept). Within that range the rows
-are matched exactly on dimensions and bucket.
+When a flagged group's reserve ran out (a bounded side with no value left), the
+flagged groups are recomputed from the (already updated) mirror instead
+(:func:`recomputed_delta_sql`) and those groups' reserves refilled from it
+(:func:`refill`): rare, and the only mirror read. That recompute reads only
+mirror rows whose time falls in the flagged buckets' range, as a filter on the
+raw time column, which DuckDB checks against each row group's min/max; within
+that range the rows are matched exactly on dimensions and bucket.
 """
 
 from __future__ import annotations
@@ -29,8 +32,19 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 
+from headrace.engine.reserve import (
+    COUNT,
+    VALUE,
+    Reserve,
+    append_sql,
+    reserve_select,
+    sides_sql,
+    thin_sql,
+    trim_sql,
+)
 from headrace.engine.rollup import BUCKET, FLAG, RollupPlan, grain_us, time_to_epoch_us
 from headrace.pipeline.model import quote_ident
+from headrace.store.duckdb.results import rows_written
 
 _ZONED = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -46,18 +60,97 @@ class FlaggedRange:
     last: datetime | None
     nulls: bool
 
-    @property
-    def empty(self) -> bool:
-        return self.first is None and not self.nulls
-
 
 def flagged_delta_sql(plan: RollupPlan, rows: str) -> str:
-    """:meth:`RollupPlan.delta_sql` plus ``_hr_flag`` (step 1 of the module docstring)."""
+    """:meth:`RollupPlan.delta_sql` plus ``_hr_flag``, the state's reserve bounds and, for
+    flagged groups, each reserve's ends (``_hr_x<j>_low``, ``_hr_x<j>_high``,
+    ``_hr_x<j>_bounded``; step 2 of the module docstring)."""
     conditions = [c for m in plan.extremes() if (c := m.recompute_condition("s", "d")) is not None]
-    return (
-        f"SELECT d.*, coalesce({' OR '.join(conditions)}, false) AS {FLAG} "
+    bounds = "".join(f", s.{r.lo}, s.{r.hi}" for r in plan.reserves)
+    delta = (
+        f"SELECT d.*{bounds}, coalesce({' OR '.join(conditions)}, false) AS {FLAG} "
         f"FROM ({plan.delta_sql(rows)}) d LEFT JOIN {plan.state} s ON {plan.match('s', 'd')}"
     )
+    ends, joins = [], []
+    for reserve in plan.reserves:
+        x = f"x{reserve.index}"
+        ends += [f"{x}.{c}" for c in (reserve.low, reserve.high, reserve.bounded)]
+        sides = sides_sql(reserve, plan.group_columns, f"(SELECT * FROM d WHERE {FLAG})")
+        joins.append(f"LEFT JOIN ({sides}) {x} ON {plan.match('d', x)}")
+    return f"WITH d AS ({delta}) SELECT d.*, {', '.join(ends)} FROM d {' '.join(joins)}"
+
+
+def _exhausted(plan: RollupPlan) -> str:
+    """Over a :func:`flagged_delta_sql` row ``d``: some reserve of the group ran out."""
+    return "(" + " OR ".join(r.exhausted("d") for r in plan.reserves) + ")"
+
+
+def read_flagged(con: duckdb.DuckDBPyConnection, plan: RollupPlan, delta: str) -> tuple[int, bool]:
+    """Flagged groups in ``delta`` (a :func:`flagged_delta_sql` table), and whether the
+    reserve of one of them ran out."""
+    row = con.execute(
+        f"SELECT count(*), coalesce(bool_or({_exhausted(plan)}), false) FROM {delta} d WHERE {FLAG}"
+    ).fetchone()
+    return (int(row[0]), bool(row[1])) if row is not None else (0, False)
+
+
+def reserve_delta_sql(plan: RollupPlan, delta: str) -> str:
+    """``delta`` with each min/max measure's recomputed value (``_hr_m<i>_r``) taken from
+    its reserve's end, for :meth:`RollupPlan.merge_sql` with ``recomputed``."""
+    parts = []
+    for measure in plan.extremes():
+        reserve = measure.reserve
+        if reserve is None:  # every min/max measure gets one when its rollup is planned
+            raise RuntimeError(f"min/max measure {measure.name} has no reserve")
+        end = reserve.low if measure.low_side else reserve.high
+        parts.append(f"d.{end} AS {measure.part('r')}")
+    return f"SELECT d.*, {', '.join(parts)} FROM {delta} d"
+
+
+def refill_exhausted(con: duckdb.DuckDBPyConnection, plan: RollupPlan, delta: str) -> None:
+    """Refill from the (updated) mirror the reserves of the flagged groups of ``delta``
+    whose reserve ran out."""
+    groups = ", ".join(plan.group_columns)
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE _hr_refill AS SELECT {groups} FROM {delta} d "
+        f"WHERE {FLAG} AND {_exhausted(plan)}"
+    )
+    for reserve in plan.reserves:
+        refill(con, plan, reserve, "_hr_refill")
+
+
+def refill(con: duckdb.DuckDBPyConnection, plan: RollupPlan, reserve: Reserve, groups: str) -> None:
+    """Rebuild ``reserve`` and its bounds in the state, for the groups listed in table
+    ``groups``, from the mirror (as a build of the rollup would)."""
+    columns = ", ".join([*plan.group_columns, VALUE, COUNT])
+    rows = plan.mirror_rows(groups)
+    con.execute(f"DELETE FROM {reserve.table} r USING {groups} g WHERE {plan.match('r', 'g')}")
+    con.execute(
+        f"INSERT INTO {reserve.table} ({columns}) "
+        f"{reserve_select(reserve, plan.group_columns, rows)}"
+    )
+    bounds = (
+        f"SELECT {', '.join(f'p.{c}' for c in plan.group_columns)}, "
+        f"{', '.join(reserve.bounds_sql('p'))} FROM {rows} p GROUP BY ALL"
+    )
+    # A group of `groups` with no mirror row left gets no bounds row: its state row is
+    # gone too (its row count reached 0).
+    con.execute(
+        f"UPDATE {plan.state} s SET {reserve.lo} = b.{reserve.lo}, {reserve.hi} = b.{reserve.hi} "
+        f"FROM ({bounds}) b WHERE {plan.match('s', 'b')}"
+    )
+
+
+def maintain_reserves(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> None:
+    """Between batches, after a compaction cycle: trim the reserves' oversized groups,
+    rebuild their thin ones from the mirror (see :mod:`headrace.engine.reserve`)."""
+    for reserve in plan.reserves:
+        for statement in trim_sql(reserve, plan.group_columns, plan.state):
+            con.execute(statement)
+        con.execute(thin_sql(reserve, plan.group_columns, plan.state, "_hr_thin"))
+        row = con.execute("SELECT count(*) FROM _hr_thin").fetchone()
+        if row is not None and row[0]:
+            refill(con, plan, reserve, "_hr_thin")
 
 
 def read_flagged_range(con: duckdb.DuckDBPyConnection, delta: str) -> FlaggedRange:
@@ -161,24 +254,34 @@ def merge_extremes(
     rows: tuple[str, list[object]],
     *,
     retracts: bool,
-) -> None:
+) -> int:
     """MERGE a batch into a rollup with min/max (the module docstring's steps).
     ``rows``: the batch's rows (weighted or netted) and their parameters;
     ``retracts``: whether the batch has old row versions (else nothing can be
-    retracted); ``delta``: the name of the temp table of step 1."""
+    retracted); ``delta``: the name of the temp table of step 2. Returns the rows
+    appended to the reserves (they count towards the rollup's compaction)."""
     source, params = rows
+    appended = 0
+    for reserve in plan.reserves:
+        sql = append_sql(reserve, plan.group_columns, plan.state, source)
+        appended += rows_written(con.execute(sql, params))
     if not retracts:  # insert-only: nothing retracted, nothing to recompute
         con.execute(plan.merge_sql(f"({plan.delta_sql(source)})"), params)
-        return
+        return appended
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {delta} AS {flagged_delta_sql(plan, source)}", params
     )
-    flagged = read_flagged_range(con, delta)
-    if flagged.empty:
+    flagged, exhausted = read_flagged(con, plan, delta)
+    if not flagged:
         con.execute(plan.merge_sql(delta))
-        return
-    prefilter, params = time_prefilter(plan, flagged)
+        return appended
+    if not exhausted:
+        con.execute(plan.merge_sql(f"({reserve_delta_sql(plan, delta)})", recomputed=True))
+        return appended
+    prefilter, params = time_prefilter(plan, read_flagged_range(con, delta))
     con.execute(
         plan.merge_sql(f"({recomputed_delta_sql(plan, delta, prefilter)})", recomputed=True),
         params,
     )
+    refill_exhausted(con, plan, delta)
+    return appended

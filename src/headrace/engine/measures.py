@@ -21,8 +21,9 @@ approx_count_distinct       side table (bucket, dims, reg, rho,  HyperLogLog est
 
 min/max under retraction: when a batch retracts a value equal to (or
 beyond) the current extreme of a group and adds none at or beyond it, the
-group is recomputed from the mirror after the batch (see
-:meth:`Extreme.recompute_condition`).
+group takes its next extreme from its reserve (the values near its extremes,
+:mod:`headrace.engine.reserve`), or from the mirror when the reserve ran out
+(see :meth:`Extreme.recompute_condition`).
 
 approx_count_distinct keeps, per group, register and rank (the HyperLogLog
 register index and the position of the lowest set bit of the rest of the
@@ -39,6 +40,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from headrace.engine.reserve import Reserve
 from headrace.pipeline.model import MeasureConfig, MeasureFn, quote_ident
 
 HLL_PRECISION = 12
@@ -212,6 +214,10 @@ class Extreme(Measure):
         self.function = "min" if config.fn is MeasureFn.MIN else "max"
         self.combine = "least" if config.fn is MeasureFn.MIN else "greatest"
         self.beyond = "<=" if config.fn is MeasureFn.MIN else ">="
+        self.reserve: Reserve | None = None
+        """The reserve holding this measure's next values (set by the rollup's plan)."""
+        self.low_side = config.fn is MeasureFn.MIN
+        """Whether it reads its reserve's low end (min) rather than its high end (max)."""
 
     def _condition(self) -> str | None:
         return self.inputs.condition(require_value=True)

@@ -131,11 +131,8 @@ class OnlineRebuild:
             while self.gate is not None and not self.gate.wait(0.05):
                 if self._abandoned.is_set():
                     raise RuntimeError("abandoned")
-            selects = {plan.state: plan.build_select(with_horizon)}
-            for measure in plan.side_tables():
-                selects[plan.side_table(measure)] = plan.side_build_select(measure, with_horizon)
-            for table, select in selects.items():
-                self.rows[table] = cursor.sql(select, params=params or None).to_arrow_table()
+            for table, select in plan.table_selects(with_horizon).items():
+                self.rows[table] = cursor.sql(select(None), params=params or None).to_arrow_table()
         except BaseException as exc:  # reported on the writer thread
             self.error = exc
         finally:

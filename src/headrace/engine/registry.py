@@ -14,12 +14,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import partial
 from typing import cast
 
 import duckdb
 import pyarrow as pa
 
+from headrace.engine.extremes import maintain_reserves
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
 from headrace.engine.tables import (
@@ -334,7 +334,8 @@ class Registry:
         number, slices, index = runtime.compaction.pop(0)
         for statement in plan.compact_sql(tables[number], slices, index):
             con.execute(statement)
-        if not runtime.compaction:
+        if not runtime.compaction:  # the cycle's last step: min/max reserves kept in shape
+            maintain_reserves(con, plan)
             runtime.compacted_rows = self._rows(con, plan)
         return True
 
@@ -347,6 +348,7 @@ class Registry:
         for table in plan.compacted_tables():
             for statement in plan.compact_sql(table):
                 con.execute(statement)
+        maintain_reserves(con, plan)
         runtime.compaction = []
         runtime.compacted_rows, runtime.appended = self._rows(con, plan), 0
 
@@ -413,16 +415,11 @@ class Registry:
             con.execute(f"DROP TABLE IF EXISTS {ROLLUP}.{quote_ident(table)}")
         with_horizon = runtime.retained_from is not None
         params = [runtime.retained_from] if with_horizon else []
-        selects = {plan.state: partial(plan.build_select, with_horizon)}
-        for measure in plan.side_tables():
-            selects[plan.side_table(measure)] = partial(
-                plan.side_build_select, measure, with_horizon
-            )
-        for table, select in selects.items():
+        for table, select in plan.table_selects(with_horizon).items():
             if rows is None:
-                con.execute(f"CREATE TABLE {table} AS {select()}", params)
+                con.execute(f"CREATE TABLE {table} AS {select(None)}", params)
                 continue
-            con.execute(f"CREATE TABLE {table} AS {select()} LIMIT 0", params)
+            con.execute(f"CREATE TABLE {table} AS {select(None)} LIMIT 0", params)
             con.register("_hr_rebuilt", rows[table])
             try:
                 con.execute(f"INSERT INTO {table} SELECT * FROM _hr_rebuilt")

@@ -11,8 +11,9 @@ the batch's transaction:
 - :meth:`RollupPlan.delta_sql` / :meth:`RollupPlan.merge_sql`: the per-group
   delta merged into ``rollup.<name>__state`` (groups reaching 0 rows are
   deleted), side tables likewise;
-- with min/max, the delta also flags the groups whose extreme the batch
-  retracted, and the MERGE takes their extremes recomputed from the mirror
+- with min/max, each group also keeps its values near the extremes (a reserve,
+  :mod:`headrace.engine.reserve`); the delta flags the groups whose extreme the
+  batch retracted, and the MERGE takes their next extremes from the reserve
   (:mod:`headrace.engine.extremes`);
 - :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
   GROUP BY), for creation, rebuild and the snapshot;
@@ -24,8 +25,10 @@ Buckets are epoch-aligned in UTC: ``floor(epoch_us(t) / grain) * grain``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import duckdb
 
@@ -40,6 +43,7 @@ from headrace.engine.measures import (
     make_measure,
     output_name,
 )
+from headrace.engine.reserve import COUNT, KEEP, VALUE, Reserve, reserve_select
 from headrace.engine.tables import LookupColumn, TableModel
 from headrace.engine.types import is_integer
 from headrace.errors import ConfigError
@@ -90,10 +94,13 @@ class Dimension:
 
 
 def definition_json(config: RollupConfig, time_column: str) -> str:
-    """What identifies a rollup's state: a change means the state must be rebuilt."""
-    return json.dumps(
-        {"rollup": config.model_dump(mode="json"), "time": time_column}, sort_keys=True
-    )
+    """What identifies a rollup's state: a change means the state must be rebuilt.
+    With min/max, the reserve's depth too (a store built before reserves existed, or
+    with another depth, is rebuilt)."""
+    definition: dict[str, object] = {"rollup": config.model_dump(mode="json"), "time": time_column}
+    if any(m.fn in (MeasureFn.MIN, MeasureFn.MAX) for m in config.measures):
+        definition["reserve"] = KEEP
+    return json.dumps(definition, sort_keys=True)
 
 
 class RollupPlan:
@@ -150,6 +157,21 @@ class RollupPlan:
             if measure.fn in (MeasureFn.SUM, MeasureFn.AVG):
                 sum_type = self._sum_type(con, str(value_type), measure.name)
             self.measures.append(make_measure(measure, index, measure_inputs, value_type, sum_type))
+        self.reserves: list[Reserve] = []
+        """The min/max measures' reserves (one per distinct value and filter)."""
+        for extreme in self.extremes():
+            extreme.reserve = self._reserve_for(extreme.inputs)
+
+    def _reserve_for(self, inputs: MeasureInputs) -> Reserve:
+        for reserve in self.reserves:
+            if (reserve.value, reserve.filter) == (inputs.value, inputs.filter):
+                return reserve
+        if inputs.value is None:  # min/max always have a value (the config requires one)
+            raise ConfigError(f"rollup {self.name}: a min/max measure has no value")
+        index = len(self.reserves)
+        table = rollup_state(self.name, f"reserve_{index}")
+        self.reserves.append(Reserve(index, inputs.value, inputs.filter, table))
+        return self.reserves[-1]
 
     def _plan_dimensions(self, lookups: dict[str, LookupColumn]) -> set[str]:
         """Fill :attr:`dimensions`; the source columns they read."""
@@ -252,7 +274,11 @@ class RollupPlan:
         return rollup_state(self.name, measure.side_table or f"side_{measure.index}")
 
     def owned_tables(self) -> list[str]:
-        return [self.state, *(self.side_table(m) for m in self.side_tables())]
+        return [
+            self.state,
+            *(self.side_table(m) for m in self.side_tables()),
+            *(r.table for r in self.reserves),
+        ]
 
     def views(self) -> list[str]:
         return [rollup_view(self.name, g) for g in self.config.grains]
@@ -376,6 +402,8 @@ class RollupPlan:
         for measure in self.side_tables():
             keys = [name for name, _ in measure.side_keys()]
             tables.append((self.side_table(measure), [*self.group_columns, *keys], ["_hr_n"]))
+        for reserve in self.reserves:
+            tables.append((reserve.table, [*self.group_columns, VALUE], [COUNT]))
         return tables
 
     @staticmethod
@@ -419,11 +447,36 @@ class RollupPlan:
             parts += [
                 f"{b} AS {p}" for p, b in zip(measure.state_parts(), measure.build(), strict=True)
             ]
+        for reserve in self.reserves:
+            parts += reserve.bounds_sql("p")
         where = f" WHERE {keep}" if keep else ""
         return (
-            f"SELECT {', '.join(parts)} FROM {self._mirror_rows(groups)}{where} "
+            f"SELECT {', '.join(parts)} FROM {self.mirror_rows(groups)} p{where} "
             f"GROUP BY {', '.join(self.group_columns)}"
         )
+
+    def reserve_build_select(
+        self, reserve: Reserve, with_horizon: bool, groups: str | None = None
+    ) -> str:
+        """A reserve's rows from the mirror (all, or those of ``groups``), under the bounds
+        :meth:`build_select` computes from the same rows."""
+        keep = self.horizon_filter(with_horizon)
+        rows = f"(SELECT * FROM {self.mirror_rows(groups)}{f' WHERE {keep}' if keep else ''})"
+        return reserve_select(reserve, self.group_columns, rows)
+
+    def table_selects(self, with_horizon: bool) -> dict[str, Callable[[str | None], str]]:
+        """Each owned table and the SELECT computing its rows from the mirror (all, or
+        those of the groups listed in a table), the state first."""
+        selects: dict[str, Callable[[str | None], str]] = {
+            self.state: partial(self.build_select, with_horizon)
+        }
+        for measure in self.side_tables():
+            selects[self.side_table(measure)] = partial(
+                self.side_build_select, measure, with_horizon
+            )
+        for reserve in self.reserves:
+            selects[reserve.table] = partial(self.reserve_build_select, reserve, with_horizon)
+        return selects
 
     def side_build_sql(self, measure: CountDistinct, with_horizon: bool) -> str:
         select = self.side_build_select(measure, with_horizon)
@@ -439,16 +492,18 @@ class RollupPlan:
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         return (
             f"SELECT {', '.join(columns)}, CAST(count(*) AS BIGINT) AS _hr_n "
-            f"FROM {self._mirror_rows(groups)}{where} GROUP BY ALL"
+            f"FROM {self.mirror_rows(groups)}{where} GROUP BY ALL"
         )
 
-    def _mirror_rows(self, groups: str | None) -> str:
+    def mirror_rows(self, groups: str | None) -> str:
+        """Projected mirror rows (a subquery): all, or those of the groups listed in
+        table ``groups``."""
         rows = f"({self.projection(self.table.mirror)})"
         if groups is None:
             return rows
         return (
-            f"{rows} p SEMI JOIN (SELECT DISTINCT {', '.join(self.group_columns)} "
-            f"FROM {groups}) g ON {self.match('p', 'g')}"
+            f"(SELECT p.* FROM {rows} p SEMI JOIN (SELECT DISTINCT "
+            f"{', '.join(self.group_columns)} FROM {groups}) g ON {self.match('p', 'g')})"
         )
 
     def groups_sql(self, rows: str) -> str:
