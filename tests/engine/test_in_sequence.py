@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from headrace.engine.resolve import in_sequence
+from headrace.engine.batch_changes import in_sequence
 
 
 def _changes(seqs: list[int], chunks: int = 1) -> pa.Table:

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from headrace.engine.resolve import load_changes, transaction_starts
+from headrace.engine.batch_changes import load_changes, transaction_starts
 from headrace.source.changes import ChangeBatch
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness

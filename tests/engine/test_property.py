@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headrace.engine import resolve
+from headrace.engine import batch_changes
 from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
@@ -340,7 +340,7 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     steps=steps,
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
     piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
-    view_from=st.sampled_from([resolve.VIEW_CHANGES, 1]),
+    view_from=st.sampled_from([batch_changes.VIEW_CHANGES, 1]),
 )
 def test_engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
@@ -354,7 +354,7 @@ def test_engine_equals_postgresql(
     """``piece``: batches with more changes come in pieces of this many (as a huge
     transaction does), applied in one store transaction. ``view_from``: a table's changes
     are a view over the Arrow table from this many (the large batches' way)."""
-    with patch.object(resolve, "VIEW_CHANGES", view_from):
+    with patch.object(batch_changes, "VIEW_CHANGES", view_from):
         _engine_equals_postgresql(fresh, initial, steps, cuts, piece)
 
 

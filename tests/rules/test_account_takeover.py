@@ -7,7 +7,7 @@ from unittest.mock import patch
 
 import pytest
 
-from headrace.engine import resolve
+from headrace.engine import batch_changes
 from tests.conftest import PgDatabase
 from tests.rules.bank import Bank, only, open_bank
 
@@ -18,10 +18,10 @@ def _out(bank: Bank, account: int, amount: float, seconds: float, **kw: object) 
     return bank.tx(account, amount, seconds, channel="transfer", type="transfer_out", **kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("view_from", [resolve.VIEW_CHANGES, 1], ids=["tables", "views"])
+@pytest.mark.parametrize("view_from", [batch_changes.VIEW_CHANGES, 1], ids=["tables", "views"])
 def test_new_device_and_failed_logins(pg_db: PgDatabase, tmp_path: Path, view_from: int) -> None:
     """``view_from``: the rule also reads a batch's changes as a view (large batches)."""
-    with patch.object(resolve, "VIEW_CHANGES", view_from):
+    with patch.object(batch_changes, "VIEW_CHANGES", view_from):
         _new_device_and_failed_logins(pg_db, tmp_path)
 
 

@@ -25,12 +25,13 @@ from collections.abc import Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
+from headrace.engine.batch_changes import load_changes
 from headrace.engine.extremes import merge_extremes
 from headrace.engine.inherit import fill_inherited
 from headrace.engine.lookup import lookup_joins
 from headrace.engine.mirror import write_dead_letters, write_history, write_mirror
 from headrace.engine.registry import Registry, RollupRuntime
-from headrace.engine.resolve import TableWork, compute_net, load_changes, take_start_rows
+from headrace.engine.resolve import TableWork, compute_net, take_start_rows
 from headrace.engine.rollup import RollupPlan
 from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
@@ -50,7 +51,7 @@ def apply_segment(
     in_pieces: bool = False,
 ) -> tuple[int, list[TableWork]]:
     """Apply one segment's changes; returns (dead letters written, the tables' work).
-    ``transactions``: the batch's :func:`~headrace.engine.resolve.transaction_starts`;
+    ``transactions``: the batch's :func:`~headrace.engine.batch_changes.transaction_starts`;
     ``in_pieces``: a piece of a batch applied in pieces (one long store transaction)."""
     dead = 0
     works: dict[TableRef, TableWork] = {}

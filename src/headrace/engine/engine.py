@@ -34,10 +34,10 @@ import pyarrow.compute as pc
 
 from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
+from headrace.engine.batch_changes import earliest_starts
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
-from headrace.engine.resolve import earliest_starts
 from headrace.engine.results import (
     AppliedBatch,
     EngineStatus,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
+from headrace.engine.batch_changes import positional
 from headrace.engine.inherit import compute_prev
-from headrace.engine.resolve import TableWork, old_key, positional
+from headrace.engine.resolve import TableWork, old_key
 from headrace.engine.types import storable_table
 from headrace.pipeline.model import quote_ident, quote_literal
 from headrace.source.changes import (
