@@ -52,6 +52,9 @@ NOT_CONFIGURED = "not in the pipeline file any more"
 COMPACT_MIN_ROWS = 20_000
 """Appended rollup rows below which a rollup is never compacted."""
 
+RESERVES_STEP = -1
+"""The table number of a compaction cycle's step that trims and refills min/max reserves."""
+
 COMPACT_STEP_ROWS = 200_000
 """Rows one compaction step folds, about. Each step reads the whole table twice (its hash
 slice is a filter over every row), so a cycle costs about (slices x table size): smaller
@@ -75,7 +78,8 @@ class RollupRuntime:
     compacted_rows: int | None = None
     """Rows of the state and side tables after the last compaction (None: unknown)."""
     compaction: list[tuple[int, int, int]] = field(default_factory=list)
-    """Steps left in the current compaction cycle: (table number, slices, slice)."""
+    """Steps left in the current compaction cycle: (table number, slices, slice); table
+    number :data:`RESERVES_STEP`: the min/max reserves' upkeep."""
 
     @property
     def active(self) -> bool:
@@ -311,6 +315,8 @@ class Registry:
         :attr:`compact_step_rows` rows at a time, so no step stalls the batches
         for long; sums stay exact at every step (the rows of one key are always
         in the same slice, and rows appended meanwhile are summed like any other).
+        With min/max, the cycle's last step keeps the reserves in shape
+        (:func:`~headrace.engine.extremes.maintain_reserves`), a step of its own.
         """
         runtime = self.rollups[name]
         plan = runtime.plan
@@ -330,12 +336,16 @@ class Registry:
                 for slices in [max(1, -(-size // self.compact_step_rows))]
                 for index in range(slices)
             ]
+            if plan.reserves:
+                runtime.compaction.append((RESERVES_STEP, 1, 0))
             runtime.appended = 0  # rows appended from now on count for the next cycle
         number, slices, index = runtime.compaction.pop(0)
-        for statement in plan.compact_sql(tables[number], slices, index):
-            con.execute(statement)
-        if not runtime.compaction:  # the cycle's last step: min/max reserves kept in shape
+        if number == RESERVES_STEP:
             maintain_reserves(con, plan)
+        else:
+            for statement in plan.compact_sql(tables[number], slices, index):
+                con.execute(statement)
+        if not runtime.compaction:
             runtime.compacted_rows = self._rows(con, plan)
         return True
 
