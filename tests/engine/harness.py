@@ -168,6 +168,29 @@ class Harness:
             got = normalized(self.duck(f"SELECT * FROM {view}"))
             assert_rows_close(view, expected, got, approx)
 
+    def assert_reserves(self, *names: str) -> None:
+        """Each min/max reserve of rollups ``names`` holds exactly its groups' mirror values
+        beyond their bounds (all of them when the bounds are NULL), with their row counts
+        (see :mod:`headrace.engine.reserve`)."""
+        for name in names:
+            plan = self.engine.registry.rollups[name].plan
+            assert plan is not None, name
+            groups = ", ".join(plan.group_columns)
+            for reserve in plan.reserves:
+                value = f"p.{reserve.value}"
+                expected = self.duck(
+                    f"SELECT {', '.join(f'p.{c}' for c in plan.group_columns)}, {value}, "
+                    f"count(*) FROM {plan.mirror_rows(None)} p "
+                    f"JOIN {plan.state} s ON {plan.match('p', 's')} "
+                    f"WHERE {reserve.condition('p')} AND {reserve.in_bounds(value, 's')} "
+                    f"GROUP BY ALL ORDER BY ALL"
+                )
+                got = self.duck(
+                    f"SELECT {groups}, _hr_value, sum(_hr_n) FROM {reserve.table} "
+                    f"GROUP BY ALL HAVING sum(_hr_n) <> 0 ORDER BY ALL"
+                )
+                assert got == expected, f"{name} reserve {reserve.index}"
+
 
 def make_harness(
     db: PgDatabase, tmp_path: Path, yaml_text: str, *, publication: str = "p", snapshot: bool = True

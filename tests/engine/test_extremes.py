@@ -159,29 +159,7 @@ def _assert_equal(h: Harness) -> None:
     h.assert_mirror("ev", ["id", "shop", "region", "amount", "paid", "ts", "day", "local_ts"])
     for name in ROLLUPS:
         h.assert_rollup(name)
-    _assert_reserves(h)
-
-
-def _assert_reserves(h: Harness) -> None:
-    """Each reserve holds exactly its groups' mirror values beyond their bounds (all of
-    them when the bounds are NULL), with their row counts."""
-    for name in ROLLUPS:
-        plan = h.engine.registry.rollups[name].plan
-        assert plan is not None
-        groups = ", ".join(plan.group_columns)
-        for reserve in plan.reserves:
-            value = f"p.{reserve.value}"
-            expected = h.duck(
-                f"SELECT {', '.join(f'p.{c}' for c in plan.group_columns)}, {value}, count(*) "
-                f"FROM {plan.mirror_rows(None)} p JOIN {plan.state} s ON {plan.match('p', 's')} "
-                f"WHERE {reserve.condition('p')} AND {reserve.in_bounds(value, 's')} "
-                f"GROUP BY ALL ORDER BY ALL"
-            )
-            got = h.duck(
-                f"SELECT {groups}, _hr_value, sum(_hr_n) FROM {reserve.table} "
-                f"GROUP BY ALL HAVING sum(_hr_n) <> 0 ORDER BY ALL"
-            )
-            assert got == expected, f"{name} reserve {reserve.index}"
+    h.assert_reserves(*ROLLUPS)
 
 
 DEPTHS = {"shallow": (1, 2, 1), "thin": (2, 3, 2)}
