@@ -17,7 +17,7 @@ reserve holds exactly the mirror's values beyond its group's bounds.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -184,9 +184,9 @@ def depth(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     return str(request.param)
 
 
-def _sync(h: Harness, cut: object = None) -> None:
+def _sync(h: Harness, cut: Callable[[], bool] | None = None) -> None:
     """Apply what PostgreSQL committed, then compact (which trims the reserves)."""
-    h.sync(cut)  # type: ignore[arg-type]
+    h.sync(cut)
     h.engine.compact_rollups(force=True)
 
 

@@ -37,10 +37,12 @@ from headrace.engine.reserve import (
     VALUE,
     Reserve,
     append_sql,
+    bounds_select,
     reserve_select,
     sides_sql,
     thin_sql,
     trim_sql,
+    update_bounds_sql,
 )
 from headrace.engine.rollup import BUCKET, FLAG, RollupPlan, grain_us, time_to_epoch_us
 from headrace.pipeline.model import quote_ident
@@ -129,16 +131,10 @@ def refill(con: duckdb.DuckDBPyConnection, plan: RollupPlan, reserve: Reserve, g
         f"INSERT INTO {reserve.table} ({columns}) "
         f"{reserve_select(reserve, plan.group_columns, rows)}"
     )
-    bounds = (
-        f"SELECT {', '.join(f'p.{c}' for c in plan.group_columns)}, "
-        f"{', '.join(reserve.bounds_sql('p'))} FROM {rows} p GROUP BY ALL"
-    )
     # A group of `groups` with no mirror row left gets no bounds row: its state row is
     # gone too (its row count reached 0).
-    con.execute(
-        f"UPDATE {plan.state} s SET {reserve.lo} = b.{reserve.lo}, {reserve.hi} = b.{reserve.hi} "
-        f"FROM ({bounds}) b WHERE {plan.match('s', 'b')}"
-    )
+    bounds = f"({bounds_select(reserve, plan.group_columns, rows)})"
+    con.execute(update_bounds_sql(reserve, plan.group_columns, plan.state, bounds))
 
 
 def maintain_reserves(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> None:
@@ -147,9 +143,8 @@ def maintain_reserves(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> None:
     for reserve in plan.reserves:
         for statement in trim_sql(reserve, plan.group_columns, plan.state):
             con.execute(statement)
-        con.execute(thin_sql(reserve, plan.group_columns, plan.state, "_hr_thin"))
-        row = con.execute("SELECT count(*) FROM _hr_thin").fetchone()
-        if row is not None and row[0]:
+        # CREATE TABLE AS returns its row count: the thin groups' count comes for free.
+        if rows_written(con.execute(thin_sql(reserve, plan.group_columns, plan.state, "_hr_thin"))):
             refill(con, plan, reserve, "_hr_thin")
 
 

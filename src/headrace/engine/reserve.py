@@ -62,6 +62,15 @@ VALUE = "_hr_value"
 COUNT = "_hr_n"
 
 
+def match_sql(columns: list[str], left: str, right: str) -> str:
+    """Join condition of aliases ``left`` and ``right`` on ``columns`` (NULL matches NULL)."""
+    return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in columns)
+
+
+def _qualified(columns: list[str], alias: str) -> str:
+    return ", ".join(f"{alias}.{c}" for c in columns)
+
+
 @dataclass(frozen=True)
 class Reserve:
     """One reserve of a rollup: its number, the projection columns of its value and
@@ -126,19 +135,31 @@ class Reserve:
         ]
 
 
+def bounds_select(reserve: Reserve, group_columns: list[str], rows: str) -> str:
+    """Each group's bounds (:meth:`Reserve.bounds_sql`) over projected mirror rows
+    ``rows`` (a subquery or a table)."""
+    bounds = ", ".join(reserve.bounds_sql("p"))
+    return f"SELECT {_qualified(group_columns, 'p')}, {bounds} FROM {rows} p GROUP BY ALL"
+
+
+def _kept_values(reserve: Reserve, group_columns: list[str], join: str = "") -> str:
+    """The reserve's values with a positive count per group (``v``), its rows (alias
+    ``r``) narrowed by ``join`` (e.g. a semi join on some groups)."""
+    return (
+        f"SELECT {_qualified(group_columns, 'r')}, r.{VALUE} AS v FROM {reserve.table} r"
+        f"{join} GROUP BY ALL HAVING sum(r.{COUNT}) > 0"
+    )
+
+
 def reserve_select(reserve: Reserve, group_columns: list[str], rows: str) -> str:
     """The reserve's rows from projected mirror rows ``rows`` (a subquery), under the
-    bounds :meth:`Reserve.bounds_sql` computes from the same rows."""
-    columns = ", ".join(f"p.{c}" for c in group_columns)
-    match = " AND ".join(f"p.{c} IS NOT DISTINCT FROM b.{c}" for c in group_columns)
-    bounds = (
-        f"SELECT {', '.join(group_columns)}, {', '.join(reserve.bounds_sql('p'))} "
-        f"FROM p GROUP BY ALL"
-    )
+    bounds :func:`bounds_select` computes from the same rows."""
     return (
         f"WITH p AS (SELECT * FROM {rows}) "
-        f"SELECT {columns}, p.{reserve.value} AS {VALUE}, CAST(count(*) AS BIGINT) AS {COUNT} "
-        f"FROM p JOIN ({bounds}) b ON {match} "
+        f"SELECT {_qualified(group_columns, 'p')}, p.{reserve.value} AS {VALUE}, "
+        f"CAST(count(*) AS BIGINT) AS {COUNT} "
+        f"FROM p JOIN ({bounds_select(reserve, group_columns, 'p')}) b "
+        f"ON {match_sql(group_columns, 'p', 'b')} "
         f"WHERE {reserve.condition('p')} AND {reserve.in_bounds(f'p.{reserve.value}', 'b')} "
         f"GROUP BY ALL"
     )
@@ -148,13 +169,12 @@ def append_sql(reserve: Reserve, group_columns: list[str], state: str, weighted:
     """``INSERT`` of a batch's in-bound values (``weighted``: projection rows with
     ``_hr_w``) under the bounds ``state`` holds before the batch's MERGE (a group
     not in the state is new: complete)."""
-    groups = ", ".join(f"w.{c}" for c in group_columns)
-    match = " AND ".join(f"w.{c} IS NOT DISTINCT FROM s.{c}" for c in group_columns)
     names = ", ".join([*group_columns, VALUE, COUNT])
     return (
         f"INSERT INTO {reserve.table} ({names}) "
-        f"SELECT {groups}, w.{reserve.value}, CAST(sum(w._hr_w) AS BIGINT) "
-        f"FROM {weighted} w LEFT JOIN {state} s ON {match} "
+        f"SELECT {_qualified(group_columns, 'w')}, w.{reserve.value}, "
+        f"CAST(sum(w._hr_w) AS BIGINT) "
+        f"FROM {weighted} w LEFT JOIN {state} s ON {match_sql(group_columns, 'w', 's')} "
         f"WHERE {reserve.condition('w')} AND {reserve.in_bounds(f'w.{reserve.value}', 's')} "
         f"GROUP BY ALL HAVING sum(w._hr_w) <> 0"
     )
@@ -165,34 +185,28 @@ def sides_sql(reserve: Reserve, group_columns: list[str], flagged: str) -> str:
     held them): the reserve's smallest value at or below ``lo`` (:attr:`Reserve.low`)
     and largest at or above ``hi`` (:attr:`Reserve.high`), over values whose count is
     positive; and whether the group is bounded (:attr:`Reserve.bounded`)."""
-    groups = ", ".join(f"r.{c}" for c in group_columns)
-    match = " AND ".join(f"r.{c} IS NOT DISTINCT FROM f.{c}" for c in group_columns)
-    values = (
-        f"SELECT {groups}, r.{VALUE} AS v FROM {reserve.table} r SEMI JOIN {flagged} f "
-        f"ON {match} GROUP BY ALL HAVING sum(r.{COUNT}) > 0"
-    )
-    outer = ", ".join(f"f.{c}" for c in group_columns)
-    vmatch = " AND ".join(f"v.{c} IS NOT DISTINCT FROM f.{c}" for c in group_columns)
+    flagged_only = f" SEMI JOIN {flagged} f ON {match_sql(group_columns, 'r', 'f')}"
+    values = _kept_values(reserve, group_columns, flagged_only)
     lo, hi = f"f.{reserve.lo}", f"f.{reserve.hi}"
     return (
-        f"SELECT {outer}, min(v.v) FILTER (WHERE {lo} IS NULL OR v.v <= {lo}) AS {reserve.low}, "
+        f"SELECT {_qualified(group_columns, 'f')}, "
+        f"min(v.v) FILTER (WHERE {lo} IS NULL OR v.v <= {lo}) AS {reserve.low}, "
         f"max(v.v) FILTER (WHERE {lo} IS NULL OR v.v >= {hi}) AS {reserve.high}, "
         f"{lo} IS NOT NULL AS {reserve.bounded} "
-        f"FROM {flagged} f LEFT JOIN ({values}) v ON {vmatch} GROUP BY ALL"
+        f"FROM {flagged} f LEFT JOIN ({values}) v ON {match_sql(group_columns, 'v', 'f')} "
+        f"GROUP BY ALL"
     )
 
 
 def thin_sql(reserve: Reserve, group_columns: list[str], state: str, into: str) -> str:
     """``CREATE TEMP TABLE into`` of the bounded groups of ``state`` with fewer than
     :data:`THIN_AT` values kept at one end."""
-    s_groups = ", ".join(f"s.{c}" for c in group_columns)
-    groups = ", ".join(group_columns)
-    match = " AND ".join(f"r.{c} IS NOT DISTINCT FROM s.{c}" for c in group_columns)
+    s_groups = _qualified(group_columns, "s")
     lo, hi = f"s.{reserve.lo}", f"s.{reserve.hi}"
     return (
         f"CREATE OR REPLACE TEMP TABLE {into} AS SELECT {s_groups} FROM {state} s "
-        f"LEFT JOIN (SELECT {groups}, {VALUE} AS v FROM {reserve.table} GROUP BY ALL "
-        f"HAVING sum({COUNT}) > 0) r ON {match} WHERE {lo} IS NOT NULL "
+        f"LEFT JOIN ({_kept_values(reserve, group_columns)}) r "
+        f"ON {match_sql(group_columns, 'r', 's')} WHERE {lo} IS NOT NULL "
         f"GROUP BY {s_groups}, {lo}, {hi} "
         f"HAVING count(r.v) FILTER (WHERE r.v <= {lo}) < {THIN_AT} "
         f"OR count(r.v) FILTER (WHERE r.v >= {hi}) < {THIN_AT}"
@@ -202,20 +216,26 @@ def thin_sql(reserve: Reserve, group_columns: list[str], state: str, into: str) 
 def trim_sql(reserve: Reserve, group_columns: list[str], state: str) -> list[str]:
     """Statements trimming every group with more than :data:`TRIM_AT` distinct values in
     the reserve to :data:`KEEP` at each end (the module docstring)."""
-    groups = ", ".join(group_columns)
-    r_groups = ", ".join(f"r.{c}" for c in group_columns)
-    match_rs = " AND ".join(f"r.{c} IS NOT DISTINCT FROM s.{c}" for c in group_columns)
-    match_st = " AND ".join(f"s.{c} IS NOT DISTINCT FROM t.{c}" for c in group_columns)
-    match_rt = " AND ".join(f"r.{c} IS NOT DISTINCT FROM t.{c}" for c in group_columns)
     lo, hi = reserve.lo, reserve.hi
     return [
         f"CREATE OR REPLACE TEMP TABLE _hr_trim AS "
-        f"SELECT {r_groups}, least(any_value(s.{lo}), min(r.v, {KEEP})[{KEEP}]) AS {lo}, "
+        f"SELECT {_qualified(group_columns, 'r')}, "
+        f"least(any_value(s.{lo}), min(r.v, {KEEP})[{KEEP}]) AS {lo}, "
         f"greatest(any_value(s.{hi}), max(r.v, {KEEP})[{KEEP}]) AS {hi} "
-        f"FROM (SELECT {groups}, {VALUE} AS v FROM {reserve.table} GROUP BY ALL "
-        f"HAVING sum({COUNT}) > 0) r JOIN {state} s ON {match_rs} "
+        f"FROM ({_kept_values(reserve, group_columns)}) r "
+        f"JOIN {state} s ON {match_sql(group_columns, 'r', 's')} "
         f"GROUP BY ALL HAVING count(*) > {TRIM_AT}",
-        f"UPDATE {state} s SET {lo} = t.{lo}, {hi} = t.{hi} FROM _hr_trim t WHERE {match_st}",
+        update_bounds_sql(reserve, group_columns, state, "_hr_trim"),
         f"DELETE FROM {reserve.table} r USING _hr_trim t "
-        f"WHERE {match_rt} AND r.{VALUE} > t.{lo} AND r.{VALUE} < t.{hi}",
+        f"WHERE {match_sql(group_columns, 'r', 't')} AND r.{VALUE} > t.{lo} AND r.{VALUE} < t.{hi}",
     ]
+
+
+def update_bounds_sql(reserve: Reserve, group_columns: list[str], state: str, bounds: str) -> str:
+    """``UPDATE`` of the state's bounds from ``bounds`` (a table or subquery with the group
+    columns and the bounds)."""
+    lo, hi = reserve.lo, reserve.hi
+    return (
+        f"UPDATE {state} s SET {lo} = t.{lo}, {hi} = t.{hi} FROM {bounds} t "
+        f"WHERE {match_sql(group_columns, 's', 't')}"
+    )

@@ -43,7 +43,7 @@ from headrace.engine.measures import (
     make_measure,
     output_name,
 )
-from headrace.engine.reserve import COUNT, KEEP, VALUE, Reserve, reserve_select
+from headrace.engine.reserve import COUNT, KEEP, VALUE, Reserve, match_sql, reserve_select
 from headrace.engine.tables import LookupColumn, TableModel
 from headrace.engine.types import is_integer
 from headrace.errors import ConfigError
@@ -260,9 +260,7 @@ class RollupPlan:
 
     def match(self, left: str, right: str) -> str:
         """Join condition on the group columns (NULL matches NULL)."""
-        return " AND ".join(
-            f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in self.group_columns
-        )
+        return match_sql(self.group_columns, left, right)
 
     def side_tables(self) -> list[CountDistinct]:
         return [m for m in self.measures if isinstance(m, CountDistinct)]
