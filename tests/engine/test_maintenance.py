@@ -292,8 +292,8 @@ def test_compaction_in_slices_keeps_every_step_exact(pg_db: PgDatabase, tmp_path
     )
     h = make_harness(pg_db, tmp_path, LINEAR_YAML)
     try:
-        registry = h.engine.registry
-        registry.compact_min_rows, registry.compact_step_rows = 1, 7
+        compactor = h.engine.registry.compactor
+        compactor.min_rows, compactor.step_rows = 1, 7
         h.execute(
             "INSERT INTO t SELECT i, 'g' || (i % 4), i, 'k' || (i % 6),"
             " '2024-01-01 00:00+00'::timestamptz + (i % 9) * interval '40 minutes', NULL"
@@ -308,12 +308,12 @@ def test_compaction_in_slices_keeps_every_step_exact(pg_db: PgDatabase, tmp_path
             steps += 1
             h.assert_rollup("lin")
             if steps == 1:  # changes arriving in the middle of a cycle
-                assert registry.rollups["lin"].compaction
+                assert h.engine.registry.rollups["lin"].compaction
                 h.execute("DELETE FROM t WHERE id % 7 = 0")
                 h.sync()
                 h.assert_rollup("lin")
         assert steps > 2  # the cycle really went slice by slice
-        assert registry.rollups["lin"].compaction == []
+        assert h.engine.registry.rollups["lin"].compaction == []
         h.engine.compact_rollups(force=True)
         h.assert_rollup("lin")
     finally:

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
 from headrace.engine.batch_changes import earliest_starts
+from headrace.engine.compaction import Compactor
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
@@ -318,22 +319,24 @@ class Engine:
         return applied
 
     def compact_rollups(self, *, force: bool = False, budget_s: float = 0.025) -> list[str]:
-        """Fold appended rollup deltas together (see :meth:`Registry.compact_step`):
-        compaction steps, each its own transaction, until ``budget_s`` is spent (at least
+        """Fold appended rollup deltas together
+        (:meth:`~headrace.engine.compaction.Compactor.step`): compaction steps, each its
+        own transaction, until ``budget_s`` is spent (at least
         one); with ``force``, every active rollup completely, now. The names worked on."""
         if force:
             names = [name for name, runtime in self.registry.rollups.items() if runtime.active]
             if names:
                 with self._transaction() as con:
                     for name in names:
-                        self.registry.compact(con, name)
+                        Compactor.fold_all(con, self.registry.rollups[name])
             return names
         done: list[str] = []
         deadline = time.perf_counter() + budget_s
-        for name in self.registry.compaction_due():
+        compactor = self.registry.compactor
+        for name in compactor.due(self.registry.rollups):
             while True:
                 with self._transaction() as con:
-                    worked = self.registry.compact_step(con, name)
+                    worked = compactor.step(con, self.registry.rollups[name])
                 if not worked:
                     break
                 if name not in done:

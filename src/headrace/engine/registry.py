@@ -19,9 +19,10 @@ from typing import cast
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.extremes import maintain_reserves
+from headrace.engine.compaction import Compactor
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
+from headrace.engine.rollup_view import view_sql
 from headrace.engine.tables import (
     ACTIVE,
     DEAD,
@@ -49,21 +50,6 @@ PENDING = "pending"
 NOT_CONFIGURED = "not in the pipeline file any more"
 
 
-COMPACT_MIN_ROWS = 20_000
-"""Appended rollup rows below which a rollup is never compacted."""
-
-RESERVES_STEP = -1
-"""The table number of a compaction cycle's step that trims and refills min/max reserves."""
-
-COMPACT_STEP_ROWS = 200_000
-"""Rows one compaction step folds, about. Each step reads the whole table twice (its hash
-slice is a filter over every row), so a cycle costs about (slices x table size): smaller
-steps bound a step's stall less than they multiply the total. At 200,000, `bench
-pipeline`'s rollup tables fold in one step of ~25 ms, and maintaining after every batch of
-a 100k/s load (`bench replay`) costs ~15 ms a batch against ~24 ms (budget-bound) at 20,000;
-a 5M-row table takes 25 steps instead of 250."""
-
-
 @dataclass
 class RollupRuntime:
     """A configured rollup and where it stands."""
@@ -79,7 +65,7 @@ class RollupRuntime:
     """Rows of the state and side tables after the last compaction (None: unknown)."""
     compaction: list[tuple[int, int, int]] = field(default_factory=list)
     """Steps left in the current compaction cycle: (table number, slices, slice); table
-    number :data:`RESERVES_STEP`: the min/max reserves' upkeep."""
+    number :data:`~headrace.engine.compaction.RESERVES_STEP`: the min/max reserves' upkeep."""
 
     @property
     def active(self) -> bool:
@@ -101,10 +87,8 @@ class Registry:
         self._settled = False
         """True after a :meth:`setup_rollups` pass (stored rollups no longer configured
         are marked); reset by :meth:`load`."""
-        self.compact_min_rows = COMPACT_MIN_ROWS
-        """Appended rows below which a rollup is never compacted."""
-        self.compact_step_rows = COMPACT_STEP_ROWS
-        """Rows one compaction step folds, about (see :meth:`compact_step`)."""
+        self.compactor = Compactor()
+        """Folds the rollups' appended rows between batches."""
         self.tracking: dict[str, tuple[RollupPlan, str]] = {}
         """Rollups being rebuilt while streaming (:mod:`headrace.engine.rebuild`): the
         new plan and the temp table collecting the groups each batch touches."""
@@ -274,7 +258,7 @@ class Registry:
             else:
                 runtime.state = ACTIVE
                 for grain in config.grains:
-                    con.execute(runtime.plan.view_sql(grain))
+                    con.execute(view_sql(runtime.plan, grain))
         for name in stored:
             if name not in self.rollups and stored[name][0] != PAUSED:
                 self._save_rollup(
@@ -289,90 +273,6 @@ class Registry:
                 )
         self._settled = True
         return built
-
-    # ------------------------------------------------------------ compaction
-
-    def compaction_due(self) -> list[str]:
-        """Rollups in a compaction cycle, or that appended enough rows to start one
-        (no query)."""
-        return [
-            name
-            for name, runtime in self.rollups.items()
-            if runtime.active
-            and (
-                runtime.compaction
-                or runtime.appended >= max(self.compact_min_rows, runtime.compacted_rows or 0)
-            )
-        ]
-
-    def compact_step(self, con: duckdb.DuckDBPyConnection, name: str) -> bool:
-        """One step of a rollup's compaction; False when there was nothing to do.
-
-        A cycle starts when the rows appended since the last one reach the
-        compacted size (and :attr:`compact_min_rows`), so view reads touch at
-        most about twice the compacted rows and the cost is amortized. A cycle
-        folds each appended table one hash slice of about
-        :attr:`compact_step_rows` rows at a time, so no step stalls the batches
-        for long; sums stay exact at every step (the rows of one key are always
-        in the same slice, and rows appended meanwhile are summed like any other).
-        With min/max, the cycle's last step keeps the reserves in shape
-        (:func:`~headrace.engine.extremes.maintain_reserves`), a step of its own.
-        """
-        runtime = self.rollups[name]
-        plan = runtime.plan
-        if plan is None:
-            return False
-        tables = plan.compacted_tables()
-        if not runtime.compaction:
-            if runtime.compacted_rows is None:
-                # First time since a restart: the tables' size tells whether to wait.
-                runtime.compacted_rows = max(0, self._rows(con, plan) - runtime.appended)
-                if runtime.appended < max(self.compact_min_rows, runtime.compacted_rows):
-                    return False
-            sizes = self._sizes(con, [t[0] for t in tables])
-            runtime.compaction = [
-                (number, slices, index)
-                for number, size in enumerate(sizes)
-                for slices in [max(1, -(-size // self.compact_step_rows))]
-                for index in range(slices)
-            ]
-            if plan.reserves:
-                runtime.compaction.append((RESERVES_STEP, 1, 0))
-            runtime.appended = 0  # rows appended from now on count for the next cycle
-        number, slices, index = runtime.compaction.pop(0)
-        if number == RESERVES_STEP:
-            maintain_reserves(con, plan)
-        else:
-            for statement in plan.compact_sql(tables[number], slices, index):
-                con.execute(statement)
-        if not runtime.compaction:
-            runtime.compacted_rows = self._rows(con, plan)
-        return True
-
-    def compact(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
-        """Fold all of a rollup's appended rows now, in one go."""
-        runtime = self.rollups[name]
-        plan = runtime.plan
-        if plan is None:
-            return
-        for table in plan.compacted_tables():
-            for statement in plan.compact_sql(table):
-                con.execute(statement)
-        maintain_reserves(con, plan)
-        runtime.compaction = []
-        runtime.compacted_rows, runtime.appended = self._rows(con, plan), 0
-
-    @staticmethod
-    def _sizes(con: duckdb.DuckDBPyConnection, tables: list[str]) -> list[int]:
-        if not tables:
-            return []
-        counts = ", ".join(f"(SELECT count(*) FROM {t})" for t in tables)
-        row = con.execute(f"SELECT {counts}").fetchone()
-        return [int(v) for v in row] if row is not None else [0] * len(tables)
-
-    @classmethod
-    def _rows(cls, con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
-        return sum(cls._sizes(con, plan.owned_tables()))
 
     @staticmethod
     def _state_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
@@ -447,7 +347,7 @@ class Registry:
                 schema, _, view_name = view.partition(".")
                 con.execute(f"DROP VIEW IF EXISTS {schema}.{quote_ident(view_name)}")
         for grain in config.grains:
-            con.execute(plan.view_sql(grain))
+            con.execute(view_sql(plan, grain))
         runtime.plan, runtime.state, runtime.reason = plan, ACTIVE, None
         runtime.appended, runtime.compacted_rows, runtime.compaction = 0, None, []
         self._save_rollup(

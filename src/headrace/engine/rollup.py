@@ -15,9 +15,10 @@ the batch's transaction:
   :mod:`headrace.engine.reserve`); the delta flags the groups whose extreme the
   batch retracted, and the MERGE takes their next extremes from the reserve
   (:mod:`headrace.engine.extremes`);
-- :meth:`RollupPlan.build_sql`: the whole state from the mirror (one
-  GROUP BY), for creation, rebuild and the snapshot;
-- :meth:`RollupPlan.view_sql`: ``rollup.<name>_<grain>`` for each grain.
+- :meth:`RollupPlan.table_selects`: each of its tables from the mirror (one
+  GROUP BY each), for creation, rebuild and the snapshot;
+- :func:`~headrace.engine.rollup_view.view_sql`: ``rollup.<name>_<grain>`` for
+  each grain.
 
 Buckets are epoch-aligned in UTC: ``floor(epoch_us(t) / grain) * grain``.
 """
@@ -33,15 +34,12 @@ from functools import partial
 import duckdb
 
 from headrace.engine.measures import (
-    HLL_PRECISION,
-    ApproxCountDistinct,
     CountDistinct,
     Extreme,
     Measure,
     MeasureInputs,
     Sum,
     make_measure,
-    output_name,
 )
 from headrace.engine.reserve import COUNT, KEEP, VALUE, Reserve, match_sql, reserve_select
 from headrace.engine.tables import LookupColumn, TableModel
@@ -371,7 +369,7 @@ class RollupPlan:
         sum of its rows: a batch appends one delta row per touched group (an
         INSERT costs a fraction of a MERGE), the views sum per group, and
         :meth:`compact_sql` folds the rows together now and then, a slice at a
-        time (see :meth:`Registry.compact_step`). Side tables
+        time (see :meth:`~headrace.engine.compaction.Compactor.step`). Side tables
         (count distinct, HyperLogLog) are always appended to.
         """
         return not self.extremes()
@@ -432,10 +430,6 @@ class RollupPlan:
 
     # ------------------------------------------------------------------- build
 
-    def build_sql(self, with_horizon: bool) -> str:
-        """``CREATE TABLE`` of the whole state from the mirror."""
-        return f"CREATE TABLE {self.state} AS {self.build_select(with_horizon)}"
-
     def build_select(self, with_horizon: bool, groups: str | None = None) -> str:
         """The state rows from the mirror: all, or those of the groups (bucket and
         dimension values) listed in table ``groups``."""
@@ -476,10 +470,6 @@ class RollupPlan:
             selects[reserve.table] = partial(self.reserve_build_select, reserve, with_horizon)
         return selects
 
-    def side_build_sql(self, measure: CountDistinct, with_horizon: bool) -> str:
-        select = self.side_build_select(measure, with_horizon)
-        return f"CREATE TABLE {self.side_table(measure)} AS {select}"
-
     def side_build_select(
         self, measure: CountDistinct, with_horizon: bool, groups: str | None = None
     ) -> str:
@@ -508,64 +498,3 @@ class RollupPlan:
         """The distinct groups (bucket and dimension values) of mirror-shaped ``rows``."""
         columns = ", ".join(self.group_columns)
         return f"SELECT DISTINCT {columns} FROM ({self.projection(rows)})"
-
-    # ------------------------------------------------------------------- views
-
-    def view_sql(self, grain: timedelta) -> str:
-        """``CREATE OR REPLACE VIEW rollup.<name>_<grain>``: final values per bucket and dims."""
-        base = grain == self.config.grain
-        dims = [d.column for d in self.dimensions]
-        bucket = BUCKET if base else bucket_sql(f"epoch_us({BUCKET})", grain)
-        ctes = []
-        if base and not self.appends_state:
-            # A merged state at its own grain is the view's rows: read directly (a CTE
-            # around it cost every query on the view ~0.5 ms more of binding).
-            source = f"{self.state} AS s"
-        else:
-            source = "s"
-            parts = [f"{bucket} AS {BUCKET}", *dims, f"sum({ROWS}) AS {ROWS}"]
-            for measure in self.measures:
-                parts += [
-                    f"{agg} AS {part}"
-                    for part, agg in zip(measure.state_parts(), measure.coarse(), strict=True)
-                ]
-            # Appended deltas: a group whose rows sum to zero no longer exists.
-            having = f" HAVING sum({ROWS}) > 0" if self.appends_state else ""
-            ctes.append(f"s AS (SELECT {', '.join(parts)} FROM {self.state} GROUP BY ALL{having})")
-        joins = []
-        for measure in self.side_tables():
-            alias = f"x{measure.index}"
-            group = [f"{bucket} AS {BUCKET}", *dims]
-            keys = ", ".join(name for name, _ in measure.side_keys())
-            table = (
-                f"(SELECT {', '.join([BUCKET, *dims])}, {keys} FROM {self.side_table(measure)} "
-                f"GROUP BY ALL HAVING sum(_hr_n) > 0)"
-            )
-            if isinstance(measure, ApproxCountDistinct):
-                registers = (
-                    f"SELECT {', '.join(group)}, _hr_reg, max(_hr_rank) AS _hr_rank "
-                    f"FROM {table} GROUP BY ALL"
-                )
-                zeros = f"({1 << HLL_PRECISION} - count(*))"
-                estimate = measure.estimate("sum(pow(2.0, -_hr_rank))", zeros)
-                columns = ", ".join([BUCKET, *dims])
-                ctes.append(
-                    f"{alias} AS (SELECT {columns}, {estimate} AS {measure.part('d')} "
-                    f"FROM ({registers}) GROUP BY ALL)"
-                )
-            else:
-                ctes.append(
-                    f"{alias} AS (SELECT {', '.join(group)}, {measure.side_result()} "
-                    f"FROM {table} GROUP BY ALL)"
-                )
-            joins.append(f"LEFT JOIN {alias} ON {self.match('s', alias)}")
-        outputs = [f"s.{BUCKET} AS {BUCKET}"]
-        outputs += [f"s.{d.column} AS {output_name(d.name)}" for d in self.dimensions]
-        for measure in self.measures:
-            state = f"x{measure.index}" if isinstance(measure, CountDistinct) else "s"
-            outputs.append(f"{measure.final(state)} AS {output_name(measure.name)}")
-        with_ctes = f"WITH {', '.join(ctes)} " if ctes else ""
-        return (
-            f"CREATE OR REPLACE VIEW {rollup_view(self.name, grain)} AS "
-            f"{with_ctes}SELECT {', '.join(outputs)} FROM {source} {' '.join(joins)}"
-        )
