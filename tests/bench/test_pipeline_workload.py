@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+import pytest
 
-from headrace.bench.pipeline_workload import Workload, create_schema, run_writers
+from headrace.bench.pipeline_workload import Mix, Workload, create_schema, run_writers
 from tests.conftest import PgDatabase
 
 OLD = "SELECT id, status, amount, created_at FROM transactions WHERE id <= %s ORDER BY id"
@@ -68,3 +69,22 @@ def test_writers_start_together_and_write_the_rate_asked_for(pg_db: PgDatabase) 
         lsn = conn.execute(b"SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
     assert lsn is not None
     assert 0 < result.end_lsn <= int(lsn[0])
+
+
+def test_a_mix_sets_the_shares_of_inserts_updates_and_deletes(pg_db: PgDatabase) -> None:
+    assert str(Mix.parse("40:20:40")) == "40:20:40"
+    assert str(Mix.parse("1:1:2")) == "25:25:50"
+    for bad in ("50:50", "a:b:c", "0:50:50", "50:-1:51"):
+        with pytest.raises(ValueError, match="INSERTS:UPDATES:DELETES"):
+            Mix.parse(bad)
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 2000)
+        workload = Workload(conn, first_id=2001, tx_rows=10, seed=5, mix=Mix.parse("1:0:1"))
+        for _ in range(200):
+            workload.step()
+        result = workload.result
+        assert result.updates == 0
+        assert 0.35 < result.deletes / result.changes < 0.5  # some deletes find no row
+        rows = conn.execute("SELECT count(*) FROM transactions").fetchone()
+        assert rows is not None
+        assert rows[0] == 2000 + result.inserts - result.deletes

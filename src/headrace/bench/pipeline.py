@@ -53,7 +53,7 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
-from headrace.bench.pipeline_workload import create_schema, tx_rows_for
+from headrace.bench.pipeline_workload import DEFAULT_MIX, Mix, create_schema, tx_rows_for
 from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
@@ -136,6 +136,9 @@ class PipelineBenchResult:
     base_rows: int
     update_window: int = 0
     """Updates and deletes drew among the newest this many ids (0: the whole table)."""
+    mix: str = str(DEFAULT_MIX)
+    """Shares of inserts, updates and deletes among the transactions (``INSERTS:UPDATES:DELETES``
+    in percent)."""
     snapshot_rows_per_s: float | None = None
     written_changes: int = 0
     written_rate: float = 0.0
@@ -175,9 +178,9 @@ class PipelineBenchResult:
     mismatch_detail: str = ""
     checked_views: int = 0
     mirror_rows_end: int = 0
-    """Rows in the transactions mirror after the run: the mirror grows by about half the
-    changes (the workload's inserts), and every batch's key lookups and deletes scan it, so a
-    longer run applies each batch more slowly than a short one."""
+    """Rows in the transactions mirror after the run: with the default mix the mirror grows
+    by about a third of the changes (inserts less deletes), and every batch's key lookups
+    and deletes scan it, so a longer run applies each batch more slowly than a short one."""
     refresh_seconds: dict[str, float] = field(default_factory=dict)
     refresh_total_s: float = 0.0
     ratio_time_to_fresh: float | None = None
@@ -200,6 +203,7 @@ def run(
     *,
     writers: int = 4,
     update_window: int = 0,
+    mix: Mix = DEFAULT_MIX,
     backlog: bool = False,
     tcp: bool = False,
     record: Path | None = None,
@@ -213,6 +217,7 @@ def run(
         seconds=seconds,
         base_rows=base_rows,
         update_window=update_window,
+        mix=str(mix),
         mode="backlog" if backlog else "live",
         connection="tcp" if tcp else "unix",
     )
@@ -302,6 +307,7 @@ def _workload_options(result: PipelineBenchResult, dsn: str, writers: int) -> di
         "tx_rows": tx_rows_for(result.rate_target),
         "writers": writers,
         "update_window": result.update_window,
+        "mix": result.mix,
     }
 
 
@@ -325,7 +331,8 @@ def _measure(
     )
     out.print(
         f"writing {mode} for {seconds:.0f} s ({options['tx_rows']} rows per transaction, "
-        f"{options['writers']} connections; updates and deletes over {touched})"
+        f"{options['writers']} connections; inserts:updates:deletes {result.mix}; "
+        f"updates and deletes over {touched})"
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     waits = load_wait_share(postgres, headrace.wait_seconds)

@@ -7,11 +7,16 @@ not change, so a join on PostgreSQL is a valid reference) and
 Each step is one transaction running one set-based statement, so the
 generator's own CPU stays small and the rate is set by PostgreSQL:
 
-- inserts (50% of the changes): ``INSERT ... SELECT ... FROM generate_series``;
+- inserts (50% of the transactions by default): ``INSERT ... SELECT ... FROM
+  generate_series``;
 - updates (35%): random existing ids get a new status, a new amount and a
   ``created_at`` moved by minutes (rows move between buckets and between
   dimension values, retracting their old contribution);
-- deletes (15%): random existing ids.
+- deletes (15%): random ids among those ever inserted (an id deleted before
+  deletes nothing, so a delete's share of the changes is a little lower).
+
+:class:`Mix` sets other shares: with as many deletes as inserts the table stops
+growing and the rollups' groups lose values as often as they gain them.
 
 The ids updated and deleted are drawn uniformly from the whole table by
 default: every part of the mirror is touched, the hardest case for a column
@@ -95,6 +100,39 @@ def create_schema(conn: psycopg.Connection[tuple[Any, ...]], base_rows: int) -> 
         conn.execute(_INSERT.encode(), (1, base_rows))
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Shares of inserts, updates and deletes among the workload's transactions."""
+
+    inserts: float = 50.0
+    updates: float = 35.0
+    deletes: float = 15.0
+
+    @classmethod
+    def parse(cls, text: str) -> Mix:
+        """``INSERTS:UPDATES:DELETES``, relative weights (``50:35:15``, ``1:1:1``)."""
+        parts = text.split(":")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+            raise ValueError(
+                f"mix {text!r}: expected INSERTS:UPDATES:DELETES, three weights >= 0 with "
+                "inserts > 0 (for example 50:35:15 or 40:20:40)"
+            )
+        total = sum(weights)
+        inserts, updates, deletes = (100 * w / total for w in weights)
+        return cls(inserts, updates, deletes)
+
+    def __str__(self) -> str:
+        return ":".join(f"{w:g}" for w in (self.inserts, self.updates, self.deletes))
+
+
+DEFAULT_MIX = Mix()
+"""50% inserts, 35% updates, 15% deletes: the table grows by about a third of the changes."""
+
+
 @dataclass
 class WorkloadResult:
     """What one generator run wrote."""
@@ -125,6 +163,7 @@ class Workload:
         tx_rows: int,
         seed: int = 1,
         update_window: int = 0,
+        mix: Mix = DEFAULT_MIX,
     ) -> None:
         self.conn = conn
         self.next_id = first_id
@@ -132,6 +171,8 @@ class Workload:
         self.tx_rows = max(1, tx_rows)
         self.update_window = max(0, update_window)
         """Updates and deletes draw among the newest this many ids (0: among all)."""
+        self.insert_below = mix.inserts / 100
+        self.update_below = (mix.inserts + mix.updates) / 100
         self.random = random.Random(seed)  # noqa: S311 - a workload, not a secret
         self.result = WorkloadResult()
 
@@ -145,12 +186,12 @@ class Workload:
         draw = self.random.random()
         rows = self.tx_rows
         result = self.result
-        if draw < 0.5 or self.next_id <= self.low_id + rows:
+        if draw < self.insert_below or self.next_id <= self.low_id + rows:
             first = self.next_id
             self.next_id += rows
             changed = self.conn.execute(_INSERT.encode(), (first, first + rows - 1)).rowcount
             result.inserts += changed
-        elif draw < 0.85:
+        elif draw < self.update_below:
             changed = self.conn.execute(_UPDATE.encode(), (self._ids(rows),)).rowcount
             result.updates += changed
         else:
@@ -227,6 +268,7 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
     # Each writer updates among its own ids: the window is shared between them.
     window = int(options.get("update_window", 0))
     window = max(1, window // writers) if window > 0 else 0
+    mix = Mix.parse(str(options.get("mix", DEFAULT_MIX)))
     quota = round(rate * seconds / writers) if rate > 0 else None
     results: list[WorkloadResult] = []
     errors: list[BaseException] = []
@@ -245,6 +287,7 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
                     tx_rows=rows,
                     seed=index + 1,
                     update_window=window,
+                    mix=mix,
                 )
                 workload.low_id = first if index else 1
                 ready.wait()

@@ -164,6 +164,13 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         help="Updates and deletes pick among the newest this many ids (the OLTP pattern); "
         "0: uniformly over the whole table, the hardest case for the mirror.",
     ),
+    mix: str = typer.Option(
+        "50:35:15",
+        "--mix",
+        help="Shares of inserts, updates and deletes among the transactions, "
+        "INSERTS:UPDATES:DELETES (e.g. 40:20:40: the table stops growing and rollup groups "
+        "lose values as often as they gain them).",
+    ),
     backlog: bool = typer.Option(
         False,
         "--backlog",
@@ -188,13 +195,19 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
     against pg_recvlogical's for the same changes.
     """
     from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
+    from headrace.bench.pipeline_workload import Mix  # noqa: PLC0415 - as above
 
+    try:
+        shares = Mix.parse(mix)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from exc
     run(
         rate,
         seconds,
         base_rows,
         writers=writers,
         update_window=update_window,
+        mix=shares,
         backlog=backlog,
         tcp=tcp,
         record=record,
