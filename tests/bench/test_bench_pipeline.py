@@ -14,18 +14,23 @@ from dataclasses import asdict
 import pytest
 
 from headrace.bench.pipeline import run
+from headrace.bench.pipeline_workload import Mix
 
 
 def test_live_mode_measures_freshness_of_every_change_written(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2)
+    # A delete-heavy mix: rollup groups lose values as often as they gain them.
+    result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2, mix=Mix.parse("40:20:40"))
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(asdict(result)))
     assert result.mode == "live"
     assert result.connection == "unix"
     assert result.backlog is None
     assert result.written_changes > 0
+    assert result.mix == "40:20:40"
+    assert sum(result.written_by_kind.values()) == result.written_changes
+    assert result.written_by_kind["deletes"] > 0
     assert result.mismatches == 0
     assert result.checked_views == 5
     assert result.freshness_p99_ms is not None
@@ -48,6 +53,8 @@ def test_backlog_mode_times_the_drain_against_pg_recvlogical(
     figures = result.backlog
     assert figures is not None
     assert figures.changes == result.written_changes > 0
+    assert figures.written_by_kind == result.written_by_kind
+    assert sum(result.written_by_kind.values()) == result.written_changes
     # Every change of the backlog reached the store, exactly.
     assert result.mismatches == 0
     assert result.checked_views == 5

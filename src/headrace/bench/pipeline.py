@@ -53,7 +53,13 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
-from headrace.bench.pipeline_workload import DEFAULT_MIX, Mix, create_schema, tx_rows_for
+from headrace.bench.pipeline_workload import (
+    DEFAULT_MIX,
+    Mix,
+    changes_by_kind,
+    create_schema,
+    tx_rows_for,
+)
 from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
@@ -142,6 +148,9 @@ class PipelineBenchResult:
     snapshot_rows_per_s: float | None = None
     written_changes: int = 0
     written_rate: float = 0.0
+    written_by_kind: dict[str, int] = field(default_factory=dict)
+    """Rows the generator inserted, updated and deleted (a delete of an id deleted before
+    changes nothing, so with many deletes their share is below the mix's)."""
     applied_rate_under_load: float = 0.0
     sustained_changes_per_s: float = 0.0
     """The written rate when headrace kept up with it (``kept_up``); otherwise the changes
@@ -266,6 +275,7 @@ def run(
                 )
                 result.written_changes = result.backlog.changes
                 result.written_rate = result.backlog.written_rate
+                result.written_by_kind = result.backlog.written_by_kind
                 result.headrace_peak_rss_mb = result.backlog.peak_rss_mb
             else:
                 _measure(result, first, postgres=postgres, options=options, out=out)
@@ -347,6 +357,7 @@ def _measure(
     at_load_end = headrace.status()
     result.written_changes = int(written["changes"])
     result.written_rate = round(float(written["rate"]))
+    result.written_by_kind = changes_by_kind(written)
     end_lsn = int(written["end_lsn"])
     applied_before = int(before["totals"]["changes"])
     done = headrace.wait_for(
@@ -402,8 +413,10 @@ def _freshness(
 
 def _print_load(result: PipelineBenchResult, out: Console) -> None:
     """The load's figures: what was written and applied, freshness, CPU."""
+    kinds = ", ".join(f"{n:,} {kind}" for kind, n in result.written_by_kind.items())
     out.print(
-        f"written {result.written_changes:,} changes at {result.written_rate:,.0f}/s; "
+        f"written {result.written_changes:,} changes at {result.written_rate:,.0f}/s "
+        f"({kinds}); "
         f"headrace applied {result.applied_rate_under_load:,.0f}/s under load, caught up "
         f"{result.catch_up_s:.2f} s after the load ended, in "
         f"{result.store_transactions:,} store transactions"

@@ -35,6 +35,7 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
+from headrace.bench.pipeline_workload import changes_by_kind
 from headrace.bench.process_cpu import CpuShare, ProcessCpu
 from headrace.bench.recvlogical import drain_with_pg_recvlogical
 from headrace.bench.run_process import RunProcess, checkpoints_between
@@ -52,6 +53,8 @@ class BacklogFigures:
     changes: int = 0
     """Changes written while headrace was stopped (the backlog)."""
     written_rate: float = 0.0
+    written_by_kind: dict[str, int] = field(default_factory=dict)
+    """Rows the backlog inserted, updated and deleted."""
     drain_s: float = 0.0
     """``headrace run`` launched → its last batch visible in the store."""
     changes_per_s: float = 0.0
@@ -105,10 +108,12 @@ def measure_backlog(
         generator.stop()
     figures.changes = int(written["changes"])
     figures.written_rate = round(float(written["rate"]))
+    figures.written_by_kind = changes_by_kind(written)
     end_lsn = int(written["end_lsn"])
+    kinds = ", ".join(f"{n:,} {kind}" for kind, n in figures.written_by_kind.items())
     out.print(
-        f"backlog: {figures.changes:,} changes written at {figures.written_rate:,.0f}/s, "
-        f"up to {format_lsn(end_lsn)}"
+        f"backlog: {figures.changes:,} changes written at {figures.written_rate:,.0f}/s "
+        f"({kinds}), up to {format_lsn(end_lsn)}"
     )
     _peer(
         figures,

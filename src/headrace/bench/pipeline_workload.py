@@ -86,6 +86,11 @@ WHERE id = ANY(%s)
 _DELETE = "DELETE FROM transactions WHERE id = ANY(%s)"
 
 
+def changes_by_kind(written: dict[str, Any]) -> dict[str, int]:
+    """Inserted, updated and deleted rows of a generator run's JSON line."""
+    return {kind: int(written.get(kind, 0)) for kind in ("inserts", "updates", "deletes")}
+
+
 def next_free_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """An id above every transaction's."""
     row = conn.execute(b"SELECT coalesce(max(id), 0) + 1 FROM transactions").fetchone()
