@@ -1,9 +1,10 @@
 """Compaction: folding a rollup's appended delta rows together between batches.
 
-Batches append their group deltas to a rollup's state and side tables instead of
-merging them in place (:meth:`RollupPlan.appends_state`), so the views sum a key's
-rows. Compaction folds those rows back to one a key, in steps small enough that no
-step stalls the batches for long, and keeps the min/max reserves in shape.
+Batches append their group deltas to a rollup's tables instead of merging them in
+place: the state (unless min/max merge it, :meth:`RollupPlan.appends_state`), the
+count-distinct side tables and the min/max reserves; the views sum a key's rows.
+Compaction folds those rows back to one a key, in steps small enough that no step
+stalls the batches for long, and keeps the min/max reserves in shape.
 """
 
 from __future__ import annotations
