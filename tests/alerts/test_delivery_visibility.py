@@ -19,7 +19,8 @@ from headrace.alerts.store import DELIVERIES
 from headrace.cli.main import app
 from headrace.run.control import RunFiles
 from headrace.run.state import RunState
-from headrace.run.status import StatusReporter, render_status
+from headrace.run.status import StatusReporter
+from headrace.run.status_render import render_status
 from headrace.serve.app import ServerThread, create_app
 from headrace.store.duckdb.store import DuckDBStore
 from tests.alerts.outbox import (

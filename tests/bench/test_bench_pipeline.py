@@ -31,6 +31,9 @@ def test_live_mode_measures_freshness_of_every_change_written(
     assert result.mix == "40:20:40"
     assert sum(result.written_by_kind.values()) == result.written_changes
     assert result.written_by_kind["deletes"] > 0
+    # The min/max rollup's figures, from the status file (0 or more: a small table).
+    assert set(result.min_max_mirror_reads) == {"tx_merchant"}
+    assert set(result.min_max_mirror_reads["tx_merchant"]) == {"batches", "groups_refilled"}
     assert result.mismatches == 0
     assert result.checked_views == 5
     assert result.freshness_p99_ms is not None

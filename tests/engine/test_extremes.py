@@ -276,12 +276,40 @@ def test_exhausted_reserve_refilled_from_the_mirror(
     reserve = plan.reserves[0]
     group = f"FROM {plan.state} WHERE _hr_d0 = 'z'"
     assert h.duck(f"SELECT {reserve.lo}, {reserve.hi} {group}") == [(1, 6)]
+    before = h.engine.mirror_reads()["by_shop"].batches
     h.transaction("DELETE FROM ev WHERE id = 101")  # the minimum, the low side's only value
     h.sync()
     _assert_equal(h)
     assert h.duck(f"SELECT {reserve.lo}, {reserve.hi}, _hr_m1_v {group}") == [(2, 6, 2)]
     values = f"SELECT _hr_value FROM {reserve.table} WHERE _hr_d0 = 'z' ORDER BY 1"
     assert h.duck(values) == [(2,), (6,)]
+    assert h.engine.mirror_reads()["by_shop"].batches == before + 1  # shown by `status`
+
+
+def test_thin_reserve_refilled_between_batches(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A side worn below THIN_AT is rebuilt from the mirror after the compaction cycle,
+    and counted for `headrace status`."""
+    _set_depth(monkeypatch, "thin")
+    h.transaction(
+        "INSERT INTO ev SELECT 100 + g, 'z', 'eu', g, true, '2024-03-01 05:10+00', "
+        "'2024-03-01', '2024-03-01 05:10' FROM generate_series(1, 6) g"
+    )
+    _sync(h)  # trimmed: the group keeps 1, 2 and 5, 6
+    plan = h.engine.registry.rollups["by_shop"].plan
+    assert plan is not None
+    reserve = plan.reserves[0]
+    values = f"SELECT _hr_value FROM {reserve.table} WHERE _hr_d0 = 'z' ORDER BY 1"
+    assert h.duck(values) == [(1,), (2,), (5,), (6,)]
+    reads = h.engine.mirror_reads()["by_shop"]
+    h.transaction("DELETE FROM ev WHERE id = 101")  # the low side keeps one value: thin
+    h.sync()
+    assert h.engine.mirror_reads()["by_shop"] == reads  # the reserve had the next minimum
+    h.engine.compact_rollups(force=True)
+    _assert_equal(h)
+    assert h.duck(values) == [(2,), (3,), (5,), (6,)]
+    refilled = h.engine.mirror_reads()["by_shop"].groups_refilled
+    assert refilled > reads.groups_refilled
+    assert set(h.engine.mirror_reads()) == set(ROLLUPS)  # every rollup here has min/max
 
 
 BOUNDARY_ROWS = """

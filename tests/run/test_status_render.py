@@ -9,7 +9,8 @@ from pathlib import Path
 from rich.console import Console
 
 from headrace.run.metrics import FreshnessHistogram, RateWindow
-from headrace.run.status import render_status, status_from_store, summary_line
+from headrace.run.status import status_from_store
+from headrace.run.status_render import render_status, summary_line
 from headrace.store.duckdb.store import DuckDBStore
 
 
@@ -94,3 +95,22 @@ def test_a_large_transaction_being_applied_is_shown_with_its_progress() -> None:
     document["applying"] = None
     assert "applying" not in _rendered(document)
     assert "applying" not in summary_line(document)
+
+
+def test_min_max_mirror_reads_are_shown_for_the_rollups_that_have_them() -> None:
+    document = _running(
+        rollups=[
+            {
+                "name": "tx_merchant",
+                "state": "active",
+                "reason": None,
+                "min_max_mirror_reads": {"batches": 3, "groups_refilled": 1200},
+            },
+            {"name": "tx_volume", "state": "active", "reason": None},
+        ]
+    )
+    text = _rendered(document)
+    assert "min/max from the mirror" in text
+    assert "3 batches, 1,200 groups refilled" in text
+    document["rollups"] = [{"name": "tx_volume", "state": "active", "reason": None}]
+    assert "min/max from the mirror" not in _rendered(document)

@@ -183,6 +183,9 @@ class PipelineBenchResult:
     store_checkpoints: dict[str, float] = field(default_factory=dict)
     """The store's checkpoints over the load and the catch-up (count, seconds in all,
     longest since the run started)."""
+    min_max_mirror_reads: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per min/max rollup, over the streaming run: batches that recomputed groups from the
+    mirror and groups refilled from it between batches (``headrace status``'s figures)."""
     mismatches: int = 0
     mismatch_detail: str = ""
     checked_views: int = 0
@@ -386,6 +389,11 @@ def _measure(
         before["totals"]["store_transactions"]
     )
     result.store_checkpoints = checkpoints_between(before, done)
+    result.min_max_mirror_reads = {
+        str(rollup["name"]): dict(rollup["min_max_mirror_reads"])
+        for rollup in done.get("rollups") or []
+        if "min_max_mirror_reads" in rollup
+    }
     headrace.stop_cleanly()
     _print_load(result, out)
 
@@ -442,6 +450,11 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
     if result.cpu_waits:
         out.print(describe_waits(result.cpu_waits))
     out.print(describe_checkpoints(result.store_checkpoints))
+    for name, reads in result.min_max_mirror_reads.items():
+        out.print(
+            f"min/max of {name} read the mirror in {reads['batches']:,} batches and refilled "
+            f"{reads['groups_refilled']:,} groups from it between batches"
+        )
 
 
 def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:

@@ -176,7 +176,8 @@ def status(
 
     from headrace.pipeline.load import load_pipeline  # noqa: PLC0415
     from headrace.run.control import RunFiles, active_run, read_json  # noqa: PLC0415
-    from headrace.run.status import render_status, status_from_store  # noqa: PLC0415
+    from headrace.run.status import status_from_store  # noqa: PLC0415
+    from headrace.run.status_render import render_status  # noqa: PLC0415
     from headrace.store.duckdb.store import DuckDBStore  # noqa: PLC0415
 
     try:

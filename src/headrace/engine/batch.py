@@ -158,7 +158,12 @@ def apply_rollup(
     appended = 0
     if plan.extremes():
         appended += merge_extremes(
-            con, plan, f"_hr_d_{index}", (source, params), retracts=bool(work.start_rows)
+            con,
+            plan,
+            f"_hr_d_{index}",
+            (source, params),
+            retracts=bool(work.start_rows),
+            mirror_reads=runtime.mirror_reads,
         )
     else:
         appended += rows_written(

@@ -92,7 +92,7 @@ class Compactor:
             runtime.appended = 0  # rows appended from now on count for the next cycle
         number, slices, index = runtime.compaction.pop(0)
         if number == RESERVES_STEP:
-            maintain_reserves(con, plan)
+            runtime.mirror_reads.groups_refilled += maintain_reserves(con, plan)
         else:
             for statement in plan.compact_sql(tables[number], slices, index):
                 con.execute(statement)
@@ -109,7 +109,7 @@ class Compactor:
         for table in plan.compacted_tables():
             for statement in plan.compact_sql(table):
                 con.execute(statement)
-        maintain_reserves(con, plan)
+        runtime.mirror_reads.groups_refilled += maintain_reserves(con, plan)
         runtime.compaction = []
         runtime.compacted_rows, runtime.appended = rollup_rows(con, plan), 0
 

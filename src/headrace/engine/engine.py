@@ -36,6 +36,7 @@ from headrace.alerts.delivery import prune_delivered
 from headrace.engine.batch import apply_segment
 from headrace.engine.batch_changes import earliest_starts
 from headrace.engine.compaction import Compactor
+from headrace.engine.extremes import MirrorReads
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
@@ -110,6 +111,15 @@ class Engine:
     def position(self) -> int | None:
         """The durable source position (resume point), ``None`` before the first snapshot."""
         return self._position
+
+    def mirror_reads(self) -> dict[str, MirrorReads]:
+        """Per rollup with min/max: how often it read the mirror since the process started
+        (copies; safe from any thread)."""
+        return {
+            name: replace(runtime.mirror_reads)
+            for name, runtime in list(self.registry.rollups.items())
+            if runtime.plan is not None and runtime.plan.reserves
+        }
 
     def declare_tables(self, schemas: Iterable[TableSchema]) -> None:
         """Make tables known before any data (creates mirrors, history, and ready rollups)."""

@@ -53,6 +53,19 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+@dataclass
+class MirrorReads:
+    """How often a rollup's min/max went back to the mirror since the process started.
+    Both stay near 0 while the reserves hold; a workload that keeps taking the extremes
+    themselves (the smallest payments deleted first, say) makes them climb."""
+
+    batches: int = 0
+    """Batches in which a flagged group's kept values at one end all went, so the flagged
+    groups were recomputed from the mirror within the batch."""
+    groups_refilled: int = 0
+    """Groups whose reserve ran thin and was rebuilt from the mirror between batches."""
+
+
 @dataclass(frozen=True)
 class FlaggedRange:
     """The buckets of a batch's flagged groups: first and last bucket start, and
@@ -137,15 +150,22 @@ def refill(con: duckdb.DuckDBPyConnection, plan: RollupPlan, reserve: Reserve, g
     con.execute(update_bounds_sql(reserve, plan.group_columns, plan.state, bounds))
 
 
-def maintain_reserves(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> None:
+def maintain_reserves(con: duckdb.DuckDBPyConnection, plan: RollupPlan) -> int:
     """Between batches, after a compaction cycle: trim the reserves' oversized groups,
-    rebuild their thin ones from the mirror (see :mod:`headrace.engine.reserve`)."""
+    rebuild their thin ones from the mirror (see :mod:`headrace.engine.reserve`).
+    Returns the groups rebuilt (a group counts once per reserve)."""
+    refilled = 0
     for reserve in plan.reserves:
         for statement in trim_sql(reserve, plan.group_columns, plan.state):
             con.execute(statement)
         # CREATE TABLE AS returns its row count: the thin groups' count comes for free.
-        if rows_written(con.execute(thin_sql(reserve, plan.group_columns, plan.state, "_hr_thin"))):
+        thin = rows_written(
+            con.execute(thin_sql(reserve, plan.group_columns, plan.state, "_hr_thin"))
+        )
+        if thin:
             refill(con, plan, reserve, "_hr_thin")
+            refilled += thin
+    return refilled
 
 
 def read_flagged_range(con: duckdb.DuckDBPyConnection, delta: str) -> FlaggedRange:
@@ -249,12 +269,14 @@ def merge_extremes(
     rows: tuple[str, list[object]],
     *,
     retracts: bool,
+    mirror_reads: MirrorReads,
 ) -> int:
     """MERGE a batch into a rollup with min/max (the module docstring's steps).
     ``rows``: the batch's rows (weighted or netted) and their parameters;
     ``retracts``: whether the batch has old row versions (else nothing can be
-    retracted); ``delta``: the name of the temp table of step 2. Returns the rows
-    appended to the reserves (they count towards the rollup's compaction)."""
+    retracted); ``delta``: the name of the temp table of step 2; ``mirror_reads``:
+    counts a batch that had to read the mirror. Returns the rows appended to the
+    reserves (they count towards the rollup's compaction)."""
     source, params = rows
     appended = 0
     for reserve in plan.reserves:
@@ -279,4 +301,5 @@ def merge_extremes(
         params,
     )
     refill_exhausted(con, plan, delta)
+    mirror_reads.batches += 1
     return appended

@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 
 from headrace.engine.compaction import Compactor
+from headrace.engine.extremes import MirrorReads
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
 from headrace.engine.rollup_view import view_sql
@@ -66,6 +67,8 @@ class RollupRuntime:
     compaction: list[tuple[int, int, int]] = field(default_factory=list)
     """Steps left in the current compaction cycle: (table number, slices, slice); table
     number :data:`~headrace.engine.compaction.RESERVES_STEP`: the min/max reserves' upkeep."""
+    mirror_reads: MirrorReads = field(default_factory=MirrorReads)
+    """How often its min/max read the mirror since the process started."""
 
     @property
     def active(self) -> bool:

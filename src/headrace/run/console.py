@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from headrace.run.status import summary_line
+from headrace.run.status_render import summary_line
 from headrace.source.postgres.snapshot_progress import RichSnapshotProgress, TableProgress
 
 log = logging.getLogger("headrace.run")

@@ -183,6 +183,7 @@ class Runner:
         )
         reporter.slot_name = self.config.source.slot
         reporter.applying = lambda: engine.applying
+        reporter.mirror_reads = engine.mirror_reads
         self._reporter = reporter
         self.state.position = engine.position()
         status_thread = threading.Thread(

@@ -30,6 +30,11 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
 ``dead_letters``   changes the engine set aside, every run's: ``count`` and the
                    ``newest`` (table, LSN, reason, when); read at most every
                    :data:`DELIVERIES_INTERVAL_S` seconds while running
+``rollups[]``      per rollup: ``state``, ``reason`` when paused, and while running, for a
+                   rollup with min/max, ``min_max_mirror_reads``: ``batches`` that
+                   recomputed groups from the mirror and ``groups_refilled`` from it
+                   between batches since the process started (near 0 while the
+                   reserves hold)
 ``alert_deliveries[]``  per alert sink: ``delivered``, ``pending``, ``failed``,
                    ``last_attempt_at``, ``last_error``, ``last_failed_error``
                    (:func:`headrace.alerts.delivery.sink_summaries`), read from
@@ -41,15 +46,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from rich.console import Console
-from rich.table import Table
-
 from headrace.alerts.delivery import sink_summaries
+from headrace.engine.extremes import MirrorReads
 from headrace.engine.results import PiecesProgress
 from headrace.errors import format_lsn
 from headrace.run.control import RunFiles, write_json_atomic
@@ -119,8 +123,17 @@ def _table_rows(
     return out
 
 
-def _rollup_rows(rollups: list[RollupStatus]) -> list[dict[str, Any]]:
-    return [{"name": r.name, "state": r.state, "reason": r.reason} for r in rollups]
+def _rollup_rows(
+    rollups: list[RollupStatus], mirror_reads: Mapping[str, MirrorReads] | None = None
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for rollup in rollups:
+        row: dict[str, Any] = {"name": rollup.name, "state": rollup.state, "reason": rollup.reason}
+        reads = (mirror_reads or {}).get(rollup.name)
+        if reads is not None:
+            row["min_max_mirror_reads"] = asdict(reads)
+        rows.append(row)
+    return rows
 
 
 def _delivery_rows(store: DuckDBStore) -> list[dict[str, Any]]:
@@ -181,6 +194,8 @@ class StatusReporter:
         """The garbage collector's figures while streaming (:mod:`headrace.run.collector`)."""
         self.applying: Callable[[], PiecesProgress | None] | None = None
         """A batch being applied a piece at a time, if any (the engine's)."""
+        self.mirror_reads: Callable[[], Mapping[str, MirrorReads]] | None = None
+        """Per rollup with min/max: how often it read the mirror (the engine's)."""
         self._lag: SlotLag | None = None
         self._lag_at = 0.0
         no_deliveries: list[dict[str, Any]] = []
@@ -307,7 +322,8 @@ class StatusReporter:
                 },
             }
         document["tables"] = _table_rows(tables, state, self.window, wal_head, now)
-        document["rollups"] = _rollup_rows(self.store.rollup_status())
+        reads = self.mirror_reads() if self.mirror_reads is not None else {}
+        document["rollups"] = _rollup_rows(self.store.rollup_status(), reads)
         document["alert_deliveries"] = self._deliveries.get(DELIVERIES_INTERVAL_S)
         document["dead_letters"] = self._dead_letters.get(DELIVERIES_INTERVAL_S)
         self.last = document
@@ -358,195 +374,3 @@ def dead_letter_summary(store: DuckDBStore) -> dict[str, Any]:
         if newest
         else None,
     }
-
-
-# ------------------------------------------------------------------ rendering
-
-
-def _bytes(value: object) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    size = float(value)
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(size) < 1024 or unit == "GB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1024
-    return f"{size:,.1f} GB"  # pragma: no cover - loop always returns
-
-
-def _ms(value: object) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    if value == float("inf"):
-        return "> 10 min"
-    return f"{value:,.0f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
-
-
-def _when(text: object) -> str:
-    if not isinstance(text, str):
-        return "-"
-    return text.replace("T", " ").split(".")[0].removesuffix("+00:00")
-
-
-def render_status(document: dict[str, Any], console: Console) -> None:
-    """Print a status document as a header and a table per table and rollup."""
-    running = document.get("running")
-    phase = document.get("phase", "?")
-    head = f"[bold]{document.get('store')}[/bold]  phase [bold]{phase}[/bold]"
-    if running and document.get("pid"):
-        head += f"  (pid {document['pid']})"
-    console.print(head)
-    nothing = not (
-        document.get("tables")
-        or document.get("alert_deliveries")
-        or (document.get("dead_letters") or {}).get("count")
-    )
-    if phase == "empty" and not running and nothing:
-        console.print(
-            "nothing loaded yet: `headrace run --config FILE` snapshots the tables into this "
-            "store, then streams"
-        )
-        return
-    line = [
-        f"position {document.get('position_lsn') or '-'}",
-        f"last commit {_when(document.get('position_commit_ts'))}",
-    ]
-    if running:
-        freshness = document.get("freshness_ms") or {}
-        line += [
-            f"lag {_ms(document.get('lag_ms'))} / {_bytes(document.get('lag_bytes'))}",
-            f"{document.get('changes_per_s', 0):,.0f} changes/s",
-            f"{document.get('batches_per_s', 0):,.1f} batches/s",
-            f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}",
-            f"writer busy {_busy(document.get('writer_busy'))}",
-        ]
-    console.print("  ".join(line))
-    if running:
-        _render_running(document, console)
-    dead = document.get("dead_letters") or {}
-    if dead.get("count"):
-        newest = dead.get("newest") or {}
-        console.print(
-            f"[red]dead letters: {dead['count']:,}[/red] (changes set aside, not applied); "
-            f"newest: {newest.get('table')} at {newest.get('lsn')}: {newest.get('reason')}  "
-            f"-> {_DEAD_LETTERS_HINT}"
-        )
-    if document.get("error"):
-        console.print(f"[red]error: {document['error']}[/red]")
-    snapshot = document.get("snapshot")
-    if snapshot and not snapshot.get("finished"):
-        console.print(
-            f"snapshot: {snapshot['rows']:,} rows in {snapshot['seconds']:.1f} s "
-            f"({snapshot['rows_per_s']:,} rows/s)"
-        )
-    table = Table(title="tables", title_justify="left")
-    for column in ("table", "rows", "last commit", "lag ms", "lag WAL", "changes/s", "batches/s"):
-        table.add_column(
-            column,
-            justify="left" if column in ("table", "last commit") else "right",
-            no_wrap=column == "table",
-        )
-    for row in document.get("tables", []):
-        state = row.get("state", "active")
-        name = row["name"] + ("" if state == "active" else f" ({state})")
-        table.add_row(
-            name,
-            f"{row['rows']:,}",
-            _when(row.get("last_commit_ts")),
-            f"{row.get('lag_ms', 0):,.0f}" if running else "-",
-            _bytes(row.get("lag_bytes")) if running else "-",
-            f"{row.get('changes_per_s', 0):,.0f}" if running else "-",
-            f"{row.get('batches_per_s', 0):,.1f}" if running else "-",
-        )
-    console.print(table)
-    rollups = document.get("rollups", [])
-    if rollups:
-        listing = Table(title="rollups", title_justify="left")
-        listing.add_column("rollup")
-        listing.add_column("state")
-        listing.add_column("reason")
-        for rollup in rollups:
-            listing.add_row(rollup["name"], rollup["state"], rollup.get("reason") or "")
-        console.print(listing)
-    _render_deliveries(document.get("alert_deliveries") or [], console)
-
-
-def _render_deliveries(sinks: list[dict[str, Any]], console: Console) -> None:
-    """A table of alert deliveries per sink (nothing when no sink has any)."""
-    if not sinks:
-        return
-    table = Table(title="alert deliveries", title_justify="left")
-    for column in ("sink", "delivered", "pending", "failed", "last attempt", "last failure"):
-        table.add_column(
-            column, justify="right" if column in ("delivered", "pending", "failed") else "left"
-        )
-    for sink in sinks:
-        failed = int(sink.get("failed") or 0)
-        table.add_row(
-            sink["sink"],
-            f"{sink.get('delivered', 0):,}",
-            f"{sink.get('pending', 0):,}",
-            f"[red]{failed:,}[/red]" if failed else "0",
-            _when(sink.get("last_attempt_at")),
-            sink.get("last_failed_error") or "",
-        )
-    console.print(table)
-
-
-def _render_running(document: dict[str, Any], console: Console) -> None:
-    """The lines only a running pipeline has: a large transaction, the rules lane, the
-    store's checkpoints."""
-    applying = document.get("applying")
-    if applying:
-        console.print(f"applying {_pieces(applying)}")
-    lane = document.get("rules_lane")
-    if lane:
-        lane_freshness = lane.get("freshness_ms") or {}
-        console.print(
-            f"rules lane ({', '.join(lane.get('rules', []))}): {lane.get('alerts', 0):,} alerts, "
-            f"{lane.get('commits', 0):,} commits, recorded p50 {_ms(lane_freshness.get('p50'))} "
-            f"p99 {_ms(lane_freshness.get('p99'))} after the source's commit"
-            + ("  [red]failed[/red]" if lane.get("failed") else "")
-        )
-    checkpoints = document.get("store_checkpoints")
-    if checkpoints and checkpoints.get("count"):
-        console.print(
-            f"store: WAL {_bytes(document.get('store_wal_bytes'))}; {checkpoints['count']:,} "
-            f"checkpoints, {checkpoints['seconds']:.1f} s in all, longest "
-            f"{_ms(checkpoints['longest_s'] * 1000)}"
-        )
-
-
-def _pieces(applying: dict[str, Any]) -> str:
-    share = applying["applied"] / applying["changes"] if applying.get("changes") else 0.0
-    return (
-        f"a large transaction: {applying['applied']:,} of {applying['changes']:,} changes "
-        f"({share:.0%}, {applying['pieces']:,} pieces) in {applying['seconds']:.0f} s, "
-        "visible at its commit"
-    )
-
-
-def summary_line(document: dict[str, Any]) -> str:
-    """The one-line live summary shown on a terminal while streaming."""
-    freshness = document.get("freshness_ms") or {}
-    queue = document.get("queue") or {}
-    applying = document.get("applying")
-    if applying:
-        return f"{document.get('phase')}  applying {_pieces(applying)}"
-    return (
-        f"{document.get('phase')}  {document.get('changes_per_s', 0):>9,.0f} changes/s  "
-        f"{document.get('batches_per_s', 0):5.1f} batches/s  "
-        f"freshness p50 {_ms(freshness.get('p50'))} p99 {_ms(freshness.get('p99'))}  "
-        f"busy {_busy(document.get('writer_busy'))}  "
-        f"lag {_ms(document.get('lag_ms'))} / {_bytes(document.get('lag_bytes'))}  "
-        f"queue {queue.get('batches', 0)}/{queue.get('capacity', 0)}  "
-        f"at {document.get('position_lsn') or '-'}"
-    )
-
-
-_DEAD_LETTERS_HINT = "the rows and payloads are in the store's headrace.dead_letters table"
-
-
-def _busy(share: object) -> str:
-    """The writer's busy share as a percentage; ``-`` before the first window."""
-    return f"{float(share):.0%}" if isinstance(share, int | float) else "-"
