@@ -70,6 +70,7 @@ def test_recorded_batches_replay_to_the_same_rollups(
     assert figures["statements_per_apply"] > 3
     assert 0 < figures["statement_ms_per_apply"] <= figures["apply_ms_mean"]
     assert len(figures["top"]) == 5
+    assert set(figures["min_max_mirror_reads"]) == {"tx_merchant"}  # the min/max rollup
     # Replaying did not touch the recording.
     _, again = load_recording(recording)
     assert again == batches

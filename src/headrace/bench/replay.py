@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class ReplayResult:
     ``apply_ms_mean`` is Python, Arrow and the other DuckDB calls (register, fetch)."""
     maintain_ms_per_batch: float = 0.0
     changes_per_s: float = 0.0
+    min_max_mirror_reads: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per min/max rollup, in one replay of all batches (every replay does the same):
+    batches that recomputed groups from the mirror, groups refilled between batches."""
     top: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -90,7 +93,7 @@ def _replay_once(
     batches: list[ChangeBatch],
     skip: int,
     workdir: Path,
-) -> tuple[list[float], float, dict[str, list[float]]]:
+) -> tuple[list[float], float, dict[str, list[float]], dict[str, dict[str, int]]]:
     copy = workdir / "replay.duckdb"
     for leftover in (copy, Path(f"{copy}.wal")):
         leftover.unlink(missing_ok=True)
@@ -115,9 +118,10 @@ def _replay_once(
             engine.maintain()
             if counted:
                 maintain += (time.perf_counter() - started) * 1000
+        reads = {name: asdict(count) for name, count in engine.mirror_reads().items()}
     finally:
         store.close()
-    return applies, maintain, timings
+    return applies, maintain, timings, reads
 
 
 def run(
@@ -148,7 +152,7 @@ def run(
     # The allocator `headrace run` uses (headrace.run.allocator).
     with arrow_allocator(), tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
         for number in range(repeat):
-            applies, maintain, statement_ms = _replay_once(
+            applies, maintain, statement_ms, result.min_max_mirror_reads = _replay_once(
                 directory, config, batches, skip, Path(tmp)
             )
             per_replay.append(statistics.median(applies))
@@ -192,5 +196,10 @@ def run(
         f"{result.changes_per_s:,.0f} changes/s while applying; "
         f"maintenance {result.maintain_ms_per_batch} ms per batch"
     )
+    for name, reads in result.min_max_mirror_reads.items():
+        out.print(
+            f"min/max of {name}: the mirror read in {reads['batches']:,} batches, "
+            f"{reads['groups_refilled']:,} groups refilled from it between batches"
+        )
     print(json.dumps(result.__dict__), flush=True)
     return result
