@@ -331,8 +331,8 @@ class Engine:
     def compact_rollups(self, *, force: bool = False, budget_s: float = 0.025) -> list[str]:
         """Fold appended rollup deltas together
         (:meth:`~headrace.engine.compaction.Compactor.step`): compaction steps, each its
-        own transaction, until ``budget_s`` is spent (at least
-        one); with ``force``, every active rollup completely, now. The names worked on."""
+        own transaction, until ``budget_s`` is spent (at least one); with ``force``,
+        every active rollup completely, now. The names worked on."""
         if force:
             names = [name for name, runtime in self.registry.rollups.items() if runtime.active]
             if names:
