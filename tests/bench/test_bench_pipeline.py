@@ -29,6 +29,7 @@ def test_live_mode_measures_freshness_of_every_change_written(
     assert result.backlog is None
     assert result.written_changes > 0
     assert result.mix == "40:20:40"
+    assert result.python_loop_s > 0  # the machine's speed that day
     assert sum(result.written_by_kind.values()) == result.written_changes
     assert result.written_by_kind["deletes"] > 0
     # The min/max rollup's figures, from the status file (0 or more: a small table).

@@ -52,6 +52,7 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
+from headrace.bench.calibration import python_loop_seconds
 from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
 from headrace.bench.pipeline_workload import (
     DEFAULT_MIX,
@@ -198,6 +199,9 @@ class PipelineBenchResult:
     ratio_time_to_fresh: float | None = None
     meets_target: bool | None = None
     """The issue's target at the rate (live mode only: a backlog has no freshness)."""
+    python_loop_s: float = 0.0
+    """Seconds a pure-Python loop of 10M additions took before the load
+    (:mod:`.calibration`): the machine's speed that day, to compare runs across days."""
     connection: str = "unix"
     """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
     ``unix`` (its socket) or ``tcp`` (127.0.0.1). The generator always uses the socket."""
@@ -233,6 +237,8 @@ def run(
         mode="backlog" if backlog else "live",
         connection="tcp" if tcp else "unix",
     )
+    result.python_loop_s = python_loop_seconds()
+    out.print(f"machine: a Python loop of 10M additions takes {result.python_loop_s:.2f} s")
     with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn = cluster.dsn("postgres", unix=True)
         # headrace's own connections (see the module docstring).
