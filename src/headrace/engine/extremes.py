@@ -117,7 +117,7 @@ def reserve_delta_sql(plan: RollupPlan, delta: str) -> str:
         reserve = measure.reserve
         if reserve is None:  # every min/max measure gets one when its rollup is planned
             raise RuntimeError(f"min/max measure {measure.name} has no reserve")
-        end = reserve.low if measure.low_side else reserve.high
+        end = reserve.low if measure.function == "min" else reserve.high
         parts.append(f"d.{end} AS {measure.part('r')}")
     return f"SELECT d.*, {', '.join(parts)} FROM {delta} d"
 

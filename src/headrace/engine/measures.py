@@ -216,8 +216,6 @@ class Extreme(Measure):
         self.beyond = "<=" if config.fn is MeasureFn.MIN else ">="
         self.reserve: Reserve | None = None
         """The reserve holding this measure's next values (set by the rollup's plan)."""
-        self.low_side = config.fn is MeasureFn.MIN
-        """Whether it reads its reserve's low end (min) rather than its high end (max)."""
 
     def _condition(self) -> str | None:
         return self.inputs.condition(require_value=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.batch_changes import positional
+from headrace.engine.batch_changes import VIEW_CHANGES, positional
 from headrace.engine.inherit import compute_prev
 from headrace.engine.resolve import TableWork, old_key
 from headrace.engine.types import storable_table
@@ -69,11 +69,12 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     columns = ", ".join(quote_ident(n) for n, _ in model.mirror_columns())
     # Sorted by key, a batch's rows keep the key ranges of the row groups they fill
     # narrow, which lets a later batch's scan for its keys skip them. A large batch
-    # (tens of thousands of a table's changes) is appended as it comes: sorting it
+    # (VIEW_CHANGES or more of a table's changes) is appended as it comes: sorting it
     # cost more than it saved (`bench replay` of a 100k/s recording: 504 against 559
     # ms per 146,000-change batch; a fintech recording of small batches was no faster
     # unsorted, so they stay sorted).
-    order = "" if work.changes_view else f" ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
+    large = work.num_changes >= VIEW_CHANGES
+    order = "" if large else f" ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
     con.execute(f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end}{order}")
 
 
