@@ -84,7 +84,31 @@ def test_a_mix_sets_the_shares_of_inserts_updates_and_deletes(pg_db: PgDatabase)
             workload.step()
         result = workload.result
         assert result.updates == 0
-        assert 0.35 < result.deletes / result.changes < 0.5  # some deletes find no row
+        # Every delete finds its rows: each transaction changes tx_rows rows.
+        assert result.changes == 10 * result.transactions
+        assert 0.4 < result.deletes / result.changes < 0.6
         rows = conn.execute("SELECT count(*) FROM transactions").fetchone()
         assert rows is not None
         assert rows[0] == 2000 + result.inserts - result.deletes
+
+
+def test_updates_and_deletes_find_live_rows_so_the_shares_are_exact(pg_db: PgDatabase) -> None:
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 500)
+        workload = Workload(conn, first_id=501, tx_rows=25, seed=7, mix=Mix.parse("30:20:50"))
+        for _ in range(300):
+            workload.step()
+        result = workload.result
+        # With half the transactions deleting, ids ever inserted are mostly gone: drawing
+        # among them would miss; drawing among the live ones never does.
+        assert result.changes == 25 * result.transactions
+        assert result.inserts + result.updates + result.deletes == result.changes
+        rows = conn.execute("SELECT count(*) FROM transactions").fetchone()
+        assert rows is not None
+        assert rows[0] == 500 + result.inserts - result.deletes == workload.live_rows
+        live = conn.execute("SELECT id FROM transactions ORDER BY id").fetchall()
+        assert [i for (i,) in live] == [
+            i + workload.low_id
+            for i in range(workload.next_id - workload.low_id)
+            if workload.live[i]
+        ]

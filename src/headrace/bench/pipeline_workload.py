@@ -12,8 +12,13 @@ generator's own CPU stays small and the rate is set by PostgreSQL:
 - updates (35%): random existing ids get a new status, a new amount and a
   ``created_at`` moved by minutes (rows move between buckets and between
   dimension values, retracting their old contribution);
-- deletes (15%): random ids among those ever inserted (an id deleted before
-  deletes nothing, so a delete's share of the changes is a little lower).
+- deletes (15%): random live ids.
+
+Each writer keeps which of its ids are live (a bitmap), so its updates and
+deletes always find their rows and the shares of the changes are the shares
+asked for. The ids below ``first_id`` are taken as live (a table just
+created); a row deleted by someone else makes a statement change fewer rows,
+and the result counts what was changed.
 
 :class:`Mix` sets other shares: with as many deletes as inserts the table stops
 growing and the rollups' groups lose values as often as they gain them.
@@ -31,13 +36,13 @@ its last commit (``end_lsn``).
 from __future__ import annotations
 
 import json
-import random
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import psycopg
 
 from headrace.bench.workload_process import dump_stacks_on_signal
@@ -169,38 +174,72 @@ class Workload:
         seed: int = 1,
         update_window: int = 0,
         mix: Mix = DEFAULT_MIX,
+        low_id: int = 1,
     ) -> None:
         self.conn = conn
         self.next_id = first_id
-        self.low_id = 1
+        self.low_id = min(low_id, first_id)
+        """The lowest id this writer updates or deletes; ids from it up to ``first_id``
+        are taken as live."""
         self.tx_rows = max(1, tx_rows)
         self.update_window = max(0, update_window)
         """Updates and deletes draw among the newest this many ids (0: among all)."""
         self.insert_below = mix.inserts / 100
         self.update_below = (mix.inserts + mix.updates) / 100
-        self.random = random.Random(seed)  # noqa: S311 - a workload, not a secret
+        self.random = np.random.default_rng(seed)
+        self.live = np.ones(max(1024, 2 * (first_id - self.low_id)), dtype=np.bool_)
+        """``live[id - low_id]``: whether the id has a row (beyond ``next_id``: unused)."""
+        self.live_rows = first_id - self.low_id
         self.result = WorkloadResult()
 
-    def _ids(self, count: int) -> list[int]:
-        high = max(self.low_id + 1, self.next_id)
+    def _inserted(self, first: int, rows: int) -> None:
+        end = first + rows - self.low_id
+        if end > len(self.live):
+            grown = np.ones(max(end, 2 * len(self.live)), dtype=np.bool_)
+            grown[: len(self.live)] = self.live
+            self.live = grown
+        self.live[first - self.low_id : end] = True
+        self.live_rows += rows
+
+    def _live_ids(self, count: int) -> list[int]:
+        """Up to ``count`` distinct live ids, uniform over the window (or all ids)."""
+        high = self.next_id
         low = max(self.low_id, high - self.update_window) if self.update_window else self.low_id
-        return [self.random.randrange(low, high) for _ in range(count)]
+        picked = np.empty(0, dtype=np.int64)
+        # Rejection sampling while most ids are live; once deletes have taken most of
+        # them, or sampling falls short, the live ids are listed.
+        if 4 * self.live_rows >= high - self.low_id:
+            for _ in range(4):
+                drawn = self.random.integers(low, high, size=2 * count + 16)
+                drawn = np.concatenate((picked, drawn[self.live[drawn - self.low_id]]))
+                _, first = np.unique(drawn, return_index=True)
+                picked = drawn[np.sort(first)]  # distinct, still in the order drawn
+                if len(picked) >= count:
+                    return list(picked[:count].tolist())
+        live = np.flatnonzero(self.live[low - self.low_id : high - self.low_id]) + low
+        if len(live) > count:
+            live = self.random.choice(live, count, replace=False)
+        return list(live.tolist())
 
     def step(self) -> int:
         """One transaction; returns the rows it changed."""
         draw = self.random.random()
         rows = self.tx_rows
         result = self.result
-        if draw < self.insert_below or self.next_id <= self.low_id + rows:
+        ids = [] if draw < self.insert_below or self.live_rows < rows else self._live_ids(rows)
+        if not ids:  # an insert, or nothing live to update or delete
             first = self.next_id
             self.next_id += rows
             changed = self.conn.execute(_INSERT.encode(), (first, first + rows - 1)).rowcount
+            self._inserted(first, rows)
             result.inserts += changed
         elif draw < self.update_below:
-            changed = self.conn.execute(_UPDATE.encode(), (self._ids(rows),)).rowcount
+            changed = self.conn.execute(_UPDATE.encode(), (ids,)).rowcount
             result.updates += changed
         else:
-            changed = self.conn.execute(_DELETE.encode(), (self._ids(rows),)).rowcount
+            changed = self.conn.execute(_DELETE.encode(), (ids,)).rowcount
+            self.live[np.asarray(ids, dtype=np.int64) - self.low_id] = False
+            self.live_rows -= len(ids)
             result.deletes += changed
         result.changes += changed
         result.transactions += 1
@@ -293,8 +332,8 @@ def run_writers(options: dict[str, Any]) -> WorkloadResult:
                     seed=index + 1,
                     update_window=window,
                     mix=mix,
+                    low_id=first if index else 1,
                 )
-                workload.low_id = first if index else 1
                 ready.wait()
                 result = workload.run(rate / writers, seconds, started=start[0], quota=quota)
             with lock:
