@@ -26,22 +26,23 @@ watched rollup's table, inside the batch's transaction. For each alert:
 
 The groups evaluated each batch are few (dimension values), so the state
 machine itself runs in Python over a handful of rows.
+
+This module is the job: it checks the alerts against the pipeline and decides when
+each is evaluated, and which bucket. What an evaluation reads (2, 3) is
+:mod:`headrace.alerts.metric_reading`; the state machine and the alert rows it writes
+(4), :mod:`headrace.alerts.metric_state`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime
 
 import duckdb
-import pyarrow as pa
 
-from headrace.alerts.config import MetricAlertConfig, MetricCondition, SinkConfig
-from headrace.alerts.store import insert_alerts
+from headrace.alerts.config import MetricAlertConfig, SinkConfig
+from headrace.alerts.metric_reading import Watched, read
+from headrace.alerts.metric_state import STATE_DDL, transition
 from headrace.errors import ConfigError
 from headrace.jobs.base import EARLIEST_CHANGE, LATEST, JobContext, StreamJob, TimeRequest
 from headrace.jobs.state import latest
@@ -50,112 +51,10 @@ from headrace.pipeline.model import (
     MeasureConfig,
     MeasureFn,
     PipelineConfig,
-    RollupConfig,
     quote_ident,
 )
 from headrace.source.changes import COMMIT_TS, LSN, TableRef
-from headrace.store.duckdb.schema import EVENT_TS, META, ROLLUP, grain_label, rollup_view
-
-STATE = f"{META}.metric_alert_state"
-
-STATE_DDL = f"""CREATE TABLE IF NOT EXISTS {STATE} (
-    name TEXT NOT NULL,
-    group_key TEXT NOT NULL,
-    firing BOOLEAN NOT NULL,
-    since TIMESTAMPTZ,
-    number DOUBLE,
-    alert_id BIGINT,
-    updated_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (name, group_key)
-)"""
-
-_INPUT_SCHEMA = pa.schema(
-    [
-        ("rule", pa.string()),
-        ("severity", pa.string()),
-        ("account_id", pa.int64()),
-        ("key", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("detected_at", pa.timestamp("us", tz="UTC")),
-        ("payload", pa.string()),
-        ("kind", pa.string()),
-        ("status", pa.string()),
-        ("summary", pa.string()),
-        ("event_at", pa.timestamp("us", tz="UTC")),
-        ("commit_ts", pa.timestamp("us", tz="UTC")),
-        ("lsn", pa.uint64()),
-        ("latency_ms", pa.float64()),
-    ]
-)
-
-
-@dataclass(frozen=True)
-class _Watched:
-    config: MetricAlertConfig
-    rollup: RollupConfig
-    table: TableRef
-    grain: timedelta
-    time: str
-    """SQL over the table's rows: the rollup's time column (the hidden event time for
-    ``commit``)."""
-
-    @property
-    def span(self) -> timedelta:
-        """The buckets an evaluation reads: the evaluated one and those before it."""
-        back = self.config.baseline if self.config.condition is MetricCondition.ZSCORE else 1
-        return self.grain * (back + 1)
-
-    @property
-    def skippable(self) -> bool:
-        """An evaluation may be skipped when the batch changed no bucket it reads.
-
-        Only rows of the watched table move its rollup (lookups are resolved when a
-        row is applied), at their own time; a commit-time rollup's rows are always
-        recent, and a retention shorter than the buckets read could drop some of
-        them between batches, so neither is skipped.
-        """
-        retention = self.rollup.retention
-        return self.time != EVENT_TS and (retention is None or retention > 2 * self.span)
-
-
-@dataclass(frozen=True)
-class Reading:
-    """The numbers of one group in one evaluation."""
-
-    group: dict[str, Any]
-    value: float | None
-    previous: float | None
-    mean: float | None
-    stddev: float | None
-    baseline: int
-
-    def number(self, condition: MetricCondition) -> float | None:
-        """The number compared with the thresholds (None when undefined)."""
-        if condition is MetricCondition.THRESHOLD:
-            return self.value
-        if condition is MetricCondition.CHANGE:
-            if self.value is None or not self.previous:
-                return None
-            return 100.0 * (self.value - self.previous) / abs(self.previous)
-        if self.value is None or self.mean is None or not self.stddev or self.baseline < 3:
-            return None
-        return (self.value - self.mean) / self.stddev
-
-
-def crosses(config: MetricAlertConfig, number: float) -> bool:
-    """The number is at or beyond a threshold (fires)."""
-    return (config.above is not None and number >= config.above) or (
-        config.below is not None and number <= config.below
-    )
-
-
-def clears(config: MetricAlertConfig, number: float) -> bool:
-    """The number is back inside every threshold by the hysteresis margin (resolves)."""
-    h = config.hysteresis
-    if config.above is not None and number >= config.above - abs(config.above) * h:
-        return False
-    return not (config.below is not None and number <= config.below + abs(config.below) * h)
-
+from headrace.store.duckdb.schema import EVENT_TS, ROLLUP, grain_label, rollup_view
 
 _ADDITIVE = frozenset({MeasureFn.COUNT, MeasureFn.SUM})
 """Measures whose values per group add up to the value of the groups together."""
@@ -199,7 +98,7 @@ class MetricAlerts(StreamJob):
         sinks: tuple[SinkConfig, ...],
     ) -> None:
         self.sinks = sinks
-        self.watched: list[_Watched] = []
+        self.watched: list[Watched] = []
         self._evaluated: dict[str, tuple[datetime, int]] = {}
         """Per alert, the bucket evaluated last and the oid of the view read (in this
         process, since the last setup or rebuild): the same bucket of the same view
@@ -234,7 +133,7 @@ class MetricAlerts(StreamJob):
             table = pipeline.table_refs.get(ref)
             column = rollup.time or (table.event_time if table is not None else COMMIT_TIME)
             time = EVENT_TS if column == COMMIT_TIME else quote_ident(column)
-            self.watched.append(_Watched(alert, rollup, ref, grain, time))
+            self.watched.append(Watched(alert, rollup, ref, grain, time))
         names = [a.name for a in alerts]
         if len(set(names)) != len(names):
             problems.append("two metric alerts have the same name")
@@ -300,7 +199,7 @@ class MetricAlerts(StreamJob):
             self.evaluate(ctx, watched, commit_ts, lsn)
             self._evaluated[watched.config.name] = (target, view)
 
-    def _target(self, ctx: JobContext, watched: _Watched) -> datetime | None:
+    def _target(self, ctx: JobContext, watched: Watched) -> datetime | None:
         """Advance the alert's watermark with the batch; the bucket it evaluates."""
         job = f"{self.name}:{watched.config.name}"
         watermark = latest(ctx.watermark(job)[0], ctx.batch_time(watched.table, watched.time))
@@ -313,7 +212,7 @@ class MetricAlerts(StreamJob):
             target -= watched.grain
         return target
 
-    def _unchanged(self, ctx: JobContext, watched: _Watched, target: datetime) -> bool:
+    def _unchanged(self, ctx: JobContext, watched: Watched, target: datetime) -> bool:
         """The batch changed no row in the buckets an evaluation of ``target`` reads (its
         rows all lie in later buckets), so evaluating ``target`` again changes nothing."""
         delta = ctx.delta(watched.table)
@@ -323,7 +222,7 @@ class MetricAlerts(StreamJob):
         return earliest is None or earliest >= target + watched.grain
 
     def evaluate(
-        self, ctx: JobContext, watched: _Watched, commit_ts: datetime | None, lsn: int | None
+        self, ctx: JobContext, watched: Watched, commit_ts: datetime | None, lsn: int | None
     ) -> int:
         """Evaluate one alert; returns the alert rows written.
 
@@ -334,246 +233,7 @@ class MetricAlerts(StreamJob):
         if target is None:
             return 0
         view = rollup_view(watched.rollup.name, watched.grain)
-        readings = self.read(ctx.con, watched, view, target)
-        return self.transition(ctx, watched, target, readings, commit_ts=commit_ts, lsn=lsn)
-
-    def read(
-        self, con: duckdb.DuckDBPyConnection, watched: _Watched, view: str, target: datetime
-    ) -> list[Reading]:
-        """The numbers of every group at ``target`` (SQL over the rollup view)."""
-        config, grain = watched.config, watched.grain
-        back = config.baseline if config.condition is MetricCondition.ZSCORE else 1
-        low = target - grain * back
-        groups = [quote_ident(g) for g in config.group_by]
-        group_list = ", ".join(groups)
-        select_groups = f"{group_list}, " if groups else ""
-        join_groups = " AND ".join(f"a.{g} IS NOT DISTINCT FROM g.{g}" for g in groups) or "true"
-        missing = "0" if config.measure is not None else "NULL"
-        where = config.where or "true"
-        seconds = grain.total_seconds()
-        rows = con.execute(
-            f"""WITH agg AS (
-                SELECT {select_groups}bucket, CAST({config.value_sql} AS DOUBLE) AS v
-                FROM {view} WHERE bucket >= ? AND bucket <= ? AND ({where})
-                GROUP BY ALL
-            ), g AS (SELECT DISTINCT {group_list or "1 AS _all"} FROM agg),
-            s AS (SELECT unnest(generate_series(CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ),
-                                                to_seconds({seconds}))) AS bucket),
-            grid AS (
-                SELECT g.*, s.bucket, coalesce(a.v, {missing}) AS v
-                FROM g CROSS JOIN s LEFT JOIN agg a ON a.bucket = s.bucket AND {join_groups}
-            )
-            SELECT {select_groups}
-                   max(v) FILTER (WHERE bucket = ?) AS value,
-                   max(v) FILTER (WHERE bucket = ?) AS previous,
-                   avg(v) FILTER (WHERE bucket < ?) AS mean,
-                   stddev_samp(v) FILTER (WHERE bucket < ?) AS stddev,
-                   count(v) FILTER (WHERE bucket < ?) AS baseline
-            FROM grid GROUP BY ALL""",
-            [low, target, low, target, target, target - grain, target, target, target],
-        ).fetchall()
-        readings = []
-        for row in rows:
-            values = row[len(groups) :]
-            group = dict(zip(config.group_by, row[: len(groups)], strict=True))
-            readings.append(
-                Reading(
-                    group={k: _plain(v) for k, v in group.items()},
-                    value=_float(values[0]),
-                    previous=_float(values[1]),
-                    mean=_float(values[2]),
-                    stddev=_float(values[3]),
-                    baseline=int(values[4] or 0),
-                )
-            )
-        return readings
-
-    def transition(
-        self,
-        ctx: JobContext,
-        watched: _Watched,
-        target: datetime,
-        readings: list[Reading],
-        *,
-        commit_ts: datetime | None,
-        lsn: int | None,
-    ) -> int:
-        """Apply the state machine to each group; write alerts and state."""
-        con, config = ctx.con, watched.config
-        state = {
-            str(r[0]): (bool(r[1]), r[2])
-            for r in con.execute(
-                f"SELECT group_key, firing, since FROM {STATE} WHERE name = ?", [config.name]
-            ).fetchall()
-        }
-        seen = set()
-        alerts: list[dict[str, Any]] = []
-        updates: list[list[Any]] = []
-        for reading in readings:
-            group_key = json.dumps(reading.group, sort_keys=True, default=str)
-            seen.add(group_key)
-            self._step(
-                ctx,
-                watched,
-                target,
-                reading,
-                group_key=group_key,
-                state=state,
-                alerts=alerts,
-                updates=updates,
-            )
-        if config.measure is not None and config.condition is MetricCondition.THRESHOLD:
-            for group_key, (firing, _) in state.items():
-                if firing and group_key not in seen:  # no rows at all: the sum is 0
-                    reading = Reading(json.loads(group_key), 0.0, None, None, None, 0)
-                    self._step(
-                        ctx,
-                        watched,
-                        target,
-                        reading,
-                        group_key=group_key,
-                        state=state,
-                        alerts=alerts,
-                        updates=updates,
-                    )
-        for update in updates:
-            con.execute(
-                f"""INSERT INTO {STATE} VALUES (?, ?, ?, ?, ?, NULL, ?)
-                ON CONFLICT (name, group_key) DO UPDATE SET firing = excluded.firing,
-                    since = excluded.since, number = excluded.number,
-                    updated_at = excluded.updated_at""",
-                update,
-            )
-        if not alerts:
-            return 0
-        for alert in alerts:
-            alert.update(commit_ts=commit_ts, lsn=lsn, latency_ms=_latency(ctx.now, commit_ts))
-        table = pa.Table.from_pylist(alerts, schema=_INPUT_SCHEMA)
-        con.register("_job_ma_in", table)
-        try:
-            written = insert_alerts(con, "SELECT * FROM _job_ma_in", self.sinks, ctx.now)
-            con.execute(
-                f"""UPDATE {STATE} s SET alert_id = a.id FROM _job_new_alerts a
-                WHERE s.name = a.rule AND a.status = 'firing'
-                  AND a.key = s.name || CASE WHEN s.group_key = '{{}}' THEN ''
-                                             ELSE ' ' || s.group_key END"""
-            )
-        finally:
-            con.unregister("_job_ma_in")
-        return written
-
-    def _step(
-        self,
-        ctx: JobContext,
-        watched: _Watched,
-        target: datetime,
-        reading: Reading,
-        *,
-        group_key: str,
-        state: dict[str, tuple[bool, Any]],
-        alerts: list[dict[str, Any]],
-        updates: list[list[Any]],
-    ) -> None:
-        config = watched.config
-        number = reading.number(config.condition)
-        if number is None or math.isnan(number):
-            return
-        firing, since = state.get(group_key, (False, None))
-        if not firing and crosses(config, number):
-            alerts.append(
-                self._alert(
-                    ctx,
-                    watched,
-                    target,
-                    reading,
-                    group_key=group_key,
-                    number=number,
-                    status="firing",
-                )
-            )
-            updates.append([config.name, group_key, True, target, number, ctx.now])
-        elif firing and clears(config, number):
-            if config.notify_resolved:
-                alert = self._alert(
-                    ctx,
-                    watched,
-                    target,
-                    reading,
-                    group_key=group_key,
-                    number=number,
-                    status="resolved",
-                )
-                alert["started_at"] = since
-                alerts.append(alert)
-            updates.append([config.name, group_key, False, None, number, ctx.now])
-
-    def _alert(
-        self,
-        ctx: JobContext,
-        watched: _Watched,
-        target: datetime,
-        reading: Reading,
-        *,
-        group_key: str,
-        number: float,
-        status: str,
-    ) -> dict[str, Any]:
-        config = watched.config
-        key = config.name if group_key == "{}" else f"{config.name} {group_key}"
-        where = "".join(f" {k}={v}" for k, v in reading.group.items())
-        label = {"threshold": "value", "change": "change %", "zscore": "z-score"}[
-            config.condition.value
-        ]
-        limits = " / ".join(
-            f"{word} {limit:g}"
-            for word, limit in (("above", config.above), ("below", config.below))
-            if limit is not None
+        readings = read(ctx.con, watched, view, target)
+        return transition(
+            ctx, watched, target, readings, sinks=self.sinks, commit_ts=commit_ts, lsn=lsn
         )
-        summary = (
-            f"{config.name}{where}: {label} {number:.4g} ({limits}) in the "
-            f"{grain_label(watched.grain)} bucket of {target:%Y-%m-%d %H:%M} UTC"
-            + (" — resolved" if status == "resolved" else "")
-        )
-        payload = {
-            "numbers": {
-                "number": number,
-                "condition": config.condition.value,
-                "value": reading.value,
-                "previous": reading.previous,
-                "mean": reading.mean,
-                "stddev": reading.stddev,
-                "baseline_buckets": reading.baseline,
-                "above": config.above,
-                "below": config.below,
-                "hysteresis": config.hysteresis,
-            },
-            "rollup": watched.rollup.name,
-            "grain": grain_label(watched.grain),
-            "bucket": target.isoformat(),
-            "group": reading.group,
-        }
-        return {
-            "rule": config.name,
-            "severity": config.severity.value,
-            "account_id": None,
-            "key": key,
-            "started_at": target,
-            "detected_at": ctx.now,
-            "payload": json.dumps(payload, default=str),
-            "kind": "metric",
-            "status": status,
-            "summary": summary,
-            "event_at": target,
-        }
-
-
-def _float(value: object) -> float | None:
-    return None if value is None else float(value)  # type: ignore[arg-type]
-
-
-def _plain(value: object) -> object:
-    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
-
-
-def _latency(now: datetime, commit_ts: datetime | None) -> float | None:
-    return None if commit_ts is None else max(0.0, (now - commit_ts).total_seconds() * 1000)
