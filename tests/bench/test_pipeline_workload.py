@@ -7,7 +7,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from headrace.bench.pipeline_workload import Mix, Workload, create_schema, run_writers
+from headrace.bench.pipeline_workload import Mix, Workload, create_schema
+from headrace.bench.pipeline_writers import run_writers
 from tests.conftest import PgDatabase
 
 OLD = "SELECT id, status, amount, created_at FROM transactions WHERE id <= %s ORDER BY id"

@@ -317,7 +317,7 @@ def _snapshot(result: PipelineBenchResult, headrace: RunProcess, out: Console) -
 
 
 def _workload_options(result: PipelineBenchResult, dsn: str, writers: int) -> dict[str, Any]:
-    """The generator process's options (:func:`.pipeline_workload.run_writers`)."""
+    """The generator process's options (:func:`.pipeline_writers.run_writers`)."""
     return {
         "dsn": dsn,
         "rate": result.rate_target,
@@ -356,7 +356,7 @@ def _measure(
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     waits = load_wait_share(postgres, headrace.wait_seconds)
     started = time.monotonic()
-    generator = WorkloadProcess("headrace.bench.pipeline_workload", options)
+    generator = WorkloadProcess("headrace.bench.pipeline_writers", options)
     midpoint = MidpointStatus(headrace.status, started + seconds / 2)
     try:
         written = generator.wait(workload_deadline_s(seconds), midpoint.tick)

@@ -101,7 +101,7 @@ def measure_backlog(
     headrace's source asks for). Both runs are stopped on return."""
     headrace.stop_cleanly()
     out.print("headrace stopped after its snapshot; writing the backlog while nothing reads it")
-    generator = WorkloadProcess("headrace.bench.pipeline_workload", options)
+    generator = WorkloadProcess("headrace.bench.pipeline_writers", options)
     try:
         written = generator.wait(workload_deadline_s(float(options["seconds"])), lambda: None)
     finally:

@@ -28,27 +28,21 @@ default: every part of the mirror is touched, the hardest case for a column
 store. ``update_window`` draws them from the newest ids instead (the OLTP
 pattern: a payment's status changes soon after it is created).
 
-Run as a process: ``python -m headrace.bench.pipeline_workload '{"dsn": ..., "rate": ...}'``;
-it prints one JSON line with what it wrote, including the WAL position after
-its last commit (``end_lsn``).
+The writers that share a rate, and the process the benchmark runs, are
+:mod:`.pipeline_writers`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import select
-import sys
-import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import psycopg
 from psycopg import pq
-
-from headrace.bench.workload_process import dump_stacks_on_signal
 
 SCHEMA = """
 CREATE TABLE accounts (
@@ -96,24 +90,29 @@ WHERE id = ANY($1::int8[])
 _DELETE = b"DELETE FROM transactions WHERE id = ANY($1::int8[])"
 
 _NO_IDS = np.empty(0, dtype=np.int64)
+MAX_LIVE_RANGE = 1 << 30
+"""The most ids a writer tracks below its first insert (a byte each)."""
 _statement_names = itertools.count()
 """Suffixes that keep each Workload's prepared statements apart on a shared connection."""
 
 
-def _command(pgconn: pq.abc.PGconn, encoding: str) -> int:
+def _flush(pgconn: pq.abc.PGconn) -> None:
+    """Send what libpq still holds of a statement (almost always nothing)."""
+    while pgconn.flush():  # the parameters did not fit the socket at once
+        select.select([pgconn.socket], [pgconn.socket], [])
+
+
+def _collect(pgconn: pq.abc.PGconn, encoding: str) -> int:
     """Wait for the statement sent on ``pgconn``; the rows it changed, or its error
     raised as psycopg's exception.
 
-    It waits in ``select``, without the GIL, so the writers' threads overlap their
-    round trips (libpq's blocking calls keep the GIL in psycopg's binary build)."""
-    socket = pgconn.socket
-    while pgconn.flush():  # the parameters did not fit the socket at once
-        select.select([socket], [socket], [])
+    It waits in ``select``, without the GIL (libpq's blocking calls keep the GIL in
+    psycopg's binary build)."""
     changed = 0
     error: pq.abc.PGresult | None = None
     while True:
         if pgconn.is_busy():
-            select.select([socket], [], [])
+            select.select([pgconn.socket], [], [])
             pgconn.consume_input()
             continue
         result = pgconn.get_result()
@@ -138,6 +137,12 @@ def changes_by_kind(written: dict[str, Any]) -> dict[str, int]:
     return {kind: int(written.get(kind, 0)) for kind in ("inserts", "updates", "deletes")}
 
 
+def current_wal_lsn(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """PostgreSQL's WAL position now, as a number."""
+    row = conn.execute(b"SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 def next_free_id(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """An id above every transaction's."""
     row = conn.execute(b"SELECT coalesce(max(id), 0) + 1 FROM transactions").fetchone()
@@ -150,7 +155,8 @@ def create_schema(conn: psycopg.Connection[tuple[Any, ...]], base_rows: int) -> 
     conn.execute(_INSERT_ACCOUNTS.encode())
     if base_rows:
         conn.pgconn.send_query_params(_INSERT, [b"1", str(base_rows).encode()])
-        _command(conn.pgconn, conn.info.encoding)
+        _flush(conn.pgconn)
+        _collect(conn.pgconn, conn.info.encoding)
 
 
 @dataclass(frozen=True)
@@ -235,24 +241,37 @@ class Workload:
         self.insert_below = mix.inserts / 100
         self.update_below = (mix.inserts + mix.updates) / 100
         self.random = np.random.default_rng(seed)
-        self.live = np.ones(max(1024, 2 * (first_id - self.low_id)), dtype=np.bool_)
+        if first_id - self.low_id > MAX_LIVE_RANGE:
+            raise ValueError(
+                f"ids {self.low_id}..{first_id - 1} are too many to track ({MAX_LIVE_RANGE:,} at "
+                "most): give a low_id closer to first_id"
+            )
+        self.live = np.ones(first_id - self.low_id + 1024, dtype=np.bool_)
         """``live[id - low_id]``: whether the id has a row (beyond ``next_id``: unused)."""
         self.live_rows = first_id - self.low_id
         self.result = WorkloadResult()
+        self._sent: tuple[str, int, np.ndarray[Any, np.dtype[np.int64]]] | None = None
+        """The transaction sent and not yet collected: its kind, first id (inserts)
+        and ids (updates and deletes)."""
         suffix = next(_statement_names)
         self._statements: dict[bytes, bytes] = {}
         """Each statement's text -> its prepared name on ``conn``."""
         for kind, sql in (("insert", _INSERT), ("update", _UPDATE), ("delete", _DELETE)):
             name = f"hr_{kind}_{suffix}".encode()
             conn.pgconn.send_prepare(name, sql)
-            _command(conn.pgconn, conn.info.encoding)
+            _flush(conn.pgconn)
+            _collect(conn.pgconn, conn.info.encoding)
             self._statements[sql] = name
 
-    def _execute(self, sql: bytes, *params: bytes) -> int:
-        """Run a prepared statement; returns the rows it changed."""
+    @property
+    def socket(self) -> int:
+        """The connection's socket, readable when a sent transaction's response arrives."""
+        return self.conn.pgconn.socket
+
+    def _send(self, sql: bytes, *params: bytes) -> None:
         pgconn = self.conn.pgconn
         pgconn.send_query_prepared(self._statements[sql], list(params))
-        return _command(pgconn, self.conn.info.encoding)
+        _flush(pgconn)
 
     def _inserted(self, first: int, rows: int) -> None:
         end = first + rows - self.low_id
@@ -283,29 +302,54 @@ class Workload:
             live = self.random.choice(live, count, replace=False)
         return live.astype(np.int64)
 
-    def step(self) -> int:
-        """One transaction; returns the rows it changed."""
+    def begin(self) -> None:
+        """Choose the next transaction and send it, without waiting for it."""
         draw = self.random.random()
         rows = self.tx_rows
-        result = self.result
         ids = _NO_IDS if draw < self.insert_below or self.live_rows < rows else self._live_ids(rows)
         if not len(ids):  # an insert, or nothing live to update or delete
             first = self.next_id
             self.next_id += rows
-            changed = self._execute(_INSERT, str(first).encode(), str(first + rows - 1).encode())
-            self._inserted(first, rows)
-            result.inserts += changed
+            self._send(_INSERT, str(first).encode(), str(first + rows - 1).encode())
+            self._sent = ("inserts", first, ids)
         elif draw < self.update_below:
-            changed = self._execute(_UPDATE, _id_array(ids))
+            self._send(_UPDATE, _id_array(ids))
+            self._sent = ("updates", 0, ids)
+        else:
+            self._send(_DELETE, _id_array(ids))
+            self._sent = ("deletes", 0, ids)
+
+    def received(self) -> bool:
+        """Read what arrived on the socket; whether the whole response is in."""
+        self.conn.pgconn.consume_input()
+        return not self.conn.pgconn.is_busy()
+
+    def finish(self) -> int:
+        """Collect the sent transaction's result (waiting for it if need be); returns the
+        rows it changed."""
+        if self._sent is None:
+            raise RuntimeError("Workload.finish() without a transaction begun")
+        kind, first, ids = self._sent
+        self._sent = None
+        changed = _collect(self.conn.pgconn, self.conn.info.encoding)
+        result = self.result
+        if kind == "inserts":
+            self._inserted(first, self.tx_rows)
+            result.inserts += changed
+        elif kind == "updates":
             result.updates += changed
         else:
-            changed = self._execute(_DELETE, _id_array(ids))
             self.live[ids - self.low_id] = False
             self.live_rows -= len(ids)
             result.deletes += changed
         result.changes += changed
         result.transactions += 1
         return changed
+
+    def step(self) -> int:
+        """One transaction; returns the rows it changed."""
+        self.begin()
+        return self.finish()
 
     def run(
         self,
@@ -342,10 +386,7 @@ class Workload:
         self.result.rate = self.result.changes / self.result.seconds if self.result.seconds else 0
         self.result.started_at = self.result.started_at or started
         self.result.ended_at = ended
-        row = self.conn.execute(b"SELECT pg_current_wal_lsn()::text").fetchone()
-        if row is not None:
-            high, _, low = str(row[0]).partition("/")
-            self.result.end_lsn = (int(high, 16) << 32) + int(low, 16)
+        self.result.end_lsn = current_wal_lsn(self.conn)
         return self.result
 
 
@@ -354,84 +395,3 @@ def tx_rows_for(rate: float) -> int:
     if rate <= 0:
         return 1000
     return max(1, min(1000, round(rate / 1000)))
-
-
-ID_STRIDE = 1 << 40
-"""Writer ``i`` inserts ids from ``first_id + i * ID_STRIDE``: the writers never collide."""
-
-
-def run_writers(options: dict[str, Any]) -> WorkloadResult:
-    """``writers`` connections (threads; PostgreSQL does the work) sharing ``rate``.
-
-    The writers connect first and then start together, each writing its share
-    of ``rate * seconds`` changes on its own pace (with ``rate`` 0: as many as
-    they can in ``seconds``); the result's rate is all their changes over the
-    time from that common start to the last commit."""
-    writers = max(1, int(options.get("writers", 1)))
-    rate = float(options["rate"])
-    seconds = float(options["seconds"])
-    rows = int(options.get("tx_rows") or tx_rows_for(rate))
-    # Each writer updates among its own ids: the window is shared between them.
-    window = int(options.get("update_window", 0))
-    window = max(1, window // writers) if window > 0 else 0
-    mix = Mix.parse(str(options.get("mix", DEFAULT_MIX)))
-    quota = round(rate * seconds / writers) if rate > 0 else None
-    results: list[WorkloadResult] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    start: list[float] = []
-    # Released together once every writer is connected; the common start is taken then.
-    ready = threading.Barrier(writers, action=lambda: start.append(time.monotonic()))
-
-    def write(index: int) -> None:
-        try:
-            with psycopg.connect(options["dsn"], autocommit=True) as conn:
-                first = int(options["first_id"]) + index * ID_STRIDE
-                workload = Workload(
-                    conn,
-                    first_id=first,
-                    tx_rows=rows,
-                    seed=index + 1,
-                    update_window=window,
-                    mix=mix,
-                    low_id=first if index else 1,
-                )
-                ready.wait()
-                result = workload.run(rate / writers, seconds, started=start[0], quota=quota)
-            with lock:
-                results.append(result)
-        except BaseException as exc:
-            ready.abort()  # the others stop waiting for this one
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:  # the first writer's own error, not the others' broken barrier
-        causes = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-        raise (causes or errors)[0]
-    total = WorkloadResult()
-    for result in results:
-        total.changes += result.changes
-        total.inserts += result.inserts
-        total.updates += result.updates
-        total.deletes += result.deletes
-        total.transactions += result.transactions
-        total.end_lsn = max(total.end_lsn, result.end_lsn)
-        total.ended_at = max(total.ended_at, result.ended_at)
-    total.started_at = start[0]
-    total.seconds = total.ended_at - total.started_at
-    total.rate = total.changes / total.seconds if total.seconds else 0.0
-    return total
-
-
-def main(argv: list[str]) -> None:
-    """Process entry point (see module docstring)."""
-    dump_stacks_on_signal()  # the benchmark asks for the stacks if this runs late
-    print(json.dumps(asdict(run_writers(json.loads(argv[0])))), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
