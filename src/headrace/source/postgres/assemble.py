@@ -7,20 +7,21 @@ one set of relation schemas). Here all pending runs are parsed at once
 version, and every column is converted in one call per batch
 (:mod:`headrace.source.postgres.convert`): the column layout is the one
 documented in :mod:`headrace.source.changes`.
+
+The runs themselves are in :mod:`.runs`, the batch's column conversion in
+:mod:`.assemble_columns` and the per table version kits in :mod:`.assemble_kits`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Final
 
 import numpy as np
 import pyarrow as pa
 
-from headrace.errors import ProtocolError
 from headrace.source.changes import (
     COMMIT_TS,
     LSN,
@@ -33,24 +34,19 @@ from headrace.source.changes import (
     TableSchema,
     old_name,
 )
-from headrace.source.postgres.convert import convert_column
-from headrace.source.postgres.pgtypes import PgType
+from headrace.source.postgres.assemble_columns import ParsedGroup, convert_columns
+from headrace.source.postgres.assemble_kits import schema_kit
 from headrace.source.postgres.protocol import (
-    KIND_BINARY,
-    KIND_TEXT,
     KIND_UNCHANGED,
     MSG_DELETE,
     MSG_UPDATE,
 )
-from headrace.source.postgres.spill import SpilledRows, SpillFile
+from headrace.source.postgres.runs import CommittedRun, TransactionMeta, TruncateRow
 from headrace.source.postgres.tuples import (
-    BoolArray,
-    ColumnBlock,
     Int64Array,
     MessageBlock,
     MessageHeads,
     TupleColumns,
-    cut_columns,
     read_heads,
     read_tuples,
 )
@@ -63,98 +59,6 @@ _N: Final = ord("N")
 _K: Final = ord("K")
 _O: Final = ord("O")
 _OP_TRUNCATE: Final = 3
-
-
-@dataclass
-class Run:
-    """Consecutive row messages of one transaction, as received."""
-
-    header: int  # bytes before the relation OID: 1, or 5 inside a streamed transaction
-    subxid: int | None = None  # streamed transactions: the (sub)transaction they belong to
-    # Relation OID -> schema for these rows, when known on arrival (None inside
-    # a stream: the schemas as of the transaction's commit then).
-    relations: Mapping[int, TableSchema] | None = None
-    payloads: list[bytes | memoryview] = field(default_factory=list)
-    lsns: list[int] = field(default_factory=list)
-    spilled: list[SpilledRows] = field(default_factory=list)
-    """Earlier rows of the run, moved to disk (:mod:`.spill`): they come before
-    ``payloads``, which holds the rows received since."""
-    spilled_rows: int = 0
-    """Rows in :attr:`spilled` (counted once: :attr:`count` is read per transaction)."""
-
-    @property
-    def count(self) -> int:
-        """Rows of the run, in memory and on disk."""
-        return len(self.payloads) + self.spilled_rows
-
-    def spill(self, file: SpillFile) -> int:
-        """Move the rows held in memory to ``file``; returns how many moved."""
-        moved = len(self.payloads)
-        if moved:
-            self.spilled.append(file.write(self.payloads, self.lsns))
-            self.spilled_rows += moved
-            self.payloads, self.lsns = [], []
-        return moved
-
-    def rows(self) -> tuple[list[bytes | memoryview], list[int]]:
-        """Every row message and its LSN, in order (reading what is on disk)."""
-        if not self.spilled:
-            return self.payloads, self.lsns
-        payloads: list[bytes | memoryview] = []
-        lsns: list[int] = []
-        for block in self.spilled:
-            read, read_lsns = block.read()
-            payloads += read
-            lsns += read_lsns
-        return payloads + self.payloads, lsns + self.lsns
-
-    def part(self, start: int, end: int) -> Run:
-        """Rows ``start:end`` of the run as a run of their own (nothing read from disk)."""
-        spilled: list[SpilledRows] = []
-        at = 0
-        for block in self.spilled:
-            low, high = max(start - at, 0), min(end - at, len(block))
-            if low < high:
-                spilled.append(block.part(low, high))
-            at += len(block)
-        low, high = max(start - at, 0), max(end - at, 0)
-        return Run(
-            header=self.header,
-            subxid=self.subxid,
-            relations=self.relations,
-            payloads=self.payloads[low:high],
-            lsns=self.lsns[low:high],
-            spilled=spilled,
-            spilled_rows=sum(len(block) for block in spilled),
-        )
-
-
-@dataclass
-class CommittedRun:
-    """A run of a committed transaction, with what is needed to decode it."""
-
-    run: Run
-    transaction: int  # index into the pending transactions
-    first_seq: int
-    relations: Mapping[int, TableSchema]  # relation OID -> schema, as of the run
-
-
-@dataclass
-class TruncateRow:
-    """One table of a committed TRUNCATE."""
-
-    seq: int
-    transaction: int
-    schema: TableSchema
-
-
-@dataclass
-class TransactionMeta:
-    """Commit LSN, time and id of each pending transaction, in commit order."""
-
-    commit_lsns: list[int] = field(default_factory=list)
-    commit_ts: list[int] = field(default_factory=list)  # Unix-epoch microseconds
-    xids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -239,7 +143,7 @@ def _assemble_rows(
         _parse_group(block, heads, _Group(schema, np.flatnonzero(row_schema == index)))
         for index, schema in enumerate(schemas)
     ]
-    columns = _convert_columns(block, groups, registry)
+    columns = convert_columns(block, groups, registry)
     out = []
     for group, (new_columns, old_columns) in zip(groups, columns, strict=True):
         rows = group.rows
@@ -258,7 +162,7 @@ def _assemble_rows(
             *old_columns,
             _toast(group.schema, group.new, group.new_local, group.count),
         ]
-        change_schema = _kit(group.schema, registry).change_schema
+        change_schema = schema_kit(group.schema, registry).change_schema
         out.append((group.schema, pa.Table.from_arrays(data, schema=change_schema)))
     return out
 
@@ -285,25 +189,7 @@ def _nulls(count: int, kept: pa.Array) -> pa.Array:
     return kept.slice(0, count) if count <= len(kept) else pa.nulls(count, kept.type)
 
 
-@dataclass
-class _ParsedGroup:
-    """The tuples of one table version's rows, parsed (values not yet cut out)."""
-
-    schema: TableSchema
-    rows: Int64Array
-    markers: Int64Array  # per row: N, K or O
-    has_old: BoolArray
-    new: TupleColumns  # of the rows with a new tuple (new_local)
-    new_local: Int64Array
-    old: TupleColumns | None  # of the rows with an old tuple (old_local), if any
-    old_local: Int64Array
-
-    @property
-    def count(self) -> int:
-        return len(self.rows)
-
-
-def _parse_group(block: MessageBlock, heads: MessageHeads, group: _Group) -> _ParsedGroup:
+def _parse_group(block: MessageBlock, heads: MessageHeads, group: _Group) -> ParsedGroup:
     """Parse the old and new tuples of a table version's rows."""
     rows = group.rows
     schema = group.schema
@@ -349,7 +235,7 @@ def _parse_group(block: MessageBlock, heads: MessageHeads, group: _Group) -> _Pa
         raise block.fail(
             int(rows[new_local[index]]), int(new.ends[index]), "unexpected trailing bytes"
         )
-    return _ParsedGroup(
+    return ParsedGroup(
         schema=schema,
         rows=rows,
         markers=row_markers,
@@ -359,116 +245,6 @@ def _parse_group(block: MessageBlock, heads: MessageHeads, group: _Group) -> _Pa
         old=old,
         old_local=old_local,
     )
-
-
-def _convert_columns(
-    block: MessageBlock, groups: list[_ParsedGroup], registry: TypeRegistry
-) -> list[tuple[list[pa.Array], list[pa.Array]]]:
-    """Every column of every group, new values and old: per group ``(new, old)``
-    arrays in the schema's column order.
-
-    The values of all columns are cut out of the block together, and each
-    conversion (PostgreSQL type, Arrow type, text or binary) runs once for all
-    columns that need it, whatever their table: per batch a handful of Arrow
-    calls instead of a few per column, which decided the cost of small
-    batches. A column without any value (no old tuples, only NULLs) is NULLs.
-    """
-    sides: list[list[pa.Array | None]] = []  # per group: new columns, then old columns
-    blocks: list[ColumnBlock] = []
-    targets: list[list[pa.Array | None]] = []  # per block: where its columns go
-    members: dict[tuple[int, bool], list[tuple[int, int]]] = {}
-    kits = [_kit(group.schema, registry) for group in groups]
-    for group, kit in zip(groups, kits, strict=True):
-        for tuples, local in ((group.new, group.new_local), (group.old, group.old_local)):
-            arrays: list[pa.Array | None] = [None] * len(group.schema.columns)
-            sides.append(arrays)
-            if tuples is None:
-                continue
-            found = _column_block(block, group, tuples, local)
-            if found is None:
-                continue
-            values, binary_columns = found
-            for column_index in np.flatnonzero(values.valid.any(axis=1)).tolist():
-                key = (kit.conversions[column_index], binary_columns[column_index])
-                members.setdefault(key, []).append((len(blocks), column_index))
-            blocks.append(values)
-            targets.append(arrays)
-    if blocks:
-        groups_of_columns = list(members.values())
-        raw_groups = cut_columns(block, blocks, groups_of_columns)
-        for (conversion, binary), group_columns, raw in zip(
-            members, groups_of_columns, raw_groups, strict=True
-        ):
-            arrow_type, pg_type = _conversions[conversion]
-            large = raw.type == pa.large_binary()  # 2 GiB or more: convert column by column
-            converted = None if large else convert_column(raw, arrow_type, pg_type, binary=binary)
-            offset = 0
-            for block_index, column_index in group_columns:
-                count = blocks[block_index].starts.shape[1]
-                if converted is None:
-                    values = raw.slice(offset, count).cast(pa.binary())
-                    column = convert_column(values, arrow_type, pg_type, binary=binary)
-                else:
-                    column = converted.slice(offset, count)
-                targets[block_index][column_index] = column
-                offset += count
-    out: list[tuple[list[pa.Array], list[pa.Array]]] = []
-    for index, (group, kit) in enumerate(zip(groups, kits, strict=True)):
-        new, old = (
-            [
-                kit.nulls(column_index, group.count) if array is None else array
-                for column_index, array in enumerate(arrays)
-            ]
-            for arrays in sides[2 * index : 2 * index + 2]
-        )
-        out.append((new, old))
-    return out
-
-
-def _column_block(
-    block: MessageBlock, group: _ParsedGroup, tuples: TupleColumns, local: Int64Array
-) -> tuple[ColumnBlock, list[bool]] | None:
-    """Where one tuple side's values lie for all the group's rows (None when it
-    has no value at all), and per column whether its values are binary."""
-    kinds = tuples.kinds.T  # columns x rows, contiguous per column
-    text = kinds == KIND_TEXT
-    binary = kinds == KIND_BINARY
-    has_binary = binary.any(axis=1)
-    valid = text
-    if has_binary.any():
-        mixed = has_binary & text.any(axis=1)
-        if mixed.any():
-            name = group.schema.columns[int(np.argmax(mixed))].name
-            raise ProtocolError(
-                f"column {name} mixes text and binary values in one batch",
-                lsn=int(block.lsns[0]),
-            )
-        valid = text | binary
-    if not valid.any():
-        return None
-    starts, lengths = tuples.starts.T, tuples.lengths.T
-    count = group.count
-    if len(local) != count:  # only some rows have this tuple: the others hold no value
-        shape = (len(group.schema.columns), count)
-        starts, lengths, valid = _spread(local, shape, starts, lengths, valid)
-    return ColumnBlock(starts, lengths, valid), has_binary.tolist()
-
-
-def _spread(
-    local: Int64Array,
-    shape: tuple[int, int],
-    starts: Int64Array,
-    lengths: Int64Array,
-    valid: BoolArray,
-) -> tuple[Int64Array, Int64Array, BoolArray]:
-    """Columns x some rows spread to columns x all rows (``local``: which)."""
-    all_starts = np.zeros(shape, dtype=np.int64)
-    all_lengths = np.zeros(shape, dtype=np.int64)
-    all_valid = np.zeros(shape, dtype=bool)
-    all_starts[:, local] = starts
-    all_lengths[:, local] = lengths
-    all_valid[:, local] = valid
-    return all_starts, all_lengths, all_valid
 
 
 def _old_kinds(markers: Int64Array, has_old: np.ndarray) -> pa.Array:
@@ -499,67 +275,6 @@ def _with_meta(
     return pa.Table.from_arrays(columns, schema=change_schema)
 
 
-@dataclass
-class _SchemaKit:
-    """What assembling a table version's changes needs, made once per version."""
-
-    schema: TableSchema
-    change_schema: pa.Schema
-    conversions: list[int]  # per column: its conversion's number in _conversions
-    kept_nulls: list[pa.Array]  # per column: NULLs to slice from
-
-    def nulls(self, column_index: int, count: int) -> pa.Array:
-        """``count`` NULLs of the column's type (most columns of a batch have no
-        old values: a slice costs less than making them each time)."""
-        kept = self.kept_nulls[column_index]
-        if count > len(kept):
-            if count > _NULLS_KEPT_MAX:  # a large batch: making them costs little per row
-                return pa.nulls(count, kept.type)
-            kept = pa.nulls(min(max(count, 2 * len(kept)), _NULLS_KEPT_MAX), kept.type)
-            self.kept_nulls[column_index] = kept
-        return kept.slice(0, count)
-
-
-# A conversion is a (Arrow type, PostgreSQL type) pair; columns of any table
-# with the same one are converted together. Numbered so that grouping a
-# batch's columns hashes small integers, not types.
-_conversions: list[tuple[pa.DataType, PgType]] = []
-_conversion_numbers: dict[tuple[pa.DataType, PgType], int] = {}
-_kits: dict[int, _SchemaKit] = {}
-_kits_lock = threading.Lock()
-
-
-def _kit(schema: TableSchema, registry: TypeRegistry) -> _SchemaKit:
-    """The kit of a table version (by identity: the batcher keeps one
-    TableSchema object per version and its registry resolves a type once)."""
-    kit = _kits.get(id(schema))
-    if kit is not None and kit.schema is schema:
-        return kit
-    conversions = []
-    with _kits_lock:  # sources in several threads must not number one pair twice
-        if len(_kits) > _KITS_KEPT:
-            _kits.clear()
-        for column in schema.columns:
-            conversion = (column.arrow_type, registry.lookup(column.type_oid))
-            number = _conversion_numbers.get(conversion)
-            if number is None:
-                number = _conversion_numbers[conversion] = len(_conversions)
-                _conversions.append(conversion)
-            conversions.append(number)
-    kit = _SchemaKit(
-        schema=schema,
-        change_schema=schema.change_schema(),
-        conversions=conversions,
-        kept_nulls=[pa.nulls(_NULLS_KEPT, c.arrow_type) for c in schema.columns],
-    )
-    _kits[id(schema)] = kit
-    return kit
-
-
-_KITS_KEPT: Final = 1024
-_NULLS_KEPT: Final = 256
-# Kept NULLs stay small: a kit lives as long as its table version, for every column.
-_NULLS_KEPT_MAX: Final = 8192
 _META_NAMES: Final = frozenset({SEQ, OP, LSN, COMMIT_TS, XID})
 
 

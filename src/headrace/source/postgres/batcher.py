@@ -46,13 +46,7 @@ from headrace.source.changes import (
     TableRef,
     TableSchema,
 )
-from headrace.source.postgres.assemble import (
-    CommittedRun,
-    Run,
-    TransactionMeta,
-    TruncateRow,
-    assemble,
-)
+from headrace.source.postgres.assemble import assemble
 from headrace.source.postgres.pieces import commits_of, decode_pieces, split_pieces
 from headrace.source.postgres.protocol import (
     MSG_DELETE,
@@ -77,6 +71,7 @@ from headrace.source.postgres.protocol import (
     decode_message,
     pg_micros_to_datetime,
 )
+from headrace.source.postgres.runs import CommittedRun, Run, TransactionMeta, TruncateRow
 from headrace.source.postgres.spill import SpillFile
 from headrace.source.postgres.types import TypeRegistry, arrow_type_for
 
