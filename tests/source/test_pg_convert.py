@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from headrace.source.postgres.arrays import ArraySyntaxError, parse_array
-from headrace.source.postgres.convert import parse_interval
+from headrace.source.postgres.convert_text import parse_interval
 from headrace.source.postgres.types import (
     TypeRegistry,
     arrow_type_for,

@@ -433,7 +433,7 @@ def test_special_dates_and_times(pg_db: PgDatabase) -> None:
 def test_nan_in_constrained_numeric_becomes_null_with_warning(
     pg_db: PgDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from headrace.source.postgres.convert import conversion_issues  # noqa: PLC0415
+    from headrace.source.postgres.convert_issues import conversion_issues  # noqa: PLC0415
 
     pg_db.execute("CREATE TABLE n (id int PRIMARY KEY, v numeric(10,2))")
     slot = LogicalSlot(pg_db).create()

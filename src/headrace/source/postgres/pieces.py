@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from headrace.source.changes import TableChanges
 from headrace.source.postgres.assemble import assemble
-from headrace.source.postgres.convert import conversions_not_counted
+from headrace.source.postgres.convert_issues import conversions_not_counted
 from headrace.source.postgres.runs import CommittedRun, TransactionMeta, TruncateRow
 from headrace.source.postgres.types import TypeRegistry
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from headrace.errors import SourceError
 from headrace.source.changes import Column, TableSchema
-from headrace.source.postgres.convert import conversion_issues, note_issue
+from headrace.source.postgres.convert_issues import conversion_issues, note_issue
 from headrace.source.postgres.pgtypes import DATE_INFINITY, TIMESTAMP_INFINITY
 from headrace.source.postgres.types import TypeRegistry, text_column_to_arrow
 
