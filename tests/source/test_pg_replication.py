@@ -10,12 +10,12 @@ import pytest
 from headrace.errors import SourceError
 from headrace.source.postgres.connect_errors import ConnectionLostError
 from headrace.source.postgres.replication import (
-    Payload,
     ReplicationConnection,
     StreamOptions,
     parse_pg_lsn,
     replication_conninfo,
 )
+from headrace.source.postgres.replication_stream import Payload
 from tests.conftest import PgDatabase
 
 Messages = list[tuple[int, bytes]]

@@ -35,7 +35,8 @@ from headrace.bench.recvlogical import drain_with_pg_recvlogical
 from headrace.errors import HeadraceError, format_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
-from headrace.source.postgres.replication import Payload, ReplicationConnection, StreamOptions
+from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
+from headrace.source.postgres.replication_stream import Payload
 from headrace.source.postgres.source import PostgresSource, SourceSettings
 
 TARGET_DECODE_VS_NOOP = 0.9
