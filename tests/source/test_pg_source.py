@@ -15,7 +15,8 @@ from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, ChangeBatch, TableRef, old_name
 from headrace.source.postgres import preflight
 from headrace.source.postgres.replication import parse_pg_lsn
-from headrace.source.postgres.source import HEARTBEAT_PREFIX, PostgresSource, SourceSettings
+from headrace.source.postgres.source import HEARTBEAT_PREFIX, PostgresSource
+from headrace.source.postgres.source_settings import SourceSettings
 from tests.conftest import PgDatabase
 
 T = TableRef("public", "t")

@@ -24,7 +24,8 @@ import pytest
 
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, ChangeBatch, TableRef, old_name
-from headrace.source.postgres.source import PostgresSource, SourceSettings
+from headrace.source.postgres.source import PostgresSource
+from headrace.source.postgres.source_settings import SourceSettings
 from tests.conftest import PgDatabase
 
 T = TableRef("public", "t")

@@ -27,7 +27,8 @@ from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, ChangeBatch, TableRef, old_name
 from headrace.source.postgres.batcher import Batcher
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter, same_columns
-from headrace.source.postgres.source import PostgresSource, SourceSettings
+from headrace.source.postgres.source import PostgresSource
+from headrace.source.postgres.source_settings import SourceSettings
 from headrace.source.postgres.types import TypeRegistry
 from tests.conftest import PgDatabase
 

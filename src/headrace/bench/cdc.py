@@ -37,7 +37,8 @@ from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
 from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
 from headrace.source.postgres.replication_stream import Payload
-from headrace.source.postgres.source import PostgresSource, SourceSettings
+from headrace.source.postgres.source import PostgresSource
+from headrace.source.postgres.source_settings import SourceSettings
 
 TARGET_DECODE_VS_NOOP = 0.9
 TABLE = TableRef("public", "bench_cdc")

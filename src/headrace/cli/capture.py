@@ -50,7 +50,8 @@ from headrace.source.changes import (
     old_name,
 )
 from headrace.source.postgres.snapshot import SnapshotSettings, Snapshotter, drop_slot
-from headrace.source.postgres.source import PostgresSource, SourceSettings
+from headrace.source.postgres.source import PostgresSource
+from headrace.source.postgres.source_settings import SourceSettings
 
 log = logging.getLogger("headrace.capture")
 

@@ -8,7 +8,7 @@ from headrace.errors import ConfigError
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.settings import RunSettings
 from headrace.source.postgres.snapshot import SnapshotSettings
-from headrace.source.postgres.source import SourceSettings
+from headrace.source.postgres.source_settings import SourceSettings
 
 
 def source_dsn(config: PipelineConfig) -> str:
