@@ -172,7 +172,8 @@ def driver(dsn: str, store: Path) -> None:
 
 
 def _start_driver(dsn: str, store: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The worktree's src first: the virtualenv's editable install points at one checkout.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.source.test_pg_source_crash", dsn, str(store)],
         cwd=REPO,
