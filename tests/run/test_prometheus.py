@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from headrace.run.metrics import FreshnessHistogram
 from headrace.run.prometheus import Registered, freshness_buckets
 from headrace.run.state import RunState
+from headrace.source.postgres.convert_issues import conversions_not_counted, note_issue
 
 
 def test_freshness_buckets_are_cumulative_and_exact_at_their_bounds() -> None:
@@ -51,3 +52,21 @@ def test_the_run_counters_as_metrics_while_registered() -> None:
     position = next(x for x in text.splitlines() if x.startswith("headrace_pipeline_position "))
     assert float(position.split()[1]) == 0x16B3748
     assert generate_latest(registry) == b""  # unregistered with the run
+
+
+def test_lossy_values_counted_by_type_and_issue_unless_decoded_again() -> None:
+    registry = CollectorRegistry()
+
+    def count() -> float:
+        text = generate_latest(registry).decode()
+        name = 'headrace_pipeline_lossy_values_total{issue="test: lossy",type="numeric"}'
+        line = next((x for x in text.splitlines() if x.startswith(name)), f"{name} 0")
+        return float(line.split()[-1])
+
+    with Registered(RunState(), registry):
+        before = count()
+        note_issue("numeric", "test: lossy", 3)
+        assert count() == before + 3
+        with conversions_not_counted():  # a second decoding of the same values
+            note_issue("numeric", "test: lossy", 5)
+        assert count() == before + 3

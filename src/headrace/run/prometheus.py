@@ -19,7 +19,11 @@ time, so nothing is added to the writer's path:
     histogram, whose 2%-wide buckets are summed into these: a change counts in ``le``
     once its fine bucket's upper edge is within it);
 ``headrace_pipeline_dead_letters_total``, ``headrace_pipeline_position``
-    changes sent to the dead-letter table, and the stored source position (LSN).
+    changes sent to the dead-letter table, and the stored source position (LSN);
+``headrace_pipeline_lossy_values_total{type,issue}``
+    source values this process could not keep as PostgreSQL had them (stored as NULL,
+    or an array flattened), by PostgreSQL type and issue; each pair is also logged
+    once as a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from headrace.run.metrics import EDGES_MS
 from headrace.run.state import RunState
+from headrace.source.postgres.convert_issues import conversion_issue_counts
 
 FRESHNESS_BUCKETS_S: tuple[float, ...] = (
     0.025,
@@ -111,6 +116,14 @@ class PipelineCollector(Collector):
             "Changes the engine could not apply, recorded in the dead-letter table.",
             value=float(dead_letters),
         )
+        lossy = CounterMetricFamily(
+            "headrace_pipeline_lossy_values",
+            "Source values not kept as PostgreSQL had them (NULL or reshaped), by type and issue.",
+            labels=["type", "issue"],
+        )
+        for (type_name, issue), count in sorted(conversion_issue_counts().items()):
+            lossy.add_metric([type_name, issue], float(count))
+        yield lossy
         if position is not None:
             yield GaugeMetricFamily(
                 "headrace_pipeline_position",

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 from headrace.source.postgres.arrays import ArraySyntaxError, parse_array
 from headrace.source.postgres.convert_binary import binary_column_to_arrow
 from headrace.source.postgres.convert_bytea import bytea_column
-from headrace.source.postgres.convert_issues import conversion_issues, note_issue, note_kept
+from headrace.source.postgres.convert_issues import note_issue, note_kept
 from headrace.source.postgres.convert_text import (
     TIME_RE,
     parse_date,
@@ -67,11 +67,6 @@ __all__ = [
 
 _NANOS_LIMIT: Final = 2**63 - 1
 
-_INTEGER_TYPES: Final = {
-    TypeKind.INT2: pa.int16(),
-    TypeKind.INT4: pa.int32(),
-    TypeKind.INT8: pa.int64(),
-}
 _STRING_KINDS: Final = frozenset(
     {
         TypeKind.TEXT,
@@ -158,11 +153,9 @@ def _vectorized_or_per_value(
             value = None
         parsed.append(value)
     if bad:
-        note_issue(pg_type.name, "value that does not parse")
-        conversion_issues[(pg_type.name, "value that does not parse")] += bad - 1
+        note_issue(pg_type.name, "value that does not parse", bad)
     if outside:
-        note_issue(pg_type.name, "value outside the Arrow type's range")
-        conversion_issues[(pg_type.name, "value outside the Arrow type's range")] += outside - 1
+        note_issue(pg_type.name, "value outside the Arrow type's range", outside)
     return pa.array(parsed, type=storage).view(arrow_type)
 
 
@@ -190,10 +183,8 @@ def _decimal(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.A
     special = pc.is_in(text, _NUMERIC_SPECIALS)
     special_count = pc.sum(special).as_py() or 0
     if special_count:
-        note_issue(pg_type.name, "NaN or Infinity in a numeric column with a declared precision")
-        conversion_issues[
-            (pg_type.name, "NaN or Infinity in a numeric column with a declared precision")
-        ] += special_count - 1
+        issue = "NaN or Infinity in a numeric column with a declared precision"
+        note_issue(pg_type.name, issue, special_count)
         text = pc.if_else(special, pa.scalar(None, pa.binary()), text)
     try:
         return text.view(pa.string()).cast(arrow_type)
@@ -218,8 +209,7 @@ def _decimal(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.A
         else:
             parsed.append(number)
     if bad:
-        note_issue(pg_type.name, "value outside the declared precision")
-        conversion_issues[(pg_type.name, "value outside the declared precision")] += bad - 1
+        note_issue(pg_type.name, "value outside the declared precision", bad)
     return pa.array(parsed, type=arrow_type)
 
 
@@ -259,11 +249,9 @@ def _interval(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.
             value = None
         parsed.append(value)
     if outside:
-        note_issue(pg_type.name, "value outside the Arrow type's range")
-        conversion_issues[(pg_type.name, "value outside the Arrow type's range")] += outside - 1
+        note_issue(pg_type.name, "value outside the Arrow type's range", outside)
     if bad:
-        note_issue(pg_type.name, "interval text not in IntervalStyle postgres")
-        conversion_issues[(pg_type.name, "interval text not in IntervalStyle postgres")] += bad - 1
+        note_issue(pg_type.name, "interval text not in IntervalStyle postgres", bad)
     return pa.array(parsed, type=pa.month_day_nano_interval())
 
 
@@ -298,8 +286,7 @@ def _array(values: pa.Array, arrow_type: pa.DataType, pg_type: PgType) -> pa.Arr
         offsets.append(len(flat))
         valid.append(True)
     if bad:
-        note_issue(pg_type.name, "array text that does not parse")
-        conversion_issues[(pg_type.name, "array text that does not parse")] += bad - 1
+        note_issue(pg_type.name, "array text that does not parse", bad)
     if nested:
         issue = "multi-dimensional or lower-bounded array flattened to a list"
         note_kept(pg_type.name, issue, nested)

@@ -11,7 +11,7 @@ from typing import Final
 import numpy as np
 import pyarrow as pa
 
-from headrace.source.postgres.convert_issues import conversion_issues, note_issue
+from headrace.source.postgres.convert_issues import note_issue
 from headrace.source.postgres.convert_text import texts
 from headrace.source.postgres.pgtypes import PgType
 
@@ -84,8 +84,7 @@ def _bytea_per_value(values: pa.Array, pg_type: PgType) -> pa.Array:
             bad += 1
         out.append(value)
     if bad:
-        note_issue(pg_type.name, "bytea text that does not parse")
-        conversion_issues[(pg_type.name, "bytea text that does not parse")] += bad - 1
+        note_issue(pg_type.name, "bytea text that does not parse", bad)
     return pa.array(out, type=pa.binary())
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 log = logging.getLogger("headrace.source.postgres.convert")
 
 conversion_issues: Counter[tuple[str, str]] = Counter()
-"""Values converted lossily, by (type name, issue). Exported as a metric."""
+"""Values converted lossily, by (type name, issue), since the process started."""
 
 _logged_issues: set[tuple[str, str]] = set()
 
@@ -38,8 +38,13 @@ def conversions_not_counted() -> Iterator[None]:
         _not_counting.on = False
 
 
-def note_issue(type_name: str, issue: str, count: int = 1) -> None:
-    """Count lossy conversions and log each (type, issue) pair once."""
+def conversion_issue_counts() -> dict[tuple[str, str], int]:
+    """A copy of :data:`conversion_issues` (taken under its lock)."""
+    with _issues_lock:
+        return dict(conversion_issues)
+
+
+def _count(type_name: str, issue: str, count: int, message: str) -> None:
     if getattr(_not_counting, "on", False):
         return
     key = (type_name, issue)
@@ -48,12 +53,16 @@ def note_issue(type_name: str, issue: str, count: int = 1) -> None:
         first = key not in _logged_issues
         _logged_issues.add(key)
     if first:
-        log.warning("type %s: %s (stored as NULL; counted in conversion_issues)", *key)
+        log.warning(message, *key)
+
+
+def note_issue(type_name: str, issue: str, count: int = 1) -> None:
+    """Count ``count`` values that could not be kept (stored as NULL) and log each
+    (type, issue) pair once."""
+    _count(type_name, issue, count, "type %s: %s (stored as NULL; counted in conversion_issues)")
 
 
 def note_kept(type_name: str, issue: str, count: int) -> None:
-    key = (type_name, issue)
-    conversion_issues[key] += count
-    if key not in _logged_issues:
-        _logged_issues.add(key)
-        log.warning("type %s: %s", *key)
+    """Count ``count`` values kept in another shape than PostgreSQL's (an array
+    flattened, say) and log each (type, issue) pair once."""
+    _count(type_name, issue, count, "type %s: %s")

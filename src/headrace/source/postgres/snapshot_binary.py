@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from headrace.errors import SourceError
 from headrace.source.changes import Column, TableSchema
-from headrace.source.postgres.convert_issues import conversion_issues, note_issue
+from headrace.source.postgres.convert_issues import note_issue
 from headrace.source.postgres.pgtypes import DATE_INFINITY, TIMESTAMP_INFINITY
 from headrace.source.postgres.types import TypeRegistry, text_column_to_arrow
 
@@ -193,8 +193,7 @@ def _column(
             # As the text conversion does: NULL, counted and logged once.
             count = int(outside.sum())
             type_name = registry.lookup(column.type_oid).name
-            note_issue(type_name, _OUTSIDE)
-            conversion_issues[(type_name, _OUTSIDE)] += count - 1
+            note_issue(type_name, _OUTSIDE, count)
             mask = outside if mask is None else mask | outside
         return pa.array(stamps, type=pa.int64(), mask=mask).view(column.arrow_type)
     if oid == _DATE:
