@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from headrace.bench.pipeline_workload import Mix, Workload, create_schema
-from headrace.bench.pipeline_writers import run_writers
+from headrace.bench.pipeline_writers import ID_STRIDE, run_writers
 from tests.conftest import PgDatabase
 
 OLD = "SELECT id, status, amount, created_at FROM transactions WHERE id <= %s ORDER BY id"
@@ -113,3 +113,24 @@ def test_updates_and_deletes_find_live_rows_so_the_shares_are_exact(pg_db: PgDat
             for i in range(workload.next_id - workload.low_id)
             if workload.live[i]
         ]
+
+
+def test_a_writer_error_is_raised_after_the_others_finish(pg_db: PgDatabase) -> None:
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
+        create_schema(conn, 100)
+        # Writer 1's ids (first_id + ID_STRIDE) are taken: its first insert fails.
+        conn.execute(
+            "INSERT INTO transactions SELECT id, 1, 1, 'approved', 'm1', now() "
+            "FROM generate_series(%s::int8, %s::int8 + 5000) id",
+            (101 + ID_STRIDE, 101 + ID_STRIDE),
+        )
+    options = {"dsn": pg_db.dsn, "rate": 0, "seconds": 1.0, "first_id": 101, "writers": 3}
+    options |= {"tx_rows": 20, "mix": "1:0:0"}
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        run_writers(options)
+    with psycopg.connect(pg_db.dsn, autocommit=True) as conn:  # nothing left running
+        busy = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> "
+            "pg_backend_pid() AND datname = current_database()"
+        ).fetchone()
+    assert busy == (0,)

@@ -15,6 +15,7 @@ its last commit (``end_lsn``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import sys
@@ -46,37 +47,43 @@ def _drive(workloads: list[Workload], rate: float, seconds: float, quota: int | 
     With a quota, a writer's last transaction is due just before the end, so the
     rate achieved is the rate asked for; a writer behind its pace still stops at
     the end (plus a quarter second for the last transaction due), and its rate
-    shows it."""
+    shows it. ``idle`` writers wait for their next transaction to be due, ``busy``
+    ones (by socket) for their last one's response."""
     started = time.monotonic()
     deadline = started + seconds + (0.25 if quota is not None else 0.0)
     idle = list(workloads)
     busy: dict[int, Workload] = {}
-    while idle or busy:
-        now = time.monotonic()
-        wake = deadline
-        for workload in list(idle):
-            written = workload.result.changes
-            if now >= deadline or (quota is not None and written >= quota):
-                idle.remove(workload)  # done: not sent again
-                continue
-            due = started + written / rate if rate > 0 else now
-            if due <= now:
-                workload.begin()
-                idle.remove(workload)
-                busy[workload.socket] = workload
-            else:
-                wake = min(wake, due)
-        if not busy and not idle:
-            break
-        timeout = max(0.0, wake - time.monotonic()) if idle else None
-        readable, _, _ = select.select(list(busy), [], [], timeout)
-        for socket in readable:
-            workload = busy[socket]
-            if workload.received():
+    try:
+        while idle or busy:
+            now = time.monotonic()
+            wake = deadline
+            for workload in list(idle):
+                written = workload.result.changes
+                if now >= deadline or (quota is not None and written >= quota):
+                    idle.remove(workload)  # done: not sent again
+                    continue
+                due = started + written / rate if rate > 0 else now
+                if due <= now:
+                    workload.begin()
+                    idle.remove(workload)
+                    busy[workload.socket] = workload
+                else:
+                    wake = min(wake, due)
+            if not busy and not idle:
+                break
+            timeout = max(0.0, wake - time.monotonic()) if idle else None
+            readable, _, _ = select.select(list(busy), [], [], timeout)
+            for socket in readable:
+                workload = busy[socket]
+                if workload.received():
+                    del busy[socket]  # first: its own error leaves it nothing to wait for
+                    workload.finish()
+                    workload.result.ended_at = time.monotonic()
+                    idle.append(workload)
+    finally:
+        for workload in busy.values():  # after an error: the others' last transactions
+            with contextlib.suppress(psycopg.Error):
                 workload.finish()
-                workload.result.ended_at = time.monotonic()
-                del busy[socket]
-                idle.append(workload)
     return started
 
 
