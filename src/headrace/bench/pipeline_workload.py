@@ -104,10 +104,8 @@ def _flush(pgconn: pq.abc.PGconn) -> None:
 
 def _collect(pgconn: pq.abc.PGconn, encoding: str) -> int:
     """Wait for the statement sent on ``pgconn``; the rows it changed, or its error
-    raised as psycopg's exception.
-
-    It waits in ``select``, without the GIL (libpq's blocking calls keep the GIL in
-    psycopg's binary build)."""
+    raised as psycopg's exception. (The writers of :mod:`.pipeline_writers` wait for
+    every connection at once and call this only once a response is in.)"""
     changed = 0
     error: pq.abc.PGresult | None = None
     while True:

@@ -4,9 +4,9 @@ Each writer is a :class:`.pipeline_workload.Workload` on a connection of its own
 (its own ids, so the writers never collide). One thread drives them all: it sends
 each writer's next transaction when it is due and waits in ``select`` for the
 responses. The work is PostgreSQL's, and the generator shares the cores with it and
-with headrace: threads, one per writer, cost about twice the CPU a transaction
-(each wake-up contends for the GIL), which the benchmark would charge to the
-machine headrace runs on.
+with headrace: a thread per writer cost about twice the CPU a transaction of
+one thread doing the same (measured; the threads' wake-ups hand the GIL
+around), CPU taken from the two cores the benchmark shares.
 
 Run as a process: ``python -m headrace.bench.pipeline_writers '{"dsn": ..., "rate": ...}'``;
 it prints one JSON line with what it wrote, including the WAL position after
