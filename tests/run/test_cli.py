@@ -94,6 +94,7 @@ def test_status_while_running_and_after(pg_db: PgDatabase, tmp_path: Path) -> No
             assert field in tables["public.transactions"]
         assert {r["name"] for r in live["rollups"]} == {"tx_volume", "tx_merchant", "tx_tier"}
         assert set(live["store_checkpoints"]) == {"count", "seconds", "longest_s", "wal_bytes"}
+        assert live["lossy_values"] == []  # the workload's values all convert exactly
         # The writer applied batches within the window: a share of it, never more than all.
         assert 0 < live["writer_busy"] <= 1
         text = headrace("status", "--config", config)

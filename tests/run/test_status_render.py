@@ -114,3 +114,17 @@ def test_min_max_mirror_reads_are_shown_for_the_rollups_that_have_them() -> None
     assert "3 batches, 1,200 groups refilled" in text
     document["rollups"] = [{"name": "tx_volume", "state": "active", "reason": None}]
     assert "min/max from the mirror" not in _rendered(document)
+
+
+def test_lossy_values_are_shown_by_type_and_issue() -> None:
+    document = _running(
+        lossy_values=[
+            {"type": "numeric", "issue": "NaN in a numeric(10,2)", "count": 3},
+            {"type": "int4[]", "issue": "array flattened", "count": 1_200},
+        ]
+    )
+    text = _rendered(document)
+    assert "lossy values: 1,203" in text
+    assert "numeric: NaN in a numeric(10,2) (3); int4[]: array flattened (1,200)" in text
+    document["lossy_values"] = []
+    assert "lossy" not in _rendered(document)

@@ -35,6 +35,9 @@ itself (:func:`status_from_store`). Fields (all times UTC ISO 8601):
                    recomputed groups from the mirror and ``groups_refilled`` from it
                    between batches since the process started (near 0 while the
                    reserves hold)
+``lossy_values[]``  source values this process could not keep as PostgreSQL had them
+                   (stored as NULL, or an array flattened): ``type``, ``issue``,
+                   ``count`` since the process started (each pair is also logged once)
 ``alert_deliveries[]``  per alert sink: ``delivered``, ``pending``, ``failed``,
                    ``last_attempt_at``, ``last_error``, ``last_failed_error``
                    (:func:`headrace.alerts.delivery.sink_summaries`), read from
@@ -59,6 +62,7 @@ from headrace.errors import format_lsn
 from headrace.run.control import RunFiles, write_json_atomic
 from headrace.run.metrics import FreshnessHistogram, RateWindow
 from headrace.run.state import STOPPED, RunState
+from headrace.source.postgres.convert_issues import conversion_issue_counts
 from headrace.source.postgres.source import SlotLag
 from headrace.store.base import RollupStatus, TableStatus
 from headrace.store.duckdb.store import DuckDBStore
@@ -326,6 +330,10 @@ class StatusReporter:
         document["rollups"] = _rollup_rows(self.store.rollup_status(), reads)
         document["alert_deliveries"] = self._deliveries.get(DELIVERIES_INTERVAL_S)
         document["dead_letters"] = self._dead_letters.get(DELIVERIES_INTERVAL_S)
+        document["lossy_values"] = [
+            {"type": type_name, "issue": issue, "count": count}
+            for (type_name, issue), count in sorted(conversion_issue_counts().items())
+        ]
         self.last = document
         return document
 

@@ -77,6 +77,13 @@ def render_status(document: dict[str, Any], console: Console) -> None:
             f"newest: {newest.get('table')} at {newest.get('lsn')}: {newest.get('reason')}  "
             f"-> {_DEAD_LETTERS_HINT}"
         )
+    lossy = document.get("lossy_values") or []
+    if lossy:
+        kinds = "; ".join(f"{v['type']}: {v['issue']} ({v['count']:,})" for v in lossy)
+        console.print(
+            f"[yellow]lossy values: {sum(v['count'] for v in lossy):,}[/yellow] "
+            f"(not kept as PostgreSQL had them): {kinds}"
+        )
     if document.get("error"):
         console.print(f"[red]error: {document['error']}[/red]")
     snapshot = document.get("snapshot")
