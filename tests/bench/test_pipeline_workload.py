@@ -18,6 +18,17 @@ def _rows(conn: psycopg.Connection[tuple[Any, ...]], highest: int) -> list[tuple
     return conn.execute(OLD, (highest,)).fetchall()
 
 
+def _stepped(
+    conn: psycopg.Connection[tuple[Any, ...]], base_rows: int, steps: int, **options: Any
+) -> Workload:
+    """A workload's ``steps`` transactions over a table of ``base_rows`` rows."""
+    create_schema(conn, base_rows)
+    workload = Workload(conn, first_id=base_rows + 1, **options)
+    for _ in range(steps):
+        workload.step()
+    return workload
+
+
 def test_an_update_window_keeps_updates_and_deletes_among_the_newest_ids(
     pg_db: PgDatabase,
 ) -> None:
@@ -79,10 +90,7 @@ def test_a_mix_sets_the_shares_of_inserts_updates_and_deletes(pg_db: PgDatabase)
         with pytest.raises(ValueError, match="INSERTS:UPDATES:DELETES"):
             Mix.parse(bad)
     with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
-        create_schema(conn, 2000)
-        workload = Workload(conn, first_id=2001, tx_rows=10, seed=5, mix=Mix.parse("1:0:1"))
-        for _ in range(200):
-            workload.step()
+        workload = _stepped(conn, 2000, 200, tx_rows=10, seed=5, mix=Mix.parse("1:0:1"))
         result = workload.result
         assert result.updates == 0
         # Every delete finds its rows: each transaction changes tx_rows rows.
@@ -95,10 +103,7 @@ def test_a_mix_sets_the_shares_of_inserts_updates_and_deletes(pg_db: PgDatabase)
 
 def test_updates_and_deletes_find_live_rows_so_the_shares_are_exact(pg_db: PgDatabase) -> None:
     with psycopg.connect(pg_db.dsn, autocommit=True) as conn:
-        create_schema(conn, 500)
-        workload = Workload(conn, first_id=501, tx_rows=25, seed=7, mix=Mix.parse("30:20:50"))
-        for _ in range(300):
-            workload.step()
+        workload = _stepped(conn, 500, 300, tx_rows=25, seed=7, mix=Mix.parse("30:20:50"))
         result = workload.result
         # With half the transactions deleting, ids ever inserted are mostly gone: drawing
         # among them would miss; drawing among the live ones never does.
