@@ -22,7 +22,8 @@ def test_live_mode_measures_freshness_of_every_change_written(
 ) -> None:
     # A delete-heavy mix: rollup groups lose values as often as they gain them.
     result = run(rate=2_000, seconds=3, base_rows=5_000, writers=2, mix=Mix.parse("40:20:40"))
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(asdict(result)))
     assert result.mode == "live"
     assert result.connection == "unix"
@@ -41,6 +42,9 @@ def test_live_mode_measures_freshness_of_every_change_written(
     assert result.freshness_p99_ms >= (result.freshness_p50_ms or 0) > 0
     assert result.store_transactions > 0
     assert result.meets_target is not None
+    # Whether the generator wrote the rate asked for, and a warning when it did not.
+    assert result.load_reached is (result.written_rate >= 2_000 * 0.995)
+    assert ("could not produce the load" in printed) is not result.load_reached
 
 
 def test_backlog_mode_times_the_drain_against_pg_recvlogical(
@@ -73,4 +77,5 @@ def test_backlog_mode_times_the_drain_against_pg_recvlogical(
     # No freshness in this mode, so no verdict on the live target.
     assert result.freshness_p99_ms is None
     assert result.meets_target is None
+    assert result.load_reached is None
     assert "capacity:" in printed

@@ -199,6 +199,10 @@ class PipelineBenchResult:
     ratio_time_to_fresh: float | None = None
     meets_target: bool | None = None
     """The issue's target at the rate (live mode only: a backlog has no freshness)."""
+    load_reached: bool | None = None
+    """Whether the generator wrote the rate asked for (live mode, a rate given). When it
+    did not, the machine could not produce the load beside headrace, and the run says
+    nothing about the target at that rate."""
     python_loop_s: float = 0.0
     """Seconds a pure-Python loop of 10M additions took before the load
     (:mod:`.calibration`): the machine's speed that day, to compare runs across days."""
@@ -420,6 +424,9 @@ def _freshness(
         late = done.since(FreshnessHistogram(midpoint.histogram()))
         result.freshness_p99_late_ms = late.percentile(0.99)
     result.kept_up = kept_up(result)
+    if result.rate_target > 0:
+        reached = result.rate_target * (1 - GENERATOR_TOLERANCE)
+        result.load_reached = result.written_rate >= reached
     result.sustained_changes_per_s = (
         result.written_rate if result.kept_up else result.changes_per_s_to_last_visible
     )
@@ -453,6 +460,13 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
         f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
     )
     out.print(describe_cores(result.cpu_cores))
+    if result.load_reached is False:
+        out.print(
+            f"[yellow]the generator wrote {result.written_rate:,.0f} of the "
+            f"{result.rate_target:,.0f} changes/s asked for[/yellow]: this machine could not "
+            "produce the load beside headrace, so the run does not test the target at that "
+            "rate (see the CPU above; `--backlog` measures headrace's capacity alone)"
+        )
     if result.cpu_waits:
         out.print(describe_waits(result.cpu_waits))
     out.print(describe_checkpoints(result.store_checkpoints))
