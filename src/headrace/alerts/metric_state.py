@@ -90,12 +90,14 @@ def transition(
             f"SELECT group_key, firing, since FROM {STATE} WHERE name = ?", [config.name]
         ).fetchall()
     }
-    seen = set()
+    evaluated = {json.dumps(r.group, sort_keys=True, default=str): r for r in readings}
+    if config.measure is not None and config.condition is MetricCondition.THRESHOLD:
+        for group_key, (firing, _) in state.items():
+            if firing and group_key not in evaluated:  # no rows at all: the sum is 0
+                evaluated[group_key] = Reading(json.loads(group_key), 0.0, None, None, None, 0)
     alerts: list[dict[str, Any]] = []
     updates: list[list[Any]] = []
-    for reading in readings:
-        group_key = json.dumps(reading.group, sort_keys=True, default=str)
-        seen.add(group_key)
+    for group_key, reading in evaluated.items():
         _step(
             ctx,
             watched,
@@ -106,20 +108,6 @@ def transition(
             alerts=alerts,
             updates=updates,
         )
-    if config.measure is not None and config.condition is MetricCondition.THRESHOLD:
-        for group_key, (firing, _) in state.items():
-            if firing and group_key not in seen:  # no rows at all: the sum is 0
-                reading = Reading(json.loads(group_key), 0.0, None, None, None, 0)
-                _step(
-                    ctx,
-                    watched,
-                    target,
-                    reading,
-                    group_key=group_key,
-                    state=state,
-                    alerts=alerts,
-                    updates=updates,
-                )
     for update in updates:
         con.execute(
             f"""INSERT INTO {STATE} VALUES (?, ?, ?, ?, ?, NULL, ?)
