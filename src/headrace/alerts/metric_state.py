@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from headrace.alerts.config import MetricAlertConfig, MetricCondition, SinkConfig
 from headrace.alerts.metric_reading import Reading, Watched
-from headrace.alerts.store import insert_alerts
+from headrace.alerts.store import ALERT_SCHEMA, insert_alerts
 from headrace.jobs.base import JobContext
 from headrace.store.duckdb.schema import META, grain_label
 
@@ -37,24 +37,8 @@ STATE_DDL = f"""CREATE TABLE IF NOT EXISTS {STATE} (
     PRIMARY KEY (name, group_key)
 )"""
 
-_INPUT_SCHEMA = pa.schema(
-    [
-        ("rule", pa.string()),
-        ("severity", pa.string()),
-        ("account_id", pa.int64()),
-        ("key", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("detected_at", pa.timestamp("us", tz="UTC")),
-        ("payload", pa.string()),
-        ("kind", pa.string()),
-        ("status", pa.string()),
-        ("summary", pa.string()),
-        ("event_at", pa.timestamp("us", tz="UTC")),
-        ("commit_ts", pa.timestamp("us", tz="UTC")),
-        ("lsn", pa.uint64()),
-        ("latency_ms", pa.float64()),
-    ]
-)
+_INPUT_SCHEMA = ALERT_SCHEMA.remove(ALERT_SCHEMA.get_field_index("id"))
+"""The alerts' columns but ``id`` (:func:`insert_alerts` numbers them)."""
 
 
 def crosses(config: MetricAlertConfig, number: float) -> bool:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import duckdb
+import pyarrow as pa
 
 from headrace.alerts import handoff
 from headrace.alerts import ids as alert_ids
@@ -76,23 +77,29 @@ def deliveries_seen(cursor: duckdb.DuckDBPyConnection) -> str:
     return f"(SELECT * FROM {DELIVERIES} UNION ALL SELECT * FROM {LANE_OUTBOX.deliveries})"
 
 
-ALERT_COLUMNS: tuple[str, ...] = (
-    "id",
-    "rule",
-    "severity",
-    "account_id",
-    "key",
-    "started_at",
-    "detected_at",
-    "payload",
-    "kind",
-    "status",
-    "summary",
-    "event_at",
-    "commit_ts",
-    "lsn",
-    "latency_ms",
+ALERT_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("rule", pa.string()),
+        ("severity", pa.string()),
+        ("account_id", pa.int64()),
+        ("key", pa.string()),
+        ("started_at", pa.timestamp("us", tz="UTC")),
+        ("detected_at", pa.timestamp("us", tz="UTC")),
+        ("payload", pa.string()),
+        ("kind", pa.string()),
+        ("status", pa.string()),
+        ("summary", pa.string()),
+        ("event_at", pa.timestamp("us", tz="UTC")),
+        ("commit_ts", pa.timestamp("us", tz="UTC")),
+        ("lsn", pa.uint64()),
+        ("latency_ms", pa.float64()),
+    ]
 )
+"""The ``alerts`` table's columns as Arrow types (alerts built in Arrow are written
+through it)."""
+
+ALERT_COLUMNS: tuple[str, ...] = tuple(ALERT_SCHEMA.names)
 
 ALERTS_DDL: tuple[str, ...] = (
     f"""CREATE TABLE IF NOT EXISTS {ALERTS} (

@@ -42,6 +42,7 @@ from headrace.alerts.config import SinkConfig
 from headrace.alerts.delivery import prune_delivered
 from headrace.alerts.store import (
     ALERT_COLUMNS,
+    ALERT_SCHEMA,
     ALERTS,
     LANE_DB,
     LANE_OUTBOX,
@@ -89,27 +90,6 @@ def attach_lane_file(con: duckdb.DuckDBPyConnection, store_path: str | Path) -> 
     if not attached:
         con.execute(f"ATTACH '{str(path).replace(chr(39), chr(39) * 2)}' AS {LANE_DB}")
     return path
-
-
-_ALERT_SCHEMA = pa.schema(
-    [
-        ("id", pa.int64()),
-        ("rule", pa.string()),
-        ("severity", pa.string()),
-        ("account_id", pa.int64()),
-        ("key", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("detected_at", pa.timestamp("us", tz="UTC")),
-        ("payload", pa.string()),
-        ("kind", pa.string()),
-        ("status", pa.string()),
-        ("summary", pa.string()),
-        ("event_at", pa.timestamp("us", tz="UTC")),
-        ("commit_ts", pa.timestamp("us", tz="UTC")),
-        ("lsn", pa.uint64()),
-        ("latency_ms", pa.float64()),
-    ]
-)
 
 
 _SEEN = "_lane_seen"
@@ -288,7 +268,7 @@ class LaneStore:
         """Write the alerts and their outbox rows; the highest id."""
         detected_us = to_us(now)
         first = self.ids.reserve(self.con, len(alerts))
-        rows: dict[str, list[Any]] = {name: [] for name in _ALERT_SCHEMA.names}
+        rows: dict[str, list[Any]] = {name: [] for name in ALERT_SCHEMA.names}
         rows["id"] = list(range(first, first + len(alerts)))
         for alert in sorted(alerts, key=lambda a: (a.event_us, a.rule, a.key)):
             rows["rule"].append(alert.rule)
@@ -309,7 +289,7 @@ class LaneStore:
             rows["latency_ms"].append(max(0.0, (detected_us - alert.commit_us) / 1000.0))
         # The Arrow table itself is the new-alerts relation (no temp table to create and
         # drop: two statements less per commit); its payload text becomes JSON on insert.
-        self.con.register(NEW_ALERTS, pa.table(rows, schema=_ALERT_SCHEMA))
+        self.con.register(NEW_ALERTS, pa.table(rows, schema=ALERT_SCHEMA))
         try:
             write_new_alerts(self.con, self.sinks, now, LANE_OUTBOX)
         finally:
