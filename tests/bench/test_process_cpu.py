@@ -11,10 +11,13 @@ from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
     describe_waits,
+    describe_writer_thread,
     load_cpu_share,
     postgres_cpu,
+    thread_schedstat,
     thread_wait_seconds,
     waited_children_cpu_seconds,
+    writer_thread_share,
 )
 from headrace.sandbox.postgres import ThrowawayPostgres
 from tests.conftest import PgDatabase
@@ -67,3 +70,20 @@ def test_threads_waiting_for_a_cpu_are_counted() -> None:
     assert thread_wait_seconds(2**22 + 1) == 0.0  # no such process
     line = describe_waits({"postgres": 0.5, "headrace": 1.25})
     assert line.endswith("postgres 0.50, headrace 1.25")
+
+
+def test_the_writer_threads_time_on_a_core_is_a_share_of_the_window() -> None:
+    # The writer of `headrace run` is its main thread; here, this process's main thread
+    # busy for most of the window.
+    share = writer_thread_share(os.getpid())
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    shares = share.stop()
+    assert set(shares) == {"on_cpu", "waiting"}
+    assert 0.3 <= shares["on_cpu"] + shares["waiting"] <= 1.05
+    assert thread_schedstat(2**22 + 1, 2**22 + 1) == (0.0, 0.0)  # no such thread
+    line = describe_writer_thread({"on_cpu": 0.33, "waiting": 0.51})
+    assert line.endswith(
+        "on a core 0.33 of the time, waiting for one 0.51, the rest (blocked or idle) 0.16"
+    )

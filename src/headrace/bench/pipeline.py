@@ -65,9 +65,11 @@ from headrace.bench.process_cpu import (
     ProcessCpu,
     describe_cores,
     describe_waits,
+    describe_writer_thread,
     load_cpu_share,
     load_wait_share,
     postgres_cpu,
+    writer_thread_share,
 )
 from headrace.bench.run_process import (
     MidpointStatus,
@@ -178,6 +180,9 @@ class PipelineBenchResult:
     cpu_waits: dict[str, float] = field(default_factory=dict)
     """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
     for a CPU over the same window (more than the cores they used: every core was busy)."""
+    writer_thread: dict[str, float] = field(default_factory=dict)
+    """Shares of the load's time headrace's writer thread ran on a core (``on_cpu``) and
+    waited for one (``waiting``); see :func:`~headrace.bench.process_cpu.writer_thread_share`."""
     headrace_peak_rss_mb: float = 0.0
     headrace_streaming_rss_mb: float = 0.0
     store_transactions: int = 0
@@ -359,6 +364,7 @@ def _measure(
     )
     share = load_cpu_share(postgres, headrace.cpu_seconds)
     waits = load_wait_share(postgres, headrace.wait_seconds)
+    writer = writer_thread_share(headrace.pid)
     started = time.monotonic()
     generator = WorkloadProcess("headrace.bench.pipeline_writers", options)
     midpoint = MidpointStatus(headrace.status, started + seconds / 2)
@@ -381,6 +387,7 @@ def _measure(
     caught_up = time.monotonic()
     result.cpu_cores = share.stop()
     result.cpu_waits = waits.stop()
+    result.writer_thread = writer.stop()
     # The exactness check needs the very position of the last commit (a heartbeat may be
     # needed to pass WAL records written after it).
     headrace.wait_for(lambda d: (d.get("position") or 0) >= end_lsn, 120, "the last commit")
@@ -469,6 +476,8 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
         )
     if result.cpu_waits:
         out.print(describe_waits(result.cpu_waits))
+    if result.writer_thread:
+        out.print(describe_writer_thread(result.writer_thread))
     out.print(describe_checkpoints(result.store_checkpoints))
     for name, reads in result.min_max_mirror_reads.items():
         out.print(

@@ -79,6 +79,20 @@ def thread_wait_seconds(pid: int) -> float:
     return total_ns / 1e9
 
 
+def thread_schedstat(pid: int, tid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of thread ``tid`` of
+    process ``pid`` so far (Linux's ``/proc/PID/task/TID/schedstat``); zeros where the
+    kernel does not report it or the thread is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+            fields = handle.read().split()
+    except OSError:
+        return 0.0, 0.0
+    if len(fields) < 2:
+        return 0.0, 0.0
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
 def postgres_cpu(datadir: Path) -> ProcessCpu:
     """The cluster's processes (postmaster and every backend, walsender included)."""
     pid_file = datadir / "postmaster.pid"
@@ -133,6 +147,34 @@ def load_wait_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuS
     share = CpuShare({"postgres": postgres.wait_seconds, "headrace": headrace})
     share.start()
     return share
+
+
+def writer_thread_share(pid: int) -> CpuShare:
+    """A started :class:`CpuShare` of the writer thread of ``headrace run`` (its main
+    thread, whose id is the process id): the share of the window it ran on a core
+    (``on_cpu``) and the share it was runnable but waiting for one (``waiting``). The
+    rest it was blocked: on the GIL, on DuckDB's workers, or idle for want of a batch.
+
+    A writer busy all the time with a large ``waiting`` share is short of cores, not of
+    speed: the figure that tells a saturated machine from a slow engine."""
+    share = CpuShare(
+        {
+            "on_cpu": lambda: thread_schedstat(pid, pid)[0],
+            "waiting": lambda: thread_schedstat(pid, pid)[1],
+        }
+    )
+    share.start()
+    return share
+
+
+def describe_writer_thread(shares: dict[str, float]) -> str:
+    """One line: the writer thread's time on a core, waiting for one, and the rest."""
+    on_cpu, waiting = shares.get("on_cpu", 0.0), shares.get("waiting", 0.0)
+    rest = max(0.0, 1.0 - on_cpu - waiting)
+    return (
+        f"the writer thread over the load: on a core {on_cpu:.2f} of the time, waiting for "
+        f"one {waiting:.2f}, the rest (blocked or idle) {rest:.2f}"
+    )
 
 
 def describe_waits(waits: dict[str, float]) -> str:
