@@ -59,26 +59,6 @@ class ProcessCpu:
             return 0
 
 
-def thread_wait_seconds(pid: int) -> float:
-    """Seconds the threads of process ``pid`` alive now spent runnable but waiting for a
-    CPU (the second field of Linux's ``/proc/PID/task/TID/schedstat``); 0.0 where the
-    kernel does not report it. Threads that exited are not counted."""
-    total_ns = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
-                fields = handle.read().split()
-        except OSError:
-            continue  # the thread exited meanwhile
-        if len(fields) >= 2:  # on-CPU ns, then waiting ns
-            total_ns += int(fields[1])
-    return total_ns / 1e9
-
-
 def thread_schedstat(pid: int, tid: int) -> tuple[float, float]:
     """(seconds on a CPU, seconds runnable but waiting for one) of thread ``tid`` of
     process ``pid`` so far (Linux's ``/proc/PID/task/TID/schedstat``); zeros where the
@@ -91,6 +71,18 @@ def thread_schedstat(pid: int, tid: int) -> tuple[float, float]:
     if len(fields) < 2:
         return 0.0, 0.0
     return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
+def thread_wait_seconds(pid: int) -> float:
+    """Seconds the threads of process ``pid`` alive now spent runnable but waiting for a
+    CPU (the second field of Linux's ``/proc/PID/task/TID/schedstat``); 0.0 where the
+    kernel does not report it. Threads that exited are not counted."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    # A thread that exited meanwhile counts 0.
+    return sum((thread_schedstat(pid, int(task))[1] for task in tasks), 0.0)
 
 
 def postgres_cpu(datadir: Path) -> ProcessCpu:
