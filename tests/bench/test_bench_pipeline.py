@@ -41,6 +41,11 @@ def test_live_mode_measures_freshness_of_every_change_written(
     assert result.freshness_p99_ms is not None
     assert result.freshness_p99_ms >= (result.freshness_p50_ms or 0) > 0
     assert result.store_transactions > 0
+    # Each party's CPU per change written, and the line set against the cores' budget.
+    assert set(result.cpu_us_per_change) == {"postgres", "generator", "headrace"}
+    assert result.cpu_us_per_change["headrace"] > 0
+    assert "CPU per change, in µs: postgres" in printed
+    assert "per change at 2,000 changes/s" in printed
     assert result.meets_target is not None
     # Whether the generator wrote the rate asked for, and a warning when it did not.
     assert result.load_reached is (result.written_rate >= 2_000 * 0.995)
@@ -73,6 +78,8 @@ def test_backlog_mode_times_the_drain_against_pg_recvlogical(
     assert figures.ratio_vs_pg_recvlogical > 0
     assert figures.capacity_vs_target == round(figures.changes_per_s / 100_000, 2)
     assert set(figures.cpu_cores) == {"postgres", "headrace"}
+    assert set(figures.cpu_us_per_change) == {"postgres", "headrace"}
+    assert figures.cpu_us_per_change["headrace"] > 0
     assert "pg_recvlogical" in figures.peer_cpu_cores
     # No freshness in this mode, so no verdict on the live target.
     assert result.freshness_p99_ms is None

@@ -8,8 +8,11 @@ import sys
 import time
 
 from headrace.bench.process_cpu import (
+    CpuShare,
     ProcessCpu,
+    cpu_per_change_us,
     describe_cores,
+    describe_cost_per_change,
     describe_waits,
     describe_writer_thread,
     load_cpu_share,
@@ -87,3 +90,20 @@ def test_the_writer_threads_time_on_a_core_is_a_share_of_the_window() -> None:
     assert line.endswith(
         "on a core 0.33 of the time, waiting for one 0.51, the rest (blocked or idle) 0.16"
     )
+
+
+def test_cpu_per_change_is_the_windows_cpu_seconds_over_the_changes() -> None:
+    used = iter([1.0, 3.5])
+    share = CpuShare({"headrace": lambda: next(used)})
+    share.start()
+    share.stop()
+    assert share.seconds == {"headrace": 2.5}
+    assert cpu_per_change_us(share.seconds, 250_000) == {"headrace": 10.0}
+    assert cpu_per_change_us(share.seconds, 0) == {}
+    line = describe_cost_per_change({"postgres": 11.0, "headrace": 9.5}, 100_000)
+    machine = os.cpu_count() or 1
+    assert line == (
+        "CPU per change, in µs: postgres 11.0, headrace 9.5; 20.5 in all; "
+        f"{machine} cores allow {machine * 10:.1f} per change at 100,000 changes/s"
+    )
+    assert describe_cost_per_change({"headrace": 1.0}, 0).endswith("1.0 in all")

@@ -63,7 +63,9 @@ from headrace.bench.pipeline_workload import (
 )
 from headrace.bench.process_cpu import (
     ProcessCpu,
+    cpu_per_change_us,
     describe_cores,
+    describe_cost_per_change,
     describe_waits,
     describe_writer_thread,
     load_cpu_share,
@@ -177,6 +179,11 @@ class PipelineBenchResult:
     cpu_cores: dict[str, float] = field(default_factory=dict)
     """Cores used over the load and the catch-up, by PostgreSQL (server, backends,
     walsender), the generator process and headrace: the machine's budget."""
+    cpu_us_per_change: dict[str, float] = field(default_factory=dict)
+    """The same CPU per change written, in microseconds (see ``cpu_per_change_us`` in
+    :mod:`.process_cpu`): what each party costs a change whatever the rate reached. Their sum
+    against the cores' budget per change at the target rate (2 cores at 100,000 changes/s:
+    20 µs) says whether this machine can carry that rate at all."""
     cpu_waits: dict[str, float] = field(default_factory=dict)
     """Seconds per second that PostgreSQL's and headrace's threads were runnable but waited
     for a CPU over the same window (more than the cores they used: every core was busy)."""
@@ -386,6 +393,7 @@ def _measure(
     )
     caught_up = time.monotonic()
     result.cpu_cores = share.stop()
+    result.cpu_us_per_change = cpu_per_change_us(share.seconds, result.written_changes)
     result.cpu_waits = waits.stop()
     result.writer_thread = writer.stop()
     # The exactness check needs the very position of the last commit (a heartbeat may be
@@ -467,6 +475,9 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
         f"{result.headrace_peak_rss_mb} MB (streaming {result.headrace_streaming_rss_mb} MB)"
     )
     out.print(describe_cores(result.cpu_cores))
+    if result.cpu_us_per_change:
+        target = result.rate_target if result.rate_target > 0 else TARGET_HIGH_RATE
+        out.print(describe_cost_per_change(result.cpu_us_per_change, target))
     if result.load_reached is False:
         out.print(
             f"[yellow]the generator wrote {result.written_rate:,.0f} of the "

@@ -36,7 +36,7 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.pipeline_workload import changes_by_kind
-from headrace.bench.process_cpu import CpuShare, ProcessCpu
+from headrace.bench.process_cpu import CpuShare, ProcessCpu, cpu_per_change_us
 from headrace.bench.recvlogical import drain_with_pg_recvlogical
 from headrace.bench.run_process import RunProcess, checkpoints_between
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
@@ -66,6 +66,9 @@ class BacklogFigures:
     """``headrace run`` launched → its first batch visible (imports, store, resume)."""
     cpu_cores: dict[str, float] = field(default_factory=dict)
     """Cores used over the drain by headrace and by PostgreSQL (its walsender)."""
+    cpu_us_per_change: dict[str, float] = field(default_factory=dict)
+    """The same CPU per change drained, in microseconds: headrace's cost of a change
+    with no workload beside it, comparable with the live mode's figure."""
     store_transactions: int = 0
     store_checkpoints: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
@@ -135,6 +138,7 @@ def measure_backlog(
         "headrace to drain the backlog",
     )
     figures.cpu_cores = share.stop()
+    figures.cpu_us_per_change = cpu_per_change_us(share.seconds, figures.changes)
     totals = done["totals"]
     first, last = float(totals["first_visible_unix"]), float(totals["last_visible_unix"])
     figures.drain_s = round(last - launched_unix, 3)
@@ -198,8 +202,10 @@ def _print(figures: BacklogFigures, target: float, out: Console) -> None:
         f"{figures.ratio_vs_pg_recvlogical}x pg_recvlogical's time"
     )
     cores = ", ".join(f"{name} {value:.2f}" for name, value in figures.cpu_cores.items())
+    costs = ", ".join(f"{name} {value:.1f}" for name, value in figures.cpu_us_per_change.items())
     out.print(
-        f"CPU over the drain, in cores: {cores}; headrace RSS peak {figures.peak_rss_mb} MB; "
+        f"CPU over the drain, in cores: {cores} (per change, in µs: {costs}); "
+        f"headrace RSS peak {figures.peak_rss_mb} MB; "
         f"store checkpoints {figures.store_checkpoints.get('count', 0):.0f} "
         f"({figures.store_checkpoints.get('seconds', 0.0):.2f} s)"
     )

@@ -105,6 +105,8 @@ class CpuShare:
         self.meters = meters
         self._start: dict[str, float] = {}
         self._started = 0.0
+        self.seconds: dict[str, float] = {}
+        """Each party's CPU seconds over the window :meth:`stop` closed."""
 
     def start(self) -> None:
         self._start = {name: meter() for name, meter in self.meters.items()}
@@ -113,10 +115,8 @@ class CpuShare:
     def stop(self) -> dict[str, float]:
         """Each party's cores over the window (CPU seconds / wall seconds)."""
         window = max(time.monotonic() - self._started, 1e-9)
-        return {
-            name: round((meter() - self._start[name]) / window, 2)
-            for name, meter in self.meters.items()
-        }
+        self.seconds = {name: meter() - self._start[name] for name, meter in self.meters.items()}
+        return {name: round(used / window, 2) for name, used in self.seconds.items()}
 
 
 def load_cpu_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuShare:
@@ -175,6 +175,29 @@ def describe_waits(waits: dict[str, float]) -> str:
     return (
         f"waiting for a CPU (threads runnable, not running), in thread-seconds per second: {parts}"
     )
+
+
+def cpu_per_change_us(seconds: dict[str, float], changes: int) -> dict[str, float]:
+    """Each party's CPU per change, in microseconds, from its CPU ``seconds`` over a window
+    in which ``changes`` changes were written and applied: unlike cores, a cost that does
+    not depend on the rate reached, so runs at different rates and days compare."""
+    if changes <= 0:
+        return {}
+    return {name: round(used / changes * 1e6, 2) for name, used in seconds.items()}
+
+
+def describe_cost_per_change(costs: dict[str, float], rate: float) -> str:
+    """One line: each party's CPU per change and their sum, against what the machine's
+    cores allow per change at ``rate`` changes/s (the budget the sum must stay under for
+    the machine to carry that rate at all)."""
+    machine = os.cpu_count() or 1
+    total = sum(costs.values())
+    parts = ", ".join(f"{name} {value:.1f}" for name, value in costs.items())
+    line = f"CPU per change, in µs: {parts}; {total:.1f} in all"
+    if rate > 0:
+        budget = machine / rate * 1e6
+        line += f"; {machine} cores allow {budget:.1f} per change at {rate:,.0f} changes/s"
+    return line
 
 
 def describe_cores(cores: dict[str, float]) -> str:
