@@ -184,6 +184,13 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         "instead of the Unix socket, as to a PostgreSQL on another machine.",
     ),
     record: RecordOption = None,
+    repeat: int = typer.Option(
+        1,
+        "--repeat",
+        min=1,
+        help="Runs, one after the other (each on its own cluster); a summary line with "
+        "the medians and one JSON line of them and every run come last.",
+    ),
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -192,26 +199,42 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
     PostgreSQL (must be 0) and the time of REFRESH MATERIALIZED VIEW as a ratio;
     one JSON line last. Targets on 2 cores: >= 100,000 changes/s with p99 < 1 s;
     at 10,000/s p99 < 300 ms. With --backlog: the drain's changes/s and its time
-    against pg_recvlogical's for the same changes.
+    against pg_recvlogical's for the same changes. With --repeat N: N runs, then a
+    line of their medians (p99, applied rate, CPU per change) and how many kept up.
     """
-    from headrace.bench.pipeline import run  # noqa: PLC0415 - keeps `headrace --help` fast
+    from headrace.bench.pipeline import (  # noqa: PLC0415 - keeps `headrace --help` fast
+        PipelineBenchResult,
+        run,
+    )
+    from headrace.bench.pipeline_repeat import run_repeated  # noqa: PLC0415 - as above
     from headrace.bench.pipeline_workload import Mix  # noqa: PLC0415 - as above
 
     try:
         shares = Mix.parse(mix)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--mix") from exc
-    run(
-        rate,
-        seconds,
-        base_rows,
-        writers=writers,
-        update_window=update_window,
-        mix=shares,
-        backlog=backlog,
-        tcp=tcp,
-        record=record,
-    )
+    if record is not None and repeat > 1:
+        raise typer.BadParameter(
+            "a recording holds one run: record with --repeat 1", param_hint="--record"
+        )
+
+    def run_once() -> PipelineBenchResult:
+        return run(
+            rate,
+            seconds,
+            base_rows,
+            writers=writers,
+            update_window=update_window,
+            mix=shares,
+            backlog=backlog,
+            tcp=tcp,
+            record=record,
+        )
+
+    if repeat == 1:
+        run_once()
+    else:
+        run_repeated(repeat, run_once)
 
 
 @bench_app.command("fraud")
