@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from headrace.engine.resolve import END, TableWork, old_key
 from headrace.engine.tables import TableModel
-from headrace.engine.touched_keys import KeySide, last_touches
+from headrace.engine.touched_keys import LAST, KeySide, last_touches
 from headrace.engine.types import duckdb_type, storable_table
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import (
@@ -133,7 +133,7 @@ def load_changes(
         parts.append(f"CAST(NULL AS {model.lookup_types[name]}) AS {quote_ident(name)}")
     work.touched_keys = _touched_keys(work, data, columns)
     if work.touched_keys is not None:
-        columns[END] = _end_rows(data[SEQ], work.touched_keys["_hr_last"])
+        columns[END] = _end_rows(data[SEQ], work.touched_keys[LAST])
         parts.append(END)
     work.changes_view = (
         work.num_changes >= VIEW_CHANGES and not keep_nothing and not _fills_inherited(work)

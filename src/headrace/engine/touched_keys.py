@@ -58,6 +58,8 @@ def grouped_last_touches(names: list[str], seqs: pa.ChunkedArray, sides: list[Ke
 
 def sorted_last_touches(name: str, seqs: pa.ChunkedArray, sides: list[KeySide]) -> pa.Table:
     """:func:`last_touches` for one integer key column, by sorting in numpy."""
+    if not sides:
+        return pa.table([pa.array([], pa.int64()), pa.array([], pa.int64())], [name, LAST])
     seq = seqs.to_numpy()
     keys, lasts = [], []
     for side in sides:
@@ -65,9 +67,7 @@ def sorted_last_touches(name: str, seqs: pa.ChunkedArray, sides: list[KeySide]) 
         # NULLs filled first, so that the column converts as integers, not floats.
         keys.append(pc.fill_null(side.keys[0], 0).to_numpy()[kept])
         lasts.append(seq[kept] * 2 + side.side)
-    key_type = sides[0].keys[0].type if sides else pa.int64()
-    if not keys:
-        return pa.table([pa.array([], key_type), pa.array([], pa.int64())], [name, LAST])
+    key_type = sides[0].keys[0].type
     all_keys, all_lasts = np.concatenate(keys), np.concatenate(lasts)
     order = np.argsort(all_keys)
     sorted_keys, sorted_lasts = all_keys[order], all_lasts[order]
