@@ -26,7 +26,7 @@ import httpx
 import psutil
 import psycopg
 
-HEADRACE = [sys.executable, "-c", "from headrace.cli.main import app; app()"]
+HEADRACE = [sys.executable, "-c", "from headrace.cli.entry import main; main()"]
 LINK = re.compile(r"^\s+([A-Za-z ]+): (.+)$")
 
 

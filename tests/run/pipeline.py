@@ -165,7 +165,7 @@ def wait_caught_up(runner: Runner, lsn: int, timeout_s: float = 60) -> None:
 
 # ------------------------------------------------------------- as a process
 
-HEADRACE = [sys.executable, "-c", "from headrace.cli.main import app; app()"]
+HEADRACE = [sys.executable, "-c", "from headrace.cli.entry import main; main()"]
 
 
 @dataclass(frozen=True)

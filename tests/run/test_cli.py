@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import psycopg
 
 from headrace.errors import parse_lsn
+from headrace.run.preload import MALLOC_ENV, find_jemalloc
 from tests.conftest import PgDatabase
 from tests.run.pipeline import (
     BackgroundWriter,
@@ -40,6 +42,10 @@ def test_sigterm_finishes_the_batch_confirms_and_exits_zero(
         first = int(status["position"])  # type: ignore[call-overload]
         run.wait_position(first + 1)  # changes are flowing
         assert run.terminate() == 0, run.output()
+    # The signal reached the process as started: `headrace` executes itself again in place
+    # to run on jemalloc (headrace/run/preload.py) and keeps its PID.
+    on = "jemalloc" if find_jemalloc() and os.environ.get(MALLOC_ENV) != "system" else "system"
+    assert f"(C allocator: {on})" in run.output()
     # The store and the slot agree exactly: the last batch was committed, then confirmed.
     final = json.loads(headrace("status", "--config", str(pipeline.path), "--json").stdout)
     assert final["running"] is False

@@ -83,6 +83,7 @@ from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.pipeline.load import load_pipeline
 from headrace.pipeline.model import PipelineConfig
 from headrace.run.metrics import FreshnessHistogram
+from headrace.run.preload import allocator_in_use
 from headrace.run.verify import compare_store, reference_sql
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.store.duckdb.connect import open_store
@@ -218,6 +219,9 @@ class PipelineBenchResult:
     python_loop_s: float = 0.0
     """Seconds a pure-Python loop of 10M additions took before the load
     (:mod:`.calibration`): the machine's speed that day, to compare runs across days."""
+    headrace_allocator: str = ""
+    """The C allocator ``headrace run`` ran on (:mod:`headrace.run.preload`): ``jemalloc``
+    when the machine has it, else ``system``; compare runs on the same one."""
     connection: str = "unix"
     """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
     ``unix`` (its socket) or ``tcp`` (127.0.0.1). The generator always uses the socket."""
@@ -326,9 +330,11 @@ def _snapshot(result: PipelineBenchResult, headrace: RunProcess, out: Console) -
     )
     snapshot = streaming.get("snapshot") or {}
     result.snapshot_rows_per_s = snapshot.get("rows_per_s")
+    result.headrace_allocator = allocator_in_use(headrace.pid)
     out.print(
         f"snapshot: {snapshot.get('rows', 0):,} rows in {snapshot.get('seconds', 0):.2f} s "
-        f"= {snapshot.get('rows_per_s', 0):,} rows/s end to end (copy + load + rollup builds)"
+        f"= {snapshot.get('rows_per_s', 0):,} rows/s end to end (copy + load + rollup builds); "
+        f"headrace allocates with {result.headrace_allocator}"
     )
 
 

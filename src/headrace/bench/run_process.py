@@ -34,7 +34,7 @@ class RunProcess:
             [
                 sys.executable,
                 "-c",
-                "from headrace.cli.main import app; app()",
+                "from headrace.cli.entry import main; main()",
                 "run",
                 "--config",
                 str(config),

@@ -69,6 +69,7 @@ from headrace.run.initial import (
 )
 from headrace.run.merge import can_join, merge_batches
 from headrace.run.pipeline_source import source_settings
+from headrace.run.preload import allocator_in_use
 from headrace.run.prometheus import Registered
 from headrace.run.recorder import BatchRecorder
 from headrace.run.settings import RunSettings
@@ -350,7 +351,12 @@ class Runner:
             reporter.collector_info = collector.document
         self.state.set_phase(STREAMING)
         self.display.streaming_started()
-        log.info("streaming slot %s from %s", self.config.source.slot, format_lsn(start))
+        log.info(
+            "streaming slot %s from %s (C allocator: %s)",
+            self.config.source.slot,
+            format_lsn(start),
+            allocator_in_use(),
+        )
         receiver.start()
         try:
             self._write_loop(engine, source, items)
