@@ -5,9 +5,10 @@ planning each one allocates and frees hundreds of thousands of small objects
 (parse trees, bound expressions, plans) through ``operator new``, which DuckDB
 leaves to the C library. glibc's malloc spent ~12% of ``bench replay``'s CPU
 (``_int_malloc``, ``_int_free``, ``malloc_consolidate``) on a 10,000 changes/s
-recording; with jemalloc preloaded the same replay applied its batches 10-15%
-faster on 8-10% less CPU, and large batches (100,000 changes/s) used ~4% less
-(docs/latency.md, thirtieth session).
+recording; with jemalloc preloaded the same replay applied its batches 4-15%
+faster on 7-15% less CPU, and live at 10,000 changes/s freshness p99 was
+246-266 against 288-358 ms (4 alternating pairs); at 100,000 changes/s the
+difference is within the machine's noise (docs/latency.md, thirtieth session).
 
 How: the allocator of a process is chosen when it starts (``LD_PRELOAD``), so
 :func:`preload_jemalloc`, called first thing by the ``headrace`` command,
