@@ -7,7 +7,7 @@ leaves to the C library. glibc's malloc spent ~12% of ``bench replay``'s CPU
 (``_int_malloc``, ``_int_free``, ``malloc_consolidate``) on a 10,000 changes/s
 recording; with jemalloc preloaded the same replay applied its batches 4-15%
 faster on 7-15% less CPU, and live at 10,000 changes/s freshness p99 was
-246-266 against 288-358 ms (4 alternating pairs); at 100,000 changes/s the
+232-306 against 288-380 ms (7 alternating pairs); at 100,000 changes/s the
 difference is within the machine's noise (docs/latency.md, thirtieth session).
 
 How: the allocator of a process is chosen when it starts (``LD_PRELOAD``), so
