@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 MALLOC_ENV = "HEADRACE_MALLOC"
@@ -51,7 +52,7 @@ def find_jemalloc() -> str | None:
     return next((path for path in JEMALLOC_PATHS if Path(path).is_file()), None)
 
 
-def wanted_library(environ: dict[str, str] | os._Environ[str]) -> str | None:
+def wanted_library(environ: Mapping[str, str]) -> str | None:
     """The library to preload as :data:`MALLOC_ENV` asks, or None for the C library's."""
     choice = environ.get(MALLOC_ENV, "auto").strip() or "auto"
     if choice == "system":
@@ -76,11 +77,7 @@ def preload_jemalloc() -> None:
     (the user's choice stays theirs), when none is wanted or found, or off Linux."""
     environ = os.environ
     if _REEXEC_ENV in environ:
-        previous = environ.pop(_REEXEC_ENV)
-        if previous:
-            environ[_PRELOAD_ENV] = previous
-        else:
-            environ.pop(_PRELOAD_ENV, None)
+        _restore_preload(environ.pop(_REEXEC_ENV))
         return
     if not sys.platform.startswith("linux"):
         return
@@ -101,10 +98,15 @@ def preload_jemalloc() -> None:
         os.execv(sys.executable, argv)  # noqa: S606 - the same interpreter and arguments
     except OSError:  # could not execute again: carry on as we are
         environ.pop(_REEXEC_ENV, None)
-        if preloaded:
-            environ[_PRELOAD_ENV] = preloaded
-        else:
-            environ.pop(_PRELOAD_ENV, None)
+        _restore_preload(preloaded)
+
+
+def _restore_preload(previous: str) -> None:
+    """Put ``LD_PRELOAD`` back as it was before :func:`preload_jemalloc` (unset when empty)."""
+    if previous:
+        os.environ[_PRELOAD_ENV] = previous
+    else:
+        os.environ.pop(_PRELOAD_ENV, None)
 
 
 def allocator_in_use(pid: int | str = "self") -> str:
