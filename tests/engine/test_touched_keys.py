@@ -82,3 +82,18 @@ def test_no_sides_and_no_changes() -> None:
     assert sorted_last_touches("id", seqs, []).num_rows == 0
     empty, sides = _sides([], pa.int64())
     assert last_touches(["id"], empty, sides).num_rows == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(_changes, st.integers(0, 2**40))
+def test_unsigned_and_shifted_keys_either_path(changes: list[Change], shift: int) -> None:
+    """Keys whose spread fits beside the touch numbers are sorted packed into one integer
+    each; wider ones (here up to 2**64) by argsort. Both give the plain reading."""
+    moved = [
+        (op, None if new is None else new + 2**62 + shift, None if old is None else old + shift)
+        for op, new, old in changes
+    ]
+    seqs, sides = _sides(moved, pa.uint64())
+    by_sort = sorted_last_touches("id", seqs, sides)
+    assert _as_dict(by_sort) == _expected(moved)
+    assert by_sort.schema.field("id").type == pa.uint64()

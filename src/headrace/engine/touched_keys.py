@@ -11,8 +11,10 @@ columns; the result is the ``_hr_k_i`` table of :mod:`headrace.engine.resolve`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -69,12 +71,48 @@ def sorted_last_touches(name: str, seqs: pa.ChunkedArray, sides: list[KeySide]) 
         lasts.append(seq[kept] * 2 + side.side)
     key_type = sides[0].keys[0].type
     all_keys, all_lasts = np.concatenate(keys), np.concatenate(lasts)
-    order = np.argsort(all_keys)
-    sorted_keys, sorted_lasts = all_keys[order], all_lasts[order]
-    if len(sorted_keys):
-        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-        sorted_keys, sorted_lasts = sorted_keys[starts], np.maximum.reduceat(sorted_lasts, starts)
+    packed = _packed_last_touches(all_keys, all_lasts)
+    if packed is not None:
+        sorted_keys, sorted_lasts = packed
+    else:
+        order = np.argsort(all_keys)
+        sorted_keys, sorted_lasts = all_keys[order], all_lasts[order]
+        if len(sorted_keys):
+            starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+            sorted_keys = sorted_keys[starts]
+            sorted_lasts = np.maximum.reduceat(sorted_lasts, starts)
     return pa.table(
         [pa.array(sorted_keys, type=key_type), pa.array(sorted_lasts, type=pa.int64())],
         [name, LAST],
     )
+
+
+_INT64_BITS = 63
+"""Value bits of an int64: a packed key and touch must stay non-negative."""
+
+
+def _packed_last_touches(
+    keys: npt.NDArray[np.integer[Any]], lasts: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[np.int64]] | None:
+    """Each distinct key of ``keys`` (ascending) with its largest touch, by sorting the
+    pairs packed into one int64 each (``(key - smallest) << bits | touch``), or None when
+    they do not fit (keys spread over more than ``63 - bits`` bits).
+
+    Sorting values is about twice as fast as ``argsort`` and the gathers after it
+    (a 133,000-change batch's 185,000 touches: 4.5 against 10.7 ms), and within a
+    key the largest touch sorts last, so no ``reduceat`` is needed either."""
+    if not len(keys):
+        return keys, lasts
+    smallest, largest = int(keys.min()), int(keys.max())
+    if int(lasts.min()) < 0 or largest >= 1 << _INT64_BITS:
+        return None
+    bits = max(int(lasts.max()).bit_length(), 1)
+    if (largest - smallest).bit_length() + bits > _INT64_BITS:
+        return None
+    packed = (keys.astype(np.int64) - smallest) << bits  # spread < 2**(63 - bits): no overflow
+    packed |= lasts
+    packed.sort()
+    spread = packed >> bits
+    ends = np.flatnonzero(np.r_[spread[1:] != spread[:-1], True])
+    distinct = (spread[ends] + smallest).astype(keys.dtype)
+    return distinct, packed[ends] & ((1 << bits) - 1)
