@@ -45,7 +45,7 @@ def transaction_starts(tables: list[pa.Table]) -> pa.Table:
     if all(run is not None for run in runs):
         # Each table's changes in commit order (as the source hands them): a
         # transaction's first change is where its commit LSN starts, so only those
-        # (a few thousand at most) are grouped, not every change (4.2 against 0.5 ms
+        # (a few thousand at most) are grouped, not every change (1.3 against 3.5-4.2 ms
         # for a 133,000-change batch).
         parts = [run for run in runs if run is not None]
     grouped = pa.concat_tables(parts).group_by(LSN).aggregate([(SEQ, "min")])

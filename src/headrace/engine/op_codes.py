@@ -4,8 +4,8 @@ The change model keeps the kind as a one-letter string column (``I``, ``U``, ``D
 ``T``). Every step that asks "which changes are updates or deletes" with Arrow's
 string kernels (``equal``, ``is_in``) compares or hashes every string again; the
 letters are the bytes of the column's data buffer, so numpy reads them in place
-and answers each question with a byte comparison (a 133,000-change batch: the
-seven questions ~5 ms in Arrow, ~0.5 ms here).
+and answers each question with a byte comparison (a 133,000-change batch's counts
+and old keys: 1.3 against 3.8 ms).
 """
 
 from __future__ import annotations

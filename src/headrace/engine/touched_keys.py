@@ -30,7 +30,7 @@ class KeySide:
     side: int
     """0 for the old keys (modified or removed), 1 for the new ones (written)."""
     keys: list[pa.ChunkedArray]
-    keep: pa.ChunkedArray
+    keep: pa.Array | pa.ChunkedArray
 
 
 def last_touches(names: list[str], seqs: pa.ChunkedArray, sides: list[KeySide]) -> pa.Table:
