@@ -35,6 +35,7 @@ from headrace.pipeline.model import PipelineConfig
 from headrace.run.allocator import arrow_allocator
 from headrace.run.recorder import STORE_FILE, load_recording, read_batch
 from headrace.source.changes import ChangeBatch
+from headrace.store.duckdb.prepared import prepared_text
 from headrace.store.duckdb.store import DuckDBStore
 
 _SPACES = re.compile(r"\s+")
@@ -54,7 +55,8 @@ class _TimedConnection:
                 return self._con.execute(query)
             return self._con.execute(query, parameters)
         finally:
-            self._timings[_label(query)].append((time.perf_counter() - started) * 1000)
+            text = prepared_text(self, query) or query  # type: ignore[arg-type]
+            self._timings[_label(text)].append((time.perf_counter() - started) * 1000)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._con, name)
@@ -106,9 +108,12 @@ def _replay_once(
     try:
         engine = Engine(config, store)
         plain = store._con
+        # One wrapper for the replay: the statements prepared through it (see
+        # headrace.store.duckdb.prepared) are kept per connection object.
+        timed = _TimedConnection(plain, timings)
         for index, batch in enumerate(batches):
             counted = index >= skip
-            store._con = _TimedConnection(plain, timings) if counted else plain  # type: ignore[assignment]
+            store._con = timed if counted else plain  # type: ignore[assignment]
             started = time.perf_counter()
             engine.apply(batch)
             if counted:

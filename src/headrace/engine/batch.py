@@ -37,6 +37,7 @@ from headrace.engine.tables import DEAD
 from headrace.jobs.runtime import StreamJobs
 from headrace.source.changes import TableRef, TableSchema
 from headrace.store.duckdb.arrow_scan import release_arrow
+from headrace.store.duckdb.prepared import execute_cached
 from headrace.store.duckdb.results import rows_written
 from headrace.store.duckdb.schema import META
 
@@ -167,11 +168,11 @@ def apply_rollup(
         )
     else:
         appended += rows_written(
-            con.execute(plan.insert_sql(f"({plan.delta_sql(source)})"), params)
+            execute_cached(con, plan.insert_sql(f"({plan.delta_sql(source)})"), params)
         )
     for measure in sides:
         delta = f"({plan.side_delta_sql(measure, source)})"
-        appended += rows_written(con.execute(plan.side_insert_sql(measure, delta), params))
+        appended += rows_written(execute_cached(con, plan.side_insert_sql(measure, delta), params))
     runtime.appended += appended
 
 

@@ -46,6 +46,7 @@ from headrace.engine.reserve import (
 )
 from headrace.engine.rollup import BUCKET, FLAG, RollupPlan, grain_us, time_to_epoch_us
 from headrace.pipeline.model import quote_ident
+from headrace.store.duckdb.prepared import execute_cached
 from headrace.store.duckdb.results import rows_written
 
 _ZONED = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ")
@@ -103,8 +104,9 @@ def _exhausted(plan: RollupPlan) -> str:
 def read_flagged(con: duckdb.DuckDBPyConnection, plan: RollupPlan, delta: str) -> tuple[int, bool]:
     """Flagged groups in ``delta`` (a :func:`flagged_delta_sql` table), and whether the
     reserve of one of them ran out."""
-    row = con.execute(
-        f"SELECT count(*), coalesce(bool_or({_exhausted(plan)}), false) FROM {delta} d WHERE {FLAG}"
+    exhausted = _exhausted(plan)
+    row = execute_cached(
+        con, f"SELECT count(*), coalesce(bool_or({exhausted}), false) FROM {delta} d WHERE {FLAG}"
     ).fetchone()
     return (int(row[0]), bool(row[1])) if row is not None else (0, False)
 
@@ -281,7 +283,7 @@ def merge_extremes(
     appended = 0
     for reserve in plan.reserves:
         sql = append_sql(reserve, plan.group_columns, plan.state, source)
-        appended += rows_written(con.execute(sql, params))
+        appended += rows_written(execute_cached(con, sql, params))
     if not retracts:  # insert-only: nothing retracted, nothing to recompute
         con.execute(plan.merge_sql(f"({plan.delta_sql(source)})"), params)
         return appended

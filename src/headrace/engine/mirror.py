@@ -22,6 +22,7 @@ from headrace.source.changes import (
     TableSchema,
 )
 from headrace.store.duckdb.arrow_scan import hold_arrow, release_arrow
+from headrace.store.duckdb.prepared import execute_cached
 from headrace.store.duckdb.schema import META
 
 
@@ -75,7 +76,9 @@ def write_mirror(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     # unsorted, so they stay sorted).
     large = work.num_changes >= VIEW_CHANGES
     order = "" if large else f" ORDER BY {', '.join(quote_ident(k) for k in model.key)}"
-    con.execute(f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end}{order}")
+    execute_cached(
+        con, f"INSERT INTO {model.mirror} ({columns}) SELECT {columns} FROM {work.end}{order}"
+    )
 
 
 def write_dead_letters(
