@@ -37,7 +37,7 @@ def test_a_repeated_statement_is_prepared_once_and_reads_the_current_temp_table(
     assert _count(con) == 10
     assert cached_statements(con) == 1
     assert prepared_text(con, "EXECUTE _hr_prepared_0") is None
-    name = next(iter(prepared._caches[con].values()))
+    name = next(iter(prepared._caches[con].names.values()))
     assert prepared_text(con, f"EXECUTE {name}") == insert
 
 
@@ -54,6 +54,7 @@ def test_a_failure_is_the_statements_own_and_survives_rollback(
     insert = "INSERT INTO target SELECT x FROM batch_rows"
     con.execute("BEGIN")
     execute_cached(con, insert)
+    execute_cached(con, insert)  # prepared
     con.execute("ROLLBACK")  # the prepared statement stays; the row does not
     assert _count(con) == 0
     con.execute("CREATE OR REPLACE TEMP TABLE batch_rows AS SELECT 'text' AS x")
@@ -73,14 +74,24 @@ def test_the_cache_starts_afresh_past_its_bound(
 ) -> None:
     monkeypatch.setattr(prepared, "MAX_CACHED", 4)
     for value in range(10):
-        row = execute_cached(con, f"SELECT {value} AS v").fetchone()
-        assert row == (value,)
-    assert cached_statements(con) <= 4
+        for _ in range(2):  # prepared the second time
+            assert execute_cached(con, f"SELECT {value} AS v").fetchone() == (value,)
+    assert cached_statements(con) == 4  # the oldest dropped
+    assert execute_cached(con, "SELECT 0 AS v").fetchone() == (0,)
     assert execute_cached(con, "SELECT 9 AS v").fetchone() == (9,)
+    assert len(prepared._caches[con].seen) <= 4
+
+
+def test_a_text_run_once_is_not_prepared(con: duckdb.DuckDBPyConnection) -> None:
+    assert execute_cached(con, "SELECT 41 + 1").fetchone() == (42,)
+    assert cached_statements(con) == 0
+    assert execute_cached(con, "SELECT 41 + 1").fetchone() == (42,)
+    assert cached_statements(con) == 1
 
 
 def test_connections_keep_their_own_statements(con: duckdb.DuckDBPyConnection) -> None:
     other = con.cursor()
-    assert execute_cached(con, "SELECT 1").fetchone() == (1,)
-    assert execute_cached(other, "SELECT 1").fetchone() == (1,)  # prepared on its own
+    for _ in range(2):
+        assert execute_cached(con, "SELECT 1").fetchone() == (1,)
+        assert execute_cached(other, "SELECT 1").fetchone() == (1,)  # prepared on its own
     assert cached_statements(con) == cached_statements(other) == 1
