@@ -36,9 +36,10 @@ def write_history(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     names = [quote_ident(col.name) for col in model.columns]
     meta = f"{LSN}, {COMMIT_TS}, {XID}, _hr_txseq AS {SEQ}, {OP}"
     if not (model.config.mirror and work.deletes):
-        con.execute(
+        execute_cached(
+            con,
             f"INSERT INTO {model.history} BY NAME "
-            f"SELECT {meta}, {', '.join(names)} FROM {c} ORDER BY {SEQ}"
+            f"SELECT {meta}, {', '.join(names)} FROM {c} ORDER BY {SEQ}",
         )
         return
     if not work.has_prev:
@@ -50,14 +51,15 @@ def write_history(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
         f"WHEN m.{quote_ident(first)} IS NOT NULL THEN m.{n} ELSE d.{n} END AS {n}"
         for n in names
     )
-    con.execute(
+    execute_cached(
+        con,
         f"""INSERT INTO {model.history} BY NAME
         SELECT d.{LSN}, d.{COMMIT_TS}, d.{XID}, d._hr_txseq AS {SEQ}, d.{OP}, {values}
         FROM {c} d
         LEFT JOIN {work.prev} p ON p.{SEQ} = d.{SEQ}
         LEFT JOIN {c} pv ON pv.{SEQ} = p._hr_prev
         LEFT JOIN {work.start} m ON d.{OP} = 'D' AND p._hr_prev IS NULL AND {match}
-        ORDER BY d.{SEQ}"""
+        ORDER BY d.{SEQ}""",
     )
 
 

@@ -42,6 +42,7 @@ import duckdb
 
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import COMMIT_TS, SEQ, TableRef
+from headrace.store.duckdb.prepared import execute_cached
 
 JOBS_SCHEMA = "jobs"
 """Schema of the jobs' state tables (``jobs.<job>__<part>``), engine-owned like rollup state."""
@@ -160,8 +161,8 @@ class JobContext:
                 self._times[request] = None
         if not missing:
             return
-        row = self.con.execute(
-            "SELECT " + ", ".join(f"({self._time_sql(r)})" for r in missing)
+        row = execute_cached(
+            self.con, "SELECT " + ", ".join(f"({self._time_sql(r)})" for r in missing)
         ).fetchall()[0]
         for request, value in zip(missing, row, strict=True):
             self._times[request] = value
