@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 Mask = npt.NDArray[np.bool_]
 _KINDS = pa.array(["I", "U", "D", "T"], pa.string())
-_KIND_BYTES = np.frombuffer(b"IUDT", dtype=np.uint8)
+_KIND_BYTES = np.frombuffer(b"IUDT\0", dtype=np.uint8)
+"""The kinds' letters by their index in ``_KINDS``, then 0 for anything else."""
 
 
 class OpCodes:
@@ -59,8 +60,6 @@ def _chunk_letters(chunk: pa.Array) -> npt.NDArray[np.uint8]:
             data = np.frombuffer(data_buffer, dtype=np.uint8)
             return data[int(offsets[0]) : int(offsets[-1])]
     # Any other layout (NULLs, longer values): look each value up among the kinds.
-    found = pc.index_in(chunk, value_set=_KINDS).to_numpy(zero_copy_only=False)
-    letters = np.zeros(count, dtype=np.uint8)
-    known = ~np.isnan(found) if found.dtype.kind == "f" else np.ones(count, dtype=np.bool_)
-    letters[known] = _KIND_BYTES[found[known].astype(np.intp)]
+    found = pc.fill_null(pc.index_in(chunk, value_set=_KINDS), len(_KINDS))
+    letters: npt.NDArray[np.uint8] = _KIND_BYTES[found.to_numpy()]
     return letters
