@@ -33,6 +33,12 @@ retraction removes exactly what the insertion added and the estimate equals
 that of a HyperLogLog built from scratch over the current rows. Coarser
 grains take the register-wise maximum over their base buckets (a union).
 State size per group is bounded by 2^p x ranks, typically a few thousand rows.
+
+An approx_count_distinct of the same value and filter as an exact count_distinct of
+the same rollup keeps no table of its own (nor do two distinct counts of the same
+kind, value and filter): its view derives register and rank from the exact
+measure's side table (the values with n > 0), the same registers, so the same
+estimate, with nothing more to maintain per batch (see ``RollupPlan.side_owner``).
 """
 
 from __future__ import annotations
@@ -303,8 +309,13 @@ class ApproxCountDistinct(CountDistinct):
         self.side_table = f"hll_{index}"
 
     def side_keys(self) -> list[tuple[str, str]]:
+        return self.register_keys(str(self.inputs.value))
+
+    @staticmethod
+    def register_keys(value: str) -> list[tuple[str, str]]:
+        """(column name, SQL) of the register and rank of the value ``value`` (SQL)."""
         p = HLL_PRECISION
-        hashed = f"hash({self.inputs.value})"
+        hashed = f"hash({value})"
         rest = f"({hashed} & ((1::UBIGINT << {64 - p}) - 1))"
         rank = (
             f"CAST(CASE WHEN {rest} = 0 THEN {64 - p + 1} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 PAUSED = "paused"
 PENDING = "pending"
 NOT_CONFIGURED = "not in the pipeline file any more"
+_OWNED_SUFFIX = r"(state|(distinct|hll|reserve|side)_[0-9]+)"
+"""What follows ``<rollup>__`` in the names of a rollup's tables (see ``RollupPlan``)."""
 
 
 @dataclass
@@ -262,6 +265,7 @@ class Registry:
                 runtime.state = ACTIVE
                 for grain in config.grains:
                     con.execute(view_sql(runtime.plan, grain))
+                self._drop_unowned(con, name, runtime.plan)
         for name in stored:
             if name not in self.rollups and stored[name][0] != PAUSED:
                 self._save_rollup(
@@ -366,13 +370,22 @@ class Registry:
 
     @staticmethod
     def _owned_tables(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
-        prefix = rollup_table_prefix(name)
+        """Rollup ``name``'s tables in the store (unquoted): ``<name>__state`` and its side
+        tables and reserves, not those of a rollup named ``<name>__<more>``."""
+        owned = re.compile(re.escape(rollup_table_prefix(name)) + _OWNED_SUFFIX)
         rows = con.execute(
-            "SELECT table_name FROM duckdb_tables() "
-            "WHERE schema_name = ? AND starts_with(table_name, ?)",
-            [ROLLUP, prefix],
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [ROLLUP]
         ).fetchall()
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in rows if owned.fullmatch(str(r[0]))]
+
+    def _drop_unowned(self, con: duckdb.DuckDBPyConnection, name: str, plan: RollupPlan) -> None:
+        """Drop rollup ``name``'s tables its plan no longer uses (an approximate count
+        distinct's own table, kept by stores written before it read its exact twin's)."""
+        used = set(plan.owned_tables())
+        for table in self._owned_tables(con, name):
+            quoted = f"{ROLLUP}.{quote_ident(table)}"
+            if quoted not in used:
+                con.execute(f"DROP TABLE {quoted}")
 
     def pause(self, con: duckdb.DuckDBPyConnection, name: str, reason: str) -> None:
         """Stop maintaining a rollup (its views keep the last state), with the reason."""

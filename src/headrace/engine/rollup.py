@@ -34,6 +34,7 @@ from functools import partial
 import duckdb
 
 from headrace.engine.measures import (
+    ApproxCountDistinct,
     CountDistinct,
     Extreme,
     Measure,
@@ -260,14 +261,33 @@ class RollupPlan:
         """Join condition on the group columns (NULL matches NULL)."""
         return match_sql(self.group_columns, left, right)
 
-    def side_tables(self) -> list[CountDistinct]:
+    def distinct_measures(self) -> list[CountDistinct]:
+        """Every exact and approximate count distinct, in the rollup's order."""
         return [m for m in self.measures if isinstance(m, CountDistinct)]
+
+    def side_tables(self) -> list[CountDistinct]:
+        """The distinct measures whose side tables batches maintain (each its own
+        :meth:`side_owner`)."""
+        return [m for m in self.distinct_measures() if self.side_owner(m) is m]
+
+    def side_owner(self, measure: CountDistinct) -> CountDistinct:
+        """The measure whose side table holds ``measure``'s rows: of the distinct measures
+        of the same value and filter, the first exact one, else the first one. An
+        approximate count's registers derive from an exact count's values (the view does
+        it), never the other way round; two of the same kind keep the same rows."""
+        same = [m for m in self.distinct_measures() if m.inputs == measure.inputs]
+        if isinstance(measure, ApproxCountDistinct):
+            exact = [m for m in same if not isinstance(m, ApproxCountDistinct)]
+            return exact[0] if exact else same[0]
+        return next(m for m in same if not isinstance(m, ApproxCountDistinct))
 
     def extremes(self) -> list[Extreme]:
         return [m for m in self.measures if isinstance(m, Extreme)]
 
     def side_table(self, measure: CountDistinct) -> str:
-        return rollup_state(self.name, measure.side_table or f"side_{measure.index}")
+        """The table holding ``measure``'s rows (its :meth:`side_owner`'s)."""
+        owner = self.side_owner(measure)
+        return rollup_state(self.name, owner.side_table or f"side_{owner.index}")
 
     def owned_tables(self) -> list[str]:
         return [

@@ -36,14 +36,10 @@ def view_sql(plan: RollupPlan, grain: timedelta) -> str:
         having = f" HAVING sum({ROWS}) > 0" if plan.appends_state else ""
         ctes.append(f"s AS (SELECT {', '.join(parts)} FROM {plan.state} GROUP BY ALL{having})")
     joins = []
-    for measure in plan.side_tables():
+    for measure in plan.distinct_measures():
         alias = f"x{measure.index}"
         group = [f"{bucket} AS {BUCKET}", *dims]
-        keys = ", ".join(name for name, _ in measure.side_keys())
-        table = (
-            f"(SELECT {', '.join([BUCKET, *dims])}, {keys} FROM {plan.side_table(measure)} "
-            f"GROUP BY ALL HAVING sum(_hr_n) > 0)"
-        )
+        table = _current_keys(plan, measure)
         if isinstance(measure, ApproxCountDistinct):
             registers = (
                 f"SELECT {', '.join(group)}, _hr_reg, max(_hr_rank) AS _hr_rank "
@@ -72,3 +68,22 @@ def view_sql(plan: RollupPlan, grain: timedelta) -> str:
         f"CREATE OR REPLACE VIEW {rollup_view(plan.name, grain)} AS "
         f"{with_ctes}SELECT {', '.join(outputs)} FROM {source} {' '.join(joins)}"
     )
+
+
+def _current_keys(plan: RollupPlan, measure: CountDistinct) -> str:
+    """Subquery: the group columns and ``measure``'s side keys of every current row (n > 0)
+    of its side table. An approximate count reading an exact one's table derives register
+    and rank from the values there."""
+    owner = plan.side_owner(measure)
+    groups = ", ".join([BUCKET, *(d.column for d in plan.dimensions)])
+    current = (
+        f"(SELECT {groups}, {', '.join(name for name, _ in owner.side_keys())} "
+        f"FROM {plan.side_table(measure)} GROUP BY ALL HAVING sum(_hr_n) > 0)"
+    )
+    if type(owner) is type(measure):
+        return current
+    if not isinstance(measure, ApproxCountDistinct):  # pragma: no cover - side_owner's rule
+        raise TypeError(f"an exact count distinct cannot read {type(owner).__name__}'s rows")
+    ((value, _),) = owner.side_keys()
+    keys = ", ".join(f"{sql} AS {name}" for name, sql in ApproxCountDistinct.register_keys(value))
+    return f"(SELECT {groups}, {keys} FROM {current})"
