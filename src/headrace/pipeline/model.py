@@ -158,7 +158,9 @@ class MeasureConfig(_Model):
     fn: MeasureFn = Field(
         description=(
             "count (rows, or non-NULL values of `column`/`expr`), sum, min, max, avg, "
-            "count_distinct (exact), approx_count_distinct (HyperLogLog, ~1.6% error)."
+            "count_distinct (exact), approx_count_distinct (HyperLogLog, ~1.6% error; beside a "
+            "count_distinct of the same value and `where` it reads that one's values and costs "
+            "nothing more to maintain)."
         ),
     )
     column: str | None = Field(
