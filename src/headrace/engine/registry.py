@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +40,7 @@ from headrace.store.duckdb.schema import (
     LOOKUP_PREFIX,
     META,
     ROLLUP,
+    is_rollup_table,
     rollup_table_prefix,
     table_exists,
 )
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 PAUSED = "paused"
 PENDING = "pending"
 NOT_CONFIGURED = "not in the pipeline file any more"
-_OWNED_SUFFIX = r"(state|(distinct|hll|reserve|side)_[0-9]+)"
-"""What follows ``<rollup>__`` in the names of a rollup's tables (see ``RollupPlan``)."""
 
 
 @dataclass
@@ -372,11 +370,10 @@ class Registry:
     def _owned_tables(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
         """Rollup ``name``'s tables in the store (unquoted): ``<name>__state`` and its side
         tables and reserves, not those of a rollup named ``<name>__<more>``."""
-        owned = re.compile(re.escape(rollup_table_prefix(name)) + _OWNED_SUFFIX)
         rows = con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [ROLLUP]
         ).fetchall()
-        return [str(r[0]) for r in rows if owned.fullmatch(str(r[0]))]
+        return [str(r[0]) for r in rows if is_rollup_table(name, str(r[0]))]
 
     def _drop_unowned(self, con: duckdb.DuckDBPyConnection, name: str, plan: RollupPlan) -> None:
         """Drop rollup ``name``'s tables its plan no longer uses (an approximate count

@@ -82,8 +82,7 @@ def _current_keys(plan: RollupPlan, measure: CountDistinct) -> str:
     )
     if type(owner) is type(measure):
         return current
-    if not isinstance(measure, ApproxCountDistinct):  # pragma: no cover - side_owner's rule
-        raise TypeError(f"an exact count distinct cannot read {type(owner).__name__}'s rows")
+    # An approximate count reading an exact one's values (side_owner's only mixed case).
     ((value, _),) = owner.side_keys()
     keys = ", ".join(f"{sql} AS {name}" for name, sql in ApproxCountDistinct.register_keys(value))
     return f"(SELECT {groups}, {keys} FROM {current})"

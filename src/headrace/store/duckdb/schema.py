@@ -9,6 +9,7 @@ tables ``rollup.r__state``, ``rollup.r__distinct_<measure>`` and
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import duckdb
@@ -85,6 +86,14 @@ def rollup_state(name: str, suffix: str = "") -> str:
 def rollup_table_prefix(name: str) -> str:
     """Unquoted prefix of every engine-owned table of rollup ``name``."""
     return f"{name}__"
+
+
+def is_rollup_table(name: str, table: str) -> bool:
+    """Whether ``table`` (unquoted) is one of rollup ``name``'s: its state or a side table
+    (``distinct_<i>``, ``hll_<i>``, ``reserve_<i>``, ``side_<i>``; see :func:`rollup_state`),
+    not a table of a rollup named ``<name>__<more>``."""
+    suffix = r"(state|(distinct|hll|reserve|side)_[0-9]+)"
+    return re.fullmatch(re.escape(rollup_table_prefix(name)) + suffix, table) is not None
 
 
 METADATA_DDL: tuple[str, ...] = (
