@@ -69,12 +69,15 @@ SELECT g, (ARRAY['basic','gold','platinum'])[1 + g % 3],
        (ARRAY['eu','us','apac','latam'])[1 + g % 4]
 FROM generate_series(1, {ACCOUNTS}) g
 """
+# Amounts are whole cents times 0.01: `round((random() * 1000)::numeric, 2)` converts a
+# double to numeric through printf, 1.8% of the machine's CPU at 100,000 changes/s (perf),
+# taken from the cores headrace shares. Same range (0.00 to 1,000.00), same column values.
 # The statements take libpq's $n parameters: the writers run them as prepared
 # statements through the connection's libpq object (see Workload._execute).
 _INSERT = f"""
 INSERT INTO transactions
 SELECT g, 1 + (hashint8(g) & 2147483647) % {ACCOUNTS},
-       round((random() * 1000)::numeric, 2),
+       floor(random() * 100001)::int8 * 0.01,
        {STATUSES}[1 + floor(random() * 4)::int],
        'm' || (hashint8(g + 7) & 2147483647) % 200,
        now() - random() * interval '6 hours'
@@ -83,7 +86,7 @@ FROM generate_series($1::int8, $2::int8) g
 _UPDATE = f"""
 UPDATE transactions
 SET status = {STATUSES}[1 + floor(random() * 4)::int],
-    amount = round((random() * 1000)::numeric, 2),
+    amount = floor(random() * 100001)::int8 * 0.01,
     created_at = created_at + (random() * 20 - 10) * interval '1 minute'
 WHERE id = ANY($1::int8[])
 """.encode()

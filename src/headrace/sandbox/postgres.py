@@ -41,6 +41,10 @@ SERVER_SETTINGS: dict[str, str] = {
     "synchronous_commit": "on",
     "shared_buffers": "128MB",
     "max_wal_size": "2GB",
+    # New WAL segments are not filled with zeros first: at 100,000 changes/s the
+    # backends spent 2.4% of the machine's CPU writing those zeros (perf), and the
+    # cluster's WAL is throwaway like the rest of it.
+    "wal_init_zero": "off",
     "wal_sender_timeout": "60s",
     "log_min_messages": "warning",
     "log_min_error_statement": "panic",
