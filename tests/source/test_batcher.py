@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from headrace.errors import parse_lsn
+from headrace.errors import ProtocolError, parse_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import OLD_KIND, OP, SEQ, TOAST, ChangeBatch, TableSchema
 from headrace.source.postgres.batcher import Batcher
@@ -492,3 +492,54 @@ def test_two_phase_transactions_emit_at_commit_prepared(
         (1, "committed later"),
     ]
     assert batch.transactions == 2
+
+
+def test_messages_fed_in_bulk_give_the_same_batches(slot: LogicalSlot) -> None:
+    """feed_many (how the source feeds a drained read) equals feed one message at a time,
+    however the stream is cut: plain, streamed and aborted transactions, a truncate, a
+    schema change, a logical message."""
+    db = slot.db
+    db.execute("INSERT INTO acct SELECT g, 'a', g, NULL, true FROM generate_series(1, 300) g")
+    with db.connect(autocommit=False) as big:
+        big.execute(
+            "INSERT INTO acct SELECT g, 'big', 1, NULL, true FROM generate_series(301, 2300) g"
+        )
+        db.execute("UPDATE acct SET owner = 'b', balance = balance + 1 WHERE id % 7 = 0")
+        big.execute("DELETE FROM acct WHERE id BETWEEN 10 AND 40")
+        big.commit()
+    with db.connect(autocommit=False) as aborted:
+        aborted.execute("INSERT INTO acct VALUES (99999, 'gone', 1, NULL, true)")
+        aborted.rollback()
+    db.execute("SELECT pg_logical_emit_message(true, 'hr', 'mark')")
+    db.execute("ALTER TABLE acct ADD COLUMN note text")
+    db.execute("UPDATE acct SET note = 'n' WHERE id < 5")
+    db.execute("TRUNCATE acct")
+    db.execute("INSERT INTO acct VALUES (1, 'again', 1, NULL, true, 'x')")
+    changes = slot.changes(work_mem="64kB")
+    assert MSG_STREAM_START in op_kinds(changes)
+    one_by_one = slot.batch_from(changes)
+    lsns = [lsn for lsn, _ in changes]
+    payloads = [payload for _, payload in changes]
+    for cut in (len(changes), 1, 7, 101, 4096):
+        batcher = Batcher(slot.registry())
+        for start in range(0, len(changes), cut):
+            batcher.feed_many(lsns[start : start + cut], payloads[start : start + cut])
+        in_bulk = batcher.take()
+        assert in_bulk is not None
+        assert [t.data for t in in_bulk.tables] == [t.data for t in one_by_one.tables], cut
+        assert [m.content for m in in_bulk.messages] == [m.content for m in one_by_one.messages]
+        assert in_bulk.position == one_by_one.position
+
+
+def test_an_empty_message_in_bulk_is_reported_where_it_is(slot: LogicalSlot) -> None:
+    slot.db.execute("INSERT INTO acct VALUES (1, 'a', 1, NULL, true)")
+    changes = slot.changes()
+    lsns = [lsn for lsn, _ in changes] + [12345]
+    payloads = [payload for _, payload in changes] + [b""]
+    batcher = Batcher(slot.registry())
+    with pytest.raises(ProtocolError, match="empty message") as raised:
+        batcher.feed_many(lsns, payloads)
+    assert raised.value.lsn == 12345
+    batch = batcher.take()  # what came before it stays
+    assert batch is not None
+    assert [r["id"] for r in rows_of(batch, "acct")] == [1]

@@ -34,6 +34,8 @@ The committed side (schemas and their versions, the pending transactions,
 from __future__ import annotations
 
 import logging
+import re
+from operator import itemgetter
 from pathlib import Path
 from typing import Final
 
@@ -74,6 +76,9 @@ from headrace.source.postgres.types import TypeRegistry
 log = logging.getLogger(__name__)
 
 _ROW_MESSAGES: Final = frozenset({MSG_INSERT, MSG_UPDATE, MSG_DELETE})
+_NOT_ROW: Final = re.compile(b"[^" + bytes(sorted(_ROW_MESSAGES)) + b"]")
+"""Any message type but a row change's (a byte pattern over the messages' first bytes)."""
+_FIRST_BYTE: Final = itemgetter(0)
 PIECE_CHANGES: Final = 100_000
 """Default piece size: ~150 MB of decoded columns and DuckDB work at a time."""
 
@@ -173,6 +178,36 @@ class Batcher(PendingChanges):
             run.lsns.append(wal_start)
             return
         self._feed_other(wal_start, payload)
+
+    def feed_many(self, lsns: list[int], payloads: list[bytes]) -> None:
+        """Take messages in stream order (``lsns[i]`` is ``payloads[i]``'s XLogData start
+        LSN), as :meth:`feed` would one by one.
+
+        The row messages between two other messages (a transaction's changes between
+        its Begin and Commit) are appended to the open transaction in one step: a
+        Python call per message was a third of what receiving a message cost.
+        """
+        try:
+            kinds = bytes(map(_FIRST_BYTE, payloads))
+        except IndexError:  # an empty message: feed reports it where it is
+            kinds = b""
+        if len(kinds) != len(payloads):
+            for lsn, payload in zip(lsns, payloads, strict=True):
+                self.feed(lsn, payload)
+            return
+        at = 0
+        for other in [match.start() for match in _NOT_ROW.finditer(kinds)] + [len(kinds)]:
+            if other > at:
+                run = self._run
+                if self._in_stream or run is None:
+                    for index in range(at, other):
+                        self.feed(lsns[index], payloads[index])
+                else:
+                    run.payloads += payloads[at:other]
+                    run.lsns += lsns[at:other]
+            if other < len(kinds):
+                self._feed_other(lsns[other], payloads[other])
+            at = other + 1
 
     def _feed_stream_row(self, wal_start: int, payload: bytes | memoryview) -> None:
         xid_bytes = payload[1:5]

@@ -62,6 +62,10 @@ Payload = bytes | memoryview
 DataHandler = Callable[[int, Payload], object]
 
 
+def _ignore(wal_start: int, payload: Payload) -> None:
+    """The handler of :meth:`ReplicationStream.drain_into`, which calls none."""
+
+
 def now_pg_us() -> int:
     """Now as a PostgreSQL timestamp (microseconds since 2000-01-01 UTC)."""
     return time.time_ns() // 1000 - _PG_EPOCH_UNIX_US
@@ -211,13 +215,33 @@ class ReplicationStream:
         Raises :class:`ConnectionLostError` when the stream breaks or ends.
         """
         with self._lock:
-            return self._drain(on_data, timeout, max_messages, copy)
+            return self._drain(on_data, timeout, max_messages, copy, None)
+
+    def drain_into(
+        self, lsns: list[int], payloads: list[bytes], timeout: float, max_messages: int = 8192
+    ) -> int:
+        """:meth:`drain` appending each XLogData's WAL start to ``lsns`` and a bytes copy
+        of its payload to ``payloads``, instead of calling a handler per message.
+
+        For a consumer that takes messages in bulk (the change source's batcher): a
+        Python call per message was a third of what receiving a message costs it.
+        """
+        with self._lock:
+            return self._drain(_ignore, timeout, max_messages, True, (lsns, payloads))
 
     def _drain(  # noqa: PLR0912 - the hot loop stays in one frame, on purpose
-        self, on_data: DataHandler, timeout: float, max_messages: int, copy: bool
+        self,
+        on_data: DataHandler,
+        timeout: float,
+        max_messages: int,
+        copy: bool,
+        into: tuple[list[int], list[bytes]] | None,
     ) -> int:
         pgconn = self._pgconn
         get = pgconn.get_copy_data
+        collect = into is not None
+        lsns, payloads = into if into is not None else ([], [])
+        add_lsn, add_payload = lsns.append, payloads.append
         handled = 0
         waited = False
         socket_read = False  # consume_input() ran since the last complete message
@@ -230,7 +254,10 @@ class ReplicationStream:
                     kind = data[0]
                     if kind == _XLOG_DATA:
                         start, last_end = _unpack_start_end(data, 1)
-                        if copy:
+                        if collect:
+                            add_lsn(start)
+                            add_payload(data[_XLOG_HEADER:].tobytes())
+                        elif copy:
                             on_data(start, data[_XLOG_HEADER:].tobytes())
                         else:
                             on_data(start, data[_XLOG_HEADER:])

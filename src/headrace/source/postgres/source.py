@@ -370,7 +370,7 @@ class PostgresSource:
             raise ConnectionLostError("no replication connection", "headrace retries by itself")
         s = self.settings
         batcher = self.batcher
-        feed = batcher.feed
+        feed_many = batcher.feed_many
         max_changes = s.batch_max_changes
         max_wait = s.batch_max_wait_s
         heartbeat_every = s.heartbeat_interval_s
@@ -384,7 +384,10 @@ class PostgresSource:
             # Read no more than the batch still has room for (about: only whole
             # transactions count), so a backlog is cut near batch_max_changes.
             room = max(1, min(_DRAIN_MAX_MESSAGES, max_changes - batcher.pending_changes))
-            if conn.drain(feed, timeout, room, copy=True):
+            lsns: list[int] = []
+            payloads: list[bytes] = []
+            if conn.drain_into(lsns, payloads, timeout, room):
+                feed_many(lsns, payloads)
                 last_data = time.monotonic()
                 batcher.spill_large()  # a large transaction waits for its commit on disk
             if batcher.has_pending:
