@@ -12,9 +12,10 @@ the protocol and the source's hot path rather than the commands, speaks:
   :meth:`ReplicationConnection.confirm`, never ahead of it, never backwards.
 
 The receive loop (:meth:`ReplicationConnection.drain`) is the hot path of the
-whole source: it hands each payload to a callback without copying it and
-without building an object per message, and it returns when no data arrives
-within a timeout, so an idle stream never blocks the caller.
+whole source: it hands each payload to a callback (or, with ``drain_into``, appends
+it to a list the caller takes in bulk) without building an object per message
+beyond the payload, and it returns when no data arrives within a timeout, so an
+idle stream never blocks the caller.
 """
 
 from __future__ import annotations
