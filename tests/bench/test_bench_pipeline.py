@@ -13,6 +13,7 @@ from dataclasses import asdict
 
 import pytest
 
+from headrace.bench.calibration import autogroup_enabled, describe_scheduling
 from headrace.bench.pipeline import run
 from headrace.bench.pipeline_workload import Mix
 
@@ -31,6 +32,9 @@ def test_live_mode_measures_freshness_of_every_change_written(
     assert result.written_changes > 0
     assert result.mix == "40:20:40"
     assert result.python_loop_s > 0  # the machine's speed that day
+    # How the kernel shares the cores, as the machine says it.
+    assert result.sched_autogroup == autogroup_enabled()
+    assert describe_scheduling(result.sched_autogroup) in " ".join(printed.split())
     assert sum(result.written_by_kind.values()) == result.written_changes
     assert result.written_by_kind["deletes"] > 0
     # The min/max rollup's figures, from the status file (0 or more: a small table).

@@ -52,7 +52,7 @@ from typing import Any
 import psycopg
 from rich.console import Console
 
-from headrace.bench.calibration import python_loop_seconds
+from headrace.bench.calibration import autogroup_enabled, describe_scheduling, python_loop_seconds
 from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
 from headrace.bench.pipeline_workload import (
     DEFAULT_MIX,
@@ -219,6 +219,9 @@ class PipelineBenchResult:
     python_loop_s: float = 0.0
     """Seconds a pure-Python loop of 10M additions took before the load
     (:mod:`.calibration`): the machine's speed that day, to compare runs across days."""
+    sched_autogroup: bool | None = None
+    """Whether the kernel's autogroup scheduling was on (:mod:`.calibration`): it decides
+    how much of the cores headrace gets beside PostgreSQL's backends."""
     headrace_allocator: str = ""
     """The C allocator ``headrace run`` ran on (:mod:`headrace.run.preload`): ``jemalloc``
     when the machine has it, else ``system``; compare runs on the same one."""
@@ -259,6 +262,8 @@ def run(
     )
     result.python_loop_s = python_loop_seconds()
     out.print(f"machine: a Python loop of 10M additions takes {result.python_loop_s:.2f} s")
+    result.sched_autogroup = autogroup_enabled()
+    out.print(describe_scheduling(result.sched_autogroup))
     with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn = cluster.dsn("postgres", unix=True)
         # headrace's own connections (see the module docstring).
