@@ -10,7 +10,7 @@ How the kernel shares the cores between PostgreSQL and headrace matters as much
 (docs/latency.md, thirty-third session): with autogroup scheduling on, each
 PostgreSQL backend is a scheduling group of its own (the postmaster starts them with
 ``setsid``) while all of headrace's threads share one, and headrace gets about a
-third of two cores at 100,000 changes/s; with it off, about 0.4.
+third of two cores at 100,000 changes/s; with it off, about 0.4 of them.
 """
 
 from __future__ import annotations

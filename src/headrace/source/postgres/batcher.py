@@ -190,8 +190,6 @@ class Batcher(PendingChanges):
         try:
             kinds = bytes(map(_FIRST_BYTE, payloads))
         except IndexError:  # an empty message: feed reports it where it is
-            kinds = b""
-        if len(kinds) != len(payloads):
             for lsn, payload in zip(lsns, payloads, strict=True):
                 self.feed(lsn, payload)
             return
