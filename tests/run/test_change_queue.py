@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
@@ -58,3 +59,21 @@ def test_a_waiting_put_proceeds_when_the_writer_takes_an_item() -> None:
     assert items.get(timeout=1.0) == 2
     with pytest.raises(queue.Empty):
         items.get(timeout=0.01)
+
+
+def test_consumer_waiting_only_while_a_get_waits_on_an_empty_queue() -> None:
+    items: ChangeQueue[int] = ChangeQueue(max_batches=2, max_changes=100)
+    assert not items.consumer_waiting()
+    got: list[int] = []
+    consumer = threading.Thread(target=lambda: got.append(items.get(timeout=5.0)))
+    consumer.start()
+    deadline = time.monotonic() + 5.0
+    while not items.consumer_waiting() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert items.consumer_waiting()
+    items.put(1, 10, timeout=0.01)
+    # Queued for it: no longer waiting for want of an item, even before it wakes.
+    assert not items.consumer_waiting()
+    consumer.join()
+    assert got == [1]
+    assert not items.consumer_waiting()

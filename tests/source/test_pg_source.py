@@ -182,6 +182,72 @@ def test_batches_end_on_transaction_boundaries(pg_db: PgDatabase) -> None:
     assert all(changes < 10 + 7 for _, changes in sizes)  # cut once 10 are pending
 
 
+def test_a_waiting_consumer_gets_the_changes_before_batch_max_wait(pg_db: PgDatabase) -> None:
+    """With batch_max_wait_s at 30 s, a consumer that says it waits gets each transaction
+    at once; one that does not gets nothing before the wait is over."""
+    _create_table(pg_db)
+    with PostgresSource(_settings(pg_db, batch_max_wait_s=30.0)) as source:
+        source.prepare()
+        waiting = threading.Event()
+        source.consumer_waiting = waiting.is_set
+        received: list[tuple[float, ChangeBatch]] = []
+        streaming = threading.Thread(
+            target=lambda: received.extend((time.monotonic(), b) for b in source.batches())
+        )
+        streaming.start()
+        try:
+            pg_db.execute("INSERT INTO t VALUES (1, 0, 'held')")
+            time.sleep(1.0)  # far past the drain's polls, far short of batch_max_wait_s
+            assert not [b for _, b in received if not b.is_empty]
+            waiting.set()
+            asked = time.monotonic()
+            assert _eventually(lambda: any(not b.is_empty for _, b in received))
+            pg_db.execute("INSERT INTO t VALUES (2, 0, 'at once')")
+            assert _eventually(lambda: sum(b.num_changes for _, b in received) == 2)
+        finally:
+            source.stop()
+            streaming.join(timeout=10)
+    handed = [(at, b) for at, b in received if not b.is_empty]
+    assert [b.num_changes for _, b in handed] == [1, 1]
+    assert handed[0][0] - asked < 1.0
+
+
+def test_a_busy_consumer_gets_the_small_batches_held_for_it(pg_db: PgDatabase) -> None:
+    """Up to hold_while_busy changes stay pending past batch_max_wait_s while the consumer
+    is busy, and go to it in one batch when it waits; more are cut on time as usual."""
+    _create_table(pg_db)
+    with PostgresSource(_settings(pg_db, batch_max_wait_s=0.02)) as source:
+        source.prepare()
+        waiting = threading.Event()
+        source.consumer_waiting = waiting.is_set
+        source.hold_while_busy = 5
+        received: list[ChangeBatch] = []
+        streaming = threading.Thread(target=lambda: received.extend(source.batches()))
+        streaming.start()
+
+        def handed() -> list[int]:
+            return [b.num_changes for b in received if not b.is_empty]
+
+        try:
+            for row in range(3):  # 3 transactions, 3 changes: held
+                pg_db.execute("INSERT INTO t VALUES (%s, 0, 'held')", (row,))
+            time.sleep(0.5)  # 25 times batch_max_wait_s
+            assert handed() == []
+            with pg_db.connect(autocommit=False) as conn:  # 6 pending: cut on time
+                for row in range(3, 6):
+                    conn.execute("INSERT INTO t VALUES (%s, 0, 'cut')", (row,))
+                conn.commit()
+            assert _eventually(lambda: handed() == [6])
+            pg_db.execute("INSERT INTO t VALUES (6, 0, 'held again')")
+            time.sleep(0.3)
+            assert handed() == [6]
+            waiting.set()
+            assert _eventually(lambda: handed() == [6, 1])
+        finally:
+            source.stop()
+            streaming.join(timeout=10)
+
+
 def test_large_backlog_read_ahead_while_decoding(pg_db: PgDatabase) -> None:
     """Batches big enough that the connection reads ahead during their decoding."""
     _create_table(pg_db)

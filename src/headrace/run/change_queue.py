@@ -38,6 +38,7 @@ class ChangeQueue(Generic[T]):
         self.max_changes = max(0, max_changes)
         self._items: deque[tuple[T, int]] = deque()
         self._changes = 0
+        self._getters_waiting = 0
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -71,8 +72,17 @@ class ChangeQueue(Generic[T]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise queue.Empty
-                self._not_empty.wait(remaining)
+                self._getters_waiting += 1
+                try:
+                    self._not_empty.wait(remaining)
+                finally:
+                    self._getters_waiting -= 1
             return self._take()
+
+    def consumer_waiting(self) -> bool:
+        """Whether a consumer waits in :meth:`get` with nothing queued for it (read without
+        the lock: a hint for the producer, which hands on what it holds right away)."""
+        return self._getters_waiting > 0 and not self._items
 
     def get_nowait(self) -> T:
         """The oldest item, or :class:`queue.Empty` at once."""

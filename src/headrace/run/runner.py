@@ -84,6 +84,10 @@ log = logging.getLogger("headrace.run")
 
 _PUT_WAIT_S = 0.2
 _JOIN_SOURCE_S = 15.0
+HOLD_WHILE_WRITER_BUSY = 2000
+"""Pending changes the source holds for a busy writer instead of cutting them into a batch
+after ``batch_max_wait_s`` (PostgresSource.hold_while_busy): as many as it assembles in a
+few milliseconds, so that the writer, taking them when it is done, waits that little."""
 
 
 @dataclass(frozen=True)
@@ -397,6 +401,10 @@ class Runner:
         """Source thread: batches into the bounded queue (waiting when it is full), and
         first to the rules lane, if any."""
         error: BaseException | None = None
+        # An idle writer takes the changes received so far at once, and a busy one the
+        # small batches held for it (PostgresSource.consumer_waiting, .hold_while_busy).
+        source.consumer_waiting = items.consumer_waiting
+        source.hold_while_busy = 0 if lane is not None else HOLD_WHILE_WRITER_BUSY
         try:
             batches = source.batches(start)
             try:

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -62,6 +62,28 @@ class SlotLag:
 
 _DRAIN_MAX_MESSAGES = 8192  # messages per drain call at most: check batch limits this often
 _READ_AHEAD_CHANGES = 2000  # decoding a batch this large takes long enough to read ahead
+# While changes wait for batch_max_wait_s, look at least this often (seconds) whether the
+# consumer waits for them (see PostgresSource.consumer_waiting), even when no data comes.
+_CONSUMER_POLL_S = 0.002
+
+
+def _never() -> bool:
+    return False
+
+
+def _drain_timeout(
+    flush_at: float | None, now: float, idle_poll: float, consumer_waiting: Callable[[], bool]
+) -> float:
+    """How long the next drain may wait for data: until the pending changes are due (or
+    ``idle_poll`` without any). With a consumer that may start waiting for them,
+    :data:`_CONSUMER_POLL_S` at most, and as long once they are due but held for it
+    (:attr:`PostgresSource.hold_while_busy`): not 0, which would spin."""
+    if flush_at is None:
+        return idle_poll
+    left = max(0.0, flush_at - now)
+    if consumer_waiting is _never:
+        return left
+    return min(left, _CONSUMER_POLL_S) if left > 0 else _CONSUMER_POLL_S
 
 
 class PostgresSource:
@@ -84,6 +106,18 @@ class PostgresSource:
         """How many times the stream was lost and resumed."""
         self.heartbeats = 0
         """How many heartbeats this source wrote."""
+        self.consumer_waiting: Callable[[], bool] | None = None
+        """Whether whoever takes the batches waits for one now (the runner's writer, idle).
+        When set, the pending changes are handed on as soon as it returns True instead of
+        after ``batch_max_wait_s``: waiting longer would gather more changes per batch, but
+        an idle consumer would only wait too. Set it before iterating :meth:`batches`."""
+        self.hold_while_busy = 0
+        """With :attr:`consumer_waiting` set: up to this many pending changes are held past
+        ``batch_max_wait_s`` while the consumer is busy, and handed on when it waits. A
+        busy consumer would leave them queued anyway, and changes cut off just before it
+        takes the queue wait for its whole next batch; held, they go with that batch.
+        Above it (a large batch's assembly should overlap the consumer's work) and at 0
+        (someone else needs batches on time: the rules lane) ``batch_max_wait_s`` holds."""
         self._confirmed = 0
         self._delivered = 0
         self._replication: ReplicationConnection | None = None
@@ -363,6 +397,13 @@ class PostgresSource:
         self._streamed_once = True
         log.info("streaming slot %s from %s", s.slot, format_lsn(start))
 
+    def _take_batch(self, conn: ReplicationConnection) -> ChangeBatch | None:
+        """The pending changes as a batch; a large one read ahead while it is assembled."""
+        if self.batcher.pending_changes >= _READ_AHEAD_CHANGES:
+            with conn.reading_ahead():  # the server keeps sending meanwhile
+                return self.batcher.take()
+        return self.batcher.take()
+
     def _stream(self) -> Iterator[ChangeBatch]:
         """Receive, decode and hand on batches until stopped or the connection breaks."""
         conn = self._replication
@@ -375,12 +416,14 @@ class PostgresSource:
         max_wait = s.batch_max_wait_s
         heartbeat_every = s.heartbeat_interval_s
         idle_poll = min(0.5, s.status_interval_s)
+        consumer_waiting = self.consumer_waiting or _never
+        hold = self.hold_while_busy if self.consumer_waiting is not None else 0
         flush_at: float | None = None
         last_data = last_heartbeat = last_position_only = time.monotonic()
         stop = self._stop
         while not stop.is_set():
             now = time.monotonic()
-            timeout = idle_poll if flush_at is None else max(0.0, flush_at - now)
+            timeout = _drain_timeout(flush_at, now, idle_poll, consumer_waiting)
             # Read no more than the batch still has room for (about: only whole
             # transactions count), so a backlog is cut near batch_max_changes.
             room = max(1, min(_DRAIN_MAX_MESSAGES, max_changes - batcher.pending_changes))
@@ -394,13 +437,11 @@ class PostgresSource:
                 now = time.monotonic()
                 if flush_at is None:
                     flush_at = now + max_wait
-                if batcher.pending_changes >= max_changes or now >= flush_at:
+                pending = batcher.pending_changes
+                due = now >= flush_at and (hold == 0 or pending > hold)
+                if pending >= max_changes or due or consumer_waiting():
                     flush_at = None
-                    if batcher.pending_changes >= _READ_AHEAD_CHANGES:
-                        with conn.reading_ahead():  # the server keeps sending meanwhile
-                            batch = batcher.take()
-                    else:
-                        batch = batcher.take()
+                    batch = self._take_batch(conn)
                     if batch is not None:
                         self._delivered = max(self._delivered, batch.position)
                         yield batch
