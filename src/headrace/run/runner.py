@@ -77,17 +77,17 @@ from headrace.run.state import FAILED, STOPPED, STOPPING, STREAMING, RunState
 from headrace.run.status import StatusReporter
 from headrace.source.changes import ChangeBatch
 from headrace.source.postgres.snapshot_progress import TableProgress
-from headrace.source.postgres.source import PostgresSource, SlotLag
+from headrace.source.postgres.source import READ_AHEAD_CHANGES, PostgresSource, SlotLag
 from headrace.store.duckdb.store import DuckDBStore
 
 log = logging.getLogger("headrace.run")
 
 _PUT_WAIT_S = 0.2
 _JOIN_SOURCE_S = 15.0
-HOLD_WHILE_WRITER_BUSY = 2000
+HOLD_WHILE_WRITER_BUSY = READ_AHEAD_CHANGES
 """Pending changes the source holds for a busy writer instead of cutting them into a batch
-after ``batch_max_wait_s`` (PostgresSource.hold_while_busy): as many as it assembles in a
-few milliseconds, so that the writer, taking them when it is done, waits that little."""
+after ``batch_max_wait_s`` (PostgresSource.hold_while_busy): those it assembles in a few
+milliseconds, so that the writer, taking them when it is done, waits that little."""
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ class RunSettings:
     applied the next ones wait in the queue and are merged into one store
     transaction anyway. An idle writer does not wait for it (it takes what was
     received at once), and without the in-memory rules lane a busy writer's next
-    batch keeps up to 2,000 changes past it, so that none is cut off just before
-    the writer takes the queue."""
+    batch keeps up to 2,000 changes past it (``runner.HOLD_WHILE_WRITER_BUSY``),
+    so that none is cut off just before the writer takes the queue."""
 
     queue_batches: int = 4
     """Decoded batches waiting for the store at most, unless they are small:

@@ -61,7 +61,9 @@ class SlotLag:
 
 
 _DRAIN_MAX_MESSAGES = 8192  # messages per drain call at most: check batch limits this often
-_READ_AHEAD_CHANGES = 2000  # decoding a batch this large takes long enough to read ahead
+READ_AHEAD_CHANGES = 2000
+"""Pending changes from which assembling a batch takes long enough to read the socket
+ahead meanwhile; below it a batch is assembled in a few milliseconds."""
 # While changes wait for batch_max_wait_s, look at least this often (seconds) whether the
 # consumer waits for them (see PostgresSource.consumer_waiting), even when no data comes.
 _CONSUMER_POLL_S = 0.002
@@ -399,7 +401,7 @@ class PostgresSource:
 
     def _take_batch(self, conn: ReplicationConnection) -> ChangeBatch | None:
         """The pending changes as a batch; a large one read ahead while it is assembled."""
-        if self.batcher.pending_changes >= _READ_AHEAD_CHANGES:
+        if self.batcher.pending_changes >= READ_AHEAD_CHANGES:
             with conn.reading_ahead():  # the server keeps sending meanwhile
                 return self.batcher.take()
         return self.batcher.take()
