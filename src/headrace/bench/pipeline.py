@@ -38,6 +38,11 @@ matters for a backlog: over the socket every message the walsender sends is a
 buffer of its own and the socket holds only a few hundred, so the walsender
 waits whenever headrace's source pauses; TCP merges them and buffers
 megabytes. The generator always uses the socket.
+
+``--server DSN`` runs against a PostgreSQL elsewhere instead of the throwaway
+cluster (:mod:`.server`): in a database of its own there, dropped after the
+run. So PostgreSQL's CPU is not on headrace's machine, as in production, and
+is not measured.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from rich.console import Console
 
 from headrace.bench.calibration import autogroup_enabled, describe_scheduling, python_loop_seconds
 from headrace.bench.pipeline_backlog import BacklogFigures, measure_backlog
+from headrace.bench.pipeline_checks import time_old_way, verify_exactness
 from headrace.bench.pipeline_workload import (
     DEFAULT_MIX,
     Mix,
@@ -79,14 +85,13 @@ from headrace.bench.run_process import (
     checkpoints_between,
     describe_checkpoints,
 )
+from headrace.bench.server import ExternalPostgres
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
+from headrace.errors import ConfigError
 from headrace.pipeline.load import load_pipeline
-from headrace.pipeline.model import PipelineConfig
 from headrace.run.metrics import FreshnessHistogram
 from headrace.run.preload import allocator_in_use
-from headrace.run.verify import compare_store, reference_sql
 from headrace.sandbox.postgres import ThrowawayPostgres
-from headrace.store.duckdb.connect import open_store
 
 TARGET_HIGH_RATE = 100_000
 TARGET_HIGH_P99_MS = 1_000.0
@@ -99,8 +104,8 @@ commits lag their schedule by milliseconds, which a 20 s run shows as ~0.05%."""
 PIPELINE_YAML = """
 source:
   dsn: "{dsn}"
-  slot: headrace_bench
-  publication: headrace_bench
+  slot: {slot}
+  publication: {slot}
   tables:
     accounts: {{}}
     transactions:
@@ -227,7 +232,12 @@ class PipelineBenchResult:
     when the machine has it, else ``system``; compare runs on the same one."""
     connection: str = "unix"
     """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
-    ``unix`` (its socket) or ``tcp`` (127.0.0.1). The generator always uses the socket."""
+    ``unix`` (its socket) or ``tcp`` (127.0.0.1), or ``server`` (the ``--server`` DSN's
+    way). The generator always uses the socket (the DSN with ``--server``)."""
+    server: str = "throwaway"
+    """``throwaway``: a cluster of the benchmark's own on this machine, sharing its cores
+    with headrace; ``external``: the server named with ``--server`` (its CPU not in
+    ``cpu_cores``)."""
     mode: str = "live"
     """``live`` (headrace streams while the load is written) or ``backlog`` (the load is
     written while headrace is stopped, then drained: :mod:`.pipeline_backlog`)."""
@@ -246,10 +256,12 @@ def run(
     backlog: bool = False,
     tcp: bool = False,
     record: Path | None = None,
+    server: str | None = None,
     console: Console | None = None,
 ) -> PipelineBenchResult:
     """Run the benchmark (see module docstring; with ``backlog``,
-    :mod:`headrace.bench.pipeline_backlog`) and print its lines."""
+    :mod:`headrace.bench.pipeline_backlog`; with ``server``, a libpq DSN, against that
+    server instead of a throwaway cluster) and print its lines."""
     out = console or Console(highlight=False)
     result = PipelineBenchResult(
         rate_target=rate,
@@ -258,24 +270,23 @@ def run(
         update_window=update_window,
         mix=str(mix),
         mode="backlog" if backlog else "live",
-        connection="tcp" if tcp else "unix",
+        connection="server" if server is not None else "tcp" if tcp else "unix",
+        server="throwaway" if server is None else "external",
     )
     result.python_loop_s = python_loop_seconds()
     out.print(f"machine: a Python loop of 10M additions takes {result.python_loop_s:.2f} s")
     result.sched_autogroup = autogroup_enabled()
     out.print(describe_scheduling(result.sched_autogroup))
-    with ThrowawayPostgres() as cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
-        dsn = cluster.dsn("postgres", unix=True)
-        # headrace's own connections (see the module docstring).
-        stream_dsn = cluster.dsn("postgres") if tcp else dsn
-        over = "TCP (127.0.0.1)" if tcp else "the Unix socket"
+    cluster = _cluster(server, tcp=tcp)
+    with cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
+        dsn, stream_dsn, over, slot = _connections(cluster, tcp=tcp)
         out.print(f"headrace connects over {over}; loading {base_rows:,} transactions ...")
         with psycopg.connect(dsn, autocommit=True) as conn:
             create_schema(conn, base_rows)
             conn.execute(b"VACUUM (FREEZE, ANALYZE)")
         config_path = Path(tmp) / "headrace.yaml"
         store_path = Path(tmp) / "bench.duckdb"
-        config_path.write_text(PIPELINE_YAML.format(dsn=stream_dsn, store=store_path))
+        config_path.write_text(PIPELINE_YAML.format(dsn=stream_dsn, store=store_path, slot=slot))
         config = load_pipeline(config_path)
         runs: list[RunProcess] = []
 
@@ -288,7 +299,7 @@ def run(
             return runs[-1]
 
         options = _workload_options(result, dsn, writers)
-        postgres = postgres_cpu(cluster.datadir)
+        postgres = postgres_cpu(cluster.datadir) if isinstance(cluster, ThrowawayPostgres) else None
         try:
             first = launch(recorded=not backlog)
             _snapshot(result, first, out)
@@ -321,11 +332,39 @@ def run(
             for each in runs:
                 if each.process.poll() is None:
                     each.stop()
-        _verify(result, config, dsn, out)
-        _old_way(result, config, dsn, out)
+        verify_exactness(result, config, dsn, out)
+        time_old_way(result, config, dsn, out)
     _judge(result)
     out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
     return result
+
+
+def _cluster(server: str | None, *, tcp: bool) -> ThrowawayPostgres | ExternalPostgres:
+    """The PostgreSQL the run uses: a throwaway cluster, or the ``--server`` one's."""
+    if server is None:
+        return ThrowawayPostgres()
+    if tcp:
+        raise ConfigError(
+            "--tcp and --server together: the server's DSN already says how to connect",
+            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
+        )
+    return ExternalPostgres(server)
+
+
+def _connections(
+    cluster: ThrowawayPostgres | ExternalPostgres, *, tcp: bool
+) -> tuple[str, str, str, str]:
+    """The benchmark's DSN (the generator's and the checks'), headrace's, how headrace
+    connects (for the printout) and the pipeline's slot and publication name."""
+    if isinstance(cluster, ExternalPostgres):
+        # Slot names are the server's, not a database's: one per run's database.
+        where = f"--server ({cluster.where}), in database {cluster.database}"
+        return cluster.dsn(), cluster.dsn(), where, cluster.database
+    dsn = cluster.dsn("postgres", unix=True)
+    # headrace's own connections (see the module docstring).
+    if tcp:
+        return dsn, cluster.dsn("postgres"), "TCP (127.0.0.1)", "headrace_bench"
+    return dsn, dsn, "the Unix socket", "headrace_bench"
 
 
 def _snapshot(result: PipelineBenchResult, headrace: RunProcess, out: Console) -> None:
@@ -361,7 +400,7 @@ def _measure(
     result: PipelineBenchResult,
     headrace: RunProcess,
     *,
-    postgres: ProcessCpu,
+    postgres: ProcessCpu | None,
     options: dict[str, Any],
     out: Console,
 ) -> None:
@@ -506,53 +545,6 @@ def _print_load(result: PipelineBenchResult, out: Console) -> None:
             f"min/max of {name} read the mirror in {reads['batches']:,} batches and refilled "
             f"{reads['groups_refilled']:,} groups from it between batches"
         )
-
-
-def _verify(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
-    """Every rollup view against the same GROUP BY on PostgreSQL (the source is quiet)."""
-    with psycopg.connect(dsn, autocommit=True) as pg:
-        duck = open_store(config.store.path, read_only=True)
-        try:
-            comparison = compare_store(config, pg, duck, mirrors=False)
-            pg_rows = pg.execute(b"SELECT count(*) FROM transactions").fetchone()
-            duck_rows = duck.execute("SELECT count(*) FROM mirror.transactions").fetchone()
-        finally:
-            duck.close()
-    result.checked_views = len(comparison.checked)
-    result.mirror_rows_end = int(duck_rows[0]) if duck_rows else 0
-    result.mismatches = len(comparison.mismatches) + (0 if pg_rows == duck_rows else 1)
-    result.mismatch_detail = comparison.describe()[:500]
-    out.print(
-        f"exactness: {result.checked_views} rollup views vs PostgreSQL GROUP BY, "
-        f"mirror {duck_rows[0] if duck_rows else '?':,} rows: {result.mismatches} mismatches"
-    )
-
-
-def _old_way(result: PipelineBenchResult, config: PipelineConfig, dsn: str, out: Console) -> None:
-    """REFRESH MATERIALIZED VIEW of the same aggregates on PostgreSQL, on the same data."""
-    with psycopg.connect(dsn, autocommit=True) as pg:
-        for rollup in config.rollups:
-            sql, _ = reference_sql(config, rollup, int(rollup.grain.total_seconds()), pg)
-            view = f"mv_{rollup.name}"
-            pg.execute(f"CREATE MATERIALIZED VIEW {view} AS {sql} WITH NO DATA".encode())
-            started = time.perf_counter()
-            pg.execute(f"REFRESH MATERIALIZED VIEW {view}".encode())
-            result.refresh_seconds[rollup.name] = round(time.perf_counter() - started, 3)
-    result.refresh_total_s = round(sum(result.refresh_seconds.values()), 3)
-    p99 = result.freshness_p99_ms
-    compared = "no freshness was measured"
-    if p99:
-        ratio = result.refresh_total_s * 1000 / p99
-        result.ratio_time_to_fresh = round(ratio, 1)
-        if ratio >= 1:
-            compared = f"headrace's p99 time to a fresh result is {ratio:.1f}x shorter"
-        elif ratio > 0:
-            compared = f"headrace's p99 time to a fresh result is {1 / ratio:.1f}x longer"
-    out.print(
-        f"old way: REFRESH MATERIALIZED VIEW of the {len(result.refresh_seconds)} rollups takes "
-        f"{result.refresh_total_s:.2f} s on PostgreSQL ({result.refresh_seconds}); "
-        f"{compared}"
-    )
 
 
 def target_p99_ms(rate: float) -> float:

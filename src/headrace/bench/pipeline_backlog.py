@@ -89,7 +89,7 @@ def measure_backlog(
     headrace: RunProcess,
     restart: Callable[[], RunProcess],
     *,
-    postgres: ProcessCpu,
+    postgres: ProcessCpu | None,
     bindir: Path,
     dsn: str,
     options: dict[str, Any],
@@ -130,7 +130,10 @@ def measure_backlog(
     )
     launched_unix = time.time()
     drained = restart()
-    share = CpuShare({"postgres": postgres.cpu_seconds, "headrace": drained.cpu_seconds})
+    meters = {"headrace": drained.cpu_seconds}
+    if postgres is not None:  # None: on another machine (--server), not measured
+        meters = {"postgres": postgres.cpu_seconds, **meters}
+    share = CpuShare(meters)
     share.start()
     done = drained.wait_for(
         lambda d: int(d["totals"]["changes"]) >= figures.changes,
@@ -161,7 +164,7 @@ def measure_backlog(
 def _peer(
     figures: BacklogFigures,
     *,
-    postgres: ProcessCpu,
+    postgres: ProcessCpu | None,
     bindir: Path,
     dsn: str,
     slot: str,
@@ -173,15 +176,14 @@ def _peer(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, PEER_SLOT))
     try:
-        pg = postgres.cpu_seconds()
+        pg = postgres.cpu_seconds() if postgres is not None else 0.0
         drain = drain_with_pg_recvlogical(
             bindir, dsn, PEER_SLOT, end_lsn, StreamOptions(publications=(publication,))
         )
         seconds = drain.seconds
-        figures.peer_cpu_cores = {
-            "pg_recvlogical": round(drain.cpu_seconds / seconds, 2),
-            "postgres": round((postgres.cpu_seconds() - pg) / seconds, 2),
-        }
+        figures.peer_cpu_cores = {"pg_recvlogical": round(drain.cpu_seconds / seconds, 2)}
+        if postgres is not None:
+            figures.peer_cpu_cores["postgres"] = round((postgres.cpu_seconds() - pg) / seconds, 2)
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot(%s)", (PEER_SLOT,))

@@ -119,24 +119,28 @@ class CpuShare:
         return {name: round(used / window, 2) for name, used in self.seconds.items()}
 
 
-def load_cpu_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuShare:
-    """A started :class:`CpuShare` of PostgreSQL, the generator (a child process that is
-    waited for before :meth:`CpuShare.stop`) and headrace (its CPU seconds reader)."""
-    share = CpuShare(
-        {
-            "postgres": postgres.cpu_seconds,
-            "generator": waited_children_cpu_seconds,
-            "headrace": headrace,
-        }
-    )
+def load_cpu_share(postgres: ProcessCpu | None, headrace: Callable[[], float]) -> CpuShare:
+    """A started :class:`CpuShare` of PostgreSQL (None: on another machine, not
+    measured), the generator (a child process that is waited for before
+    :meth:`CpuShare.stop`) and headrace (its CPU seconds reader)."""
+    meters: dict[str, Callable[[], float]] = {}
+    if postgres is not None:
+        meters["postgres"] = postgres.cpu_seconds
+    meters |= {"generator": waited_children_cpu_seconds, "headrace": headrace}
+    share = CpuShare(meters)
     share.start()
     return share
 
 
-def load_wait_share(postgres: ProcessCpu, headrace: Callable[[], float]) -> CpuShare:
-    """A started :class:`CpuShare` of the seconds PostgreSQL's and headrace's threads
-    wait for a CPU (:meth:`ProcessCpu.wait_seconds`; headrace's reader given)."""
-    share = CpuShare({"postgres": postgres.wait_seconds, "headrace": headrace})
+def load_wait_share(postgres: ProcessCpu | None, headrace: Callable[[], float]) -> CpuShare:
+    """A started :class:`CpuShare` of the seconds PostgreSQL's (unless None) and
+    headrace's threads wait for a CPU (:meth:`ProcessCpu.wait_seconds`; headrace's
+    reader given)."""
+    meters: dict[str, Callable[[], float]] = {}
+    if postgres is not None:
+        meters["postgres"] = postgres.wait_seconds
+    meters["headrace"] = headrace
+    share = CpuShare(meters)
     share.start()
     return share
 

@@ -191,6 +191,16 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         help="Runs, one after the other (each on its own cluster); a summary line with "
         "the medians and one JSON line of them and every run come last.",
     ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        envvar="HEADRACE_BENCH_SERVER",
+        help="Run against this PostgreSQL (a libpq DSN of a role that may create databases "
+        "and replication slots; wal_level=logical) instead of a throwaway cluster on this "
+        "machine: PostgreSQL on a machine of its own, as in production. The benchmark "
+        "works in a database it creates there and drops after the run; the server's CPU "
+        "is not measured.",
+    ),
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -201,6 +211,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
     at 10,000/s p99 < 300 ms. With --backlog: the drain's changes/s and its time
     against pg_recvlogical's for the same changes. With --repeat N: N runs, then a
     line of their medians (p99, applied rate, CPU per change) and how many kept up.
+    With --server DSN: against that PostgreSQL instead of one on this machine's cores.
     """
     from headrace.bench.pipeline import (  # noqa: PLC0415 - keeps `headrace --help` fast
         PipelineBenchResult,
@@ -229,6 +240,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
             backlog=backlog,
             tcp=tcp,
             record=record,
+            server=server,
         )
 
     if repeat == 1:
