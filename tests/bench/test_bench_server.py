@@ -8,14 +8,17 @@ absent from the CPU figures rather than reported as zero.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict
 
 import psycopg
 import pytest
+from rich.console import Console
 
 from headrace.bench.pipeline import run
 from headrace.bench.server import DATABASE_PREFIX, BenchServerError, ExternalPostgres
+from headrace.bench.snapshot import run as snapshot_bench
 from headrace.errors import ConfigError
 from headrace.sandbox.postgres import ThrowawayPostgres, free_port, throwaway_postgres
 
@@ -94,4 +97,21 @@ def test_a_malformed_server_dsn_is_a_clear_error() -> None:
 def test_tcp_and_server_together_are_refused(pg_cluster: ThrowawayPostgres) -> None:
     with pytest.raises(ConfigError, match="--tcp and --server"):
         run(rate=100, seconds=1, base_rows=10, tcp=True, server=pg_cluster.dsn())
+    assert _leftovers(pg_cluster) == ([], [])
+
+
+def test_snapshot_bench_against_a_named_server_leaves_nothing_there(
+    pg_cluster: ThrowawayPostgres,
+) -> None:
+    out = io.StringIO()
+    result = snapshot_bench(
+        3000, 2, server=pg_cluster.dsn(), console=Console(file=out, width=200, highlight=False)
+    )
+    lines = out.getvalue().strip().splitlines()
+    assert json.loads(lines[-1])["server"] == "external"
+    assert result.store_rows_per_s > 0
+    # Not measured, so 0.0, and the budget line says so.
+    assert result.server_cpu_per_million_s == 0.0
+    budget = next(line for line in lines if line.startswith("CPU per 1M rows end to end"))
+    assert "server not measured" in budget
     assert _leftovers(pg_cluster) == ([], [])

@@ -358,7 +358,7 @@ def _connections(
     connects (for the printout) and the pipeline's slot and publication name."""
     if isinstance(cluster, ExternalPostgres):
         # Slot names are the server's, not a database's: one per run's database.
-        where = f"--server ({cluster.where}), in database {cluster.database}"
+        where = f"the --server DSN ({cluster.where}), in database {cluster.database}"
         return cluster.dsn(), cluster.dsn(), where, cluster.database
     dsn = cluster.dsn("postgres", unix=True)
     # headrace's own connections (see the module docstring).

@@ -52,7 +52,9 @@ import psutil
 import psycopg
 from rich.console import Console
 
+from headrace.bench.server import ExternalPostgres
 from headrace.engine.engine import Engine
+from headrace.errors import ConfigError
 from headrace.pipeline.load import parse_pipeline
 from headrace.run.allocator import arrow_allocator
 from headrace.run.faults import Faults
@@ -165,38 +167,61 @@ class SnapshotBenchResult:
     """The into-Arrow rate reaches the target."""
     meets_target_end_to_end: bool
     """The end-to-end rate into DuckDB reaches the target (the issue's figure)."""
+    server: str = "throwaway"
+    """``throwaway``: a cluster of the benchmark's own on this machine's cores;
+    ``external``: the PostgreSQL named with ``--server`` (:mod:`.server`), whose CPU is
+    another machine's: every ``*server_cpu*`` figure is then 0.0, not measured, and the
+    CPU ceiling is this machine's, the client's alone."""
 
 
 def run(
-    rows: int = 1_000_000, workers: int = 2, *, unix: bool = True, console: Console | None = None
+    rows: int = 1_000_000,
+    workers: int = 2,
+    *,
+    unix: bool = True,
+    server: str | None = None,
+    console: Console | None = None,
 ) -> SnapshotBenchResult:
-    """Run the benchmark on a fresh throwaway cluster and print its lines."""
+    """Run the benchmark on a fresh throwaway cluster (``server``, a libpq DSN: in a
+    database of its own on that PostgreSQL) and print its lines."""
     out = console or Console(highlight=False)
     load = os.getloadavg()[0]
+    if server is not None and not unix:
+        raise ConfigError(
+            "--tcp and --server together: the server's DSN already says how to connect",
+            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
+        )
+    cluster = ThrowawayPostgres() if server is None else ExternalPostgres(server)
     # The allocator `headrace run` uses (headrace.run.allocator).
-    with arrow_allocator(), ThrowawayPostgres() as cluster:
-        dsn = cluster.dsn("postgres", unix=unix)
+    with arrow_allocator(), cluster:
+        if isinstance(cluster, ExternalPostgres):
+            dsn, slot, postmaster = cluster.dsn(), cluster.database, None
+            out.print(f"against --server ({cluster.where}), in database {cluster.database}")
+        else:
+            dsn, slot = cluster.dsn("postgres", unix=unix), SLOT
+            postmaster = _postmaster(cluster)
         out.print(f"loading {rows:,} rows into {TABLE} ...")
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(_CREATE.encode())
             conn.execute(_LOAD.encode(), (rows,))
             # Set hint bits and the visibility map now, so no timed run pays for it.
             conn.execute(b"VACUUM (FREEZE, ANALYZE) bench_snapshot")
-        server = _postmaster(cluster)
-        settings = SnapshotSettings(dsn=dsn, tables=(TABLE,), slot=SLOT, workers=workers)
+        settings = SnapshotSettings(dsn=dsn, tables=(TABLE,), slot=slot, workers=workers)
         ranges = _ranges(dsn, settings)
         _raw_copy(dsn, ranges[:1])  # warm the cache
-        raw_one = _measure(server, lambda: _raw_copy(dsn, [_whole(ranges)]))
+        raw_one = _measure(postmaster, lambda: _raw_copy(dsn, [_whole(ranges)]))
         out.print(_line("raw binary COPY, 1 connection", rows, raw_one))
-        raw_parallel = _measure(server, lambda: _raw_copy_parallel(dsn, ranges, workers))
+        raw_parallel = _measure(postmaster, lambda: _raw_copy_parallel(dsn, ranges, workers))
         out.print(_line(f"raw binary COPY, {workers} threads", rows, raw_parallel))
-        snapshot = _measure(server, lambda: _snapshot(settings))
+        snapshot = _measure(postmaster, lambda: _snapshot(settings))
         out.print(_line(f"headrace snapshot into Arrow, {workers} workers", rows, snapshot))
-        drop_slot(dsn, SLOT)
+        drop_slot(dsn, slot)
         with tempfile.TemporaryDirectory(prefix="headrace-bench-snapshot-") as tmp:
-            stored = _measure_into_store(server, dsn, Path(tmp), rows, workers)
+            stored = _measure_into_store(
+                postmaster, dsn, Path(tmp), slot=slot, rows=rows, workers=workers
+            )
         out.print(_line("end to end into DuckDB (headrace run's path)", rows, stored))
-        drop_slot(dsn, SLOT)
+        drop_slot(dsn, slot)
     rate = rows / snapshot.seconds
     store_rate = rows / stored.seconds
     cores = os.cpu_count() or 1
@@ -242,6 +267,7 @@ def run(
         target_rows_per_s=TARGET_ROWS_PER_S,
         meets_target=rate >= TARGET_ROWS_PER_S,
         meets_target_end_to_end=store_rate >= TARGET_ROWS_PER_S,
+        server="throwaway" if server is None else "external",
     )
     if load > cores / 2:
         out.print(
@@ -261,8 +287,13 @@ def run(
 
 def _budget_line(result: SnapshotBenchResult) -> str:
     """Where the end-to-end CPU goes, and what it allows on this machine."""
+    server = (
+        f"server {result.server_cpu_per_million_s:.2f}"
+        if result.server == "throwaway"
+        else "server not measured (another machine's)"
+    )
     budget = (
-        f"CPU per 1M rows end to end: server {result.server_cpu_per_million_s:.2f} + client copy "
+        f"CPU per 1M rows end to end: {server} + client copy "
         f"{result.copy_client_cpu_per_million_s:.2f} + store "
         f"{result.store_client_cpu_per_million_s:.2f} = "
         f"{result.end_to_end_cpu_per_million_s:.2f} CPU-s; {result.cores} cores allow at most "
@@ -272,9 +303,10 @@ def _budget_line(result: SnapshotBenchResult) -> str:
     if result.target_reachable:
         return budget
     needed = result.cores * 1_000_000 / result.target_rows_per_s
+    beside = "with PostgreSQL on the same cores" if result.server == "throwaway" else "here"
     return (
         f"{budget}. {result.target_rows_per_s:,} rows/s end to end is out of reach on "
-        f"{result.cores} cores with PostgreSQL on the same cores: it needs at most "
+        f"{result.cores} cores {beside}: it needs at most "
         f"{needed:.2f} CPU-s per 1M rows (server + client), this path spends "
         f"{result.end_to_end_cpu_per_million_s:.2f}"
     )
@@ -296,10 +328,12 @@ def _server_cpu(postmaster: psutil.Process) -> float:
     return total
 
 
-def _measure(postmaster: psutil.Process, action: Callable[[], object]) -> Measured:
+def _measure(postmaster: psutil.Process | None, action: Callable[[], object]) -> Measured:
+    """Time ``action`` with this process's CPU and the server's (0.0 without
+    ``postmaster``: a server on another machine)."""
     me = psutil.Process()
     client_before = sum(me.cpu_times()[:2])
-    server_before = _server_cpu(postmaster)
+    server_before = _server_cpu(postmaster) if postmaster is not None else 0.0
     started = time.perf_counter()
     action()
     seconds = time.perf_counter() - started
@@ -308,7 +342,7 @@ def _measure(postmaster: psutil.Process, action: Callable[[], object]) -> Measur
     return Measured(
         seconds=seconds,
         client_cpu_s=sum(me.cpu_times()[:2]) - client_before,
-        server_cpu_s=_server_cpu(postmaster) - server_before,
+        server_cpu_s=(_server_cpu(postmaster) - server_before) if postmaster is not None else 0.0,
     )
 
 
@@ -369,11 +403,17 @@ def _snapshot(settings: SnapshotSettings) -> None:
 
 
 def _measure_into_store(
-    server: psutil.Process, dsn: str, directory: Path, rows: int, workers: int
+    postmaster: psutil.Process | None,
+    dsn: str,
+    directory: Path,
+    *,
+    slot: str,
+    rows: int,
+    workers: int,
 ) -> Measured:
     """Time ``snapshot_into_store`` into a fresh store (opening the store is not timed)."""
     config = parse_pipeline(
-        _PIPELINE.format(dsn=dsn, slot=SLOT, store=directory / "store.duckdb"), "bench.yaml"
+        _PIPELINE.format(dsn=dsn, slot=slot, store=directory / "store.duckdb"), "bench.yaml"
     )
     store = DuckDBStore(config.store.path)
     try:
@@ -387,7 +427,7 @@ def _measure_into_store(
             if loaded.total_rows != rows:  # pragma: no cover - a bug, loudly
                 raise AssertionError(f"stored {loaded.total_rows} rows of {rows}")
 
-        return _measure(server, load)
+        return _measure(postmaster, load)
     finally:
         store.close()
 
