@@ -70,6 +70,9 @@ def test_recorded_batches_replay_to_the_same_rollups(
     assert figures["statements_per_apply"] > 3
     assert 0 < figures["statement_ms_per_apply"] <= figures["apply_ms_mean"]
     assert len(figures["top"]) == 5
+    # The CPU a change costs the applying process, beside the wall time.
+    assert figures["apply_cpu_us_per_change"] > 0
+    assert figures["maintain_cpu_us_per_change"] >= 0
     assert set(figures["min_max_mirror_reads"]) == {"tx_merchant"}  # the min/max rollup
     # Replaying did not touch the recording.
     _, again = load_recording(recording)

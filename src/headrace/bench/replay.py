@@ -83,10 +83,29 @@ class ReplayResult:
     ``apply_ms_mean`` is Python, Arrow and the other DuckDB calls (register, fetch)."""
     maintain_ms_per_batch: float = 0.0
     changes_per_s: float = 0.0
+    apply_cpu_us_per_change: float = 0.0
+    """CPU of the whole process (the writer thread and DuckDB's workers) per change while
+    applying, in µs: the writer's part of a change's cost, to set beside the live
+    benchmarks' ``cpu_us_per_change`` (the live run also receives and decodes)."""
+    maintain_cpu_us_per_change: float = 0.0
+    """The same for the maintenance between batches (compaction, reserve refills)."""
     min_max_mirror_reads: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per min/max rollup, in one replay of all batches (every replay does the same):
     batches that recomputed groups from the mirror, groups refilled between batches."""
     top: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _OneReplay:
+    """What one replay measured over its counted batches."""
+
+    applies: list[float] = field(default_factory=list)
+    """ms of wall time per apply."""
+    maintain_ms: float = 0.0
+    apply_cpu_s: float = 0.0
+    maintain_cpu_s: float = 0.0
+    timings: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    reads: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _replay_once(
@@ -95,38 +114,39 @@ def _replay_once(
     batches: list[ChangeBatch],
     skip: int,
     workdir: Path,
-) -> tuple[list[float], float, dict[str, list[float]], dict[str, dict[str, int]]]:
+) -> _OneReplay:
     copy = workdir / "replay.duckdb"
     for leftover in (copy, Path(f"{copy}.wal")):
         leftover.unlink(missing_ok=True)
     shutil.copyfile(directory / STORE_FILE, copy)
     store = DuckDBStore(copy)
     store.set_threads(config.store.streaming_threads)  # as the live run streamed
-    timings: dict[str, list[float]] = defaultdict(list)
-    applies: list[float] = []
-    maintain = 0.0
+    one = _OneReplay()
     try:
         engine = Engine(config, store)
         plain = store._con
         # One wrapper for the replay: the statements prepared through it (see
         # headrace.store.duckdb.prepared) are kept per connection object.
-        timed = _TimedConnection(plain, timings)
+        timed = _TimedConnection(plain, one.timings)
         for index, batch in enumerate(batches):
             counted = index >= skip
             store._con = timed if counted else plain  # type: ignore[assignment]
-            started = time.perf_counter()
+            # process_time: every thread of the process, DuckDB's workers included.
+            cpu, started = time.process_time(), time.perf_counter()
             engine.apply(batch)
             if counted:
-                applies.append((time.perf_counter() - started) * 1000)
+                one.applies.append((time.perf_counter() - started) * 1000)
+                one.apply_cpu_s += time.process_time() - cpu
             store._con = plain
-            started = time.perf_counter()
+            cpu, started = time.process_time(), time.perf_counter()
             engine.maintain()
             if counted:
-                maintain += (time.perf_counter() - started) * 1000
-        reads = {name: asdict(count) for name, count in engine.mirror_reads().items()}
+                one.maintain_ms += (time.perf_counter() - started) * 1000
+                one.maintain_cpu_s += time.process_time() - cpu
+        one.reads = {name: asdict(count) for name, count in engine.mirror_reads().items()}
     finally:
         store.close()
-    return applies, maintain, timings, reads
+    return one
 
 
 def run(
@@ -152,22 +172,23 @@ def run(
     )
     per_replay: list[float] = []
     all_applies: list[float] = []
-    maintain_ms = 0.0
+    maintain_ms = apply_cpu_s = maintain_cpu_s = 0.0
     timings: dict[str, list[float]] = defaultdict(list)
     # The allocator `headrace run` uses (headrace.run.allocator).
     with arrow_allocator(), tempfile.TemporaryDirectory(prefix="hr-replay-") as tmp:
         for number in range(repeat):
-            applies, maintain, statement_ms, result.min_max_mirror_reads = _replay_once(
-                directory, config, batches, skip, Path(tmp)
-            )
-            per_replay.append(statistics.median(applies))
-            all_applies.extend(applies)
-            maintain_ms += maintain
-            for label, values in statement_ms.items():
+            one = _replay_once(directory, config, batches, skip, Path(tmp))
+            result.min_max_mirror_reads = one.reads
+            per_replay.append(statistics.median(one.applies))
+            all_applies.extend(one.applies)
+            maintain_ms += one.maintain_ms
+            apply_cpu_s += one.apply_cpu_s
+            maintain_cpu_s += one.maintain_cpu_s
+            for label, values in one.timings.items():
                 timings[label].extend(values)
             out.print(
                 f"  replay {number + 1}: median {per_replay[-1]:.1f} ms per apply, "
-                f"total {sum(applies):,.0f} ms"
+                f"total {sum(one.applies):,.0f} ms, CPU {one.apply_cpu_s:.2f} s"
             )
     applies_total = len(all_applies)
     result.apply_ms_by_replay = [round(v, 2) for v in per_replay]
@@ -177,6 +198,8 @@ def run(
     result.statement_ms_per_apply = round(sum(sum(v) for v in timings.values()) / applies_total, 2)
     result.maintain_ms_per_batch = round(maintain_ms / applies_total, 2)
     result.changes_per_s = round(changes * repeat / (sum(all_applies) / 1000), 1)
+    result.apply_cpu_us_per_change = round(apply_cpu_s / max(changes * repeat, 1) * 1e6, 2)
+    result.maintain_cpu_us_per_change = round(maintain_cpu_s / max(changes * repeat, 1) * 1e6, 2)
     ranked = sorted(timings.items(), key=lambda kv: -sum(kv[1]))
     table = Table(title="costliest statements (ms per apply)")
     table.add_column("ms", justify="right")
@@ -199,7 +222,9 @@ def run(
         f"{result.statements_per_apply} statements per apply taking "
         f"{result.statement_ms_per_apply} of {result.apply_ms_mean} ms (mean), "
         f"{result.changes_per_s:,.0f} changes/s while applying; "
-        f"maintenance {result.maintain_ms_per_batch} ms per batch"
+        f"maintenance {result.maintain_ms_per_batch} ms per batch; CPU per change "
+        f"{result.apply_cpu_us_per_change} µs applying + {result.maintain_cpu_us_per_change} µs "
+        "maintaining (every thread of the process)"
     )
     for name, reads in result.min_max_mirror_reads.items():
         out.print(
