@@ -26,10 +26,23 @@ RecordOption = Annotated[
     ),
 ]
 
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--server",
+        envvar="HEADRACE_BENCH_SERVER",
+        help="Run against this PostgreSQL (a libpq DSN of a role that may create databases "
+        "and replication slots; wal_level=logical) instead of a throwaway cluster on this "
+        "machine: PostgreSQL on a machine of its own, as in production. The benchmark "
+        "works in a database it creates there and drops after the run; the server's CPU "
+        "is not measured.",
+    ),
+]
+
 bench_app = typer.Typer(
     name="bench",
-    help="Benchmarks on a throwaway PostgreSQL: each prints rates, ratios against its peers, "
-    "and one JSON line last.",
+    help="Benchmarks on a throwaway PostgreSQL (pipeline and snapshot: or on one named with "
+    "--server): each prints rates, ratios against its peers, and one JSON line last.",
     no_args_is_help=True,
 )
 
@@ -106,15 +119,7 @@ def snapshot(
         "--unix/--tcp",
         help="Connect through the Unix socket (default) or TCP on 127.0.0.1.",
     ),
-    server: str | None = typer.Option(
-        None,
-        "--server",
-        envvar="HEADRACE_BENCH_SERVER",
-        help="Run against this PostgreSQL (a libpq DSN of a role that may create databases "
-        "and replication slots; wal_level=logical) instead of a throwaway cluster on this "
-        "machine: the benchmark works in a database it creates there and drops after the "
-        "run; the server's CPU is not measured.",
-    ),
+    server: ServerOption = None,
 ) -> None:
     """Snapshot N rows into Arrow and end to end into DuckDB (the first run's path),
     against a raw binary COPY to a null sink.
@@ -207,16 +212,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         help="Runs, one after the other (each on its own cluster); a summary line with "
         "the medians and one JSON line of them and every run come last.",
     ),
-    server: str | None = typer.Option(
-        None,
-        "--server",
-        envvar="HEADRACE_BENCH_SERVER",
-        help="Run against this PostgreSQL (a libpq DSN of a role that may create databases "
-        "and replication slots; wal_level=logical) instead of a throwaway cluster on this "
-        "machine: PostgreSQL on a machine of its own, as in production. The benchmark "
-        "works in a database it creates there and drops after the run; the server's CPU "
-        "is not measured.",
-    ),
+    server: ServerOption = None,
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
