@@ -43,8 +43,6 @@ from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
 from headrace.errors import format_lsn
 from headrace.source.postgres.replication import StreamOptions
 
-PEER_SLOT = "headrace_bench_peer"
-
 
 @dataclass
 class BacklogFigures:
@@ -173,12 +171,15 @@ def _peer(
     out: Console,
 ) -> None:
     """pg_recvlogical drains a copy of headrace's ``slot`` to ``end_lsn`` into /dev/null."""
+    # Named after headrace's: slot names are the server's, and with --server another
+    # run's may be there (its own database, its own slot names).
+    peer_slot = f"{slot}_peer"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, PEER_SLOT))
+        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slot, peer_slot))
     try:
         pg = postgres.cpu_seconds() if postgres is not None else 0.0
         drain = drain_with_pg_recvlogical(
-            bindir, dsn, PEER_SLOT, end_lsn, StreamOptions(publications=(publication,))
+            bindir, dsn, peer_slot, end_lsn, StreamOptions(publications=(publication,))
         )
         seconds = drain.seconds
         figures.peer_cpu_cores = {"pg_recvlogical": round(drain.cpu_seconds / seconds, 2)}
@@ -186,7 +187,7 @@ def _peer(
             figures.peer_cpu_cores["postgres"] = round((postgres.cpu_seconds() - pg) / seconds, 2)
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (PEER_SLOT,))
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (peer_slot,))
     figures.peer_drain_s = round(seconds, 3)
     figures.peer_changes_per_s = round(figures.changes / seconds)
     out.print(
