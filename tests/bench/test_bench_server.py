@@ -115,3 +115,19 @@ def test_snapshot_bench_against_a_named_server_leaves_nothing_there(
     budget = next(line for line in lines if line.startswith("CPU per 1M rows end to end"))
     assert "server not measured" in budget
     assert _leftovers(pg_cluster) == ([], [])
+
+
+def _fail_inside(server: ExternalPostgres) -> None:
+    """Make the benchmark's database hold a table and a slot, then fail as a run would."""
+    with server, psycopg.connect(server.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (server.database,)
+        )
+        raise RuntimeError("the run failed")
+
+
+def test_a_failed_run_still_drops_its_database(pg_cluster: ThrowawayPostgres) -> None:
+    with pytest.raises(RuntimeError, match="the run failed"):
+        _fail_inside(ExternalPostgres(pg_cluster.dsn()))
+    assert _leftovers(pg_cluster) == ([], [])

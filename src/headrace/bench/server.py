@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -118,8 +119,20 @@ class ExternalPostgres:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._created:
+        if not self._created:
+            return
+        if exc_type is None:
             self.drop()
+            return
+        # The run failed already: its error is the one to see, but a database left on
+        # the user's server must not go unsaid.
+        try:
+            self.drop()
+        except (psycopg.Error, HeadraceError) as failure:
+            sys.stderr.write(
+                f"headrace: could not drop the benchmark's database {self.database} on "
+                f"{self.where}: {str(failure).strip().splitlines()[0]}\n"
+            )
 
     def drop(self) -> None:
         """Drop the benchmark's replication slots and database (a slot still held once
