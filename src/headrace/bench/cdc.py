@@ -17,6 +17,9 @@ A first, untimed drain (a "noop" pass) warms the caches and finds the last
 commit's end LSN. The headline ratio is ``decode_vs_noop`` (3 against 2):
 at >= 0.9 decoding is not what limits the stream, the walsender is. The last
 line printed is one JSON object with every figure.
+
+``--server DSN`` runs against a PostgreSQL elsewhere instead (:mod:`.server`): in a
+database of its own there, its slots named after it, the walsender's CPU not measured.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.recvlogical import drain_with_pg_recvlogical
-from headrace.errors import HeadraceError, format_lsn
+from headrace.bench.server import ExternalPostgres
+from headrace.errors import ConfigError, HeadraceError, format_lsn
 from headrace.sandbox.postgres import ThrowawayPostgres
 from headrace.source.changes import TableRef
 from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
@@ -45,6 +49,20 @@ TABLE = TableRef("public", "bench_cdc")
 PUBLICATION = "headrace_bench_cdc"
 ORIGIN_SLOT = "headrace_bench_cdc"
 TRANSACTIONS = 100
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """The run's replication slots (names are the server's, not a database's) and whether
+    the walsenders' CPU can be read here (a server on this machine)."""
+
+    prefix: str
+    local: bool
+
+    @property
+    def origin(self) -> str:
+        return ORIGIN_SLOT if self.prefix == "headrace_bench" else f"{self.prefix}_cdc"
+
 
 _CREATE = """
 CREATE TABLE bench_cdc (
@@ -118,30 +136,44 @@ def run(
     *,
     unix: bool = True,
     repeat: int = 1,
+    server: str | None = None,
     console: Console | None = None,
 ) -> CdcBenchResult:
-    """Run the benchmark on a fresh throwaway cluster and print its lines."""
+    """Run the benchmark on a fresh throwaway cluster (``server``, a libpq DSN: in a
+    database of its own on that PostgreSQL) and print its lines."""
     if rows < TRANSACTIONS:
         raise HeadraceError(
             f"--rows {rows} is too small", f"use at least {TRANSACTIONS} (one per transaction)"
         )
+    if server is not None and not unix:
+        raise ConfigError(
+            "--tcp and --server together: the server's DSN already says how to connect",
+            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
+        )
     out = console or Console(highlight=False)
     runs: dict[str, list[_Run]] = {"pg_recvlogical": [], "noop": [], "decode": []}
-    with ThrowawayPostgres() as cluster:
-        dsn = cluster.dsn("postgres", unix=unix)
+    cluster = ThrowawayPostgres() if server is None else ExternalPostgres(server)
+    with cluster:
+        if isinstance(cluster, ExternalPostgres):
+            dsn, slots = cluster.dsn(), _Slots(cluster.database, local=False)
+            out.print(f"against --server ({cluster.where}), in database {cluster.database}")
+        else:
+            dsn, slots = cluster.dsn("postgres", unix=unix), _Slots("headrace_bench", local=True)
         out.print(f"loading {rows:,} rows into {TABLE} in {TRANSACTIONS} transactions ...")
-        _load(dsn, rows)
-        stream = _warm_up(dsn)
+        _load(dsn, rows, slots)
+        stream = _warm_up(dsn, slots)
         out.print(
             f"stream: {stream.messages:,} messages, {stream.payload_bytes / 1e6:,.1f} MB of "
             f"pgoutput, ends at {format_lsn(stream.end_lsn)}"
         )
         for _ in range(repeat):  # rounds interleave the consumers: noise hits all alike
-            runs["pg_recvlogical"].append(_pg_recvlogical(cluster, dsn, stream.end_lsn))
+            runs["pg_recvlogical"].append(
+                _pg_recvlogical(cluster.bindir, dsn, stream.end_lsn, slots)
+            )
             out.print(_line("pg_recvlogical to /dev/null", rows, runs["pg_recvlogical"][-1]))
-            runs["noop"].append(_noop(dsn, stream.end_lsn))
+            runs["noop"].append(_noop(dsn, stream.end_lsn, slots))
             out.print(_line("replication consumer doing nothing", rows, runs["noop"][-1]))
-            decoded, decode_run = _decode(dsn, stream.end_lsn)
+            decoded, decode_run = _decode(dsn, stream.end_lsn, slots)
             runs["decode"].append(decode_run)
             out.print(_line("headrace source, ChangeBatches decoded", rows, decode_run))
             if decoded != rows:
@@ -154,7 +186,7 @@ def run(
     result = CdcBenchResult(
         rows=rows,
         transactions=TRANSACTIONS,
-        connection="unix" if unix else "tcp",
+        connection="server" if server is not None else "unix" if unix else "tcp",
         repeat=repeat,
         stream_bytes=stream.payload_bytes,
         pg_recvlogical_s=round(recvlogical.seconds, 3),
@@ -183,13 +215,13 @@ def run(
     return result
 
 
-def _load(dsn: str, rows: int) -> None:
+def _load(dsn: str, rows: int, slots: _Slots) -> None:
     """Table, publication, the origin slot, then the rows in 100 transactions."""
     per = rows // TRANSACTIONS
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(_CREATE.encode())
         conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE {TABLE}".encode())
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (ORIGIN_SLOT,))
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slots.origin,))
         first = 1
         for txn in range(TRANSACTIONS):
             last = rows if txn == TRANSACTIONS - 1 else first + per - 1
@@ -200,17 +232,18 @@ def _load(dsn: str, rows: int) -> None:
 _copies = itertools.count(1)
 
 
-def _copy_slot(dsn: str, name: str) -> str:
-    """A fresh copy of the origin slot (same position), named ``name_<n>``."""
-    copy = f"{name}_{next(_copies)}"
+def _copy_slot(dsn: str, name: str, slots: _Slots) -> str:
+    """A fresh copy of the origin slot (same position), named ``<prefix>_name_<n>``."""
+    copy = f"{slots.prefix}_{name}_{next(_copies)}"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # Copies already drained hold WAL for nothing: drop them first.
+        # Copies already drained hold WAL for nothing: drop them first (this database's
+        # only: on a --server, other databases' slots are not the benchmark's).
         conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-            "WHERE slot_name <> %s AND NOT active",
-            (ORIGIN_SLOT,),
+            "WHERE database = current_database() AND slot_name <> %s AND NOT active",
+            (slots.origin,),
         )
-        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (ORIGIN_SLOT, copy))
+        conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", (slots.origin, copy))
     return copy
 
 
@@ -218,9 +251,9 @@ def _options() -> StreamOptions:
     return StreamOptions(publications=(PUBLICATION,))
 
 
-def _warm_up(dsn: str) -> _Stream:
+def _warm_up(dsn: str, slots: _Slots) -> _Stream:
     """Drain a copy once (untimed): warm caches, find the last commit's end LSN."""
-    slot = _copy_slot(dsn, "headrace_bench_warmup")
+    slot = _copy_slot(dsn, "warmup", slots)
     commits = messages = size = 0
     end_lsn = 0
 
@@ -242,34 +275,34 @@ def _warm_up(dsn: str) -> _Stream:
     return _Stream(end_lsn=end_lsn, messages=messages, payload_bytes=size)
 
 
-def _pg_recvlogical(cluster: ThrowawayPostgres, dsn: str, end_lsn: int) -> _Run:
-    slot = _copy_slot(dsn, "headrace_bench_recvlogical")
-    drain = drain_with_pg_recvlogical(cluster.bindir, dsn, slot, end_lsn, _options())
+def _pg_recvlogical(bindir: Path, dsn: str, end_lsn: int, slots: _Slots) -> _Run:
+    slot = _copy_slot(dsn, "recvlogical", slots)
+    drain = drain_with_pg_recvlogical(bindir, dsn, slot, end_lsn, _options())
     return _Run(drain.seconds, drain.cpu_seconds)
 
 
-def _noop(dsn: str, end_lsn: int) -> _Run:
-    slot = _copy_slot(dsn, "headrace_bench_noop")
+def _noop(dsn: str, end_lsn: int, slots: _Slots) -> _Run:
+    slot = _copy_slot(dsn, "noop", slots)
 
     def nothing(start: int, payload: Payload) -> None:
         return None
 
     with ReplicationConnection(dsn) as conn:
         conn.start(slot, 0, _options())
-        walsender = _process_cpu(conn.backend_pid)
+        walsender = _process_cpu(conn.backend_pid if slots.local else None)
         cpu = time.process_time()
         started = time.perf_counter()
         while conn.last_data_start < end_lsn:
             conn.drain(nothing, 1.0)
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu
-        walsender_after = _process_cpu(conn.backend_pid)
+        walsender_after = _process_cpu(conn.backend_pid if slots.local else None)
     return _Run(seconds, cpu, _difference(walsender_after, walsender))
 
 
-def _decode(dsn: str, end_lsn: int) -> tuple[int, _Run]:
+def _decode(dsn: str, end_lsn: int, slots: _Slots) -> tuple[int, _Run]:
     """Drain with PostgresSource; returns the changes delivered and the timing."""
-    slot = _copy_slot(dsn, "headrace_bench_decode")
+    slot = _copy_slot(dsn, "decode", slots)
     settings = SourceSettings(
         dsn=dsn,
         tables=(TABLE,),
@@ -287,7 +320,7 @@ def _decode(dsn: str, end_lsn: int) -> tuple[int, _Run]:
         for batch in source.batches():
             changes += batch.decoded_changes()
             if batch.position >= end_lsn:
-                walsender_after = _process_cpu(source.backend_pid)
+                walsender_after = _process_cpu(source.backend_pid if slots.local else None)
                 break
         seconds = time.perf_counter() - started
         cpu = time.process_time() - cpu

@@ -41,8 +41,8 @@ ServerOption = Annotated[
 
 bench_app = typer.Typer(
     name="bench",
-    help="Benchmarks on a throwaway PostgreSQL (pipeline and snapshot: or on one named with "
-    "--server): each prints rates, ratios against its peers, and one JSON line last.",
+    help="Benchmarks on a throwaway PostgreSQL (cdc, snapshot and pipeline: or on one named "
+    "with --server): each prints rates, ratios against its peers, and one JSON line last.",
     no_args_is_help=True,
 )
 
@@ -71,15 +71,20 @@ def cdc(
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="Runs per consumer, interleaved; the best one counts."
     ),
+    server: ServerOption = None,
 ) -> None:
     """Stream N inserted rows: pg_recvlogical, a do-nothing consumer, headrace decoding.
 
     Prints each one's seconds and rows/s, then one JSON line with them and the
-    ratios decode_vs_noop (target >= 0.9) and decode_vs_pg_recvlogical.
+    ratios decode_vs_noop (target >= 0.9) and decode_vs_pg_recvlogical. With
+    --server DSN: against that PostgreSQL instead of one on this machine's cores.
     """
     from headrace.bench.cdc import run  # noqa: PLC0415 - keeps `headrace --help` fast
 
-    run(rows, unix=unix, repeat=repeat)
+    try:
+        run(rows, unix=unix, repeat=repeat, server=server)
+    except HeadraceError as exc:  # a --server that cannot carry the benchmark, say
+        fail(exc)
 
 
 @bench_app.command("cdc-fintech")
