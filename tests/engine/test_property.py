@@ -341,6 +341,7 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
     piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
     view_from=st.sampled_from([batch_changes.VIEW_CHANGES, 1]),
+    key_index=st.booleans(),
 )
 def test_engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
@@ -350,18 +351,24 @@ def test_engine_equals_postgresql(
     cuts: list[bool],
     piece: int,
     view_from: int,
+    key_index: bool,
 ) -> None:
     """``piece``: batches with more changes come in pieces of this many (as a huge
     transaction does), applied in one store transaction. ``view_from``: a table's changes
-    are a view over the Arrow table from this many (the large batches' way)."""
+    are a view over the Arrow table from this many (the large batches' way).
+    ``key_index``: ``store.mirror_key_index`` (the integer-keyed mirrors' rows found
+    through an index, :mod:`headrace.engine.key_index`)."""
+    yaml = YAML + ("store:\n  mirror_key_index: true\n" if key_index else "")
     with patch.object(batch_changes, "VIEW_CHANGES", view_from):
-        _engine_equals_postgresql(fresh, initial, steps, cuts, piece)
+        _engine_equals_postgresql(fresh, yaml, initial, steps, cuts=cuts, piece=piece)
 
 
 def _engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
+    yaml: str,
     initial: list[str],
     steps: list[Step],
+    *,
     cuts: list[bool],
     piece: int,
 ) -> None:
@@ -375,7 +382,7 @@ def _engine_equals_postgresql(
             int(r[0]): None if r[1] is None else str(r[1])  # type: ignore[call-overload]
             for r in conn.execute(f"SELECT id, {LOOKUP} FROM tx").fetchall()
         }
-    harness = make_harness(db, example, YAML)  # the snapshot copies the seed rows
+    harness = make_harness(db, example, yaml)  # the snapshot copies the seed rows
     harness.batcher = Batcher(harness.slot.registry(), piece_changes=piece)
     world = World(harness, recorded)
     world.run(Step(initial))

@@ -37,6 +37,7 @@ from headrace.engine.batch import apply_segment
 from headrace.engine.batch_changes import earliest_starts
 from headrace.engine.compaction import Compactor
 from headrace.engine.extremes import MirrorReads
+from headrace.engine.key_index import sync_key_index
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rebuild import OnlineRebuild, RebuildDone, RebuildRequest, describe_failure
 from headrace.engine.registry import Registry
@@ -48,7 +49,7 @@ from headrace.engine.results import (
     SnapshotLoaded,
 )
 from headrace.engine.retention import retain_history, retain_rollup
-from headrace.engine.schema_change import diff_schema, follow_schema_change
+from headrace.engine.schema_change import diff_schema, follow_schema_change, indexes_in_the_way
 from headrace.engine.segments import split_segments
 from headrace.engine.snapshot import append_chunk, write_snapshot_meta
 from headrace.engine.tables import TableModel
@@ -143,9 +144,21 @@ class Engine:
             )
             self.applying = PiecesProgress(batch.num_changes, 0, 0, time.monotonic())
         try:
+            self._drop_indexes_in_the_way(batch)
             return self._apply(batch, started, position)
         finally:
             self.applying = None
+
+    def _drop_indexes_in_the_way(self, batch: ChangeBatch) -> None:
+        """Drop the key indexes that would stop ``batch``'s type changes, in a store
+        transaction of their own (:func:`~headrace.engine.schema_change.indexes_in_the_way`)."""
+        models = indexes_in_the_way(self.registry, batch.tables, in_pieces=batch.in_pieces)
+        if not models:
+            return
+        with self._transaction() as con:
+            for model in models:
+                log.info("index on the key of %s dropped for a type change", model.mirror)
+                sync_key_index(con, model, enabled=False)
 
     def _set_threads(self, changes: int) -> None:
         """DuckDB on every core for a large batch, else on ``store.streaming_threads``."""

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from headrace.engine.compaction import Compactor
 from headrace.engine.extremes import MirrorReads
+from headrace.engine.key_index import sync_key_index
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
 from headrace.engine.rollup_view import view_sql
@@ -107,6 +108,7 @@ class Registry:
             model = load_table_model(con, ref, table_config)
             if model is not None:
                 self._load_lookups(con, model)
+                sync_key_index(con, model, enabled=self.config.store.mirror_key_index)
                 self.tables[ref] = model
         stored = self._stored_rollups(con)
         for name, runtime in self.rollups.items():
@@ -185,6 +187,7 @@ class Registry:
                     f"fix primary_key under source.tables.{ref.name}",
                 )
         model.create_tables(con)
+        sync_key_index(con, model, enabled=self.config.store.mirror_key_index)
         model.record_version(con, None, "first seen")
         self.tables[ref] = model
         return model

@@ -35,6 +35,7 @@ from datetime import datetime
 import duckdb
 import pyarrow as pa
 
+from headrace.engine.key_index import MAX_KEYS, keys_in_list
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import (
@@ -186,9 +187,24 @@ def take_start_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     rows), and the history reads deleted rows' values from the start rows.
     """
     model = work.model
+    indexed = (
+        keys_in_list(model, work.touched_keys.column(model.key[0]).to_pylist())
+        if model.key_index
+        and not work.only_new_keys
+        and work.touched_keys is not None
+        and work.touched_keys.num_rows <= MAX_KEYS
+        and work.truncated_at is None
+        else None
+    )
     if work.only_new_keys:
         # Planned as an empty result: the mirror is not read.
         source = f"SELECT * FROM {model.mirror} LIMIT 0"
+    elif indexed is not None:
+        # Through the key's index (see headrace.engine.key_index), not a scan.
+        source = (
+            f"WITH taken AS (DELETE FROM {model.mirror} WHERE {indexed} RETURNING *) "
+            "SELECT * FROM taken"
+        )
     else:
         on = " AND ".join(f"m.{quote_ident(k)} = k.{quote_ident(k)}" for k in model.key)
         where = "" if work.truncated_at is not None else f" USING {work.keys} k WHERE {on}"

@@ -22,6 +22,7 @@ Every change is recorded as a new version in ``headrace.schema_versions``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import duckdb
@@ -31,7 +32,7 @@ from headrace.engine.tables import DEAD, KnownColumn, TableModel, signature
 from headrace.engine.types import duckdb_type, is_widening
 from headrace.errors import format_lsn
 from headrace.pipeline.model import quote_ident
-from headrace.source.changes import Column, TableSchema
+from headrace.source.changes import Column, TableChanges, TableRef, TableSchema
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +207,29 @@ def follow_schema_change(
             fact.lookup_types[hidden] = known.duck_type
     for name in registry.rollups_reading(model.ref, widened):
         registry.build(con, name)
+
+
+def indexes_in_the_way(
+    registry: Registry, tables: Sequence[TableChanges], *, in_pieces: bool
+) -> list[TableModel]:
+    """The mirrors whose key index must go before a batch of ``tables`` is applied:
+    DuckDB refuses ``ALTER COLUMN … TYPE`` on an indexed table, also in the transaction
+    that dropped the index, so the index is dropped in a transaction of its own first
+    (:mod:`headrace.engine.key_index`). That is: the tables whose columns change type in
+    the batch, the mirrors holding a looked-up copy of such a column, and (``in_pieces``:
+    later pieces are not seen yet) every indexed table of the batch."""
+    found: dict[TableRef, TableModel] = {}
+    for changes in tables:
+        model = registry.tables.get(changes.table)
+        if model is None or model.state == DEAD:
+            continue
+        if in_pieces and model.key_index:
+            found[model.ref] = model
+        widened = diff_schema(model, changes.schema).widened if model.columns else []
+        for name, _old, _new in widened:
+            if model.key_index:
+                found[model.ref] = model
+            for fact, _hidden in registry.lookup_columns_on(model.ref, name):
+                if fact.key_index:
+                    found[fact.ref] = fact
+    return list(found.values())

@@ -108,6 +108,8 @@ class TableModel:
     lookup_types: dict[str, str] = field(default_factory=dict)
     state: str = ACTIVE
     reason: str | None = None
+    key_index: bool = False
+    """The mirror has an index on its key (:mod:`headrace.engine.key_index`)."""
 
     @property
     def name(self) -> str:

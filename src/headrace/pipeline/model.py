@@ -293,6 +293,20 @@ class StoreConfig(_Model):
             "changes/s: 10x less checkpoint time); the cost is a few more groups to scan."
         ),
     )
+    mirror_key_index: bool = Field(
+        default=False,
+        description=(
+            "Keep an index on each mirror's key (when it is one integer column), so that a "
+            "batch of at most 4,000 changed keys finds their current rows through it instead "
+            "of scanning the whole mirror. For tables of millions of rows whose old rows are "
+            "updated or deleted at random, at moderate rates: measured at 10,000 changes/s, "
+            "the lookup took 13.6 instead of 55 ms a batch over 5M rows (9.6 instead of 14 "
+            "over 1M). Every write pays for it: 28% more CPU a batch at 100,000 changes/s, "
+            "checkpoints about 1.7x longer, and memory for the index. Off: recent keys (the "
+            "usual OLTP pattern) are found cheaply without it. Changing it takes effect at "
+            "the next start (the index is built or dropped then)."
+        ),
+    )
     streaming_threads: int = Field(
         default=1,
         ge=0,
