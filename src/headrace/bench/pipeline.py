@@ -112,6 +112,7 @@ source:
       event_time: created_at
 store:
   path: "{store}"
+  mirror_key_index: {key_index}
 rollups:
   - name: tx_volume
     table: transactions
@@ -234,6 +235,8 @@ class PipelineBenchResult:
     """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
     ``unix`` (its socket) or ``tcp`` (127.0.0.1), or ``server`` (the ``--server`` DSN's
     way). The generator always uses the socket (the DSN with ``--server``)."""
+    mirror_key_index: bool = False
+    """``store.mirror_key_index`` of the run's pipeline (:mod:`headrace.engine.key_index`)."""
     server: str = "throwaway"
     """``throwaway``: a cluster of the benchmark's own on this machine, sharing its cores
     with headrace; ``external``: the server named with ``--server`` (its CPU not in
@@ -257,6 +260,7 @@ def run(
     tcp: bool = False,
     record: Path | None = None,
     server: str | None = None,
+    mirror_key_index: bool = False,
     console: Console | None = None,
 ) -> PipelineBenchResult:
     """Run the benchmark (see module docstring; with ``backlog``,
@@ -272,6 +276,7 @@ def run(
         mode="backlog" if backlog else "live",
         connection="server" if server is not None else "tcp" if tcp else "unix",
         server="throwaway" if server is None else "external",
+        mirror_key_index=mirror_key_index,
     )
     result.python_loop_s = python_loop_seconds()
     out.print(f"machine: a Python loop of 10M additions takes {result.python_loop_s:.2f} s")
@@ -286,7 +291,14 @@ def run(
             conn.execute(b"VACUUM (FREEZE, ANALYZE)")
         config_path = Path(tmp) / "headrace.yaml"
         store_path = Path(tmp) / "bench.duckdb"
-        config_path.write_text(PIPELINE_YAML.format(dsn=stream_dsn, store=store_path, slot=slot))
+        config_path.write_text(
+            PIPELINE_YAML.format(
+                dsn=stream_dsn,
+                store=store_path,
+                slot=slot,
+                key_index=str(mirror_key_index).lower(),
+            )
+        )
         config = load_pipeline(config_path)
         runs: list[RunProcess] = []
 

@@ -218,6 +218,13 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         "the medians and one JSON line of them and every run come last.",
     ),
     server: ServerOption = None,
+    mirror_key_index: bool = typer.Option(
+        False,
+        "--mirror-key-index",
+        help="Run the pipeline with store.mirror_key_index: the mirror's rows of a small "
+        "batch found through an index on its key instead of a scan (for large tables "
+        "updated at random; pair with --base-rows).",
+    ),
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -258,6 +265,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
             tcp=tcp,
             record=record,
             server=server,
+            mirror_key_index=mirror_key_index,
         )
 
     try:
