@@ -35,9 +35,8 @@ import psycopg
 from rich.console import Console
 
 from headrace.bench.recvlogical import drain_with_pg_recvlogical
-from headrace.bench.server import ExternalPostgres
-from headrace.errors import ConfigError, HeadraceError, format_lsn
-from headrace.sandbox.postgres import ThrowawayPostgres
+from headrace.bench.server import ExternalPostgres, bench_cluster
+from headrace.errors import HeadraceError, format_lsn
 from headrace.source.changes import TableRef
 from headrace.source.postgres.replication import ReplicationConnection, StreamOptions
 from headrace.source.postgres.replication_stream import Payload
@@ -145,14 +144,9 @@ def run(
         raise HeadraceError(
             f"--rows {rows} is too small", f"use at least {TRANSACTIONS} (one per transaction)"
         )
-    if server is not None and not unix:
-        raise ConfigError(
-            "--tcp and --server together: the server's DSN already says how to connect",
-            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
-        )
+    cluster = bench_cluster(server, tcp=not unix)
     out = console or Console(highlight=False)
     runs: dict[str, list[_Run]] = {"pg_recvlogical": [], "noop": [], "decode": []}
-    cluster = ThrowawayPostgres() if server is None else ExternalPostgres(server)
     with cluster:
         if isinstance(cluster, ExternalPostgres):
             dsn, slots = cluster.dsn(), _Slots(cluster.database, local=False)

@@ -85,9 +85,8 @@ from headrace.bench.run_process import (
     checkpoints_between,
     describe_checkpoints,
 )
-from headrace.bench.server import ExternalPostgres
+from headrace.bench.server import ExternalPostgres, bench_cluster
 from headrace.bench.workload_process import WorkloadProcess, workload_deadline_s
-from headrace.errors import ConfigError
 from headrace.pipeline.load import load_pipeline
 from headrace.run.metrics import FreshnessHistogram
 from headrace.run.preload import allocator_in_use
@@ -282,7 +281,7 @@ def run(
     out.print(f"machine: a Python loop of 10M additions takes {result.python_loop_s:.2f} s")
     result.sched_autogroup = autogroup_enabled()
     out.print(describe_scheduling(result.sched_autogroup))
-    cluster = _cluster(server, tcp=tcp)
+    cluster = bench_cluster(server, tcp=tcp)
     with cluster, tempfile.TemporaryDirectory(prefix="hr-bench-") as tmp:
         dsn, stream_dsn, over, slot = _connections(cluster, tcp=tcp)
         out.print(f"headrace connects over {over}; loading {base_rows:,} transactions ...")
@@ -349,18 +348,6 @@ def run(
     _judge(result)
     out.print(json.dumps(asdict(result)), markup=False, soft_wrap=True)
     return result
-
-
-def _cluster(server: str | None, *, tcp: bool) -> ThrowawayPostgres | ExternalPostgres:
-    """The PostgreSQL the run uses: a throwaway cluster, or the ``--server`` one's."""
-    if server is None:
-        return ThrowawayPostgres()
-    if tcp:
-        raise ConfigError(
-            "--tcp and --server together: the server's DSN already says how to connect",
-            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
-        )
-    return ExternalPostgres(server)
 
 
 def _connections(

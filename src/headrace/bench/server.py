@@ -26,8 +26,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from headrace.errors import HeadraceError
-from headrace.sandbox.postgres import find_bindir
+from headrace.errors import ConfigError, HeadraceError
+from headrace.sandbox.postgres import ThrowawayPostgres, find_bindir
 
 DATABASE_PREFIX = "hr_bench_"
 SLOT_RELEASE_S = 10.0
@@ -175,3 +175,16 @@ class ExternalPostgres:
             (self.database,),
         ).fetchone()
         return int(str(row[0])) if row else 0
+
+
+def bench_cluster(server: str | None, *, tcp: bool) -> ThrowawayPostgres | ExternalPostgres:
+    """The PostgreSQL a benchmark runs on: a throwaway cluster of its own, or its database
+    on the ``--server`` one (whose DSN says how to connect: ``--tcp`` is refused with it)."""
+    if server is None:
+        return ThrowawayPostgres()
+    if tcp:
+        raise ConfigError(
+            "--tcp and --server together: the server's DSN already says how to connect",
+            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
+        )
+    return ExternalPostgres(server)

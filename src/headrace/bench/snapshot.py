@@ -52,9 +52,8 @@ import psutil
 import psycopg
 from rich.console import Console
 
-from headrace.bench.server import ExternalPostgres
+from headrace.bench.server import ExternalPostgres, bench_cluster
 from headrace.engine.engine import Engine
-from headrace.errors import ConfigError
 from headrace.pipeline.load import parse_pipeline
 from headrace.run.allocator import arrow_allocator
 from headrace.run.faults import Faults
@@ -186,12 +185,7 @@ def run(
     database of its own on that PostgreSQL) and print its lines."""
     out = console or Console(highlight=False)
     load = os.getloadavg()[0]
-    if server is not None and not unix:
-        raise ConfigError(
-            "--tcp and --server together: the server's DSN already says how to connect",
-            "leave out --tcp (put host=127.0.0.1 in the DSN for TCP to a local server)",
-        )
-    cluster = ThrowawayPostgres() if server is None else ExternalPostgres(server)
+    cluster = bench_cluster(server, tcp=not unix)
     # The allocator `headrace run` uses (headrace.run.allocator).
     with arrow_allocator(), cluster:
         if isinstance(cluster, ExternalPostgres):
