@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from headrace.engine.key_index import MAX_KEYS, indexable, keys_in_list
@@ -123,10 +124,11 @@ def test_turned_off_the_index_is_dropped_at_the_next_start(h: Harness) -> None:
 
 def test_only_a_few_thousand_integer_keys_go_through_the_index(h: Harness) -> None:
     model = h.engine.registry.tables[TableRef.parse("t")]
-    assert keys_in_list(model, [3, 1, None]) == '"id" IN (3, 1)'
-    assert keys_in_list(model, list(range(MAX_KEYS + 1))) is None  # a scan is cheaper
-    assert keys_in_list(model, []) is None
-    assert keys_in_list(model, ["1"]) is None  # never a literal that is not an integer
+    assert keys_in_list(model, pa.array([3, 1, None])) == '"id" IN (3, 1)'
+    too_many = pa.array(range(MAX_KEYS + 1))
+    assert keys_in_list(model, too_many) is None  # a scan is cheaper
+    assert keys_in_list(model, pa.array([], pa.int64())) is None
+    assert keys_in_list(model, pa.array(["1"])) is None  # never a literal that is not an integer
 
 
 LOOKUP_YAML = """

@@ -46,7 +46,6 @@ from headrace.source.postgres.source_settings import SourceSettings
 TARGET_DECODE_VS_NOOP = 0.9
 TABLE = TableRef("public", "bench_cdc")
 PUBLICATION = "headrace_bench_cdc"
-ORIGIN_SLOT = "headrace_bench_cdc"
 TRANSACTIONS = 100
 
 
@@ -60,7 +59,8 @@ class _Slots:
 
     @property
     def origin(self) -> str:
-        return ORIGIN_SLOT if self.prefix == "headrace_bench" else f"{self.prefix}_cdc"
+        """The slot that records the load; the consumers drain copies of it."""
+        return f"{self.prefix}_cdc"
 
 
 _CREATE = """

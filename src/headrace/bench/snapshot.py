@@ -311,8 +311,11 @@ def _postmaster(cluster: ThrowawayPostgres) -> psutil.Process:
     return psutil.Process(pid)
 
 
-def _server_cpu(postmaster: psutil.Process) -> float:
-    """CPU seconds of the server: the postmaster, its exited and its live children."""
+def _server_cpu(postmaster: psutil.Process | None) -> float:
+    """CPU seconds of the server: the postmaster, its exited and its live children (0.0
+    without ``postmaster``: a server on another machine, not measured)."""
+    if postmaster is None:
+        return 0.0
     times = postmaster.cpu_times()
     total = float(times.user + times.system + times.children_user + times.children_system)
     for child in postmaster.children():
@@ -323,11 +326,10 @@ def _server_cpu(postmaster: psutil.Process) -> float:
 
 
 def _measure(postmaster: psutil.Process | None, action: Callable[[], object]) -> Measured:
-    """Time ``action`` with this process's CPU and the server's (0.0 without
-    ``postmaster``: a server on another machine)."""
+    """Time ``action`` with this process's CPU and the server's (:func:`_server_cpu`)."""
     me = psutil.Process()
     client_before = sum(me.cpu_times()[:2])
-    server_before = _server_cpu(postmaster) if postmaster is not None else 0.0
+    server_before = _server_cpu(postmaster)
     started = time.perf_counter()
     action()
     seconds = time.perf_counter() - started
@@ -336,7 +338,7 @@ def _measure(postmaster: psutil.Process | None, action: Callable[[], object]) ->
     return Measured(
         seconds=seconds,
         client_cpu_s=sum(me.cpu_times()[:2]) - client_before,
-        server_cpu_s=(_server_cpu(postmaster) - server_before) if postmaster is not None else 0.0,
+        server_cpu_s=_server_cpu(postmaster) - server_before,
     )
 
 

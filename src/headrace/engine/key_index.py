@@ -35,6 +35,8 @@ import logging
 import time
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
@@ -92,12 +94,14 @@ def sync_key_index(con: duckdb.DuckDBPyConnection, model: TableModel, *, enabled
     model.key_index = False
 
 
-def keys_in_list(model: TableModel, keys: list[object]) -> str | None:
+def keys_in_list(model: TableModel, keys: pa.Array | pa.ChunkedArray) -> str | None:
     """``key IN (…)`` over ``keys`` (the batch's touched keys) when the index can serve
-    them, else None (no index, too many keys, or a value that is not an integer)."""
+    them, else None (no index, none or too many keys, or keys that are not integers)."""
     if not model.key_index or not 0 < len(keys) <= MAX_KEYS:
         return None
-    values = [k for k in keys if k is not None]
-    if not values or not all(type(k) is int for k in values):
+    if not pa.types.is_integer(keys.type):
+        return None  # never a literal that is not an integer
+    values = pc.drop_null(keys).to_pylist()
+    if not values:
         return None
     return f"{quote_ident(model.key[0])} IN ({', '.join(map(str, values))})"

@@ -35,7 +35,7 @@ from datetime import datetime
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.key_index import MAX_KEYS, keys_in_list
+from headrace.engine.key_index import keys_in_list
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import (
@@ -188,12 +188,8 @@ def take_start_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     """
     model = work.model
     indexed = (
-        keys_in_list(model, work.touched_keys.column(model.key[0]).to_pylist())
-        if model.key_index
-        and not work.only_new_keys
-        and work.touched_keys is not None
-        and work.touched_keys.num_rows <= MAX_KEYS
-        and work.truncated_at is None
+        keys_in_list(model, work.touched_keys.column(model.key[0]))
+        if work.touched_keys is not None and work.truncated_at is None
         else None
     )
     if work.only_new_keys:

@@ -218,6 +218,8 @@ def indexes_in_the_way(
     (:mod:`headrace.engine.key_index`). That is: the tables whose columns change type in
     the batch, the mirrors holding a looked-up copy of such a column, and (``in_pieces``:
     later pieces are not seen yet) every indexed table of the batch."""
+    if not any(model.key_index for model in registry.tables.values()):
+        return []  # the usual case: nothing to drop, no schema to compare
     found: dict[TableRef, TableModel] = {}
     for changes in tables:
         model = registry.tables.get(changes.table)
@@ -225,8 +227,9 @@ def indexes_in_the_way(
             continue
         if in_pieces and model.key_index:
             found[model.ref] = model
-        widened = diff_schema(model, changes.schema).widened if model.columns else []
-        for name, _old, _new in widened:
+        if signature(changes.schema.columns) == signature(model.source_columns):
+            continue  # the layout the table has: no type changes
+        for name, _old, _new in diff_schema(model, changes.schema).widened:
             if model.key_index:
                 found[model.ref] = model
             for fact, _hidden in registry.lookup_columns_on(model.ref, name):
