@@ -4,8 +4,9 @@ The rows a batch updates and deletes are taken through the index (a ``DELETE …
 IN (…)``) instead of a scan; the mirror and the rollups must stay exact, also across a
 type change of the key itself (DuckDB refuses ``ALTER COLUMN … TYPE`` on an indexed
 table, even in the transaction that dropped the index: it is dropped in a transaction of
-its own before the batch, and built again at the next start), and turning the option off
-drops the index at the next start.
+its own before the batch, and built again between batches), and turning the option off
+drops the index at the next start. ``auto`` (the default) indexes a large mirror after
+its snapshot and keeps the index only while most of the table's batches can use it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def test_updates_and_deletes_through_the_index_stay_exact(h: Harness) -> None:
     h.assert_reserves("by_grp")
 
 
-def test_a_type_change_of_the_key_drops_the_index_until_the_next_start(h: Harness) -> None:
+def test_a_type_change_of_the_key_drops_the_index_until_the_next_review(h: Harness) -> None:
     h.execute(
         "ALTER TABLE t ALTER COLUMN id TYPE bigint",
         "ALTER TABLE t ALTER COLUMN v TYPE bigint",
@@ -102,8 +103,9 @@ def test_a_type_change_of_the_key_drops_the_index_until_the_next_start(h: Harnes
         )
     }
     assert types["id"] == "BIGINT"
-    h.reopen()
+    h.engine.maintain()  # between batches: built again on the altered table
     assert indexes(h) == ["t__hr_key"]  # a BIGINT key qualifies too
+    assert h.engine.registry.tables[TableRef.parse("t")].key_index
     h.execute("UPDATE t SET grp = 'after' WHERE id IN (4, 5000000000)")
     h.sync()
     h.assert_mirror("t", ["id", "grp", "v", "ts"])
@@ -179,5 +181,81 @@ def test_a_looked_up_column_changing_type_drops_the_fact_tables_index(
         # The accounts' levels never changed: the current join is the reference.
         joined = "(SELECT tx.*, acct.level FROM tx JOIN acct ON acct.id = tx.acct_id) AS tx"
         h.assert_rollup("by_level", joined, {"level": "level"})
+    finally:
+        h.close()
+
+
+AUTO_YAML = """
+source:
+  dsn: "DSN"
+  tables:
+    t:
+      event_time: ts
+store:
+  mirror_key_index_rows: ROWS
+rollups:
+  - name: by_grp
+    table: t
+    grain: 1h
+    dimensions: [grp]
+    measures:
+      - {name: n, fn: count}
+      - {name: lo, fn: min, column: v}
+"""
+
+
+def auto_harness(pg_db: PgDatabase, tmp_path: Path, min_rows: int) -> Harness:
+    pg_db.execute(
+        "CREATE TABLE t (id int PRIMARY KEY, grp text, v int, ts timestamptz);"
+        "INSERT INTO t SELECT g, 'g' || (g % 3), g,"
+        " '2024-01-01'::timestamptz + g * interval '7 min' FROM generate_series(1, 200) g;"
+    )
+    h = make_harness(pg_db, tmp_path, AUTO_YAML.replace("ROWS", str(min_rows)))
+    h.engine.registry.key_indexes.review_s = 0.0  # judge at every maintain
+    return h
+
+
+def batches_of(h: Harness, count: int, statement: str) -> None:
+    """``count`` batches of one transaction each, ``{i}`` in ``statement`` numbering them."""
+    for i in range(count):
+        h.execute(statement.format(i=i))
+        h.sync()
+
+
+def test_auto_indexes_a_large_mirror_while_its_batches_can_use_it(
+    pg_db: PgDatabase, tmp_path: Path
+) -> None:
+    h = auto_harness(pg_db, tmp_path, min_rows=100)
+    try:
+        assert h.engine.config.store.mirror_key_index == "auto"  # the default
+        assert indexes(h) == ["t__hr_key"]  # 200 rows loaded >= 100: built after the snapshot
+        # Inserts of new keys never read the mirror: the index only costs them.
+        batches_of(h, 10, "INSERT INTO t VALUES (1000 + {i}, 'g1', {i}, '2024-01-01 02:00+00')")
+        h.engine.maintain()
+        assert indexes(h) == []
+        # Updates of a few old rows: the index serves them, so it comes back.
+        batches_of(h, 10, "UPDATE t SET v = v + 1, grp = 'moved' WHERE id IN ({i} + 1, {i} + 50)")
+        h.engine.maintain()
+        assert indexes(h) == ["t__hr_key"]
+        batches_of(h, 3, "DELETE FROM t WHERE id = {i} + 100")
+        h.engine.maintain()  # too few batches counted to judge: unchanged
+        assert indexes(h) == ["t__hr_key"]
+        h.assert_mirror("t", ["id", "grp", "v", "ts"])
+        h.assert_rollup("by_grp")
+        h.reopen()  # kept across a restart
+        assert indexes(h) == ["t__hr_key"]
+        assert h.engine.registry.tables[TableRef.parse("t")].key_index
+    finally:
+        h.close()
+
+
+def test_auto_leaves_a_small_mirror_unindexed(pg_db: PgDatabase, tmp_path: Path) -> None:
+    h = auto_harness(pg_db, tmp_path, min_rows=1000)
+    try:
+        assert indexes(h) == []
+        batches_of(h, 10, "UPDATE t SET v = -v WHERE id = {i} + 1")
+        h.engine.maintain()
+        assert indexes(h) == []  # batches that could use it, but 200 rows < 1,000
+        h.assert_mirror("t", ["id", "grp", "v", "ts"])
     finally:
         h.close()

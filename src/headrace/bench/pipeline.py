@@ -234,8 +234,11 @@ class PipelineBenchResult:
     """How ``headrace run`` (and the backlog mode's ``pg_recvlogical``) reach PostgreSQL:
     ``unix`` (its socket) or ``tcp`` (127.0.0.1), or ``server`` (the ``--server`` DSN's
     way). The generator always uses the socket (the DSN with ``--server``)."""
-    mirror_key_index: bool = False
-    """``store.mirror_key_index`` of the run's pipeline (:mod:`headrace.engine.key_index`)."""
+    mirror_key_index: str = "auto"
+    """``store.mirror_key_index`` of the run's pipeline (``auto``, ``true`` or ``false``;
+    :mod:`headrace.engine.key_index`)."""
+    mirror_key_indexed_end: bool = False
+    """Whether the transactions mirror had its key index after the run."""
     server: str = "throwaway"
     """``throwaway``: a cluster of the benchmark's own on this machine, sharing its cores
     with headrace; ``external``: the server named with ``--server`` (its CPU not in
@@ -259,7 +262,7 @@ def run(
     tcp: bool = False,
     record: Path | None = None,
     server: str | None = None,
-    mirror_key_index: bool = False,
+    mirror_key_index: str = "auto",
     console: Console | None = None,
 ) -> PipelineBenchResult:
     """Run the benchmark (see module docstring; with ``backlog``,
@@ -295,7 +298,7 @@ def run(
                 dsn=stream_dsn,
                 store=store_path,
                 slot=slot,
-                key_index=str(mirror_key_index).lower(),
+                key_index=mirror_key_index,
             )
         )
         config = load_pipeline(config_path)

@@ -27,15 +27,22 @@ def verify_exactness(
             comparison = compare_store(config, pg, duck, mirrors=False)
             pg_rows = pg.execute(b"SELECT count(*) FROM transactions").fetchone()
             duck_rows = duck.execute("SELECT count(*) FROM mirror.transactions").fetchone()
+            indexed = duck.execute(
+                "SELECT count(*) FROM duckdb_indexes() WHERE schema_name = 'mirror' "
+                "AND table_name = 'transactions'"
+            ).fetchone()
         finally:
             duck.close()
     result.checked_views = len(comparison.checked)
     result.mirror_rows_end = int(duck_rows[0]) if duck_rows else 0
+    result.mirror_key_indexed_end = bool(indexed and indexed[0])
     result.mismatches = len(comparison.mismatches) + (0 if pg_rows == duck_rows else 1)
     result.mismatch_detail = comparison.describe()[:500]
     out.print(
         f"exactness: {result.checked_views} rollup views vs PostgreSQL GROUP BY, "
-        f"mirror {duck_rows[0] if duck_rows else '?':,} rows: {result.mismatches} mismatches"
+        f"mirror {duck_rows[0] if duck_rows else '?':,} rows"
+        f"{' (key indexed)' if result.mirror_key_indexed_end else ''}: "
+        f"{result.mismatches} mismatches"
     )
 
 

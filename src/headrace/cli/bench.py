@@ -8,6 +8,7 @@ add a command below that imports it lazily (so ``headrace --help`` stays fast).
 from __future__ import annotations
 
 import signal
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -38,6 +39,15 @@ ServerOption = Annotated[
         "is not measured.",
     ),
 ]
+
+
+class KeyIndexChoice(StrEnum):
+    """``bench pipeline --mirror-key-index``'s values (``store.mirror_key_index``)."""
+
+    AUTO = "auto"
+    TRUE = "true"
+    FALSE = "false"
+
 
 bench_app = typer.Typer(
     name="bench",
@@ -218,13 +228,16 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
         "the medians and one JSON line of them and every run come last.",
     ),
     server: ServerOption = None,
-    mirror_key_index: bool = typer.Option(
-        False,
-        "--mirror-key-index",
-        help="Run the pipeline with store.mirror_key_index: the mirror's rows of a small "
-        "batch found through an index on its key instead of a scan (for large tables "
-        "updated at random; pair with --base-rows).",
-    ),
+    mirror_key_index: Annotated[
+        KeyIndexChoice,
+        typer.Option(
+            "--mirror-key-index",
+            help="store.mirror_key_index of the run's pipeline: the mirror's rows of a small "
+            "batch found through an index on its key instead of a scan. auto (the default) "
+            "indexes mirrors of 2M rows or more while their batches are small (pair with "
+            "--base-rows); true always; false never.",
+        ),
+    ] = KeyIndexChoice.AUTO,
 ) -> None:
     """The whole pipeline (snapshot, then streaming) under a mixed write load, checked exactly.
 
@@ -265,7 +278,7 @@ def pipeline(  # noqa: PLR0917 - typer maps parameters to options, not positions
             tcp=tcp,
             record=record,
             server=server,
-            mirror_key_index=mirror_key_index,
+            mirror_key_index=mirror_key_index.value,
         )
 
     try:

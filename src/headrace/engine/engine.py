@@ -52,7 +52,7 @@ from headrace.engine.retention import retain_history, retain_rollup
 from headrace.engine.schema_change import diff_schema, follow_schema_change, indexes_in_the_way
 from headrace.engine.segments import split_segments
 from headrace.engine.snapshot import append_chunk, write_snapshot_meta
-from headrace.engine.tables import TableModel
+from headrace.engine.tables import DEAD, TableModel
 from headrace.errors import HeadraceError, StoreError, format_lsn
 from headrace.jobs.runtime import StreamJobs
 from headrace.pipeline.model import PipelineConfig, RollupConfig
@@ -248,11 +248,16 @@ class Engine:
                 if model.ref not in rows:
                     if model.config.mirror:
                         con.execute(f"DELETE FROM {model.mirror}")
+                    if model.key_index:  # built again once loaded, in bulk
+                        sync_key_index(con, model, enabled=False)
                     rows[model.ref] = 0
                 append_chunk(con, model, chunk, snapshot_time)
                 rows[model.ref] += chunk.rows.num_rows
                 position = max(position, chunk.consistent_point)
             loaded = [self.registry.tables[ref] for ref in rows]
+            self.registry.key_indexes.after_snapshot(
+                con, loaded, {ref.qualified: n for ref, n in rows.items()}
+            )
             built = set(self.registry.setup_rollups(con))
             for model in self.registry.tables.values():
                 for lookup in model.lookups.values():
@@ -338,8 +343,20 @@ class Engine:
         self._run_rebuild_requests()
         applied = self.enforce_retention(now)
         self.compact_rollups()
+        self.review_key_indexes()
         self.store.maybe_checkpoint()
         return applied
+
+    def review_key_indexes(self) -> None:
+        """Build or drop mirrors' key indexes as ``store.mirror_key_index`` says
+        (:meth:`~headrace.engine.key_index.KeyIndexKeeper.review`), in a transaction of
+        their own."""
+        keeper = self.registry.key_indexes
+        models = [m for m in self.registry.tables.values() if m.state != DEAD]
+        now = time.monotonic()
+        if keeper.due(models, now):
+            with self._transaction() as con:
+                keeper.review(con, models, now)
 
     def compact_rollups(self, *, force: bool = False, budget_s: float = 0.025) -> list[str]:
         """Fold appended rollup deltas together

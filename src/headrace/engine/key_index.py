@@ -18,21 +18,34 @@ values render as literals exactly.
 
 The price is paid by every write: each appended and deleted mirror row updates the
 index (`bench replay` of a 100k changes/s recording: 28% more CPU a batch), and a
-checkpoint writes it (about 1.7x longer). Off by default; worth it for tables of
-millions of rows updated at random at moderate rates.
+checkpoint writes it (about 1.7x longer). Worth it for tables of millions of rows
+updated at random at moderate rates, hence ``auto`` below.
 
 DuckDB refuses ``ALTER COLUMN … TYPE`` on an indexed table, even in the transaction
 that dropped the index: a batch that changes a column's type has the index dropped in a
 transaction of its own first
-(:func:`~headrace.engine.schema_change.indexes_in_the_way`), and the next start builds
-it again. So does a batch in pieces (a huge transaction, whose later pieces are not seen
-in advance); the index would not serve its thousands of keys anyway.
+(:func:`~headrace.engine.schema_change.indexes_in_the_way`), and it is built again
+between batches (:class:`KeyIndexKeeper`: ``true`` at once, ``auto`` at its next review).
+So does a batch in pieces (a huge
+transaction, whose later pieces are not seen in advance); the index would not serve its
+thousands of keys anyway.
+
+``auto`` (the default) keeps the index where it pays: on a mirror of at least
+``store.mirror_key_index_rows`` rows, while at least half of the table's batches
+(judged every :data:`REVIEW_S` seconds, over at least :data:`REVIEW_BATCHES` of them)
+have few enough keys to use it. A snapshot that fills a mirror past that size builds it
+at once (in bulk, before the stream starts); a backlog or a high rate (large batches)
+drops it, and an append-only table (batches of new keys only, which never read the
+mirror) loses it. Building it costs about 0.13 s a million rows (DuckDB 2.0.1, 2
+threads), a stall of the writer once per switch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from typing import Literal
 
 import duckdb
 import pyarrow as pa
@@ -40,12 +53,19 @@ import pyarrow.compute as pc
 
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
-from headrace.store.duckdb.schema import MIRROR, table_label
+from headrace.store.duckdb.schema import META, MIRROR, table_label
 
 log = logging.getLogger(__name__)
 
 MAX_KEYS = 4000
 """Most touched keys a batch looks up through the index; a larger batch scans."""
+
+REVIEW_S = 10.0
+"""Seconds between ``auto``'s reviews of the tables' batches."""
+
+REVIEW_BATCHES = 10
+"""Fewest batches of a table ``auto`` judges by; a table with fewer counted goes on
+counting until a later review."""
 
 INTEGER_TYPES = frozenset(
     {
@@ -105,3 +125,109 @@ def keys_in_list(model: TableModel, keys: pa.Array | pa.ChunkedArray) -> str | N
     if not values:
         return None
     return f"{quote_ident(model.key[0])} IN ({', '.join(map(str, values))})"
+
+
+def count_lookup(model: TableModel, keys: int | None) -> None:
+    """Count a batch's lookup of ``model``'s start rows for ``auto``: one of ``keys``
+    touched keys the index would serve, or (None, too many keys) one it would not: the
+    keys of an insert-only batch or a truncate are never looked up."""
+    if keys is not None and 0 < keys <= MAX_KEYS:
+        model.key_lookups[0] += 1
+    else:
+        model.key_lookups[1] += 1
+
+
+def index_exists(con: duckdb.DuckDBPyConnection, model: TableModel) -> bool:
+    """The store holds ``model``'s key index (from an earlier run)."""
+    found = con.execute(
+        "SELECT count(*) FROM duckdb_indexes() WHERE schema_name = ? AND index_name = ?",
+        [MIRROR, f"{table_label(model.ref)}__hr_key"],
+    ).fetchall()
+    return bool(found[0][0])
+
+
+class KeyIndexKeeper:
+    """Which mirrors have the key index (``store.mirror_key_index``): set at start, at a
+    table's first sight (:meth:`at_load`) and after a snapshot (:meth:`after_snapshot`),
+    reviewed between batches (:meth:`review`)."""
+
+    def __init__(self, mode: bool | Literal["auto"], min_rows: int) -> None:
+        self.mode = mode
+        self.min_rows = min_rows
+        self.review_s = REVIEW_S
+        """Seconds between ``auto``'s reviews (tests shorten it)."""
+        self._reviewed = time.monotonic()
+
+    def at_load(self, con: duckdb.DuckDBPyConnection, model: TableModel) -> None:
+        """``true`` and ``false`` build or drop the index now; ``auto`` keeps what the
+        store holds (its reviews decide from the batches that follow)."""
+        if self.mode == "auto":
+            keep = indexable(model) and index_exists(con, model)
+            sync_key_index(con, model, enabled=keep)
+        else:
+            sync_key_index(con, model, enabled=self.mode)
+
+    def after_snapshot(
+        self, con: duckdb.DuckDBPyConnection, models: Iterable[TableModel], rows: dict[str, int]
+    ) -> None:
+        """Index the mirrors a snapshot just filled (their index, if any, was dropped for
+        the bulk load): with ``true`` all of them, with ``auto`` those of at least
+        ``min_rows`` ``rows`` (a bulk build costs less now than during the stream; the
+        reviews drop it if the batches turn out too large to use it)."""
+        for model in models:
+            if self.mode is True or (
+                self.mode == "auto" and rows.get(model.name, 0) >= self.min_rows
+            ):
+                sync_key_index(con, model, enabled=True)
+
+    def due(self, models: Iterable[TableModel], now: float) -> bool:
+        """A :meth:`review` would have something to do (no transaction otherwise)."""
+        if self.mode is True:
+            return any(not model.key_index and indexable(model) for model in models)
+        return self.mode == "auto" and now - self._reviewed >= self.review_s
+
+    def review(
+        self, con: duckdb.DuckDBPyConnection, models: Iterable[TableModel], now: float
+    ) -> list[tuple[TableModel, bool]]:
+        """Build or drop indexes as the mode says, in ``con``'s transaction: with
+        ``true``, build the indexes a type change or a batch in pieces dropped; with
+        ``auto``, judge each table by its rows and the batches counted since its last
+        judgement (at least :data:`REVIEW_BATCHES`): the index is wanted on a mirror of
+        ``min_rows`` rows or more when at least half of them could use it. The tables
+        changed, and whether they now have the index."""
+        changed: list[tuple[TableModel, bool]] = []
+        if self.mode is True:
+            for model in models:
+                if not model.key_index and indexable(model):
+                    sync_key_index(con, model, enabled=True)
+                    changed.append((model, True))
+            return changed
+        if self.mode is False:
+            return changed
+        self._reviewed = now
+        judged = [
+            model
+            for model in models
+            if indexable(model) and sum(model.key_lookups) >= REVIEW_BATCHES
+        ]
+        if not judged:
+            return changed
+        rows = dict(con.execute(f"SELECT table_name, rows FROM {META}.tables").fetchall())
+        for model in judged:
+            served, other = model.key_lookups
+            model.key_lookups[:] = [0, 0]
+            mirror_rows = int(rows.get(model.name) or 0)
+            want = mirror_rows >= self.min_rows and served >= other
+            if want == model.key_index:
+                continue
+            sync_key_index(con, model, enabled=want)
+            log.info(
+                "index on the key of %s %s: %d rows, %d of %d batches could use it",
+                model.mirror,
+                "built" if want else "dropped",
+                mirror_rows,
+                served,
+                served + other,
+            )
+            changed.append((model, want))
+        return changed

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from headrace.engine.compaction import Compactor
 from headrace.engine.extremes import MirrorReads
-from headrace.engine.key_index import sync_key_index
+from headrace.engine.key_index import KeyIndexKeeper
 from headrace.engine.lookup import fill_lookup_column
 from headrace.engine.rollup import RollupPlan, definition_json
 from headrace.engine.rollup_view import view_sql
@@ -94,6 +94,10 @@ class Registry:
         are marked); reset by :meth:`load`."""
         self.compactor = Compactor()
         """Folds the rollups' appended rows between batches."""
+        self.key_indexes = KeyIndexKeeper(
+            config.store.mirror_key_index, config.store.mirror_key_index_rows
+        )
+        """Which mirrors have an index on their key (``store.mirror_key_index``)."""
         self.tracking: dict[str, tuple[RollupPlan, str]] = {}
         """Rollups being rebuilt while streaming (:mod:`headrace.engine.rebuild`): the
         new plan and the temp table collecting the groups each batch touches."""
@@ -108,7 +112,7 @@ class Registry:
             model = load_table_model(con, ref, table_config)
             if model is not None:
                 self._load_lookups(con, model)
-                sync_key_index(con, model, enabled=self.config.store.mirror_key_index)
+                self.key_indexes.at_load(con, model)
                 self.tables[ref] = model
         stored = self._stored_rollups(con)
         for name, runtime in self.rollups.items():
@@ -187,7 +191,7 @@ class Registry:
                     f"fix primary_key under source.tables.{ref.name}",
                 )
         model.create_tables(con)
-        sync_key_index(con, model, enabled=self.config.store.mirror_key_index)
+        self.key_indexes.at_load(con, model)
         model.record_version(con, None, "first seen")
         self.tables[ref] = model
         return model

@@ -35,7 +35,7 @@ from datetime import datetime
 import duckdb
 import pyarrow as pa
 
-from headrace.engine.key_index import keys_in_list
+from headrace.engine.key_index import count_lookup, keys_in_list
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
 from headrace.source.changes import (
@@ -187,11 +187,9 @@ def take_start_rows(con: duckdb.DuckDBPyConnection, work: TableWork) -> None:
     rows), and the history reads deleted rows' values from the start rows.
     """
     model = work.model
-    indexed = (
-        keys_in_list(model, work.touched_keys.column(model.key[0]))
-        if work.touched_keys is not None and work.truncated_at is None
-        else None
-    )
+    keys = work.touched_keys if work.truncated_at is None else None
+    indexed = keys_in_list(model, keys.column(model.key[0])) if keys is not None else None
+    count_lookup(model, None if keys is None or work.only_new_keys else keys.num_rows)
     if work.only_new_keys:
         # Planned as an empty result: the mirror is not read.
         source = f"SELECT * FROM {model.mirror} LIMIT 0"

@@ -110,6 +110,9 @@ class TableModel:
     reason: str | None = None
     key_index: bool = False
     """The mirror has an index on its key (:mod:`headrace.engine.key_index`)."""
+    key_lookups: list[int] = field(default_factory=lambda: [0, 0])
+    """Batches since the key index was last reviewed: [those the index would serve,
+    the others] (:func:`~headrace.engine.key_index.count_lookup`)."""
 
     @property
     def name(self) -> str:
