@@ -37,7 +37,8 @@ have few enough keys to use it. A snapshot that fills a mirror past that size bu
 at once (in bulk, before the stream starts); a backlog or a high rate (large batches)
 drops it, and an append-only table (batches of new keys only, which never read the
 mirror) loses it. Building it costs about 0.13 s a million rows (DuckDB 2.0.1, 2
-threads), a stall of the writer once per switch.
+threads), a stall of the writer once per switch, and a checkpoint right after: DuckDB
+logs a new index whole in its WAL (40 MB for 5M keys).
 """
 
 from __future__ import annotations
@@ -169,16 +170,21 @@ class KeyIndexKeeper:
 
     def after_snapshot(
         self, con: duckdb.DuckDBPyConnection, models: Iterable[TableModel], rows: dict[str, int]
-    ) -> None:
+    ) -> bool:
         """Index the mirrors a snapshot just filled (their index, if any, was dropped for
         the bulk load): with ``true`` all of them, with ``auto`` those of at least
         ``min_rows`` ``rows`` (a bulk build costs less now than during the stream; the
-        reviews drop it if the batches turn out too large to use it)."""
+        reviews drop it if the batches turn out too large to use it). Whether any was
+        built."""
+        built = False
         for model in models:
-            if self.mode is True or (
-                self.mode == "auto" and rows.get(model.name, 0) >= self.min_rows
+            if indexable(model) and (
+                self.mode is True
+                or (self.mode == "auto" and rows.get(model.name, 0) >= self.min_rows)
             ):
                 sync_key_index(con, model, enabled=True)
+                built = True
+        return built
 
     def due(self, models: Iterable[TableModel], now: float) -> bool:
         """A :meth:`review` would have something to do (no transaction otherwise)."""
