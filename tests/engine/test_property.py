@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from headrace.engine import batch_changes
+from headrace.engine import batch_changes, key_index
 from headrace.source.postgres.batcher import PIECE_CHANGES, Batcher
 from headrace.store.duckdb.schema import grain_label
 from tests.conftest import PgDatabase
@@ -341,7 +341,7 @@ def fresh(pg_db: PgDatabase, tmp_path: Path) -> tuple[PgDatabase, Path]:
     cuts=st.lists(st.booleans(), min_size=1, max_size=30),
     piece=st.sampled_from([PIECE_CHANGES, 1, 2, 5]),
     view_from=st.sampled_from([batch_changes.VIEW_CHANGES, 1]),
-    key_index=st.booleans(),
+    index_mode=st.sampled_from(["false", "true", "auto"]),
 )
 def test_engine_equals_postgresql(
     fresh: tuple[PgDatabase, Path],
@@ -351,15 +351,21 @@ def test_engine_equals_postgresql(
     cuts: list[bool],
     piece: int,
     view_from: int,
-    key_index: bool,
+    index_mode: str,
 ) -> None:
     """``piece``: batches with more changes come in pieces of this many (as a huge
     transaction does), applied in one store transaction. ``view_from``: a table's changes
     are a view over the Arrow table from this many (the large batches' way).
-    ``key_index``: ``store.mirror_key_index`` (the integer-keyed mirrors' rows found
-    through an index, :mod:`headrace.engine.key_index`)."""
-    yaml = YAML + ("store:\n  mirror_key_index: true\n" if key_index else "")
-    with patch.object(batch_changes, "VIEW_CHANGES", view_from):
+    ``index_mode``: ``store.mirror_key_index`` (the integer-keyed mirrors' rows found
+    through an index, :mod:`headrace.engine.key_index`); ``auto`` from 0 rows, reviewed
+    between every two syncs on the last batch alone, so the index comes and goes within
+    the example."""
+    yaml = YAML + f"store:\n  mirror_key_index: {index_mode}\n  mirror_key_index_rows: 0\n"
+    with (
+        patch.object(batch_changes, "VIEW_CHANGES", view_from),
+        patch.object(key_index, "REVIEW_S", 0.0),
+        patch.object(key_index, "REVIEW_BATCHES", 1),
+    ):
         _engine_equals_postgresql(fresh, yaml, initial, steps, cuts=cuts, piece=piece)
 
 
@@ -392,6 +398,7 @@ def _engine_equals_postgresql(
             world.run(step)
             if step.sync:
                 harness.sync(lambda: next(cut_points))
+                harness.engine.review_key_indexes()
                 check_equal(harness, world)
             if step.restart:
                 harness.sync(lambda: next(cut_points))
