@@ -232,10 +232,14 @@ def test_auto_indexes_a_large_mirror_while_its_batches_can_use_it(
         # ... and checkpointed at once: DuckDB logs a new index whole in its WAL.
         assert h.engine.store.checkpoints.count == 1
         assert h.engine.store.wal_bytes() < 100_000
+        assert [(t.table_name, t.key_indexed) for t in h.engine.store.table_status()] == [
+            ("public.t", True)  # what `headrace status` shows
+        ]
         # Inserts of new keys never read the mirror: the index only costs them.
         batches_of(h, 10, "INSERT INTO t VALUES (1000 + {i}, 'g1', {i}, '2024-01-01 02:00+00')")
         h.engine.maintain()
         assert indexes(h) == []
+        assert not h.engine.store.table_status()[0].key_indexed
         # Updates of a few old rows: the index serves them, so it comes back.
         batches_of(h, 10, "UPDATE t SET v = v + 1, grp = 'moved' WHERE id IN ({i} + 1, {i} + 50)")
         h.engine.maintain()

@@ -128,3 +128,11 @@ def test_lossy_values_are_shown_by_type_and_issue() -> None:
     assert "numeric: NaN in a numeric(10,2) (3); int4[]: array flattened (1,200)" in text
     document["lossy_values"] = []
     assert "lossy" not in _rendered(document)
+
+
+def test_a_mirror_with_a_key_index_says_so() -> None:
+    row = {"name": "public.transactions", "rows": 5_000_000, "state": "active"}
+    document = _running(tables=[row | {"key_indexed": True}, {**row, "name": "public.cards"}])
+    text = _rendered(document)
+    assert "public.transactions (key indexed)" in text
+    assert "public.cards (key" not in text

@@ -122,6 +122,7 @@ def _table_rows(
                 "state": table.state,
                 "reason": table.reason,
                 "schema_version": table.schema_version,
+                "key_indexed": table.key_indexed,
             }
         )
     return out

@@ -102,6 +102,8 @@ def render_status(document: dict[str, Any], console: Console) -> None:
     for row in document.get("tables", []):
         state = row.get("state", "active")
         name = row["name"] + ("" if state == "active" else f" ({state})")
+        if row.get("key_indexed"):
+            name += " (key indexed)"
         table.add_row(
             name,
             f"{row['rows']:,}",

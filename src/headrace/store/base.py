@@ -65,6 +65,8 @@ class TableStatus:
     schema_version: int
     state: str
     reason: str | None
+    key_indexed: bool = False
+    """The mirror has an index on its key (``store.mirror_key_index``)."""
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ import duckdb
 import pyarrow as pa
 
 from headrace.errors import StoreError
+from headrace.source.changes import TableRef
 from headrace.store.base import DeadLetter, RollupStatus, Store, StoredPosition, TableStatus
 from headrace.store.duckdb.connect import open_store, store_cursor
-from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL
+from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL, MIRROR, table_label
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,14 @@ class DuckDBStore(Store):
                        schema_version, state, reason
                 FROM {META}.tables ORDER BY table_name"""
         )
+        indexed = {
+            str(r[0])
+            for r in self._reader_rows(
+                "SELECT table_name FROM duckdb_indexes() WHERE schema_name = ? "
+                "AND index_name = table_name || '__hr_key'",
+                [MIRROR],
+            )
+        }
         return [
             TableStatus(
                 table_name=str(r[0]),
@@ -274,6 +283,7 @@ class DuckDBStore(Store):
                 schema_version=int(r[6]),  # type: ignore[call-overload]
                 state=str(r[7]),
                 reason=None if r[8] is None else str(r[8]),
+                key_indexed=table_label(TableRef.parse(str(r[0]))) in indexed,
             )
             for r in rows
         ]
