@@ -356,6 +356,16 @@ def test_catalog_missing_table_and_key() -> None:
             ("store.row_group_size", "multiple of 2048"),
             id="store-row-group-size-not-a-multiple-of-a-vector",
         ),
+        pytest.param(
+            GOOD + "store:\n  mirror_key_index: sometimes\n",
+            ("store.mirror_key_index", "should be auto, true or false, not 'sometimes'"),
+            id="store-mirror-key-index-not-a-mode",
+        ),
+        pytest.param(
+            GOOD + "store:\n  mirror_key_index_rows: -1\n",
+            ("store.mirror_key_index_rows", "greater than or equal to 0"),
+            id="store-mirror-key-index-rows-negative",
+        ),
     ],
 )
 def test_each_mistake_is_named(text: str, expected: tuple[str, ...]) -> None:
@@ -377,3 +387,12 @@ def test_catalog_unknown_key_time_lookup_and_measure_columns() -> None:
             expected,
             problems,
         )
+
+
+@pytest.mark.parametrize(
+    ("written", "mode"),
+    [("auto", "auto"), ("AUTO", "auto"), ("true", True), ("off", False), ("'no'", False)],
+)
+def test_mirror_key_index_modes(written: str, mode: object) -> None:
+    config = parse_pipeline(GOOD + f"store:\n  mirror_key_index: {written}\n")
+    assert config.store.mirror_key_index == mode
