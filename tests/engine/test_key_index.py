@@ -17,7 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from headrace.engine.key_index import MAX_KEYS, indexable, keys_in_list
+from headrace.engine import key_index
+from headrace.engine.key_index import MAX_KEYS, indexable, keys_in_list, max_keys
 from headrace.source.changes import TableRef
 from tests.conftest import PgDatabase
 from tests.engine.harness import Harness, make_harness
@@ -56,6 +57,13 @@ def h(pg_db: PgDatabase, tmp_path: Path) -> Iterator[Harness]:
     harness = make_harness(pg_db, tmp_path, YAML)
     yield harness
     harness.close()
+
+
+@pytest.fixture(autouse=True)
+def every_key_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key through the index as cheap as a row scanned, so that these small tables'
+    batches take the index path (:data:`~headrace.engine.key_index.ROWS_PER_KEY`)."""
+    monkeypatch.setattr(key_index, "ROWS_PER_KEY", 1)
 
 
 def indexes(h: Harness) -> list[str]:
@@ -124,11 +132,14 @@ def test_turned_off_the_index_is_dropped_at_the_next_start(h: Harness) -> None:
     h.assert_rollup("by_grp")
 
 
-def test_only_a_few_thousand_integer_keys_go_through_the_index(h: Harness) -> None:
+def test_only_as_many_keys_as_the_mirrors_size_pays_for_go_through_the_index(
+    h: Harness,
+) -> None:
     model = h.engine.registry.tables[TableRef.parse("t")]
+    assert model.key_index_keys == 200  # one key a row here (ROWS_PER_KEY patched)
     assert keys_in_list(model, pa.array([3, 1, None])) == '"id" IN (3, 1)'
-    too_many = pa.array(range(MAX_KEYS + 1))
-    assert keys_in_list(model, too_many) is None  # a scan is cheaper
+    assert keys_in_list(model, pa.array(range(200))) is not None
+    assert keys_in_list(model, pa.array(range(201))) is None  # a scan is cheaper
     assert keys_in_list(model, pa.array([], pa.int64())) is None
     assert keys_in_list(model, pa.array(["1"])) is None  # never a literal that is not an integer
 
@@ -266,3 +277,11 @@ def test_auto_leaves_a_small_mirror_unindexed(pg_db: PgDatabase, tmp_path: Path)
         h.assert_mirror("t", ["id", "grp", "v", "ts"])
     finally:
         h.close()
+
+
+def test_the_keys_an_index_serves_grow_with_the_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()  # the measured constant, not the fixture's
+    assert max_keys(1_000) == 0
+    assert max_keys(2_000_000) == 800  # measured break-even ~770 keys
+    assert max_keys(5_000_000) == 2_000  # measured ~1,900
+    assert max_keys(100_000_000) == MAX_KEYS

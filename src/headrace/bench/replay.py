@@ -39,6 +39,7 @@ from headrace.store.duckdb.prepared import prepared_text
 from headrace.store.duckdb.store import DuckDBStore
 
 _SPACES = re.compile(r"\s+")
+_INTEGER_LIST = re.compile(r"IN \(-?\d+(?:, -?\d+)*\)")
 
 
 class _TimedConnection:
@@ -55,16 +56,19 @@ class _TimedConnection:
                 return self._con.execute(query)
             return self._con.execute(query, parameters)
         finally:
+            ms = (time.perf_counter() - started) * 1000  # before the labelling's own time
             text = prepared_text(self, query) or query  # type: ignore[arg-type]
-            self._timings[_label(text)].append((time.perf_counter() - started) * 1000)
+            self._timings[_label(text)].append(ms)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._con, name)
 
 
 def _label(query: str) -> str:
-    """A statement's identity across batches: its text, whitespace folded, cut short."""
-    return _SPACES.sub(" ", query).strip()[:110]
+    """A statement's identity across batches: its text, whitespace folded, lists of
+    integer constants (a key index's lookup, :mod:`headrace.engine.key_index`) as
+    ``(…)``, cut short."""
+    return _INTEGER_LIST.sub("IN (…)", _SPACES.sub(" ", query)).strip()[:110]
 
 
 @dataclass

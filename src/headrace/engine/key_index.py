@@ -11,10 +11,11 @@ recordings (~1,000 touched keys a batch): that statement 55 ms a batch over a 5M
 mirror (62% of the batch) and 14 ms over 1M rows; through the index, 13.6 and 9.6 ms.
 
 DuckDB 2.0.1 uses an ART index for a constant ``IN`` list (not for ``= ANY(?)`` or a
-join), so the lookup is ``DELETE … WHERE key IN (k1, k2, …) RETURNING *``, for batches
-of at most :data:`MAX_KEYS` keys; a larger batch scans as before (thousands of
-constants cost more to plan than the scan). Only a single integer key qualifies: its
-values render as literals exactly.
+join), so the lookup is ``DELETE … WHERE key IN (k1, k2, …) RETURNING *``. Planning
+the constants is most of its cost, ~15-20 µs a key, so it serves a batch of at most one
+key per :data:`ROWS_PER_KEY` rows of the mirror (800 keys over 2M rows, 2,000 over 5M,
+never more than :data:`MAX_KEYS`); a larger batch scans as before. Only a single
+integer key qualifies: its values render as literals exactly.
 
 The price is paid by every write: each appended and deleted mirror row updates the
 index (`bench replay` of a 100k changes/s recording: 28% more CPU a batch), and a
@@ -59,7 +60,17 @@ from headrace.store.duckdb.schema import META, MIRROR, table_label
 log = logging.getLogger(__name__)
 
 MAX_KEYS = 4000
-"""Most touched keys a batch looks up through the index; a larger batch scans."""
+"""Most touched keys a batch looks up through the index, whatever the mirror's size; a
+larger batch scans."""
+
+ROWS_PER_KEY = 2_500
+"""Mirror rows whose scan costs what one key taken through the index does: DuckDB 2.0.1
+spends ~15-20 µs a key of an ``IN`` list (binding and optimizing the constants, more
+than the lookups), and scans a mirror's key column at ~6-8 ns a row. Measured (one
+thread, rows in random key order, the whole ``DELETE … RETURNING``): the index is
+cheaper up to ~770 keys over 2M rows (1,000 keys: 20.5 against 16.3 ms) and up to
+~1,900 over 5M (2,000 keys: 36.2 against 33.7 ms). So a batch takes the index for at
+most ``rows // ROWS_PER_KEY`` keys (:func:`max_keys`)."""
 
 REVIEW_S = 10.0
 """Seconds between ``auto``'s reviews of the tables' batches."""
@@ -115,10 +126,17 @@ def sync_key_index(con: duckdb.DuckDBPyConnection, model: TableModel, *, enabled
     model.key_index = False
 
 
+def max_keys(rows: int) -> int:
+    """Most touched keys a batch takes through the index of a mirror of ``rows`` rows:
+    more cost more than a scan (:data:`ROWS_PER_KEY`), and never above :data:`MAX_KEYS`."""
+    return min(MAX_KEYS, rows // ROWS_PER_KEY)
+
+
 def keys_in_list(model: TableModel, keys: pa.Array | pa.ChunkedArray) -> str | None:
     """``key IN (…)`` over ``keys`` (the batch's touched keys) when the index can serve
-    them, else None (no index, none or too many keys, or keys that are not integers)."""
-    if not model.key_index or not 0 < len(keys) <= MAX_KEYS:
+    them, else None (no index, none or too many keys for the mirror's size, or keys that
+    are not integers)."""
+    if not model.key_index or not 0 < len(keys) <= model.key_index_keys:
         return None
     if not pa.types.is_integer(keys.type):
         return None  # never a literal that is not an integer
@@ -132,7 +150,7 @@ def count_lookup(model: TableModel, keys: int | None) -> None:
     """Count a batch's lookup of ``model``'s start rows for ``auto``: one of ``keys``
     touched keys the index would serve, or (None, too many keys) one it would not: the
     keys of an insert-only batch or a truncate are never looked up."""
-    if keys is not None and 0 < keys <= MAX_KEYS:
+    if keys is not None and 0 < keys <= model.key_index_keys:
         model.key_lookups[0] += 1
     else:
         model.key_lookups[1] += 1
@@ -159,9 +177,22 @@ class KeyIndexKeeper:
         """Seconds between ``auto``'s reviews (tests shorten it)."""
         self._reviewed = time.monotonic()
 
+    @staticmethod
+    def measure(con: duckdb.DuckDBPyConnection, models: Iterable[TableModel]) -> dict[str, int]:
+        """The mirrors' rows (``headrace.tables``), and from them each model's
+        :attr:`~headrace.engine.tables.TableModel.key_index_keys`."""
+        rows = {
+            str(name): int(count or 0)
+            for name, count in con.execute(f"SELECT table_name, rows FROM {META}.tables").fetchall()
+        }
+        for model in models:
+            model.key_index_keys = max_keys(rows.get(model.name, 0))
+        return rows
+
     def at_load(self, con: duckdb.DuckDBPyConnection, model: TableModel) -> None:
         """``true`` and ``false`` build or drop the index now; ``auto`` keeps what the
         store holds (its reviews decide from the batches that follow)."""
+        self.measure(con, [model])
         if self.mode == "auto":
             keep = indexable(model) and index_exists(con, model)
             sync_key_index(con, model, enabled=keep)
@@ -178,6 +209,7 @@ class KeyIndexKeeper:
         built."""
         built = False
         for model in models:
+            model.key_index_keys = max_keys(rows.get(model.name, 0))
             if indexable(model) and (
                 self.mode is True
                 or (self.mode == "auto" and rows.get(model.name, 0) >= self.min_rows)
@@ -188,41 +220,40 @@ class KeyIndexKeeper:
 
     def due(self, models: Iterable[TableModel], now: float) -> bool:
         """A :meth:`review` would have something to do (no transaction otherwise)."""
-        if self.mode is True:
-            return any(not model.key_index and indexable(model) for model in models)
-        return self.mode == "auto" and now - self._reviewed >= self.review_s
+        if self.mode is False:
+            return False
+        if self.mode is True and any(not m.key_index and indexable(m) for m in models):
+            return True
+        return now - self._reviewed >= self.review_s  # the mirrors' sizes, at least
 
     def review(
         self, con: duckdb.DuckDBPyConnection, models: Iterable[TableModel], now: float
     ) -> list[tuple[TableModel, bool]]:
-        """Build or drop indexes as the mode says, in ``con``'s transaction: with
-        ``true``, build the indexes a type change or a batch in pieces dropped; with
-        ``auto``, judge each table by its rows and the batches counted since its last
-        judgement (at least :data:`REVIEW_BATCHES`): the index is wanted on a mirror of
-        ``min_rows`` rows or more when at least half of them could use it. The tables
-        changed, and whether they now have the index."""
+        """Build or drop indexes as the mode says, in ``con``'s transaction, after
+        reading the mirrors' sizes (:meth:`measure`). With ``true``, build the indexes
+        a type change or a batch in pieces dropped. With ``auto``, judge each table by
+        its rows and the batches counted since its last judgement (at least
+        :data:`REVIEW_BATCHES`): the index is wanted on a mirror of ``min_rows`` rows or
+        more when at least half of them could use it. The tables changed, and whether
+        they now have the index."""
         changed: list[tuple[TableModel, bool]] = []
+        if self.mode is False:
+            return changed
+        models = [model for model in models if indexable(model)]
+        self._reviewed = now
+        rows = self.measure(con, models)
         if self.mode is True:
             for model in models:
-                if not model.key_index and indexable(model):
+                if not model.key_index:
                     sync_key_index(con, model, enabled=True)
                     changed.append((model, True))
             return changed
-        if self.mode is False:
-            return changed
-        self._reviewed = now
-        judged = [
-            model
-            for model in models
-            if indexable(model) and sum(model.key_lookups) >= REVIEW_BATCHES
-        ]
-        if not judged:
-            return changed
-        rows = dict(con.execute(f"SELECT table_name, rows FROM {META}.tables").fetchall())
-        for model in judged:
+        for model in models:
+            if sum(model.key_lookups) < REVIEW_BATCHES:
+                continue
             served, other = model.key_lookups
             model.key_lookups[:] = [0, 0]
-            mirror_rows = int(rows.get(model.name) or 0)
+            mirror_rows = rows.get(model.name, 0)
             want = mirror_rows >= self.min_rows and served >= other
             if want == model.key_index:
                 continue

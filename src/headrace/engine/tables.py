@@ -110,6 +110,10 @@ class TableModel:
     reason: str | None = None
     key_index: bool = False
     """The mirror has an index on its key (:mod:`headrace.engine.key_index`)."""
+    key_index_keys: int = 0
+    """Most touched keys a batch takes through the key index: more would cost more than
+    a scan of a mirror of its size (:func:`~headrace.engine.key_index.max_keys`), set
+    at load, after a snapshot and at every review."""
     key_lookups: list[int] = field(default_factory=lambda: [0, 0])
     """Batches since the key index was last reviewed: [those the index would serve,
     the others] (:func:`~headrace.engine.key_index.count_lookup`)."""
