@@ -196,23 +196,10 @@ def test_a_looked_up_column_changing_type_drops_the_fact_tables_index(
         h.close()
 
 
-AUTO_YAML = """
-source:
-  dsn: "DSN"
-  tables:
-    t:
-      event_time: ts
-store:
-  mirror_key_index_rows: ROWS
-rollups:
-  - name: by_grp
-    table: t
-    grain: 1h
-    dimensions: [grp]
-    measures:
-      - {name: n, fn: count}
-      - {name: lo, fn: min, column: v}
-"""
+AUTO_YAML = YAML.replace("    pair: {}\n", "").replace(
+    "mirror_key_index: true",
+    "mirror_key_index_rows: ROWS",  # auto, the default
+)
 
 
 def auto_harness(pg_db: PgDatabase, tmp_path: Path, min_rows: int) -> Harness:
