@@ -157,7 +157,10 @@ class Engine:
             return
         with self._transaction() as con:
             for model in models:
-                log.info("index on the key of %s dropped for a type change", model.mirror)
+                log.info(
+                    "index on the key of %s dropped for a type change or a batch in pieces",
+                    model.mirror,
+                )
                 sync_key_index(con, model, enabled=False)
 
     def _set_threads(self, changes: int) -> None:

@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 
 from headrace.engine.tables import TableModel
 from headrace.pipeline.model import quote_ident
-from headrace.store.duckdb.schema import META, MIRROR, table_label
+from headrace.store.duckdb.schema import META, MIRROR, key_index_label
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ INTEGER_TYPES = frozenset(
 
 
 def index_name(model: TableModel) -> str:
-    """The index's name (in the mirror schema)."""
-    return quote_ident(f"{table_label(model.ref)}__hr_key")
+    """The index's name (in the mirror schema), quoted."""
+    return quote_ident(key_index_label(model.ref))
 
 
 def indexable(model: TableModel) -> bool:
@@ -160,7 +160,7 @@ def index_exists(con: duckdb.DuckDBPyConnection, model: TableModel) -> bool:
     """The store holds ``model``'s key index (from an earlier run)."""
     found = con.execute(
         "SELECT count(*) FROM duckdb_indexes() WHERE schema_name = ? AND index_name = ?",
-        [MIRROR, f"{table_label(model.ref)}__hr_key"],
+        [MIRROR, key_index_label(model.ref)],
     ).fetchall()
     return bool(found[0][0])
 
@@ -191,8 +191,8 @@ class KeyIndexKeeper:
 
     def at_load(self, con: duckdb.DuckDBPyConnection, model: TableModel) -> None:
         """``true`` and ``false`` build or drop the index now; ``auto`` keeps what the
-        store holds (its reviews decide from the batches that follow)."""
-        self.measure(con, [model])
+        store holds (its reviews decide from the batches that follow). The key bound
+        comes from :meth:`measure`, once for all loaded tables (a new table has none)."""
         if self.mode == "auto":
             keep = indexable(model) and index_exists(con, model)
             sync_key_index(con, model, enabled=keep)
@@ -209,10 +209,10 @@ class KeyIndexKeeper:
         built."""
         built = False
         for model in models:
-            model.key_index_keys = max_keys(rows.get(model.name, 0))
+            loaded = rows.get(model.name, 0)
+            model.key_index_keys = max_keys(loaded)
             if indexable(model) and (
-                self.mode is True
-                or (self.mode == "auto" and rows.get(model.name, 0) >= self.min_rows)
+                self.mode is True or (self.mode == "auto" and loaded >= self.min_rows)
             ):
                 sync_key_index(con, model, enabled=True)
                 built = True

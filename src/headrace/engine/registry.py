@@ -114,6 +114,7 @@ class Registry:
                 self._load_lookups(con, model)
                 self.key_indexes.at_load(con, model)
                 self.tables[ref] = model
+        self.key_indexes.measure(con, self.tables.values())
         stored = self._stored_rollups(con)
         for name, runtime in self.rollups.items():
             runtime.plan = None

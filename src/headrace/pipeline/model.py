@@ -98,7 +98,7 @@ def _plain_column(value: object) -> object:
 def _key_index_mode(value: object) -> object:
     """``auto``, ``true`` or ``false`` (YAML's other spellings of a boolean included), with
     one error for anything else instead of one per member of the union."""
-    if isinstance(value, bool) or value == "auto":
+    if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in _KEY_INDEX_WORDS:
         return _KEY_INDEX_WORDS[value.lower()]

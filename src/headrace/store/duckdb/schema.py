@@ -57,6 +57,16 @@ def table_label(ref: TableRef) -> str:
     return ref.name if ref.schema == "public" else f"{ref.schema}__{ref.name}"
 
 
+KEY_INDEX_SUFFIX = "__hr_key"
+"""A mirror's key index is named after it: ``mirror.<label>__hr_key``
+(:mod:`headrace.engine.key_index`)."""
+
+
+def key_index_label(ref: TableRef) -> str:
+    """The (unquoted) name of the index on ``ref``'s mirror key."""
+    return table_label(ref) + KEY_INDEX_SUFFIX
+
+
 def mirror_table(ref: TableRef) -> str:
     """Quoted ``mirror.<label>``."""
     return f"{MIRROR}.{quote_ident(table_label(ref))}"

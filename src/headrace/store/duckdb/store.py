@@ -29,7 +29,14 @@ from headrace.errors import StoreError
 from headrace.source.changes import TableRef
 from headrace.store.base import DeadLetter, RollupStatus, Store, StoredPosition, TableStatus
 from headrace.store.duckdb.connect import open_store, store_cursor
-from headrace.store.duckdb.schema import FORMAT_VERSION, META, METADATA_DDL, MIRROR, table_label
+from headrace.store.duckdb.schema import (
+    FORMAT_VERSION,
+    KEY_INDEX_SUFFIX,
+    META,
+    METADATA_DDL,
+    MIRROR,
+    table_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +275,8 @@ class DuckDBStore(Store):
             str(r[0])
             for r in self._reader_rows(
                 "SELECT table_name FROM duckdb_indexes() WHERE schema_name = ? "
-                "AND index_name = table_name || '__hr_key'",
-                [MIRROR],
+                "AND index_name = table_name || ?",
+                [MIRROR, KEY_INDEX_SUFFIX],
             )
         }
         return [
